@@ -1,0 +1,1 @@
+"""Merchant side: the Flower ClientApp, the local trainer, the node's on-disk state."""

@@ -1,0 +1,78 @@
+"""This node's data: where it comes from and its one-time preparation.
+
+A deployed merchant names its own log file in its node config (`data-path`, and optionally
+`catalog-path`, `state-dir`, `merchant-id`). In simulation, Flower gives each virtual node a
+`partition-id` out of `num-partitions`, and the node cuts its shard from the run's dataset.
+Loading, validation and the leave-last-out split happen once per process and are cached.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from client.node_state import NodeState
+from client.trainer import LocalTrainer, TrainSettings
+from shared.config import RunConfig
+from shared.data.loaders import load_catalog_file, load_log_file
+from shared.data.partition import partition_users, shard_log
+from shared.data.sources import load_catalog, load_dataset
+from shared.data.split import leave_last_out, sample_eval_negatives
+
+log = logging.getLogger(__name__)
+
+EVAL_NEGATIVES = 99
+
+
+@dataclass
+class NodeRuntime:
+    name: str
+    trainer: LocalTrainer
+    state: NodeState
+
+    @property
+    def user_ids(self) -> np.ndarray:
+        return self.trainer.split.user_ids
+
+
+def _node_source(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[str, str, str | None, int | None, int | None]:
+    """(name, state dir, deployed data path, partition id, partition count)."""
+    if "data-path" in node_config:
+        name = str(node_config.get("merchant-id", Path(str(node_config["data-path"])).stem))
+        state_dir = str(node_config.get("state-dir", Path(cfg.state_dir) / name))
+        return name, state_dir, str(node_config["data-path"]), None, None
+    if "partition-id" not in node_config:
+        raise ValueError("node config has neither data-path (deployment) nor partition-id (simulation)")
+    pid, count = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    return f"partition-{pid}", str(Path(cfg.state_dir) / f"partition-{pid}"), None, pid, count
+
+
+def node_runtime(cfg: RunConfig, node_config: Mapping[str, Any]) -> NodeRuntime:
+    name, state_dir, data_path, pid, count = _node_source(cfg, node_config)
+    catalog_path = str(node_config.get("catalog-path", ""))
+    return _cached_runtime(cfg, name, state_dir, data_path, catalog_path, pid, count)
+
+
+@lru_cache(maxsize=8)
+def _cached_runtime(
+    cfg: RunConfig, name: str, state_dir: str, data_path: str | None, catalog_path: str, pid: int | None, count: int | None
+) -> NodeRuntime:
+    if data_path is not None:
+        catalog = load_catalog_file(catalog_path) if catalog_path else load_catalog(cfg)
+        shard = load_log_file(data_path, catalog)
+    else:
+        dataset = load_dataset(cfg)
+        catalog = dataset.catalog
+        shards = partition_users(dataset.log, catalog, cfg.partitioning, count, cfg.dirichlet_alpha, cfg.seed)
+        shard = shard_log(dataset.log, shards[pid])
+        if cfg.partitioning in ("merchant", "region"):
+            name = str(getattr(shard, cfg.partitioning)[0])
+    split = leave_last_out(shard, len(catalog))
+    negatives = sample_eval_negatives(split, EVAL_NEGATIVES, cfg.seed)
+    log.info("node %s: %d users, %d training positives, %d test users", name, split.num_users, len(split.pos_ads), len(split.test_users))
+    return NodeRuntime(name, LocalTrainer(split, negatives, TrainSettings.from_config(cfg)), NodeState(state_dir))

@@ -1,0 +1,1 @@
+"""Server side: the Flower ServerApp, the FedAvg strategy over ad parameters, checkpoints."""

@@ -1,0 +1,41 @@
+"""The per-round metrics table the server prints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+COLUMNS = (
+    ("round", "round", "{:>5}"),
+    ("hr10_sampled", "HR@10s", "{:>7.4f}"),
+    ("ndcg10_sampled", "NDCG@10s", "{:>8.4f}"),
+    ("hr10_full", "HR@10f", "{:>7.4f}"),
+    ("ndcg10_full", "NDCG@10f", "{:>8.4f}"),
+    ("recall20_full", "R@20f", "{:>7.4f}"),
+    ("auc_full", "AUC", "{:>7.4f}"),
+    ("toppop-ndcg10_sampled", "TopPop NDCG@10s", "{:>15.4f}"),
+    ("train-loss", "loss", "{:>7.4f}"),
+    ("round_seconds", "sec", "{:>6.1f}"),
+)
+
+
+def _width(title: str, fmt: str) -> int:
+    return max(len(title), len(fmt.format(0.0 if "f" in fmt else 0)))
+
+
+def header() -> str:
+    return " | ".join(f"{title:>{_width(title, fmt)}}" for _, title, fmt in COLUMNS)
+
+
+def row(record: dict[str, Any]) -> str:
+    flat = {"round": record["round"], "round_seconds": record.get("round_seconds") or 0.0, **record.get("train", {}), **record.get("evaluate", {})}
+    cells = []
+    for key, title, fmt in COLUMNS:
+        value = flat.get(key)
+        width = _width(title, fmt)
+        cells.append(f"{'-':>{width}}" if value is None else f"{fmt.format(value):>{width}}")
+    return " | ".join(cells)
+
+
+def table(history: list[dict[str, Any]]) -> str:
+    top = header()
+    return "\n".join([top, "-" * len(top)] + [row(r) for r in history])

@@ -1,0 +1,88 @@
+"""The run configuration: typed, validated once where it enters (ServerApp and ClientApp).
+
+Flower hands over `[tool.flwr.app.config]` of pyproject.toml, merged with `flwr run -c`
+overrides, as a flat dict with dashed keys. `RunConfig.from_flower` turns it into this model;
+a bad value raises `ConfigError` naming the key and where the value came from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+RUN_CONFIG_SOURCE = "pyproject.toml [tool.flwr.app.config] (or a `flwr run -c` override)"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _dashed(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        lines.append(f"  field '{key}': {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", alias_generator=_dashed, populate_by_name=True, frozen=True)
+
+    # outputs and state
+    output_dir: str = "outputs/default"
+    state_dir: str = "outputs/default/state"
+    resume: bool = False
+    # rounds and sampling
+    num_rounds: int = Field(10, ge=1)
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    min_nodes: int = Field(2, ge=1)
+    # data
+    dataset: Literal["synthetic", "movielens-100k", "amazon-seq", "logs"] = "synthetic"
+    data_path: str = ""
+    catalog_path: str = ""
+    partitioning: Literal["merchant", "region", "iid", "dirichlet"] = "merchant"
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    seed: int = 42
+    synthetic_merchants: int = Field(5, ge=1)
+    synthetic_users: int = Field(2000, ge=10)
+    synthetic_ads: int = Field(600, ge=20)
+    synthetic_categories: int = Field(12, ge=2, le=20)
+    # model and local training
+    factors: int = Field(16, ge=1, le=1024)
+    local_epochs: int = Field(1, ge=1)
+    user_solver_iters: int = Field(8, ge=1)
+    user_l2: float = Field(5.0, gt=0)
+    ad_l2: float = Field(1e-4, ge=0)
+    learning_rate: float = Field(0.02, gt=0)
+    negatives: int = Field(4, ge=1)
+    batch_users: int = Field(64, ge=1)
+    max_positives_per_user: int = Field(200, ge=1)
+
+    @model_validator(mode="after")
+    def _paths_for_dataset(self) -> RunConfig:
+        if self.dataset != "synthetic" and not self.data_path:
+            raise ValueError(f"dataset '{self.dataset}' needs data-path")
+        if self.dataset in ("amazon-seq", "logs") and not self.catalog_path:
+            raise ValueError(f"dataset '{self.dataset}' needs catalog-path (the ad catalog / item attributes)")
+        return self
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any], source: str = RUN_CONFIG_SOURCE) -> RunConfig:
+        try:
+            return cls.model_validate(dict(run_config))
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, source)) from None
+
+    def to_flower(self) -> dict[str, Any]:
+        """Dashed keys, as `flwr run -c` and Flower's run config use them."""
+        return self.model_dump(by_alias=True)
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output_dir).resolve()

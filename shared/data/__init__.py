@@ -1,0 +1,1 @@
+"""Interaction logs and the public ad catalog: schema, loaders, synthetic data, shards."""

@@ -1,0 +1,49 @@
+"""Which dataset a run uses, from its config: the full dataset, or just its public catalog."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shared.config import RunConfig
+from shared.data.loaders import (
+    load_amazon_catalog,
+    load_amazon_sequences,
+    load_catalog_file,
+    load_log_file,
+    load_movielens_100k,
+    load_movielens_catalog,
+)
+from shared.data.schema import AdCatalog, Dataset
+from shared.data.synthetic import SyntheticSpec, generate, synthetic_catalog
+
+
+def synthetic_spec(cfg: RunConfig) -> SyntheticSpec:
+    return SyntheticSpec(
+        merchants=cfg.synthetic_merchants,
+        users=cfg.synthetic_users,
+        ads=cfg.synthetic_ads,
+        categories=cfg.synthetic_categories,
+        seed=cfg.seed,
+    )
+
+
+def load_dataset(cfg: RunConfig) -> Dataset:
+    if cfg.dataset == "synthetic":
+        return generate(synthetic_spec(cfg))[0]
+    if cfg.dataset == "movielens-100k":
+        return load_movielens_100k(cfg.data_path)
+    if cfg.dataset == "amazon-seq":
+        return load_amazon_sequences(cfg.data_path, cfg.catalog_path)
+    catalog = load_catalog_file(cfg.catalog_path)
+    return Dataset(Path(cfg.data_path).name, catalog, load_log_file(cfg.data_path, catalog))
+
+
+def load_catalog(cfg: RunConfig) -> AdCatalog:
+    """The public catalog only: what the server needs to shape the global parameters."""
+    if cfg.dataset == "synthetic":
+        return synthetic_catalog(synthetic_spec(cfg))
+    if cfg.dataset == "movielens-100k":
+        return load_movielens_catalog(cfg.data_path)
+    if cfg.dataset == "amazon-seq":
+        return load_amazon_catalog(cfg.catalog_path)
+    return load_catalog_file(cfg.catalog_path)

@@ -1,0 +1,1 @@
+"""The offline harness: federated simulations through Flower's simulation runtime."""

@@ -1,0 +1,157 @@
+"""Run the fedads Flower app in Flower's simulation runtime, with nothing installed at run time.
+
+Flower's default local run starts a detached SuperLink and syncs the app's dependencies with
+uv. Instead this starts a private SuperLink in simulation mode with runtime dependency
+installation disabled, on a free loopback port with its own FLWR_HOME, submits the app with
+`flwr run --stream`, and stops the SuperLink's whole process group afterwards, also when the
+run fails or is interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import tomli_w
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+class SimulationError(RuntimeError):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, log_path: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SimulationError(f"the SuperLink exited with code {process.returncode}; see {log_path}:\n{log_path.read_text()[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)  # readiness poll of a process we started, not a timing assumption
+    raise SimulationError(f"the SuperLink did not listen on port {port} within {timeout:.0f}s; see {log_path}")
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    if process.poll() is not None and not _group_alive(process.pid):
+        return
+    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and _group_alive(process.pid):
+            try:
+                process.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
+        if not _group_alive(process.pid):
+            return
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # zombies of the group count as gone
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
+    return False
+
+
+@contextmanager
+def local_superlink(work_dir: Path) -> Iterator[dict[str, str]]:
+    """A private simulation SuperLink; yields the environment for `flwr` commands to use it."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    flwr_home = work_dir / "flwr-home"
+    flwr_home.mkdir(exist_ok=True)
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    (flwr_home / "config.toml").write_text(
+        tomli_w.dumps({"superlink": {"default": "sim", "sim": {"address": address, "insecure": True}}})
+    )
+    env = {**os.environ, "FLWR_HOME": str(flwr_home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    log_path = work_dir / "superlink.log"
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen(
+            [
+                str(BIN / "flower-superlink"), "--insecure", "--simulation",
+                "--disable-runtime-dependency-installation",
+                "--host", "127.0.0.1", "--port", str(port),
+            ],
+            cwd=work_dir, env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: stopping it stops its children too
+        )
+    try:
+        _wait_for_port(port, process, log_path)
+        yield env
+    finally:
+        _stop_group(process)
+
+
+def run_simulation(
+    run_config: Mapping[str, Any],
+    num_supernodes: int,
+    work_dir: str | Path,
+    app_dir: str | Path = PROJECT_ROOT,
+    stream_to: Any = None,
+    timeout: float | None = None,
+) -> str:
+    """Run the app once; returns the streamed log. Raises SimulationError on failure."""
+    work_dir = Path(work_dir).resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    overrides = work_dir / "run-config.toml"
+    overrides.write_text(tomli_w.dumps(dict(run_config)))
+    federation = f"num-supernodes={int(num_supernodes)} client-resources-num-cpus=1 init-args-num-cpus={os.cpu_count() or 1}"
+    with local_superlink(work_dir) as env:
+        command = [str(BIN / "flwr"), "run", str(app_dir), "sim", "--stream", "-c", str(overrides), "--federation-config", federation]
+        process = subprocess.Popen(
+            command, cwd=work_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            text=True, start_new_session=True,
+        )
+        lines: list[str] = []
+        try:
+            assert process.stdout is not None
+            started = time.monotonic()
+            for line in process.stdout:
+                lines.append(line)
+                if stream_to is not None:
+                    stream_to.write(line)
+                    stream_to.flush()
+                if timeout is not None and time.monotonic() - started > timeout:
+                    raise SimulationError(f"the simulation ran past {timeout:.0f}s")
+            process.wait()
+        finally:
+            _stop_group(process)
+    output = "".join(lines)
+    (work_dir / "flwr-run.log").write_text(output)
+    if process.returncode != 0 or "ServerApp raised an exception" in output or "Traceback" in output:
+        raise SimulationError(f"flwr run failed (exit {process.returncode}); log in {work_dir / 'flwr-run.log'}:\n{output[-4000:]}")
+    return output
