@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from shared.model import check_global_arrays
-from shared.records import from_array_record
+from shared.records import digest, from_array_record
 
 RoundCallback = Callable[[int, dict[str, np.ndarray], dict[str, Any]], None]
 
@@ -84,6 +84,7 @@ class FedAdsAvg(FedAvg):
         """Rounds first_round..last_round: train, aggregate, evaluate, then `on_round_end`."""
         for server_round in range(first_round, last_round + 1):
             started = time.perf_counter()
+            start_digest = digest(from_array_record(arrays))
             log(INFO, "")
             log(INFO, "[ROUND %s/%s]", server_round, last_round)
             self.client_metrics = {}
@@ -96,6 +97,7 @@ class FedAdsAvg(FedAvg):
             evaluate_metrics = self.evaluate_round(grid, server_round, arrays, evaluate_config, timeout)
             record = {
                 "round": server_round,
+                "start_digest": start_digest,
                 "train": _plain(train_metrics),
                 "evaluate": evaluate_metrics,
                 "clients": self.client_metrics,

@@ -92,15 +92,17 @@ def solve_user_factors(
     """argmin_p  sum_l mask * BCE(p . q_l + b_l, y_l) + l2/2 ||p||^2, per user, by Newton's method.
 
     ads, labels, mask: [U, L] (padded). Returns [U, k]. The objective is strictly convex
-    (l2 > 0), so Newton converges from any start; `init` (last round's factors) saves
-    iterations. Users are solved in chunks of similar row counts so the gathered ad factors
+    (l2 > 0); damped Newton (backtracking on the objective) converges from any start, and
+    `init` (last round's factors) saves iterations. Users are solved in chunks of similar row counts so the gathered ad factors
     stay near the size of the real rows, not of the padding.
     """
     num_users, dim = ads.shape[0], ad_factors.shape[1]
     out = torch.zeros(num_users, dim, dtype=ad_factors.dtype)
     if init is not None:
         out.copy_(init)
-    lengths = mask.sum(dim=1)
+    # width a user needs: up to its last real row (real rows need not be contiguous)
+    columns = torch.arange(1, mask.shape[1] + 1).expand_as(mask)
+    lengths = (columns * mask).amax(dim=1) if mask.shape[1] else torch.zeros(num_users, dtype=torch.long)
     order = torch.argsort(lengths, descending=True)
     start = 0
     while start < num_users:
@@ -114,21 +116,41 @@ def solve_user_factors(
     return out
 
 
+def _objective(p: torch.Tensor, q: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, m: torch.Tensor, l2: float) -> torch.Tensor:
+    s = torch.einsum("uk,ulk->ul", p, q) + b
+    data = (torch.nn.functional.softplus(s) - labels * s) * m
+    return data.sum(dim=1) + 0.5 * l2 * p.pow(2).sum(dim=1)
+
+
 def _newton(
     ad_factors: torch.Tensor, ad_bias: torch.Tensor, ads: torch.Tensor, labels: torch.Tensor,
-    mask: torch.Tensor, l2: float, iters: int, p: torch.Tensor,
+    mask: torch.Tensor, l2: float, iters: int, p: torch.Tensor, max_halvings: int = 20,
 ) -> torch.Tensor:
+    """Damped Newton: a full step where it decreases the objective, else halved (Armijo)."""
     q = ad_factors[ads]  # [U, L, k]
     b = ad_bias[ads]  # [U, L]
     m = mask.to(q.dtype)
     eye = torch.eye(q.shape[-1], dtype=q.dtype)
+    value = _objective(p, q, b, labels, m, l2)
     for _ in range(iters):
         s = torch.einsum("uk,ulk->ul", p, q) + b
         sig = torch.sigmoid(s)
         grad = torch.einsum("ul,ulk->uk", (sig - labels) * m, q) + l2 * p
         weights = (sig * (1 - sig) * m).unsqueeze(-1)
         hessian = torch.bmm((q * weights).transpose(1, 2), q) + l2 * eye
-        p = p - torch.linalg.solve(hessian, grad)
+        direction = torch.linalg.solve(hessian, grad)
+        decrease = (grad * direction).sum(dim=1)  # > 0: the Hessian is positive definite
+        step = torch.ones(p.shape[0], dtype=q.dtype)
+        for _ in range(max_halvings):
+            candidate = p - step[:, None] * direction
+            new_value = _objective(candidate, q, b, labels, m, l2)
+            failed = new_value > value - 1e-4 * step * decrease
+            if not failed.any():
+                break
+            step = torch.where(failed, step / 2, step)
+        accept = new_value <= value
+        p = torch.where(accept[:, None], candidate, p)
+        value = torch.where(accept, new_value, value)
     return p
 
 

@@ -49,41 +49,55 @@ def _wait_for_port(port: int, process: subprocess.Popen, log_path: Path, timeout
     raise SimulationError(f"the SuperLink did not listen on port {port} within {timeout:.0f}s; see {log_path}")
 
 
-def _stop_group(process: subprocess.Popen) -> None:
-    if process.poll() is not None and not _group_alive(process.pid):
-        return
-    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and _group_alive(process.pid):
-            try:
-                process.wait(timeout=0.2)
-            except subprocess.TimeoutExpired:
-                pass
-        if not _group_alive(process.pid):
-            return
-
-
-def _group_alive(pgid: int) -> bool:
+def _proc_stat(pid: int) -> tuple[int, str] | None:
+    """(parent pid, state) of a live process, None when it is gone."""
     try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # zombies of the group count as gone
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[1]), fields[0]
+
+
+def _process_tree(root: int) -> set[int]:
+    """The root and all its live descendants, whatever session or group they moved to."""
+    children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
+        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None:
+            children.setdefault(stat[0], []).append(int(entry.name))
+    tree, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        if pid not in tree:
+            tree.add(pid)
+            todo.extend(children.get(pid, []))
+    return tree
+
+
+def _alive(pid: int) -> bool:
+    stat = _proc_stat(pid)
+    return stat is not None and stat[1] != "Z"
+
+
+def _stop_tree(process: subprocess.Popen) -> None:
+    """Stop a process and every descendant (Flower's SuperExec, simulation and Ray workers),
+    politely first, and wait until they are gone."""
+    known = _process_tree(process.pid)
+    for sig, wait in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
+        known |= _process_tree(process.pid)
+        for pid in known:
             try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                return True
-    return False
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if process.poll() is None:
+                known |= _process_tree(process.pid)
+            if not any(_alive(pid) for pid in known):
+                process.poll()
+                return
+            time.sleep(0.05)  # waiting for processes we signalled to exit
+    process.poll()
 
 
 @contextmanager
@@ -113,7 +127,7 @@ def local_superlink(work_dir: Path) -> Iterator[dict[str, str]]:
         _wait_for_port(port, process, log_path)
         yield env
     finally:
-        _stop_group(process)
+        _stop_tree(process)
 
 
 def run_simulation(
@@ -149,7 +163,7 @@ def run_simulation(
                     raise SimulationError(f"the simulation ran past {timeout:.0f}s")
             process.wait()
         finally:
-            _stop_group(process)
+            _stop_tree(process)
     output = "".join(lines)
     (work_dir / "flwr-run.log").write_text(output)
     if process.returncode != 0 or "ServerApp raised an exception" in output or "Traceback" in output:

@@ -68,7 +68,7 @@ def _parse_timestamp(path: str, line: int, raw: object) -> int:
 
 def _parse_event(path: str, line: int, raw: object) -> Event:
     if raw is None or str(raw).strip() == "":
-        return Event.CLICK  # a log without event types is a log of positive interactions
+        raise DataValidationError(path, line, "event", f"is empty; expected one of {', '.join(EVENT_NAMES)}")
     try:
         return Event.parse(str(raw))
     except KeyError:
@@ -132,6 +132,9 @@ class _LogBuilder:
 
 def _check_header(path: str, header: Iterable[str], required: tuple[str, ...], optional: tuple[str, ...]) -> None:
     columns = list(header)
+    repeated = [c for c in dict.fromkeys(columns) if columns.count(c) > 1]
+    if repeated:
+        raise DataValidationError(path, 1, repeated[0], "column appears more than once in the header")
     missing = [c for c in required if c not in columns]
     if missing:
         raise DataValidationError(path, 1, missing[0], f"required column is missing (header: {columns})")
@@ -154,7 +157,7 @@ def _records(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, objec
         rows = table.to_pylist()
         # Parquet has no lines: row i is reported as "line" i + 1 of the data.
         return table.column_names, ((i + 1, row) for i, row in enumerate(rows))
-    handle = path.open(newline="", encoding="utf-8")
+    handle = path.open(newline="", encoding="utf-8-sig")  # tolerate the BOM spreadsheet tools write
     reader = csv.reader(handle)
     try:
         header = [h.strip() for h in next(reader)]
@@ -215,7 +218,8 @@ def load_log_file(path: str | Path, catalog: AdCatalog, strict: bool = True) -> 
             user=_require_text(str(path), line, "user_id", row.get("user_id")),
             ad_id=_require_text(str(path), line, "ad_id", row.get("ad_id")),
             timestamp=_parse_timestamp(str(path), line, row.get("timestamp")),
-            event=_parse_event(str(path), line, row.get("event")),
+            # a log without an event column is a log of positive interactions (clicks)
+            event=_parse_event(str(path), line, row.get("event")) if "event" in header else Event.CLICK,
             merchant=_require_text(str(path), line, "merchant", row.get("merchant")) if has_merchant else None,
             region=_require_text(str(path), line, "region", row.get("region")) if has_region else None,
         )

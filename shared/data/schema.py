@@ -115,6 +115,7 @@ class InteractionLog:
             merchant=None if self.merchant is None else self.merchant[rows],
             region=None if self.region is None else self.region[rows],
             source=self.source,
+            rejected=list(self.rejected),
         )
 
     def summary(self) -> dict[str, object]:

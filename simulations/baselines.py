@@ -1,0 +1,55 @@
+"""In-process baselines with the same model, trainer and metric code as the federated runs.
+
+- TopPop: rank every ad by its training popularity over all users.
+- Centralized: all users pooled in one place, trained by the very `LocalTrainer` a client uses
+  (user step, then ad step), one "round" = the same local epochs a client runs per round.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from client.trainer import LocalTrainer, TrainSettings
+from shared.config import RunConfig
+from shared.data.schema import Dataset
+from shared.data.split import leave_last_out, sample_eval_negatives
+from shared.model import init_global_arrays
+
+EVAL_NEGATIVES = 99
+
+
+def pooled_trainer(cfg: RunConfig, dataset: Dataset) -> LocalTrainer:
+    split = leave_last_out(dataset.log, len(dataset.catalog))
+    return LocalTrainer(split, sample_eval_negatives(split, EVAL_NEGATIVES, cfg.seed), TrainSettings.from_config(cfg))
+
+
+def toppop(cfg: RunConfig, dataset: Dataset) -> dict[str, float]:
+    return pooled_trainer(cfg, dataset).evaluate_toppop()
+
+
+def centralized(
+    cfg: RunConfig, dataset: Dataset, on_round: Callable[[dict[str, Any]], None] | None = None
+) -> list[dict[str, Any]]:
+    """Per-round metrics of centralized training, round 0 being the initial model."""
+    trainer = pooled_trainer(cfg, dataset)
+    arrays = init_global_arrays(len(dataset.catalog), cfg.factors, cfg.seed)
+    user_factors: np.ndarray | None = None
+    history = []
+    for server_round in range(cfg.num_rounds + 1):
+        started = time.perf_counter()
+        stats: dict[str, float] = {}
+        if server_round > 0:
+            rng = np.random.default_rng([cfg.seed, server_round, 0])
+            user_factors = trainer.fit_users(arrays, rng, user_factors)
+            arrays, stats = trainer.train_ads(arrays, user_factors, rng)
+        rng = np.random.default_rng([cfg.seed, server_round, 1])
+        user_factors = trainer.fit_users(arrays, rng, user_factors)
+        record = {"round": server_round, "train": stats, "evaluate": trainer.evaluate(arrays, user_factors),
+                  "round_seconds": time.perf_counter() - started}
+        history.append(record)
+        if on_round:
+            on_round(record)
+    return history

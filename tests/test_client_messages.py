@@ -1,0 +1,126 @@
+"""What a client sends to the server: the ad parameters and aggregates, nothing keyed by a user.
+
+The ClientApp is called in-process exactly as Flower calls it; the reply is serialized with
+Flower's own wire encoding and the bytes are searched for every user id and every user-factor
+row of the shard.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.client_app import app as client_app
+from client.node_state import NodeState
+from client.shard import node_runtime
+from shared.model import GLOBAL_KEYS, init_global_arrays
+from shared.records import from_array_record, to_array_record
+from tests.conftest import small_run_config
+
+ALLOWED_METRICS = {
+    "train": {"num-examples", "train-loss", "train-rows"},
+    "evaluate": {
+        "num-examples", "hr10_sampled", "ndcg10_sampled", "hr10_full", "ndcg10_full", "recall20_full", "auc_full",
+        "toppop-hr10_sampled", "toppop-ndcg10_sampled", "toppop-hr10_full", "toppop-ndcg10_full",
+        "toppop-recall20_full", "toppop-auc_full",
+    },
+}
+
+
+@pytest.fixture(autouse=True)
+def _server_identity(monkeypatch):
+    """The identity Flower's runtime gives the ServerApp side that creates instructions."""
+    for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def _call(kind: str, cfg, arrays, server_round: int = 1, partition: int = 0) -> Message:
+    context = Context(
+        run_id=1, node_id=10 + partition, node_config={"partition-id": partition, "num-partitions": 3},
+        state=RecordDict(), run_config=cfg.to_flower(),
+    )
+    msg = Message(
+        content=RecordDict({"arrays": to_array_record(arrays), "config": ConfigRecord({"server-round": server_round})}),
+        dst_node_id=10 + partition, message_type=kind,
+    )
+    return client_app(msg, context)
+
+
+def _wire_bytes(reply: Message) -> bytes:
+    return b"".join(obj.deflate() for obj in get_all_nested_objects(reply).values())
+
+
+@pytest.mark.parametrize("kind", ["train", "evaluate"])
+def test_reply_carries_no_user_id_and_no_user_factor(tmp_path, kind):
+    cfg = small_run_config(tmp_path)
+    node = node_runtime(cfg, {"partition-id": 0, "num-partitions": 3})
+    arrays = init_global_arrays(node.trainer.split.num_ads, cfg.factors, cfg.seed)
+
+    reply = _call(kind, cfg, arrays)
+    assert not reply.has_error()
+    content = reply.content
+
+    # exactly what the protocol allows
+    assert set(content.metric_records) == {"metrics"}
+    assert set(content["metrics"]) == ALLOWED_METRICS[kind]
+    assert dict(content["client"]) == {"name": node.name}
+    if kind == "train":
+        sent = from_array_record(content["arrays"])
+        assert set(sent) == set(GLOBAL_KEYS)
+        assert sent["ad_factors"].shape == arrays["ad_factors"].shape
+        assert sent["ad_bias"].shape == arrays["ad_bias"].shape
+        assert not np.allclose(sent["ad_factors"], arrays["ad_factors"])  # it did train
+    else:
+        assert not content.array_records
+
+    # the user factors exist on the merchant's disk ...
+    state = NodeState(tmp_path / "out" / "state" / "partition-0")
+    factors = state.load_user_factors(node.user_ids, cfg.factors)
+    assert factors is not None and np.abs(factors).sum() > 0
+    # ... and none of them, nor any user id, is in the bytes that leave
+    wire = _wire_bytes(reply)
+    assert len(wire) > 0
+    for user_id, row in zip(node.user_ids, factors):
+        assert str(user_id).encode() not in wire
+        assert row.astype(np.float32).tobytes() not in wire
+        assert row.astype(np.float64).tobytes() not in wire
+
+
+def test_reply_is_deterministic_for_a_seed(tmp_path):
+    cfg = small_run_config(tmp_path)
+    node = node_runtime(cfg, {"partition-id": 1, "num-partitions": 3})
+    arrays = init_global_arrays(node.trainer.split.num_ads, cfg.factors, cfg.seed)
+    first = from_array_record(_call("train", cfg, arrays, partition=1).content["arrays"])
+    (tmp_path / "out" / "state" / "partition-1" / "user_factors.npz").unlink()
+    second = from_array_record(_call("train", cfg, arrays, partition=1).content["arrays"])
+    np.testing.assert_array_equal(first["ad_factors"], second["ad_factors"])
+
+
+def test_client_rejects_parameters_of_the_wrong_shape(tmp_path):
+    cfg = small_run_config(tmp_path)
+    arrays = init_global_arrays(cfg.synthetic_ads + 1, cfg.factors, cfg.seed)
+    with pytest.raises(ValueError, match="shape"):
+        _call("train", cfg, arrays)
+
+
+def test_the_wire_search_finds_a_leak_when_there_is_one(tmp_path):
+    """Control for the test above: the same search does catch a user id or factor row."""
+    cfg = small_run_config(tmp_path)
+    node = node_runtime(cfg, {"partition-id": 2, "num-partitions": 3})
+    arrays = init_global_arrays(node.trainer.split.num_ads, cfg.factors, cfg.seed)
+    reply = _call("train", cfg, arrays, partition=2)
+    factors = NodeState(tmp_path / "out" / "state" / "partition-2").load_user_factors(node.user_ids, cfg.factors)
+    leaky = Message(
+        content=RecordDict({
+            **{k: v for k, v in reply.content.items()},
+            "leak": ConfigRecord({"user": str(node.user_ids[3])}),
+            "leak-factors": to_array_record({"p": factors[5:6]}),
+        }),
+        reply_to=Message(content=RecordDict(), dst_node_id=12, message_type="train"),
+    )
+    wire = _wire_bytes(leaky)
+    assert str(node.user_ids[3]).encode() in wire
+    assert factors[5].astype(np.float32).tobytes() in wire
