@@ -1,21 +1,27 @@
 """The Flower ClientApp: one merchant's side of a round.
 
-train:    user step (local, exact, persisted) -> ad step -> reply with the ad parameters only.
+train:    user step (local, exact, persisted) -> ad step (plain, or user-level DP-SGD) ->
+          reply with the ad parameters only.
 evaluate: refit the user factors against the received global model -> ranking metrics of
-          this merchant's held-out interactions (aggregates only) and the TopPop floor.
-Replies carry the global parameters' keys, counts and metric means: no user id, no user factor.
+          this merchant's held-out interactions, released as the privacy config allows.
+Replies carry the global parameters' keys, counts and metric means: no user id, no user
+factor. Under privacy = "user", a client whose budget (or ledger) does not allow a release
+answers with an error reply that says why; the server logs it and goes on with the others.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import zlib
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.private_round import UserLevelDP
+from client.privacy_ledger import PrivacyLedger, PrivacyRefusal
 from client.shard import NodeRuntime, node_runtime
 from shared.config import RunConfig
 from shared.model import check_global_arrays
@@ -24,7 +30,10 @@ from shared.records import from_array_record, to_array_record
 # Several simulated clients share the machine's cores: one torch thread each unless told otherwise.
 torch.set_num_threads(int(os.environ.get("FEDADS_TORCH_THREADS", "1")))
 
+log = logging.getLogger(__name__)
 app = ClientApp()
+
+PRIVACY_REFUSED = 4001  # error code of a reply refused by the privacy budget or ledger
 
 
 def _setup(msg: Message, context: Context) -> tuple[RunConfig, NodeRuntime, dict[str, np.ndarray], int]:
@@ -54,22 +63,51 @@ def _reply(msg: Message, node: NodeRuntime, metrics: dict[str, float], arrays: d
     return Message(content=content, reply_to=msg)
 
 
+def _refuse(msg: Message, node: NodeRuntime, refusal: PrivacyRefusal) -> Message:
+    log.warning("%s refuses: %s", node.name, refusal)
+    return Message(Error(code=PRIVACY_REFUSED, reason=f"{node.name} refused: {refusal}"), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, node, arrays, server_round = _setup(msg, context)
+    try:
+        # the ledger is read before anything is written to the state directory
+        ledger = PrivacyLedger.open(node.state.directory, fail_closed=cfg.privacy != "none")
+        private = UserLevelDP(cfg, node.trainer, ledger) if cfg.privacy == "user" else None
+    except PrivacyRefusal as refusal:
+        return _refuse(msg, node, refusal)
     rng = _rng(cfg, node, server_round, purpose=0)
     node.state.save_global_model(arrays, server_round - 1)
     user_factors = _fit_and_store_users(cfg, node, arrays, rng)
-    updated, stats = node.trainer.train_ads(arrays, user_factors, rng)
+    if private is None:
+        ledger.record_non_private(trained_round=True)
+        updated, stats = node.trainer.train_ads(arrays, user_factors, rng)
+    else:
+        try:
+            updated, stats = private.train(arrays, user_factors, rng, server_round)
+        except PrivacyRefusal as refusal:
+            return _refuse(msg, node, refusal)
     return _reply(msg, node, {"num-examples": float(node.trainer.split.num_users), **stats}, updated)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, node, arrays, server_round = _setup(msg, context)
+    try:
+        private = UserLevelDP(cfg, node.trainer, PrivacyLedger.open(node.state.directory)) if cfg.privacy == "user" else None
+    except PrivacyRefusal as refusal:
+        return _refuse(msg, node, refusal)
     node.state.save_global_model(arrays, server_round)
     user_factors = _fit_and_store_users(cfg, node, arrays, _rng(cfg, node, server_round, purpose=1))
     metrics = node.trainer.evaluate(arrays, user_factors)
-    metrics.update({f"toppop-{k}": v for k, v in node.trainer.evaluate_toppop().items() if k != "num-test-users"})
-    metrics["num-examples"] = metrics.pop("num-test-users")
+    if private is None:
+        metrics.update({f"toppop-{k}": v for k, v in node.trainer.evaluate_toppop().items() if k != "num-test-users"})
+    else:
+        # TopPop of the shard depends on every user's data at once: not released under DP
+        try:
+            metrics = private.release_metrics(metrics, server_round)
+        except PrivacyRefusal as refusal:
+            return _refuse(msg, node, refusal)
+    metrics["num-examples"] = metrics.pop("num-test-users", metrics.get("num-examples", 1.0))
     return _reply(msg, node, metrics)

@@ -19,11 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from client.private_step import DPSGDSettings, private_ad_epochs
 from shared.config import RunConfig
 from shared.data.split import UserSplit
 from shared.metrics import evaluate as evaluate_ranking
 from shared.metrics import toppop_score_fn
 from shared.model import AdModel, score_all, solve_user_factors
+from shared.privacy import Release
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ class LocalTrainer:
         self.split = split
         self.eval_negatives = eval_negatives
         self.settings = settings
+        self._toppop: dict[str, float] | None = None
 
     # -- (a) user step: exact, local, never released
     def fit_users(self, arrays: dict[str, np.ndarray], rng: np.random.Generator, init: np.ndarray | None = None) -> np.ndarray:
@@ -149,9 +152,25 @@ class LocalTrainer:
                 total_rows += int(count)
         return model.get_arrays(), {"train-loss": total_loss / max(total_rows, 1), "train-rows": float(total_rows)}
 
+    def train_ads_private(
+        self,
+        arrays: dict[str, np.ndarray],
+        user_factors: np.ndarray,
+        rng: np.random.Generator,
+        dp: DPSGDSettings,
+        history: list[Release],
+    ) -> tuple[dict[str, np.ndarray], list[Release], dict[str, float]]:
+        """The ad step under user-level DP-SGD (client/private_step.py); returns the accountant history after it."""
+        s = self.settings
+        return private_ad_epochs(
+            arrays, user_factors, lambda: build_user_rows(self.split, rng, s.negatives, s.max_positives_per_user), dp, history
+        )
+
     # -- evaluation with this client's users
     def evaluate(self, arrays: dict[str, np.ndarray], user_factors: np.ndarray) -> dict[str, float]:
         return evaluate_ranking(lambda users: score_all(user_factors[users], arrays), self.split, self.eval_negatives)
 
     def evaluate_toppop(self) -> dict[str, float]:
-        return evaluate_ranking(toppop_score_fn(self.split.ad_popularity()), self.split, self.eval_negatives)
+        if self._toppop is None:
+            self._toppop = evaluate_ranking(toppop_score_fn(self.split.ad_popularity()), self.split, self.eval_negatives)
+        return dict(self._toppop)

@@ -14,6 +14,7 @@ COLUMNS = (
     ("auc_full", "AUC", "{:>7.4f}"),
     ("toppop-ndcg10_sampled", "TopPop NDCG@10s", "{:>15.4f}"),
     ("train-loss", "loss", "{:>7.4f}"),
+    ("epsilon_max", "eps max", "{:>7.3f}"),
     ("round_seconds", "sec", "{:>6.1f}"),
 )
 
@@ -27,7 +28,7 @@ def header() -> str:
 
 
 def row(record: dict[str, Any]) -> str:
-    flat = {"round": record["round"], "round_seconds": record.get("round_seconds") or 0.0, **record.get("train", {}), **record.get("evaluate", {})}
+    flat = {"round": record["round"], "round_seconds": record.get("round_seconds") or 0.0, **record.get("train", {}), **record.get("evaluate", {}), **record.get("privacy", {})}
     cells = []
     for key, title, fmt in COLUMNS:
         value = flat.get(key)

@@ -39,11 +39,13 @@ class FedAdsAvg(FedAvg):
         super().__init__(**kwargs)
         self.num_ads, self.dim = num_ads, dim
         self.client_metrics: dict[str, dict[str, float]] = {}
+        self.refusals: dict[str, str] = {}
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid = []
         for msg in replies:
             if msg.has_error():
+                self.refusals[f"node-{msg.metadata.src_node_id}"] = msg.error.reason
                 valid.append(msg)  # FedAvg logs errors and leaves them out
                 continue
             try:
@@ -87,7 +89,7 @@ class FedAdsAvg(FedAvg):
             start_digest = digest(from_array_record(arrays))
             log(INFO, "")
             log(INFO, "[ROUND %s/%s]", server_round, last_round)
-            self.client_metrics = {}
+            self.client_metrics, self.refusals = {}, {}
             replies = grid.send_and_receive(self.configure_train(server_round, arrays, train_config, grid), timeout=timeout)
             aggregated, train_metrics = self.aggregate_train(server_round, replies)
             if aggregated is None:
@@ -103,5 +105,10 @@ class FedAdsAvg(FedAvg):
                 "clients": self.client_metrics,
                 "round_seconds": time.perf_counter() - started,
             }
+            spent = [m["dp-epsilon"] for m in self.client_metrics.values() if "dp-epsilon" in m]
+            if spent:
+                record["privacy"] = {"epsilon_max": max(spent), "epsilon_min": min(spent)}
+            if self.refusals:
+                record["refused"] = dict(self.refusals)
             on_round_end(server_round, from_array_record(arrays), record)
         return arrays

@@ -1,0 +1,79 @@
+"""Differential-privacy arithmetic shared by clients, the server and the docs.
+
+The accountant is Opacus' RDP accountant (`opacus.accountants.RDPAccountant`): its history is
+a list of (noise multiplier, sample rate, steps) Gaussian releases, composed in Renyi DP and
+converted to (epsilon, delta). A client's whole training (DP-SGD steps of the ad step and any
+noised metric releases) is planned up front: the DP-SGD noise multiplier is calibrated so the
+planned releases compose to the target epsilon.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from opacus.accountants import RDPAccountant
+
+Release = tuple[float, float, int]  # (noise multiplier, sample rate, steps), as in Opacus' history
+
+# Sum of per-user metric values (6 metrics, each in [0, 1]) and the user's count of 1: the L2
+# sensitivity of the released vector of sums when one user is added or removed.
+METRIC_SENSITIVITY = math.sqrt(6 + 1)
+
+
+class CalibrationError(ValueError):
+    pass
+
+
+def epsilon_of(history: Sequence[Release], delta: float) -> float:
+    """Epsilon at `delta` of the composition of `history` (0 for an empty history)."""
+    if not history:
+        return 0.0
+    accountant = RDPAccountant()
+    accountant.history = [tuple(h) for h in history]
+    return float(accountant.get_epsilon(delta))
+
+
+def default_delta(num_users: int) -> float:
+    """Well below 1/n: a mechanism may not afford to reveal any one user outright."""
+    return 0.1 / max(num_users, 1)
+
+
+def sgd_steps_per_epoch(sample_rate: float) -> int:
+    """Opacus' Poisson data loader runs int(1 / sample_rate) steps per epoch."""
+    return int(1 / sample_rate)
+
+
+def calibrate_noise_multiplier(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    fixed: Sequence[Release] = (),
+    tolerance: float = 1e-3,
+) -> float:
+    """Smallest DP-SGD noise multiplier with epsilon(steps at it + fixed releases) <= target."""
+    if target_epsilon <= 0:
+        raise CalibrationError(f"target epsilon must be > 0, got {target_epsilon}")
+    if epsilon_of(fixed, delta) >= target_epsilon:
+        raise CalibrationError(
+            f"the fixed releases alone spend epsilon {epsilon_of(fixed, delta):.3f} >= target {target_epsilon}"
+        )
+
+    def spent(sigma: float) -> float:
+        return epsilon_of([(sigma, sample_rate, steps), *fixed], delta)
+
+    low, high = 0.05, 1.0
+    while spent(high) > target_epsilon:
+        low, high = high, high * 2
+        if high > 1e5:
+            raise CalibrationError(f"no noise multiplier below 1e5 reaches epsilon {target_epsilon}")
+    if spent(low) <= target_epsilon:
+        return low
+    while high - low > tolerance * low:
+        middle = (low + high) / 2
+        if spent(middle) > target_epsilon:
+            low = middle
+        else:
+            high = middle
+    return high
