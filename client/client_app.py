@@ -88,7 +88,9 @@ def train(msg: Message, context: Context) -> Message:
             updated, stats = private.train(arrays, user_factors, rng, server_round)
         except PrivacyRefusal as refusal:
             return _refuse(msg, node, refusal)
-    return _reply(msg, node, {"num-examples": float(node.trainer.split.num_users), **stats}, updated)
+    # Flower's client-level DP accounting needs equal weights: every merchant counts once
+    weight = 1.0 if cfg.privacy == "client" else float(node.trainer.split.num_users)
+    return _reply(msg, node, {"num-examples": weight, **stats}, updated)
 
 
 @app.evaluate()

@@ -1,15 +1,19 @@
-"""FedAvg over the ad parameters, with reply validation, per-round checkpoints and resume.
+"""The server's round loop over a Flower strategy: FedAvg, or FedAvg inside Flower's
+client-level DP wrapper.
 
-Built on `flwr.serverapp.strategy.FedAvg` for sampling, weighting and aggregation; this adds:
-- validation of every training reply (exactly the global keys, the catalog's shapes, finite
-  values); an invalid reply is logged and left out of the average;
-- per-client metrics kept by client name for the history;
-- a round loop that can start at any round (resume) and calls back after each round.
+Sampling, weighting, aggregation (and, for privacy = "client", clipping, noise and accounting)
+are the strategy's, from `flwr.serverapp.strategy`. This loop adds what fedads needs around it:
+- validation of every training reply before aggregation (exactly the global keys, the
+  catalog's shapes, finite values); an invalid reply is logged and left out;
+- error replies (a merchant refusing under its privacy budget) recorded with their reason;
+- per-client metrics kept by client name, and the maximum epsilon reported by clients;
+- rounds that can start anywhere (resume), with a callback after each (checkpoint, table).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any, Callable, Iterable
 
@@ -17,12 +21,14 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.exception import PrivacyBudgetExhausted
+from flwr.serverapp.strategy import Strategy
 
 from shared.model import check_global_arrays
 from shared.records import digest, from_array_record
 
 RoundCallback = Callable[[int, dict[str, np.ndarray], dict[str, Any]], None]
+WEIGHT_KEY = "num-examples"
 
 
 def _client_name(msg: Message) -> str:
@@ -34,81 +40,95 @@ def _plain(metrics: MetricRecord | None) -> dict[str, float]:
     return {k: float(v) for k, v in (metrics or {}).items() if not isinstance(v, list)}
 
 
-class FedAdsAvg(FedAvg):
-    def __init__(self, num_ads: int, dim: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.num_ads, self.dim = num_ads, dim
-        self.client_metrics: dict[str, dict[str, float]] = {}
-        self.refusals: dict[str, str] = {}
+@dataclass
+class RoundLog:
+    """What one round's replies said, client by client."""
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    clients: dict[str, dict[str, float]] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+
+    def add(self, msg: Message, renamed_weight: str) -> None:
+        metrics = _plain(msg.content["metrics"])
+        metrics[renamed_weight] = metrics.pop(WEIGHT_KEY, 0.0)
+        self.clients.setdefault(_client_name(msg), {}).update(metrics)
+
+
+class RoundLoop:
+    def __init__(self, strategy: Strategy, grid: Grid, num_ads: int, dim: int, timeout: float = 3600) -> None:
+        self.strategy, self.grid = strategy, grid
+        self.num_ads, self.dim, self.timeout = num_ads, dim, timeout
+
+    def _train_replies(self, server_round: int, replies: Iterable[Message], round_log: RoundLog) -> list[Message]:
         valid = []
         for msg in replies:
             if msg.has_error():
-                self.refusals[f"node-{msg.metadata.src_node_id}"] = msg.error.reason
-                valid.append(msg)  # FedAvg logs errors and leaves them out
+                round_log.refused[f"node-{msg.metadata.src_node_id}"] = msg.error.reason
+                valid.append(msg)  # the strategy logs error replies and leaves them out
                 continue
             try:
-                check_global_arrays(from_array_record(msg.content[self.arrayrecord_key]), self.num_ads, self.dim)
+                check_global_arrays(from_array_record(msg.content["arrays"]), self.num_ads, self.dim)
             except (KeyError, ValueError) as exc:
                 log(WARNING, "round %d: dropping the reply of %s: %s", server_round, _client_name(msg), exc)
                 continue
-            metrics = _plain(msg.content["metrics"])
-            metrics["train-users"] = metrics.pop(self.weighted_by_key, 0.0)
-            self.client_metrics.setdefault(_client_name(msg), {}).update(metrics)
+            round_log.add(msg, "train-users")
             valid.append(msg)
-        return super().aggregate_train(server_round, valid)
+        return valid
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        replies = list(replies)
+    def evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, round_log: RoundLog) -> dict[str, float]:
+        messages = self.strategy.configure_evaluate(server_round, arrays, config, self.grid)
+        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
         for msg in replies:
             if not msg.has_error():
-                metrics = _plain(msg.content["metrics"])
-                metrics["test-users"] = metrics.pop(self.weighted_by_key, 0.0)
-                self.client_metrics.setdefault(_client_name(msg), {}).update(metrics)
-        return super().aggregate_evaluate(server_round, replies)
+                round_log.add(msg, "test-users")
+        return _plain(self.strategy.aggregate_evaluate(server_round, replies))
 
-    def evaluate_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord, timeout: float) -> dict[str, float]:
-        replies = grid.send_and_receive(self.configure_evaluate(server_round, arrays, config, grid), timeout=timeout)
-        return _plain(self.aggregate_evaluate(server_round, replies))
-
-    def run_rounds(
+    def run(
         self,
-        grid: Grid,
         arrays: ArrayRecord,
         first_round: int,
         last_round: int,
         train_config: ConfigRecord,
         evaluate_config: ConfigRecord,
         on_round_end: RoundCallback,
-        timeout: float = 3600,
+        privacy_spent: Callable[[], float | None] = lambda: None,
     ) -> ArrayRecord:
         """Rounds first_round..last_round: train, aggregate, evaluate, then `on_round_end`."""
         for server_round in range(first_round, last_round + 1):
             started = time.perf_counter()
             start_digest = digest(from_array_record(arrays))
+            round_log = RoundLog()
             log(INFO, "")
             log(INFO, "[ROUND %s/%s]", server_round, last_round)
-            self.client_metrics, self.refusals = {}, {}
-            replies = grid.send_and_receive(self.configure_train(server_round, arrays, train_config, grid), timeout=timeout)
-            aggregated, train_metrics = self.aggregate_train(server_round, replies)
+            try:
+                messages = self.strategy.configure_train(server_round, arrays, train_config, self.grid)
+            except PrivacyBudgetExhausted as exhausted:  # client-level DP: the server's own budget
+                log(WARNING, "round %d: not trained: %s", server_round, exhausted)
+                break
+            replies = self.grid.send_and_receive(messages, timeout=self.timeout)
+            aggregated, train_metrics = self.strategy.aggregate_train(
+                server_round, self._train_replies(server_round, replies, round_log)
+            )
             if aggregated is None:
                 log(WARNING, "round %d: no valid training reply; the global model is unchanged", server_round)
             else:
                 arrays = aggregated
-            evaluate_metrics = self.evaluate_round(grid, server_round, arrays, evaluate_config, timeout)
-            record = {
+            evaluate_metrics = self.evaluate(server_round, arrays, evaluate_config, round_log)
+            record: dict[str, Any] = {
                 "round": server_round,
                 "start_digest": start_digest,
                 "train": _plain(train_metrics),
                 "evaluate": evaluate_metrics,
-                "clients": self.client_metrics,
+                "clients": round_log.clients,
                 "round_seconds": time.perf_counter() - started,
             }
-            spent = [m["dp-epsilon"] for m in self.client_metrics.values() if "dp-epsilon" in m]
+            spent = [m["dp-epsilon"] for m in round_log.clients.values() if "dp-epsilon" in m]
             if spent:
-                record["privacy"] = {"epsilon_max": max(spent), "epsilon_min": min(spent)}
-            if self.refusals:
-                record["refused"] = dict(self.refusals)
+                record["privacy"] = {"level": "user", "epsilon_max": max(spent), "epsilon_min": min(spent)}
+            if (server_epsilon := privacy_spent()) is not None:
+                record["privacy"] = {"level": "client", "epsilon_max": server_epsilon}
+            if round_log.refused:
+                record["refused"] = dict(round_log.refused)
+                for node, reason in round_log.refused.items():
+                    log(WARNING, "round %d: %s sent no update: %s", server_round, node, reason)
             on_round_end(server_round, from_array_record(arrays), record)
         return arrays

@@ -63,14 +63,17 @@ class RunConfig(BaseModel):
     negatives: int = Field(4, ge=1)
     batch_users: int = Field(64, ge=1)
     max_positives_per_user: int = Field(200, ge=1)
-    # privacy: "none", or "user" (user-level DP-SGD with Opacus, see docs/PRIVACY.md)
-    privacy: Literal["none", "user"] = "none"
+    # privacy: "none", "user" (user-level DP-SGD with Opacus) or "client" (Flower's
+    # client-level DP: server-side clipping and noise of whole merchant updates); docs/PRIVACY.md
+    privacy: Literal["none", "user", "client"] = "none"
     target_epsilon: float = Field(8.0, gt=0)
     target_delta: float = Field(0.0, ge=0, lt=1, description="0 = auto: 0.1 / users of the shard")
     max_grad_norm: float = Field(0.1, gt=0)
     dp_grad_sample_mode: Literal["auto", "hooks", "ghost"] = "auto"
     dp_metrics: Literal["noised", "none", "exact"] = "noised"
     metrics_noise_multiplier: float = Field(20.0, gt=0)
+    client_noise_multiplier: float = Field(1.0, gt=0)
+    client_clip_norm: float = Field(1.0, gt=0)
 
     @model_validator(mode="after")
     def _paths_for_dataset(self) -> RunConfig:

@@ -1,0 +1,104 @@
+"""Wall time of a DP-SGD local epoch vs a non-private epoch of the same per-user pipeline.
+
+    .venv/bin/python benchmarks/dp_overhead.py --repeats 7
+
+For one IID shard (1 of 5) of MovieLens-100K and of Amazon Beauty (read from ../shared/data):
+the same users, row sets, user vectors, per-user loss, optimizer and expected batch size; the
+non-private side iterates shuffled batches, the private side Opacus' Poisson batches with
+per-user clipping and noise, in "hooks" and "ghost" modes. Runs are interleaved and repeated;
+the table reports medians and the median of the per-repeat ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from client.private_step import DPSGDSettings, PerUserLoss, private_ad_epochs, resolve_grad_sample_mode, user_sample_rate
+from client.trainer import UserRows, build_user_rows
+from shared.config import RunConfig
+from shared.data.partition import partition_users, shard_log
+from shared.data.sources import load_dataset
+from shared.data.split import leave_last_out
+from shared.model import AdModel, init_global_arrays
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATASETS = {
+    "MovieLens-100K": {"dataset": "movielens-100k", "data-path": str(DATA / "movielens" / "ml-100k")},
+    "Amazon Beauty": {
+        "dataset": "amazon-seq",
+        "data-path": str(DATA / "seqrec" / "s3rec-amazon" / "Beauty.txt"),
+        "catalog-path": str(DATA / "seqrec" / "s3rec-amazon" / "Beauty_item2attributes.json"),
+    },
+}
+
+
+def plain_epochs(arrays, user_factors, rows: UserRows, batch_size: int, epochs: int, lr: float, seed: int) -> None:
+    """The non-private twin of private_ad_epochs: same model, loss, optimizer and batch size."""
+    model = AdModel.from_arrays(arrays)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    criterion = PerUserLoss()
+    users = torch.as_tensor(user_factors)
+    target = torch.where(rows.mask, rows.labels, torch.tensor(-1.0))
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(users), generator=generator).split(batch_size):
+            width = max(int(rows.mask[batch].sum(dim=1).max()), 1)
+            optimizer.zero_grad(set_to_none=True)
+            criterion(model(users[batch], rows.ads[batch, :width]), target[batch, :width]).backward()
+            optimizer.step()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per timed call (one DP engine set-up per call)")
+    parser.add_argument("--batch-users", type=int, default=64)
+    parser.add_argument("--factors", type=int, default=32)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(f"{date.today()} on {platform.node()} ({platform.machine()}, 1 torch thread), {args.repeats} repeats x {args.epochs} epochs, "
+          f"expected batch {args.batch_users} users, k={args.factors}")
+    print("| data (1 of 5 IID shards) | users | ads | non-DP s/epoch | hooks s/epoch | ghost s/epoch | hooks / non-DP | ghost / non-DP | auto picks |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, source in DATASETS.items():
+        if not Path(source["data-path"]).exists():
+            print(f"| {name} | skipped: not found at {source['data-path']} |")
+            continue
+        cfg = RunConfig.from_flower({**source, "factors": args.factors})
+        dataset = load_dataset(cfg)
+        shard = shard_log(dataset.log, partition_users(dataset.log, dataset.catalog, "iid", 5, seed=0)[0])
+        split = leave_last_out(shard, len(dataset.catalog))
+        rows = build_user_rows(split, np.random.default_rng(0), cfg.negatives, cfg.max_positives_per_user)
+        arrays = init_global_arrays(len(dataset.catalog), args.factors, 0)
+        user_factors = (0.3 * np.random.default_rng(1).standard_normal((split.num_users, args.factors))).astype(np.float32)
+        q = user_sample_rate(args.batch_users, split.num_users)
+        batch = round(q * split.num_users)
+        times: dict[str, list[float]] = {"plain": [], "hooks": [], "ghost": []}
+        for repeat in range(args.repeats):
+            for mode in ("plain", "hooks", "ghost"):
+                started = time.perf_counter()
+                if mode == "plain":
+                    plain_epochs(arrays, user_factors, rows, batch, args.epochs, cfg.learning_rate, repeat)
+                else:
+                    settings = DPSGDSettings(noise_multiplier=1.0, max_grad_norm=0.1, sample_rate=q, epochs=args.epochs,
+                                             learning_rate=cfg.learning_rate, grad_sample_mode=mode, seed=repeat)
+                    private_ad_epochs(arrays, user_factors, lambda: rows, settings, [])
+                times[mode].append((time.perf_counter() - started) / args.epochs)
+        median = {m: statistics.median(t) for m, t in times.items()}
+        ratio = {m: statistics.median(a / b for a, b in zip(times[m], times["plain"])) for m in ("hooks", "ghost")}
+        auto = resolve_grad_sample_mode("auto", len(dataset.catalog), args.factors, q * split.num_users)
+        print(f"| {name} | {split.num_users} | {len(dataset.catalog)} | {median['plain']:.3f} | {median['hooks']:.3f} | "
+              f"{median['ghost']:.3f} | {ratio['hooks']:.2f} | {ratio['ghost']:.2f} | {auto} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

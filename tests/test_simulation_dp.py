@@ -1,0 +1,72 @@
+"""User-level DP through Flower's simulation runtime: epsilon recorded every round, budgets
+that survive a restart, and refusals the server logs while it goes on."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from shared.storage import load_npz
+from simulations.launcher import run_simulation
+from tests.conftest import small_run_config
+
+NUM_CLIENTS = 3
+TARGET_EPSILON = 4.0
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("simdp")
+    cfg = small_run_config(tmp_path, privacy="user", **{"num-rounds": 2, "target-epsilon": TARGET_EPSILON})
+    run_simulation(cfg.to_flower(), NUM_CLIENTS, tmp_path / "flower", timeout=480)
+    return tmp_path
+
+
+def test_epsilon_is_recorded_every_round_and_stays_in_budget(dp_run):
+    history = json.loads((dp_run / "out" / "history.json").read_text())
+    spent = [h["privacy"]["epsilon_max"] for h in history[1:]]
+    assert len(spent) == 2 and 0 < spent[0] < spent[1] <= TARGET_EPSILON
+    for h in history[1:]:
+        assert len(h["clients"]) == NUM_CLIENTS and "refused" not in h
+        for metrics in h["clients"].values():
+            assert "train-loss" not in metrics and not any(k.startswith("toppop-") for k in metrics)
+    for pid in range(NUM_CLIENTS):
+        ledger = json.loads((dp_run / "out" / "state" / f"partition-{pid}" / "privacy_ledger.json").read_text())["ledger"]
+        assert ledger["rounds_trained"] == 2 and ledger["target_epsilon"] == TARGET_EPSILON
+        assert ledger["non_private_releases"] == 0 and ledger["noise_multiplier"] > 0
+
+
+def test_a_restart_keeps_the_budget_and_the_server_goes_on(dp_run):
+    """Resuming for a third round: every merchant's ledger (calibrated for two rounds) refuses;
+    the server records why and keeps the model."""
+    resumed = small_run_config(dp_run, privacy="user", resume=True, **{"num-rounds": 3, "target-epsilon": TARGET_EPSILON})
+    run_simulation(resumed.to_flower(), NUM_CLIENTS, dp_run / "flower-resume", timeout=480)
+    history = json.loads((dp_run / "out" / "history.json").read_text())
+    assert [h["round"] for h in history] == [0, 1, 2, 3]
+    refused = history[3]["refused"]
+    assert len(refused) == NUM_CLIENTS
+    assert all("privacy budget exhausted" in reason for reason in refused.values())
+    out = dp_run / "out" / "checkpoints"
+    np.testing.assert_array_equal(load_npz(out / "round-0003.npz")["ad_factors"], load_npz(out / "round-0002.npz")["ad_factors"])
+    for pid in range(NUM_CLIENTS):
+        ledger = json.loads((dp_run / "out" / "state" / f"partition-{pid}" / "privacy_ledger.json").read_text())["ledger"]
+        assert ledger["rounds_trained"] == 2
+
+
+def test_client_level_dp_with_flowers_wrapper_and_accountant(tmp_path):
+    """privacy = "client": Flower's server-side fixed clipping; its accountant's epsilon is
+    recorded every round, and training stops when the next release would pass the budget."""
+    cfg = small_run_config(tmp_path, privacy="client", **{
+        "num-rounds": 3, "client-noise-multiplier": 2.0, "client-clip-norm": 0.5,
+        # two releases at noise 2 for 3 merchants cost epsilon 1.38, three cost 1.83
+        "target-epsilon": 1.5,
+    })
+    run_simulation(cfg.to_flower(), NUM_CLIENTS, tmp_path / "flower", timeout=480)
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    assert [h["round"] for h in history] == [0, 1, 2]  # round 3 would exceed the budget
+    spent = [h["privacy"]["epsilon_max"] for h in history[1:]]
+    assert all(h["privacy"]["level"] == "client" for h in history[1:])
+    assert spent == pytest.approx([0.8486, 1.3823], abs=1e-3)
+    assert (tmp_path / "out" / "model" / "global_model.npz").is_file()
