@@ -73,7 +73,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg, node, arrays, server_round = _setup(msg, context)
     try:
         # the ledger is read before anything is written to the state directory
-        ledger = PrivacyLedger.open(node.state.directory, fail_closed=cfg.privacy != "none")
+        ledger = PrivacyLedger.open(node.state.directory, fail_closed=cfg.privacy == "user")
         private = UserLevelDP(cfg, node.trainer, ledger) if cfg.privacy == "user" else None
     except PrivacyRefusal as refusal:
         return _refuse(msg, node, refusal)
