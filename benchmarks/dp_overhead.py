@@ -4,8 +4,9 @@
 
 For one IID shard (1 of 5) of MovieLens-100K and of Amazon Beauty (read from ../shared/data):
 the same users, row sets, user vectors, per-user loss, optimizer and expected batch size; the
-non-private side iterates shuffled batches, the private side Opacus' Poisson batches with
-per-user clipping and noise, in "hooks" and "ghost" modes. Runs are interleaved and repeated;
+non-private side iterates shuffled batches, the private side Poisson batches with per-user
+clipping and noise: Opacus in "hooks" and "ghost" modes, and "fused" (Opacus' sampler and
+accountant, closed-form per-user clipping; client/private_step.py). Runs are interleaved and repeated;
 the table reports medians and the median of the per-repeat ratios.
 """
 
@@ -66,8 +67,9 @@ def main() -> int:
     torch.set_num_threads(1)
     print(f"{date.today()} on {platform.node()} ({platform.machine()}, 1 torch thread), {args.repeats} repeats x {args.epochs} epochs, "
           f"expected batch {args.batch_users} users, k={args.factors}")
-    print("| data (1 of 5 IID shards) | users | ads | non-DP s/epoch | hooks s/epoch | ghost s/epoch | hooks / non-DP | ghost / non-DP | auto picks |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| data (1 of 5 IID shards) | users | ads | non-DP s/epoch | hooks s/epoch | ghost s/epoch | fused s/epoch "
+          "| hooks / non-DP | ghost / non-DP | fused / non-DP | auto picks |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, source in DATASETS.items():
         if not Path(source["data-path"]).exists():
             print(f"| {name} | skipped: not found at {source['data-path']} |")
@@ -81,9 +83,9 @@ def main() -> int:
         user_factors = (0.3 * np.random.default_rng(1).standard_normal((split.num_users, args.factors))).astype(np.float32)
         q = user_sample_rate(args.batch_users, split.num_users)
         batch = round(q * split.num_users)
-        times: dict[str, list[float]] = {"plain": [], "hooks": [], "ghost": []}
+        times: dict[str, list[float]] = {"plain": [], "hooks": [], "ghost": [], "fused": []}
         for repeat in range(args.repeats):
-            for mode in ("plain", "hooks", "ghost"):
+            for mode in times:
                 started = time.perf_counter()
                 if mode == "plain":
                     plain_epochs(arrays, user_factors, rows, batch, args.epochs, cfg.learning_rate, repeat)
@@ -93,10 +95,11 @@ def main() -> int:
                     private_ad_epochs(arrays, user_factors, lambda: rows, settings, [])
                 times[mode].append((time.perf_counter() - started) / args.epochs)
         median = {m: statistics.median(t) for m, t in times.items()}
-        ratio = {m: statistics.median(a / b for a, b in zip(times[m], times["plain"])) for m in ("hooks", "ghost")}
+        ratio = {m: statistics.median(a / b for a, b in zip(times[m], times["plain"])) for m in ("hooks", "ghost", "fused")}
         auto = resolve_grad_sample_mode("auto", len(dataset.catalog), args.factors, q * split.num_users)
         print(f"| {name} | {split.num_users} | {len(dataset.catalog)} | {median['plain']:.3f} | {median['hooks']:.3f} | "
-              f"{median['ghost']:.3f} | {ratio['hooks']:.2f} | {ratio['ghost']:.2f} | {auto} |", flush=True)
+              f"{median['ghost']:.3f} | {median['fused']:.3f} | {ratio['hooks']:.2f} | {ratio['ghost']:.2f} | "
+              f"{ratio['fused']:.2f} | {auto} |", flush=True)
     return 0
 
 

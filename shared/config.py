@@ -69,7 +69,7 @@ class RunConfig(BaseModel):
     target_epsilon: float = Field(8.0, gt=0)
     target_delta: float = Field(0.0, ge=0, lt=1, description="0 = auto: 0.1 / users of the shard")
     max_grad_norm: float = Field(0.1, gt=0)
-    dp_grad_sample_mode: Literal["auto", "hooks", "ghost"] = "auto"
+    dp_grad_sample_mode: Literal["auto", "fused", "opacus", "hooks", "ghost"] = "auto"
     dp_metrics: Literal["noised", "none", "exact"] = "noised"
     metrics_noise_multiplier: float = Field(20.0, gt=0)
     client_noise_multiplier: float = Field(1.0, gt=0)
