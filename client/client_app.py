@@ -97,9 +97,12 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, node, arrays, server_round = _setup(msg, context)
     try:
-        private = UserLevelDP(cfg, node.trainer, PrivacyLedger.open(node.state.directory)) if cfg.privacy == "user" else None
+        ledger = PrivacyLedger.open(node.state.directory, fail_closed=cfg.privacy == "user")
+        private = UserLevelDP(cfg, node.trainer, ledger) if cfg.privacy == "user" else None
     except PrivacyRefusal as refusal:
         return _refuse(msg, node, refusal)
+    if private is None:
+        ledger.record_non_private(trained_round=False)  # exact metrics leave: no DP claim after this
     node.state.save_global_model(arrays, server_round)
     user_factors = _fit_and_store_users(cfg, node, arrays, _rng(cfg, node, server_round, purpose=1))
     metrics = node.trainer.evaluate(arrays, user_factors)

@@ -22,7 +22,14 @@ from client.privacy_ledger import PrivacyLedger, PrivacyRefusal
 from client.trainer import LocalTrainer
 from shared.config import RunConfig
 from shared.metrics import METRIC_NAMES
-from shared.privacy import METRIC_SENSITIVITY, Release, calibrate_noise_multiplier, default_delta, sgd_steps_per_epoch
+from shared.privacy import (
+    METRIC_SENSITIVITY,
+    CalibrationError,
+    Release,
+    calibrate_noise_multiplier,
+    default_delta,
+    sgd_steps_per_epoch,
+)
 
 
 class UserLevelDP:
@@ -36,10 +43,13 @@ class UserLevelDP:
             raise PrivacyRefusal(f"target-delta {delta} is not below 1/users = {1.0 / users:.3g} of this shard")
         ledger.bind(cfg.target_epsilon, delta)
         if ledger.state.noise_multiplier is None:
-            ledger.state.noise_multiplier = calibrate_noise_multiplier(
-                ledger.state.target_epsilon, delta, self.sample_rate,
-                steps=cfg.num_rounds * self.steps_per_round, fixed=self.planned_metric_releases(),
-            )
+            try:
+                ledger.state.noise_multiplier = calibrate_noise_multiplier(
+                    ledger.state.target_epsilon, delta, self.sample_rate,
+                    steps=cfg.num_rounds * self.steps_per_round, fixed=self.planned_metric_releases(),
+                )
+            except CalibrationError as exc:
+                raise PrivacyRefusal(f"no DP-SGD noise fits the budget: {exc}") from exc
             ledger.save()
 
     @property

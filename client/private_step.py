@@ -88,9 +88,11 @@ def embedding_norm_sample(layer: nn.Embedding, activations: list[torch.Tensor], 
     key instead of `torch.unique(dim=0)` on index pairs, which took 85% of a ghost-mode step
     (docs/BENCHMARKS.md). Registered for nn.Embedding in this process, replacing Opacus' own.
     """
-    ids = activations[0].reshape(activations[0].shape[0], -1)
+    batch = activations[0].shape[0]
+    if batch == 0 or activations[0].numel() == 0:  # an empty Poisson batch
+        return {layer.weight: torch.zeros(batch, dtype=backprops.dtype, device=backprops.device)}
+    ids = activations[0].reshape(batch, -1)
     grads = backprops.reshape(-1, backprops.shape[-1])
-    batch = ids.shape[0]
     sample = torch.arange(batch, device=ids.device).repeat_interleave(ids.shape[1])
     keys = sample * layer.num_embeddings + ids.reshape(-1)
     unique_keys, position = torch.unique(keys, return_inverse=True)
@@ -181,7 +183,8 @@ def _fused_ad_epochs(
             steps += 1
             sampled += len(batch)
     new_history = [tuple(h) for h in accountant.history]
-    return model.get_arrays(), new_history, {"dp-steps": float(steps), "dp-mean-batch": sampled / max(steps, 1), "dp-mode-ghost": 0.0}
+    log.debug("fused DP-SGD: %d steps, %.1f users per step", steps, sampled / max(steps, 1))
+    return model.get_arrays(), new_history, {"dp-steps": float(steps)}
 
 
 def resolve_grad_sample_mode(mode: str, num_ads: int, dim: int, expected_batch: float) -> str:
@@ -258,4 +261,6 @@ def _private_ad_epochs(
             steps += 1
             sampled += len(batch)
     new_history = [tuple(h) for h in engine.accountant.history]
-    return model.get_arrays(), new_history, {"dp-steps": float(steps), "dp-mean-batch": sampled / max(steps, 1), "dp-mode-ghost": float(mode == "ghost")}
+    # the realized batch sizes stay here: they depend on the data set's size, released only as a planned count
+    log.debug("Opacus %s DP-SGD: %d steps, %.1f users per step", mode, steps, sampled / max(steps, 1))
+    return model.get_arrays(), new_history, {"dp-steps": float(steps)}

@@ -31,32 +31,26 @@ import math
 import os
 from pathlib import Path
 
+import dp_accounting
 import numpy as np
 import pytest
+from dp_accounting.rdp import rdp_privacy_accountant as google_rdp
+from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis import rdp as opacus_rdp
 from scipy.special import logsumexp
 
-dp_accounting = pytest.importorskip("dp_accounting")  # the test extra: pip install -e ".[test]"
-from dp_accounting.rdp import rdp_privacy_accountant as google_rdp  # noqa: E402
-from opacus.accountants import RDPAccountant  # noqa: E402
-from opacus.accountants.analysis import rdp as opacus_rdp  # noqa: E402
-
-import client.shard  # noqa: E402
-from client.client_app import PRIVACY_REFUSED  # noqa: E402
-from client.node_state import NodeState  # noqa: E402
-from client.privacy_ledger import LEDGER_FILE, PrivacyLedger, PrivacyRefusal  # noqa: E402
-from client.private_step import user_sample_rate  # noqa: E402
-from client.shard import node_runtime  # noqa: E402
-from shared.metrics import METRIC_NAMES  # noqa: E402
-from shared.model import GLOBAL_KEYS, init_global_arrays  # noqa: E402
-from shared.privacy import (  # noqa: E402
-    CalibrationError,
-    calibrate_noise_multiplier,
-    epsilon_of,
-    sgd_steps_per_epoch,
-)
-from shared.records import from_array_record  # noqa: E402
-from tests.conftest import small_run_config  # noqa: E402
-from tests.test_client_messages import _call, _server_identity, _wire_bytes  # noqa: E402,F401  (_server_identity: autouse fixture)
+import client.shard
+from client.client_app import PRIVACY_REFUSED
+from client.node_state import NodeState
+from client.privacy_ledger import LEDGER_FILE, PrivacyLedger, PrivacyRefusal
+from client.private_step import user_sample_rate
+from client.shard import node_runtime
+from shared.metrics import METRIC_NAMES
+from shared.model import GLOBAL_KEYS, init_global_arrays
+from shared.privacy import CalibrationError, calibrate_noise_multiplier, epsilon_of, sgd_steps_per_epoch
+from shared.records import from_array_record
+from tests.conftest import small_run_config
+from tests.test_client_messages import _call, _server_identity, _wire_bytes  # noqa: F401  (_server_identity: autouse fixture)
 
 pytestmark = [
     # Opacus warns when the optimal order is the first or last of its orders (tiny releases)
@@ -336,7 +330,7 @@ def test_ledger_writes_are_atomic_and_checksummed(tmp_path):
 
 
 # ====================================================================== the ClientApp, end to end
-STEP_KEYS = {"dp-steps", "dp-mean-batch", "dp-mode-ghost"}
+STEP_KEYS = {"dp-steps"}
 PRIVACY_KEYS = {"dp-epsilon", "dp-noise-multiplier"}
 DP_ALLOWED_METRICS = {
     "train": {"num-examples"} | STEP_KEYS | PRIVACY_KEYS,
@@ -506,12 +500,6 @@ def test_dp_metrics_none_releases_no_ranking_metric_and_spends_nothing(tmp_path)
     assert 0.99 * cfg.target_epsilon <= epsilon_of([(sigma, q, steps)], ledger["delta"]) <= cfg.target_epsilon
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="client_app.evaluate with privacy='none' releases exact metrics and TopPop without touching the "
-    "ledger (only train records non-private releases), so a state directory with a DP ledger keeps its "
-    "finite epsilon and a later privacy='user' run keeps training and reporting a DP epsilon",
-)
 def test_a_non_private_evaluation_is_recorded_in_the_ledger(tmp_path):
     cfg = _dp_config(tmp_path)
     node = node_runtime(cfg, {"partition-id": 0, "num-partitions": 3})
@@ -525,3 +513,28 @@ def test_a_non_private_evaluation_is_recorded_in_the_ledger(tmp_path):
 
     ledger = PrivacyLedger.open(_state_dir(tmp_path))
     assert ledger.state.non_private_releases >= 1 and ledger.epsilon() == math.inf
+
+
+def test_a_delta_not_below_one_over_users_is_refused(tmp_path):
+    cfg = _dp_config(tmp_path, **{"target-delta": 0.05})
+    node = node_runtime(cfg, {"partition-id": 0, "num-partitions": 3})
+    assert 0.05 >= 1 / node.trainer.split.num_users
+    arrays = init_global_arrays(node.trainer.split.num_ads, cfg.factors, cfg.seed)
+    for kind in ("train", "evaluate"):
+        reply = _call(kind, cfg, arrays, server_round=1)
+        assert reply.has_error() and reply.error.code == PRIVACY_REFUSED
+        assert "1/users" in reply.error.reason
+    assert not (_state_dir(tmp_path) / LEDGER_FILE).exists()
+
+
+def test_a_budget_too_small_for_the_planned_metric_releases_is_refused_with_an_error_reply(tmp_path):
+    cfg = _dp_config(tmp_path, **{"num-rounds": 10, "target-epsilon": 0.3})
+    node = node_runtime(cfg, {"partition-id": 0, "num-partitions": 3})
+    arrays = init_global_arrays(node.trainer.split.num_ads, cfg.factors, cfg.seed)
+    try:
+        for kind in ("evaluate", "train"):
+            reply = _call(kind, cfg, arrays, server_round=1)
+            assert reply.has_error() and reply.error.code == PRIVACY_REFUSED
+            assert "budget" in reply.error.reason
+    finally:  # fail closed either way: nothing was written to the merchant's state directory
+        assert not _state_dir(tmp_path).exists() or not any(_state_dir(tmp_path).iterdir())
