@@ -68,13 +68,18 @@ def _refuse(msg: Message, node: NodeRuntime, refusal: PrivacyRefusal) -> Message
     return Message(Error(code=PRIVACY_REFUSED, reason=f"{node.name} refused: {refusal}"), reply_to=msg)
 
 
+def _privacy(cfg: RunConfig, node: NodeRuntime) -> tuple[PrivacyLedger, UserLevelDP | None]:
+    """The node's ledger (read before anything is written to its state directory) and, under
+    privacy = "user", its DP plan. Raises PrivacyRefusal."""
+    ledger = PrivacyLedger.open(node.state.directory, fail_closed=cfg.privacy == "user")
+    return ledger, UserLevelDP(cfg, node.trainer, ledger) if cfg.privacy == "user" else None
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg, node, arrays, server_round = _setup(msg, context)
     try:
-        # the ledger is read before anything is written to the state directory
-        ledger = PrivacyLedger.open(node.state.directory, fail_closed=cfg.privacy == "user")
-        private = UserLevelDP(cfg, node.trainer, ledger) if cfg.privacy == "user" else None
+        ledger, private = _privacy(cfg, node)
     except PrivacyRefusal as refusal:
         return _refuse(msg, node, refusal)
     rng = _rng(cfg, node, server_round, purpose=0)
@@ -97,8 +102,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     cfg, node, arrays, server_round = _setup(msg, context)
     try:
-        ledger = PrivacyLedger.open(node.state.directory, fail_closed=cfg.privacy == "user")
-        private = UserLevelDP(cfg, node.trainer, ledger) if cfg.privacy == "user" else None
+        ledger, private = _privacy(cfg, node)
     except PrivacyRefusal as refusal:
         return _refuse(msg, node, refusal)
     if private is None:
