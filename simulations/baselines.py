@@ -3,6 +3,7 @@
 - TopPop: rank every ad by its training popularity over all users.
 - Centralized: all users pooled in one place, trained by the very `LocalTrainer` a client uses
   (user step, then ad step), one "round" = the same local epochs a client runs per round.
+- Local-only: each merchant trains alone on its own shard, same trainer and rounds.
 """
 
 from __future__ import annotations
@@ -14,16 +15,21 @@ import numpy as np
 
 from client.trainer import LocalTrainer, TrainSettings
 from shared.config import RunConfig
-from shared.data.schema import Dataset
+from shared.data.partition import partition_users, shard_log
+from shared.data.schema import Dataset, InteractionLog
 from shared.data.split import leave_last_out, sample_eval_negatives
 from shared.model import init_global_arrays
 
 EVAL_NEGATIVES = 99
 
 
-def pooled_trainer(cfg: RunConfig, dataset: Dataset) -> LocalTrainer:
-    split = leave_last_out(dataset.log, len(dataset.catalog))
+def trainer_for(cfg: RunConfig, log: InteractionLog, num_ads: int) -> LocalTrainer:
+    split = leave_last_out(log, num_ads)
     return LocalTrainer(split, sample_eval_negatives(split, EVAL_NEGATIVES, cfg.seed), TrainSettings.from_config(cfg))
+
+
+def pooled_trainer(cfg: RunConfig, dataset: Dataset) -> LocalTrainer:
+    return trainer_for(cfg, dataset.log, len(dataset.catalog))
 
 
 def toppop(cfg: RunConfig, dataset: Dataset) -> dict[str, float]:
@@ -34,8 +40,24 @@ def centralized(
     cfg: RunConfig, dataset: Dataset, on_round: Callable[[dict[str, Any]], None] | None = None
 ) -> list[dict[str, Any]]:
     """Per-round metrics of centralized training, round 0 being the initial model."""
-    trainer = pooled_trainer(cfg, dataset)
-    arrays = init_global_arrays(len(dataset.catalog), cfg.factors, cfg.seed)
+    return train_alone(cfg, pooled_trainer(cfg, dataset), len(dataset.catalog), on_round)
+
+
+def local_only(cfg: RunConfig, dataset: Dataset, num_clients: int) -> dict[str, list[dict[str, Any]]]:
+    """Per-merchant histories of training alone, shards cut exactly as the federated run cuts them."""
+    shards = partition_users(dataset.log, dataset.catalog, cfg.partitioning, num_clients, cfg.dirichlet_alpha, cfg.seed)
+    out = {}
+    for pid, users in enumerate(shards):
+        shard = shard_log(dataset.log, users)
+        name = str(getattr(shard, cfg.partitioning)[0]) if cfg.partitioning in ("merchant", "region") else f"partition-{pid}"
+        out[name] = train_alone(cfg, trainer_for(cfg, shard, len(dataset.catalog)), len(dataset.catalog))
+    return out
+
+
+def train_alone(
+    cfg: RunConfig, trainer: LocalTrainer, num_ads: int, on_round: Callable[[dict[str, Any]], None] | None = None
+) -> list[dict[str, Any]]:
+    arrays = init_global_arrays(num_ads, cfg.factors, cfg.seed)
     user_factors: np.ndarray | None = None
     history = []
     for server_round in range(cfg.num_rounds + 1):

@@ -1,0 +1,192 @@
+"""Plots (PNG) and a static HTML report of an experiment run; no server needed to view it.
+
+The report answers: how much accuracy does federation cost (federated vs centralized vs
+local-only), how much does privacy cost (the privacy-utility frontier), and who pays for it
+(per-merchant accuracy, small merchants vs large).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from simulations.experiment import Experiment  # noqa: E402
+
+METRIC = "ndcg10_sampled"
+SHOWN = ("hr10_sampled", "ndcg10_sampled", "hr10_full", "ndcg10_full", "recall20_full", "auc_full")
+
+
+def _aggregate(rows: list[dict[str, Any]], method: str) -> dict[str, list[tuple[int, float]]]:
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for row in rows:
+        if row["method"] == method and row["client"] == "aggregate" and row.get(METRIC) is not None:
+            series[row["cell"]].append((row["round"], row[METRIC]))
+    return {cell: sorted(points) for cell, points in series.items()}
+
+
+def plot_convergence(rows: list[dict[str, Any]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for method, style in (("federated", "-"), ("user-dp", "--"), ("client-dp", "-."), ("centralized", ":"), ("local-only", "-")):
+        for cell, points in _aggregate(rows, method).items():
+            label = f"{method}" if method in ("centralized", "local-only") else cell
+            ax.plot(*zip(*points), style, marker="o", markersize=2.5, label=label, alpha=0.85 if method != "local-only" else 0.6)
+    for row in rows:
+        if row["method"] == "toppop":
+            ax.axhline(row[METRIC], color="grey", linewidth=1, label="TopPop")
+    ax.set_xlabel("round")
+    ax.set_ylabel("NDCG@10 (sampled)")
+    ax.set_title("Convergence per round")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _final(rows: list[dict[str, Any]], method: str) -> list[dict[str, Any]]:
+    last: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["method"] == method and row["client"] == "aggregate" and row.get(METRIC) is not None:
+            if row["cell"] not in last or row["round"] > last[row["cell"]]["round"]:
+                last[row["cell"]] = row
+    return list(last.values())
+
+
+def plot_frontier(rows: list[dict[str, Any]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    private = sorted((r["epsilon_target"], r[METRIC]) for r in _final(rows, "user-dp"))
+    if private:
+        ax.plot(*zip(*private), "o-", label="federated, user-level DP")
+    for method, colour in (("federated", "tab:green"), ("centralized", "tab:purple"), ("toppop", "grey")):
+        for row in _final(rows, method)[:1]:
+            ax.axhline(row[METRIC], color=colour, linestyle="--", label=f"{method} (no DP)" if method != "toppop" else "TopPop")
+    ax.set_xscale("log")
+    ax.set_xlabel("target epsilon per merchant (log)")
+    ax.set_ylabel("NDCG@10 (sampled), final round")
+    ax.set_title("Privacy-utility frontier")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_per_merchant(rows: list[dict[str, Any]], path: Path) -> None:
+    """Final-round NDCG per merchant: federated (no DP) vs alone, merchants ordered by size."""
+    def final_per_client(method: str) -> dict[str, tuple[float, float]]:
+        best: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            if row["method"] == method and row["client"] != "aggregate" and row.get(METRIC) is not None:
+                if row["client"] not in best or row["round"] > best[row["client"]]["round"]:
+                    best[row["client"]] = row
+        return {c: (r.get("test_users") or 0.0, r[METRIC]) for c, r in best.items()}
+
+    federated, alone = final_per_client("federated"), final_per_client("local-only")
+    names = sorted(set(federated) | set(alone), key=lambda c: (federated.get(c) or alone.get(c) or (0, 0))[0])
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], [alone.get(n, (0, 0))[1] for n in names], width=0.4, label="local-only")
+    ax.bar([x + 0.2 for x in xs], [federated.get(n, (0, 0))[1] for n in names], width=0.4, label="federated")
+    sizes = [int((federated.get(n) or alone.get(n) or (0, 0))[0]) for n in names]
+    ax.set_xticks(list(xs), [f"{n}\n{s} test users" for n, s in zip(names, sizes)], fontsize=7)
+    ax.set_ylabel("NDCG@10 (sampled), final round")
+    ax.set_title("Who gains from federation (merchants ordered by size)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_epsilon(rows: list[dict[str, Any]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for row in rows:
+        if row["client"] == "aggregate" and row.get("epsilon_spent") is not None and row["method"] in ("user-dp", "client-dp"):
+            series[row["cell"]].append((row["round"], row["epsilon_spent"]))
+    for cell, points in sorted(series.items()):
+        ax.plot(*zip(*sorted(points)), "o-", markersize=3, label=cell)
+    ax.set_xlabel("round")
+    ax.set_ylabel("epsilon spent (max over merchants)")
+    ax.set_title("Privacy budget spent per round")
+    if series:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _guarantee(cell: dict[str, Any]) -> str:
+    cfg = cell["run_config"]
+    if cfg["privacy"] == "user":
+        delta = cfg["target-delta"] or "0.1 / users of the shard"
+        covered = {"noised": "model and noised metrics", "none": "model (no metrics released)",
+                   "exact": "model only (exact metrics are outside the guarantee)"}[cfg["dp-metrics"]]
+        return (f"user-level ({cfg['target-epsilon']:g}, {delta})-DP per merchant for its {covered}; "
+                "Opacus RDP accountant; protects each end user against the server, other merchants and model viewers")
+    if cfg["privacy"] == "client":
+        return (f"client-level DP (target epsilon {cfg['target-epsilon']:g}) by Flower's server-side clipping and noise; "
+                "trusted server; protects a merchant's participation against model viewers")
+    return "none: exact ad parameters and metrics leave the merchants (no user id or user factor does)"
+
+
+def _table(headers: list[str], body: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in body)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def write_report(experiment: Experiment, output: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> Path:
+    plots = output / "plots"
+    plots.mkdir(exist_ok=True)
+    figures = {
+        "convergence.png": ("Convergence per round", plot_convergence),
+        "frontier.png": ("Privacy-utility frontier", plot_frontier),
+        "per_merchant.png": ("Per-merchant accuracy: local-only vs federated", plot_per_merchant),
+        "epsilon.png": ("Epsilon spent per round", plot_epsilon),
+    }
+    for name, (_, plot) in figures.items():
+        plot(rows, plots / name)
+
+    def fmt(value: Any) -> str:
+        return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    final_rows = []
+    for method in ("toppop", "centralized", "local-only", "federated", "client-dp", "user-dp"):
+        for row in sorted(_final(rows, method), key=lambda r: (r.get("epsilon_target") or 0, r["cell"])):
+            final_rows.append([method, row["cell"], fmt(row.get("epsilon_target")), fmt(row["round"])]
+                              + [fmt(row.get(m)) for m in SHOWN] + [fmt(row.get("epsilon_spent"))])
+    cells = [[c["cell"], str(c["clients"]), str(c["seed"]), _guarantee(c), fmt(c.get("epsilon_spent")), str(c.get("refused", 0)),
+              f"{c['wall_seconds']:.0f}"] for c in summary["cells"]]
+    environment = json.loads((output / "environment.json").read_text()) if (output / "environment.json").is_file() else {}
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>fedads: {html.escape(experiment.name)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5rem 0 1.5rem; font-size: 0.85rem; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25rem 0.5rem; text-align: right; }}
+th {{ background: #f3f3f3; }} td:first-child, td:nth-child(2) {{ text-align: left; }}
+img {{ max-width: 100%; border: 1px solid #eee; }} .figs {{ display: grid; grid-template-columns: 1fr 1fr; gap: 1rem; }}
+</style></head><body>
+<h1>fedads experiment: {html.escape(experiment.name)}</h1>
+<p>Data: {html.escape(experiment.data.dataset)}; partition: {html.escape(experiment.partition.scheme)};
+{experiment.training.rounds} rounds x {experiment.training.local_epochs} local epoch(s); biased MF, {experiment.training.factors} factors.
+Metrics: leave-last-out; sampled = 99 fixed negatives per user, full = every ad without a training positive.</p>
+<h2>Final round, every method</h2>
+{_table(["method", "cell", "target eps", "round", *SHOWN, "eps spent"], final_rows)}
+<h2>Figures</h2>
+<div class="figs">{"".join(f'<figure><img src="plots/{n}" alt="{html.escape(t)}"><figcaption>{html.escape(t)}</figcaption></figure>' for n, (t, _) in figures.items())}</div>
+<h2>Runs and their guarantees</h2>
+{_table(["cell", "clients", "seed", "privacy guarantee", "eps spent (max)", "refused replies", "wall s"], cells)}
+<p>Full results: <a href="results.csv">results.csv</a>, <a href="results.json">results.json</a>;
+experiment: <a href="experiment.toml">experiment.toml</a>; environment: {html.escape(json.dumps(environment.get("packages", {})))}.</p>
+</body></html>
+"""
+    path = output / "report.html"
+    path.write_text(page)
+    return path

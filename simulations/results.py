@@ -1,0 +1,78 @@
+"""The tidy results table of an experiment run: one row per (cell, round, client or aggregate).
+
+Columns: method (federated | user-dp | client-dp | centralized | local-only | toppop), cell,
+clients, seed, alpha, epsilon_target, round, client, the metrics, epsilon_spent, train_users,
+test_users, round_seconds. Read from the cells' and baselines' own outputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from shared.metrics import METRIC_NAMES
+from simulations.experiment import Experiment, expand_cells
+
+COLUMNS = ("method", "cell", "clients", "seed", "alpha", "epsilon_target", "round", "client", *METRIC_NAMES,
+           "epsilon_spent", "train_users", "test_users", "round_seconds")
+
+
+def _method(run_config: dict[str, Any]) -> str:
+    return {"none": "federated", "user": "user-dp", "client": "client-dp"}[run_config["privacy"]]
+
+
+def collect(experiment: Experiment, output: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {"cells": [], "baselines": []}
+    for cell in expand_cells(experiment):
+        cell_dir = output / "cells" / cell.key
+        done = cell_dir / "done.json"
+        if not done.is_file():
+            continue
+        cfg = cell.run_config
+        base = {"method": _method(cfg), "cell": cell.name, "clients": cell.clients, "seed": cell.seed,
+                "alpha": cfg["dirichlet-alpha"], "epsilon_target": cell.epsilon}
+        history = json.loads((cell_dir / "history.json").read_text())
+        for record in history:
+            spent = record.get("privacy", {}).get("epsilon_max")
+            rows.append({**base, "round": record["round"], "client": "aggregate", **record.get("evaluate", {}),
+                         "epsilon_spent": spent, "round_seconds": record.get("round_seconds")})
+            for name, metrics in sorted(record.get("clients", {}).items()):
+                rows.append({**base, "round": record["round"], "client": name, **metrics,
+                             "epsilon_spent": metrics.get("dp-epsilon"), "train_users": metrics.get("train-users"),
+                             "test_users": metrics.get("test-users")})
+        summary["cells"].append({**json.loads(done.read_text()), "method": base["method"], "epsilon_target": cell.epsilon,
+                                 "final": history[-1].get("evaluate", {}), "epsilon_spent": history[-1].get("privacy", {}).get("epsilon_max"),
+                                 "refused": sum(len(h.get("refused", {})) for h in history)})
+    for done in sorted((output / "baselines").glob("*/done.json")):
+        result = json.loads(done.read_text())
+        base = {"cell": result["group"], "clients": result["clients"], "seed": result["seed"], "alpha": None, "epsilon_target": None}
+        if "toppop" in result:
+            rows.append({**base, "method": "toppop", "round": 0, "client": "aggregate", **result["toppop"]})
+        for record in result.get("centralized", []):
+            rows.append({**base, "method": "centralized", "round": record["round"], "client": "aggregate",
+                         **record["evaluate"], "round_seconds": record["round_seconds"]})
+        per_round: dict[int, list[dict[str, float]]] = {}
+        for name, history in result.get("local_only", {}).items():
+            for record in history:
+                rows.append({**base, "method": "local-only", "round": record["round"], "client": name, **record["evaluate"],
+                             "test_users": record["evaluate"].get("num-test-users")})
+                per_round.setdefault(record["round"], []).append(record["evaluate"])
+        for server_round, merchants in sorted(per_round.items()):  # weighted by test users, as FedAvg's metrics
+            total = sum(m["num-test-users"] for m in merchants) or 1.0
+            rows.append({**base, "method": "local-only", "round": server_round, "client": "aggregate",
+                         **{k: sum(m[k] * m["num-test-users"] for m in merchants) / total for k in METRIC_NAMES},
+                         "test_users": total})
+        summary["baselines"].append(result)
+    return rows, summary
+
+
+def write_tables(rows: list[dict[str, Any]], output: Path) -> None:
+    clean = [{c: row.get(c) for c in COLUMNS} for row in rows]
+    (output / "results.json").write_text(json.dumps(clean, indent=1))
+    with (output / "results.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(clean)

@@ -1,0 +1,158 @@
+"""Run an experiment: every cell through Flower's simulation runtime, baselines in-process,
+cached per cell so a re-run skips finished cells and an interrupted sweep resumes.
+
+    python -m simulations.sweep experiments/quick.toml [--output DIR]
+
+Outputs in one run folder: experiment.toml (copy) and environment.json (package versions),
+cells/<cell>/ (each federated run's own outputs, done.json once finished),
+baselines/<group>/done.json, results.csv and results.json (one row per cell x round x
+client/aggregate), plots/*.png and report.html.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from shared.config import RunConfig
+from shared.data.sources import load_dataset
+from shared.storage import atomic_write_json
+from simulations.baselines import centralized, local_only, toppop
+from simulations.experiment import Cell, Experiment, ExperimentError, expand_cells, load_experiment
+from simulations.launcher import PROJECT_ROOT, SimulationError, run_simulation
+
+DONE = "done.json"
+
+
+class _RoundTicker:
+    """A stream for `run_simulation` that advances a progress bar on each `[ROUND k/N]` line."""
+
+    def __init__(self, progress: Progress, task: Any, log_file: Any) -> None:
+        self.progress, self.task, self.log_file = progress, task, log_file
+
+    def write(self, text: str) -> None:
+        self.log_file.write(text)
+        if "[ROUND " in text:
+            self.progress.advance(self.task)
+
+    def flush(self) -> None:
+        self.log_file.flush()
+
+
+def _environment() -> dict[str, Any]:
+    packages = {name: metadata.version(name) for name in ("flwr", "torch", "opacus", "numpy", "pydantic", "dp-accounting", "matplotlib")
+                if _installed(name)}
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": packages,
+            "fedads": metadata.version("fedads") if _installed("fedads") else "source"}
+
+
+def _installed(name: str) -> bool:
+    try:
+        metadata.version(name)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def run_cell(cell: Cell, cell_dir: Path, progress: Progress, round_task: Any) -> dict[str, Any]:
+    """One federated run, resumed from its own checkpoint if an earlier attempt was interrupted."""
+    resume = (cell_dir / "checkpoints" / "latest.json").is_file()
+    config = {**cell.run_config, "output-dir": str(cell_dir), "state-dir": str(cell_dir / "state"), "resume": resume}
+    started = time.perf_counter()
+    with (cell_dir / "flower.log").open("a") as log_file:
+        run_simulation(RunConfig.from_flower(config).to_flower(), cell.clients, cell_dir / "flower",
+                       stream_to=_RoundTicker(progress, round_task, log_file))
+    summary = {"cell": cell.name, "key": cell.key, "clients": cell.clients, "seed": cell.seed,
+               "run_config": cell.run_config, "wall_seconds": time.perf_counter() - started, "resumed": resume}
+    atomic_write_json(cell_dir / DONE, summary)
+    return summary
+
+
+def run_baselines(experiment: Experiment, cell: Cell, out_dir: Path) -> dict[str, Any]:
+    torch.set_num_threads(1)  # like each simulated client; more threads only fight over 2 cores
+    cfg = RunConfig.from_flower({**cell.run_config, "privacy": "none"})
+    dataset = load_dataset(cfg)
+    started = time.perf_counter()
+    result: dict[str, Any] = {"group": cell.key, "clients": cell.clients, "seed": cell.seed}
+    if experiment.baselines.toppop:
+        result["toppop"] = toppop(cfg, dataset)
+    if experiment.baselines.centralized:
+        result["centralized"] = centralized(cfg, dataset)
+    if experiment.baselines.local_only:
+        result["local_only"] = local_only(cfg, dataset, cell.clients)
+    result["wall_seconds"] = time.perf_counter() - started
+    atomic_write_json(out_dir / DONE, result)
+    return result
+
+
+def run_experiment(experiment_path: Path, output: Path) -> Path:
+    experiment = load_experiment(experiment_path)
+    output.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(experiment_path, output / "experiment.toml")
+    atomic_write_json(output / "environment.json", _environment())
+    cells = expand_cells(experiment)
+    baseline_cells: dict[tuple[int, float, int], Cell] = {}
+    for cell in cells:  # one baseline set per (clients, alpha, seed)
+        group = (cell.clients, cell.run_config["dirichlet-alpha"], cell.seed)
+        baseline_cells.setdefault(group, cell)
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, transient=False) as progress:
+        cell_task = progress.add_task("cells", total=len(cells) + len(baseline_cells))
+        round_task = progress.add_task("rounds", total=0)
+        for cell in cells:
+            cell_dir = output / "cells" / cell.key
+            if (cell_dir / DONE).is_file():
+                progress.console.print(f"cached: {cell.name}")
+                progress.advance(cell_task)
+                continue
+            cell_dir.mkdir(parents=True, exist_ok=True)
+            progress.update(round_task, description=f"rounds of {cell.name}", total=cell.run_config["num-rounds"] + 1, completed=0)
+            run_cell(cell, cell_dir, progress, round_task)
+            progress.advance(cell_task)
+        for cell in baseline_cells.values():
+            out_dir = output / "baselines" / cell.key
+            if not (out_dir / DONE).is_file():
+                out_dir.mkdir(parents=True, exist_ok=True)
+                progress.update(round_task, description=f"baselines for {cell.name}", total=1, completed=0)
+                run_baselines(experiment, cell, out_dir)
+                progress.advance(round_task)
+            progress.advance(cell_task)
+
+    from simulations.results import collect, write_tables
+    from simulations.report import write_report
+
+    rows, summary = collect(experiment, output)
+    write_tables(rows, output)
+    write_report(experiment, output, rows, summary)
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", type=Path)
+    parser.add_argument("--output", type=Path, default=None, help="run folder (default outputs/experiments/<name>)")
+    args = parser.parse_args(argv)
+    try:
+        name = load_experiment(args.experiment).name
+        output = (args.output or PROJECT_ROOT / "outputs" / "experiments" / name).resolve()
+        run_experiment(args.experiment, output)
+    except (ExperimentError, SimulationError) as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"report: {output / 'report.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

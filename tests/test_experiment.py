@@ -1,0 +1,150 @@
+"""The simulation harness: experiment files, cached and resumable sweeps, results, report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import simulations.sweep as sweep
+from shared.config import RunConfig
+from shared.data.sources import load_dataset
+from simulations.baselines import centralized
+from simulations.experiment import ExperimentError, expand_cells, load_experiment
+from simulations.launcher import run_simulation
+from simulations.results import COLUMNS
+
+TINY = """
+name = "tiny"
+
+[data]
+dataset = "synthetic"
+synthetic_users = 300
+synthetic_ads = 120
+
+[partition]
+scheme = "merchant"
+clients = 2
+
+[training]
+rounds = 2
+local_epochs = 2
+factors = 8
+
+[privacy]
+metrics = "exact"
+
+[sweep]
+epsilons = [4]
+seeds = [3]
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "exp.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def line_of(text: str, needle: str) -> int:
+    return next(i for i, line in enumerate(text.splitlines(), start=1) if needle in line)
+
+
+def test_errors_name_file_line_and_field(tmp_path):
+    text = TINY.replace("rounds = 2", "rounds = 0")
+    path = write(tmp_path, text)
+    with pytest.raises(ExperimentError) as info:
+        load_experiment(path)
+    message = str(info.value)
+    assert f"{path}:{line_of(text, 'rounds = 0')}:" in message and "field 'training.rounds'" in message
+    text = TINY.replace('scheme = "merchant"', 'scheme = "by-merchant"')
+    with pytest.raises(ExperimentError, match=rf"exp\.toml:{line_of(text, 'by-merchant')}: field 'partition\.scheme'"):
+        load_experiment(write(tmp_path, text))
+    path = write(tmp_path, TINY.replace("[sweep]", "[sweep]\nepsilon = [1]"))
+    with pytest.raises(ExperimentError, match=r"field 'sweep\.epsilon': Extra inputs are not permitted"):
+        load_experiment(path)
+    path = write(tmp_path, TINY.replace("epsilons = [4]", "epsilons = [0]"))
+    with pytest.raises(ExperimentError, match="sweep"):
+        load_experiment(path)
+    with pytest.raises(ExperimentError, match="not valid TOML"):
+        load_experiment(write(tmp_path, "name = "))
+    with pytest.raises(ExperimentError, match="needs data-path"):
+        load_experiment(write(tmp_path, TINY.replace('dataset = "synthetic"', 'dataset = "movielens-100k"')))
+
+
+def test_shipped_experiments_validate_and_expand():
+    root = Path(__file__).resolve().parents[1] / "experiments"
+    for name in ("quick", "ml100k", "beauty"):
+        experiment = load_experiment(root / f"{name}.toml")
+        cells = expand_cells(experiment)
+        assert cells[0].run_config["privacy"] == "none"
+        assert [c.epsilon for c in cells[1:]] == experiment.sweep.epsilons
+        assert len({c.key for c in cells}) == len(cells)
+    assert Path(load_experiment(root / "ml100k.toml").data.path).is_absolute()
+
+
+def test_sweep_is_cached_resumes_after_an_interruption_and_reports(tmp_path, monkeypatch):
+    path = write(tmp_path, TINY)
+    output = tmp_path / "run"
+    real_run_cell = sweep.run_cell
+    calls: list[str] = []
+
+    def interrupted_after_one(cell, *args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt  # the user stops the sweep during its second cell
+        calls.append(cell.name)
+        return real_run_cell(cell, *args, **kwargs)
+
+    monkeypatch.setattr(sweep, "run_cell", interrupted_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_experiment(path, output)
+    first = next(output.glob("cells/*/done.json"))
+    stamp = first.stat().st_mtime_ns
+
+    resumed: list[str] = []
+
+    def counting(cell, *args, **kwargs):
+        resumed.append(cell.name)
+        return real_run_cell(cell, *args, **kwargs)
+
+    monkeypatch.setattr(sweep, "run_cell", counting)
+    sweep.run_experiment(path, output)
+    assert calls == ["federated-c2-s3"] and resumed == ["user-eps4-c2-s3"]  # the finished cell was not redone
+    assert first.stat().st_mtime_ns == stamp
+
+    rows = json.loads((output / "results.json").read_text())
+    assert rows and all(set(row) == set(COLUMNS) for row in rows)
+    methods = {row["method"] for row in rows}
+    assert methods == {"federated", "user-dp", "centralized", "local-only", "toppop"}
+    federated = [r for r in rows if r["method"] == "federated" and r["client"] == "aggregate"]
+    assert [r["round"] for r in federated] == [0, 1, 2]
+    dp = [r for r in rows if r["method"] == "user-dp" and r["client"] == "aggregate" and r["round"] > 0]
+    assert all(0 < r["epsilon_spent"] <= 4.0 for r in dp)
+    assert len({r["client"] for r in rows if r["method"] == "local-only"}) == 3  # two merchants + aggregate
+    assert (output / "results.csv").read_text().splitlines()[0] == ",".join(COLUMNS)
+    for name in ("convergence", "frontier", "per_merchant", "epsilon"):
+        png = output / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    page = (output / "report.html").read_text()
+    assert "user-level (4, 0.1 / users of the shard)-DP" in page and 'src="plots/frontier.png"' in page
+    assert json.loads((output / "environment.json").read_text())["packages"]["flwr"] == "1.42.0"
+
+    # a third run has nothing left to do
+    monkeypatch.setattr(sweep, "run_cell", lambda *a, **k: pytest.fail("a finished cell was run again"))
+    sweep.run_experiment(path, output)
+
+
+def test_centralized_and_one_client_federated_agree(tmp_path):
+    """With one merchant holding all data, FedAvg is that merchant's training: same model code,
+    same metrics; only the sampled negatives' random streams differ."""
+    values = {"synthetic-users": 400, "synthetic-ads": 150, "synthetic-merchants": 1, "partitioning": "iid",
+              "num-rounds": 4, "min-nodes": 1, "local-epochs": 2, "factors": 8, "seed": 5,
+              "output-dir": str(tmp_path / "out"), "state-dir": str(tmp_path / "out" / "state")}
+    cfg = RunConfig.from_flower(values)
+    central = centralized(cfg, load_dataset(cfg))
+    run_simulation(cfg.to_flower(), 1, tmp_path / "flower", timeout=480)
+    federated = json.loads((tmp_path / "out" / "history.json").read_text())
+    for metric in ("hr10_sampled", "ndcg10_sampled", "ndcg10_full", "auc_full"):
+        assert federated[0]["evaluate"][metric] == pytest.approx(central[0]["evaluate"][metric], abs=1e-9)  # same start
+        assert federated[-1]["evaluate"][metric] == pytest.approx(central[-1]["evaluate"][metric], abs=0.03), metric
