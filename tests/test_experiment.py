@@ -145,6 +145,7 @@ def test_centralized_and_one_client_federated_agree(tmp_path):
     central = centralized(cfg, load_dataset(cfg))
     run_simulation(cfg.to_flower(), 1, tmp_path / "flower", timeout=480)
     federated = json.loads((tmp_path / "out" / "history.json").read_text())
+    assert federated[-1]["evaluate"]["ndcg10_sampled"] > federated[0]["evaluate"]["ndcg10_sampled"] + 0.1
     for metric in ("hr10_sampled", "ndcg10_sampled", "ndcg10_full", "auc_full"):
-        assert federated[0]["evaluate"][metric] == pytest.approx(central[0]["evaluate"][metric], abs=1e-9)  # same start
-        assert federated[-1]["evaluate"][metric] == pytest.approx(central[-1]["evaluate"][metric], abs=0.03), metric
+        for fed, cen in ((federated[0], central[0]), (federated[-1], central[-1])):
+            assert fed["evaluate"][metric] == pytest.approx(cen["evaluate"][metric], abs=0.03), metric
