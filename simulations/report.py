@@ -50,12 +50,14 @@ def plot_convergence(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def _final(rows: list[dict[str, Any]], method: str) -> list[dict[str, Any]]:
+def _final(rows: list[dict[str, Any]], method: str, by: str = "cell", clients: bool = False) -> list[dict[str, Any]]:
+    """The last round's row of `method` for each cell (aggregate rows) or each client."""
     last: dict[str, dict[str, Any]] = {}
     for row in rows:
-        if row["method"] == method and row["client"] == "aggregate" and row.get(METRIC) is not None:
-            if row["cell"] not in last or row["round"] > last[row["cell"]]["round"]:
-                last[row["cell"]] = row
+        if row["method"] != method or (row["client"] == "aggregate") == clients or row.get(METRIC) is None:
+            continue
+        if row[by] not in last or row["round"] > last[row[by]]["round"]:
+            last[row[by]] = row
     return list(last.values())
 
 
@@ -64,11 +66,13 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path) -> None:
     private = sorted((r["epsilon_target"], r[METRIC]) for r in _final(rows, "user-dp"))
     if private:
         ax.plot(*zip(*private), "o-", label="federated, user-level DP")
+        ax.set_xscale("log")
+        ax.set_xticks([e for e, _ in private], [f"{e:g}" for e, _ in private])
+        ax.minorticks_off()
     for method, colour in (("federated", "tab:green"), ("centralized", "tab:purple"), ("toppop", "grey")):
         for row in _final(rows, method)[:1]:
             ax.axhline(row[METRIC], color=colour, linestyle="--", label=f"{method} (no DP)" if method != "toppop" else "TopPop")
-    ax.set_xscale("log")
-    ax.set_xlabel("target epsilon per merchant (log)")
+    ax.set_xlabel("target epsilon per merchant (log scale)")
     ax.set_ylabel("NDCG@10 (sampled), final round")
     ax.set_title("Privacy-utility frontier")
     ax.legend(fontsize=8)
@@ -80,12 +84,7 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path) -> None:
 def plot_per_merchant(rows: list[dict[str, Any]], path: Path) -> None:
     """Final-round NDCG per merchant: federated (no DP) vs alone, merchants ordered by size."""
     def final_per_client(method: str) -> dict[str, tuple[float, float]]:
-        best: dict[str, dict[str, Any]] = {}
-        for row in rows:
-            if row["method"] == method and row["client"] != "aggregate" and row.get(METRIC) is not None:
-                if row["client"] not in best or row["round"] > best[row["client"]]["round"]:
-                    best[row["client"]] = row
-        return {c: (r.get("test_users") or 0.0, r[METRIC]) for c, r in best.items()}
+        return {r["client"]: (r.get("test_users") or 0.0, r[METRIC]) for r in _final(rows, method, by="client", clients=True)}
 
     federated, alone = final_per_client("federated"), final_per_client("local-only")
     names = sorted(set(federated) | set(alone), key=lambda c: (federated.get(c) or alone.get(c) or (0, 0))[0])
@@ -135,9 +134,20 @@ def _guarantee(cell: dict[str, Any]) -> str:
     return "none: exact ad parameters and metrics leave the merchants (no user id or user factor does)"
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return text == "-"
+
+
 def _table(headers: list[str], body: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in body)
+    rows = "".join(
+        "<tr>" + "".join(f'<td class="{"num" if _is_number(str(c)) else "text"}">{html.escape(str(c))}</td>' for c in r) + "</tr>"
+        for r in body
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
@@ -169,8 +179,8 @@ def write_report(experiment: Experiment, output: Path, rows: list[dict[str, Any]
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }}
 table {{ border-collapse: collapse; margin: 0.5rem 0 1.5rem; font-size: 0.85rem; }}
-th, td {{ border: 1px solid #ccc; padding: 0.25rem 0.5rem; text-align: right; }}
-th {{ background: #f3f3f3; }} td:first-child, td:nth-child(2) {{ text-align: left; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25rem 0.5rem; }}
+th {{ background: #f3f3f3; }} td.num {{ text-align: right; }} td.text {{ text-align: left; }}
 img {{ max-width: 100%; border: 1px solid #eee; }} .figs {{ display: grid; grid-template-columns: 1fr 1fr; gap: 1rem; }}
 </style></head><body>
 <h1>fedads experiment: {html.escape(experiment.name)}</h1>

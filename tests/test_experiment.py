@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import matplotlib.image
 import pytest
 
 import simulations.sweep as sweep
 from shared.config import RunConfig
 from shared.data.sources import load_dataset
 from simulations.baselines import centralized
+from simulations.browser_check import chromium, screenshot
 from simulations.experiment import ExperimentError, expand_cells, load_experiment
 from simulations.launcher import run_simulation
 from simulations.results import COLUMNS
@@ -129,6 +131,13 @@ def test_sweep_is_cached_resumes_after_an_interruption_and_reports(tmp_path, mon
     page = (output / "report.html").read_text()
     assert "user-level (4, 0.1 / users of the shard)-DP" in page and 'src="plots/frontier.png"' in page
     assert json.loads((output / "environment.json").read_text())["packages"]["flwr"] == "1.42.0"
+
+    # the page renders, with its figures, in a real browser
+    if chromium() is not None:
+        shot = screenshot(output / "report.html", tmp_path / "report.png")
+        pixels = matplotlib.image.imread(shot)
+        blue = (pixels[..., 2] > 0.6) & (pixels[..., 0] < 0.3)  # the plots' blue lines and bars
+        assert pixels.shape[0] >= 2000 and blue.sum() > 2000
 
     # a third run has nothing left to do
     monkeypatch.setattr(sweep, "run_cell", lambda *a, **k: pytest.fail("a finished cell was run again"))
