@@ -8,6 +8,7 @@ of the starting model -> rounds, each checkpointed with its metrics -> final exp
 
 from __future__ import annotations
 
+import time
 from logging import INFO
 from typing import Callable
 
@@ -77,8 +78,10 @@ def main(grid: Grid, context: Context) -> None:
     loop = RoundLoop(strategy, grid, num_ads=len(catalog), dim=cfg.factors)
     if not cfg.resume:
         round_log = RoundLog()
+        started = time.perf_counter()
         initial = loop.evaluate(0, to_array_record(arrays), ConfigRecord(), round_log)
-        history.append({"round": 0, "train": {}, "evaluate": initial, "clients": round_log.clients, "round_seconds": 0.0})
+        history.append({"round": 0, "train": {}, "evaluate": initial, "clients": round_log.clients,
+                        "round_seconds": time.perf_counter() - started})
         checkpointer.save_round(0, arrays, history, config_dump)
 
     log(INFO, "fedads per-round metrics (federated, weighted by test users):\n%s", report.table(history))
