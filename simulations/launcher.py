@@ -101,6 +101,22 @@ def _stop_tree(process: subprocess.Popen) -> None:
 
 
 @contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """SIGTERM (a job runner stopping us) unwinds like Ctrl-C, so the process trees we started
+    are stopped by the `finally` blocks instead of being orphaned."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
 def local_superlink(work_dir: Path) -> Iterator[dict[str, str]]:
     """A private simulation SuperLink; yields the environment for `flwr` commands to use it."""
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -144,7 +160,7 @@ def run_simulation(
     overrides = work_dir / "run-config.toml"
     overrides.write_text(tomli_w.dumps(dict(run_config)))
     federation = f"num-supernodes={int(num_supernodes)} client-resources-num-cpus=1 init-args-num-cpus={os.cpu_count() or 1}"
-    with local_superlink(work_dir) as env:
+    with _terminate_as_exit(), local_superlink(work_dir) as env:
         command = [str(BIN / "flwr"), "run", str(app_dir), "sim", "--stream", "-c", str(overrides), "--federation-config", federation]
         process = subprocess.Popen(
             command, cwd=work_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

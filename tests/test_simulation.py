@@ -101,3 +101,26 @@ def test_resume_continues_from_the_last_checkpoint(first_run):
     # user factors persisted across runs were the warm start, and were updated
     factors_after = np.load(out / "state" / "partition-0" / "user_factors.npz")["factors"]
     assert factors_after.shape == factors_before.shape and not np.allclose(factors_after, factors_before)
+
+
+def test_sigterm_mid_run_leaves_no_process(tmp_path):
+    """A job runner stopping the main job with SIGTERM: the launcher's process trees go too."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    output = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "simulations.run", "--rounds", "50", "--clients", "2", "--output", str(output), "--quiet"],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not (output / "checkpoints" / "round-0000.npz").exists():  # the federation is up and running
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) != 0
+    assert _processes_mentioning(str(output / "flower")) == []
+    assert os.path.exists(output / "checkpoints" / "latest.json")
