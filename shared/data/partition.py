@@ -98,4 +98,5 @@ def partition_users(
 
 def shard_log(data: InteractionLog, shard_users: np.ndarray) -> InteractionLog:
     """The rows of `data` that belong to the users of one shard."""
-    return data.subset(np.flatnonzero(np.isin(data.user, shard_users)))
+    wanted = set(shard_users.tolist())  # np.isin on object arrays compares pairwise: seconds on Beauty
+    return data.subset(np.flatnonzero(np.fromiter((user in wanted for user in data.user), dtype=bool, count=len(data))))
