@@ -75,7 +75,7 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xlabel("target epsilon per merchant (log scale)")
     ax.set_ylabel("NDCG@10 (sampled), final round")
     ax.set_title("Privacy-utility frontier")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="best", framealpha=0.9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
