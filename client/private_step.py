@@ -167,13 +167,10 @@ def _fused_ad_epochs(
     steps, sampled = 0, 0
     for _ in range(settings.epochs):
         rows = epoch_rows()
-        target = torch.where(rows.mask, rows.labels, torch.tensor(-1.0))
         for batch in sampler:
             batch = torch.as_tensor(batch, dtype=torch.long)
-            width = max(int(rows.mask[batch].sum(dim=1).max()), 1) if len(batch) else 1
-            grad_factors, grad_bias, _ = fused_clipped_gradients(
-                model, users[batch], rows.ads[batch, :width], target[batch, :width], settings.max_grad_norm
-            )
+            part = rows.take(batch)
+            grad_factors, grad_bias, _ = fused_clipped_gradients(model, users[batch], part.ads, part.target(), settings.max_grad_norm)
             grad_factors += noise_std * torch.randn(grad_factors.shape, generator=generator)
             grad_bias += noise_std * torch.randn(grad_bias.shape, generator=generator)
             model.ad_factors.weight.grad = grad_factors / expected_batch
@@ -250,12 +247,10 @@ def _private_ad_epochs(
     steps, sampled = 0, 0
     for _ in range(settings.epochs):
         rows = epoch_rows()
-        target = torch.where(rows.mask, rows.labels, torch.tensor(-1.0))
         for (batch,) in private_loader:
-            width = max(int(rows.mask[batch].sum(dim=1).max()), 1) if len(batch) else 1
+            part = rows.take(batch)
             private_optimizer.zero_grad(set_to_none=True)
-            logits = private_model(users[batch], rows.ads[batch, :width])
-            loss = criterion(logits, target[batch, :width])
+            loss = criterion(private_model(users[batch], part.ads), part.target())
             loss.backward()
             private_optimizer.step()
             steps += 1

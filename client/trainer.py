@@ -51,6 +51,10 @@ class UserRows:
     labels: torch.Tensor  # float [U, L]
     mask: torch.Tensor  # bool [U, L]
 
+    def target(self) -> torch.Tensor:
+        """Labels with -1 on padding: the per-user loss's target."""
+        return torch.where(self.mask, self.labels, torch.tensor(-1.0))
+
     def take(self, users: torch.Tensor) -> UserRows:
         mask = self.mask[users]
         width = max(int(mask.sum(dim=1).max()), 1) if len(users) else 1
