@@ -47,13 +47,12 @@ def plain_epochs(arrays, user_factors, rows: UserRows, batch_size: int, epochs: 
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     criterion = PerUserLoss()
     users = torch.as_tensor(user_factors)
-    target = torch.where(rows.mask, rows.labels, torch.tensor(-1.0))
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         for batch in torch.randperm(len(users), generator=generator).split(batch_size):
-            width = max(int(rows.mask[batch].sum(dim=1).max()), 1)
+            part = rows.take(batch)
             optimizer.zero_grad(set_to_none=True)
-            criterion(model(users[batch], rows.ads[batch, :width]), target[batch, :width]).backward()
+            criterion(model(users[batch], part.ads), part.target()).backward()
             optimizer.step()
 
 

@@ -17,16 +17,12 @@ from typing import Any, Mapping
 import numpy as np
 
 from client.node_state import NodeState
-from client.trainer import LocalTrainer, TrainSettings
+from client.trainer import LocalTrainer
 from shared.config import RunConfig
 from shared.data.loaders import load_catalog_file, load_log_file
-from shared.data.partition import partition_users, shard_log
-from shared.data.sources import load_catalog, load_dataset
-from shared.data.split import leave_last_out, sample_eval_negatives
+from shared.data.sources import load_catalog, load_dataset, simulated_shards
 
 log = logging.getLogger(__name__)
-
-EVAL_NEGATIVES = 99
 
 
 @dataclass
@@ -68,11 +64,8 @@ def _cached_runtime(
     else:
         dataset = load_dataset(cfg)
         catalog = dataset.catalog
-        shards = partition_users(dataset.log, catalog, cfg.partitioning, count, cfg.dirichlet_alpha, cfg.seed)
-        shard = shard_log(dataset.log, shards[pid])
-        if cfg.partitioning in ("merchant", "region"):
-            name = str(getattr(shard, cfg.partitioning)[0])
-    split = leave_last_out(shard, len(catalog))
-    negatives = sample_eval_negatives(split, EVAL_NEGATIVES, cfg.seed)
+        name, shard = simulated_shards(cfg, dataset, count)[pid]
+    trainer = LocalTrainer.for_log(cfg, shard, len(catalog))
+    split = trainer.split
     log.info("node %s: %d users, %d training positives, %d test users", name, split.num_users, len(split.pos_ads), len(split.test_users))
-    return NodeRuntime(name, LocalTrainer(split, negatives, TrainSettings.from_config(cfg)), NodeState(state_dir))
+    return NodeRuntime(name, trainer, NodeState(state_dir))

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from client.private_step import DPSGDSettings, private_ad_epochs
 from shared.config import RunConfig
-from shared.data.split import UserSplit
+from shared.data.schema import InteractionLog
+from shared.data.split import UserSplit, leave_last_out, sample_eval_negatives
 from shared.metrics import evaluate as evaluate_ranking
 from shared.metrics import toppop_score_fn
 from shared.model import AdModel, score_all, solve_user_factors
@@ -108,8 +109,17 @@ def build_user_rows(split: UserSplit, rng: np.random.Generator, negatives: int, 
     return UserRows(torch.from_numpy(padded_ads), torch.from_numpy(padded_labels), torch.from_numpy(mask))
 
 
+EVAL_NEGATIVES = 99  # the NCF protocol
+
+
 class LocalTrainer:
     """Everything one client does with its shard, given the global parameters."""
+
+    @classmethod
+    def for_log(cls, cfg: RunConfig, log: InteractionLog, num_ads: int) -> LocalTrainer:
+        """Leave-last-out split, fixed evaluation negatives, and the run's training settings."""
+        split = leave_last_out(log, num_ads)
+        return cls(split, sample_eval_negatives(split, EVAL_NEGATIVES, cfg.seed), TrainSettings.from_config(cfg))
 
     def __init__(self, split: UserSplit, eval_negatives: np.ndarray, settings: TrainSettings) -> None:
         self.split = split

@@ -13,23 +13,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from client.trainer import LocalTrainer, TrainSettings
+from client.trainer import LocalTrainer
 from shared.config import RunConfig
-from shared.data.partition import partition_users, shard_log
-from shared.data.schema import Dataset, InteractionLog
-from shared.data.split import leave_last_out, sample_eval_negatives
+from shared.data.schema import Dataset
+from shared.data.sources import simulated_shards
 from shared.model import init_global_arrays
-
-EVAL_NEGATIVES = 99
-
-
-def trainer_for(cfg: RunConfig, log: InteractionLog, num_ads: int) -> LocalTrainer:
-    split = leave_last_out(log, num_ads)
-    return LocalTrainer(split, sample_eval_negatives(split, EVAL_NEGATIVES, cfg.seed), TrainSettings.from_config(cfg))
 
 
 def pooled_trainer(cfg: RunConfig, dataset: Dataset) -> LocalTrainer:
-    return trainer_for(cfg, dataset.log, len(dataset.catalog))
+    return LocalTrainer.for_log(cfg, dataset.log, len(dataset.catalog))
 
 
 def toppop(cfg: RunConfig, dataset: Dataset) -> dict[str, float]:
@@ -45,13 +37,10 @@ def centralized(
 
 def local_only(cfg: RunConfig, dataset: Dataset, num_clients: int) -> dict[str, list[dict[str, Any]]]:
     """Per-merchant histories of training alone, shards cut exactly as the federated run cuts them."""
-    shards = partition_users(dataset.log, dataset.catalog, cfg.partitioning, num_clients, cfg.dirichlet_alpha, cfg.seed)
-    out = {}
-    for pid, users in enumerate(shards):
-        shard = shard_log(dataset.log, users)
-        name = str(getattr(shard, cfg.partitioning)[0]) if cfg.partitioning in ("merchant", "region") else f"partition-{pid}"
-        out[name] = train_alone(cfg, trainer_for(cfg, shard, len(dataset.catalog)), len(dataset.catalog))
-    return out
+    return {
+        name: train_alone(cfg, LocalTrainer.for_log(cfg, shard, len(dataset.catalog)), len(dataset.catalog))
+        for name, shard in simulated_shards(cfg, dataset, num_clients)
+    }
 
 
 def train_alone(

@@ -13,7 +13,8 @@ from shared.data.loaders import (
     load_movielens_100k,
     load_movielens_catalog,
 )
-from shared.data.schema import AdCatalog, Dataset
+from shared.data.partition import partition_users, shard_log
+from shared.data.schema import AdCatalog, Dataset, InteractionLog
 from shared.data.synthetic import SyntheticSpec, generate, synthetic_catalog
 
 
@@ -47,3 +48,15 @@ def load_catalog(cfg: RunConfig) -> AdCatalog:
     if cfg.dataset == "amazon-seq":
         return load_amazon_catalog(cfg.catalog_path)
     return load_catalog_file(cfg.catalog_path)
+
+
+def simulated_shards(cfg: RunConfig, dataset: Dataset, count: int) -> list[tuple[str, InteractionLog]]:
+    """The run's shards of `dataset`, each with the name its client reports (its merchant or
+    region for those schemes, else partition-N): how simulated nodes and baselines cut data."""
+    users = partition_users(dataset.log, dataset.catalog, cfg.partitioning, count, cfg.dirichlet_alpha, cfg.seed)
+    shards = []
+    for pid, members in enumerate(users):
+        shard = shard_log(dataset.log, members)
+        by_column = cfg.partitioning in ("merchant", "region")
+        shards.append((str(getattr(shard, cfg.partitioning)[0]) if by_column else f"partition-{pid}", shard))
+    return shards
