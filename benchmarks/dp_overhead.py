@@ -28,7 +28,8 @@ from shared.config import RunConfig
 from shared.data.partition import partition_users, shard_log
 from shared.data.sources import load_dataset
 from shared.data.split import leave_last_out
-from shared.model import AdModel, init_global_arrays
+from shared.model import AdModel
+from shared.params import init_global_arrays
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = {

@@ -1,18 +1,26 @@
 """Wall time of the `quick` experiment from a cold start, and where it goes.
 
-    .venv/bin/python benchmarks/quick_experiment.py
+    .venv/bin/python benchmarks/quick_experiment.py [--repeats 3]
 
-Runs experiments/quick.toml into a fresh folder and reports the whole wall time, and per
-federated cell: its wall time, the time inside rounds (round 0 evaluation included, as the
-ServerApp measures it) and the rest, which is Flower/Ray start-up and shut-down (SuperLink,
-`flwr run`, the simulation runtime, Ray and its actors).
+Runs experiments/quick.toml into a fresh folder (each repeat from scratch) and reports the
+whole wall time, and per federated cell where its time went:
+- in rounds: the ServerApp's own round timings;
+- outside rounds: Flower and Ray start-up and shut-down (`flwr run` building and submitting
+  the app, the SuperExec starting the simulation, the runtime's imports, Ray's shutdown);
+- round 0 excess: round 0's evaluation minus the median evaluation of the later rounds, that
+  is Ray's start, its actors' start-up and each node's first data load, all of which round 0
+  carries because it sends the nodes their first message.
+Start-up share = (outside rounds + round 0 excess) / cell wall; the sweep's one SuperLink
+start is spread over its cells.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import shutil
+import statistics
 import tempfile
 import time
 from datetime import date
@@ -22,24 +30,47 @@ from simulations.launcher import PROJECT_ROOT
 from simulations.sweep import run_experiment
 
 
-def main() -> int:
-    output = Path(tempfile.mkdtemp(prefix="fedads-quick-"))
-    started = time.perf_counter()
-    run_experiment(PROJECT_ROOT / "experiments" / "quick.toml", output)
-    wall = time.perf_counter() - started
-    print(f"{date.today()} on {platform.node()}: quick experiment from cold start: {wall:.1f} s in all")
-    print("| cell | rounds | cell wall s | in rounds s | start-up + shut-down s | start-up share |")
-    print("|---|---|---|---|---|---|")
+def _cell_rows(output: Path) -> list[dict[str, float | str]]:
+    timing = json.loads((output / "timing.json").read_text())
+    superlink_share = timing["superlink_start_seconds"] / len(timing["cells"])
+    rows = []
     for done in sorted(output.glob("cells/*/done.json")):
         summary = json.loads(done.read_text())
         history = json.loads((done.parent / "history.json").read_text())
         in_rounds = sum(h["round_seconds"] for h in history)
-        rest = summary["wall_seconds"] - in_rounds
-        print(f"| {summary['cell']} | {len(history) - 1} | {summary['wall_seconds']:.1f} | {in_rounds:.1f} | {rest:.1f} | "
-              f"{rest / summary['wall_seconds']:.0%} |")
-    for done in sorted(output.glob("baselines/*/done.json")):
-        print(f"baselines (TopPop, centralized, local-only) in-process: {json.loads(done.read_text())['wall_seconds']:.1f} s")
-    shutil.rmtree(output)
+        wall = summary["wall_seconds"] + superlink_share
+        excess = history[0]["round_seconds"] - statistics.median(h["evaluate_seconds"] for h in history[1:])
+        rows.append({"cell": summary["cell"], "rounds": len(history) - 1, "wall": wall, "in_rounds": in_rounds,
+                     "outside": wall - in_rounds, "round0_excess": excess, "share": (wall - in_rounds + excess) / wall})
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    walls: list[float] = []
+    per_cell: dict[str, list[dict[str, float | str]]] = {}
+    baselines: list[float] = []
+    for _ in range(args.repeats):
+        output = Path(tempfile.mkdtemp(prefix="fedads-quick-"))
+        started = time.perf_counter()
+        run_experiment(PROJECT_ROOT / "experiments" / "quick.toml", output)
+        walls.append(time.perf_counter() - started)
+        for row in _cell_rows(output):
+            per_cell.setdefault(str(row["cell"]), []).append(row)
+        baselines += [json.loads(d.read_text())["wall_seconds"] for d in output.glob("baselines/*/done.json")]
+        shutil.rmtree(output)
+
+    print(f"{date.today()} on {platform.node()} ({platform.machine()}), medians of {args.repeats} cold-start runs")
+    print(f"quick experiment: {statistics.median(walls):.1f} s in all (runs: {', '.join(f'{w:.1f}' for w in walls)}); "
+          f"in-process baselines {statistics.median(baselines):.1f} s")
+    print("| cell | rounds | cell wall s | in rounds s | outside rounds s | round 0 excess s | start-up share |")
+    print("|---|---|---|---|---|---|---|")
+    for cell, rows in per_cell.items():
+        med = {key: statistics.median(float(r[key]) for r in rows) for key in ("wall", "in_rounds", "outside", "round0_excess", "share")}
+        print(f"| {cell} | {rows[0]['rounds']} | {med['wall']:.1f} | {med['in_rounds']:.1f} | {med['outside']:.1f} | "
+              f"{med['round0_excess']:.1f} | {med['share']:.0%} |")
     return 0
 
 

@@ -1,122 +1,29 @@
-"""The Flower ClientApp: one merchant's side of a round.
+"""The Flower ClientApp: one merchant's side of a round (client/rounds.py does the work).
 
-train:    user step (local, exact, persisted) -> ad step (plain, or user-level DP-SGD) ->
-          reply with the ad parameters only.
-evaluate: refit the user factors against the received global model -> ranking metrics of
-          this merchant's held-out interactions, released as the privacy config allows.
-Replies carry the global parameters' keys, counts and metric means: no user id, no user
-factor. Under privacy = "user", a client whose budget (or ledger) does not allow a release
-answers with an error reply that says why; the server logs it and goes on with the others.
+This module is what Flower loads, also in the simulation driver that only checks the app can
+be loaded: the handlers import torch (and, under DP, Opacus) on a node's first message, so
+nothing pays those imports (about 5 s) without training.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import zlib
-
-import numpy as np
-import torch
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
-
-from client.private_round import UserLevelDP
-from client.privacy_ledger import PrivacyLedger, PrivacyRefusal
-from client.shard import NodeRuntime, node_runtime
-from shared.config import RunConfig
-from shared.model import check_global_arrays
-from shared.records import from_array_record, to_array_record
-
-# Several simulated clients share the machine's cores: one torch thread each unless told otherwise.
-torch.set_num_threads(int(os.environ.get("FEDADS_TORCH_THREADS", "1")))
-
-log = logging.getLogger(__name__)
-app = ClientApp()
 
 PRIVACY_REFUSED = 4001  # error code of a reply refused by the privacy budget or ledger
 
-
-def _setup(msg: Message, context: Context) -> tuple[RunConfig, NodeRuntime, dict[str, np.ndarray], int]:
-    cfg = RunConfig.from_flower(context.run_config)
-    node = node_runtime(cfg, context.node_config)
-    arrays = from_array_record(msg.content["arrays"])
-    check_global_arrays(arrays, node.trainer.split.num_ads, cfg.factors)
-    server_round = int(msg.content["config"]["server-round"])
-    return cfg, node, arrays, server_round
-
-
-def _rng(cfg: RunConfig, node: NodeRuntime, server_round: int, purpose: int) -> np.random.Generator:
-    return np.random.default_rng([cfg.seed, server_round, purpose, zlib.crc32(node.name.encode())])
-
-
-def _fit_and_store_users(cfg: RunConfig, node: NodeRuntime, arrays: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
-    init = node.state.load_user_factors(node.user_ids, cfg.factors)
-    factors = node.trainer.fit_users(arrays, rng, init)
-    node.state.save_user_factors(node.user_ids, factors)
-    return factors
-
-
-def _reply(msg: Message, node: NodeRuntime, metrics: dict[str, float], arrays: dict[str, np.ndarray] | None = None) -> Message:
-    content = RecordDict({"metrics": MetricRecord(metrics), "client": ConfigRecord({"name": node.name})})
-    if arrays is not None:
-        content["arrays"] = to_array_record(arrays)
-    return Message(content=content, reply_to=msg)
-
-
-def _refuse(msg: Message, node: NodeRuntime, refusal: PrivacyRefusal) -> Message:
-    log.warning("%s refuses: %s", node.name, refusal)
-    return Message(Error(code=PRIVACY_REFUSED, reason=f"{node.name} refused: {refusal}"), reply_to=msg)
-
-
-def _privacy(cfg: RunConfig, node: NodeRuntime) -> tuple[PrivacyLedger, UserLevelDP | None]:
-    """The node's ledger (read before anything is written to its state directory) and, under
-    privacy = "user", its DP plan. Raises PrivacyRefusal."""
-    ledger = PrivacyLedger.open(node.state.directory, fail_closed=cfg.privacy == "user")
-    return ledger, UserLevelDP(cfg, node.trainer, ledger) if cfg.privacy == "user" else None
+app = ClientApp()
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, node, arrays, server_round = _setup(msg, context)
-    try:
-        ledger, private = _privacy(cfg, node)
-    except PrivacyRefusal as refusal:
-        return _refuse(msg, node, refusal)
-    rng = _rng(cfg, node, server_round, purpose=0)
-    node.state.save_global_model(arrays, server_round - 1)
-    user_factors = _fit_and_store_users(cfg, node, arrays, rng)
-    if private is None:
-        ledger.record_non_private(trained_round=True)
-        updated, stats = node.trainer.train_ads(arrays, user_factors, rng)
-    else:
-        try:
-            updated, stats = private.train(arrays, user_factors, rng, server_round)
-        except PrivacyRefusal as refusal:
-            return _refuse(msg, node, refusal)
-    # Flower's client-level DP accounting needs equal weights: every merchant counts once
-    weight = 1.0 if cfg.privacy == "client" else float(node.trainer.split.num_users)
-    return _reply(msg, node, {"num-examples": weight, **stats}, updated)
+    from client import rounds
+
+    return rounds.train(msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg, node, arrays, server_round = _setup(msg, context)
-    try:
-        ledger, private = _privacy(cfg, node)
-    except PrivacyRefusal as refusal:
-        return _refuse(msg, node, refusal)
-    if private is None:
-        ledger.record_non_private(trained_round=False)  # exact metrics leave: no DP claim after this
-    node.state.save_global_model(arrays, server_round)
-    user_factors = _fit_and_store_users(cfg, node, arrays, _rng(cfg, node, server_round, purpose=1))
-    metrics = node.trainer.evaluate(arrays, user_factors)
-    if private is None:
-        metrics.update({f"toppop-{k}": v for k, v in node.trainer.evaluate_toppop().items() if k != "num-test-users"})
-    else:
-        # TopPop of the shard depends on every user's data at once: not released under DP
-        try:
-            metrics = private.release_metrics(metrics, server_round)
-        except PrivacyRefusal as refusal:
-            return _refuse(msg, node, refusal)
-    metrics["num-examples"] = metrics.pop("num-test-users", metrics.get("num-examples", 1.0))
-    return _reply(msg, node, metrics)
+    from client import rounds
+
+    return rounds.evaluate(msg, context)

@@ -3,14 +3,16 @@
 - `user_factors.npz`: the user id -> factor rows of this merchant's users. Created, trained
   and read only here; never sent anywhere.
 - `global_model.npz`: the latest global ad parameters received, with the round they belong to
-  (for serving recommendations without the server).
+  and the run's user step (for serving and folding in users without the server).
 Every write is atomic.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -50,8 +52,11 @@ class NodeState:
                 out[i] = stored["factors"][j]
         return out
 
-    def save_global_model(self, arrays: dict[str, np.ndarray], server_round: int) -> None:
-        atomic_save_npz(self.directory / GLOBAL_MODEL_FILE, server_round=np.array(server_round), **arrays)
+    def save_global_model(self, arrays: dict[str, np.ndarray], server_round: int, user_step: dict[str, Any] | None = None) -> None:
+        """`user_step`: how this run solves a user's factors from the model (solver and its
+        settings), so serving folds new users in exactly as training would."""
+        extra = {"user_step": np.array(json.dumps(user_step))} if user_step is not None else {}
+        atomic_save_npz(self.directory / GLOBAL_MODEL_FILE, server_round=np.array(server_round), **extra, **arrays)
 
     def load_global_model(self) -> tuple[dict[str, np.ndarray], int] | None:
         path = self.directory / GLOBAL_MODEL_FILE
@@ -59,4 +64,13 @@ class NodeState:
             return None
         stored = load_npz(path)
         server_round = int(stored.pop("server_round"))
+        stored.pop("user_step", None)
         return stored, server_round
+
+    def load_user_step(self) -> dict[str, Any] | None:
+        """The user step recorded with the latest global model (None: not recorded)."""
+        path = self.directory / GLOBAL_MODEL_FILE
+        if not path.is_file():
+            return None
+        stored = load_npz(path)
+        return json.loads(str(stored["user_step"])) if "user_step" in stored else None

@@ -39,6 +39,7 @@ class LedgerState:
     delta: float | None = None
     target_epsilon: float | None = None
     noise_multiplier: float | None = None
+    mechanism: str | None = None  # what noise_multiplier was calibrated for: "dp-sgd" | "private-als"
     rounds_trained: int = 0
     non_private_releases: int = 0
     exact_metric_releases: int = 0

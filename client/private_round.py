@@ -33,6 +33,8 @@ from shared.privacy import (
 
 
 class UserLevelDP:
+    mechanism = "dp-sgd"
+
     def __init__(self, cfg: RunConfig, trainer: LocalTrainer, ledger: PrivacyLedger) -> None:
         self.cfg, self.trainer, self.ledger = cfg, trainer, ledger
         users = trainer.split.num_users
@@ -43,14 +45,24 @@ class UserLevelDP:
             raise PrivacyRefusal(f"target-delta {delta} is not below 1/users = {1.0 / users:.3g} of this shard")
         ledger.bind(cfg.target_epsilon, delta)
         if ledger.state.noise_multiplier is None:
-            try:
-                ledger.state.noise_multiplier = calibrate_noise_multiplier(
-                    ledger.state.target_epsilon, delta, self.sample_rate,
-                    steps=cfg.num_rounds * self.steps_per_round, fixed=self.planned_metric_releases(),
-                )
-            except CalibrationError as exc:
-                raise PrivacyRefusal(f"no DP-SGD noise fits the budget: {exc}") from exc
+            ledger.state.noise_multiplier = self._calibrate(delta)
+            ledger.state.mechanism = self.mechanism
             ledger.save()
+        elif (ledger.state.mechanism or "dp-sgd") != self.mechanism:
+            raise PrivacyRefusal(
+                f"{ledger.path}: this budget was planned for {ledger.state.mechanism or 'dp-sgd'}, "
+                f"this run asks for {self.mechanism}: start the merchant with a new state directory"
+            )
+
+    def _calibrate(self, delta: float) -> float:
+        """The DP-SGD noise multiplier of the whole planned training (see the module docstring)."""
+        try:
+            return calibrate_noise_multiplier(
+                self.ledger.state.target_epsilon, delta, self.sample_rate,
+                steps=self.cfg.num_rounds * self.steps_per_round, fixed=self.planned_metric_releases(),
+            )
+        except CalibrationError as exc:
+            raise PrivacyRefusal(f"no DP-SGD noise fits the budget: {exc}") from exc
 
     @property
     def noise_multiplier(self) -> float:

@@ -1,5 +1,8 @@
 """Local training on one shard: the user step, then the ad step.
 
+With mf-solver = "als" the user step is ALS's closed form and the ad step is the server's:
+the client only computes the sufficient statistics (shared/als.py). With "sgd":
+
 (a) user step: each user's factors are solved exactly from that user's own rows with the
     received global parameters frozen (`shared.model.solve_user_factors`); they stay here.
 (b) ad step: the global parameters (ad factors, ad biases) are trained on mini-batches of
@@ -14,12 +17,14 @@ into a click (explicit negatives), padded to one [users, rows] tensor.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from client.private_step import DPSGDSettings, private_ad_epochs
+from shared.als import ALSSettings, Rows, ad_statistics, solve_users
 from shared.config import RunConfig
 from shared.data.schema import InteractionLog
 from shared.data.split import UserSplit, leave_last_out, sample_eval_negatives
@@ -27,6 +32,9 @@ from shared.metrics import evaluate as evaluate_ranking
 from shared.metrics import toppop_score_fn
 from shared.model import AdModel, score_all, solve_user_factors
 from shared.privacy import Release
+
+if TYPE_CHECKING:
+    from client.private_step import DPSGDSettings
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,17 @@ class LocalTrainer:
         self.settings = settings
         self._toppop: dict[str, float] | None = None
 
+    @cached_property
+    def als_rows(self) -> Rows:
+        return Rows.from_split(self.split)
+
+    # -- ALS (shared/als.py): exact user step, and the statistics the server solves the ads from
+    def fit_users_als(self, arrays: dict[str, np.ndarray], settings: ALSSettings) -> np.ndarray:
+        return solve_users(self.als_rows, arrays["ad_factors"], arrays["ad_bias"], settings).astype(np.float32)
+
+    def als_statistics(self, user_factors: np.ndarray, settings: ALSSettings) -> dict[str, np.ndarray]:
+        return ad_statistics(self.als_rows, user_factors, self.split.num_ads, settings)
+
     # -- (a) user step: exact, local, never released
     def fit_users(self, arrays: dict[str, np.ndarray], rng: np.random.Generator, init: np.ndarray | None = None) -> np.ndarray:
         s = self.settings
@@ -175,6 +194,8 @@ class LocalTrainer:
         history: list[Release],
     ) -> tuple[dict[str, np.ndarray], list[Release], dict[str, float]]:
         """The ad step under user-level DP-SGD (client/private_step.py); returns the accountant history after it."""
+        from client.private_step import private_ad_epochs  # Opacus: loaded by private runs only
+
         s = self.settings
         return private_ad_epochs(
             arrays, user_factors, lambda: build_user_rows(self.split, rng, s.negatives, s.max_positives_per_user), dp, history

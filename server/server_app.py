@@ -1,7 +1,8 @@
 """The Flower ServerApp: owns the global ad parameters, the round loop and the run's outputs.
 
 Flow: validate the run config -> load the public catalog (it fixes the parameter shapes) ->
-the strategy (FedAvg; inside Flower's client-level DP wrapper for privacy = "client") ->
+the strategy (ALS: sum the clients' statistics and solve the ads; SGD: FedAvg, inside Flower's
+client-level DP wrapper for privacy = "client") ->
 initial parameters (fresh, or the last checkpoint with `resume=true`) -> federated evaluation
 of the starting model -> rounds, each checkpointed with its metrics -> final export.
 """
@@ -20,25 +21,32 @@ from flwr.supercore.privacy_accounting import GaussianPrivacyEvent, NeighboringR
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
 from server import report
+from server.als_strategy import ALSAggregation
 from server.checkpoint import Checkpointer
 from server.strategy import RoundLog, RoundLoop
+from shared.als import ALSSettings
 from shared.config import RunConfig
 from shared.data.sources import load_catalog
-from shared.model import check_global_arrays, init_global_arrays
+from shared.params import check_global_arrays, init_global_arrays
 from shared.privacy import default_delta
 from shared.records import from_array_record, to_array_record
 
 app = ServerApp()
 
 
-def build_strategy(cfg: RunConfig, num_nodes: int, rounds_done: int = 0) -> tuple[Strategy, Callable[[], float | None]]:
+def build_strategy(
+    cfg: RunConfig, num_nodes: int, num_ads: int, rounds_done: int = 0
+) -> tuple[Strategy, Callable[[], float | None]]:
     """The Flower strategy, and how to read the server-side epsilon (client-level DP only).
 
     On resume, the client-level accountant is replayed with the releases of the finished rounds."""
-    fedavg = FedAvg(
+    sampling = dict(
         fraction_train=cfg.fraction_train, fraction_evaluate=1.0,
         min_train_nodes=cfg.min_nodes, min_evaluate_nodes=cfg.min_nodes, min_available_nodes=cfg.min_nodes,
     )
+    if cfg.mf_solver == "als":
+        return ALSAggregation(ALSSettings.from_config(cfg), num_ads, cfg.factors, **sampling), lambda: None
+    fedavg = FedAvg(**sampling)
     if cfg.privacy != "client":
         return fedavg, lambda: None
     # client-level DP: the unit is a whole merchant; the server clips each update and adds noise
@@ -74,14 +82,15 @@ def main(grid: Grid, context: Context) -> None:
         done, history = 0, []
         arrays = init_global_arrays(len(catalog), cfg.factors, cfg.seed)
     num_nodes = max(len(list(grid.get_node_ids())), cfg.min_nodes)
-    strategy, privacy_spent = build_strategy(cfg, num_nodes, rounds_done=done)
+    strategy, privacy_spent = build_strategy(cfg, num_nodes, len(catalog), rounds_done=done)
     loop = RoundLoop(strategy, grid, num_ads=len(catalog), dim=cfg.factors)
     if not cfg.resume:
         round_log = RoundLog()
         started = time.perf_counter()
         initial = loop.evaluate(0, to_array_record(arrays), ConfigRecord(), round_log)
+        seconds = time.perf_counter() - started  # also the nodes' start-up: their first message
         history.append({"round": 0, "train": {}, "evaluate": initial, "clients": round_log.clients,
-                        "round_seconds": time.perf_counter() - started})
+                        "round_seconds": seconds, "evaluate_seconds": seconds})
         checkpointer.save_round(0, arrays, history, config_dump)
 
     log(INFO, "fedads per-round metrics (federated, weighted by test users):\n%s", report.table(history))

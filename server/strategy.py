@@ -3,8 +3,9 @@ client-level DP wrapper.
 
 Sampling, weighting, aggregation (and, for privacy = "client", clipping, noise and accounting)
 are the strategy's, from `flwr.serverapp.strategy`. This loop adds what fedads needs around it:
-- validation of every training reply before aggregation (exactly the global keys, the
-  catalog's shapes, finite values); an invalid reply is logged and left out;
+- validation of every training reply before aggregation (exactly the global keys, or with
+  ALS the statistics' keys, the catalog's shapes, finite values); an invalid reply is logged
+  and left out;
 - error replies (a merchant refusing under its privacy budget) recorded with their reason;
 - per-client metrics kept by client name, and the maximum epsilon reported by clients;
 - rounds that can start anywhere (resume), with a callback after each (checkpoint, table).
@@ -24,7 +25,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 
-from shared.model import check_global_arrays
+from shared.params import check_global_arrays
 from shared.records import digest, from_array_record
 
 RoundCallback = Callable[[int, dict[str, np.ndarray], dict[str, Any]], None]
@@ -57,6 +58,10 @@ class RoundLoop:
     def __init__(self, strategy: Strategy, grid: Grid, num_ads: int, dim: int, timeout: float = 3600) -> None:
         self.strategy, self.grid = strategy, grid
         self.num_ads, self.dim, self.timeout = num_ads, dim, timeout
+        # what a training reply must hold: the global parameters, or (ALS) the strategy's statistics
+        self.check_reply: Callable[[dict[str, np.ndarray]], None] = getattr(
+            strategy, "check_reply", lambda arrays: check_global_arrays(arrays, num_ads, dim)
+        )
 
     def _train_replies(self, server_round: int, replies: Iterable[Message], round_log: RoundLog) -> list[Message]:
         valid = []
@@ -66,7 +71,7 @@ class RoundLoop:
                 valid.append(msg)  # the strategy logs error replies and leaves them out
                 continue
             try:
-                check_global_arrays(from_array_record(msg.content["arrays"]), self.num_ads, self.dim)
+                self.check_reply(from_array_record(msg.content["arrays"]))
             except (KeyError, ValueError) as exc:
                 log(WARNING, "round %d: dropping the reply of %s: %s", server_round, _client_name(msg), exc)
                 continue
@@ -112,7 +117,9 @@ class RoundLoop:
                 log(WARNING, "round %d: no valid training reply; the global model is unchanged", server_round)
             else:
                 arrays = aggregated
+            evaluate_started = time.perf_counter()
             evaluate_metrics = self.evaluate(server_round, arrays, evaluate_config, round_log)
+            evaluate_seconds = time.perf_counter() - evaluate_started
             record: dict[str, Any] = {
                 "round": server_round,
                 "start_digest": start_digest,
@@ -120,6 +127,7 @@ class RoundLoop:
                 "evaluate": evaluate_metrics,
                 "clients": round_log.clients,
                 "round_seconds": time.perf_counter() - started,
+                "evaluate_seconds": evaluate_seconds,
             }
             spent = [m["dp-epsilon"] for m in round_log.clients.values() if "dp-epsilon" in m]
             if spent:

@@ -63,6 +63,19 @@ class RunConfig(BaseModel):
     negatives: int = Field(4, ge=1)
     batch_users: int = Field(64, ge=1)
     max_positives_per_user: int = Field(200, ge=1)
+    # MF solver: "als" (alternating least squares: exact user step, the server solves the ads
+    # from released sufficient statistics; private ALS under DP) or "sgd" (logistic MF, ad step
+    # by (DP-)SGD on the client); shared/als.py, docs/PRIVACY.md
+    mf_solver: Literal["als", "sgd"] = "als"
+    als_alpha0: float = Field(0.5, gt=0, description="weight of every unobserved (user, ad) pair")
+    als_user_l2: float = Field(1.0, gt=0)
+    als_ad_l2: float = Field(1.0, gt=0)
+    als_noise_ridge: float = Field(20.0, ge=0, description="ridge added per unit of noise std of the summed target")
+    als_max_rows: int = Field(20, ge=1, description="k: a user's rows weigh min(1, sqrt(k / rows)) under DP")
+    als_user_clip: float = Field(0.2, gt=0, description="C: user factor norm bound of the released statistics")
+    als_gram: Literal["auto", "shared", "per-ad"] = Field("auto", description="auto: per-ad without DP (exact ALS), shared under DP")
+    als_count_shrinkage: float = Field(20.0, ge=0, description="under DP: ad factors scaled by n / (n + this)")
+    als_budget_growth: float = Field(2.33, gt=0, description="under DP: round r gets a budget share ~ growth^r")
     # privacy: "none", "user" (user-level DP-SGD with Opacus) or "client" (Flower's
     # client-level DP: server-side clipping and noise of whole merchant updates); docs/PRIVACY.md
     privacy: Literal["none", "user", "client"] = "none"
@@ -81,6 +94,9 @@ class RunConfig(BaseModel):
             raise ValueError(f"dataset '{self.dataset}' needs data-path")
         if self.dataset in ("amazon-seq", "logs") and not self.catalog_path:
             raise ValueError(f"dataset '{self.dataset}' needs catalog-path (the ad catalog / item attributes)")
+        if self.privacy == "client" and self.mf_solver != "sgd":
+            raise ValueError("privacy 'client' (Flower's clipping of whole model updates) needs mf-solver 'sgd': "
+                             "ALS replies are statistics, not model updates")
         return self
 
     @classmethod

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-GLOBAL_KEYS = ("ad_factors", "ad_bias")
+from shared.params import check_global_arrays
+
 
 
 class AdModel(nn.Module):
@@ -55,26 +56,6 @@ class AdModel(nn.Module):
         model = cls(num_ads, dim)
         model.set_arrays(arrays)
         return model
-
-
-def check_global_arrays(arrays: dict[str, np.ndarray], num_ads: int, dim: int) -> None:
-    """Exactly the global keys, the catalog's shapes, finite values."""
-    if set(arrays) != set(GLOBAL_KEYS):
-        raise ValueError(f"global parameters must be exactly {GLOBAL_KEYS}, got {sorted(arrays)}")
-    expected = {"ad_factors": (num_ads, dim), "ad_bias": (num_ads,)}
-    for key, shape in expected.items():
-        if tuple(arrays[key].shape) != shape:
-            raise ValueError(f"global parameter {key} has shape {tuple(arrays[key].shape)}, expected {shape}")
-        if not np.all(np.isfinite(arrays[key])):
-            raise ValueError(f"global parameter {key} holds non-finite values")
-
-
-def init_global_arrays(num_ads: int, dim: int, seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        "ad_factors": (0.1 * rng.standard_normal((num_ads, dim))).astype(np.float32),
-        "ad_bias": np.zeros(num_ads, dtype=np.float32),
-    }
 
 
 @torch.no_grad()

@@ -2,7 +2,8 @@
 
 - TopPop: rank every ad by its training popularity over all users.
 - Centralized: all users pooled in one place, trained by the very `LocalTrainer` a client uses
-  (user step, then ad step), one "round" = the same local epochs a client runs per round.
+  (user step, then ad step), one "round" = the same local epochs a client runs per round;
+  with mf-solver = "als", one exact ALS round (the server's solve on the pooled statistics).
 - Local-only: each merchant trains alone on its own shard, same trainer and rounds.
 """
 
@@ -14,10 +15,11 @@ from typing import Any, Callable
 import numpy as np
 
 from client.trainer import LocalTrainer
+from shared.als import ALSSettings, solve_ads
 from shared.config import RunConfig
 from shared.data.schema import Dataset
 from shared.data.sources import simulated_shards
-from shared.model import init_global_arrays
+from shared.params import init_global_arrays
 
 
 def pooled_trainer(cfg: RunConfig, dataset: Dataset) -> LocalTrainer:
@@ -47,17 +49,20 @@ def train_alone(
     cfg: RunConfig, trainer: LocalTrainer, num_ads: int, on_round: Callable[[dict[str, Any]], None] | None = None
 ) -> list[dict[str, Any]]:
     arrays = init_global_arrays(num_ads, cfg.factors, cfg.seed)
+    als = ALSSettings.from_config(cfg) if cfg.mf_solver == "als" else None
     user_factors: np.ndarray | None = None
     history = []
     for server_round in range(cfg.num_rounds + 1):
         started = time.perf_counter()
         stats: dict[str, float] = {}
-        if server_round > 0:
-            rng = np.random.default_rng([cfg.seed, server_round, 0])
+        rng = np.random.default_rng([cfg.seed, server_round, 0])
+        if server_round > 0 and als is not None:
+            arrays = solve_ads(trainer.als_statistics(trainer.fit_users_als(arrays, als), als), als)
+        elif server_round > 0:
             user_factors = trainer.fit_users(arrays, rng, user_factors)
             arrays, stats = trainer.train_ads(arrays, user_factors, rng)
         rng = np.random.default_rng([cfg.seed, server_round, 1])
-        user_factors = trainer.fit_users(arrays, rng, user_factors)
+        user_factors = trainer.fit_users_als(arrays, als) if als is not None else trainer.fit_users(arrays, rng, user_factors)
         record = {"round": server_round, "train": stats, "evaluate": trainer.evaluate(arrays, user_factors),
                   "round_seconds": time.perf_counter() - started}
         history.append(record)

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -30,13 +30,13 @@ class SimulationError(RuntimeError):
     pass
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def _wait_for_port(port: int, process: subprocess.Popen, log_path: Path, timeout: float = 60.0) -> None:
+def wait_for_port(port: int, process: subprocess.Popen, log_path: Path, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -78,7 +78,7 @@ def _alive(pid: int) -> bool:
     return stat is not None and stat[1] != "Z"
 
 
-def _stop_tree(process: subprocess.Popen) -> None:
+def stop_tree(process: subprocess.Popen) -> None:
     """Stop a process and every descendant (Flower's SuperExec, simulation and Ray workers),
     politely first, and wait until they are gone."""
     known = _process_tree(process.pid)
@@ -101,7 +101,7 @@ def _stop_tree(process: subprocess.Popen) -> None:
 
 
 @contextmanager
-def _terminate_as_exit() -> Iterator[None]:
+def terminate_as_exit() -> Iterator[None]:
     """SIGTERM (a job runner stopping us) unwinds like Ctrl-C, so the process trees we started
     are stopped by the `finally` blocks instead of being orphaned."""
     import threading
@@ -122,12 +122,16 @@ def local_superlink(work_dir: Path) -> Iterator[dict[str, str]]:
     work_dir.mkdir(parents=True, exist_ok=True)
     flwr_home = work_dir / "flwr-home"
     flwr_home.mkdir(exist_ok=True)
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     (flwr_home / "config.toml").write_text(
         tomli_w.dumps({"superlink": {"default": "sim", "sim": {"address": address, "insecure": True}}})
     )
-    env = {**os.environ, "FLWR_HOME": str(flwr_home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ, "FLWR_HOME": str(flwr_home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        # the SuperExec polls for submitted runs every second by default: a second lost per run
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
+    }
     log_path = work_dir / "superlink.log"
     with log_path.open("w") as log_file:
         process = subprocess.Popen(
@@ -140,10 +144,10 @@ def local_superlink(work_dir: Path) -> Iterator[dict[str, str]]:
             start_new_session=True,  # its own process group: stopping it stops its children too
         )
     try:
-        _wait_for_port(port, process, log_path)
+        wait_for_port(port, process, log_path)
         yield env
     finally:
-        _stop_tree(process)
+        stop_tree(process)
 
 
 def run_simulation(
@@ -153,14 +157,19 @@ def run_simulation(
     app_dir: str | Path = PROJECT_ROOT,
     stream_to: Any = None,
     timeout: float | None = None,
+    superlink: Mapping[str, str] | None = None,
 ) -> str:
-    """Run the app once; returns the streamed log. Raises SimulationError on failure."""
+    """Run the app once; returns the streamed log. Raises SimulationError on failure.
+
+    `superlink`: the environment of a running `local_superlink` to submit to (a sweep starts
+    one for all its cells); without it, a private SuperLink lives for this run only.
+    """
     work_dir = Path(work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     overrides = work_dir / "run-config.toml"
     overrides.write_text(tomli_w.dumps(dict(run_config)))
     federation = f"num-supernodes={int(num_supernodes)} client-resources-num-cpus=1 init-args-num-cpus={os.cpu_count() or 1}"
-    with _terminate_as_exit(), local_superlink(work_dir) as env:
+    with terminate_as_exit(), (nullcontext(dict(superlink)) if superlink is not None else local_superlink(work_dir)) as env:
         command = [str(BIN / "flwr"), "run", str(app_dir), "sim", "--stream", "-c", str(overrides), "--federation-config", federation]
         process = subprocess.Popen(
             command, cwd=work_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -179,7 +188,7 @@ def run_simulation(
                     raise SimulationError(f"the simulation ran past {timeout:.0f}s")
             process.wait()
         finally:
-            _stop_tree(process)
+            stop_tree(process)
     output = "".join(lines)
     (work_dir / "flwr-run.log").write_text(output)
     if process.returncode != 0 or "ServerApp raised an exception" in output or "Traceback" in output:

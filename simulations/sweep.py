@@ -29,7 +29,7 @@ from shared.data.sources import load_dataset
 from shared.storage import atomic_write_json
 from simulations.baselines import centralized, local_only, toppop
 from simulations.experiment import Cell, Experiment, ExperimentError, expand_cells, load_experiment
-from simulations.launcher import PROJECT_ROOT, SimulationError, run_simulation
+from simulations.launcher import PROJECT_ROOT, SimulationError, terminate_as_exit, local_superlink, run_simulation
 
 DONE = "done.json"
 
@@ -64,14 +64,14 @@ def _installed(name: str) -> bool:
         return False
 
 
-def run_cell(cell: Cell, cell_dir: Path, progress: Progress, round_task: Any) -> dict[str, Any]:
+def run_cell(cell: Cell, cell_dir: Path, progress: Progress, round_task: Any, superlink: dict[str, str] | None = None) -> dict[str, Any]:
     """One federated run, resumed from its own checkpoint if an earlier attempt was interrupted."""
     resume = (cell_dir / "checkpoints" / "latest.json").is_file()
     config = {**cell.run_config, "output-dir": str(cell_dir), "state-dir": str(cell_dir / "state"), "resume": resume}
     started = time.perf_counter()
     with (cell_dir / "flower.log").open("a") as log_file:
         run_simulation(RunConfig.from_flower(config).to_flower(), cell.clients, cell_dir / "flower",
-                       stream_to=_RoundTicker(progress, round_task, log_file))
+                       stream_to=_RoundTicker(progress, round_task, log_file), superlink=superlink)
     summary = {"cell": cell.name, "key": cell.key, "clients": cell.clients, "seed": cell.seed,
                "run_config": cell.run_config, "wall_seconds": time.perf_counter() - started, "resumed": resume}
     atomic_write_json(cell_dir / DONE, summary)
@@ -111,15 +111,23 @@ def run_experiment(experiment_path: Path, output: Path) -> Path:
         cell_task = progress.add_task("cells", total=len(cells) + len(baseline_cells))
         round_task = progress.add_task("rounds", total=0)
         for cell in cells:
-            cell_dir = output / "cells" / cell.key
-            if (cell_dir / DONE).is_file():
+            if (output / "cells" / cell.key / DONE).is_file():
                 progress.console.print(f"cached: {cell.name}")
                 progress.advance(cell_task)
-                continue
-            cell_dir.mkdir(parents=True, exist_ok=True)
-            progress.update(round_task, description=f"rounds of {cell.name}", total=cell.run_config["num-rounds"] + 1, completed=0)
-            run_cell(cell, cell_dir, progress, round_task)
-            progress.advance(cell_task)
+        pending = [cell for cell in cells if not (output / "cells" / cell.key / DONE).is_file()]
+        if pending:
+            # one SuperLink serves every cell: its start-up is paid once per sweep, not per cell
+            started = time.perf_counter()
+            with terminate_as_exit(), local_superlink(output / "superlink") as superlink:
+                timing = {"superlink_start_seconds": time.perf_counter() - started, "cells": [c.name for c in pending]}
+                for cell in pending:
+                    cell_dir = output / "cells" / cell.key
+                    cell_dir.mkdir(parents=True, exist_ok=True)
+                    progress.update(round_task, description=f"rounds of {cell.name}", total=cell.run_config["num-rounds"] + 1, completed=0)
+                    run_cell(cell, cell_dir, progress, round_task, superlink)
+                    progress.advance(cell_task)
+            timing["federated_seconds"] = time.perf_counter() - started  # SuperLink start and stop included
+            atomic_write_json(output / "timing.json", timing)
         for cell in baseline_cells.values():
             out_dir = output / "baselines" / cell.key
             if not (out_dir / DONE).is_file():

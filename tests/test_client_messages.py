@@ -16,12 +16,14 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.client_app import app as client_app
 from client.node_state import NodeState
 from client.shard import node_runtime
-from shared.model import GLOBAL_KEYS, init_global_arrays
+from shared.als import ALSSettings
+from shared.params import GLOBAL_KEYS, init_global_arrays
 from shared.records import from_array_record, to_array_record
 from tests.conftest import small_run_config
 
 ALLOWED_METRICS = {
     "train": {"num-examples", "train-loss", "train-rows"},
+    "train-als": {"num-examples"},
     "evaluate": {
         "num-examples", "hr10_sampled", "ndcg10_sampled", "hr10_full", "ndcg10_full", "recall20_full", "auc_full",
         "toppop-hr10_sampled", "toppop-ndcg10_sampled", "toppop-hr10_full", "toppop-ndcg10_full",
@@ -53,9 +55,10 @@ def _wire_bytes(reply: Message) -> bytes:
     return b"".join(obj.deflate() for obj in get_all_nested_objects(reply).values())
 
 
+@pytest.mark.parametrize("solver", ["sgd", "als"])
 @pytest.mark.parametrize("kind", ["train", "evaluate"])
-def test_reply_carries_no_user_id_and_no_user_factor(tmp_path, kind):
-    cfg = small_run_config(tmp_path)
+def test_reply_carries_no_user_id_and_no_user_factor(tmp_path, kind, solver):
+    cfg = small_run_config(tmp_path, **{"mf-solver": solver})
     node = node_runtime(cfg, {"partition-id": 0, "num-partitions": 3})
     arrays = init_global_arrays(node.trainer.split.num_ads, cfg.factors, cfg.seed)
 
@@ -65,9 +68,13 @@ def test_reply_carries_no_user_id_and_no_user_factor(tmp_path, kind):
 
     # exactly what the protocol allows
     assert set(content.metric_records) == {"metrics"}
-    assert set(content["metrics"]) == ALLOWED_METRICS[kind]
+    assert set(content["metrics"]) == ALLOWED_METRICS[f"{kind}-als" if kind == "train" and solver == "als" else kind]
     assert dict(content["client"]) == {"name": node.name}
-    if kind == "train":
+    if kind == "train" and solver == "als":  # sums over users of the ALS statistics, per ad
+        sent = from_array_record(content["arrays"])
+        settings = ALSSettings.from_config(cfg)
+        assert {k: v.shape for k, v in sent.items()} == settings.stat_shapes(node.trainer.split.num_ads, cfg.factors)
+    elif kind == "train":
         sent = from_array_record(content["arrays"])
         assert set(sent) == set(GLOBAL_KEYS)
         assert sent["ad_factors"].shape == arrays["ad_factors"].shape
@@ -83,20 +90,37 @@ def test_reply_carries_no_user_id_and_no_user_factor(tmp_path, kind):
     # ... and none of them, nor any user id, is in the bytes that leave
     wire = _wire_bytes(reply)
     assert len(wire) > 0
-    for user_id, row in zip(node.user_ids, factors):
+    # Without DP, an ALS statistic of an ad that one user alone interacted with *is* that user's
+    # factor (as SGD's update of that ad is a function of it): what protects it is privacy =
+    # "user", whose noised statistics tests/test_privacy.py searches the same way
+    exposed = _sole_users_of_some_ad(node) if kind == "train" and solver == "als" else set()
+    for index, (user_id, row) in enumerate(zip(node.user_ids, factors)):
         assert str(user_id).encode() not in wire
-        assert row.astype(np.float32).tobytes() not in wire
-        assert row.astype(np.float64).tobytes() not in wire
+        if index not in exposed:
+            assert row.astype(np.float32).tobytes() not in wire
+            assert row.astype(np.float64).tobytes() not in wire
 
 
-def test_reply_is_deterministic_for_a_seed(tmp_path):
-    cfg = small_run_config(tmp_path)
+def _sole_users_of_some_ad(node) -> set[int]:
+    rows = node.trainer.als_rows
+    users_of_ad: dict[int, set[int]] = {}
+    positive = rows.label > 0  # only positives enter the target statistic
+    for user, ad in zip(rows.user[positive].tolist(), rows.ad[positive].tolist()):
+        users_of_ad.setdefault(ad, set()).add(user)
+    return {next(iter(users)) for users in users_of_ad.values() if len(users) == 1}
+
+
+@pytest.mark.parametrize("solver", ["sgd", "als"])
+def test_reply_is_deterministic_for_a_seed(tmp_path, solver):
+    cfg = small_run_config(tmp_path, **{"mf-solver": solver})
     node = node_runtime(cfg, {"partition-id": 1, "num-partitions": 3})
     arrays = init_global_arrays(node.trainer.split.num_ads, cfg.factors, cfg.seed)
     first = from_array_record(_call("train", cfg, arrays, partition=1).content["arrays"])
     (tmp_path / "out" / "state" / "partition-1" / "user_factors.npz").unlink()
     second = from_array_record(_call("train", cfg, arrays, partition=1).content["arrays"])
-    np.testing.assert_array_equal(first["ad_factors"], second["ad_factors"])
+    assert set(first) == set(second)
+    for key in first:
+        np.testing.assert_array_equal(first[key], second[key])
 
 
 def test_client_rejects_parameters_of_the_wrong_shape(tmp_path):

@@ -14,7 +14,8 @@ from client.private_step import DPSGDSettings, PerUserLoss, fused_clipped_gradie
 from client.trainer import build_user_rows
 from shared.data.split import leave_last_out
 from shared.data.synthetic import SyntheticSpec, generate
-from shared.model import AdModel, init_global_arrays
+from shared.model import AdModel
+from shared.params import init_global_arrays
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,8 @@ from client.privacy_ledger import LEDGER_FILE, PrivacyLedger, PrivacyRefusal
 from client.private_step import user_sample_rate
 from client.shard import node_runtime
 from shared.metrics import METRIC_NAMES
-from shared.model import GLOBAL_KEYS, init_global_arrays
+from shared.als import ALSSettings
+from shared.params import GLOBAL_KEYS, init_global_arrays
 from shared.privacy import CalibrationError, calibrate_noise_multiplier, epsilon_of, sgd_steps_per_epoch
 from shared.records import from_array_record
 from tests.conftest import small_run_config
@@ -339,7 +340,7 @@ DP_ALLOWED_METRICS = {
 
 
 def _dp_config(tmp_path, **overrides):
-    values = {"num-rounds": 2, "target-epsilon": 1.0, **overrides}
+    values = {"num-rounds": 2, "target-epsilon": 1.0, "mf-solver": "sgd", **overrides}
     return small_run_config(tmp_path, privacy="user", **values)
 
 
@@ -445,8 +446,9 @@ def test_client_with_a_damaged_ledger_refuses_instead_of_training(tmp_path):
 
 
 # ====================================================================== what leaves under DP
-def test_dp_replies_carry_no_user_id_no_user_factor_and_no_unaccounted_metric(tmp_path):
-    cfg = _dp_config(tmp_path)
+@pytest.mark.parametrize("solver", ["sgd", "als"])
+def test_dp_replies_carry_no_user_id_no_user_factor_and_no_unaccounted_metric(tmp_path, solver):
+    cfg = _dp_config(tmp_path, **{"mf-solver": solver})
     node = node_runtime(cfg, {"partition-id": 0, "num-partitions": 3})
     arrays = init_global_arrays(node.trainer.split.num_ads, cfg.factors, cfg.seed)
 
@@ -456,12 +458,20 @@ def test_dp_replies_carry_no_user_id_no_user_factor_and_no_unaccounted_metric(tm
         content = reply.content
         assert set(content.metric_records) == {"metrics"}
         metrics = dict(content["metrics"])
-        assert set(metrics) == DP_ALLOWED_METRICS[kind]
+        allowed = DP_ALLOWED_METRICS[kind] - (STEP_KEYS if solver == "als" else set())  # ALS: one release, no steps
+        assert set(metrics) == allowed
         assert not any(key.startswith("toppop-") for key in metrics)
         assert "train-loss" not in metrics and "train-rows" not in metrics
         assert 0 < metrics["dp-epsilon"] <= cfg.target_epsilon
         assert dict(content["client"]) == {"name": node.name}
-        if kind == "train":
+        if kind == "train" and solver == "als":
+            sent = from_array_record(content["arrays"])
+            exact = node.trainer.als_statistics(NodeState(_state_dir(tmp_path)).load_user_factors(node.user_ids, cfg.factors),
+                                                ALSSettings.from_config(cfg))
+            assert set(sent) == set(exact)
+            for key in sent:  # noised, every coordinate
+                assert np.all(sent[key] != exact[key].astype(np.float32))
+        elif kind == "train":
             sent = from_array_record(content["arrays"])
             assert set(sent) == set(GLOBAL_KEYS)
             assert not np.allclose(sent["ad_factors"], arrays["ad_factors"])

@@ -33,7 +33,8 @@ from client.private_step import (
 from client.trainer import UserRows, build_user_rows
 from shared.data.split import UserSplit, leave_last_out
 from shared.data.synthetic import SyntheticSpec, generate
-from shared.model import AdModel, init_global_arrays
+from shared.model import AdModel
+from shared.params import init_global_arrays
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*Secure RNG.*", "ignore:.*Full backward hook.*")
 

@@ -19,6 +19,7 @@ TARGET_EPSILON = 4.0
 @pytest.fixture(scope="module")
 def dp_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("simdp")
+    # mf-solver = "als" (the default): private ALS through Flower; DP-SGD's ClientApp path is in test_privacy.py
     cfg = small_run_config(tmp_path, privacy="user", **{"num-rounds": 2, "target-epsilon": TARGET_EPSILON})
     run_simulation(cfg.to_flower(), NUM_CLIENTS, tmp_path / "flower", timeout=480)
     return tmp_path
@@ -59,7 +60,7 @@ def test_client_level_dp_with_flowers_wrapper_and_accountant(tmp_path):
     """privacy = "client": Flower's server-side fixed clipping; its accountant's epsilon is
     recorded every round, and training stops when the next release would pass the budget."""
     cfg = small_run_config(tmp_path, privacy="client", **{
-        "num-rounds": 3, "client-noise-multiplier": 2.0, "client-clip-norm": 0.5,
+        "mf-solver": "sgd", "num-rounds": 3, "client-noise-multiplier": 2.0, "client-clip-norm": 0.5,
         # two releases at noise 2 for 3 merchants cost epsilon 1.38, three cost 1.83
         "target-epsilon": 1.5,
     })

@@ -1,0 +1,124 @@
+"""Round time of the TLS deployment (one SuperNode per merchant) against the same run in
+Flower's simulation runtime, and the bytes each client sends and receives per round.
+
+    python benchmarks/deployment_vs_simulation.py [--merchants 3] [--rounds 5] [--privacy none] [--output DIR]
+
+Same data for both: the synthetic market of pyproject.toml's run config, cut into one shard per
+merchant exactly as the simulation cuts it; the deployment's merchants read theirs from CSV.
+Round time: the ServerApp's own `round_seconds` (history.json), median over rounds 1..N (round 0
+is only the first evaluation and carries start-up). Bytes: computed from the global parameters'
+ArrayRecord (a round sends each client the model twice, train and evaluate, and receives it
+once, the train reply), and checked against the network traffic the SuperLink counted for the
+deployed run (`flwr ls --format json`, network-traffic), which adds message framing and metrics.
+Both runtimes get FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1, as simulations/launcher.py sets it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import tomllib
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+# deploy/ is not among pyproject.toml's installed packages: import it from this checkout
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from deploy.local import local_deployment, write_merchant_data  # noqa: E402
+from shared.config import RunConfig  # noqa: E402
+from shared.params import init_global_arrays  # noqa: E402
+from shared.records import to_array_record  # noqa: E402
+from simulations.launcher import PROJECT_ROOT, run_simulation  # noqa: E402
+
+POLL_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+
+
+def _run_config(output: Path, merchants: int, rounds: int, privacy: str) -> RunConfig:
+    base = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    return RunConfig.from_flower({
+        **base, "num-rounds": rounds, "min-nodes": merchants, "synthetic-merchants": merchants, "privacy": privacy,
+        "output-dir": str(output / "out"), "state-dir": str(output / "out" / "state"),
+    })
+
+
+def _round_times(cfg: RunConfig) -> dict[str, float]:
+    history = json.loads((Path(cfg.output_dir) / "history.json").read_text())
+    later = [h["round_seconds"] for h in history[1:]]
+    return {"round0_seconds": history[0]["round_seconds"], "median_round_seconds": statistics.median(later),
+            "min_round_seconds": min(later), "max_round_seconds": max(later)}
+
+
+def _model_bytes(cfg: RunConfig) -> dict[str, int]:
+    arrays = init_global_arrays(cfg.synthetic_ads, cfg.factors, cfg.seed)
+    record = to_array_record(arrays)
+    return {"raw": sum(a.nbytes for a in arrays.values()), "array_record": sum(len(a.data) for a in record.values())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--merchants", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--privacy", default="none", choices=["none", "user", "client"])
+    parser.add_argument("--output", type=Path, default=PROJECT_ROOT / "outputs" / "bench-deployment")
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    args = parser.parse_args(argv)
+    output = args.output.resolve()
+    results: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "merchants": args.merchants, "rounds": args.rounds, "privacy": args.privacy,
+    }
+
+    sim_cfg = _run_config(output / "simulation", args.merchants, args.rounds, args.privacy)
+    os.environ.update(POLL_ENV)  # the launcher copies os.environ (it sets the same value itself)
+    started = time.perf_counter()
+    run_simulation(sim_cfg.to_flower(), args.merchants, output / "simulation" / "flower", timeout=args.timeout)
+    results["simulation"] = {"wall_seconds": time.perf_counter() - started, **_round_times(sim_cfg)}
+
+    dep_cfg = _run_config(output / "deployment", args.merchants, args.rounds, args.privacy)
+    merchants = write_merchant_data(output / "deployment" / "merchants", dep_cfg.to_flower(), args.merchants)
+    started = time.perf_counter()
+    with local_deployment(output / "deployment" / "flower", merchants, extra_env=POLL_ENV) as deployed:
+        up = time.perf_counter() - started
+        reply = deployed.submit(dep_cfg.to_flower())
+        if not reply.get("success"):
+            print(f"flwr run failed: {reply}", file=sys.stderr)
+            return 1
+        status, _ = deployed.wait_for_run(int(reply["run-id"]), args.timeout)
+    if status.get("status") != "finished:completed":
+        print(f"the deployed run did not complete: {status}", file=sys.stderr)
+        return 1
+    results["deployment"] = {"startup_seconds": up, "run_elapsed_seconds": status.get("elapsed"), **_round_times(dep_cfg)}
+
+    model = _model_bytes(dep_cfg)
+    n, r = args.merchants, args.rounds
+    traffic = status.get("network-traffic", {})
+    results["bytes"] = {
+        "model_raw": model["raw"], "model_array_record": model["array_record"],
+        "per_client_per_round_received": 2 * model["array_record"], "per_client_per_round_sent": model["array_record"],
+        # what the SuperLink counted: outbound = to SuperNodes (n * (2r + 1) model messages, round 0 evaluates too),
+        # inbound = from SuperNodes (n * r train replies with the model, plus metric-only evaluate replies)
+        "superlink_outbound": traffic.get("outbound-bytes"), "superlink_inbound": traffic.get("inbound-bytes"),
+        "superlink_outbound_per_model_message": traffic.get("outbound-bytes", 0) / (n * (2 * r + 1)),
+        "superlink_inbound_per_client_per_round": traffic.get("inbound-bytes", 0) / (n * r),
+    }
+    (output / "results.json").write_text(json.dumps(results, indent=2))
+    sim, dep, b = results["simulation"], results["deployment"], results["bytes"]
+    print(f"{results['date']}  {results['machine']}  {n} merchants, {r} rounds, privacy={args.privacy}")
+    print(f"median round: simulation {sim['median_round_seconds']:.2f}s, deployment (TLS, 3 SuperNodes) {dep['median_round_seconds']:.2f}s"
+          f"  (round 0: {sim['round0_seconds']:.2f}s vs {dep['round0_seconds']:.2f}s)")
+    print(f"model ArrayRecord {b['model_array_record']} B (raw arrays {b['model_raw']} B): per client per round "
+          f"receives {b['per_client_per_round_received']} B, sends {b['per_client_per_round_sent']} B")
+    print(f"SuperLink counted: outbound {b['superlink_outbound']} B = {b['superlink_outbound_per_model_message']:.0f} B per model message; "
+          f"inbound {b['superlink_inbound']} B = {b['superlink_inbound_per_client_per_round']:.0f} B per client per round")
+    print(f"results: {output / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,197 @@
+"""A whole deployment on one machine, for tests and measurements: dev certificates, a TLS
+SuperLink with SuperNode authentication and a state database, the merchants' keys registered,
+one SuperNode per merchant; every process is stopped on the way out, also on failure.
+
+Each process gets its own FLWR_HOME and log file under the work dir, and free loopback ports,
+so several deployments (and simulations) can share a machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import tomli_w
+
+from deploy.dev_certs import MerchantKeys, create_merchant_keys, create_tls_files
+from deploy.merchant import supernode_command, write_node_config
+from deploy.superlink import BIN, CONNECTION, ServerTls, parse_cli_json, register_merchant, superlink_command, tool_env, write_cli_config
+from simulations.launcher import PROJECT_ROOT, free_port, stop_tree, wait_for_port
+
+
+class DeploymentError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Merchant:
+    merchant_id: str
+    data_path: Path
+    state_dir: Path
+    catalog_path: Path | None = None
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    """The process tree (found through /proc, whatever group its members moved to), then
+    anything left in its own process group (orphans whose parent already exited)."""
+    stop_tree(process)
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@dataclass
+class LocalDeployment:
+    work_dir: Path
+    address: str
+    tls: ServerTls
+    operator_env: dict[str, str]  # FLWR_HOME with a TLS connection named CONNECTION
+    extra_env: dict[str, str]
+    keys: dict[str, MerchantKeys] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    _stack: ExitStack = field(default_factory=ExitStack)
+
+    def start(self, name: str, command: Sequence[str], flwr_home: Path) -> subprocess.Popen:
+        log_path = self.work_dir / "logs" / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("w") as log_file:
+            process = subprocess.Popen(
+                list(command), cwd=self.work_dir, env={**tool_env(flwr_home), **self.extra_env},
+                stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own group: stop_process reaches its SuperExec and apps
+            )
+        self.processes[name] = process
+        self._stack.callback(stop_process, process)
+        return process
+
+    def log(self, name: str) -> str:
+        return (self.work_dir / "logs" / f"{name}.log").read_text(errors="replace")
+
+    def start_supernode(self, merchant: Merchant, key: Path | None, tls: bool = True, max_retries: int | None = None) -> subprocess.Popen:
+        node_dir = self.work_dir / "supernodes" / merchant.merchant_id
+        config = write_node_config(node_dir / "node-config.toml", merchant.data_path, merchant.state_dir, merchant.merchant_id, merchant.catalog_path)
+        command = supernode_command(self.address, self.tls.ca_cert if tls else None, key, config, free_port(), max_retries)
+        return self.start(f"supernode-{merchant.merchant_id}", command, node_dir / "flwr-home")
+
+    def flwr(self, *args: str, env: Mapping[str, str] | None = None, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "flwr"), *args], cwd=PROJECT_ROOT, env=dict(env or self.operator_env),
+            capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+        )
+
+    def online_nodes(self) -> int:
+        reply = parse_cli_json(self.flwr("supernode", "ls", CONNECTION, "--format", "json").stdout)
+        return sum(1 for node in reply.get("nodes", []) if node.get("status") == "online")
+
+    def wait_online(self, count: int, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.online_nodes() < count:
+            for name, process in self.processes.items():
+                if name.startswith("supernode-") and process.poll() is not None:
+                    raise DeploymentError(f"{name} exited with {process.returncode}:\n{self.log(name)[-3000:]}")
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"fewer than {count} SuperNodes online after {timeout:.0f}s")
+            time.sleep(0.5)  # readiness poll of processes we started
+
+    def submit(self, run_config: Mapping[str, Any], env: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """`flwr run` of this project with run-config overrides; returns the CLI's JSON reply."""
+        overrides = self.work_dir / f"run-config-{time.monotonic_ns()}.toml"
+        overrides.write_text(tomli_w.dumps(dict(run_config)))
+        done = self.flwr("run", str(PROJECT_ROOT), CONNECTION, "-c", str(overrides), "--format", "json", env=env)
+        reply = parse_cli_json(done.stdout)
+        return reply or {"success": False, "error-message": done.stdout[-2000:] + done.stderr[-2000:]}
+
+    def run_status(self, run_id: int) -> dict[str, Any]:
+        runs = parse_cli_json(self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json").stdout).get("runs", [])
+        return dict(runs[0]) if runs else {}
+
+    def wait_for_run(self, run_id: int, timeout: float) -> tuple[dict[str, Any], str]:
+        """Follow the run's log until it ends (`flwr log --stream` returns when the run is
+        finished), then read its status; returns (status row of `flwr ls`, log)."""
+        deadline = time.monotonic() + timeout
+        output = ""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeploymentError(f"run {run_id} did not finish within {timeout:.0f}s; last log:\n{output[-3000:]}")
+            try:
+                streamed = self.flwr("log", str(run_id), CONNECTION, "--stream", timeout=remaining)
+                output = streamed.stdout + streamed.stderr
+            except subprocess.TimeoutExpired as exc:
+                output = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else str(exc.stdout or "")
+                continue
+            status = self.run_status(run_id)
+            if str(status.get("status", "")).startswith("finished"):
+                (self.work_dir / "logs" / f"run-{run_id}.log").write_text(output)
+                return status, output
+            time.sleep(1.0)  # the stream ended early (e.g. a dropped connection): look again
+
+
+@contextmanager
+def local_deployment(
+    work_dir: str | Path,
+    merchants: Sequence[Merchant],
+    unregistered: Sequence[str] = (),
+    extra_env: Mapping[str, str] | None = None,
+    start_supernodes: bool = True,
+) -> Iterator[LocalDeployment]:
+    """Certificates, SuperLink, registration, SuperNodes; yields when all merchants are online.
+    `unregistered`: ids to create key pairs for without registering them."""
+    work_dir = Path(work_dir).resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    files = create_tls_files(work_dir / "certs")
+    tls = ServerTls(files.ca_cert, files.server_cert, files.server_key)
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    operator_home = work_dir / "operator-flwr-home"
+    write_cli_config(operator_home, address, tls.ca_cert)
+    deployment = LocalDeployment(work_dir, address, tls, tool_env(operator_home), dict(extra_env or {}))
+    with deployment._stack:
+        (work_dir / "superlink").mkdir(exist_ok=True)
+        superlink = deployment.start(
+            "superlink", superlink_command(tls, work_dir / "superlink" / "state.db", host="127.0.0.1", port=port),
+            work_dir / "superlink" / "flwr-home",
+        )
+        try:
+            wait_for_port(port, superlink, work_dir / "logs" / "superlink.log")
+        except Exception as exc:  # launcher's error names the log; keep one error type here
+            raise DeploymentError(str(exc)) from exc
+        for merchant_id in [m.merchant_id for m in merchants] + list(unregistered):
+            deployment.keys[merchant_id] = create_merchant_keys(work_dir / "certs" / "merchants", merchant_id)
+        for merchant in merchants:
+            register_merchant(deployment.keys[merchant.merchant_id].public_key, deployment.operator_env)
+        if start_supernodes:
+            for merchant in merchants:
+                deployment.start_supernode(merchant, deployment.keys[merchant.merchant_id].private_key)
+            deployment.wait_online(len(merchants))
+        yield deployment
+
+
+def write_merchant_data(folder: str | Path, run_config: Mapping[str, Any], count: int) -> list[Merchant]:
+    """The synthetic market of `run_config`, cut into `count` shards exactly as a simulation cuts
+    it, each written as one merchant's log CSV, plus the public catalog CSV."""
+    from shared.config import RunConfig
+    from shared.data.loaders import write_catalog_csv, write_log_csv
+    from shared.data.schema import Dataset
+    from shared.data.sources import load_dataset, simulated_shards
+
+    folder = Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = RunConfig.from_flower(dict(run_config))
+    dataset = load_dataset(cfg)
+    catalog_path = folder / "catalog.csv"
+    write_catalog_csv(catalog_path, dataset.catalog)
+    merchants = []
+    for name, shard in simulated_shards(cfg, dataset, count):
+        (folder / name).mkdir(exist_ok=True)
+        write_log_csv(folder / name / "interactions.csv", Dataset(name, dataset.catalog, shard))
+        merchants.append(Merchant(name, folder / name / "interactions.csv", folder / name / "state", catalog_path))
+    return merchants
+

@@ -1,0 +1,73 @@
+"""The server's half of ALS: sum the clients' sufficient statistics and solve the ad step.
+
+A Flower `FedAvg` whose training aggregation is a sum followed by the closed-form ad solve of
+shared/als.py, instead of a weighted mean of parameters: sampling, configuration and the
+evaluation rounds stay FedAvg's. Under DP the clients' statistics arrive noised; the noise
+each one carries is public (its noise multiplier, in its reply, times the public
+sensitivities), so the solve knows the summed noise level and regularizes against it.
+
+Two free gains from post-processing, both only reading released values:
+- ad counts (weighted positives and rows) do not depend on the round's user factors, so
+  every round's noisy release of them is averaged with the earlier ones by inverse variance;
+- the noisy counts shrink the factors of rarely seen ads (ALSSettings.count_shrinkage).
+"""
+
+from __future__ import annotations
+
+from logging import WARNING
+from typing import Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp.strategy import FedAvg
+
+from shared.als import ALSSettings, check_statistics, solve_ads
+from shared.records import from_array_record, to_array_record
+
+ROUND_INVARIANT = ("als_positives", "als_count")
+
+
+class ALSAggregation(FedAvg):
+    def __init__(self, settings: ALSSettings, num_ads: int, dim: int, **fedavg_args: object) -> None:
+        super().__init__(**fedavg_args)  # type: ignore[arg-type]
+        self.settings, self.num_ads, self.dim = settings, num_ads, dim
+        # running inverse-variance average of the round-invariant statistics: (value, variance)
+        self._counts: dict[str, tuple[np.ndarray, float]] = {}
+
+    def check_reply(self, arrays: dict[str, np.ndarray]) -> None:
+        check_statistics(arrays, self.settings, self.num_ads, self.dim)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        total: dict[str, np.ndarray] = {}
+        variances: dict[str, float] = {}
+        for msg in valid:
+            for key, value in from_array_record(msg.content["arrays"]).items():
+                total[key] = total.get(key, 0.0) + value.astype(np.float64)
+            sigma = float(msg.content["metrics"].get("dp-noise-multiplier", 0.0))
+            stds = self.settings.noise_stds(sigma) if sigma > 0 else {}
+            for key in total:
+                variances[key] = variances.get(key, 0.0) + stds.get(key, 0.0) ** 2
+        for key in ROUND_INVARIANT:
+            if key in total:
+                total[key], variances[key] = self._average_counts(key, total[key], variances[key])
+        arrays = solve_ads(total, self.settings, {key: float(np.sqrt(v)) for key, v in variances.items()})
+        metrics = self.train_metrics_aggr_fn([msg.content for msg in valid], self.weighted_by_key)
+        return to_array_record(arrays), metrics
+
+    def _average_counts(self, key: str, value: np.ndarray, variance: float) -> tuple[np.ndarray, float]:
+        if key not in self._counts or variance == 0.0:
+            self._counts[key] = (value, variance)
+            return value, variance
+        earlier, earlier_variance = self._counts[key]
+        if earlier_variance == 0.0:
+            log(WARNING, "ALS: exact counts earlier, noisy now: keeping the exact ones")
+            return earlier, 0.0
+        weight = (1.0 / earlier_variance) / (1.0 / earlier_variance + 1.0 / variance)
+        averaged = weight * earlier + (1.0 - weight) * value
+        combined = 1.0 / (1.0 / earlier_variance + 1.0 / variance)
+        self._counts[key] = (averaged, combined)
+        return averaged, combined

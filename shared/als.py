@@ -1,0 +1,256 @@
+"""Implicit alternating least squares for biased MF, split along the privacy boundary (numpy only).
+
+Objective (implicit ALS, Hu, Koren and Volinsky 2008, with user weights):
+    sum_u c_u [ sum_{a in O_u} (r_ua - s_ua)^2 + alpha0 * sum_{all a} s_ua^2 ] + l2 terms,
+    s_ua = p_u . q_a + b_a = p~_u . q~_a  with  p~_u = [p_u, C],  q~_a = [q_a, b_a / C].
+O_u are the user's observed rows (positives r = 1, impressions without a positive r = 0);
+every other pair counts as a weak zero through one Gramian.
+
+- User step (client, exact, never released): p_u solves a d x d ridge system built from the
+  user's own rows and the released ad parameters (joint DP, as in private ALS).
+- Ad step: q~_a solves (A_a + alpha0 G + l2 I) q~_a = t_a with the sufficient statistics
+      A_a = sum_{u: a in O_u} c_u p~ p~^T,  t_a = sum_{u: a in O_u} c_u r_ua p~,
+      G = sum_u c_u p~ p~^T,  n_a = sum_{u: a in O_u} c_u,
+  t_a's last coordinate is C m_a with m_a = sum_{u: a in O_u} c_u r_ua (weighted positives),
+  which are sums over users: clients release them (noised under DP) and the server adds and
+  solves. `A_a` per ad ("per-ad" Gramians), or approximated by n_a G / N ("shared": the
+  per-ad Gramian replaced by the ad's count times the average user's, far less noise).
+
+Per-user bounds that make the statistics' sensitivity finite (Chien et al., ICML 2021, cap a
+user's items; here every row is kept and a heavy user is down-weighted instead):
+    ||p_u|| <= C (clipped before the statistics; the bias feature is C too, so ||p~||^2 <= 2 C^2:
+    the clip sets the scale of the whole release, bias included),
+    c_u = min(1, sqrt(k / |O_u|)), so sum over the user's rows of c_u^2 <= k.
+Adding or removing one user moves A by at most sqrt(k) 2 C^2 (Frobenius, over all ads),
+t's factor part by sqrt(k) C, m and n by sqrt(k), G by 2 C^2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from shared.config import RunConfig
+from shared.data.split import UserSplit
+
+# share of the release's squared noise budget each statistic gets (sums to 1 per mode)
+BUDGET_SHARES = {
+    "per-ad": {"als_gram": 0.45, "als_target": 0.40, "als_positives": 0.12, "als_user_gram": 0.03},
+    "shared": {"als_count": 0.05, "als_target": 0.75, "als_positives": 0.17, "als_user_gram": 0.03},
+}
+STAT_KEYS = {mode: tuple(shares) for mode, shares in BUDGET_SHARES.items()}
+
+
+@dataclass(frozen=True)
+class ALSSettings:
+    alpha0: float  # weight of every unobserved (user, ad) pair
+    user_l2: float
+    ad_l2: float
+    max_rows: int | None  # k: a user's rows weigh c_u = min(1, sqrt(k / rows)); None: unbounded (no DP)
+    user_clip: float  # C: user factors are clipped to this norm in the statistics (and the bias feature)
+    gram_mode: str  # "per-ad" | "shared"
+    clip: bool = True  # False without DP: the statistics then use the exact user factors
+    count_shrinkage: float = 0.0  # kappa: ad factors scaled by n_a / (n_a + kappa)
+    noise_ridge: float = 0.0  # ridge added per unit of noise std of the summed target
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> ALSSettings:
+        private = cfg.privacy == "user"
+        return cls(
+            alpha0=cfg.als_alpha0, user_l2=cfg.als_user_l2, ad_l2=cfg.als_ad_l2,
+            max_rows=cfg.als_max_rows if private else None, user_clip=cfg.als_user_clip,
+            gram_mode=cfg.als_gram if cfg.als_gram != "auto" else ("shared" if private else "per-ad"),
+            count_shrinkage=cfg.als_count_shrinkage if private else 0.0, noise_ridge=cfg.als_noise_ridge, clip=private,
+        )
+
+    def stat_shapes(self, num_ads: int, dim: int) -> dict[str, tuple[int, ...]]:
+        """The released statistics' shapes for a model of `dim` factors (D = dim + 1)."""
+        aug = dim + 1
+        shapes = {"als_gram": (num_ads, aug, aug), "als_count": (num_ads,), "als_target": (num_ads, dim),
+                  "als_positives": (num_ads,), "als_user_gram": (aug, aug)}
+        return {key: shapes[key] for key in STAT_KEYS[self.gram_mode]}
+
+    def sensitivities(self) -> dict[str, float]:
+        """L2 sensitivity of each statistic to adding or removing one user."""
+        aug = 2.0 * self.user_clip**2
+        root_k = math.sqrt(self.max_rows)
+        return {"als_gram": root_k * aug, "als_target": root_k * self.user_clip, "als_positives": root_k, "als_count": root_k,
+                "als_user_gram": aug}
+
+    def noise_stds(self, noise_multiplier: float) -> dict[str, float]:
+        """Gaussian noise std per coordinate of each statistic: together one Gaussian release of
+        sensitivity 1 at `noise_multiplier` (each block scaled by its sensitivity / sqrt(share))."""
+        sens = self.sensitivities()
+        return {key: noise_multiplier * sens[key] / math.sqrt(share) for key, share in BUDGET_SHARES[self.gram_mode].items()}
+
+
+@dataclass
+class Rows:
+    """A shard's observed (user, ad, label) rows, grouped by user."""
+
+    user: np.ndarray  # int64 [n], sorted
+    ad: np.ndarray  # int64 [n]
+    label: np.ndarray  # float64 [n]
+    num_users: int
+
+    @classmethod
+    def from_split(cls, split: UserSplit) -> Rows:
+        """Training positives (label 1) and impressions that never became one (label 0)."""
+        user = np.concatenate([split.positive_user_index(), split.impression_user_index()])
+        ad = np.concatenate([split.pos_ads, split.imp_ads])
+        label = np.concatenate([np.ones(len(split.pos_ads)), np.zeros(len(split.imp_ads))])
+        order = np.argsort(user, kind="stable")
+        return cls(user[order], ad[order], label[order], split.num_users)
+
+    def counts(self) -> np.ndarray:
+        return np.bincount(self.user, minlength=self.num_users)
+
+    def user_weights(self, max_rows: int | None) -> np.ndarray:
+        if max_rows is None:
+            return np.ones(self.num_users)
+        counts = self.counts().astype(np.float64)
+        return np.minimum(1.0, np.sqrt(max_rows / np.maximum(counts, 1.0)))
+
+
+def solve_users(rows: Rows, ad_factors: np.ndarray, ad_bias: np.ndarray, settings: ALSSettings, chunk_rows: int = 200_000) -> np.ndarray:
+    """Exact user step: p_u = (sum_{O_u} q q^T + alpha0 Q^T Q + l2 I)^-1 (sum_{O_u} (r - b) q - alpha0 Q^T b)."""
+    q = ad_factors.astype(np.float64)
+    b = ad_bias.astype(np.float64)
+    dim = q.shape[1]
+    base = settings.alpha0 * q.T @ q + settings.user_l2 * np.eye(dim)
+    rhs = np.tile(-settings.alpha0 * (q.T @ b), (rows.num_users, 1))
+    lhs = np.tile(base, (rows.num_users, 1, 1))
+    for start in range(0, len(rows.user), chunk_rows):
+        users = rows.user[start : start + chunk_rows]
+        q_rows = q[rows.ad[start : start + chunk_rows]]
+        np.add.at(lhs, users, q_rows[:, :, None] * q_rows[:, None, :])
+        np.add.at(rhs, users, (rows.label[start : start + chunk_rows] - b[rows.ad[start : start + chunk_rows]])[:, None] * q_rows)
+    return np.linalg.solve(lhs, rhs[:, :, None])[:, :, 0]
+
+
+def clip_rows(vectors: np.ndarray, max_norm: float) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors * np.minimum(1.0, max_norm / np.maximum(norms, 1e-12))
+
+
+def augmented(user_factors: np.ndarray, max_norm: float, clip: bool = True) -> np.ndarray:
+    """[clip(p_u), C] per user: the bias rides along as a constant feature."""
+    factors = user_factors.astype(np.float64)
+    clipped = clip_rows(factors, max_norm) if clip else factors
+    return np.hstack([clipped, np.full((len(clipped), 1), max_norm)])
+
+
+def ad_statistics(rows: Rows, user_factors: np.ndarray, num_ads: int, settings: ALSSettings) -> dict[str, np.ndarray]:
+    """The shard's sufficient statistics for the ad step (before any noise), as in the module docstring."""
+    p_aug = augmented(user_factors, settings.user_clip, settings.clip)
+    weight = rows.user_weights(settings.max_rows)
+    dim = p_aug.shape[1]
+    weighted = p_aug * weight[:, None]
+    stats: dict[str, np.ndarray] = {"als_user_gram": weighted.T @ p_aug, "als_target": np.zeros((num_ads, dim - 1))}
+    row_weight = weight[rows.user]
+    # the target's bias coordinate (C x positives) is released on its own, as a count: the factor
+    # coordinates then carry noise of scale C instead of sqrt(2) C
+    np.add.at(stats["als_target"], rows.ad, (row_weight * rows.label)[:, None] * p_aug[rows.user, :-1])
+    stats["als_positives"] = np.bincount(rows.ad, weights=row_weight * rows.label, minlength=num_ads)
+    if settings.gram_mode == "per-ad":
+        gram = np.zeros((num_ads, dim, dim))
+        for start in range(0, len(rows.user), 200_000):
+            users, ads = rows.user[start : start + 200_000], rows.ad[start : start + 200_000]
+            vec = p_aug[users]
+            np.add.at(gram, ads, row_weight[start : start + 200_000, None, None] * vec[:, :, None] * vec[:, None, :])
+        stats["als_gram"] = gram
+    else:
+        stats["als_count"] = np.bincount(rows.ad, weights=row_weight, minlength=num_ads)
+    return stats
+
+
+def symmetric_noise(rng: np.random.Generator, shape: tuple[int, ...], std: float) -> np.ndarray:
+    """Gaussian noise on the upper triangle (diagonal included) of the last two axes, mirrored:
+    releasing a symmetric statistic's upper triangle is enough, and its sensitivity is no larger."""
+    noise = rng.normal(0.0, std, size=shape)
+    upper = np.triu(noise)
+    return upper + np.swapaxes(np.triu(noise, 1), -1, -2)
+
+
+def add_noise(stats: dict[str, np.ndarray], stds: dict[str, float], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    noisy = {}
+    for key, value in stats.items():
+        if key in ("als_gram", "als_user_gram"):
+            noisy[key] = value + symmetric_noise(rng, value.shape, stds[key])
+        else:
+            noisy[key] = value + rng.normal(0.0, stds[key], size=value.shape)
+    return noisy
+
+
+def solve_ads(
+    stats: dict[str, np.ndarray], settings: ALSSettings, noise_stds: dict[str, float] | None = None, groups: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """Ad step from summed (possibly noisy) statistics: ridge per ad, made positive definite.
+
+    `noise_stds`: std per coordinate of the noise in each summed statistic (None without DP).
+    The ridge grows with the target's noise (`noise_ridge` per unit of std), and eigenvalues are
+    floored at the per-ad Gramians' noise level (a symmetric Gaussian D x D matrix has spectral
+    norm about 2 sqrt(D) std): the solve never amplifies noise beyond what the ridge allows.
+    """
+    noise_stds = noise_stds or {}
+    user_gram = _symmetrize(stats["als_user_gram"])
+    dim = user_gram.shape[0]
+    if settings.gram_mode == "per-ad":
+        per_ad = _symmetrize(stats["als_gram"])
+    else:
+        users = max(float(user_gram[-1, -1]) / settings.user_clip**2, 1.0)  # sum of c_u: the bias feature is C
+        counts = np.maximum(stats["als_count"], 0.0)
+        per_ad = counts[:, None, None] * (user_gram / users)[None]
+    floor = (settings.ad_l2 + settings.noise_ridge * noise_stds.get("als_target", 0.0)
+             + 2.0 * math.sqrt(dim) * noise_stds.get("als_gram", 0.0))
+    target = np.hstack([stats["als_target"], settings.user_clip * stats["als_positives"][:, None]])
+    coef = _ridge(per_ad + settings.alpha0 * user_gram[None], target, floor)
+    if settings.count_shrinkage > 0:
+        # noisy counts as a prior: an ad seen by few users has factors mostly made of noise;
+        # it leans on its catalog group's (brand or category) factors, solved from the sums of
+        # the group's statistics (public grouping: post-processing, no extra privacy cost)
+        counts = np.maximum(per_ad[:, -1, -1] / settings.user_clip**2, 0.0)
+        weight = (counts / (counts + settings.count_shrinkage))[:, None]
+        prior = np.zeros_like(coef)
+        if groups is not None:
+            size = int(groups.max()) + 1
+            group_lhs = np.zeros((size, dim, dim))
+            np.add.at(group_lhs, groups, per_ad)
+            group_target = np.zeros((size, dim))
+            np.add.at(group_target, groups, target)
+            group_coef = _ridge(group_lhs + settings.alpha0 * user_gram[None], group_target, floor)
+            prior = group_coef[groups]
+        coef[:, :-1] = weight * coef[:, :-1] + (1.0 - weight) * prior[:, :-1]
+    return {"ad_factors": coef[:, :-1].astype(np.float32), "ad_bias": (coef[:, -1] * settings.user_clip).astype(np.float32)}
+
+
+def _symmetrize(matrix: np.ndarray) -> np.ndarray:
+    return 0.5 * (matrix + np.swapaxes(matrix, -1, -2))
+
+
+def check_statistics(stats: dict[str, np.ndarray], settings: ALSSettings, num_ads: int, dim: int) -> None:
+    """Exactly this mode's statistics, the catalog's shapes, finite values (a client's reply)."""
+    expected = settings.stat_shapes(num_ads, dim)
+    if set(stats) != set(expected):
+        raise ValueError(f"ALS statistics must be exactly {sorted(expected)}, got {sorted(stats)}")
+    for key, shape in expected.items():
+        if tuple(stats[key].shape) != shape:
+            raise ValueError(f"ALS statistic {key} has shape {tuple(stats[key].shape)}, expected {shape}")
+        if not np.all(np.isfinite(stats[key])):
+            raise ValueError(f"ALS statistic {key} holds non-finite values")
+
+
+def round_budget_shares(rounds: int, growth: float) -> np.ndarray:
+    """Share of a client's DP budget (in 1 / sigma^2, which adds up exactly for Gaussian RDP)
+    spent in each of `rounds` rounds: later rounds, which start from better ad factors, get more."""
+    weights = growth ** np.arange(rounds, dtype=np.float64)
+    return weights / weights.sum()
+
+
+def _ridge(lhs: np.ndarray, target: np.ndarray, floor: float) -> np.ndarray:
+    """Solve lhs_a x_a = target_a per row after flooring lhs_a's eigenvalues: (max(0, eig) + floor)."""
+    values, vectors = np.linalg.eigh(lhs)
+    values = np.maximum(values, 0.0) + floor
+    return (vectors @ (np.einsum("aji,aj->ai", vectors, target) / values)[:, :, None])[:, :, 0]

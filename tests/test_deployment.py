@@ -1,0 +1,143 @@
+"""The deployment path end to end, on loopback: dev certificates, a TLS SuperLink with SuperNode
+authentication, a state database and no run-time installation; three registered merchants, each
+a SuperNode with its own log and state dir; a 2-round run under user-level DP submitted with
+`flwr run`. Then the refusals: an unregistered key, plain HTTP from a SuperNode and from `flwr`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("cryptography", reason="deploy.dev_certs needs the `cryptography` package (a flwr dependency)")
+
+from deploy.local import Merchant, local_deployment, stop_process, write_merchant_data  # noqa: E402
+from deploy.superlink import CONNECTION, parse_cli_json, superlink_command, tool_env, write_cli_config  # noqa: E402
+from shared.storage import load_npz  # noqa: E402
+from tests.conftest import small_run_config  # noqa: E402
+
+NUM_MERCHANTS = 3
+RUN_TIMEOUT = 600.0
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                environ = (entry / "environ").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline or text in environ:
+                found.append(f"{entry.name}: {cmdline[:120]}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deploy")
+    cfg = small_run_config(root, **{"num-rounds": 2, "min-nodes": NUM_MERCHANTS, "privacy": "user", "local-epochs": 1})
+    merchants = write_merchant_data(root / "merchants", cfg.to_flower(), NUM_MERCHANTS)
+    with local_deployment(root / "flower", merchants, unregistered=["intruder"]) as deployed:
+        yield root, cfg, merchants, deployed
+    assert _processes_mentioning(str(root / "flower")) == [], "a Flower process outlived the deployment"
+
+
+@pytest.fixture(scope="module")
+def finished_run(deployment):
+    root, cfg, merchants, deployed = deployment
+    reply = deployed.submit(cfg.to_flower())
+    assert reply.get("success"), reply
+    status, log = deployed.wait_for_run(int(reply["run-id"]), RUN_TIMEOUT)
+    return status, log
+
+
+def test_run_returns_global_model_and_metrics(deployment, finished_run):
+    root, cfg, merchants, _ = deployment
+    status, _ = finished_run
+    assert status["status"] == "finished:completed", status
+    out = Path(cfg.output_dir)
+    history = json.loads((out / "history.json").read_text())
+    assert [h["round"] for h in history] == [0, 1, 2]
+    assert all(sorted(h["clients"]) == sorted(m.merchant_id for m in merchants) for h in history)
+    assert "hr10_sampled" in history[-1]["evaluate"] and "dp-epsilon" in history[-1]["evaluate"]
+    model = load_npz(out / "model" / "global_model.npz")
+    assert model["ad_factors"].shape == (cfg.synthetic_ads, cfg.factors)
+    np.testing.assert_array_equal(model["ad_factors"], load_npz(out / "checkpoints" / "round-0002.npz")["ad_factors"])
+    assert status["network-traffic"]["total-bytes"] > 0
+
+
+def test_merchant_state_stays_with_the_merchant(deployment, finished_run):
+    root, cfg, merchants, _ = deployment
+    for merchant in merchants:
+        assert (merchant.state_dir / "privacy_ledger.json").is_file()
+        stored = np.load(merchant.state_dir / "user_factors.npz")
+        own_users = {line.split(",", 1)[0] for line in merchant.data_path.read_text().splitlines()[1:]}
+        assert set(stored["user_ids"].tolist()) <= own_users  # user factors of this merchant only
+    # the server's side holds no user factor and no ledger
+    server_files = [p.name for p in Path(cfg.output_dir).rglob("*") if p.is_file()]
+    assert not any(name in ("user_factors.npz", "privacy_ledger.json") for name in server_files)
+
+
+def _wait_exit(process: subprocess.Popen, timeout: float = 90.0) -> int:
+    try:
+        return process.wait(timeout=timeout)
+    finally:
+        stop_process(process)  # whatever it started (its SuperExec) goes too
+
+
+def test_unregistered_supernode_is_refused(deployment):
+    root, cfg, merchants, deployed = deployment
+    intruder = Merchant("intruder", merchants[0].data_path, root / "intruder-state", merchants[0].catalog_path)
+    process = deployed.start_supernode(intruder, deployed.keys["intruder"].private_key)
+    assert _wait_exit(process) != 0
+    log = deployed.log("supernode-intruder")
+    assert "Failed to activate SuperNode" in log, log[-2000:]
+    assert "No SuperNode found with the given public key" in deployed.log("superlink")
+    assert deployed.online_nodes() == NUM_MERCHANTS
+    assert not (root / "intruder-state").exists()  # it never got to run the ClientApp
+
+
+def test_plain_http_supernode_is_refused(deployment):
+    root, cfg, merchants, deployed = deployment
+    plain = Merchant("plain-http", merchants[1].data_path, root / "plain-state", merchants[1].catalog_path)
+    process = deployed.start_supernode(plain, key=None, tls=False, max_retries=1)
+    assert _wait_exit(process) != 0
+    assert "Failed to initialize the connection" in deployed.log("supernode-plain-http")
+
+
+def test_plain_http_flwr_run_is_refused(deployment):
+    root, cfg, merchants, deployed = deployment
+    insecure_home = root / "insecure-flwr-home"
+    write_cli_config(insecure_home, deployed.address, root_certificates=None)
+    runs_before = len(parse_cli_json(deployed.flwr("ls", CONNECTION, "--format", "json").stdout)["runs"])
+    reply = deployed.submit(cfg.to_flower(), env=tool_env(insecure_home))
+    assert reply.get("success") is False, reply
+    assert "unavailable" in str(reply.get("error-message", "")).lower(), reply
+    assert len(parse_cli_json(deployed.flwr("ls", CONNECTION, "--format", "json").stdout)["runs"]) == runs_before
+
+
+def test_superlink_state_survives_a_restart(deployment, finished_run):
+    """--database: registered merchants and finished runs are on disk, not in memory."""
+    root, cfg, merchants, deployed = deployment
+    database = deployed.work_dir / "superlink" / "state.db"
+    assert database.is_file() and database.stat().st_size > 0
+    stop_process(deployed.processes["superlink"])
+    port = int(deployed.address.rsplit(":", 1)[1])
+    deployed.start("superlink-restarted", superlink_command(deployed.tls, database, host="127.0.0.1", port=port),
+                   deployed.work_dir / "superlink" / "flwr-home")
+    deadline = time.monotonic() + 60
+    while True:  # readiness: the Control API answers again
+        runs = parse_cli_json(deployed.flwr("ls", CONNECTION, "--format", "json").stdout).get("runs")
+        if runs is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert runs and runs[0]["status"] == "finished:completed"
+    nodes = parse_cli_json(deployed.flwr("supernode", "ls", CONNECTION, "--format", "json").stdout)["nodes"]
+    assert len(nodes) == NUM_MERCHANTS

@@ -1,0 +1,212 @@
+"""Federated (private) ALS: sensitivity bounds, exactness without noise, the accountant, the budget.
+
+- sensitivity: removing one user's rows moves each released statistic (before noise) by at
+  most the bound the noise is calibrated to;
+- without noise, the federated ALS round (sum of the clients' statistics, then the server's
+  solve) equals ALS on the pooled data: with one client and with several;
+- the ledger is charged exactly once per release, with the planned noise multiplier, and the
+  planned rounds compose to the target epsilon; past it the client refuses, also after a restart;
+- the server's solve is unbiased enough to learn: noise-free ALS beats popularity on synthetic data.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.client_app import PRIVACY_REFUSED
+from client.client_app import app as client_app
+from client.privacy_ledger import PrivacyLedger
+from client.shard import node_runtime
+from server.als_strategy import ALSAggregation
+from shared.als import ALSSettings, Rows, ad_statistics, add_noise, augmented, round_budget_shares, solve_ads, solve_users
+from shared.data.sources import load_dataset
+from shared.data.split import leave_last_out
+from shared.params import init_global_arrays
+from shared.privacy import epsilon_of
+from shared.records import from_array_record, to_array_record
+from tests.conftest import small_run_config
+
+
+@pytest.fixture(autouse=True)
+def _server_identity(monkeypatch):
+    for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+def _settings(mode: str, **overrides) -> ALSSettings:
+    values = dict(alpha0=0.5, user_l2=1.0, ad_l2=1.0, max_rows=5, user_clip=0.3, gram_mode=mode)
+    values.update(overrides)
+    return ALSSettings(**values)
+
+
+def _synthetic_rows(tmp_path) -> tuple[Rows, int]:
+    cfg = small_run_config(tmp_path)
+    dataset = load_dataset(cfg)
+    split = leave_last_out(dataset.log, len(dataset.catalog))
+    return Rows.from_split(split), len(dataset.catalog)
+
+
+def _without_user(rows: Rows, user: int) -> Rows:
+    keep = rows.user != user
+    return Rows(rows.user[keep], rows.ad[keep], rows.label[keep], rows.num_users)
+
+
+@pytest.mark.parametrize("mode", ["shared", "per-ad"])
+def test_one_user_moves_each_statistic_by_at_most_its_sensitivity(tmp_path, mode):
+    rows, num_ads = _synthetic_rows(tmp_path)
+    settings = _settings(mode)
+    rng = np.random.default_rng(0)
+    # large factors, so clipping binds; the heaviest users, so the row weighting binds
+    factors = rng.normal(0, 3.0, size=(rows.num_users, 8))
+    full = ad_statistics(rows, factors, num_ads, settings)
+    bounds = settings.sensitivities()
+    heaviest = np.argsort(rows.counts())[::-1][:5]
+    moved_most = {key: 0.0 for key in full}
+    for user in [*heaviest, int(rng.integers(rows.num_users))]:
+        partial = ad_statistics(_without_user(rows, user), factors, num_ads, settings)
+        partial["als_user_gram"] = _user_gram_without(factors, rows, user, settings)  # G sums over every user
+        for key in full:
+            moved = float(np.linalg.norm(full[key] - partial[key]))
+            moved_most[key] = max(moved_most[key], moved)
+            assert moved <= bounds[key] * (1 + 1e-9), (key, moved, bounds[key])
+    # the bounds are not vacuous: the heaviest user comes close to them
+    assert moved_most["als_target"] > 0.5 * bounds["als_target"]
+    assert moved_most["als_positives"] > 0.5 * bounds["als_positives"]
+
+
+def _user_gram_without(factors: np.ndarray, rows: Rows, user: int, settings: ALSSettings) -> np.ndarray:
+    weights = rows.user_weights(settings.max_rows)
+    keep = np.arange(rows.num_users) != user
+    aug = augmented(factors[keep], settings.user_clip, settings.clip)
+    return (aug * weights[keep][:, None]).T @ aug
+
+
+def test_noise_is_calibrated_per_block_to_one_unit_sensitivity():
+    settings = _settings("shared")
+    stds = settings.noise_stds(2.0)
+    sens = settings.sensitivities()
+    # each block's sensitivity in units of its noise std, squared, sums to (1 / sigma)^2
+    total = sum((sens[key] / std) ** 2 for key, std in stds.items())
+    assert total == pytest.approx(1 / 2.0**2)
+    # and noise reaches every coordinate, also of ads nobody touched
+    rng = np.random.default_rng(1)
+    zeros = {"als_target": np.zeros((50, 4)), "als_positives": np.zeros(50), "als_count": np.zeros(50),
+             "als_user_gram": np.zeros((5, 5))}
+    noisy = add_noise(zeros, stds, rng)
+    assert all(np.all(noisy[key] != 0) for key in noisy)
+    assert np.allclose(noisy["als_user_gram"], noisy["als_user_gram"].T)
+
+
+@pytest.mark.parametrize("clients", [1, 3])
+@pytest.mark.parametrize("mode", ["per-ad", "shared"])
+def test_federated_als_without_noise_equals_centralized_als(tmp_path, clients, mode):
+    rows, num_ads = _synthetic_rows(tmp_path)
+    settings = _settings(mode, max_rows=None, clip=False)
+    arrays = init_global_arrays(num_ads, 8, seed=3)
+    # centralized: every user in one place
+    central = dict(arrays)
+    for _ in range(3):
+        users = solve_users(rows, central["ad_factors"], central["ad_bias"], settings)
+        central = solve_ads(ad_statistics(rows, users, num_ads, settings), settings)
+    # federated: users cut into shards, each shard's statistics summed by the server's strategy
+    shard_of = np.arange(rows.num_users) % clients
+    federated = dict(arrays)
+    strategy = ALSAggregation(settings, num_ads, 8)
+    for server_round in range(1, 4):
+        replies = []
+        for shard in range(clients):
+            members = np.flatnonzero(shard_of == shard)
+            keep = np.isin(rows.user, members)
+            local = Rows(np.searchsorted(members, rows.user[keep]), rows.ad[keep], rows.label[keep], len(members))
+            users = solve_users(local, federated["ad_factors"], federated["ad_bias"], settings)
+            stats = ad_statistics(local, users, num_ads, settings)
+            replies.append(_reply(stats, {"num-examples": float(len(members))}))
+        record, _ = strategy.aggregate_train(server_round, replies)
+        federated = from_array_record(record)
+    for key in central:
+        np.testing.assert_allclose(federated[key], central[key], rtol=1e-4, atol=1e-5)
+
+
+def _reply(stats: dict[str, np.ndarray], metrics: dict[str, float]) -> Message:
+    content = RecordDict({"arrays": to_array_record(stats), "metrics": MetricRecord(metrics)})
+    request = Message(content=RecordDict(), dst_node_id=5, message_type="train")
+    return Message(content=content, reply_to=request)
+
+
+def test_round_budget_shares_compose_to_one_release():
+    shares = round_budget_shares(4, 2.0)
+    assert shares.sum() == pytest.approx(1.0) and np.all(np.diff(shares) > 0)
+    sigma, delta = 1.3, 1e-4
+    rounds = [(sigma / math.sqrt(w), 1.0, 1) for w in shares]
+    assert epsilon_of(rounds, delta) == pytest.approx(epsilon_of([(sigma, 1.0, 1)], delta), rel=1e-9)
+
+
+def _call(kind: str, cfg, arrays, server_round: int, partition: int = 0) -> Message:
+    context = Context(run_id=1, node_id=10 + partition, node_config={"partition-id": partition, "num-partitions": 3},
+                      state=RecordDict(), run_config=cfg.to_flower())
+    msg = Message(content=RecordDict({"arrays": to_array_record(arrays), "config": ConfigRecord({"server-round": server_round})}),
+                  dst_node_id=10 + partition, message_type=kind)
+    return client_app(msg, context)
+
+
+def test_client_charges_the_ledger_once_per_release_and_refuses_past_the_budget(tmp_path):
+    cfg = small_run_config(tmp_path, privacy="user", **{"target-epsilon": 4.0, "num-rounds": 2, "dp-metrics": "none"})
+    node = node_runtime(cfg, {"partition-id": 0, "num-partitions": 3})
+    arrays = init_global_arrays(node.trainer.split.num_ads, cfg.factors, cfg.seed)
+    settings = ALSSettings.from_config(cfg)
+    assert settings.gram_mode == "shared" and settings.clip and settings.max_rows == cfg.als_max_rows
+
+    sigmas = []
+    for server_round in (1, 2):
+        reply = _call("train", cfg, arrays, server_round)
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        sent = from_array_record(reply.content["arrays"])
+        assert set(sent) == set(settings.stat_shapes(node.trainer.split.num_ads, cfg.factors))
+        sigmas.append(float(reply.content["metrics"]["dp-noise-multiplier"]))
+        ledger = PrivacyLedger.open(node.state.directory)
+        assert ledger.state.rounds_trained == server_round and ledger.state.mechanism == "private-als"
+        assert [s for s, _, _ in ledger.state.history] == pytest.approx(sigmas)  # one entry per release
+        assert all(q == 1.0 and steps == 1 for _, q, steps in ledger.state.history)
+    assert sigmas[1] < sigmas[0]  # the later release gets the larger share
+    spent = PrivacyLedger.open(node.state.directory).epsilon()
+    assert 0.97 * 4.0 <= spent <= 4.0  # the plan spends (nearly) the whole budget, never more
+
+    refused = _call("train", cfg, arrays, 3)  # a third round was never planned
+    assert refused.has_error() and refused.error.code == PRIVACY_REFUSED
+    assert "budget" in refused.error.reason
+    assert PrivacyLedger.open(node.state.directory).epsilon() == pytest.approx(spent)
+
+
+def test_a_budget_planned_for_dp_sgd_is_not_reused_by_als(tmp_path):
+    cfg = small_run_config(tmp_path, privacy="user", **{"mf-solver": "sgd", "num-rounds": 1, "dp-metrics": "none"})
+    node = node_runtime(cfg, {"partition-id": 1, "num-partitions": 3})
+    arrays = init_global_arrays(node.trainer.split.num_ads, cfg.factors, cfg.seed)
+    assert not _call("train", cfg, arrays, 1, partition=1).has_error()
+    als_cfg = small_run_config(tmp_path, privacy="user", **{"num-rounds": 1, "dp-metrics": "none"})
+    reply = _call("train", als_cfg, arrays, 2, partition=1)
+    assert reply.has_error() and reply.error.code == PRIVACY_REFUSED and "dp-sgd" in reply.error.reason
+
+
+def test_noise_free_federated_als_learns_beyond_popularity(tmp_path):
+    cfg = small_run_config(tmp_path)
+    nodes = [node_runtime(cfg, {"partition-id": pid, "num-partitions": 3}) for pid in range(3)]
+    settings = ALSSettings.from_config(cfg)
+    num_ads = nodes[0].trainer.split.num_ads
+    arrays = init_global_arrays(num_ads, cfg.factors, cfg.seed)
+    strategy = ALSAggregation(settings, num_ads, cfg.factors)
+    for server_round in range(1, 4):
+        replies = []
+        for node in nodes:
+            users = node.trainer.fit_users_als(arrays, settings)
+            replies.append(_reply(node.trainer.als_statistics(users, settings), {"num-examples": 1.0}))
+        arrays = from_array_record(strategy.aggregate_train(server_round, replies)[0])
+    ndcg, toppop = [], []
+    for node in nodes:
+        ndcg.append(node.trainer.evaluate(arrays, node.trainer.fit_users_als(arrays, settings))["ndcg10_sampled"])
+        toppop.append(node.trainer.evaluate_toppop()["ndcg10_sampled"])
+    assert np.mean(ndcg) > np.mean(toppop) + 0.05
