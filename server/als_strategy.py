@@ -9,7 +9,8 @@ sensitivities), so the solve knows the summed noise level and regularizes agains
 Two free gains from post-processing, both only reading released values:
 - ad counts (weighted positives and rows) do not depend on the round's user factors, so
   every round's noisy release of them is averaged with the earlier ones by inverse variance;
-- the noisy counts shrink the factors of rarely seen ads (ALSSettings.count_shrinkage).
+- the noisy counts shrink the factors of rarely seen ads (ALSSettings.count_shrinkage),
+  towards zero or (als-catalog-prior) towards their public catalog category's factors.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ ROUND_INVARIANT = ("als_positives", "als_count")
 
 
 class ALSAggregation(FedAvg):
-    def __init__(self, settings: ALSSettings, num_ads: int, dim: int, **fedavg_args: object) -> None:
+    def __init__(self, settings: ALSSettings, num_ads: int, dim: int, groups: np.ndarray | None = None, **fedavg_args: object) -> None:
         super().__init__(**fedavg_args)  # type: ignore[arg-type]
-        self.settings, self.num_ads, self.dim = settings, num_ads, dim
+        self.settings, self.num_ads, self.dim, self.groups = settings, num_ads, dim, groups
         # running inverse-variance average of the round-invariant statistics: (value, variance)
         self._counts: dict[str, tuple[np.ndarray, float]] = {}
 
@@ -54,7 +55,7 @@ class ALSAggregation(FedAvg):
         for key in ROUND_INVARIANT:
             if key in total:
                 total[key], variances[key] = self._average_counts(key, total[key], variances[key])
-        arrays = solve_ads(total, self.settings, {key: float(np.sqrt(v)) for key, v in variances.items()})
+        arrays = solve_ads(total, self.settings, {key: float(np.sqrt(v)) for key, v in variances.items()}, self.groups)
         metrics = self.train_metrics_aggr_fn([msg.content for msg in valid], self.weighted_by_key)
         return to_array_record(arrays), metrics
 

@@ -26,8 +26,9 @@ from server.checkpoint import Checkpointer
 from server.strategy import RoundLog, RoundLoop
 from shared.als import ALSSettings
 from shared.config import RunConfig
+from shared.data.schema import AdCatalog
 from shared.data.sources import load_catalog
-from shared.params import check_global_arrays, init_global_arrays
+from shared.params import check_global_arrays, initial_arrays
 from shared.privacy import default_delta
 from shared.records import from_array_record, to_array_record
 
@@ -35,7 +36,7 @@ app = ServerApp()
 
 
 def build_strategy(
-    cfg: RunConfig, num_nodes: int, num_ads: int, rounds_done: int = 0
+    cfg: RunConfig, num_nodes: int, catalog: AdCatalog, rounds_done: int = 0
 ) -> tuple[Strategy, Callable[[], float | None]]:
     """The Flower strategy, and how to read the server-side epsilon (client-level DP only).
 
@@ -45,7 +46,8 @@ def build_strategy(
         min_train_nodes=cfg.min_nodes, min_evaluate_nodes=cfg.min_nodes, min_available_nodes=cfg.min_nodes,
     )
     if cfg.mf_solver == "als":
-        return ALSAggregation(ALSSettings.from_config(cfg), num_ads, cfg.factors, **sampling), lambda: None
+        groups = catalog.category_codes()[0] if cfg.als_catalog_prior else None
+        return ALSAggregation(ALSSettings.from_config(cfg), len(catalog), cfg.factors, groups=groups, **sampling), lambda: None
     fedavg = FedAvg(**sampling)
     if cfg.privacy != "client":
         return fedavg, lambda: None
@@ -80,9 +82,9 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "fedads: resuming after round %d of %d (checkpoint in %s)", done, cfg.num_rounds, checkpointer.checkpoints)
     else:
         done, history = 0, []
-        arrays = init_global_arrays(len(catalog), cfg.factors, cfg.seed)
+        arrays = initial_arrays(cfg.init, catalog.category_codes()[0], cfg.factors, cfg.seed)
     num_nodes = max(len(list(grid.get_node_ids())), cfg.min_nodes)
-    strategy, privacy_spent = build_strategy(cfg, num_nodes, len(catalog), rounds_done=done)
+    strategy, privacy_spent = build_strategy(cfg, num_nodes, catalog, rounds_done=done)
     loop = RoundLoop(strategy, grid, num_ads=len(catalog), dim=cfg.factors)
     if not cfg.resume:
         round_log = RoundLog()

@@ -29,3 +29,20 @@ def init_global_arrays(num_ads: int, dim: int, seed: int) -> dict[str, np.ndarra
         "ad_factors": (0.1 * rng.standard_normal((num_ads, dim))).astype(np.float32),
         "ad_bias": np.zeros(num_ads, dtype=np.float32),
     }
+
+
+def catalog_init_arrays(category_codes: np.ndarray, dim: int, seed: int) -> dict[str, np.ndarray]:
+    """Ad factors from the public catalog alone: each category a random direction, every ad of
+    it the same one. Users' first factors then describe their taste in categories, so the first
+    round's statistics already carry signal (a public warm start; no user data involved)."""
+    rng = np.random.default_rng(seed)
+    directions = rng.standard_normal((int(category_codes.max()) + 1, dim)) / np.sqrt(dim)
+    return {"ad_factors": (0.3 * directions[category_codes]).astype(np.float32),
+            "ad_bias": np.zeros(len(category_codes), dtype=np.float32)}
+
+
+def initial_arrays(kind: str, category_codes: np.ndarray, dim: int, seed: int) -> dict[str, np.ndarray]:
+    """The run's starting global parameters (run config `init`: "random" or "catalog")."""
+    if kind == "catalog":
+        return catalog_init_arrays(category_codes, dim, seed)
+    return init_global_arrays(len(category_codes), dim, seed)

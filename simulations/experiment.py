@@ -40,6 +40,7 @@ class PartitionSpec(BaseModel):
 class TrainingSpec(BaseModel):
     model_config = _STRICT
     model: Literal["mf"] = "mf"
+    solver: Literal["als", "sgd"] = "als"
     rounds: int = Field(10, ge=1)
     local_epochs: int = Field(1, ge=1)
     factors: int = Field(16, ge=1)
@@ -52,11 +53,13 @@ class PrivacySpec(BaseModel):
     delta: float = Field(0.0, ge=0, lt=1)
     max_grad_norm: float = Field(0.1, gt=0)
     metrics: Literal["noised", "none", "exact"] = "exact"
+    als_rounds: int = Field(2, ge=1, description="rounds (= releases) of private-ALS cells; DP-SGD cells run training.rounds")
 
 
 class SweepSpec(BaseModel):
     model_config = _STRICT
-    epsilons: list[float] = Field(default_factory=list, description="each adds a privacy=user cell")
+    epsilons: list[float] = Field(default_factory=list, description="each adds a privacy=user cell per solver")
+    solvers: list[Literal["als", "sgd"]] = Field(default_factory=list, description="MF solvers of the DP cells (default: training.solver)")
     clients: list[int] = Field(default_factory=list)
     alphas: list[float] = Field(default_factory=list)
     seeds: list[int] = Field(default_factory=lambda: [42])
@@ -75,6 +78,7 @@ class BaselineSpec(BaseModel):
     centralized: bool = True
     local_only: bool = True
     toppop: bool = True
+    dp_popularity: bool = True  # noisy per-merchant counts at each swept epsilon: the floor of any private model
 
 
 class Experiment(BaseModel):
@@ -173,7 +177,7 @@ def base_run_config(experiment: Experiment, clients: int, seed: int, alpha: floa
         "dataset": d.dataset, "data-path": d.path, "catalog-path": d.catalog,
         "synthetic-users": d.synthetic_users, "synthetic-ads": d.synthetic_ads, "synthetic-merchants": clients,
         "partitioning": p.scheme, "dirichlet-alpha": alpha,
-        "num-rounds": t.rounds, "local-epochs": t.local_epochs, "factors": t.factors, "seed": seed,
+        "num-rounds": t.rounds, "local-epochs": t.local_epochs, "factors": t.factors, "seed": seed, "mf-solver": t.solver,
         "min-nodes": min(clients, 2),
         "privacy": q.mode, "target-epsilon": q.epsilon, "target-delta": q.delta, "max-grad-norm": q.max_grad_norm,
         "dp-metrics": q.metrics,
@@ -182,7 +186,7 @@ def base_run_config(experiment: Experiment, clients: int, seed: int, alpha: floa
 
 
 def expand_cells(experiment: Experiment) -> list[Cell]:
-    """The base setting for every (clients, alpha, seed), plus one privacy=user cell per epsilon."""
+    """The base setting for every (clients, alpha, seed), plus one privacy=user cell per epsilon and solver."""
     sweep = experiment.sweep
     cells = []
     for clients, alpha, seed in itertools.product(
@@ -192,7 +196,9 @@ def expand_cells(experiment: Experiment) -> list[Cell]:
         tag = f"c{clients}" + (f"-a{alpha:g}" if experiment.partition.scheme == "dirichlet" else "") + f"-s{seed}"
         label = "federated" if base["privacy"] == "none" else f"{base['privacy']}-eps{base['target-epsilon']:g}"
         cells.append(Cell(name=f"{label}-{tag}", clients=clients, seed=seed, run_config=base))
-        for epsilon in sweep.epsilons:
-            cells.append(Cell(name=f"user-eps{epsilon:g}-{tag}", clients=clients, seed=seed,
-                              run_config={**base, "privacy": "user", "target-epsilon": float(epsilon)}))
+        for epsilon, solver in itertools.product(sweep.epsilons, sweep.solvers or [experiment.training.solver]):
+            rounds = experiment.privacy.als_rounds if solver == "als" else experiment.training.rounds
+            cells.append(Cell(name=f"user-{solver}-eps{epsilon:g}-{tag}", clients=clients, seed=seed,
+                              run_config={**base, "privacy": "user", "target-epsilon": float(epsilon), "mf-solver": solver,
+                                          "num-rounds": rounds}))
     return cells

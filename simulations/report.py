@@ -34,7 +34,8 @@ def _aggregate(rows: list[dict[str, Any]], method: str) -> dict[str, list[tuple[
 
 def plot_convergence(rows: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for method, style in (("federated", "-"), ("user-dp", "--"), ("client-dp", "-."), ("centralized", ":"), ("local-only", "-")):
+    for method, style in (("federated", "-"), ("user-dp-als", "--"), ("user-dp-sgd", "--"), ("client-dp", "-."),
+                          ("centralized", ":"), ("local-only", "-")):
         for cell, points in _aggregate(rows, method).items():
             label = f"{method}" if method in ("centralized", "local-only") else cell
             ax.plot(*zip(*points), style, marker="o", markersize=2.5, label=label, alpha=0.85 if method != "local-only" else 0.6)
@@ -63,11 +64,16 @@ def _final(rows: list[dict[str, Any]], method: str, by: str = "cell", clients: b
 
 def plot_frontier(rows: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    private = sorted((r["epsilon_target"], r[METRIC]) for r in _final(rows, "user-dp"))
-    if private:
-        ax.plot(*zip(*private), "o-", label="federated, user-level DP")
+    epsilons: set[float] = set()
+    for method, label in (("user-dp-als", "private ALS (user-level DP)"), ("user-dp-sgd", "DP-SGD (user-level DP)"),
+                          ("dp-popularity", "DP popularity (noisy counts)")):
+        private = sorted((r["epsilon_target"], r[METRIC]) for r in _final(rows, method, by="epsilon_target"))
+        if private:
+            ax.plot(*zip(*private), "o-" if method != "dp-popularity" else "s:", label=label)
+            epsilons |= {e for e, _ in private}
+    if epsilons:
         ax.set_xscale("log")
-        ax.set_xticks([e for e, _ in private], [f"{e:g}" for e, _ in private])
+        ax.set_xticks(sorted(epsilons), [f"{e:g}" for e in sorted(epsilons)])
         ax.minorticks_off()
     for method, colour in (("federated", "tab:green"), ("centralized", "tab:purple"), ("toppop", "grey")):
         for row in _final(rows, method)[:1]:
@@ -106,7 +112,7 @@ def plot_epsilon(rows: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for row in rows:
-        if row["client"] == "aggregate" and row.get("epsilon_spent") is not None and row["method"] in ("user-dp", "client-dp"):
+        if row["client"] == "aggregate" and row.get("epsilon_spent") is not None and row["method"] in ("user-dp-als", "user-dp-sgd", "client-dp"):
             series[row["cell"]].append((row["round"], row["epsilon_spent"]))
     for cell, points in sorted(series.items()):
         ax.plot(*zip(*sorted(points)), "o-", markersize=3, label=cell)
@@ -167,8 +173,9 @@ def write_report(experiment: Experiment, output: Path, rows: list[dict[str, Any]
         return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
     final_rows = []
-    for method in ("toppop", "centralized", "local-only", "federated", "client-dp", "user-dp"):
-        for row in sorted(_final(rows, method), key=lambda r: (r.get("epsilon_target") or 0, r["cell"])):
+    for method in ("toppop", "centralized", "local-only", "federated", "client-dp", "dp-popularity", "user-dp-sgd", "user-dp-als"):
+        by = "epsilon_target" if method == "dp-popularity" else "cell"
+        for row in sorted(_final(rows, method, by=by), key=lambda r: (r.get("epsilon_target") or 0, r["cell"])):
             final_rows.append([method, row["cell"], fmt(row.get("epsilon_target")), fmt(row["round"])]
                               + [fmt(row.get(m)) for m in SHOWN] + [fmt(row.get("epsilon_spent"))])
     cells = [[c["cell"], str(c["clients"]), str(c["seed"]), _guarantee(c), fmt(c.get("epsilon_spent")), str(c.get("refused", 0)),

@@ -1,6 +1,7 @@
 """The tidy results table of an experiment run: one row per (cell, round, client or aggregate).
 
-Columns: method (federated | user-dp | client-dp | centralized | local-only | toppop), cell,
+Columns: method (federated | user-dp-als | user-dp-sgd | client-dp | centralized | local-only |
+toppop | dp-popularity), cell,
 clients, seed, alpha, epsilon_target, round, client, the metrics, epsilon_spent, train_users,
 test_users, round_seconds. Read from the cells' and baselines' own outputs.
 """
@@ -20,7 +21,9 @@ COLUMNS = ("method", "cell", "clients", "seed", "alpha", "epsilon_target", "roun
 
 
 def _method(run_config: dict[str, Any]) -> str:
-    return {"none": "federated", "user": "user-dp", "client": "client-dp"}[run_config["privacy"]]
+    if run_config["privacy"] == "user":
+        return f"user-dp-{run_config.get('mf-solver', 'sgd')}"
+    return {"none": "federated", "client": "client-dp"}[run_config["privacy"]]
 
 
 def collect(experiment: Experiment, output: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -51,6 +54,9 @@ def collect(experiment: Experiment, output: Path) -> tuple[list[dict[str, Any]],
         base = {"cell": result["group"], "clients": result["clients"], "seed": result["seed"], "alpha": None, "epsilon_target": None}
         if "toppop" in result:
             rows.append({**base, "method": "toppop", "round": 0, "client": "aggregate", **result["toppop"]})
+        for epsilon, metrics in sorted(result.get("dp_popularity", {}).items(), key=lambda item: float(item[0])):
+            rows.append({**base, "method": "dp-popularity", "epsilon_target": float(epsilon), "round": 0, "client": "aggregate",
+                         **metrics, "epsilon_spent": float(epsilon)})
         for record in result.get("centralized", []):
             rows.append({**base, "method": "centralized", "round": record["round"], "client": "aggregate",
                          **record["evaluate"], "round_seconds": record["round_seconds"]})

@@ -27,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from shared.config import RunConfig
 from shared.data.sources import load_dataset
 from shared.storage import atomic_write_json
-from simulations.baselines import centralized, local_only, toppop
+from simulations.baselines import centralized, dp_popularity, local_only, toppop
 from simulations.experiment import Cell, Experiment, ExperimentError, expand_cells, load_experiment
 from simulations.launcher import PROJECT_ROOT, SimulationError, terminate_as_exit, local_superlink, run_simulation
 
@@ -90,6 +90,8 @@ def run_baselines(experiment: Experiment, cell: Cell, out_dir: Path) -> dict[str
         result["centralized"] = centralized(cfg, dataset)
     if experiment.baselines.local_only:
         result["local_only"] = local_only(cfg, dataset, cell.clients)
+    if experiment.baselines.dp_popularity and experiment.sweep.epsilons:
+        result["dp_popularity"] = dp_popularity(cfg, dataset, cell.clients, experiment.sweep.epsilons)
     result["wall_seconds"] = time.perf_counter() - started
     atomic_write_json(out_dir / DONE, result)
     return result

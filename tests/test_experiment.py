@@ -81,7 +81,9 @@ def test_shipped_experiments_validate_and_expand():
         experiment = load_experiment(root / f"{name}.toml")
         cells = expand_cells(experiment)
         assert cells[0].run_config["privacy"] == "none"
-        assert [c.epsilon for c in cells[1:]] == experiment.sweep.epsilons
+        solvers = experiment.sweep.solvers or [experiment.training.solver]
+        assert [c.epsilon for c in cells[1:]] == [e for e in experiment.sweep.epsilons for _ in solvers]
+        assert [c.run_config["mf-solver"] for c in cells[1:]] == solvers * len(experiment.sweep.epsilons)
         assert len({c.key for c in cells}) == len(cells)
     assert Path(load_experiment(root / "ml100k.toml").data.path).is_absolute()
 
@@ -112,16 +114,16 @@ def test_sweep_is_cached_resumes_after_an_interruption_and_reports(tmp_path, mon
 
     monkeypatch.setattr(sweep, "run_cell", counting)
     sweep.run_experiment(path, output)
-    assert calls == ["federated-c2-s3"] and resumed == ["user-eps4-c2-s3"]  # the finished cell was not redone
+    assert calls == ["federated-c2-s3"] and resumed == ["user-als-eps4-c2-s3"]  # the finished cell was not redone
     assert first.stat().st_mtime_ns == stamp
 
     rows = json.loads((output / "results.json").read_text())
     assert rows and all(set(row) == set(COLUMNS) for row in rows)
     methods = {row["method"] for row in rows}
-    assert methods == {"federated", "user-dp", "centralized", "local-only", "toppop"}
+    assert methods == {"federated", "user-dp-als", "centralized", "local-only", "toppop", "dp-popularity"}
     federated = [r for r in rows if r["method"] == "federated" and r["client"] == "aggregate"]
     assert [r["round"] for r in federated] == [0, 1, 2]
-    dp = [r for r in rows if r["method"] == "user-dp" and r["client"] == "aggregate" and r["round"] > 0]
+    dp = [r for r in rows if r["method"] == "user-dp-als" and r["client"] == "aggregate" and r["round"] > 0]
     assert all(0 < r["epsilon_spent"] <= 4.0 for r in dp)
     assert len({r["client"] for r in rows if r["method"] == "local-only"}) == 3  # two merchants + aggregate
     assert (output / "results.csv").read_text().splitlines()[0] == ",".join(COLUMNS)
