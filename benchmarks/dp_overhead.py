@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from client.private_step import DPSGDSettings, PerUserLoss, private_ad_epochs, resolve_grad_sample_mode, user_sample_rate
-from client.trainer import UserRows, build_user_rows
+from client.sgd_step import UserRows, build_user_rows
 from shared.config import RunConfig
 from shared.data.partition import partition_users, shard_log
 from shared.data.sources import load_dataset

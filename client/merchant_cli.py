@@ -268,7 +268,7 @@ def recommend(
     user_ids: Sequence[str], factors: dict[str, np.ndarray], arrays: dict[str, np.ndarray],
     catalog: AdCatalog, seen: dict[str, set[int]], k: int,
 ) -> list[Recommendation]:
-    from shared.model import score_all
+    from shared.params import score_all
 
     if not user_ids:
         return []
@@ -384,7 +384,7 @@ def _fold_in_sgd(
 ) -> dict[str, np.ndarray]:
     import torch
 
-    from client.trainer import build_user_rows
+    from client.sgd_step import build_user_rows
     from shared.model import solve_user_factors
 
     user_rows = build_user_rows(split, np.random.default_rng(seed), negatives, max_positives=None)

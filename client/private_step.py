@@ -37,7 +37,7 @@ from shared.model import AdModel
 from shared.privacy import Release
 
 if TYPE_CHECKING:
-    from client.trainer import UserRows
+    from client.sgd_step import UserRows
 
 log = logging.getLogger(__name__)
 

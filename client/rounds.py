@@ -12,12 +12,10 @@ answers with an error reply that says why; the server logs it and goes on with t
 from __future__ import annotations
 
 import logging
-import os
 import zlib
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from client.client_app import PRIVACY_REFUSED
@@ -30,9 +28,6 @@ from shared.records import from_array_record, to_array_record
 
 if TYPE_CHECKING:
     from client.private_round import UserLevelDP
-
-# Several simulated clients share the machine's cores: one torch thread each unless told otherwise.
-torch.set_num_threads(int(os.environ.get("FEDADS_TORCH_THREADS", "1")))
 
 log = logging.getLogger(__name__)
 

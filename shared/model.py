@@ -133,8 +133,3 @@ def _newton(
         p = torch.where(accept[:, None], candidate, p)
         value = torch.where(accept, new_value, value)
     return p
-
-
-def score_all(user_vectors: np.ndarray, arrays: dict[str, np.ndarray]) -> np.ndarray:
-    """Scores of the given users against every ad: [U, num_ads]."""
-    return user_vectors @ arrays["ad_factors"].T + arrays["ad_bias"][None, :]

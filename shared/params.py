@@ -46,3 +46,8 @@ def initial_arrays(kind: str, category_codes: np.ndarray, dim: int, seed: int) -
     if kind == "catalog":
         return catalog_init_arrays(category_codes, dim, seed)
     return init_global_arrays(len(category_codes), dim, seed)
+
+
+def score_all(user_vectors: np.ndarray, arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """Scores of the given users against every ad: [U, num_ads]."""
+    return user_vectors @ arrays["ad_factors"].T + arrays["ad_bias"][None, :]

@@ -30,7 +30,7 @@ from client.private_step import (
     private_ad_epochs,
     user_sample_rate,
 )
-from client.trainer import UserRows, build_user_rows
+from client.sgd_step import UserRows, build_user_rows
 from shared.data.split import UserSplit, leave_last_out
 from shared.data.synthetic import SyntheticSpec, generate
 from shared.model import AdModel
