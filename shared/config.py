@@ -92,7 +92,9 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _paths_for_dataset(self) -> RunConfig:
-        if self.dataset != "synthetic" and not self.data_path:
+        # "logs": in a deployment each merchant's node config names its own log; only a
+        # simulation reads data-path (shared/data/sources.load_dataset says so if it is missing)
+        if self.dataset in ("movielens-100k", "amazon-seq") and not self.data_path:
             raise ValueError(f"dataset '{self.dataset}' needs data-path")
         if self.dataset in ("amazon-seq", "logs") and not self.catalog_path:
             raise ValueError(f"dataset '{self.dataset}' needs catalog-path (the ad catalog / item attributes)")

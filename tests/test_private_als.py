@@ -210,3 +210,34 @@ def test_noise_free_federated_als_learns_beyond_popularity(tmp_path):
         ndcg.append(node.trainer.evaluate(arrays, node.trainer.fit_users_als(arrays, settings))["ndcg10_sampled"])
         toppop.append(node.trainer.evaluate_toppop()["ndcg10_sampled"])
     assert np.mean(ndcg) > np.mean(toppop) + 0.05
+
+
+def test_count_shrinkage_pulls_unseen_ads_to_their_catalog_group():
+    """An ad nobody (noisily) counted takes its category's factors, solved from the category's
+    summed statistics; a much-seen ad keeps nearly its own solution."""
+    rng = np.random.default_rng(5)
+    num_ads, dim = 6, 3
+    groups = np.array([0, 0, 0, 1, 1, 1])
+    counts = np.array([0.0, 50.0, 50.0, 0.0, 400.0, 10.0])
+    target = rng.normal(size=(num_ads, dim)) * counts[:, None] / 10
+    user_gram = np.eye(dim + 1) * 0.04 * 100
+    stats = {"als_target": target, "als_positives": counts / 2, "als_count": counts, "als_user_gram": user_gram}
+    plain = solve_ads(stats, _settings("shared", user_clip=0.2))
+    shrunk = solve_ads(stats, _settings("shared", user_clip=0.2, count_shrinkage=20.0), groups=groups)
+    group_only = solve_ads({**stats, "als_target": np.stack([target[:3].sum(0)] * 3 + [target[3:].sum(0)] * 3),
+                            "als_count": np.repeat([counts[:3].sum(), counts[3:].sum()], 3)}, _settings("shared", user_clip=0.2))
+    np.testing.assert_allclose(shrunk["ad_factors"][0], group_only["ad_factors"][0], rtol=1e-5)
+    np.testing.assert_allclose(shrunk["ad_factors"][3], group_only["ad_factors"][3], rtol=1e-5)
+    assert np.linalg.norm(shrunk["ad_factors"][4] - plain["ad_factors"][4]) < 0.1 * np.linalg.norm(plain["ad_factors"][4])
+    np.testing.assert_allclose(shrunk["ad_bias"], plain["ad_bias"])  # biases are the ads' own
+
+
+def test_catalog_warm_start_gives_one_direction_per_category():
+    from shared.params import initial_arrays
+
+    codes = np.array([0, 1, 0, 2, 1])
+    arrays = initial_arrays("catalog", codes, 4, seed=1)
+    assert arrays["ad_factors"].shape == (5, 4) and not arrays["ad_bias"].any()
+    np.testing.assert_array_equal(arrays["ad_factors"][0], arrays["ad_factors"][2])
+    assert not np.allclose(arrays["ad_factors"][0], arrays["ad_factors"][1])
+    np.testing.assert_array_equal(arrays["ad_factors"], initial_arrays("catalog", codes, 4, seed=1)["ad_factors"])

@@ -35,6 +35,9 @@ def load_dataset(cfg: RunConfig) -> Dataset:
         return load_movielens_100k(cfg.data_path)
     if cfg.dataset == "amazon-seq":
         return load_amazon_sequences(cfg.data_path, cfg.catalog_path)
+    if not cfg.data_path:
+        raise ValueError("dataset 'logs' in a simulation needs data-path (the log to cut shards from); "
+                         "deployed merchants name theirs in their node config")
     catalog = load_catalog_file(cfg.catalog_path)
     return Dataset(Path(cfg.data_path).name, catalog, load_log_file(cfg.data_path, catalog))
 
