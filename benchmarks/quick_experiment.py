@@ -6,12 +6,13 @@ Runs experiments/quick.toml into a fresh folder (each repeat from scratch) and r
 whole wall time, and per federated cell where its time went:
 - in rounds: the ServerApp's own round timings;
 - outside rounds: Flower and Ray start-up and shut-down (`flwr run` building and submitting
-  the app, the SuperExec starting the simulation, the runtime's imports, Ray's shutdown);
+  the app, the SuperExec starting the simulation, the runtime's imports, joining and leaving
+  the sweep's Ray cluster);
 - round 0 excess: round 0's evaluation minus the median evaluation of the later rounds, that
-  is Ray's start, its actors' start-up and each node's first data load, all of which round 0
+  is the Ray actors' start-up and each node's first data load, all of which round 0
   carries because it sends the nodes their first message.
-Start-up share = (outside rounds + round 0 excess) / cell wall; the sweep's one SuperLink
-start is spread over its cells.
+Start-up share = (outside rounds + round 0 excess) / cell wall; the start of the sweep's one
+SuperLink and Ray cluster is spread over its cells.
 """
 
 from __future__ import annotations
@@ -32,13 +33,13 @@ from simulations.sweep import run_experiment
 
 def _cell_rows(output: Path) -> list[dict[str, float | str]]:
     timing = json.loads((output / "timing.json").read_text())
-    superlink_share = timing["superlink_start_seconds"] / len(timing["cells"])
+    shared_start = timing["start_seconds"] / len(timing["cells"])  # the sweep's one SuperLink and Ray cluster
     rows = []
     for done in sorted(output.glob("cells/*/done.json")):
         summary = json.loads(done.read_text())
         history = json.loads((done.parent / "history.json").read_text())
         in_rounds = sum(h["round_seconds"] for h in history)
-        wall = summary["wall_seconds"] + superlink_share
+        wall = summary["wall_seconds"] + shared_start
         excess = history[0]["round_seconds"] - statistics.median(h["evaluate_seconds"] for h in history[1:])
         rows.append({"cell": summary["cell"], "rounds": len(history) - 1, "wall": wall, "in_rounds": in_rounds,
                      "outside": wall - in_rounds, "round0_excess": excess, "share": (wall - in_rounds + excess) / wall})

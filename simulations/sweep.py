@@ -29,7 +29,14 @@ from shared.data.sources import load_dataset
 from shared.storage import atomic_write_json
 from simulations.baselines import centralized, dp_popularity, local_only, toppop
 from simulations.experiment import Cell, Experiment, ExperimentError, expand_cells, load_experiment
-from simulations.launcher import PROJECT_ROOT, SimulationError, terminate_as_exit, local_superlink, run_simulation
+from simulations.launcher import (
+    PROJECT_ROOT,
+    SimulationError,
+    local_ray_cluster,
+    local_superlink,
+    run_simulation,
+    terminate_as_exit,
+)
 
 DONE = "done.json"
 
@@ -118,17 +125,19 @@ def run_experiment(experiment_path: Path, output: Path) -> Path:
                 progress.advance(cell_task)
         pending = [cell for cell in cells if not (output / "cells" / cell.key / DONE).is_file()]
         if pending:
-            # one SuperLink serves every cell: its start-up is paid once per sweep, not per cell
+            # one SuperLink and one Ray cluster serve every cell: their start-up is paid once per
+            # sweep, not per cell
             started = time.perf_counter()
-            with terminate_as_exit(), local_superlink(output / "superlink") as superlink:
-                timing = {"superlink_start_seconds": time.perf_counter() - started, "cells": [c.name for c in pending]}
+            with terminate_as_exit(), local_ray_cluster(output / "ray") as ray_address, \
+                    local_superlink(output / "superlink", ray_address) as superlink:
+                timing = {"start_seconds": time.perf_counter() - started, "cells": [c.name for c in pending]}
                 for cell in pending:
                     cell_dir = output / "cells" / cell.key
                     cell_dir.mkdir(parents=True, exist_ok=True)
                     progress.update(round_task, description=f"rounds of {cell.name}", total=cell.run_config["num-rounds"] + 1, completed=0)
                     run_cell(cell, cell_dir, progress, round_task, superlink)
                     progress.advance(cell_task)
-            timing["federated_seconds"] = time.perf_counter() - started  # SuperLink start and stop included
+            timing["federated_seconds"] = time.perf_counter() - started  # SuperLink and Ray start and stop included
             atomic_write_json(output / "timing.json", timing)
         for cell in baseline_cells.values():
             out_dir = output / "baselines" / cell.key

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import matplotlib.image
@@ -144,6 +145,19 @@ def test_sweep_is_cached_resumes_after_an_interruption_and_reports(tmp_path, mon
     # a third run has nothing left to do
     monkeypatch.setattr(sweep, "run_cell", lambda *a, **k: pytest.fail("a finished cell was run again"))
     sweep.run_experiment(path, output)
+
+    # the sweep's Ray cluster (interrupted run included) and SuperLink are gone
+    ray_dir = (output / "ray" / "ray-temp-dir").read_text()
+    leftovers = [pid for pid in os.listdir("/proc") if pid.isdigit() and _cmdline_mentions(pid, (ray_dir, str(output)))]
+    assert not leftovers
+
+
+def _cmdline_mentions(pid: str, needles: tuple[str, ...]) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return any(needle in cmdline for needle in needles)
 
 
 def test_centralized_and_one_client_federated_agree(tmp_path):
