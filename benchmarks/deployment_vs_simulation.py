@@ -6,9 +6,9 @@ Flower's simulation runtime, and the bytes each client sends and receives per ro
 Same data for both: the synthetic market of pyproject.toml's run config, cut into one shard per
 merchant exactly as the simulation cuts it; the deployment's merchants read theirs from CSV.
 Round time: the ServerApp's own `round_seconds` (history.json), median over rounds 1..N (round 0
-is only the first evaluation and carries start-up). Bytes: computed from the global parameters'
-ArrayRecord (a round sends each client the model twice, train and evaluate, and receives it
-once, the train reply), and checked against the network traffic the SuperLink counted for the
+is only the first evaluation and carries start-up). Bytes: computed from the ArrayRecords (a
+round sends each client the model twice, train and evaluate, and receives one train reply: the
+ALS statistics, or the model with mf-solver = "sgd"), and checked against the network traffic the SuperLink counted for the
 deployed run (`flwr ls --format json`, network-traffic), which adds message framing and metrics.
 Both runtimes get FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1, as simulations/launcher.py sets it.
 """
@@ -30,7 +30,10 @@ from typing import Any
 # deploy/ is not among pyproject.toml's installed packages: import it from this checkout
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
+
 from deploy.local import local_deployment, write_merchant_data  # noqa: E402
+from shared.als import ALSSettings  # noqa: E402
 from shared.config import RunConfig  # noqa: E402
 from shared.params import init_global_arrays  # noqa: E402
 from shared.records import to_array_record  # noqa: E402
@@ -55,9 +58,17 @@ def _round_times(cfg: RunConfig) -> dict[str, float]:
 
 
 def _model_bytes(cfg: RunConfig) -> dict[str, int]:
+    """Sizes of the global model (server -> client) and of a train reply (client -> server: the
+    ALS statistics, float32, or the SGD-trained model)."""
     arrays = init_global_arrays(cfg.synthetic_ads, cfg.factors, cfg.seed)
     record = to_array_record(arrays)
-    return {"raw": sum(a.nbytes for a in arrays.values()), "array_record": sum(len(a.data) for a in record.values())}
+    if cfg.mf_solver == "als":
+        shapes = ALSSettings.from_config(cfg).stat_shapes(cfg.synthetic_ads, cfg.factors)
+        reply = to_array_record({key: np.zeros(shape, dtype=np.float32) for key, shape in shapes.items()})
+    else:
+        reply = record
+    return {"raw": sum(a.nbytes for a in arrays.values()), "array_record": sum(len(a.data) for a in record.values()),
+            "train_reply": sum(len(a.data) for a in reply.values())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,16 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     traffic = status.get("network-traffic", {})
     results["bytes"] = {
         "model_raw": model["raw"], "model_array_record": model["array_record"],
-        "per_client_per_round_received": 2 * model["array_record"], "per_client_per_round_sent": model["array_record"],
+        "per_client_per_round_received": 2 * model["array_record"], "per_client_per_round_sent": model["train_reply"],
         # what the SuperLink counted: outbound = to SuperNodes (n * (2r + 1) model messages, round 0 evaluates too),
-        # inbound = from SuperNodes (n * r train replies with the model, plus metric-only evaluate replies)
+        # inbound = from SuperNodes (n * r train replies, plus metric-only evaluate replies)
         "superlink_outbound": traffic.get("outbound-bytes"), "superlink_inbound": traffic.get("inbound-bytes"),
         "superlink_outbound_per_model_message": traffic.get("outbound-bytes", 0) / (n * (2 * r + 1)),
         "superlink_inbound_per_client_per_round": traffic.get("inbound-bytes", 0) / (n * r),
     }
     (output / "results.json").write_text(json.dumps(results, indent=2))
     sim, dep, b = results["simulation"], results["deployment"], results["bytes"]
-    print(f"{results['date']}  {results['machine']}  {n} merchants, {r} rounds, privacy={args.privacy}")
+    print(f"{results['date']}  {results['machine']}  {n} merchants, {r} rounds, privacy={args.privacy}, mf-solver={dep_cfg.mf_solver}")
     print(f"median round: simulation {sim['median_round_seconds']:.2f}s, deployment (TLS, 3 SuperNodes) {dep['median_round_seconds']:.2f}s"
           f"  (round 0: {sim['round0_seconds']:.2f}s vs {dep['round0_seconds']:.2f}s)")
     print(f"model ArrayRecord {b['model_array_record']} B (raw arrays {b['model_raw']} B): per client per round "
