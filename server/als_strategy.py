@@ -8,7 +8,8 @@ sensitivities), so the solve knows the summed noise level and regularizes agains
 
 Two free gains from post-processing, both only reading released values:
 - ad counts (weighted positives and rows) do not depend on the round's user factors, so
-  every round's noisy release of them is averaged with the earlier ones by inverse variance;
+  every round's noisy release of them is averaged with the earlier ones by inverse variance
+  (kept in memory: a resumed run starts averaging afresh, which costs accuracy, not privacy);
 - the noisy counts shrink the factors of rarely seen ads (ALSSettings.count_shrinkage),
   towards zero or (als-catalog-prior) towards their public catalog category's factors.
 """
