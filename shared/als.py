@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
@@ -41,6 +42,7 @@ BUDGET_SHARES = {
     "shared": {"als_count": 0.05, "als_target": 0.75, "als_positives": 0.17, "als_user_gram": 0.03},
 }
 STAT_KEYS = {mode: tuple(shares) for mode, shares in BUDGET_SHARES.items()}
+CHUNK_ROWS = 200_000
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,13 @@ class Rows:
         return np.minimum(1.0, np.sqrt(max_rows / np.maximum(counts, 1.0)))
 
 
-def solve_users(rows: Rows, ad_factors: np.ndarray, ad_bias: np.ndarray, settings: ALSSettings, chunk_rows: int = 200_000) -> np.ndarray:
+def _chunks(total: int) -> Iterator[slice]:
+    """Row ranges that bound the [rows, D, D] temporaries of the outer-product sums."""
+    for start in range(0, total, CHUNK_ROWS):
+        yield slice(start, start + CHUNK_ROWS)
+
+
+def solve_users(rows: Rows, ad_factors: np.ndarray, ad_bias: np.ndarray, settings: ALSSettings) -> np.ndarray:
     """Exact user step: p_u = (sum_{O_u} q q^T + alpha0 Q^T Q + l2 I)^-1 (sum_{O_u} (r - b) q - alpha0 Q^T b)."""
     q = ad_factors.astype(np.float64)
     b = ad_bias.astype(np.float64)
@@ -122,11 +130,11 @@ def solve_users(rows: Rows, ad_factors: np.ndarray, ad_bias: np.ndarray, setting
     base = settings.alpha0 * q.T @ q + settings.user_l2 * np.eye(dim)
     rhs = np.tile(-settings.alpha0 * (q.T @ b), (rows.num_users, 1))
     lhs = np.tile(base, (rows.num_users, 1, 1))
-    for start in range(0, len(rows.user), chunk_rows):
-        users = rows.user[start : start + chunk_rows]
-        q_rows = q[rows.ad[start : start + chunk_rows]]
+    for part in _chunks(len(rows.user)):
+        users, ads = rows.user[part], rows.ad[part]
+        q_rows = q[ads]
         np.add.at(lhs, users, q_rows[:, :, None] * q_rows[:, None, :])
-        np.add.at(rhs, users, (rows.label[start : start + chunk_rows] - b[rows.ad[start : start + chunk_rows]])[:, None] * q_rows)
+        np.add.at(rhs, users, (rows.label[part] - b[ads])[:, None] * q_rows)
     return np.linalg.solve(lhs, rhs[:, :, None])[:, :, 0]
 
 
@@ -156,10 +164,9 @@ def ad_statistics(rows: Rows, user_factors: np.ndarray, num_ads: int, settings: 
     stats["als_positives"] = np.bincount(rows.ad, weights=row_weight * rows.label, minlength=num_ads)
     if settings.gram_mode == "per-ad":
         gram = np.zeros((num_ads, dim, dim))
-        for start in range(0, len(rows.user), 200_000):
-            users, ads = rows.user[start : start + 200_000], rows.ad[start : start + 200_000]
-            vec = p_aug[users]
-            np.add.at(gram, ads, row_weight[start : start + 200_000, None, None] * vec[:, :, None] * vec[:, None, :])
+        for part in _chunks(len(rows.user)):
+            vec = p_aug[rows.user[part]]
+            np.add.at(gram, rows.ad[part], row_weight[part, None, None] * vec[:, :, None] * vec[:, None, :])
         stats["als_gram"] = gram
     else:
         stats["als_count"] = np.bincount(rows.ad, weights=row_weight, minlength=num_ads)

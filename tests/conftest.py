@@ -30,6 +30,22 @@ def small_run_config(tmp_path: Path, **overrides: Any) -> RunConfig:
     return RunConfig.from_flower(values)
 
 
+def processes_mentioning(*needles: str, environ: bool = True) -> list[str]:
+    """Live processes whose command line (or, with `environ`, environment) holds any needle:
+    what a test's Flower, Ray or SuperNode processes would leave behind."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                env = (entry / "environ").read_bytes().decode(errors="replace") if environ else ""
+            except OSError:
+                continue
+            if any(needle in cmdline or needle in env for needle in needles):
+                found.append(f"{entry.name}: {cmdline[:120]}")
+    return found
+
+
 @pytest.fixture
 def real_data() -> Path:
     if not (REAL_DATA / "movielens" / "ml-100k" / "u.data").is_file():

@@ -19,24 +19,10 @@ pytest.importorskip("cryptography", reason="deploy.dev_certs needs the `cryptogr
 from deploy.local import Merchant, local_deployment, stop_process, write_merchant_data  # noqa: E402
 from deploy.superlink import CONNECTION, parse_cli_json, superlink_command, tool_env, write_cli_config  # noqa: E402
 from shared.storage import load_npz  # noqa: E402
-from tests.conftest import small_run_config  # noqa: E402
+from tests.conftest import processes_mentioning, small_run_config  # noqa: E402
 
 NUM_MERCHANTS = 3
 RUN_TIMEOUT = 600.0
-
-
-def _processes_mentioning(text: str) -> list[str]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                environ = (entry / "environ").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if text in cmdline or text in environ:
-                found.append(f"{entry.name}: {cmdline[:120]}")
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +32,7 @@ def deployment(tmp_path_factory):
     merchants = write_merchant_data(root / "merchants", cfg.to_flower(), NUM_MERCHANTS)
     with local_deployment(root / "flower", merchants, unregistered=["intruder"]) as deployed:
         yield root, cfg, merchants, deployed
-    assert _processes_mentioning(str(root / "flower")) == [], "a Flower process outlived the deployment"
+    assert processes_mentioning(str(root / "flower")) == [], "a Flower process outlived the deployment"
 
 
 @pytest.fixture(scope="module")

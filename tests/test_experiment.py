@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import matplotlib.image
@@ -17,6 +16,7 @@ from simulations.browser_check import chromium, screenshot
 from simulations.experiment import ExperimentError, expand_cells, load_experiment
 from simulations.launcher import run_simulation
 from simulations.results import COLUMNS
+from tests.conftest import processes_mentioning
 
 TINY = """
 name = "tiny"
@@ -148,16 +148,7 @@ def test_sweep_is_cached_resumes_after_an_interruption_and_reports(tmp_path, mon
 
     # the sweep's Ray cluster (interrupted run included) and SuperLink are gone
     ray_dir = (output / "ray" / "ray-temp-dir").read_text()
-    leftovers = [pid for pid in os.listdir("/proc") if pid.isdigit() and _cmdline_mentions(pid, (ray_dir, str(output)))]
-    assert not leftovers
-
-
-def _cmdline_mentions(pid: str, needles: tuple[str, ...]) -> bool:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return False
-    return any(needle in cmdline for needle in needles)
+    assert not processes_mentioning(ray_dir, str(output), environ=False)
 
 
 def test_centralized_and_one_client_federated_agree(tmp_path):

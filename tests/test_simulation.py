@@ -13,7 +13,7 @@ from client.node_state import NodeState
 from shared.records import digest
 from shared.storage import load_npz
 from simulations.launcher import run_simulation
-from tests.conftest import small_run_config
+from tests.conftest import processes_mentioning, small_run_config
 
 NUM_CLIENTS = 3
 
@@ -42,23 +42,9 @@ def test_federated_training_beats_round_zero_and_toppop(first_run):
     assert "fedads" in log and "round" in log
 
 
-def _processes_mentioning(text: str) -> list[str]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                environ = (entry / "environ").read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if text in cmdline or text in environ:
-                found.append(f"{entry.name}: {cmdline[:120]}")
-    return found
-
-
 def test_no_process_is_left_running(first_run):
     tmp_path, _, _ = first_run
-    assert _processes_mentioning(str(tmp_path / "flower")) == []
+    assert processes_mentioning(str(tmp_path / "flower")) == []
 
 
 def test_outputs_checkpoints_and_merchant_state(first_run):
@@ -122,5 +108,5 @@ def test_sigterm_mid_run_leaves_no_process(tmp_path):
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) != 0
-    assert _processes_mentioning(str(output / "flower")) == []
+    assert processes_mentioning(str(output / "flower")) == []
     assert os.path.exists(output / "checkpoints" / "latest.json")
