@@ -20,6 +20,7 @@ from client.node_state import NodeState
 from client.trainer import LocalTrainer
 from shared.config import RunConfig
 from shared.data.loaders import load_catalog_file, load_log_file
+from shared.data.schema import AdCatalog, InteractionLog
 from shared.data.sources import load_catalog, load_dataset, simulated_shards
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,14 @@ def node_runtime(cfg: RunConfig, node_config: Mapping[str, Any]) -> NodeRuntime:
     return _cached_runtime(cfg, name, state_dir, data_path, catalog_path, pid, count)
 
 
+@lru_cache(maxsize=1)
+def _simulated_shards(cfg: RunConfig, count: int) -> tuple[AdCatalog, list[tuple[str, InteractionLog]]]:
+    """The run's dataset and all its shards, built once per process: Flower's simulation does
+    not pin a virtual node to an actor, so each actor ends up building most of the nodes."""
+    dataset = load_dataset(cfg)
+    return dataset.catalog, simulated_shards(cfg, dataset, count)
+
+
 @lru_cache(maxsize=8)
 def _cached_runtime(
     cfg: RunConfig, name: str, state_dir: str, data_path: str | None, catalog_path: str, pid: int | None, count: int | None
@@ -62,9 +71,8 @@ def _cached_runtime(
         catalog = load_catalog_file(catalog_path) if catalog_path else load_catalog(cfg)
         shard = load_log_file(data_path, catalog)
     else:
-        dataset = load_dataset(cfg)
-        catalog = dataset.catalog
-        name, shard = simulated_shards(cfg, dataset, count)[pid]
+        catalog, shards = _simulated_shards(cfg, count)
+        name, shard = shards[pid]
     trainer = LocalTrainer.for_log(cfg, shard, len(catalog))
     split = trainer.split
     log.info("node %s: %d users, %d training positives, %d test users", name, split.num_users, len(split.pos_ads), len(split.test_users))

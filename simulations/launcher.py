@@ -3,12 +3,15 @@
 Flower's default local run starts a detached SuperLink and syncs the app's dependencies with
 uv. Instead this starts a private SuperLink in simulation mode with runtime dependency
 installation disabled, on a free loopback port with its own FLWR_HOME, submits the app with
-`flwr run --stream`, and stops the SuperLink's whole process group afterwards, also when the
+its Control API (as `flwr run --stream` would), and stops the SuperLink's whole process group afterwards, also when the
 run fails or is interrupted.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import json
 import os
 import shutil
 import signal
@@ -18,13 +21,17 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import tomli_w
 
+from simulations import ray_hook
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+SUPERLINK_ADDRESS = "FEDADS_SUPERLINK_ADDRESS"  # the Control API address, in a local_superlink's environment
 
 
 class SimulationError(RuntimeError):
@@ -148,6 +155,16 @@ def local_ray_cluster(work_dir: Path) -> Iterator[str]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def _project_installed_editable() -> bool:
+    """Whether Ray workers of this environment import this very checkout's packages."""
+    try:
+        direct_url = json.loads(importlib.metadata.distribution("fedads").read_text("direct_url.json") or "{}")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    editable = bool(direct_url.get("dir_info", {}).get("editable"))
+    return editable and direct_url.get("url", "").removeprefix("file://") == str(PROJECT_ROOT)
+
+
 @contextmanager
 def local_superlink(work_dir: Path, ray_address: str | None = None) -> Iterator[dict[str, str]]:
     """A private simulation SuperLink; yields the environment for `flwr` commands to use it.
@@ -164,7 +181,11 @@ def local_superlink(work_dir: Path, ray_address: str | None = None) -> Iterator[
         **os.environ, "FLWR_HOME": str(flwr_home), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         # the SuperExec polls for submitted runs every second by default: a second lost per run
         "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
+        "FLWR_TELEMETRY_ENABLED": "0",  # offline harness: no usage reports from the simulation processes
+        SUPERLINK_ADDRESS: address,
     }
+    if _project_installed_editable():
+        env["RAY_RUNTIME_ENV_HOOK"] = ray_hook.HOOK
     if ray_address is not None:
         env["RAY_ADDRESS"] = ray_address
     log_path = work_dir / "superlink.log"
@@ -189,45 +210,95 @@ def run_simulation(
     run_config: Mapping[str, Any],
     num_supernodes: int,
     work_dir: str | Path,
-    app_dir: str | Path = PROJECT_ROOT,
     stream_to: Any = None,
     timeout: float | None = None,
     superlink: Mapping[str, str] | None = None,
 ) -> str:
-    """Run the app once; returns the streamed log. Raises SimulationError on failure.
+    """Run the project's app once; returns the streamed log. Raises SimulationError on failure.
 
     `superlink`: the environment of a running `local_superlink` to submit to (a sweep starts
-    one for all its cells); without it, a private SuperLink lives for this run only.
+    one for all its cells); without it, a private SuperLink lives for this run only. The run
+    is submitted over the SuperLink's Control API from this process, as `flwr run --stream`
+    does, without a CLI process and with the app's FAB built once per process.
     """
     work_dir = Path(work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
-    overrides = work_dir / "run-config.toml"
-    overrides.write_text(tomli_w.dumps(dict(run_config)))
-    federation = f"num-supernodes={int(num_supernodes)} client-resources-num-cpus=1"
+    (work_dir / "run-config.toml").write_text(tomli_w.dumps(dict(run_config)))  # what was run, for a person
+    federation: dict[str, Any] = {"num_supernodes": int(num_supernodes), "client_resources_num_cpus": 1}
     if not (superlink or {}).get("RAY_ADDRESS"):  # Ray refuses num-cpus when it joins a running cluster
-        federation += f" init-args-num-cpus={os.cpu_count() or 1}"
+        federation["init_args_num_cpus"] = os.cpu_count() or 1
     with terminate_as_exit(), (nullcontext(dict(superlink)) if superlink is not None else local_superlink(work_dir)) as env:
-        command = [str(BIN / "flwr"), "run", str(app_dir), "sim", "--stream", "-c", str(overrides), "--federation-config", federation]
-        process = subprocess.Popen(
-            command, cwd=work_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            text=True, start_new_session=True,
-        )
-        lines: list[str] = []
-        try:
-            assert process.stdout is not None
-            started = time.monotonic()
-            for line in process.stdout:
-                lines.append(line)
-                if stream_to is not None:
-                    stream_to.write(line)
-                    stream_to.flush()
-                if timeout is not None and time.monotonic() - started > timeout:
-                    raise SimulationError(f"the simulation ran past {timeout:.0f}s")
-            process.wait()
-        finally:
-            stop_tree(process)
+        lines, status = _submit_and_stream(env, run_config, federation, stream_to, timeout)
     output = "".join(lines)
     (work_dir / "flwr-run.log").write_text(output)
-    if process.returncode != 0 or "ServerApp raised an exception" in output or "Traceback" in output:
-        raise SimulationError(f"flwr run failed (exit {process.returncode}); log in {work_dir / 'flwr-run.log'}:\n{output[-4000:]}")
+    if status != "completed" or "ServerApp raised an exception" in output or "Traceback" in output:
+        raise SimulationError(f"the run ended {status}; log in {work_dir / 'flwr-run.log'}:\n{output[-4000:]}")
     return output
+
+
+@lru_cache(maxsize=1)
+def _app_fab() -> Any:
+    """The project's app as a FAB, built once per process: a sweep runs one version of the code."""
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.supercore.fab import Fab
+
+    fab_bytes = build_fab_from_disk(PROJECT_ROOT)
+    return Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
+
+
+@contextmanager
+def _flwr_home(path: str) -> Iterator[None]:
+    """Flower's Control API client reads its connection's credentials from $FLWR_HOME."""
+    previous = os.environ.get("FLWR_HOME")
+    os.environ["FLWR_HOME"] = path
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("FLWR_HOME", None)
+        else:
+            os.environ["FLWR_HOME"] = previous
+
+
+def _submit_and_stream(
+    env: Mapping[str, str], run_config: Mapping[str, Any], federation: dict[str, Any], stream_to: Any, timeout: float | None
+) -> tuple[list[str], str]:
+    """Start the run, stream its log until the SuperLink ends it; returns (log lines, sub-status)."""
+    from flwr.cli.typing import SuperLinkConnection
+    from flwr.cli.utils import init_http_client_from_connection
+    from flwr.common.serde import fab_to_proto, run_from_proto, user_config_to_proto
+    from flwr.proto.control_pb2 import ListRunsRequest, StartRunRequest, StopRunRequest, StreamLogsRequest
+    from flwr.supercore.utils import simulation_config_from_json
+
+    connection = SuperLinkConnection(name="sim", address=env[SUPERLINK_ADDRESS], insecure=True)
+    with _flwr_home(env["FLWR_HOME"]):
+        client = init_http_client_from_connection(connection)
+    lines: list[str] = []
+    run_id = None
+    try:
+        reply = client.StartRun(StartRunRequest(
+            fab=fab_to_proto(_app_fab()), override_config=user_config_to_proto(dict(run_config)),
+            override_federation_config=simulation_config_from_json(federation),
+        ))
+        if not reply.HasField("run_id"):
+            raise SimulationError(f"the SuperLink did not start the run: {reply}")
+        run_id = reply.run_id
+        started = time.monotonic()
+        for chunk in client.StreamLogs(StreamLogsRequest(run_id=run_id, after_timestamp=0.0)):
+            lines.append(chunk.log_output)
+            if stream_to is not None:
+                stream_to.write(chunk.log_output)
+                stream_to.flush()
+            if timeout is not None and time.monotonic() - started > timeout:
+                raise SimulationError(f"the simulation ran past {timeout:.0f}s")
+        runs = client.ListRuns(ListRunsRequest(run_id=run_id)).run_dict.values()
+        status = next(iter(run_from_proto(proto).status.sub_status for proto in runs), "unknown")
+        run_id = None  # finished: nothing to stop
+        return lines, status
+    finally:
+        if run_id is not None:  # interrupted or timed out: the SuperLink stops its simulation
+            try:
+                client.StopRun(StopRunRequest(run_id=run_id))
+            except Exception:  # noqa: BLE001 - the SuperLink itself may be gone; it is stopped next anyway
+                pass
+        client.close()
