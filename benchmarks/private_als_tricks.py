@@ -60,10 +60,10 @@ def run(cfg: RunConfig, trainers: list[LocalTrainer], catalog: Any, epsilon: flo
     settings = ALSSettings.from_config(cfg)
     shares = round_budget_shares(cfg.num_rounds, cfg.als_budget_growth)
     sigmas = [calibrate_noise_multiplier(epsilon, default_delta(t.split.num_users), 1.0, steps=1) for t in trainers]
-    groups = catalog.category_codes()[0] if cfg.als_catalog_prior else None
+    tags = catalog.tag_membership() if cfg.als_catalog_prior else None
     arrays = initial_arrays(cfg.init, catalog.category_codes()[0], cfg.factors, cfg.seed)
     rng = np.random.default_rng(seed)
-    strategy = ALSAggregation(settings, len(catalog), cfg.factors, groups=groups)
+    strategy = ALSAggregation(settings, len(catalog), cfg.factors, tags=tags)
     for server_round in range(1, cfg.num_rounds + 1):
         replies = []
         for trainer, sigma in zip(trainers, sigmas):
@@ -71,7 +71,7 @@ def run(cfg: RunConfig, trainers: list[LocalTrainer], catalog: Any, epsilon: flo
             stats = trainer.als_statistics(trainer.fit_users_als(arrays, settings), settings)
             replies.append(_reply(add_noise(stats, settings.noise_stds(sigma_r), rng), sigma_r))
         if not average_counts:
-            strategy = ALSAggregation(settings, len(catalog), cfg.factors, groups=groups)  # no memory of earlier rounds
+            strategy = ALSAggregation(settings, len(catalog), cfg.factors, tags=tags)  # no memory of earlier rounds
         arrays = from_array_record(strategy.aggregate_train(server_round, replies)[0])
     results = [t.evaluate(arrays, t.fit_users_als(arrays, settings)) for t in trainers]
     weights = np.array([r["num-test-users"] for r in results])

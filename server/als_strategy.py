@@ -11,7 +11,7 @@ Two free gains from post-processing, both only reading released values:
   every round's noisy release of them is averaged with the earlier ones by inverse variance
   (kept in memory: a resumed run starts averaging afresh, which costs accuracy, not privacy);
 - the noisy counts shrink the factors of rarely seen ads (ALSSettings.count_shrinkage),
-  towards zero or (als-catalog-prior) towards their public catalog category's factors.
+  towards zero or (als-catalog-prior) towards the mean factors of their public catalog tags.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ ROUND_INVARIANT = ("als_positives", "als_count")
 
 
 class ALSAggregation(FedAvg):
-    def __init__(self, settings: ALSSettings, num_ads: int, dim: int, groups: np.ndarray | None = None, **fedavg_args: object) -> None:
+    def __init__(self, settings: ALSSettings, num_ads: int, dim: int, tags: np.ndarray | None = None, **fedavg_args: object) -> None:
         super().__init__(**fedavg_args)  # type: ignore[arg-type]
-        self.settings, self.num_ads, self.dim, self.groups = settings, num_ads, dim, groups
+        self.settings, self.num_ads, self.dim, self.tags = settings, num_ads, dim, tags
         # running inverse-variance average of the round-invariant statistics: (value, variance)
         self._counts: dict[str, tuple[np.ndarray, float]] = {}
 
@@ -56,7 +56,7 @@ class ALSAggregation(FedAvg):
         for key in ROUND_INVARIANT:
             if key in total:
                 total[key], variances[key] = self._average_counts(key, total[key], variances[key])
-        arrays = solve_ads(total, self.settings, {key: float(np.sqrt(v)) for key, v in variances.items()}, self.groups)
+        arrays = solve_ads(total, self.settings, {key: float(np.sqrt(v)) for key, v in variances.items()}, self.tags)
         metrics = self.train_metrics_aggr_fn([msg.content for msg in valid], self.weighted_by_key)
         return to_array_record(arrays), metrics
 

@@ -46,8 +46,8 @@ def build_strategy(
         min_train_nodes=cfg.min_nodes, min_evaluate_nodes=cfg.min_nodes, min_available_nodes=cfg.min_nodes,
     )
     if cfg.mf_solver == "als":
-        groups = catalog.category_codes()[0] if cfg.als_catalog_prior else None
-        return ALSAggregation(ALSSettings.from_config(cfg), len(catalog), cfg.factors, groups=groups, **sampling), lambda: None
+        tags = catalog.tag_membership() if cfg.als_catalog_prior else None
+        return ALSAggregation(ALSSettings.from_config(cfg), len(catalog), cfg.factors, tags=tags, **sampling), lambda: None
     fedavg = FedAvg(**sampling)
     if cfg.privacy != "client":
         return fedavg, lambda: None

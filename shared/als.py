@@ -192,7 +192,7 @@ def add_noise(stats: dict[str, np.ndarray], stds: dict[str, float], rng: np.rand
 
 
 def solve_ads(
-    stats: dict[str, np.ndarray], settings: ALSSettings, noise_stds: dict[str, float] | None = None, groups: np.ndarray | None = None
+    stats: dict[str, np.ndarray], settings: ALSSettings, noise_stds: dict[str, float] | None = None, tags: np.ndarray | None = None
 ) -> dict[str, np.ndarray]:
     """Ad step from summed (possibly noisy) statistics: ridge per ad, made positive definite.
 
@@ -200,6 +200,8 @@ def solve_ads(
     The ridge grows with the target's noise (`noise_ridge` per unit of std), and eigenvalues are
     floored at the per-ad Gramians' noise level (a symmetric Gaussian D x D matrix has spectral
     norm about 2 sqrt(D) std): the solve never amplifies noise beyond what the ridge allows.
+    `tags`: the catalog's public [ads, tags] membership (AdCatalog.tag_membership), for the
+    content prior of count shrinkage.
     """
     noise_stds = noise_stds or {}
     user_gram = _symmetrize(stats["als_user_gram"])
@@ -216,19 +218,16 @@ def solve_ads(
     coef = _ridge(per_ad + settings.alpha0 * user_gram[None], target, floor)
     if settings.count_shrinkage > 0:
         # noisy counts as a prior: an ad seen by few users has factors mostly made of noise;
-        # it leans on its catalog group's (brand or category) factors, solved from the sums of
-        # the group's statistics (public grouping: post-processing, no extra privacy cost)
+        # it leans on the mean of its catalog tags' factors (attributes, genres, category), each
+        # solved from the summed statistics of every ad with that tag, so from many users and
+        # little noise (public tags: post-processing, no extra privacy cost)
         counts = np.maximum(per_ad[:, -1, -1] / settings.user_clip**2, 0.0)
         weight = (counts / (counts + settings.count_shrinkage))[:, None]
         prior = np.zeros_like(coef)
-        if groups is not None:
-            size = int(groups.max()) + 1
-            group_lhs = np.zeros((size, dim, dim))
-            np.add.at(group_lhs, groups, per_ad)
-            group_target = np.zeros((size, dim))
-            np.add.at(group_target, groups, target)
-            group_coef = _ridge(group_lhs + settings.alpha0 * user_gram[None], group_target, floor)
-            prior = group_coef[groups]
+        if tags is not None:
+            tag_lhs = (tags.T @ per_ad.reshape(len(per_ad), -1)).reshape(-1, dim, dim)
+            tag_coef = _ridge(tag_lhs + settings.alpha0 * user_gram[None], tags.T @ target, floor)
+            prior = (tags / np.maximum(tags.sum(axis=1, keepdims=True), 1.0)) @ tag_coef
         coef[:, :-1] = weight * coef[:, :-1] + (1.0 - weight) * prior[:, :-1]
     return {"ad_factors": coef[:, :-1].astype(np.float32), "ad_bias": (coef[:, -1] * settings.user_clip).astype(np.float32)}
 

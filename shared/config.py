@@ -76,7 +76,7 @@ class RunConfig(BaseModel):
     als_gram: Literal["auto", "shared", "per-ad"] = Field("auto", description="auto: per-ad without DP (exact ALS), shared under DP")
     als_count_shrinkage: float = Field(20.0, ge=0, description="under DP: ad factors scaled by n / (n + this)")
     als_budget_growth: float = Field(2.33, gt=0, description="under DP: round r gets a budget share ~ growth^r")
-    als_catalog_prior: bool = Field(False, description="under DP: rarely seen ads lean on their catalog category's factors")
+    als_catalog_prior: bool = Field(False, description="under DP: rarely seen ads lean on the mean factors of their public catalog tags (attributes, genres, category)")
     init: Literal["random", "catalog"] = Field("random", description="initial ad factors: random, or from the public catalog's categories")
     # privacy: "none", "user" (user-level DP-SGD with Opacus) or "client" (Flower's
     # client-level DP: server-side clipping and noise of whole merchant updates); docs/PRIVACY.md

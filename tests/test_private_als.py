@@ -217,19 +217,51 @@ def test_count_shrinkage_pulls_unseen_ads_to_their_catalog_group():
     summed statistics; a much-seen ad keeps nearly its own solution."""
     rng = np.random.default_rng(5)
     num_ads, dim = 6, 3
-    groups = np.array([0, 0, 0, 1, 1, 1])
+    groups = np.eye(2)[[0, 0, 0, 1, 1, 1]]  # one tag per ad: its category
     counts = np.array([0.0, 50.0, 50.0, 0.0, 400.0, 10.0])
     target = rng.normal(size=(num_ads, dim)) * counts[:, None] / 10
     user_gram = np.eye(dim + 1) * 0.04 * 100
     stats = {"als_target": target, "als_positives": counts / 2, "als_count": counts, "als_user_gram": user_gram}
     plain = solve_ads(stats, _settings("shared", user_clip=0.2))
-    shrunk = solve_ads(stats, _settings("shared", user_clip=0.2, count_shrinkage=20.0), groups=groups)
+    shrunk = solve_ads(stats, _settings("shared", user_clip=0.2, count_shrinkage=20.0), tags=groups)
     group_only = solve_ads({**stats, "als_target": np.stack([target[:3].sum(0)] * 3 + [target[3:].sum(0)] * 3),
                             "als_count": np.repeat([counts[:3].sum(), counts[3:].sum()], 3)}, _settings("shared", user_clip=0.2))
     np.testing.assert_allclose(shrunk["ad_factors"][0], group_only["ad_factors"][0], rtol=1e-5)
     np.testing.assert_allclose(shrunk["ad_factors"][3], group_only["ad_factors"][3], rtol=1e-5)
     assert np.linalg.norm(shrunk["ad_factors"][4] - plain["ad_factors"][4]) < 0.1 * np.linalg.norm(plain["ad_factors"][4])
     np.testing.assert_allclose(shrunk["ad_bias"], plain["ad_bias"])  # biases are the ads' own
+
+
+def test_an_unseen_ad_with_several_tags_takes_the_mean_of_their_factors():
+    """Tags overlap (ad 2 carries both): each tag is solved from all its ads' sums, and an ad
+    nobody counted gets the mean of its tags' factors."""
+    rng = np.random.default_rng(6)
+    dim = 3
+    tags = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
+    counts = np.array([80.0, 120.0, 0.0, 40.0])
+    target = rng.normal(size=(4, dim)) * counts[:, None] / 10
+    stats = {"als_target": target, "als_positives": counts / 2, "als_count": counts, "als_user_gram": np.eye(dim + 1) * 4.0}
+    settings = _settings("shared", user_clip=0.2, count_shrinkage=20.0)
+    shrunk = solve_ads(stats, settings, tags=tags)
+    per_tag = [solve_ads({**stats, "als_target": np.stack([tags[:, t] @ target] * 4), "als_positives": np.full(4, tags[:, t] @ counts / 2),
+                          "als_count": np.full(4, tags[:, t] @ counts)}, _settings("shared", user_clip=0.2))["ad_factors"][0] for t in (0, 1)]
+    np.testing.assert_allclose(shrunk["ad_factors"][2], (per_tag[0] + per_tag[1]) / 2, rtol=1e-5)
+    assert np.linalg.norm(shrunk["ad_factors"][1] - shrunk["ad_factors"][2]) > 1e-3  # a counted ad keeps mostly its own
+
+
+def test_catalog_tags_default_to_category_and_brand_and_amazon_attributes_are_tags(tmp_path):
+    import json
+
+    from shared.data.loaders import load_amazon_catalog
+    from shared.data.schema import AdCatalog
+
+    catalog = AdCatalog(("a", "b", "c"), ("shoes", "bags", "shoes"), ("acme", None, "zeta"), (None, None, None))
+    assert catalog.tags == (("shoes", "acme"), ("bags",), ("shoes", "zeta"))
+    np.testing.assert_array_equal(catalog.tag_membership(), [[1, 0, 1, 0], [0, 1, 0, 0], [0, 0, 1, 1]])  # acme, bags, shoes, zeta
+    path = tmp_path / "item2attributes.json"
+    path.write_text(json.dumps({"1": [7, 9], "2": [9], "3": []}))
+    amazon = load_amazon_catalog(path)
+    assert dict(zip(amazon.ad_ids, amazon.tags)) == {"1": ("attr-7", "attr-9"), "2": ("attr-9",), "3": ("unknown",)}
 
 
 def test_catalog_warm_start_gives_one_direction_per_category():

@@ -256,7 +256,7 @@ def load_movielens_catalog(folder: str | Path) -> AdCatalog:
     item_path = Path(folder) / "u.item"
     if not item_path.is_file():
         raise DataValidationError(str(item_path), None, None, "MovieLens-100K file does not exist")
-    ids, categories, titles = [], [], []
+    ids, categories, titles, tags = [], [], [], []
     with item_path.open(encoding="latin-1") as handle:
         for line, raw in enumerate(handle, start=1):
             if not raw.strip():
@@ -271,7 +271,8 @@ def load_movielens_catalog(folder: str | Path) -> AdCatalog:
                 raise DataValidationError(str(item_path), line, "genre", "genre flags must be 0 or 1")
             genres = [g for g, f in zip(MOVIELENS_GENRES, flags) if f == "1"]
             categories.append(genres[0] if genres else "unknown")
-    return AdCatalog(tuple(ids), tuple(categories), (None,) * len(ids), tuple(titles), source=str(item_path))
+            tags.append(tuple(genres) or ("unknown",))
+    return AdCatalog(tuple(ids), tuple(categories), (None,) * len(ids), tuple(titles), source=str(item_path), tags=tuple(tags))
 
 
 def load_movielens_100k(folder: str | Path, strict: bool = True) -> Dataset:
@@ -304,7 +305,7 @@ def load_movielens_100k(folder: str | Path, strict: bool = True) -> Dataset:
 # ------------------------------------------------------------------ Amazon sequences
 def load_amazon_catalog(attributes_path: str | Path) -> AdCatalog:
     """Item id -> attribute ids (category and brand, unnamed). An item's category is its most
-    common attribute across the catalog (the coarsest grouping)."""
+    common attribute across the catalog (the coarsest grouping); all its attributes are its tags."""
     attributes_path = Path(attributes_path)
     if not attributes_path.is_file():
         raise DataValidationError(str(attributes_path), None, None, "attribute file does not exist")
@@ -322,7 +323,8 @@ def load_amazon_catalog(attributes_path: str | Path) -> AdCatalog:
     categories = tuple(
         f"attr-{max(attributes[i], key=lambda a: (frequency[a], -a))}" if attributes[i] else "unknown" for i in ids
     )
-    return AdCatalog(ids, categories, (None,) * len(ids), (None,) * len(ids), source=str(attributes_path))
+    tags = tuple(tuple(f"attr-{a}" for a in attributes[i]) or ("unknown",) for i in ids)
+    return AdCatalog(ids, categories, (None,) * len(ids), (None,) * len(ids), source=str(attributes_path), tags=tags)
 
 
 def load_amazon_sequences(sequence_path: str | Path, attributes_path: str | Path, strict: bool = True) -> Dataset:

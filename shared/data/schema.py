@@ -56,11 +56,15 @@ class AdCatalog:
     brands: tuple[str | None, ...]
     titles: tuple[str | None, ...]
     source: str = "<memory>"
+    # public content tags per ad (attributes, genres), for content priors; default: its category and brand
+    tags: tuple[tuple[str, ...], ...] = ()
     index: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = len(self.ad_ids)
-        for name in ("categories", "brands", "titles"):
+        if not self.tags:
+            object.__setattr__(self, "tags", tuple((c,) + ((b,) if b else ()) for c, b in zip(self.categories, self.brands)))
+        for name in ("categories", "brands", "titles", "tags"):
             if len(getattr(self, name)) != n:
                 raise DataValidationError(self.source, None, name, f"has {len(getattr(self, name))} entries, expected {n}")
         index: dict[str, int] = {}
@@ -72,6 +76,15 @@ class AdCatalog:
 
     def __len__(self) -> int:
         return len(self.ad_ids)
+
+    def tag_membership(self) -> np.ndarray:
+        """[ads, distinct tags] 0/1 matrix: which public tags each ad carries."""
+        names = sorted({tag for tags in self.tags for tag in tags})
+        lookup = {name: column for column, name in enumerate(names)}
+        membership = np.zeros((len(self.ad_ids), len(names)))
+        for row, tags in enumerate(self.tags):
+            membership[row, [lookup[tag] for tag in tags]] = 1.0
+        return membership
 
     def category_codes(self) -> tuple[np.ndarray, list[str]]:
         """Integer category per ad, and the category names in code order."""
