@@ -56,11 +56,14 @@ def _reply(stats: dict[str, np.ndarray], sigma: float) -> Message:
     return Message(content=content, reply_to=Message(content=RecordDict(), dst_node_id=1, message_type="train"))
 
 
-def run(cfg: RunConfig, trainers: list[LocalTrainer], catalog: Any, epsilon: float, seed: int, average_counts: bool = True) -> dict[str, float]:
+def run(cfg: RunConfig, trainers: list[LocalTrainer], catalog: Any, epsilon: float, seed: int, average_counts: bool = True,
+        category_only: bool = False) -> dict[str, float]:
     settings = ALSSettings.from_config(cfg)
     shares = round_budget_shares(cfg.num_rounds, cfg.als_budget_growth)
     sigmas = [calibrate_noise_multiplier(epsilon, default_delta(t.split.num_users), 1.0, steps=1) for t in trainers]
-    tags = catalog.tag_membership() if cfg.als_catalog_prior else None
+    tags = None
+    if cfg.als_catalog_prior:  # all the ads' public tags, or (for comparison) one category each
+        tags = np.eye(int(catalog.category_codes()[0].max()) + 1)[catalog.category_codes()[0]] if category_only else catalog.tag_membership()
     arrays = initial_arrays(cfg.init, catalog.category_codes()[0], cfg.factors, cfg.seed)
     rng = np.random.default_rng(seed)
     strategy = ALSAggregation(settings, len(catalog), cfg.factors, tags=tags)
@@ -95,7 +98,7 @@ def main() -> int:
     trainers = [LocalTrainer.for_log(tuned, shard, len(dataset.catalog)) for _, shard in simulated_shards(tuned, dataset, 5)]
     plain = {"als-gram": "per-ad", "als-budget-growth": 1.0, "als-count-shrinkage": 0.0, "als-noise-ridge": 0.0,
              "als-catalog-prior": False, "init": "random"}
-    variants: list[tuple[str, dict[str, Any], bool]] = [
+    variants: list[tuple[str, dict[str, Any], bool] | tuple[str, dict[str, Any], bool, bool]] = [
         ("plain private ALS (per-ad Gramians, equal rounds, no count averaging, no shrinkage)", plain, False),
         ("plain + shared Gramian (count x average user)", {**plain, "als-gram": "shared"}, False),
         ("plain + counts averaged over rounds", plain, True),
@@ -108,8 +111,9 @@ def main() -> int:
         ("setting, 3 rounds", {"num-rounds": 3}, True),
         ("setting, clip 0.1", {"als-user-clip": 0.1}, True),
         ("setting, clip 0.5", {"als-user-clip": 0.5}, True),
-        ("setting, catalog prior " + ("off" if tuned.als_catalog_prior else "on"),
+        ("setting, catalog prior " + ("off" if tuned.als_catalog_prior else "on (all tags)"),
          {"als-catalog-prior": not tuned.als_catalog_prior}, True),
+        ("setting, catalog prior on, one category per ad instead of all tags", {"als-catalog-prior": True}, True, True),
         ("setting, warm start " + ("random" if tuned.init == "catalog" else "catalog"),
          {"init": "random" if tuned.init == "catalog" else "catalog"}, True),
     ]
@@ -117,10 +121,11 @@ def main() -> int:
           f"factors {args.factors}, median of {args.seeds} noise seeds")
     print("| variant | NDCG@10 sampled | HR@10 sampled | NDCG@10 full | s per run |")
     print("|---|---|---|---|---|")
-    for name, overrides, average in variants:
+    for name, overrides, average, *extra in variants:
+        category_only = bool(extra and extra[0])
         cfg = RunConfig.from_flower({**setting, **overrides})
         started = time.perf_counter()
-        runs = [run(cfg, trainers, dataset.catalog, args.epsilon, seed, average) for seed in range(args.seeds)]
+        runs = [run(cfg, trainers, dataset.catalog, args.epsilon, seed, average, category_only) for seed in range(args.seeds)]
         seconds = (time.perf_counter() - started) / args.seeds
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         print(f"| {name} | {med['ndcg10_sampled']:.4f} | {med['hr10_sampled']:.4f} | {med['ndcg10_full']:.4f} | {seconds:.1f} |", flush=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import io
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -271,7 +272,7 @@ def _submit_and_stream(
     from flwr.supercore.utils import simulation_config_from_json
 
     connection = SuperLinkConnection(name="sim", address=env[SUPERLINK_ADDRESS], insecure=True)
-    with _flwr_home(env["FLWR_HOME"]):
+    with _flwr_home(env["FLWR_HOME"]), redirect_stdout(io.StringIO()):  # its "Using SuperLink" line is CLI chatter
         client = init_http_client_from_connection(connection)
     lines: list[str] = []
     run_id = None
