@@ -2,9 +2,9 @@
 
 Flower's default local run starts a detached SuperLink and syncs the app's dependencies with
 uv. Instead this starts a private SuperLink in simulation mode with runtime dependency
-installation disabled, on a free loopback port with its own FLWR_HOME, submits the app with
-its Control API (as `flwr run --stream` would), and stops the SuperLink's whole process group afterwards, also when the
-run fails or is interrupted.
+installation disabled, on a free loopback port with its own FLWR_HOME, submits the app over
+its Control API (as `flwr run --stream` would), and stops the SuperLink's whole process group
+afterwards, also when the run fails or is interrupted.
 """
 
 from __future__ import annotations
