@@ -1,5 +1,5 @@
 """End to end through Flower's simulation runtime: the real ServerApp and ClientApp, a private
-SuperLink, `flwr run`; then resume from the checkpoint."""
+SuperLink, a run submitted over its Control API; then resume from the checkpoint."""
 
 from __future__ import annotations
 
@@ -110,3 +110,16 @@ def test_sigterm_mid_run_leaves_no_process(tmp_path):
     assert process.wait(timeout=60) != 0
     assert processes_mentioning(str(output / "flower")) == []
     assert os.path.exists(output / "checkpoints" / "latest.json")
+
+
+def test_a_run_whose_server_app_fails_raises_with_its_log(tmp_path):
+    """The run's own status decides: a ServerApp that cannot load its data ends the run failed,
+    and the harness raises with the log instead of returning as if it had trained."""
+    from simulations.launcher import SimulationError
+
+    cfg = small_run_config(tmp_path, **{"dataset": "movielens-100k", "data-path": str(tmp_path / "no-such-folder")})
+    with pytest.raises(SimulationError, match="no-such-folder") as failure:
+        run_simulation(cfg.to_flower(), 2, tmp_path / "flower", timeout=300)
+    assert "the run ended failed" in str(failure.value)  # the SuperLink's status of the run, not only its log text
+    assert (tmp_path / "flower" / "flwr-run.log").is_file()
+    assert processes_mentioning(str(tmp_path / "flower")) == []
