@@ -61,10 +61,11 @@ def run(cfg: RunConfig, trainers: list[LocalTrainer], catalog: Any, epsilon: flo
     settings = ALSSettings.from_config(cfg)
     shares = round_budget_shares(cfg.num_rounds, cfg.als_budget_growth)
     sigmas = [calibrate_noise_multiplier(epsilon, default_delta(t.split.num_users), 1.0, steps=1) for t in trainers]
+    codes = catalog.category_codes()[0]
     tags = None
     if cfg.als_catalog_prior:  # all the ads' public tags, or (for comparison) one category each
-        tags = np.eye(int(catalog.category_codes()[0].max()) + 1)[catalog.category_codes()[0]] if category_only else catalog.tag_membership()
-    arrays = initial_arrays(cfg.init, catalog.category_codes()[0], cfg.factors, cfg.seed)
+        tags = np.eye(int(codes.max()) + 1)[codes] if category_only else catalog.tag_membership()
+    arrays = initial_arrays(cfg.init, codes, cfg.factors, cfg.seed)
     rng = np.random.default_rng(seed)
     strategy = ALSAggregation(settings, len(catalog), cfg.factors, tags=tags)
     for server_round in range(1, cfg.num_rounds + 1):

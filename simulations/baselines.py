@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from client.trainer import LocalTrainer
-from shared.als import ALSSettings, Rows, solve_ads
+from shared.als import ALSSettings, solve_ads
 from shared.config import RunConfig
 from shared.data.schema import AdCatalog, Dataset
 from shared.data.sources import simulated_shards
@@ -83,7 +83,7 @@ def dp_popularity(cfg: RunConfig, dataset: Dataset, num_clients: int, epsilons: 
     trainers = [LocalTrainer.for_log(cfg, shard, len(dataset.catalog)) for _, shard in simulated_shards(cfg, dataset, num_clients)]
     counts = []
     for trainer in trainers:
-        rows = Rows.from_split(trainer.split)
+        rows = trainer.als_rows
         weight = rows.user_weights(cfg.als_max_rows)[rows.user] * rows.label
         counts.append(np.bincount(rows.ad, weights=weight, minlength=trainer.split.num_ads))
     rng = np.random.default_rng([cfg.seed, 7])

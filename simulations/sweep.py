@@ -119,11 +119,13 @@ def run_experiment(experiment_path: Path, output: Path) -> Path:
     with Progress(*columns, transient=False) as progress:
         cell_task = progress.add_task("cells", total=len(cells) + len(baseline_cells))
         round_task = progress.add_task("rounds", total=0)
+        pending = []
         for cell in cells:
             if (output / "cells" / cell.key / DONE).is_file():
                 progress.console.print(f"cached: {cell.name}")
                 progress.advance(cell_task)
-        pending = [cell for cell in cells if not (output / "cells" / cell.key / DONE).is_file()]
+            else:
+                pending.append(cell)
         if pending:
             # one SuperLink and one Ray cluster serve every cell: their start-up is paid once per
             # sweep, not per cell
