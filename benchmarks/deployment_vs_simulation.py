@@ -10,7 +10,7 @@ is only the first evaluation and carries start-up). Bytes: computed from the Arr
 round sends each client the model twice, train and evaluate, and receives one train reply: the
 ALS statistics, or the model with mf-solver = "sgd"), and checked against the network traffic the SuperLink counted for the
 deployed run (`flwr ls --format json`, network-traffic), which adds message framing and metrics.
-Both runtimes get FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1, as simulations/launcher.py sets it.
+The deployment's SuperExecs poll for work every 0.1 s (FLWR_SUPEREXEC_TASK_POLL_INTERVAL) instead of every second.
 """
 
 from __future__ import annotations
@@ -86,7 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     sim_cfg = _run_config(output / "simulation", args.merchants, args.rounds, args.privacy)
-    os.environ.update(POLL_ENV)  # the launcher copies os.environ (it sets the same value itself)
     started = time.perf_counter()
     run_simulation(sim_cfg.to_flower(), args.merchants, output / "simulation" / "flower", timeout=args.timeout)
     results["simulation"] = {"wall_seconds": time.perf_counter() - started, **_round_times(sim_cfg)}

@@ -90,6 +90,19 @@ def _privacy(cfg: RunConfig, node: NodeRuntime) -> tuple[PrivacyLedger, "UserLev
     return ledger, UserLevelDP(cfg, node.trainer, ledger)
 
 
+def first_message_imports(cfg: RunConfig) -> tuple[str, ...]:
+    """What a node of a run with this config imports by the end of its first messages (torch
+    and Opacus are loaded lazily, by the runs that use them): a simulation's actors can
+    import it as they start instead."""
+    modules = ["client.rounds"]
+    if cfg.mf_solver == "sgd":
+        modules.append("client.sgd_step")  # torch
+    if cfg.privacy == "user":
+        modules += ["client.private_als"] if cfg.mf_solver == "als" else ["client.private_round", "client.private_step"]
+        modules.append("opacus.accountants")  # the ledger's epsilon (shared/privacy.epsilon_of)
+    return tuple(modules)
+
+
 def train(msg: Message, context: Context) -> Message:
     cfg, node, arrays, server_round = _setup(msg, context)
     try:

@@ -17,10 +17,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from client.node_state import NodeState
-from client.trainer import LocalTrainer
+from client.trainer import LocalTrainer, TrainSettings
 from shared.config import RunConfig
 from shared.data.loaders import load_catalog_file, load_log_file
 from shared.data.schema import AdCatalog, InteractionLog
+from shared.data.split import UserSplit
 from shared.data.sources import load_catalog, load_dataset, simulated_shards
 
 log = logging.getLogger(__name__)
@@ -55,25 +56,41 @@ def node_runtime(cfg: RunConfig, node_config: Mapping[str, Any]) -> NodeRuntime:
     return _cached_runtime(cfg, name, state_dir, data_path, catalog_path, pid, count)
 
 
-@lru_cache(maxsize=1)
-def _simulated_shards(cfg: RunConfig, count: int) -> tuple[AdCatalog, list[tuple[str, InteractionLog]]]:
-    """The run's dataset and all its shards, built once per process: Flower's simulation does
-    not pin a virtual node to an actor, so each actor ends up building most of the nodes."""
-    dataset = load_dataset(cfg)
-    return dataset.catalog, simulated_shards(cfg, dataset, count)
+@lru_cache(maxsize=4)
+def _simulated_shards(data: RunConfig, count: int) -> tuple[AdCatalog, list[tuple[str, InteractionLog]]]:
+    """The run's dataset and all its shards, built once per process and data (`data`: the
+    run's `data_config()`): Flower's simulation does not pin a virtual node to an actor (each
+    actor builds most of the nodes), and the harness's actors serve many runs of one dataset."""
+    dataset = load_dataset(data)
+    return dataset.catalog, simulated_shards(data, dataset, count)
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=64)
+def _simulated_node(data: RunConfig, count: int, pid: int) -> tuple[str, UserSplit, np.ndarray]:
+    """A simulated node's name, split and evaluation negatives: they depend on the data only."""
+    catalog, shards = _simulated_shards(data, count)
+    name, shard = shards[pid]
+    return (name, *LocalTrainer.prepare(shard, len(catalog), data.seed))
+
+
+def prepare_simulated_nodes(data: RunConfig, count: int) -> None:
+    """Build a simulation's dataset and every node's split ahead of the nodes' first messages
+    (the harness's actors do it as they start, while the harness is busy elsewhere)."""
+    data = data.data_config()
+    for pid in range(count):
+        _simulated_node(data, count, pid)
+
+
+@lru_cache(maxsize=64)
 def _cached_runtime(
     cfg: RunConfig, name: str, state_dir: str, data_path: str | None, catalog_path: str, pid: int | None, count: int | None
 ) -> NodeRuntime:
     if data_path is not None:
         catalog = load_catalog_file(catalog_path) if catalog_path else load_catalog(cfg)
-        shard = load_log_file(data_path, catalog)
+        trainer = LocalTrainer.for_log(cfg, load_log_file(data_path, catalog), len(catalog))
     else:
-        catalog, shards = _simulated_shards(cfg, count)
-        name, shard = shards[pid]
-    trainer = LocalTrainer.for_log(cfg, shard, len(catalog))
+        name, split, negatives = _simulated_node(cfg.data_config(), count, pid)
+        trainer = LocalTrainer(split, negatives, TrainSettings.from_config(cfg))
     split = trainer.split
     log.info("node %s: %d users, %d training positives, %d test users", name, split.num_users, len(split.pos_ads), len(split.test_users))
     return NodeRuntime(name, trainer, NodeState(state_dir))

@@ -51,11 +51,16 @@ EVAL_NEGATIVES = 99  # the NCF protocol
 class LocalTrainer:
     """Everything one client does with its shard, given the global parameters."""
 
+    @staticmethod
+    def prepare(log: InteractionLog, num_ads: int, seed: int) -> tuple[UserSplit, np.ndarray]:
+        """Leave-last-out split and its fixed evaluation negatives."""
+        split = leave_last_out(log, num_ads)
+        return split, sample_eval_negatives(split, EVAL_NEGATIVES, seed)
+
     @classmethod
     def for_log(cls, cfg: RunConfig, log: InteractionLog, num_ads: int) -> LocalTrainer:
-        """Leave-last-out split, fixed evaluation negatives, and the run's training settings."""
-        split = leave_last_out(log, num_ads)
-        return cls(split, sample_eval_negatives(split, EVAL_NEGATIVES, cfg.seed), TrainSettings.from_config(cfg))
+        """Split, evaluation negatives, and the run's training settings."""
+        return cls(*cls.prepare(log, num_ads, cfg.seed), TrainSettings.from_config(cfg))
 
     def __init__(self, split: UserSplit, eval_negatives: np.ndarray, settings: TrainSettings) -> None:
         self.split = split

@@ -22,7 +22,8 @@ import tomli_w
 from deploy.dev_certs import MerchantKeys, create_merchant_keys, create_tls_files
 from deploy.merchant import supernode_command, write_node_config
 from deploy.superlink import BIN, CONNECTION, ServerTls, parse_cli_json, register_merchant, superlink_command, tool_env, write_cli_config
-from simulations.launcher import PROJECT_ROOT, free_port, stop_tree, wait_for_port
+from simulations.processes import free_port, stop_tree, wait_for_port
+from simulations import PROJECT_ROOT
 
 
 class DeploymentError(RuntimeError):
@@ -161,7 +162,7 @@ def local_deployment(
         )
         try:
             wait_for_port(port, superlink, work_dir / "logs" / "superlink.log")
-        except Exception as exc:  # launcher's error names the log; keep one error type here
+        except Exception as exc:  # its error names the log; keep one error type here
             raise DeploymentError(str(exc)) from exc
         for merchant_id in [m.merchant_id for m in merchants] + list(unregistered):
             deployment.keys[merchant_id] = create_merchant_keys(work_dir / "certs" / "merchants", merchant_id)

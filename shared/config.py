@@ -31,6 +31,12 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+DATA_FIELDS = (
+    "dataset", "data_path", "catalog_path", "partitioning", "dirichlet_alpha", "seed",
+    "synthetic_merchants", "synthetic_users", "synthetic_ads", "synthetic_categories",
+)
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", alias_generator=_dashed, populate_by_name=True, frozen=True)
 
@@ -113,6 +119,12 @@ class RunConfig(BaseModel):
     def to_flower(self) -> dict[str, Any]:
         """Dashed keys, as `flwr run -c` and Flower's run config use them."""
         return self.model_dump(by_alias=True)
+
+    def data_config(self) -> RunConfig:
+        """Only the fields that decide the run's dataset and its shards (the rest at their
+        defaults): the key of data caches, as a simulation actor serves many runs that
+        differ only in training or outputs."""
+        return RunConfig(**{name: getattr(self, name) for name in DATA_FIELDS})
 
     @property
     def output_path(self) -> Path:

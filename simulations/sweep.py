@@ -1,12 +1,14 @@
-"""Run an experiment: every cell through Flower's simulation runtime, baselines in-process,
-cached per cell so a re-run skips finished cells and an interrupted sweep resumes.
+"""Run an experiment: every cell through Flower's simulation runtime (one warm runtime for all
+of them, simulations/runtime.py), baselines in-process while that runtime starts, cached per
+cell so a re-run skips finished cells and an interrupted sweep resumes.
 
     python -m simulations.sweep experiments/quick.toml [--output DIR]
 
 Outputs in one run folder: experiment.toml (copy) and environment.json (package versions),
 cells/<cell>/ (each federated run's own outputs, done.json once finished),
 baselines/<group>/done.json, results.csv and results.json (one row per cell x round x
-client/aggregate), plots/*.png and report.html.
+client/aggregate), plots/*.png and report.html; runtime/ray.log and timing.json (the
+runtime's start and stop, as far as the sweep waited for them).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import platform
 import shutil
 import sys
 import time
+from contextlib import ExitStack
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -29,14 +32,7 @@ from shared.data.sources import load_dataset
 from shared.storage import atomic_write_json
 from simulations.baselines import centralized, dp_popularity, local_only, toppop
 from simulations.experiment import Cell, Experiment, ExperimentError, expand_cells, load_experiment
-from simulations.launcher import (
-    PROJECT_ROOT,
-    SimulationError,
-    local_ray_cluster,
-    local_superlink,
-    run_simulation,
-    terminate_as_exit,
-)
+from simulations.launcher import PROJECT_ROOT, SimulationError, SimulationRuntime, run_simulation, terminate_as_exit
 
 DONE = "done.json"
 
@@ -71,18 +67,25 @@ def _installed(name: str) -> bool:
         return False
 
 
-def run_cell(cell: Cell, cell_dir: Path, progress: Progress, round_task: Any, superlink: dict[str, str] | None = None) -> dict[str, Any]:
+def run_cell(cell: Cell, cell_dir: Path, progress: Progress, round_task: Any, runtime: SimulationRuntime | None = None) -> dict[str, Any]:
     """One federated run, resumed from its own checkpoint if an earlier attempt was interrupted."""
     resume = (cell_dir / "checkpoints" / "latest.json").is_file()
     config = {**cell.run_config, "output-dir": str(cell_dir), "state-dir": str(cell_dir / "state"), "resume": resume}
     started = time.perf_counter()
     with (cell_dir / "flower.log").open("a") as log_file:
         run_simulation(RunConfig.from_flower(config).to_flower(), cell.clients, cell_dir / "flower",
-                       stream_to=_RoundTicker(progress, round_task, log_file), superlink=superlink)
+                       stream_to=_RoundTicker(progress, round_task, log_file), runtime=runtime)
     summary = {"cell": cell.name, "key": cell.key, "clients": cell.clients, "seed": cell.seed,
                "run_config": cell.run_config, "wall_seconds": time.perf_counter() - started, "resumed": resume}
     atomic_write_json(cell_dir / DONE, summary)
     return summary
+
+
+def _actor_imports(cells: list[Cell]) -> tuple[str, ...]:
+    from client.rounds import first_message_imports
+
+    modules = (m for cell in cells for m in first_message_imports(RunConfig.from_flower(cell.run_config)))
+    return tuple(dict.fromkeys(modules))
 
 
 def run_baselines(experiment: Experiment, cell: Cell, out_dir: Path) -> dict[str, Any]:
@@ -126,36 +129,45 @@ def run_experiment(experiment_path: Path, output: Path) -> Path:
                 progress.advance(cell_task)
             else:
                 pending.append(cell)
-        if pending:
-            # one SuperLink and one Ray cluster serve every cell: their start-up is paid once per
-            # sweep, not per cell
-            started = time.perf_counter()
-            with terminate_as_exit(), local_ray_cluster(output / "ray") as ray_address, \
-                    local_superlink(output / "superlink", ray_address) as superlink:
-                timing = {"start_seconds": time.perf_counter() - started, "cells": [c.name for c in pending]}
+        with terminate_as_exit(), ExitStack() as stack:
+            runtime = None
+            if pending:
+                # one Ray instance and one pool of ClientApp actors serve every cell; the actors
+                # start while the baselines run
+                runtime = stack.enter_context(SimulationRuntime(
+                    output / "runtime", actor_imports=_actor_imports(pending),
+                    simulations=[(RunConfig.from_flower(c.run_config), c.clients) for c in pending],
+                ))
+            baselines_started = time.perf_counter()
+            for cell in baseline_cells.values():
+                out_dir = output / "baselines" / cell.key
+                if not (out_dir / DONE).is_file():
+                    out_dir.mkdir(parents=True, exist_ok=True)
+                    progress.update(round_task, description=f"baselines for {cell.name}", total=1, completed=0)
+                    run_baselines(experiment, cell, out_dir)
+                    progress.advance(round_task)
+                progress.advance(cell_task)
+            if runtime is not None:
+                cells_started = time.perf_counter()
                 for cell in pending:
                     cell_dir = output / "cells" / cell.key
                     cell_dir.mkdir(parents=True, exist_ok=True)
                     progress.update(round_task, description=f"rounds of {cell.name}", total=cell.run_config["num-rounds"] + 1, completed=0)
-                    run_cell(cell, cell_dir, progress, round_task, superlink)
+                    run_cell(cell, cell_dir, progress, round_task, runtime)
                     progress.advance(cell_task)
-            timing["federated_seconds"] = time.perf_counter() - started  # SuperLink and Ray start and stop included
-            atomic_write_json(output / "timing.json", timing)
-        for cell in baseline_cells.values():
-            out_dir = output / "baselines" / cell.key
-            if not (out_dir / DONE).is_file():
-                out_dir.mkdir(parents=True, exist_ok=True)
-                progress.update(round_task, description=f"baselines for {cell.name}", total=1, completed=0)
-                run_baselines(experiment, cell, out_dir)
-                progress.advance(round_task)
-            progress.advance(cell_task)
+                runtime.begin_close()  # Ray stops while the tables, plots and report are written
+                timing = {"connect_seconds": runtime.connect_seconds, "start_wait_seconds": runtime.start_wait_seconds,
+                          "baselines_seconds": cells_started - baselines_started,
+                          "cells_seconds": time.perf_counter() - cells_started, "cells": [c.name for c in pending]}
 
-    from simulations.results import collect, write_tables
-    from simulations.report import write_report
+            from simulations.results import collect, write_tables
+            from simulations.report import write_report
 
-    rows, summary = collect(experiment, output)
-    write_tables(rows, output)
-    write_report(experiment, output, rows, summary)
+            rows, summary = collect(experiment, output)
+            write_tables(rows, output)
+            write_report(experiment, output, rows, summary)
+    if runtime is not None:  # the runtime's own start and stop, for benchmarks
+        atomic_write_json(output / "timing.json", {**timing, "stop_wait_seconds": runtime.stop_wait_seconds})
     return output
 
 

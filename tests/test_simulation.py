@@ -1,5 +1,6 @@
-"""End to end through Flower's simulation runtime: the real ServerApp and ClientApp, a private
-SuperLink, a run submitted over its Control API; then resume from the checkpoint."""
+"""End to end through Flower's simulation runtime: the real ServerApp and ClientApp in Flower's
+simulation engine over a private Ray cluster (simulations/runtime.py); then resume from the
+checkpoint, several runs on one warm runtime, failures, interruption."""
 
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ def test_federated_training_beats_round_zero_and_toppop(first_run):
 
 def test_no_process_is_left_running(first_run):
     tmp_path, _, _ = first_run
+    assert (tmp_path / "flower" / "ray.log").is_file()  # the run's own Ray cluster was there
     assert processes_mentioning(str(tmp_path / "flower")) == []
 
 
@@ -113,13 +115,37 @@ def test_sigterm_mid_run_leaves_no_process(tmp_path):
 
 
 def test_a_run_whose_server_app_fails_raises_with_its_log(tmp_path):
-    """The run's own status decides: a ServerApp that cannot load its data ends the run failed,
-    and the harness raises with the log instead of returning as if it had trained."""
+    """A ServerApp that cannot load its data fails the run: the harness raises with the log
+    instead of returning as if it had trained."""
     from simulations.launcher import SimulationError
 
     cfg = small_run_config(tmp_path, **{"dataset": "movielens-100k", "data-path": str(tmp_path / "no-such-folder")})
     with pytest.raises(SimulationError, match="no-such-folder") as failure:
         run_simulation(cfg.to_flower(), 2, tmp_path / "flower", timeout=300)
-    assert "the run ended failed" in str(failure.value)  # the SuperLink's status of the run, not only its log text
+    assert "the run failed" in str(failure.value)  # the ServerApp's own exception, not only its log text
     assert (tmp_path / "flower" / "flwr-run.log").is_file()
     assert processes_mentioning(str(tmp_path / "flower")) == []
+
+
+def test_a_warm_runtime_serves_runs_exactly_as_a_fresh_one(tmp_path):
+    """One runtime's actors serve run after run (their imports and data caches stay): a run
+    after another one, on other data, gives the results it gives on a runtime of its own."""
+    from simulations.runtime import SimulationRuntime
+
+    first = small_run_config(tmp_path / "first")
+    second = {"factors": 8, "seed": 11, "synthetic-users": 500}  # other data: the cache must not serve the first run's
+    with SimulationRuntime(tmp_path / "runtime", simulations=[(first, NUM_CLIENTS)]) as runtime:
+        runtime.run(first.to_flower(), NUM_CLIENTS, tmp_path / "first" / "flower")
+        actors = list(runtime._pool.pool)
+        runtime.run(small_run_config(tmp_path / "warm", **second).to_flower(), NUM_CLIENTS, tmp_path / "warm" / "flower")
+        assert sorted(map(id, runtime._pool.pool)) == sorted(map(id, actors))  # the same actors, all free again
+    run_simulation(small_run_config(tmp_path / "alone", **second).to_flower(), NUM_CLIENTS, tmp_path / "alone" / "flower")
+
+    warm = json.loads((tmp_path / "warm" / "out" / "history.json").read_text())
+    alone = json.loads((tmp_path / "alone" / "out" / "history.json").read_text())
+    assert [h["round"] for h in warm] == [h["round"] for h in alone] == [0, 1, 2]
+    for w, a in zip(warm, alone):
+        assert sorted(w["clients"]) == sorted(a["clients"])
+        # client replies arrive in any order: the server's float sums may differ in the last bits
+        assert w["evaluate"] == pytest.approx(a["evaluate"], abs=1e-4)
+    assert processes_mentioning(str(tmp_path / "runtime")) == []

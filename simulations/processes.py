@@ -1,0 +1,86 @@
+"""Local processes the harness and the deployment tools start (a Ray head node; a SuperLink and
+SuperNodes): free ports, readiness, and stopping a whole process tree (their children change
+process group)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+class ProcessStartError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, process: subprocess.Popen, log_path: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ProcessStartError(f"{Path(str(process.args[0])).name} exited with code {process.returncode}; see {log_path}:\n{log_path.read_text()[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)  # readiness poll of a process we started, not a timing assumption
+    raise ProcessStartError(f"{Path(str(process.args[0])).name} did not listen on port {port} within {timeout:.0f}s; see {log_path}")
+
+
+def _proc_stat(pid: int) -> tuple[int, str] | None:
+    """(parent pid, state) of a live process, None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[1]), fields[0]
+
+
+def _process_tree(root: int) -> set[int]:
+    """The root and all its live descendants, whatever session or group they moved to."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None:
+            children.setdefault(stat[0], []).append(int(entry.name))
+    tree, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        if pid not in tree:
+            tree.add(pid)
+            todo.extend(children.get(pid, []))
+    return tree
+
+
+def _alive(pid: int) -> bool:
+    stat = _proc_stat(pid)
+    return stat is not None and stat[1] != "Z"
+
+
+def stop_tree(process: subprocess.Popen, signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGKILL)) -> None:
+    """Stop a process and every descendant (Flower's SuperLink and SuperNodes, Ray's processes
+    and workers), politely first by default, and wait until they are gone."""
+    known = _process_tree(process.pid)
+    for sig, wait in zip(signals, (20.0, 10.0)):
+        known |= _process_tree(process.pid)
+        for pid in known:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if process.poll() is None:
+                known |= _process_tree(process.pid)
+            if not any(_alive(pid) for pid in known):
+                process.poll()
+                return
+            time.sleep(0.05)  # waiting for processes we signalled to exit
+    process.poll()
