@@ -67,11 +67,45 @@ def warm_up_actor(modules: Sequence[str], simulations: Sequence[tuple[Any, int]]
             prepare_simulated_nodes(data, num_nodes)
 
 
+class RunAbandoned(RuntimeError):
+    """Raised in an abandoned run's ServerApp, at its next exchange with the nodes."""
+
+
+class _AbandonableGrid:
+    """Flower's grid of one run, which stops the run's ServerApp at its next exchange with the
+    nodes once the harness has abandoned the run (a timeout, an interruption): an abandoned
+    run writes no further round. Everything else is Flower's grid."""
+
+    def __init__(self, grid: Any, abandoned: threading.Event) -> None:
+        self._grid, self._abandoned = grid, abandoned
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def _check(self) -> None:
+        if self._abandoned.is_set():
+            raise RunAbandoned("the harness abandoned this run")
+
+    def push_messages(self, *args: Any, **kwargs: Any) -> Any:
+        self._check()
+        return self._grid.push_messages(*args, **kwargs)
+
+    def pull_messages(self, *args: Any, **kwargs: Any) -> Any:
+        self._check()
+        return self._grid.pull_messages(*args, **kwargs)
+
+    def send_and_receive(self, *args: Any, **kwargs: Any) -> Any:
+        self._check()
+        replies = self._grid.send_and_receive(*args, **kwargs)
+        self._check()  # replies that came back because the run's actors were killed are not used
+        return replies
+
+
 class _ServerAppWatch:
     """The project's ServerApp, called as Flower calls it, once the run's virtual SuperNodes
-    are all registered, and telling when it has returned: the run's outputs are complete then,
-    and the engine's own shut-down (its worker threads wait out a 1 s queue timeout) need not
-    be waited for.
+    are all registered, over a grid the harness can stop it through, and telling when it has
+    returned: the run's outputs are complete then, and the engine's own shut-down (its worker
+    threads wait out a 1 s queue timeout) need not be waited for.
 
     Flower's engine starts the ServerApp's thread before it registers the nodes; a ServerApp
     that asks for nodes at once (a resumed run skips round 0) could sample only those
@@ -79,6 +113,7 @@ class _ServerAppWatch:
 
     def __init__(self, app: Any, returned: threading.Event, num_nodes: int) -> None:
         self.app, self.returned, self.num_nodes = app, returned, num_nodes
+        self.abandoned = threading.Event()
         self.error: BaseException | None = None
 
     def __call__(self, grid: Any, context: Any) -> None:
@@ -86,7 +121,7 @@ class _ServerAppWatch:
             deadline = time.monotonic() + 60
             while len(grid.get_node_ids()) < self.num_nodes and time.monotonic() < deadline:
                 time.sleep(0.01)  # the engine registers the nodes right after starting this thread
-            self.app(grid=grid, context=context)
+            self.app(grid=_AbandonableGrid(grid, self.abandoned), context=context)
         except BaseException as exc:
             self.error = exc
             raise
@@ -325,13 +360,13 @@ class SimulationRuntime:
             thread.start()
             try:
                 if not finished.wait(timeout):
-                    self.close()
+                    self._abandon(watch, thread)
                     raise SimulationError(f"the simulation ran past {timeout:.0f}s; log in {work_dir / 'flwr-run.log'}")
                 if watch.error is not None or "error" in outcome:
                     thread.join()  # a failed run: Flower finishes its error handling and logging
             except BaseException:
-                if self._pool is not None and thread.is_alive() and not finished.is_set():
-                    self.close()  # interrupted mid-run: its actors cannot be trusted to be free
+                if not finished.is_set():
+                    self._abandon(watch, thread)  # interrupted mid-run
                 raise
             finally:
                 (work_dir / "flwr-run.log").write_text("".join(log.lines))
@@ -342,6 +377,19 @@ class SimulationRuntime:
         if error is not None:
             raise SimulationError(f"the run failed ({type(error).__name__}: {error}); log in {work_dir / 'flwr-run.log'}:\n{output[-4000:]}") from error
         return output
+
+    def _abandon(self, watch: _ServerAppWatch, engine: threading.Thread) -> None:
+        """Stop a run that cannot be waited for, and close the runtime: the ServerApp stops at
+        its next exchange with the nodes, the actors are killed so that messages in flight
+        fail at once (Ray gives no answer to a driver that left), the engine winds down."""
+        import ray
+
+        watch.abandoned.set()
+        if self._pool is not None and ray.is_initialized():
+            for actor in self._pool.pool + list(self._pool._future_to_actor.values()):
+                ray.kill(actor)
+        engine.join(30)
+        self.close()
 
     def _replace_pool(self) -> None:
         import ray

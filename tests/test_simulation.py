@@ -5,6 +5,7 @@ checkpoint, several runs on one warm runtime, failures, interruption."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -111,7 +112,11 @@ def test_sigterm_mid_run_leaves_no_process(tmp_path):
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) != 0
     assert processes_mentioning(str(output / "flower")) == []
-    assert os.path.exists(output / "checkpoints" / "latest.json")
+    # the abandoned run wrote no further rounds: every round recorded was a whole one
+    latest = json.loads((output / "checkpoints" / "latest.json").read_text())["round"]
+    history = json.loads((output / "history.json").read_text())
+    assert latest < 50 and [h["round"] for h in history] == list(range(latest + 1))
+    assert all(len(h["clients"]) == 2 and "refused" not in h for h in history)
 
 
 def test_a_run_whose_server_app_fails_raises_with_its_log(tmp_path):
@@ -149,3 +154,19 @@ def test_a_warm_runtime_serves_runs_exactly_as_a_fresh_one(tmp_path):
         # client replies arrive in any order: the server's float sums may differ in the last bits
         assert w["evaluate"] == pytest.approx(a["evaluate"], abs=1e-4)
     assert processes_mentioning(str(tmp_path / "runtime")) == []
+
+
+def test_a_run_past_its_timeout_is_stopped_and_writes_no_further_round(tmp_path):
+    """The harness gives up on a run after `timeout`: it raises, the run's ServerApp stops at its
+    next exchange with the nodes (no half-failed round is recorded), and Ray is gone."""
+    from simulations.launcher import SimulationError
+
+    cfg = small_run_config(tmp_path, **{"num-rounds": 200})  # far more than a few seconds of rounds
+    with pytest.raises(SimulationError, match="ran past"):
+        run_simulation(cfg.to_flower(), NUM_CLIENTS, tmp_path / "flower", timeout=8)
+    assert processes_mentioning(str(tmp_path / "flower")) == []
+    history_path = tmp_path / "out" / "history.json"
+    history = json.loads(history_path.read_text()) if history_path.is_file() else []
+    assert len(history) < 201 and all(len(h["clients"]) == NUM_CLIENTS and "refused" not in h for h in history)
+    # the run's engine and its ServerApp thread have ended: nothing can write to it any more
+    assert not [t.name for t in threading.enumerate() if t.name == "flower-simulation" or "server_th" in t.name]
