@@ -212,7 +212,9 @@ class SimulationRuntime:
     Ray's session files live in a short temporary folder (Unix socket paths are limited),
     named in `work_dir/ray-temp-dir`; its log is `work_dir/ray.log`; every Ray process has
     RUNTIME_MARK=work_dir in its environment, so that checks can find them. All of them (Ray's
-    own, and the actors) stop on `close`, also when a run failed or was interrupted.
+    own, and the actors) stop on `close`, also when a run failed or was interrupted. One
+    runtime at a time per process: the process is a Ray driver, and runs swap Flower's backend
+    class while they last.
     """
 
     def __init__(
