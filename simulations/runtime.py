@@ -35,7 +35,6 @@ import tempfile
 import threading
 import time
 import tomllib
-import warnings
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -58,13 +57,20 @@ def warm_up_actor(modules: Sequence[str], simulations: Sequence[tuple[Any, int]]
     """Runs in each ClientApp actor as it starts (Flower's `on_actor_init_fn`), while the
     harness is busy elsewhere: what the app's handlers import on a node's first message, and
     the simulated nodes' data, are ready before a run's first round instead of in it."""
+    # best effort: whatever fails here fails again, with its message, in the node's reply;
+    # an actor that raised here would be dead for every later run
     for module in modules:
-        importlib.import_module(module)
-    if simulations:
-        from client.shard import prepare_simulated_nodes
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001
+            logging.getLogger(__name__).warning("actor warm-up: cannot import %s: %s", module, exc)
+    from client.shard import prepare_simulated_nodes
 
-        for data, num_nodes in simulations:
+    for data, num_nodes in simulations:
+        try:
             prepare_simulated_nodes(data, num_nodes)
+        except Exception as exc:  # noqa: BLE001
+            logging.getLogger(__name__).warning("actor warm-up: cannot prepare the data of %s nodes: %s", num_nodes, exc)
 
 
 class RunAbandoned(RuntimeError):
@@ -94,9 +100,21 @@ class _AbandonableGrid:
         self._check()
         return self._grid.pull_messages(*args, **kwargs)
 
-    def send_and_receive(self, *args: Any, **kwargs: Any) -> Any:
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Any]:
+        """Flower's InMemoryGrid.send_and_receive (push, then pull every `pull_interval` until
+        every reply is in or `timeout`), checking for abandonment at every pull: replies may
+        never come once the run's actors are gone."""
         self._check()
-        replies = self._grid.send_and_receive(*args, **kwargs)
+        waiting = set(self._grid.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Any] = []
+        while waiting and (deadline is None or time.monotonic() < deadline):
+            self._check()
+            arrived = list(self._grid.pull_messages(waiting))
+            replies.extend(arrived)
+            waiting.difference_update(msg.metadata.reply_to_message_id for msg in arrived)
+            if waiting:
+                time.sleep(self._grid.pull_interval)
         self._check()  # replies that came back because the run's actors were killed are not used
         return replies
 
@@ -115,6 +133,7 @@ class _ServerAppWatch:
         self.app, self.returned, self.num_nodes = app, returned, num_nodes
         self.abandoned = threading.Event()
         self.error: BaseException | None = None
+        self.returned_normally = False
 
     def __call__(self, grid: Any, context: Any) -> None:
         try:
@@ -122,6 +141,7 @@ class _ServerAppWatch:
             while len(grid.get_node_ids()) < self.num_nodes and time.monotonic() < deadline:
                 time.sleep(0.01)  # the engine registers the nodes right after starting this thread
             self.app(grid=_AbandonableGrid(grid, self.abandoned), context=context)
+            self.returned_normally = True
         except BaseException as exc:
             self.error = exc
             raise
@@ -181,15 +201,12 @@ def _flower_log_to(handler: _RunLog) -> Iterator[None]:
 @contextmanager
 def _quiet_ray_driver() -> Iterator[None]:
     """Joining Ray from a thread other than the main one logs that it set no SIGTERM handler
-    (the harness has its own: launcher.terminate_as_exit), and Ray 2.55 warns about a GPU
-    default that a CPU simulation never meets."""
+    (the harness has its own: launcher.terminate_as_exit)."""
     worker_logger = logging.getLogger("ray._private.worker")
     level = worker_logger.level
     worker_logger.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
-            yield
+        yield
     finally:
         worker_logger.setLevel(level)
 
@@ -318,14 +335,16 @@ class SimulationRuntime:
         if self._connecting is not None:
             self._connecting.join()  # a driver half-way connected is disconnected below
         self._pool = None
-        if ray.is_initialized():
-            ray.shutdown()
-        if self._head is not None:
-            # the cluster is this run's alone and keeps nothing: killed outright (as `ray stop
-            # --force` does), not through Ray's graceful shut-down of several seconds
-            stop_tree(self._head, signals=(signal.SIGKILL,))
-        if self._temp_dir is not None:
-            shutil.rmtree(self._temp_dir, ignore_errors=True)
+        try:
+            if ray.is_initialized():
+                ray.shutdown()
+        finally:
+            if self._head is not None:
+                # the cluster is this runtime's alone and keeps nothing: killed outright (as `ray
+                # stop --force` does), not through Ray's graceful shut-down of several seconds
+                stop_tree(self._head, signals=(signal.SIGKILL,))
+            if self._temp_dir is not None:
+                shutil.rmtree(self._temp_dir, ignore_errors=True)
 
     def run(
         self,
@@ -340,10 +359,12 @@ class SimulationRuntime:
         after a timeout or an interruption the runtime is closed (the run cannot be stopped
         from outside, its actors can)."""
         self._wait_connected()
+        self._check_actors()
         work_dir = Path(work_dir).resolve()
         work_dir.mkdir(parents=True, exist_ok=True)
         log = _RunLog(stream_to)
         finished = threading.Event()  # the ServerApp returned, or the engine ended without it
+        backend_built = threading.Event()
         watch = _ServerAppWatch(_load_server_app(), finished, int(num_supernodes))
         outcome: dict[str, BaseException] = {}
 
@@ -355,7 +376,7 @@ class SimulationRuntime:
             finally:
                 finished.set()
 
-        with self._lock, _flower_log_to(log), _standing_backend(self._pool):
+        with self._lock, _flower_log_to(log), _standing_backend(self._pool, backend_built):
             # a daemon thread (the engine's own threads inherit it): a run abandoned after a
             # timeout or Ctrl-C never keeps the process from exiting
             thread = threading.Thread(target=engine, name="flower-simulation", daemon=True)
@@ -365,7 +386,14 @@ class SimulationRuntime:
                     self._abandon(watch, thread)
                     raise SimulationError(f"the simulation ran past {timeout:.0f}s; log in {work_dir / 'flwr-run.log'}")
                 if watch.error is not None or "error" in outcome:
-                    thread.join()  # a failed run: Flower finishes its error handling and logging
+                    if not watch.returned_normally:
+                        watch.abandoned.set()  # the engine failed under a running ServerApp: stop it
+                    thread.join()  # Flower finishes its error handling and logging
+                else:
+                    # the ServerApp may return before the engine built its backend (a resumed run
+                    # with nothing left to do): the swapped class must still be in place then
+                    while not backend_built.wait(0.05) and thread.is_alive():
+                        pass
             except BaseException:
                 if not finished.is_set():
                     self._abandon(watch, thread)  # interrupted mid-run
@@ -373,12 +401,34 @@ class SimulationRuntime:
             finally:
                 (work_dir / "flwr-run.log").write_text("".join(log.lines))
         output = "".join(log.lines)
-        if self._pool.num_actors != len(self._pool.pool):  # an actor still busy or lost: start afresh
-            self._replace_pool()
         error = watch.error or outcome.get("error")
         if error is not None:
             raise SimulationError(f"the run failed ({type(error).__name__}: {error}); log in {work_dir / 'flwr-run.log'}:\n{output[-4000:]}") from error
         return output
+
+    def _check_actors(self) -> None:
+        """Every actor of the pool alive and free, or a new pool: an actor that died (killed,
+        out of memory) would fail every message of every later run."""
+        import ray
+        from ray.exceptions import RayError
+
+        for attempt in range(2):
+            pool = self._pool
+            idle = list(pool.pool)
+            pings = [actor.__ray_ready__.remote() for actor in idle]
+            done, late = ray.wait(pings, num_returns=len(pings), timeout=300)
+            alive = 0
+            for ping in done:
+                try:
+                    ray.get(ping)
+                    alive += 1
+                except RayError:
+                    pass
+            if alive == pool.num_actors and not late:
+                return
+            if attempt == 0:
+                self._replace_pool()
+        raise SimulationError(f"the ClientApp actors die as they start: see the worker logs under {self._temp_dir}")
 
     def _abandon(self, watch: _ServerAppWatch, engine: threading.Thread) -> None:
         """Stop a run that cannot be waited for, and close the runtime: the ServerApp stops at
@@ -427,7 +477,7 @@ class SimulationRuntime:
 
 
 @contextmanager
-def _standing_backend(pool: Any) -> Iterator[None]:
+def _standing_backend(pool: Any, built: threading.Event) -> Iterator[None]:
     """Flower's engine builds its Ray backend by class name at the start of a run: for this
     run, that class takes the standing pool and leaves it (and Ray) up at the end."""
     from flwr.server.superlink.fleet.vce.backend import raybackend
@@ -438,6 +488,7 @@ def _standing_backend(pool: Any) -> Iterator[None]:
         def build(self, app_fn: Any) -> None:
             self.pool = pool
             self.app_fn = app_fn
+            built.set()
 
         def terminate(self) -> None:
             pass

@@ -146,7 +146,8 @@ def test_sweep_is_cached_resumes_after_an_interruption_and_reports(tmp_path, mon
     monkeypatch.setattr(sweep, "run_cell", lambda *a, **k: pytest.fail("a finished cell was run again"))
     sweep.run_experiment(path, output)
 
-    # the sweep's Ray cluster (the interrupted run's included) is gone
+    # the sweep's Ray cluster is gone (after the interruption too; an interruption mid-run:
+    # test_simulation.py)
     assert (output / "runtime" / "ray.log").is_file()
     assert not processes_mentioning(str(output))
 

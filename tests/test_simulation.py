@@ -5,6 +5,8 @@ checkpoint, several runs on one warm runtime, failures, interruption."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 from pathlib import Path
 
@@ -93,9 +95,8 @@ def test_resume_continues_from_the_last_checkpoint(first_run):
 
 
 def test_sigterm_mid_run_leaves_no_process(tmp_path):
-    """A job runner stopping the main job with SIGTERM: the launcher's process trees go too."""
-    import os
-    import signal
+    """A job runner stopping the main job with SIGTERM: the harness unwinds (its own exit code,
+    not an abort by Ray's signal handler), stops the run and its Ray cluster."""
     import subprocess
     import sys
     import time
@@ -110,7 +111,7 @@ def test_sigterm_mid_run_leaves_no_process(tmp_path):
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) != 0
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
     assert processes_mentioning(str(output / "flower")) == []
     # the abandoned run wrote no further rounds: every round recorded was a whole one
     latest = json.loads((output / "checkpoints" / "latest.json").read_text())["round"]
@@ -156,17 +157,58 @@ def test_a_warm_runtime_serves_runs_exactly_as_a_fresh_one(tmp_path):
     assert processes_mentioning(str(tmp_path / "runtime")) == []
 
 
-def test_a_run_past_its_timeout_is_stopped_and_writes_no_further_round(tmp_path):
-    """The harness gives up on a run after `timeout`: it raises, the run's ServerApp stops at its
-    next exchange with the nodes (no half-failed round is recorded), and Ray is gone."""
+def test_an_interrupted_run_stops_at_once_and_writes_no_further_round(tmp_path):
+    """Ctrl-C (here a signal raised as round 2 begins): the harness abandons the run, whose
+    ServerApp stops at its next exchange with the nodes; nothing is recorded after round 1,
+    and no thread or process of the run is left."""
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(signum, frame):
+        raise Interrupted
+
+    class SignalAtRound2:
+        def write(self, text: str) -> None:
+            if "[ROUND 2/" in text:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+        def flush(self) -> None:
+            pass
+
+    cfg = small_run_config(tmp_path, **{"num-rounds": 200})
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        with pytest.raises(Interrupted):
+            run_simulation(cfg.to_flower(), NUM_CLIENTS, tmp_path / "flower", stream_to=SignalAtRound2(), timeout=480)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    assert [h["round"] for h in history] == [0, 1]
+    assert all(len(h["clients"]) == NUM_CLIENTS and "refused" not in h for h in history)
+    assert json.loads((tmp_path / "out" / "checkpoints" / "latest.json").read_text())["round"] == 1
+    assert not [t.name for t in threading.enumerate() if t.name == "flower-simulation" or "server_th" in t.name]
+    assert processes_mentioning(str(tmp_path / "flower")) == []
+
+
+def test_a_run_past_its_timeout_raises_and_leaves_nothing_running(tmp_path):
     from simulations.launcher import SimulationError
 
-    cfg = small_run_config(tmp_path, **{"num-rounds": 200})  # far more than a few seconds of rounds
+    cfg = small_run_config(tmp_path, **{"num-rounds": 200})  # far longer than its timeout
     with pytest.raises(SimulationError, match="ran past"):
-        run_simulation(cfg.to_flower(), NUM_CLIENTS, tmp_path / "flower", timeout=8)
-    assert processes_mentioning(str(tmp_path / "flower")) == []
-    history_path = tmp_path / "out" / "history.json"
-    history = json.loads(history_path.read_text()) if history_path.is_file() else []
-    assert len(history) < 201 and all(len(h["clients"]) == NUM_CLIENTS and "refused" not in h for h in history)
-    # the run's engine and its ServerApp thread have ended: nothing can write to it any more
+        run_simulation(cfg.to_flower(), NUM_CLIENTS, tmp_path / "flower", timeout=1)
     assert not [t.name for t in threading.enumerate() if t.name == "flower-simulation" or "server_th" in t.name]
+    assert processes_mentioning(str(tmp_path / "flower")) == []
+
+
+def test_an_actor_that_died_is_replaced_before_the_next_run(tmp_path):
+    import ray
+
+    from simulations.runtime import SimulationRuntime
+
+    with SimulationRuntime(tmp_path / "runtime") as runtime:
+        runtime.run(small_run_config(tmp_path / "first").to_flower(), NUM_CLIENTS, tmp_path / "first" / "flower")
+        ray.kill(runtime._pool.pool[0])  # as if it had run out of memory
+        runtime.run(small_run_config(tmp_path / "second").to_flower(), NUM_CLIENTS, tmp_path / "second" / "flower")
+    history = json.loads((tmp_path / "second" / "out" / "history.json").read_text())
+    assert all(len(h["clients"]) == NUM_CLIENTS and "refused" not in h for h in history)
