@@ -356,8 +356,7 @@ class SimulationRuntime:
     ) -> str:
         """One run of the project's app; returns Flower's log of it (also in
         `work_dir/flwr-run.log`). Raises SimulationError when the run fails or times out;
-        after a timeout or an interruption the runtime is closed (the run cannot be stopped
-        from outside, its actors can)."""
+        a run timed out or interrupted is abandoned (`_abandon`) and the runtime closed."""
         self._wait_connected()
         self._check_actors()
         work_dir = Path(work_dir).resolve()
@@ -377,8 +376,8 @@ class SimulationRuntime:
                 finished.set()
 
         with self._lock, _flower_log_to(log), _standing_backend(self._pool, backend_built):
-            # a daemon thread (the engine's own threads inherit it): a run abandoned after a
-            # timeout or Ctrl-C never keeps the process from exiting
+            # a daemon thread, as are the engine's own (they inherit it); Python still joins the
+            # engine's executor threads at exit, which is why an abandoned run is stopped too
             thread = threading.Thread(target=engine, name="flower-simulation", daemon=True)
             thread.start()
             try:
