@@ -36,7 +36,7 @@ import threading
 import time
 import tomllib
 from contextlib import contextmanager
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -133,7 +133,6 @@ class _ServerAppWatch:
         self.app, self.returned, self.num_nodes = app, returned, num_nodes
         self.abandoned = threading.Event()
         self.error: BaseException | None = None
-        self.returned_normally = False
 
     def __call__(self, grid: Any, context: Any) -> None:
         try:
@@ -141,7 +140,6 @@ class _ServerAppWatch:
             while len(grid.get_node_ids()) < self.num_nodes and time.monotonic() < deadline:
                 time.sleep(0.01)  # the engine registers the nodes right after starting this thread
             self.app(grid=_AbandonableGrid(grid, self.abandoned), context=context)
-            self.returned_normally = True
         except BaseException as exc:
             self.error = exc
             raise
@@ -149,6 +147,7 @@ class _ServerAppWatch:
             self.returned.set()
 
 
+@lru_cache(maxsize=1)
 def _app_components() -> dict[str, str]:
     pyproject = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
     return dict(pyproject["tool"]["flwr"]["app"]["components"])
@@ -385,8 +384,7 @@ class SimulationRuntime:
                     self._abandon(watch, thread)
                     raise SimulationError(f"the simulation ran past {timeout:.0f}s; log in {work_dir / 'flwr-run.log'}")
                 if watch.error is not None or "error" in outcome:
-                    if not watch.returned_normally:
-                        watch.abandoned.set()  # the engine failed under a running ServerApp: stop it
+                    watch.abandoned.set()  # the engine may have failed under a running ServerApp: stop it
                     thread.join()  # Flower finishes its error handling and logging
                 else:
                     # the ServerApp may return before the engine built its backend (a resumed run
@@ -411,23 +409,23 @@ class SimulationRuntime:
         import ray
         from ray.exceptions import RayError
 
-        for attempt in range(2):
-            pool = self._pool
-            idle = list(pool.pool)
-            pings = [actor.__ray_ready__.remote() for actor in idle]
-            done, late = ray.wait(pings, num_returns=len(pings), timeout=300)
+        def all_alive() -> bool:
+            pings = [actor.__ray_ready__.remote() for actor in self._pool.pool]
+            answered, late = ray.wait(pings, num_returns=len(pings), timeout=300)
             alive = 0
-            for ping in done:
+            for ping in answered:
                 try:
                     ray.get(ping)
                     alive += 1
                 except RayError:
                     pass
-            if alive == pool.num_actors and not late:
-                return
-            if attempt == 0:
-                self._replace_pool()
-        raise SimulationError(f"the ClientApp actors die as they start: see the worker logs under {self._temp_dir}")
+            return alive == self._pool.num_actors and not late
+
+        if all_alive():
+            return
+        self._replace_pool()
+        if not all_alive():
+            raise SimulationError(f"the ClientApp actors die as they start: see the worker logs under {self._temp_dir}")
 
     def _abandon(self, watch: _ServerAppWatch, engine: threading.Thread) -> None:
         """Stop a run that cannot be waited for, and close the runtime: the ServerApp stops at
@@ -437,17 +435,20 @@ class SimulationRuntime:
 
         watch.abandoned.set()
         if self._pool is not None and ray.is_initialized():
-            for actor in self._pool.pool + list(self._pool._future_to_actor.values()):
-                ray.kill(actor)
+            self._kill_actors()
         engine.join(30)
         self.close()
 
     def _replace_pool(self) -> None:
+        self._kill_actors()
+        self._pool = self._new_pool()
+
+    def _kill_actors(self) -> None:
+        """Every actor of the pool, free or busy (Flower's pool keeps the busy ones by future)."""
         import ray
 
         for actor in self._pool.pool + list(self._pool._future_to_actor.values()):
             ray.kill(actor)
-        self._pool = self._new_pool()
 
     def _run_engine(self, server_app: _ServerAppWatch, run_config: dict[str, Any], num_supernodes: int) -> None:
         """What `flwr-simulation` does with a run the SuperLink hands it, minus the SuperLink."""

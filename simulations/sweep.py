@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from client.rounds import first_message_imports
 from shared.config import RunConfig
 from shared.data.sources import load_dataset
 from shared.storage import atomic_write_json
@@ -81,11 +82,8 @@ def run_cell(cell: Cell, cell_dir: Path, progress: Progress, round_task: Any, ru
     return summary
 
 
-def _actor_imports(cells: list[Cell]) -> tuple[str, ...]:
-    from client.rounds import first_message_imports
-
-    modules = (m for cell in cells for m in first_message_imports(RunConfig.from_flower(cell.run_config)))
-    return tuple(dict.fromkeys(modules))
+def _actor_imports(configs: list[RunConfig]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(module for cfg in configs for module in first_message_imports(cfg)))
 
 
 def run_baselines(experiment: Experiment, cell: Cell, out_dir: Path) -> dict[str, Any]:
@@ -134,9 +132,10 @@ def run_experiment(experiment_path: Path, output: Path) -> Path:
             if pending:
                 # one Ray instance and one pool of ClientApp actors serve every cell; the actors
                 # start while the baselines run
+                configs = [RunConfig.from_flower(c.run_config) for c in pending]
                 runtime = stack.enter_context(SimulationRuntime(
-                    output / "runtime", actor_imports=_actor_imports(pending),
-                    simulations=[(RunConfig.from_flower(c.run_config), c.clients) for c in pending],
+                    output / "runtime", actor_imports=_actor_imports(configs),
+                    simulations=[(cfg, c.clients) for cfg, c in zip(configs, pending)],
                 ))
             baselines_started = time.perf_counter()
             for cell in baseline_cells.values():

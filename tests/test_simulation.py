@@ -208,7 +208,11 @@ def test_an_actor_that_died_is_replaced_before_the_next_run(tmp_path):
 
     with SimulationRuntime(tmp_path / "runtime") as runtime:
         runtime.run(small_run_config(tmp_path / "first").to_flower(), NUM_CLIENTS, tmp_path / "first" / "flower")
-        ray.kill(runtime._pool.pool[0])  # as if it had run out of memory
+        dead = runtime._pool.pool[0]
+        ray.kill(dead)  # as if it had run out of memory
+        with pytest.raises(ray.exceptions.RayActorError):  # ray.kill returns before the actor is gone
+            for _ in range(100_000):  # each ping answers at once while the actor lives
+                ray.get(dead.__ray_ready__.remote())
         runtime.run(small_run_config(tmp_path / "second").to_flower(), NUM_CLIENTS, tmp_path / "second" / "flower")
     history = json.loads((tmp_path / "second" / "out" / "history.json").read_text())
     assert all(len(h["clients"]) == NUM_CLIENTS and "refused" not in h for h in history)
