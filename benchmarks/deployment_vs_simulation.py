@@ -37,7 +37,8 @@ from shared.als import ALSSettings  # noqa: E402
 from shared.config import RunConfig  # noqa: E402
 from shared.params import init_global_arrays  # noqa: E402
 from shared.records import to_array_record  # noqa: E402
-from simulations.launcher import PROJECT_ROOT, run_simulation  # noqa: E402
+from simulations import PROJECT_ROOT
+from simulations.runtime import run_simulation  # noqa: E402
 
 POLL_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 

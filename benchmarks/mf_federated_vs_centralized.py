@@ -23,7 +23,8 @@ import torch
 from shared.config import RunConfig
 from shared.data.sources import load_dataset
 from simulations.baselines import centralized, toppop
-from simulations.launcher import PROJECT_ROOT, run_simulation
+from simulations import PROJECT_ROOT
+from simulations.runtime import run_simulation
 
 DEFAULT_DATA = PROJECT_ROOT.parent / "shared" / "data" / "movielens" / "ml-100k"
 SHOWN = ("hr10_sampled", "ndcg10_sampled", "hr10_full", "ndcg10_full", "recall20_full", "auc_full")

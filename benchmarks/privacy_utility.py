@@ -23,7 +23,8 @@ from pathlib import Path
 from shared.config import RunConfig
 from shared.data.sources import load_dataset
 from simulations.baselines import toppop
-from simulations.launcher import PROJECT_ROOT, run_simulation
+from simulations import PROJECT_ROOT
+from simulations.runtime import run_simulation
 
 DATA = PROJECT_ROOT.parent / "shared" / "data"
 SOURCES = {

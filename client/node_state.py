@@ -9,19 +9,20 @@ Every write is atomic.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from client.user_step import ALSUserStep, SGDUserStep, parse_user_step
 from shared.storage import atomic_save_npz, load_npz
+from shared.wire import Arrays
 
 log = logging.getLogger(__name__)
 
 USER_FACTORS_FILE = "user_factors.npz"
 GLOBAL_MODEL_FILE = "global_model.npz"
+USER_STEP_KEY = "user_step"
 
 
 class NodeState:
@@ -52,25 +53,26 @@ class NodeState:
                 out[i] = stored["factors"][j]
         return out
 
-    def save_global_model(self, arrays: dict[str, np.ndarray], server_round: int, user_step: dict[str, Any] | None = None) -> None:
-        """`user_step`: how this run solves a user's factors from the model (solver and its
-        settings), so serving folds new users in exactly as training would."""
-        extra = {"user_step": np.array(json.dumps(user_step))} if user_step is not None else {}
+    def save_global_model(self, arrays: Arrays, server_round: int, user_step: ALSUserStep | SGDUserStep | None = None) -> None:
+        """`user_step`: how this run solves a user's factors from the model (client/user_step.py),
+        so serving folds new users in exactly as training would."""
+        extra = {USER_STEP_KEY: np.array(user_step.model_dump_json())} if user_step is not None else {}
         atomic_save_npz(self.directory / GLOBAL_MODEL_FILE, server_round=np.array(server_round), **extra, **arrays)
 
-    def load_global_model(self) -> tuple[dict[str, np.ndarray], int] | None:
+    def load_global_model(self) -> tuple[Arrays, int] | None:
         path = self.directory / GLOBAL_MODEL_FILE
         if not path.is_file():
             return None
         stored = load_npz(path)
         server_round = int(stored.pop("server_round"))
-        stored.pop("user_step", None)
+        stored.pop(USER_STEP_KEY, None)
         return stored, server_round
 
-    def load_user_step(self) -> dict[str, Any] | None:
-        """The user step recorded with the latest global model (None: not recorded)."""
+    def load_user_step(self) -> ALSUserStep | SGDUserStep | None:
+        """The user step recorded with the latest global model (None: not recorded). Raises
+        ValueError when the record is not a valid one."""
         path = self.directory / GLOBAL_MODEL_FILE
         if not path.is_file():
             return None
         stored = load_npz(path)
-        return json.loads(str(stored["user_step"])) if "user_step" in stored else None
+        return parse_user_step(str(stored[USER_STEP_KEY])) if USER_STEP_KEY in stored else None

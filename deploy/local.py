@@ -22,7 +22,7 @@ import tomli_w
 from deploy.dev_certs import MerchantKeys, create_merchant_keys, create_tls_files
 from deploy.merchant import supernode_command, write_node_config
 from deploy.superlink import BIN, CONNECTION, ServerTls, parse_cli_json, register_merchant, superlink_command, tool_env, write_cli_config
-from simulations.processes import free_port, stop_tree, wait_for_port
+from deploy.processes import free_port, stop_tree, wait_for_port
 from simulations import PROJECT_ROOT
 
 

@@ -35,11 +35,12 @@ import numpy as np
 
 from shared.config import RunConfig
 from shared.data.split import UserSplit
+from shared.wire import AD_BIAS, AD_FACTORS, ALS_COUNT, ALS_GRAM, ALS_POSITIVES, ALS_TARGET, ALS_USER_GRAM, Arrays
 
 # share of the release's squared noise budget each statistic gets (sums to 1 per mode)
 BUDGET_SHARES = {
-    "per-ad": {"als_gram": 0.45, "als_target": 0.40, "als_positives": 0.12, "als_user_gram": 0.03},
-    "shared": {"als_count": 0.05, "als_target": 0.75, "als_positives": 0.17, "als_user_gram": 0.03},
+    "per-ad": {ALS_GRAM: 0.45, ALS_TARGET: 0.40, ALS_POSITIVES: 0.12, ALS_USER_GRAM: 0.03},
+    "shared": {ALS_COUNT: 0.05, ALS_TARGET: 0.75, ALS_POSITIVES: 0.17, ALS_USER_GRAM: 0.03},
 }
 STAT_KEYS = {mode: tuple(shares) for mode, shares in BUDGET_SHARES.items()}
 CHUNK_ROWS = 200_000
@@ -70,16 +71,16 @@ class ALSSettings:
     def stat_shapes(self, num_ads: int, dim: int) -> dict[str, tuple[int, ...]]:
         """The released statistics' shapes for a model of `dim` factors (D = dim + 1)."""
         aug = dim + 1
-        shapes = {"als_gram": (num_ads, aug, aug), "als_count": (num_ads,), "als_target": (num_ads, dim),
-                  "als_positives": (num_ads,), "als_user_gram": (aug, aug)}
+        shapes = {ALS_GRAM: (num_ads, aug, aug), ALS_COUNT: (num_ads,), ALS_TARGET: (num_ads, dim),
+                  ALS_POSITIVES: (num_ads,), ALS_USER_GRAM: (aug, aug)}
         return {key: shapes[key] for key in STAT_KEYS[self.gram_mode]}
 
     def sensitivities(self) -> dict[str, float]:
         """L2 sensitivity of each statistic to adding or removing one user."""
         aug = 2.0 * self.user_clip**2
         root_k = math.sqrt(self.max_rows)
-        return {"als_gram": root_k * aug, "als_target": root_k * self.user_clip, "als_positives": root_k, "als_count": root_k,
-                "als_user_gram": aug}
+        return {ALS_GRAM: root_k * aug, ALS_TARGET: root_k * self.user_clip, ALS_POSITIVES: root_k, ALS_COUNT: root_k,
+                ALS_USER_GRAM: aug}
 
     def noise_stds(self, noise_multiplier: float) -> dict[str, float]:
         """Gaussian noise std per coordinate of each statistic: together one Gaussian release of
@@ -122,13 +123,13 @@ def _chunks(total: int) -> Iterator[slice]:
         yield slice(start, start + CHUNK_ROWS)
 
 
-def solve_users(rows: Rows, ad_factors: np.ndarray, ad_bias: np.ndarray, settings: ALSSettings) -> np.ndarray:
+def solve_users(rows: Rows, ad_factors: np.ndarray, ad_bias: np.ndarray, alpha0: float, user_l2: float) -> np.ndarray:
     """Exact user step: p_u = (sum_{O_u} q q^T + alpha0 Q^T Q + l2 I)^-1 (sum_{O_u} (r - b) q - alpha0 Q^T b)."""
     q = ad_factors.astype(np.float64)
     b = ad_bias.astype(np.float64)
     dim = q.shape[1]
-    base = settings.alpha0 * q.T @ q + settings.user_l2 * np.eye(dim)
-    rhs = np.tile(-settings.alpha0 * (q.T @ b), (rows.num_users, 1))
+    base = alpha0 * q.T @ q + user_l2 * np.eye(dim)
+    rhs = np.tile(-alpha0 * (q.T @ b), (rows.num_users, 1))
     lhs = np.tile(base, (rows.num_users, 1, 1))
     for part in _chunks(len(rows.user)):
         users, ads = rows.user[part], rows.ad[part]
@@ -156,20 +157,20 @@ def ad_statistics(rows: Rows, user_factors: np.ndarray, num_ads: int, settings: 
     weight = rows.user_weights(settings.max_rows)
     dim = p_aug.shape[1]
     weighted = p_aug * weight[:, None]
-    stats: dict[str, np.ndarray] = {"als_user_gram": weighted.T @ p_aug, "als_target": np.zeros((num_ads, dim - 1))}
+    stats: Arrays = {ALS_USER_GRAM: weighted.T @ p_aug, ALS_TARGET: np.zeros((num_ads, dim - 1))}
     row_weight = weight[rows.user]
     # the target's bias coordinate (C x positives) is released on its own, as a count: the factor
     # coordinates then carry noise of scale C instead of sqrt(2) C
-    np.add.at(stats["als_target"], rows.ad, (row_weight * rows.label)[:, None] * p_aug[rows.user, :-1])
-    stats["als_positives"] = np.bincount(rows.ad, weights=row_weight * rows.label, minlength=num_ads)
+    np.add.at(stats[ALS_TARGET], rows.ad, (row_weight * rows.label)[:, None] * p_aug[rows.user, :-1])
+    stats[ALS_POSITIVES] = np.bincount(rows.ad, weights=row_weight * rows.label, minlength=num_ads)
     if settings.gram_mode == "per-ad":
         gram = np.zeros((num_ads, dim, dim))
         for part in _chunks(len(rows.user)):
             vec = p_aug[rows.user[part]]
             np.add.at(gram, rows.ad[part], row_weight[part, None, None] * vec[:, :, None] * vec[:, None, :])
-        stats["als_gram"] = gram
+        stats[ALS_GRAM] = gram
     else:
-        stats["als_count"] = np.bincount(rows.ad, weights=row_weight, minlength=num_ads)
+        stats[ALS_COUNT] = np.bincount(rows.ad, weights=row_weight, minlength=num_ads)
     return stats
 
 
@@ -184,7 +185,7 @@ def symmetric_noise(rng: np.random.Generator, shape: tuple[int, ...], std: float
 def add_noise(stats: dict[str, np.ndarray], stds: dict[str, float], rng: np.random.Generator) -> dict[str, np.ndarray]:
     noisy = {}
     for key, value in stats.items():
-        if key in ("als_gram", "als_user_gram"):
+        if key in (ALS_GRAM, ALS_USER_GRAM):
             noisy[key] = value + symmetric_noise(rng, value.shape, stds[key])
         else:
             noisy[key] = value + rng.normal(0.0, stds[key], size=value.shape)
@@ -204,17 +205,17 @@ def solve_ads(
     content prior of count shrinkage.
     """
     noise_stds = noise_stds or {}
-    user_gram = _symmetrize(stats["als_user_gram"])
+    user_gram = _symmetrize(stats[ALS_USER_GRAM])
     dim = user_gram.shape[0]
     if settings.gram_mode == "per-ad":
-        per_ad = _symmetrize(stats["als_gram"])
+        per_ad = _symmetrize(stats[ALS_GRAM])
     else:
         users = max(float(user_gram[-1, -1]) / settings.user_clip**2, 1.0)  # sum of c_u: the bias feature is C
-        counts = np.maximum(stats["als_count"], 0.0)
+        counts = np.maximum(stats[ALS_COUNT], 0.0)
         per_ad = counts[:, None, None] * (user_gram / users)[None]
-    floor = (settings.ad_l2 + settings.noise_ridge * noise_stds.get("als_target", 0.0)
-             + 2.0 * math.sqrt(dim) * noise_stds.get("als_gram", 0.0))
-    target = np.hstack([stats["als_target"], settings.user_clip * stats["als_positives"][:, None]])
+    floor = (settings.ad_l2 + settings.noise_ridge * noise_stds.get(ALS_TARGET, 0.0)
+             + 2.0 * math.sqrt(dim) * noise_stds.get(ALS_GRAM, 0.0))
+    target = np.hstack([stats[ALS_TARGET], settings.user_clip * stats[ALS_POSITIVES][:, None]])
     coef = _ridge(per_ad + settings.alpha0 * user_gram[None], target, floor)
     if settings.count_shrinkage > 0:
         # noisy counts as a prior: an ad seen by few users has factors mostly made of noise;
@@ -229,7 +230,7 @@ def solve_ads(
             tag_coef = _ridge(tag_lhs + settings.alpha0 * user_gram[None], tags.T @ target, floor)
             prior = (tags / np.maximum(tags.sum(axis=1, keepdims=True), 1.0)) @ tag_coef
         coef[:, :-1] = weight * coef[:, :-1] + (1.0 - weight) * prior[:, :-1]
-    return {"ad_factors": coef[:, :-1].astype(np.float32), "ad_bias": (coef[:, -1] * settings.user_clip).astype(np.float32)}
+    return {AD_FACTORS: coef[:, :-1].astype(np.float32), AD_BIAS: (coef[:, -1] * settings.user_clip).astype(np.float32)}
 
 
 def _symmetrize(matrix: np.ndarray) -> np.ndarray:

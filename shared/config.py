@@ -1,12 +1,19 @@
-"""The run configuration: typed, validated once where it enters (ServerApp and ClientApp).
+"""The run configuration: one typed model, the source of truth for every run-config key.
 
 Flower hands over `[tool.flwr.app.config]` of pyproject.toml, merged with `flwr run -c`
-overrides, as a flat dict with dashed keys. `RunConfig.from_flower` turns it into this model;
-a bad value raises `ConfigError` naming the key and where the value came from.
+overrides, as a flat dict with dashed keys. That table is generated from `RunConfig`
+(`python -m shared.config_table --write`; tests/test_config.py fails on any drift), so the
+defaults here are the defaults of every run, in Flower or in the harness. `RunConfig.from_flower`
+validates a run config once where it enters (ServerApp, ClientApp, harness); a bad value raises
+`ConfigError` naming the key and where the value came from.
+
+A merchant's own settings are its node config (shared/node_config.py), not the run config.
 """
 
 from __future__ import annotations
 
+import re
+import tomllib
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -19,85 +26,153 @@ class ConfigError(ValueError):
     pass
 
 
-def _dashed(name: str) -> str:
+def dashed(name: str) -> str:
     return name.replace("_", "-")
 
 
-def format_validation_error(exc: ValidationError, source: str) -> str:
+DASHED_KEYS = ConfigDict(extra="forbid", alias_generator=dashed, populate_by_name=True, frozen=True)
+
+
+def line_of(text: str, location: tuple[Any, ...]) -> int | None:
+    """Line of the key `location[-1]` inside TOML table `location[:-1]` of `text` (best effort,
+    for messages); a key that is missing points at its table's header."""
+    keys = [str(k) for k in location if not isinstance(k, int)]
+    if not keys:
+        return None
+    table, key = keys[:-1], keys[-1]
+    current: list[str] = []
+    lines = text.splitlines()
+    for number, line in enumerate(lines, start=1):
+        header = re.match(r"^\s*\[([^\]]+)\]\s*(#.*)?$", line)
+        if header:
+            current = [part.strip() for part in header.group(1).split(".")]
+            continue
+        if current == table and re.match(rf"^\s*{re.escape(key)}\s*=", line):
+            return number
+    for number, line in enumerate(lines, start=1):
+        if table and re.match(rf"^\s*\[{re.escape('.'.join(table))}\]", line):
+            return number
+    return None
+
+
+def format_validation_error(exc: ValidationError, source: str, text: str | None = None) -> str:
+    """One line per invalid field; with the source's `text`, each names its line too."""
     lines = [f"invalid configuration in {source}:"]
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "<root>"
-        lines.append(f"  field '{key}': {err['msg']} (got {err.get('input')!r})")
+        where = f"{source}:{line_of(text, tuple(err['loc'])) or '?'}: " if text is not None else ""
+        lines.append(f"  {where}field '{key}': {err['msg']} (got {err.get('input')!r})")
     return "\n".join(lines)
 
 
+def read_toml(path: str | Path, error: type[ValueError] = ConfigError) -> tuple[str, dict[str, Any]]:
+    """The text and content of a TOML file; `error` names the file when it cannot be read."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise error(f"{path}: cannot read: {exc}") from exc
+    try:
+        return text, tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{path}: not valid TOML: {exc}") from exc
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` as `flwr run -c` takes it: the value in TOML syntax, or else a bare string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"expected key=value, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+# the fields that decide a run's dataset and its shards: the key of the data caches
 DATA_FIELDS = (
     "dataset", "data_path", "catalog_path", "partitioning", "dirichlet_alpha", "seed",
     "synthetic_merchants", "synthetic_users", "synthetic_ads", "synthetic_categories",
 )
+# section titles of pyproject's table, by the first field of each section
+SECTIONS = {
+    "output_dir": "Outputs and state",
+    "num_rounds": "Rounds and node sampling",
+    "dataset": "Data",
+    "factors": "Model and local training",
+    "mf_solver": "MF solver",
+    "privacy": "Privacy (docs/PRIVACY.md)",
+}
 
 
 class RunConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", alias_generator=_dashed, populate_by_name=True, frozen=True)
+    """Every run-config key, its default, its bounds and what it means (the description is
+    the comment of its line in pyproject.toml)."""
 
-    # outputs and state
-    output_dir: str = "outputs/default"
-    state_dir: str = "outputs/default/state"
-    resume: bool = False
-    # rounds and sampling
-    num_rounds: int = Field(10, ge=1)
-    fraction_train: float = Field(1.0, gt=0, le=1)
-    min_nodes: int = Field(2, ge=1)
-    # data
-    dataset: Literal["synthetic", "movielens-100k", "amazon-seq", "logs"] = "synthetic"
-    data_path: str = ""
-    catalog_path: str = ""
-    partitioning: Literal["merchant", "region", "iid", "dirichlet"] = "merchant"
-    dirichlet_alpha: float = Field(0.5, gt=0)
-    seed: int = 42
-    synthetic_merchants: int = Field(5, ge=1)
-    synthetic_users: int = Field(2000, ge=10)
-    synthetic_ads: int = Field(600, ge=20)
-    synthetic_categories: int = Field(12, ge=2, le=20)
-    # model and local training
-    factors: int = Field(16, ge=1, le=1024)
-    local_epochs: int = Field(1, ge=1)
-    user_solver_iters: int = Field(8, ge=1)
-    user_l2: float = Field(5.0, gt=0)
-    ad_l2: float = Field(1e-4, ge=0)
-    learning_rate: float = Field(0.02, gt=0)
-    negatives: int = Field(4, ge=1)
-    batch_users: int = Field(64, ge=1)
-    max_positives_per_user: int = Field(200, ge=1)
-    # MF solver: "als" (alternating least squares: exact user step, the server solves the ads
-    # from released sufficient statistics; private ALS under DP) or "sgd" (logistic MF, ad step
-    # by (DP-)SGD on the client); shared/als.py, docs/PRIVACY.md
-    mf_solver: Literal["als", "sgd"] = "als"
+    model_config = DASHED_KEYS
+
+    output_dir: str = Field("outputs/default", description="where the ServerApp writes checkpoints, metrics and the exported model")
+    state_dir: str = Field("outputs/default/state", description=(
+        "where simulated merchants keep their state (one folder per node); "
+        "a deployed SuperNode names its own state-dir in its node config"))
+    resume: bool = Field(False, description="continue after the last checkpoint in output-dir")
+    num_rounds: int = Field(10, ge=1, description="federated training rounds")
+    fraction_train: float = Field(1.0, gt=0, le=1, description="share of the nodes sampled for each training round")
+    min_nodes: int = Field(2, ge=1, description="nodes a round waits for (training and evaluation)")
+    dataset: Literal["synthetic", "movielens-100k", "amazon-seq", "logs"] = Field(
+        "synthetic", description="synthetic | movielens-100k | amazon-seq | logs (CSV or Parquet)")
+    data_path: str = Field("", description=(
+        "the dataset's file or folder (simulations); deployed merchants name their log in their node config"))
+    catalog_path: str = Field("", description="the public ad catalog / item attributes (amazon-seq, logs)")
+    partitioning: Literal["merchant", "region", "iid", "dirichlet"] = Field(
+        "merchant", description="how a simulation cuts shards: merchant | region | iid | dirichlet")
+    dirichlet_alpha: float = Field(0.5, gt=0, description="non-IID-ness of partitioning = dirichlet (smaller: more skewed)")
+    seed: int = Field(42, description="seed of data generation, shards, initial parameters and sampling (never of DP noise)")
+    synthetic_merchants: int = Field(5, ge=1, description="merchants of the synthetic market")
+    synthetic_users: int = Field(2000, ge=10, description="users of the synthetic market")
+    synthetic_ads: int = Field(600, ge=20, description="ads of the synthetic catalog")
+    synthetic_categories: int = Field(12, ge=2, le=20, description="ad categories of the synthetic catalog")
+    factors: int = Field(16, ge=1, le=1024, description="latent factors per user and per ad")
+    local_epochs: int = Field(1, ge=1, description="SGD: local epochs of the ad step per round")
+    user_solver_iters: int = Field(8, ge=1, description="SGD: Newton iterations of the user step")
+    user_l2: float = Field(5.0, gt=0, description="SGD: L2 of the user step")
+    ad_l2: float = Field(1e-4, ge=0, description="SGD: L2 of the touched ad parameters in the ad step")
+    learning_rate: float = Field(0.02, gt=0, description="SGD: Adam's learning rate of the ad step")
+    negatives: int = Field(4, ge=1, description="SGD: sampled negatives per positive")
+    batch_users: int = Field(64, ge=1, description="SGD: users per mini-batch (under DP: the expected Poisson batch)")
+    max_positives_per_user: int = Field(200, ge=1, description="SGD: a user's positives per epoch, at most")
+    mf_solver: Literal["als", "sgd"] = Field("als", description=(
+        "als (alternating least squares; private ALS under privacy = user) | sgd (logistic MF; DP-SGD under privacy = user)"))
     als_alpha0: float = Field(0.5, gt=0, description="weight of every unobserved (user, ad) pair")
-    als_user_l2: float = Field(1.0, gt=0)
-    als_ad_l2: float = Field(1.0, gt=0)
-    als_noise_ridge: float = Field(20.0, ge=0, description="ridge added per unit of noise std of the summed target")
-    als_max_rows: int = Field(20, ge=1, description="k: a user's rows weigh min(1, sqrt(k / rows)) under DP")
-    als_user_clip: float = Field(0.2, gt=0, description="C: user factor norm bound of the released statistics")
-    als_gram: Literal["auto", "shared", "per-ad"] = Field("auto", description="auto: per-ad without DP (exact ALS), shared under DP")
-    als_count_shrinkage: float = Field(20.0, ge=0, description="under DP: ad factors scaled by n / (n + this)")
-    als_budget_growth: float = Field(2.33, gt=0, description="under DP: round r gets a budget share ~ growth^r")
-    als_catalog_prior: bool = Field(False, description="under DP: rarely seen ads lean on the mean factors of their public catalog tags (attributes, genres, category)")
-    init: Literal["random", "catalog"] = Field("random", description="initial ad factors: random, or from the public catalog's categories")
-    # privacy: "none", "user" (user-level DP-SGD with Opacus) or "client" (Flower's
-    # client-level DP: server-side clipping and noise of whole merchant updates); docs/PRIVACY.md
-    privacy: Literal["none", "user", "client"] = "none"
-    target_epsilon: float = Field(8.0, gt=0)
-    target_delta: float = Field(0.0, ge=0, lt=1, description="0 = auto: 0.1 / users of the shard")
-    max_grad_norm: float = Field(0.1, gt=0)
-    dp_grad_sample_mode: Literal["auto", "fused", "opacus", "hooks", "ghost"] = "auto"
-    dp_metrics: Literal["noised", "none", "exact"] = "noised"
-    metrics_noise_multiplier: float = Field(20.0, gt=0)
-    client_noise_multiplier: float = Field(1.0, gt=0)
-    client_clip_norm: float = Field(1.0, gt=0)
+    als_user_l2: float = Field(1.0, gt=0, description="L2 of the ALS user step")
+    als_ad_l2: float = Field(1.0, gt=0, description="L2 of the ALS ad step")
+    als_noise_ridge: float = Field(20.0, ge=0, description="DP: ridge added per unit of noise std of the summed statistics")
+    als_max_rows: int = Field(20, ge=1, description="DP: a user's rows weigh min(1, sqrt(k / rows)): bounded contribution")
+    als_user_clip: float = Field(0.2, gt=0, description="DP: user factor norm bound in the released statistics")
+    als_gram: Literal["auto", "shared", "per-ad"] = Field("auto", description=(
+        "auto (per-ad without DP, shared under DP) | shared (count x average user Gramian) | per-ad"))
+    als_count_shrinkage: float = Field(20.0, ge=0, description="DP: ad factors scaled by noisy count / (count + this)")
+    als_budget_growth: float = Field(2.33, gt=0, description="DP: round r's share of the budget grows as growth^r")
+    als_catalog_prior: bool = Field(False, description=(
+        "DP: rarely seen ads lean on the mean factors of their public catalog tags (attributes, genres, category)"))
+    init: Literal["random", "catalog"] = Field("random", description=(
+        "initial ad factors: random | catalog (an embedding of the public category)"))
+    privacy: Literal["none", "user", "client"] = Field("none", description=(
+        "none | user (user-level DP: private ALS, or Opacus DP-SGD with mf-solver = sgd) | client (Flower's client-level DP)"))
+    target_epsilon: float = Field(8.0, gt=0, description="total budget per merchant over the whole training")
+    target_delta: float = Field(0.0, ge=0, lt=1, description="0 = auto: 0.1 / number of users of the shard")
+    max_grad_norm: float = Field(0.1, gt=0, description="DP-SGD: per-user clip norm of the ad step's gradient")
+    dp_grad_sample_mode: Literal["auto", "fused", "opacus", "hooks", "ghost"] = Field("auto", description=(
+        "DP-SGD: auto (= fused: closed-form per-user clipping) | opacus (hooks or ghost by size) | hooks | ghost"))
+    dp_metrics: Literal["noised", "none", "exact"] = Field("noised", description=(
+        "noised | none | exact (exact: simulations only, outside the guarantee)"))
+    metrics_noise_multiplier: float = Field(20.0, gt=0, description="noise multiplier of each noised metrics release")
+    client_noise_multiplier: float = Field(1.0, gt=0, description="privacy = client: Flower's server-side noise multiplier")
+    client_clip_norm: float = Field(1.0, gt=0, description="privacy = client: Flower's server-side fixed clipping norm")
 
     @model_validator(mode="after")
-    def _paths_for_dataset(self) -> RunConfig:
+    def _consistent(self) -> RunConfig:
         # "logs": in a deployment each merchant's node config names its own log; only a
         # simulation reads data-path (shared/data/sources.load_dataset says so if it is missing)
         if self.dataset in ("movielens-100k", "amazon-seq") and not self.data_path:
@@ -111,6 +186,7 @@ class RunConfig(BaseModel):
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any], source: str = RUN_CONFIG_SOURCE) -> RunConfig:
+        """A run config as Flower holds it (dashed keys; missing keys take their defaults)."""
         try:
             return cls.model_validate(dict(run_config))
         except ValidationError as exc:
@@ -119,6 +195,10 @@ class RunConfig(BaseModel):
     def to_flower(self) -> dict[str, Any]:
         """Dashed keys, as `flwr run -c` and Flower's run config use them."""
         return self.model_dump(by_alias=True)
+
+    def with_values(self, **values: Any) -> RunConfig:
+        """A copy with some keys changed (dashed or not), validated again."""
+        return RunConfig.from_flower({**self.to_flower(), **{dashed(k): v for k, v in values.items()}})
 
     def data_config(self) -> RunConfig:
         """Only the fields that decide the run's dataset and its shards (the rest at their

@@ -17,6 +17,7 @@ import numpy as np
 from shared.data.split import UserSplit
 
 METRIC_NAMES = ("hr10_sampled", "ndcg10_sampled", "hr10_full", "ndcg10_full", "recall20_full", "auc_full")
+NUM_TEST_USERS = "num-test-users"  # beside the metric means: how many users they average over
 
 ScoreFn = Callable[[np.ndarray], np.ndarray]  # user rows [B] -> scores [B, num_ads]
 
@@ -63,7 +64,7 @@ def rank_metrics(
 
 
 def evaluate(score_fn: ScoreFn, split: UserSplit, eval_negatives: np.ndarray, chunk: int = 1024) -> dict[str, float]:
-    """Mean of every metric over the split's test users, plus `num-test-users`."""
+    """Mean of every metric over the split's test users, plus NUM_TEST_USERS."""
     users = split.test_users
     totals = {name: 0.0 for name in METRIC_NAMES}
     for start in range(0, len(users), chunk):
@@ -73,7 +74,7 @@ def evaluate(score_fn: ScoreFn, split: UserSplit, eval_negatives: np.ndarray, ch
             totals[name] += float(values[name].sum())
     count = len(users)
     result = {name: (totals[name] / count if count else 0.0) for name in METRIC_NAMES}
-    result["num-test-users"] = float(count)
+    result[NUM_TEST_USERS] = float(count)
     return result
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from server import report
 from shared.config import RunConfig
-from simulations.launcher import PROJECT_ROOT, SimulationError, run_simulation
+from simulations import PROJECT_ROOT
+from simulations.runtime import SimulationError, run_simulation
 
 
 def _parse_override(text: str) -> tuple[str, object]:

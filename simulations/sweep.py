@@ -27,13 +27,15 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from client.rounds import first_message_imports
+from client.handlers import first_message_imports
 from shared.config import RunConfig
 from shared.data.sources import load_dataset
 from shared.storage import atomic_write_json
 from simulations.baselines import centralized, dp_popularity, local_only, toppop
 from simulations.experiment import Cell, Experiment, ExperimentError, expand_cells, load_experiment
-from simulations.launcher import PROJECT_ROOT, SimulationError, SimulationRuntime, run_simulation, terminate_as_exit
+from deploy.processes import terminate_as_exit
+from simulations import PROJECT_ROOT
+from simulations.runtime import SimulationError, SimulationRuntime, run_simulation
 
 DONE = "done.json"
 

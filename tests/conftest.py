@@ -1,13 +1,21 @@
-"""Shared fixtures: a small synthetic run configuration and the real-data location."""
+"""Shared fixtures: a small synthetic run configuration, a simulated node and a ClientApp
+call made as Flower's runtime would make it, and the real-data location."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import numpy as np
 import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
+from client.client_app import app as client_app
+from client.node_data import Node, load_node
 from shared.config import RunConfig
+from shared.node_config import NodeConfig
+from shared.wire import ARRAYS, CONFIG, SERVER_ROUND, to_array_record
+from simulations.runtime.flower_internals import server_identity
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -28,6 +36,37 @@ def small_run_config(tmp_path: Path, **overrides: Any) -> RunConfig:
     }
     values.update(overrides)
     return RunConfig.from_flower(values)
+
+
+def simulated_node(cfg: RunConfig, partition: int = 0, count: int = 3) -> Node:
+    """Simulated node `partition` of `count`, as its ClientApp loads it."""
+    return load_node(cfg, NodeConfig(partition_id=partition, num_partitions=count))
+
+
+def client_call(
+    kind: str, cfg: RunConfig, arrays: dict[str, np.ndarray], server_round: int = 1, partition: int = 0,
+    node_config: dict[str, Any] | None = None,
+) -> Message:
+    """The ClientApp's reply to a `kind` ("train" | "evaluate") message, called in-process as
+    Flower's runtime calls it: simulated node `partition` of 3, or a deployed `node_config`.
+    Needs the `as_server` fixture (messages are stamped with the server side's identity)."""
+    node_id = 10 + partition
+    context = Context(
+        run_id=1, node_id=node_id, node_config=node_config or {"partition-id": partition, "num-partitions": 3},
+        state=RecordDict(), run_config=cfg.to_flower(),
+    )
+    msg = Message(
+        content=RecordDict({ARRAYS: to_array_record(arrays), CONFIG: ConfigRecord({SERVER_ROUND: server_round})}),
+        dst_node_id=node_id, message_type=kind,
+    )
+    return client_app(msg, context)
+
+
+@pytest.fixture
+def as_server() -> Iterator[None]:
+    """The identity Flower's runtime gives the ServerApp side that creates instructions."""
+    with server_identity():
+        yield
 
 
 def processes_mentioning(*needles: str, environ: bool = True) -> list[str]:

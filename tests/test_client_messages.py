@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import ConfigRecord, Message, RecordDict
 
-from client.client_app import app as client_app
 from client.node_state import NodeState
-from client.shard import node_runtime
 from shared.als import ALSSettings
 from shared.params import GLOBAL_KEYS, init_global_arrays
-from shared.records import from_array_record, to_array_record
-from tests.conftest import small_run_config
+from shared.wire import from_array_record, to_array_record
+from simulations.runtime.flower_internals import wire_bytes as _wire_bytes
+from tests.conftest import client_call as _call
+from tests.conftest import simulated_node, small_run_config
+
+pytestmark = pytest.mark.usefixtures("as_server")
 
 ALLOWED_METRICS = {
     "train": {"num-examples", "train-loss", "train-rows"},
@@ -32,35 +32,12 @@ ALLOWED_METRICS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _server_identity(monkeypatch):
-    """The identity Flower's runtime gives the ServerApp side that creates instructions."""
-    for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
-def _call(kind: str, cfg, arrays, server_round: int = 1, partition: int = 0) -> Message:
-    context = Context(
-        run_id=1, node_id=10 + partition, node_config={"partition-id": partition, "num-partitions": 3},
-        state=RecordDict(), run_config=cfg.to_flower(),
-    )
-    msg = Message(
-        content=RecordDict({"arrays": to_array_record(arrays), "config": ConfigRecord({"server-round": server_round})}),
-        dst_node_id=10 + partition, message_type=kind,
-    )
-    return client_app(msg, context)
-
-
-def _wire_bytes(reply: Message) -> bytes:
-    return b"".join(obj.deflate() for obj in get_all_nested_objects(reply).values())
-
-
 @pytest.mark.parametrize("solver", ["sgd", "als"])
 @pytest.mark.parametrize("kind", ["train", "evaluate"])
 def test_reply_carries_no_user_id_and_no_user_factor(tmp_path, kind, solver):
     cfg = small_run_config(tmp_path, **{"mf-solver": solver})
-    node = node_runtime(cfg, {"partition-id": 0, "num-partitions": 3})
-    arrays = init_global_arrays(node.trainer.split.num_ads, cfg.factors, cfg.seed)
+    node = simulated_node(cfg, 0)
+    arrays = init_global_arrays(node.data.split.num_ads, cfg.factors, cfg.seed)
 
     reply = _call(kind, cfg, arrays)
     assert not reply.has_error()
@@ -73,7 +50,7 @@ def test_reply_carries_no_user_id_and_no_user_factor(tmp_path, kind, solver):
     if kind == "train" and solver == "als":  # sums over users of the ALS statistics, per ad
         sent = from_array_record(content["arrays"])
         settings = ALSSettings.from_config(cfg)
-        assert {k: v.shape for k, v in sent.items()} == settings.stat_shapes(node.trainer.split.num_ads, cfg.factors)
+        assert {k: v.shape for k, v in sent.items()} == settings.stat_shapes(node.data.split.num_ads, cfg.factors)
     elif kind == "train":
         sent = from_array_record(content["arrays"])
         assert set(sent) == set(GLOBAL_KEYS)
@@ -85,7 +62,7 @@ def test_reply_carries_no_user_id_and_no_user_factor(tmp_path, kind, solver):
 
     # the user factors exist on the merchant's disk ...
     state = NodeState(tmp_path / "out" / "state" / "partition-0")
-    factors = state.load_user_factors(node.user_ids, cfg.factors)
+    factors = state.load_user_factors(node.data.user_ids, cfg.factors)
     assert factors is not None and np.abs(factors).sum() > 0
     # ... and none of them, nor any user id, is in the bytes that leave
     wire = _wire_bytes(reply)
@@ -94,7 +71,7 @@ def test_reply_carries_no_user_id_and_no_user_factor(tmp_path, kind, solver):
     # factor (as SGD's update of that ad is a function of it): what protects it is privacy =
     # "user", whose noised statistics tests/test_privacy.py searches the same way
     exposed = _sole_users_of_some_ad(node) if kind == "train" and solver == "als" else set()
-    for index, (user_id, row) in enumerate(zip(node.user_ids, factors)):
+    for index, (user_id, row) in enumerate(zip(node.data.user_ids, factors)):
         assert str(user_id).encode() not in wire
         if index not in exposed:
             assert row.astype(np.float32).tobytes() not in wire
@@ -102,7 +79,7 @@ def test_reply_carries_no_user_id_and_no_user_factor(tmp_path, kind, solver):
 
 
 def _sole_users_of_some_ad(node) -> set[int]:
-    rows = node.trainer.als_rows
+    rows = node.data.rows
     users_of_ad: dict[int, set[int]] = {}
     positive = rows.label > 0  # only positives enter the target statistic
     for user, ad in zip(rows.user[positive].tolist(), rows.ad[positive].tolist()):
@@ -113,8 +90,8 @@ def _sole_users_of_some_ad(node) -> set[int]:
 @pytest.mark.parametrize("solver", ["sgd", "als"])
 def test_reply_is_deterministic_for_a_seed(tmp_path, solver):
     cfg = small_run_config(tmp_path, **{"mf-solver": solver})
-    node = node_runtime(cfg, {"partition-id": 1, "num-partitions": 3})
-    arrays = init_global_arrays(node.trainer.split.num_ads, cfg.factors, cfg.seed)
+    node = simulated_node(cfg, 1)
+    arrays = init_global_arrays(node.data.split.num_ads, cfg.factors, cfg.seed)
     first = from_array_record(_call("train", cfg, arrays, partition=1).content["arrays"])
     (tmp_path / "out" / "state" / "partition-1" / "user_factors.npz").unlink()
     second = from_array_record(_call("train", cfg, arrays, partition=1).content["arrays"])
@@ -133,18 +110,18 @@ def test_client_rejects_parameters_of_the_wrong_shape(tmp_path):
 def test_the_wire_search_finds_a_leak_when_there_is_one(tmp_path):
     """Control for the test above: the same search does catch a user id or factor row."""
     cfg = small_run_config(tmp_path)
-    node = node_runtime(cfg, {"partition-id": 2, "num-partitions": 3})
-    arrays = init_global_arrays(node.trainer.split.num_ads, cfg.factors, cfg.seed)
+    node = simulated_node(cfg, 2)
+    arrays = init_global_arrays(node.data.split.num_ads, cfg.factors, cfg.seed)
     reply = _call("train", cfg, arrays, partition=2)
-    factors = NodeState(tmp_path / "out" / "state" / "partition-2").load_user_factors(node.user_ids, cfg.factors)
+    factors = NodeState(tmp_path / "out" / "state" / "partition-2").load_user_factors(node.data.user_ids, cfg.factors)
     leaky = Message(
         content=RecordDict({
             **{k: v for k, v in reply.content.items()},
-            "leak": ConfigRecord({"user": str(node.user_ids[3])}),
+            "leak": ConfigRecord({"user": str(node.data.user_ids[3])}),
             "leak-factors": to_array_record({"p": factors[5:6]}),
         }),
         reply_to=Message(content=RecordDict(), dst_node_id=12, message_type="train"),
     )
     wire = _wire_bytes(leaky)
-    assert str(node.user_ids[3]).encode() in wire
+    assert str(node.data.user_ids[3]).encode() in wire
     assert factors[5].astype(np.float32).tobytes() in wire

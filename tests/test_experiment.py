@@ -14,7 +14,7 @@ from shared.data.sources import load_dataset
 from simulations.baselines import centralized
 from simulations.browser_check import chromium, screenshot
 from simulations.experiment import ExperimentError, expand_cells, load_experiment
-from simulations.launcher import run_simulation
+from simulations.runtime import run_simulation
 from simulations.results import COLUMNS
 from tests.conftest import processes_mentioning
 

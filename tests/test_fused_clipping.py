@@ -10,8 +10,8 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from client.private_step import DPSGDSettings, PerUserLoss, fused_clipped_gradients, private_ad_epochs
-from client.sgd_step import build_user_rows
+from client.privacy.dp_sgd_epochs import DPSGDSettings, PerUserLoss, fused_clipped_gradients, private_ad_epochs
+from client.solvers.sgd_rows import build_user_rows
 from shared.data.split import leave_last_out
 from shared.data.synthetic import SyntheticSpec, generate
 from shared.model import AdModel
@@ -71,7 +71,7 @@ def test_removing_one_user_moves_the_clipped_sum_by_at_most_the_clip_norm(proble
 
 def test_fused_epochs_account_like_opacus(problem):
     arrays, users, ads, target = problem
-    from client.sgd_step import UserRows
+    from client.solvers.sgd_rows import UserRows
 
     rows = UserRows(ads, target.clamp(min=0), target >= 0)
     settings = DPSGDSettings(noise_multiplier=1.3, max_grad_norm=0.1, sample_rate=0.25, epochs=2,

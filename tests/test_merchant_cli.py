@@ -18,22 +18,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
-from client.client_app import app as client_app
-from client.rounds import user_step
 from client.merchant_cli import main
 from client.node_state import NodeState
-from client.privacy_ledger import LEDGER_FILE, PrivacyLedger
-from server.als_strategy import ALSAggregation
+from client.privacy.ledger import LEDGER_FILE, PrivacyLedger
+from client.user_step import ALSUserStep, SGDUserStep
+from server.als_aggregation import ALSAggregation
 from shared.als import ALSSettings
 from shared.config import RunConfig
 from shared.data.loaders import write_catalog_csv, write_log_csv
 from shared.data.schema import Dataset, Event
 from shared.data.synthetic import SyntheticSpec, generate
 from shared.params import init_global_arrays
-from shared.records import from_array_record, to_array_record
+from shared.wire import ARRAYS, from_array_record
+from simulations.runtime.flower_internals import server_identity
+from tests.conftest import client_call
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_ADS = 80
@@ -60,19 +59,13 @@ def _train(tmp: Path, log_csv: Path, catalog_csv: Path, privacy: str, rounds: in
     server = ALSAggregation(ALSSettings.from_config(cfg), NUM_ADS, cfg.factors, min_train_nodes=1)
     node_config = {"data-path": str(log_csv), "catalog-path": str(catalog_csv), "state-dir": str(state_dir)}
     arrays = init_global_arrays(NUM_ADS, cfg.factors, seed=1)
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
-            mp.setattr(TaskIdentity, name, value)  # the identity Flower's runtime gives the server side
+    with server_identity():
         for server_round in range(1, rounds + 1):
-            context = Context(run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config=cfg.to_flower())
-            msg = Message(
-                content=RecordDict({"arrays": to_array_record(arrays), "config": ConfigRecord({"server-round": server_round})}),
-                dst_node_id=5, message_type="train",
-            )
-            reply = client_app(msg, context)
+            reply = client_call("train", cfg, arrays, server_round, node_config=node_config)
             assert not reply.has_error(), reply.error
-            arrays = from_array_record(server.aggregate_train(server_round, [reply])[0] if solver == "als" else reply.content["arrays"])
-    NodeState(state_dir).save_global_model(arrays, rounds, user_step(cfg))
+            arrays = from_array_record(server.aggregate_train(server_round, [reply])[0] if solver == "als" else reply.content[ARRAYS])
+    step = {"als": ALSUserStep, "sgd": SGDUserStep}[solver].from_config(cfg)
+    NodeState(state_dir).save_global_model(arrays, rounds, step)
     return state_dir
 
 

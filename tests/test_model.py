@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from client.sgd_step import build_user_rows
+from client.solvers.sgd_rows import build_user_rows
 from shared.data.split import NO_TEST, UserSplit, leave_last_out
 from shared.data.synthetic import SyntheticSpec, generate
 from shared.model import solve_user_factors

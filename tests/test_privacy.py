@@ -39,21 +39,26 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as opacus_rdp
 from scipy.special import logsumexp
 
-import client.shard
-from client.client_app import PRIVACY_REFUSED
+import client.node_data
 from client.node_state import NodeState
-from client.privacy_ledger import LEDGER_FILE, PrivacyLedger, PrivacyRefusal
-from client.private_step import user_sample_rate
-from client.shard import node_runtime
+from client.privacy.ledger import LEDGER_FILE, PrivacyLedger, PrivacyRefusal
+from shared.accounting import (
+    CalibrationError,
+    calibrate_noise_multiplier,
+    epsilon_of,
+    sgd_steps_per_epoch,
+    user_sample_rate,
+)
+from shared.als import ALSSettings, ad_statistics
 from shared.metrics import METRIC_NAMES
-from shared.als import ALSSettings
 from shared.params import GLOBAL_KEYS, init_global_arrays
-from shared.privacy import CalibrationError, calibrate_noise_multiplier, epsilon_of, sgd_steps_per_epoch
-from shared.records import from_array_record
-from tests.conftest import small_run_config
-from tests.test_client_messages import _call, _server_identity, _wire_bytes  # noqa: F401  (_server_identity: autouse fixture)
+from shared.wire import PRIVACY_REFUSED, from_array_record
+from simulations.runtime.flower_internals import wire_bytes as _wire_bytes
+from tests.conftest import client_call as _call
+from tests.conftest import simulated_node, small_run_config
 
 pytestmark = [
+    pytest.mark.usefixtures("as_server"),
     # Opacus warns when the optimal order is the first or last of its orders (tiny releases)
     pytest.mark.filterwarnings("ignore:Optimal order is the:UserWarning"),
     pytest.mark.filterwarnings("ignore:.*Secure RNG.*"),
@@ -354,9 +359,9 @@ def _open_ledger_file(tmp_path, partition=0) -> dict:
 
 def test_client_trains_until_the_budget_is_spent_and_then_refuses(tmp_path):
     cfg = _dp_config(tmp_path)
-    node = node_runtime(cfg, {"partition-id": 0, "num-partitions": 3})
-    arrays = init_global_arrays(node.trainer.split.num_ads, cfg.factors, cfg.seed)
-    q = user_sample_rate(cfg.batch_users, node.trainer.split.num_users)
+    node = simulated_node(cfg, 0)
+    arrays = init_global_arrays(node.data.split.num_ads, cfg.factors, cfg.seed)
+    q = user_sample_rate(cfg.batch_users, node.data.split.num_users)
     steps_per_round = cfg.local_epochs * sgd_steps_per_epoch(q)
 
     epsilons = []
@@ -400,13 +405,13 @@ def test_client_trains_until_the_budget_is_spent_and_then_refuses(tmp_path):
     assert epsilon_of([(sigma, q, cfg.num_rounds * steps_per_round), *plan], ledger["delta"]) <= cfg.target_epsilon
     assert epsilon_of([(sigma / 1.001, q, cfg.num_rounds * steps_per_round), *plan], ledger["delta"]) > cfg.target_epsilon
 
-    # a restart (a new process: no cached runtime) keeps the budget spent
-    client.shard._cached_runtime.cache_clear()
+    # a restart (a new process: no cached data) keeps the budget spent
+    client.node_data._simulated_node.cache_clear()
     again = _call("train", cfg, arrays, server_round=cfg.num_rounds + 1)
     assert again.has_error() and "budget exhausted" in again.error.reason
     assert _open_ledger_file(tmp_path) == ledger
     # nor does a config that asks for a bigger budget raise it
-    client.shard._cached_runtime.cache_clear()
+    client.node_data._simulated_node.cache_clear()
     bigger = _call("train", _dp_config(tmp_path, **{"target-epsilon": 50.0}), arrays, server_round=cfg.num_rounds + 1)
     assert bigger.has_error() and "not raised" in bigger.error.reason
     assert _open_ledger_file(tmp_path) == ledger
@@ -414,8 +419,8 @@ def test_client_trains_until_the_budget_is_spent_and_then_refuses(tmp_path):
 
 def test_client_with_a_damaged_ledger_refuses_instead_of_training(tmp_path):
     cfg = _dp_config(tmp_path)
-    node = node_runtime(cfg, {"partition-id": 0, "num-partitions": 3})
-    arrays = init_global_arrays(node.trainer.split.num_ads, cfg.factors, cfg.seed)
+    node = simulated_node(cfg, 0)
+    arrays = init_global_arrays(node.data.split.num_ads, cfg.factors, cfg.seed)
     assert not _call("train", cfg, arrays, server_round=1).has_error()
 
     state = _state_dir(tmp_path)
@@ -449,8 +454,8 @@ def test_client_with_a_damaged_ledger_refuses_instead_of_training(tmp_path):
 @pytest.mark.parametrize("solver", ["sgd", "als"])
 def test_dp_replies_carry_no_user_id_no_user_factor_and_no_unaccounted_metric(tmp_path, solver):
     cfg = _dp_config(tmp_path, **{"mf-solver": solver})
-    node = node_runtime(cfg, {"partition-id": 0, "num-partitions": 3})
-    arrays = init_global_arrays(node.trainer.split.num_ads, cfg.factors, cfg.seed)
+    node = simulated_node(cfg, 0)
+    arrays = init_global_arrays(node.data.split.num_ads, cfg.factors, cfg.seed)
 
     for server_round, kind in enumerate(["evaluate", "train"]):
         reply = _call(kind, cfg, arrays, server_round=server_round)
@@ -466,8 +471,8 @@ def test_dp_replies_carry_no_user_id_no_user_factor_and_no_unaccounted_metric(tm
         assert dict(content["client"]) == {"name": node.name}
         if kind == "train" and solver == "als":
             sent = from_array_record(content["arrays"])
-            exact = node.trainer.als_statistics(NodeState(_state_dir(tmp_path)).load_user_factors(node.user_ids, cfg.factors),
-                                                ALSSettings.from_config(cfg))
+            stored = NodeState(_state_dir(tmp_path)).load_user_factors(node.data.user_ids, cfg.factors)
+            exact = ad_statistics(node.data.rows, stored, node.data.num_ads, ALSSettings.from_config(cfg))
             assert set(sent) == set(exact)
             for key in sent:  # noised, every coordinate
                 assert np.all(sent[key] != exact[key].astype(np.float32))
@@ -478,15 +483,15 @@ def test_dp_replies_carry_no_user_id_no_user_factor_and_no_unaccounted_metric(tm
         else:
             assert not content.array_records
 
-        factors = NodeState(_state_dir(tmp_path)).load_user_factors(node.user_ids, cfg.factors)
+        factors = NodeState(_state_dir(tmp_path)).load_user_factors(node.data.user_ids, cfg.factors)
         assert factors is not None and np.abs(factors).sum() > 0
         if kind == "evaluate":  # the released metrics are noised, not the exact ones
-            exact = node.trainer.evaluate(arrays, factors)
+            exact = node.data.evaluate(arrays, factors)
             assert any(metrics[name] != exact[name] for name in METRIC_NAMES)
             assert metrics["num-examples"] != exact["num-test-users"]
         wire = _wire_bytes(reply)
         assert len(wire) > 0
-        for user_id, row in zip(node.user_ids, factors):
+        for user_id, row in zip(node.data.user_ids, factors):
             assert str(user_id).encode() not in wire
             assert row.astype(np.float32).tobytes() not in wire
             assert row.astype(np.float64).tobytes() not in wire
@@ -494,8 +499,8 @@ def test_dp_replies_carry_no_user_id_no_user_factor_and_no_unaccounted_metric(tm
 
 def test_dp_metrics_none_releases_no_ranking_metric_and_spends_nothing(tmp_path):
     cfg = _dp_config(tmp_path, **{"dp-metrics": "none"})
-    node = node_runtime(cfg, {"partition-id": 0, "num-partitions": 3})
-    arrays = init_global_arrays(node.trainer.split.num_ads, cfg.factors, cfg.seed)
+    node = simulated_node(cfg, 0)
+    arrays = init_global_arrays(node.data.split.num_ads, cfg.factors, cfg.seed)
     reply = _call("evaluate", cfg, arrays, server_round=0)
     assert not reply.has_error()
     metrics = dict(reply.content["metrics"])
@@ -504,7 +509,7 @@ def test_dp_metrics_none_releases_no_ranking_metric_and_spends_nothing(tmp_path)
     assert _open_ledger_file(tmp_path)["history"] == []
     # and its calibration planned no metric releases: all of the budget goes to training
     ledger = _open_ledger_file(tmp_path)
-    q = user_sample_rate(cfg.batch_users, node.trainer.split.num_users)
+    q = user_sample_rate(cfg.batch_users, node.data.split.num_users)
     steps = cfg.num_rounds * cfg.local_epochs * sgd_steps_per_epoch(q)
     sigma = ledger["noise_multiplier"]
     assert 0.99 * cfg.target_epsilon <= epsilon_of([(sigma, q, steps)], ledger["delta"]) <= cfg.target_epsilon
@@ -512,8 +517,8 @@ def test_dp_metrics_none_releases_no_ranking_metric_and_spends_nothing(tmp_path)
 
 def test_a_non_private_evaluation_is_recorded_in_the_ledger(tmp_path):
     cfg = _dp_config(tmp_path)
-    node = node_runtime(cfg, {"partition-id": 0, "num-partitions": 3})
-    arrays = init_global_arrays(node.trainer.split.num_ads, cfg.factors, cfg.seed)
+    node = simulated_node(cfg, 0)
+    arrays = init_global_arrays(node.data.split.num_ads, cfg.factors, cfg.seed)
     assert not _call("train", cfg, arrays, server_round=1).has_error()
 
     plain = small_run_config(tmp_path, privacy="none", **{"num-rounds": 2})
@@ -527,9 +532,9 @@ def test_a_non_private_evaluation_is_recorded_in_the_ledger(tmp_path):
 
 def test_a_delta_not_below_one_over_users_is_refused(tmp_path):
     cfg = _dp_config(tmp_path, **{"target-delta": 0.05})
-    node = node_runtime(cfg, {"partition-id": 0, "num-partitions": 3})
-    assert 0.05 >= 1 / node.trainer.split.num_users
-    arrays = init_global_arrays(node.trainer.split.num_ads, cfg.factors, cfg.seed)
+    node = simulated_node(cfg, 0)
+    assert 0.05 >= 1 / node.data.split.num_users
+    arrays = init_global_arrays(node.data.split.num_ads, cfg.factors, cfg.seed)
     for kind in ("train", "evaluate"):
         reply = _call(kind, cfg, arrays, server_round=1)
         assert reply.has_error() and reply.error.code == PRIVACY_REFUSED
@@ -539,8 +544,8 @@ def test_a_delta_not_below_one_over_users_is_refused(tmp_path):
 
 def test_a_budget_too_small_for_the_planned_metric_releases_is_refused_with_an_error_reply(tmp_path):
     cfg = _dp_config(tmp_path, **{"num-rounds": 10, "target-epsilon": 0.3})
-    node = node_runtime(cfg, {"partition-id": 0, "num-partitions": 3})
-    arrays = init_global_arrays(node.trainer.split.num_ads, cfg.factors, cfg.seed)
+    node = simulated_node(cfg, 0)
+    arrays = init_global_arrays(node.data.split.num_ads, cfg.factors, cfg.seed)
     try:
         for kind in ("evaluate", "train"):
             reply = _call(kind, cfg, arrays, server_round=1)

@@ -15,27 +15,21 @@ import math
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Message, MetricRecord, RecordDict
 
-from client.client_app import PRIVACY_REFUSED
-from client.client_app import app as client_app
-from client.privacy_ledger import PrivacyLedger
-from client.shard import node_runtime
-from server.als_strategy import ALSAggregation
+from client.privacy.ledger import PrivacyLedger
+from client.solvers.als import ALSSolver
+from server.als_aggregation import ALSAggregation
+from shared.accounting import epsilon_of
 from shared.als import ALSSettings, Rows, ad_statistics, add_noise, augmented, round_budget_shares, solve_ads, solve_users
 from shared.data.sources import load_dataset
 from shared.data.split import leave_last_out
 from shared.params import init_global_arrays
-from shared.privacy import epsilon_of
-from shared.records import from_array_record, to_array_record
-from tests.conftest import small_run_config
+from shared.wire import PRIVACY_REFUSED, from_array_record, to_array_record
+from tests.conftest import client_call as _call
+from tests.conftest import simulated_node, small_run_config
 
-
-@pytest.fixture(autouse=True)
-def _server_identity(monkeypatch):
-    for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+pytestmark = pytest.mark.usefixtures("as_server")
 
 
 def _settings(mode: str, **overrides) -> ALSSettings:
@@ -111,7 +105,7 @@ def test_federated_als_without_noise_equals_centralized_als(tmp_path, clients, m
     # centralized: every user in one place
     central = dict(arrays)
     for _ in range(3):
-        users = solve_users(rows, central["ad_factors"], central["ad_bias"], settings)
+        users = solve_users(rows, central["ad_factors"], central["ad_bias"], settings.alpha0, settings.user_l2)
         central = solve_ads(ad_statistics(rows, users, num_ads, settings), settings)
     # federated: users cut into shards, each shard's statistics summed by the server's strategy
     shard_of = np.arange(rows.num_users) % clients
@@ -123,7 +117,7 @@ def test_federated_als_without_noise_equals_centralized_als(tmp_path, clients, m
             members = np.flatnonzero(shard_of == shard)
             keep = np.isin(rows.user, members)
             local = Rows(np.searchsorted(members, rows.user[keep]), rows.ad[keep], rows.label[keep], len(members))
-            users = solve_users(local, federated["ad_factors"], federated["ad_bias"], settings)
+            users = solve_users(local, federated["ad_factors"], federated["ad_bias"], settings.alpha0, settings.user_l2)
             stats = ad_statistics(local, users, num_ads, settings)
             replies.append(_reply(stats, {"num-examples": float(len(members))}))
         record, _ = strategy.aggregate_train(server_round, replies)
@@ -146,18 +140,10 @@ def test_round_budget_shares_compose_to_one_release():
     assert epsilon_of(rounds, delta) == pytest.approx(epsilon_of([(sigma, 1.0, 1)], delta), rel=1e-9)
 
 
-def _call(kind: str, cfg, arrays, server_round: int, partition: int = 0) -> Message:
-    context = Context(run_id=1, node_id=10 + partition, node_config={"partition-id": partition, "num-partitions": 3},
-                      state=RecordDict(), run_config=cfg.to_flower())
-    msg = Message(content=RecordDict({"arrays": to_array_record(arrays), "config": ConfigRecord({"server-round": server_round})}),
-                  dst_node_id=10 + partition, message_type=kind)
-    return client_app(msg, context)
-
-
 def test_client_charges_the_ledger_once_per_release_and_refuses_past_the_budget(tmp_path):
     cfg = small_run_config(tmp_path, privacy="user", **{"target-epsilon": 4.0, "num-rounds": 2, "dp-metrics": "none"})
-    node = node_runtime(cfg, {"partition-id": 0, "num-partitions": 3})
-    arrays = init_global_arrays(node.trainer.split.num_ads, cfg.factors, cfg.seed)
+    node = simulated_node(cfg, 0)
+    arrays = init_global_arrays(node.data.split.num_ads, cfg.factors, cfg.seed)
     settings = ALSSettings.from_config(cfg)
     assert settings.gram_mode == "shared" and settings.clip and settings.max_rows == cfg.als_max_rows
 
@@ -166,7 +152,7 @@ def test_client_charges_the_ledger_once_per_release_and_refuses_past_the_budget(
         reply = _call("train", cfg, arrays, server_round)
         assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
         sent = from_array_record(reply.content["arrays"])
-        assert set(sent) == set(settings.stat_shapes(node.trainer.split.num_ads, cfg.factors))
+        assert set(sent) == set(settings.stat_shapes(node.data.split.num_ads, cfg.factors))
         sigmas.append(float(reply.content["metrics"]["dp-noise-multiplier"]))
         ledger = PrivacyLedger.open(node.state.directory)
         assert ledger.state.rounds_trained == server_round and ledger.state.mechanism == "private-als"
@@ -184,8 +170,8 @@ def test_client_charges_the_ledger_once_per_release_and_refuses_past_the_budget(
 
 def test_a_budget_planned_for_dp_sgd_is_not_reused_by_als(tmp_path):
     cfg = small_run_config(tmp_path, privacy="user", **{"mf-solver": "sgd", "num-rounds": 1, "dp-metrics": "none"})
-    node = node_runtime(cfg, {"partition-id": 1, "num-partitions": 3})
-    arrays = init_global_arrays(node.trainer.split.num_ads, cfg.factors, cfg.seed)
+    node = simulated_node(cfg, 1)
+    arrays = init_global_arrays(node.data.split.num_ads, cfg.factors, cfg.seed)
     assert not _call("train", cfg, arrays, 1, partition=1).has_error()
     als_cfg = small_run_config(tmp_path, privacy="user", **{"num-rounds": 1, "dp-metrics": "none"})
     reply = _call("train", als_cfg, arrays, 2, partition=1)
@@ -194,21 +180,23 @@ def test_a_budget_planned_for_dp_sgd_is_not_reused_by_als(tmp_path):
 
 def test_noise_free_federated_als_learns_beyond_popularity(tmp_path):
     cfg = small_run_config(tmp_path)
-    nodes = [node_runtime(cfg, {"partition-id": pid, "num-partitions": 3}) for pid in range(3)]
+    nodes = [simulated_node(cfg, pid) for pid in range(3)]
     settings = ALSSettings.from_config(cfg)
-    num_ads = nodes[0].trainer.split.num_ads
+    num_ads = nodes[0].data.split.num_ads
     arrays = init_global_arrays(num_ads, cfg.factors, cfg.seed)
     strategy = ALSAggregation(settings, num_ads, cfg.factors)
+    solvers = [ALSSolver(cfg, node.data) for node in nodes]
+    rng = np.random.default_rng(0)  # ALS's steps draw nothing from it
     for server_round in range(1, 4):
         replies = []
-        for node in nodes:
-            users = node.trainer.fit_users_als(arrays, settings)
-            replies.append(_reply(node.trainer.als_statistics(users, settings), {"num-examples": 1.0}))
+        for solver in solvers:
+            users = solver.fit_users(arrays, rng, None)
+            replies.append(_reply(solver.local_update(arrays, users, rng).arrays, {"num-examples": 1.0}))
         arrays = from_array_record(strategy.aggregate_train(server_round, replies)[0])
     ndcg, toppop = [], []
-    for node in nodes:
-        ndcg.append(node.trainer.evaluate(arrays, node.trainer.fit_users_als(arrays, settings))["ndcg10_sampled"])
-        toppop.append(node.trainer.evaluate_toppop()["ndcg10_sampled"])
+    for node, solver in zip(nodes, solvers):
+        ndcg.append(node.data.evaluate(arrays, solver.fit_users(arrays, rng, None))["ndcg10_sampled"])
+        toppop.append(node.data.evaluate_toppop()["ndcg10_sampled"])
     assert np.mean(ndcg) > np.mean(toppop) + 0.05
 
 

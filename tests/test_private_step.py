@@ -22,15 +22,15 @@ from opacus.grad_sample.embedding_norm_sample import compute_embedding_norm_samp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.private_step import (
+from client.privacy.dp_sgd_epochs import (
     DPSGDSettings,
     PerUserLoss,
     embedding_norm_sample,
     fused_clipped_gradients,
     private_ad_epochs,
-    user_sample_rate,
 )
-from client.sgd_step import UserRows, build_user_rows
+from client.solvers.sgd_rows import UserRows, build_user_rows
+from shared.accounting import user_sample_rate
 from shared.data.split import UserSplit, leave_last_out
 from shared.data.synthetic import SyntheticSpec, generate
 from shared.model import AdModel

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from client.node_state import NodeState
-from shared.records import digest
+from shared.params import digest
 from shared.storage import load_npz
-from simulations.launcher import run_simulation
+from simulations.runtime import run_simulation
 from tests.conftest import processes_mentioning, small_run_config
 
 NUM_CLIENTS = 3
@@ -123,7 +123,7 @@ def test_sigterm_mid_run_leaves_no_process(tmp_path):
 def test_a_run_whose_server_app_fails_raises_with_its_log(tmp_path):
     """A ServerApp that cannot load its data fails the run: the harness raises with the log
     instead of returning as if it had trained."""
-    from simulations.launcher import SimulationError
+    from simulations.runtime import SimulationError
 
     cfg = small_run_config(tmp_path, **{"dataset": "movielens-100k", "data-path": str(tmp_path / "no-such-folder")})
     with pytest.raises(SimulationError, match="no-such-folder") as failure:
@@ -192,7 +192,7 @@ def test_an_interrupted_run_stops_at_once_and_writes_no_further_round(tmp_path):
 
 
 def test_a_run_past_its_timeout_raises_and_leaves_nothing_running(tmp_path):
-    from simulations.launcher import SimulationError
+    from simulations.runtime import SimulationError
 
     cfg = small_run_config(tmp_path, **{"num-rounds": 200})  # far longer than its timeout
     with pytest.raises(SimulationError, match="ran past"):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from shared.storage import load_npz
-from simulations.launcher import run_simulation
+from simulations.runtime import run_simulation
 from tests.conftest import small_run_config
 
 NUM_CLIENTS = 3

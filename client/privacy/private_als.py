@@ -1,4 +1,4 @@
-"""One merchant's private ALS release: user-level DP on the ad step's sufficient statistics.
+"""Private ALS (privacy = "user", mf-solver = "als"): user-level DP on the ad step's statistics.
 
 Each training round releases the shard's statistics (shared/als.py) once, through one Gaussian
 mechanism whose blocks are scaled by their per-user sensitivities (user rows weighted so their
@@ -9,7 +9,7 @@ Plan (once, on the first private round of a state directory): round r of num-rou
 share w_r ~ growth^r of the budget, sigma_r = sigma / sqrt(w_r). For Gaussian releases RDP
 adds up in 1 / sigma^2, so the planned rounds together cost exactly one release at sigma;
 sigma is calibrated (with the planned metric releases) to target-epsilon at delta with the
-same Opacus RDP accountant, ledger and refusals as DP-SGD (client/private_round.py).
+same Opacus RDP accountant, ledger and refusals as DP-SGD.
 """
 
 from __future__ import annotations
@@ -19,24 +19,22 @@ import secrets
 
 import numpy as np
 
-from client.private_round import UserLevelDP
-from client.privacy_ledger import PrivacyRefusal
-from shared.als import ALSSettings, add_noise, round_budget_shares
-from shared.privacy import CalibrationError, Release, calibrate_noise_multiplier
+from client.privacy.ledger import PrivacyRefusal
+from client.privacy.plan import UserLevelPlan, wire_dtype
+from client.solvers.als import ALSSolver
+from shared.accounting import Release, calibrate_noise_multiplier
+from shared.als import add_noise, round_budget_shares
+from shared.wire import Arrays, TrainReply
 
 
-class PrivateALS(UserLevelDP):
-    """User-level DP for ALS rounds; metrics are released as in DP-SGD runs."""
+class PrivateALS(UserLevelPlan[ALSSolver]):
+    name = "private-als"
+    label = "ALS"
 
-    mechanism = "private-als"
-
-    def _calibrate(self, delta: float) -> float:
-        try:
-            return calibrate_noise_multiplier(
-                self.ledger.state.target_epsilon, delta, 1.0, steps=1, fixed=self.planned_metric_releases()
-            )
-        except CalibrationError as exc:
-            raise PrivacyRefusal(f"no ALS noise fits the budget: {exc}") from exc
+    def calibrate(self, delta: float) -> float:
+        return calibrate_noise_multiplier(
+            self.ledger.state.target_epsilon or self.cfg.target_epsilon, delta, 1.0, steps=1, fixed=self.planned_metric_releases()
+        )
 
     def round_noise_multiplier(self) -> float:
         """sigma_r of this client's next release (r = releases made so far)."""
@@ -48,13 +46,15 @@ class PrivateALS(UserLevelDP):
             )
         return self.noise_multiplier / math.sqrt(shares[release])
 
-    def release_statistics(
-        self, stats: dict[str, np.ndarray], settings: ALSSettings, server_round: int
-    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    def release_update(
+        self, client: str, solver: ALSSolver, arrays: Arrays, user_factors: np.ndarray, rng: np.random.Generator, server_round: int
+    ) -> TrainReply:
+        stats = wire_dtype(solver.local_update(arrays, user_factors, rng).arrays)
         sigma = self.round_noise_multiplier()
         release: Release = (sigma, 1.0, 1)
         self.ledger.require([release], f"the ALS statistics of round {server_round}")
-        noisy = add_noise(stats, settings.noise_stds(sigma), np.random.default_rng(secrets.randbits(128)))
+        noisy = add_noise(stats, solver.noise_stds(sigma), np.random.default_rng(secrets.randbits(128)))
         # written before the reply leaves: a crash after this point over-counts, never under-counts
         self.ledger.record([release], trained_round=True)
-        return noisy, {"dp-epsilon": self.ledger.epsilon(), "dp-noise-multiplier": sigma}
+        # the user count is not released under DP: the server sums statistics, it does not weigh them
+        return TrainReply(client, noisy, 1.0, privacy=self.report(sigma))

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.privacy import Release, epsilon_of
+from shared.accounting import Release, epsilon_of
 from shared.storage import atomic_write_json
 
 LEDGER_FILE = "privacy_ledger.json"
@@ -154,3 +154,27 @@ class PrivacyLedger:
     def record_exact_metrics(self) -> None:
         self.state.exact_metric_releases += 1
         self.save()
+
+    # ---------------------------------------------------------------- report
+    def summary(self) -> dict[str, Any]:
+        """What was spent and what is left, for a person (`fedads-merchant budget`)."""
+        s = self.state
+        spent = self.epsilon()
+        guarantee = s.non_private_releases == 0
+        return {
+            "dp_guarantee": guarantee,
+            # JSON has no infinity: without a guarantee the spent epsilon is reported as null
+            "epsilon_spent": spent if math.isfinite(spent) else None,
+            "epsilon_remaining": None if s.target_epsilon is None or not guarantee else max(s.target_epsilon - spent, 0.0),
+            "target_epsilon": s.target_epsilon,
+            "delta": s.delta,
+            "rounds_trained": s.rounds_trained,
+            "noise_multiplier": s.noise_multiplier,
+            # every DP-SGD step and every noised metric release is one Gaussian release; the
+            # accountant merges runs of equal (noise, sample rate) into one history entry
+            "releases": int(sum(n for _, _, n in s.history)),
+            "accountant_entries": len(s.history),
+            "non_private_releases": s.non_private_releases,
+            "exact_metric_releases": s.exact_metric_releases,
+            "accountant": s.accountant,
+        }

@@ -8,8 +8,12 @@ import os
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 class ProcessStartError(RuntimeError):
@@ -84,3 +88,17 @@ def stop_tree(process: subprocess.Popen, signals: tuple[signal.Signals, ...] = (
                 return
             time.sleep(0.05)  # waiting for processes we signalled to exit
     process.poll()
+
+
+@contextmanager
+def terminate_as_exit() -> Iterator[None]:
+    """SIGTERM (a job runner stopping us) unwinds like Ctrl-C, so the Ray processes we started
+    are stopped by the `finally` blocks instead of being orphaned."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,4 +1,4 @@
-"""The ad step under user-level DP-SGD, with Opacus.
+"""The ad step's epochs under user-level DP-SGD, with Opacus (the DP-SGD plan runs them).
 
 One Opacus sample is one user: the dataset is the list of the shard's users, and a sample's
 forward pass scores that user's whole row set (their capped positives, sampled negatives and
@@ -18,10 +18,9 @@ Per-user clipping is computed in one of three ways, all giving the same clipped 
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -33,11 +32,9 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.solvers.sgd_rows import UserRows
+from shared.accounting import Release, batch_size_for
 from shared.model import AdModel
-from shared.privacy import Release
-
-if TYPE_CHECKING:
-    from client.sgd_step import UserRows
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +97,6 @@ def embedding_norm_sample(layer: nn.Embedding, activations: list[torch.Tensor], 
     squared = torch.zeros(batch, dtype=grads.dtype, device=grads.device)
     squared.scatter_add_(0, unique_keys // layer.num_embeddings, summed.pow(2).sum(dim=1))
     return {layer.weight: squared.sqrt()}
-
-
-def user_sample_rate(batch_users: int, num_users: int) -> float:
-    """The Poisson rate Opacus derives from a loader of `batch_users`: 1 / number of batches."""
-    return 1.0 / math.ceil(num_users / batch_users)
-
-
-def batch_size_for(sample_rate: float, num_users: int) -> int:
-    return math.ceil(num_users / round(1.0 / sample_rate))
 
 
 @torch.no_grad()
@@ -206,7 +194,7 @@ def private_ad_epochs(
     full history after them (the given `history` continued)."""
     with warnings.catch_warnings():
         # Opacus' notice about its non-cryptographic RNG (seeded from OS entropy, see
-        # client/private_round.py) and torch's about hooks on inputs that need no gradient
+        # client/privacy/dp_sgd.py) and torch's about hooks on inputs that need no gradient
         warnings.filterwarnings("ignore", message=".*Secure RNG.*")
         warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
         if settings.grad_sample_mode in ("auto", "fused"):

@@ -1,5 +1,5 @@
-"""The server's round loop over a Flower strategy: FedAvg, or FedAvg inside Flower's
-client-level DP wrapper.
+"""The server's round loop over a Flower strategy (server/strategies.py): ALS aggregation,
+FedAvg, or FedAvg inside Flower's client-level DP wrapper.
 
 Sampling, weighting, aggregation (and, for privacy = "client", clipping, noise and accounting)
 are the strategy's, from `flwr.serverapp.strategy`. This loop adds what fedads needs around it:
@@ -15,30 +15,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from logging import INFO, WARNING
 from typing import Any, Callable, Iterable
 
-import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.common.logger import log
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 
-from shared.params import check_global_arrays
-from shared.records import digest, from_array_record
+from shared.app_log import log
+from shared.params import check_global_arrays, digest
+from shared.wire import ARRAYS, DP_EPSILON, METRICS, NUM_EXAMPLES, Arrays, client_name, from_array_record, plain_metrics
 
-RoundCallback = Callable[[int, dict[str, np.ndarray], dict[str, Any]], None]
-WEIGHT_KEY = "num-examples"
-
-
-def _client_name(msg: Message) -> str:
-    info = msg.content.config_records.get("client")
-    return str(info["name"]) if info and "name" in info else f"node-{msg.metadata.src_node_id}"
-
-
-def _plain(metrics: MetricRecord | None) -> dict[str, float]:
-    return {k: float(v) for k, v in (metrics or {}).items() if not isinstance(v, list)}
+RoundCallback = Callable[[int, Arrays, dict[str, Any]], None]
 
 
 @dataclass
@@ -49,9 +37,9 @@ class RoundLog:
     refused: dict[str, str] = field(default_factory=dict)
 
     def add(self, msg: Message, renamed_weight: str) -> None:
-        metrics = _plain(msg.content["metrics"])
-        metrics[renamed_weight] = metrics.pop(WEIGHT_KEY, 0.0)
-        self.clients.setdefault(_client_name(msg), {}).update(metrics)
+        metrics = plain_metrics(msg.content[METRICS])
+        metrics[renamed_weight] = metrics.pop(NUM_EXAMPLES, 0.0)
+        self.clients.setdefault(client_name(msg), {}).update(metrics)
 
 
 class RoundLoop:
@@ -59,7 +47,7 @@ class RoundLoop:
         self.strategy, self.grid = strategy, grid
         self.num_ads, self.dim, self.timeout = num_ads, dim, timeout
         # what a training reply must hold: the global parameters, or (ALS) the strategy's statistics
-        self.check_reply: Callable[[dict[str, np.ndarray]], None] = getattr(
+        self.check_reply: Callable[[Arrays], None] = getattr(
             strategy, "check_reply", lambda arrays: check_global_arrays(arrays, num_ads, dim)
         )
 
@@ -71,9 +59,9 @@ class RoundLoop:
                 valid.append(msg)  # the strategy logs error replies and leaves them out
                 continue
             try:
-                self.check_reply(from_array_record(msg.content["arrays"]))
+                self.check_reply(from_array_record(msg.content[ARRAYS]))
             except (KeyError, ValueError) as exc:
-                log(WARNING, "round %d: dropping the reply of %s: %s", server_round, _client_name(msg), exc)
+                log.warning("round %d: dropping the reply of %s: %s", server_round, client_name(msg), exc)
                 continue
             round_log.add(msg, "train-users")
             valid.append(msg)
@@ -85,7 +73,7 @@ class RoundLoop:
         for msg in replies:
             if not msg.has_error():
                 round_log.add(msg, "test-users")
-        return _plain(self.strategy.aggregate_evaluate(server_round, replies))
+        return plain_metrics(self.strategy.aggregate_evaluate(server_round, replies))
 
     def run(
         self,
@@ -102,19 +90,19 @@ class RoundLoop:
             started = time.perf_counter()
             start_digest = digest(from_array_record(arrays))
             round_log = RoundLog()
-            log(INFO, "")
-            log(INFO, "[ROUND %s/%s]", server_round, last_round)
+            log.info("")
+            log.info("[ROUND %s/%s]", server_round, last_round)
             try:
                 messages = self.strategy.configure_train(server_round, arrays, train_config, self.grid)
             except PrivacyBudgetExhausted as exhausted:  # client-level DP: the server's own budget
-                log(WARNING, "round %d: not trained: %s", server_round, exhausted)
+                log.warning("round %d: not trained: %s", server_round, exhausted)
                 break
             replies = self.grid.send_and_receive(messages, timeout=self.timeout)
             aggregated, train_metrics = self.strategy.aggregate_train(
                 server_round, self._train_replies(server_round, replies, round_log)
             )
             if aggregated is None:
-                log(WARNING, "round %d: no valid training reply; the global model is unchanged", server_round)
+                log.warning("round %d: no valid training reply; the global model is unchanged", server_round)
             else:
                 arrays = aggregated
             evaluate_started = time.perf_counter()
@@ -123,13 +111,13 @@ class RoundLoop:
             record: dict[str, Any] = {
                 "round": server_round,
                 "start_digest": start_digest,
-                "train": _plain(train_metrics),
+                "train": plain_metrics(train_metrics),
                 "evaluate": evaluate_metrics,
                 "clients": round_log.clients,
                 "round_seconds": time.perf_counter() - started,
                 "evaluate_seconds": evaluate_seconds,
             }
-            spent = [m["dp-epsilon"] for m in round_log.clients.values() if "dp-epsilon" in m]
+            spent = [m[DP_EPSILON] for m in round_log.clients.values() if DP_EPSILON in m]
             if spent:
                 record["privacy"] = {"level": "user", "epsilon_max": max(spent), "epsilon_min": min(spent)}
             if (server_epsilon := privacy_spent()) is not None:
@@ -137,6 +125,6 @@ class RoundLoop:
             if round_log.refused:
                 record["refused"] = dict(round_log.refused)
                 for node, reason in round_log.refused.items():
-                    log(WARNING, "round %d: %s sent no update: %s", server_round, node, reason)
+                    log.warning("round %d: %s sent no update: %s", server_round, node, reason)
             on_round_end(server_round, from_array_record(arrays), record)
         return arrays

@@ -12,7 +12,7 @@ pyproject.toml names and the run config fused from pyproject.toml and the run's 
 inside it, Flower's InMemoryGrid, LinkState, engine threads, Ray backend and ClientAppActor
 pool. One Ray cluster and one pool of Flower's actors serve all the runs of a process. Each
 run still gets its own run id, LinkState, node contexts and ServerApp thread; the actors keep
-only their imports and the app's per-process caches of immutable data (client/shard.py).
+only their imports and the app's per-process caches of immutable data (client/node_data.py).
 
 Two interventions in Flower, both for the duration of a run: the engine's Ray backend class
 is replaced by a subclass whose `build` takes the standing pool and whose `terminate` leaves
@@ -34,14 +34,18 @@ import sys
 import tempfile
 import threading
 import time
-import tomllib
 from contextlib import contextmanager
-from functools import lru_cache, partial
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+import tomli_w
+
+from client.handlers import first_message_imports
+from deploy.processes import free_port, stop_tree, terminate_as_exit, wait_for_port
+from shared.config import RunConfig
+from shared.config_table import app_components
 from simulations import PROJECT_ROOT
-from simulations.processes import free_port, stop_tree, wait_for_port
 
 BIN = Path(sys.executable).parent
 RUNTIME_MARK = "FEDADS_SIMULATION_RUNTIME"  # in every Ray process's environment: its runtime's work dir
@@ -64,7 +68,7 @@ def warm_up_actor(modules: Sequence[str], simulations: Sequence[tuple[Any, int]]
             importlib.import_module(module)
         except Exception as exc:  # noqa: BLE001
             logging.getLogger(__name__).warning("actor warm-up: cannot import %s: %s", module, exc)
-    from client.shard import prepare_simulated_nodes
+    from client.node_data import prepare_simulated_nodes
 
     for data, num_nodes in simulations:
         try:
@@ -147,18 +151,12 @@ class _ServerAppWatch:
             self.returned.set()
 
 
-@lru_cache(maxsize=1)
-def _app_components() -> dict[str, str]:
-    pyproject = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
-    return dict(pyproject["tool"]["flwr"]["app"]["components"])
-
-
 def _load_server_app() -> Any:
     from flwr.serverapp.server_app import LoadServerAppError
     from flwr.supercore.object_ref import load_app
 
     try:
-        return load_app(_app_components()["serverapp"], LoadServerAppError, PROJECT_ROOT)
+        return load_app(app_components()["serverapp"], LoadServerAppError, PROJECT_ROOT)
     except Exception as exc:  # noqa: BLE001 - any import error of the app
         raise SimulationError(f"cannot load the ServerApp: {exc}") from exc
 
@@ -219,7 +217,7 @@ class SimulationRuntime:
 
     `start` returns at once: Ray's head node boots in its own process group (about 4 s), and a
     thread joins it as this process's Ray driver and starts the actors; each actor imports
-    `actor_imports` (client/rounds.first_message_imports) and builds the nodes' data of
+    `actor_imports` (client/handlers.first_message_imports) and builds the nodes' data of
     `simulations` (pairs of a RunConfig and its number of nodes) as it starts. Meanwhile the
     caller can work (a sweep runs its baselines); the first run waits for the rest. Ray is not
     started from this process itself: `ray.init()` forks Ray's processes with a `preexec_fn`,
@@ -235,7 +233,7 @@ class SimulationRuntime:
 
     def __init__(
         self, work_dir: str | Path, num_cpus: int | None = None, cpus_per_client: float = 1.0,
-        actor_imports: Sequence[str] = ("client.rounds",), simulations: Sequence[tuple[Any, int]] = (),
+        actor_imports: Sequence[str] = ("client.handlers",), simulations: Sequence[tuple[Any, int]] = (),
     ) -> None:
         self.work_dir = Path(work_dir).resolve()
         self.num_cpus = num_cpus or os.cpu_count() or 1
@@ -470,7 +468,7 @@ class SimulationRuntime:
                           run_config=get_fused_config_from_dir(PROJECT_ROOT, run_config))
         _run_simulation(
             num_supernodes=num_supernodes, exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
-            server_app=server_app, client_app_attr=_app_components()["clientapp"],
+            server_app=server_app, client_app_attr=app_components()["clientapp"],
             backend_config={"client_resources": dict(self.client_resources)},
             app_dir=str(PROJECT_ROOT), run=run, server_app_context=context, is_app=True,
         )
@@ -498,3 +496,23 @@ def _standing_backend(pool: Any, built: threading.Event) -> Iterator[None]:
         yield
     finally:
         raybackend.RayBackend = flower_backend
+
+
+def run_simulation(
+    run_config: Mapping[str, Any],
+    num_supernodes: int,
+    work_dir: str | Path,
+    stream_to: Any = None,
+    timeout: float | None = None,
+    runtime: SimulationRuntime | None = None,
+) -> str:
+    """Run the project's app once; returns Flower's log of the run. Raises SimulationError on
+    failure. Without `runtime`, a runtime (Ray and its actors) lives for this run only."""
+    work_dir = Path(work_dir).resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / "run-config.toml").write_text(tomli_w.dumps(dict(run_config)))  # what was run, for a person
+    if runtime is not None:
+        return runtime.run(run_config, num_supernodes, work_dir, stream_to, timeout)
+    cfg = RunConfig.from_flower(run_config)
+    with terminate_as_exit(), SimulationRuntime(work_dir, actor_imports=first_message_imports(cfg), simulations=[(cfg, num_supernodes)]) as own:
+        return own.run(run_config, num_supernodes, work_dir, stream_to, timeout)

@@ -16,40 +16,45 @@ Two free gains from post-processing, both only reading released values:
 
 from __future__ import annotations
 
-from logging import WARNING
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
-from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAvg
 
 from shared.als import ALSSettings, check_statistics, solve_ads
-from shared.records import from_array_record, to_array_record
+from shared.app_log import log
+from shared.wire import ALS_COUNT, ALS_POSITIVES, Arrays, TrainReply, to_array_record
 
-ROUND_INVARIANT = ("als_positives", "als_count")
+ROUND_INVARIANT = (ALS_POSITIVES, ALS_COUNT)
 
 
 class ALSAggregation(FedAvg):
-    def __init__(self, settings: ALSSettings, num_ads: int, dim: int, tags: np.ndarray | None = None, **fedavg_args: object) -> None:
-        super().__init__(**fedavg_args)  # type: ignore[arg-type]
+    def __init__(self, settings: ALSSettings, num_ads: int, dim: int, tags: np.ndarray | None = None, **fedavg_args: Any) -> None:
+        super().__init__(**fedavg_args)
         self.settings, self.num_ads, self.dim, self.tags = settings, num_ads, dim, tags
         # running inverse-variance average of the round-invariant statistics: (value, variance)
         self._counts: dict[str, tuple[np.ndarray, float]] = {}
 
-    def check_reply(self, arrays: dict[str, np.ndarray]) -> None:
+    def check_reply(self, arrays: Arrays) -> None:
         check_statistics(arrays, self.settings, self.num_ads, self.dim)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        """Replies reach here validated (server/round_loop.py); error replies are left out."""
+        replies = list(replies)
+        valid = [msg for msg in replies if not msg.has_error()]
+        log.info("aggregate_train: Received %s results and %s failures", len(valid), len(replies) - len(valid))
+        for msg in replies:
+            if msg.has_error():
+                log.info("\t> Received error in reply from node %d: %s", msg.metadata.src_node_id, msg.error.reason)
         if not valid:
             return None, None
-        total: dict[str, np.ndarray] = {}
+        total: Arrays = {}
         variances: dict[str, float] = {}
-        for msg in valid:
-            for key, value in from_array_record(msg.content["arrays"]).items():
+        for reply in map(TrainReply.from_message, valid):
+            for key, value in reply.arrays.items():
                 total[key] = total.get(key, 0.0) + value.astype(np.float64)
-            sigma = float(msg.content["metrics"].get("dp-noise-multiplier", 0.0))
+            sigma = reply.privacy.noise_multiplier if reply.privacy else 0.0
             stds = self.settings.noise_stds(sigma) if sigma > 0 else {}
             for key in total:
                 variances[key] = variances.get(key, 0.0) + stds.get(key, 0.0) ** 2
@@ -66,7 +71,7 @@ class ALSAggregation(FedAvg):
             return value, variance
         earlier, earlier_variance = self._counts[key]
         if earlier_variance == 0.0:
-            log(WARNING, "ALS: exact counts earlier, noisy now: keeping the exact ones")
+            log.warning("ALS: exact counts earlier, noisy now: keeping the exact ones")
             return earlier, 0.0
         weight = (1.0 / earlier_variance) / (1.0 / earlier_variance + 1.0 / variance)
         averaged = weight * earlier + (1.0 - weight) * value

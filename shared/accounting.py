@@ -1,4 +1,4 @@
-"""Differential-privacy arithmetic shared by clients, the server and the docs.
+"""Differential-privacy accounting arithmetic shared by clients, baselines and the docs.
 
 The accountant is Opacus' RDP accountant (`opacus.accountants.RDPAccountant`): its history is
 a list of (noise multiplier, sample rate, steps) Gaussian releases, composed in Renyi DP and
@@ -44,6 +44,16 @@ def default_delta(num_users: int) -> float:
 def sgd_steps_per_epoch(sample_rate: float) -> int:
     """Opacus' Poisson data loader runs int(1 / sample_rate) steps per epoch."""
     return int(1 / sample_rate)
+
+
+def user_sample_rate(batch_users: int, num_users: int) -> float:
+    """The Poisson rate Opacus derives from a loader of `batch_users`: 1 / number of batches."""
+    return 1.0 / math.ceil(num_users / batch_users)
+
+
+def batch_size_for(sample_rate: float, num_users: int) -> int:
+    """The loader batch size from which Opacus derives `sample_rate` for `num_users`."""
+    return math.ceil(num_users / round(1.0 / sample_rate))
 
 
 def calibrate_noise_multiplier(

@@ -1,31 +1,20 @@
-"""The SGD solver's local steps (mf-solver = "sgd"): torch, loaded only by runs that use it.
+"""The SGD solver's training rows (torch): one padded row set per user.
 
-(a) user step: each user's factors are solved exactly from that user's own rows with the
-    received global parameters frozen (`shared.model.solve_user_factors`); they stay here.
-(b) ad step: the global parameters (ad factors, ad biases) are trained on mini-batches of
-    users with the user factors frozen; this is what the client sends back.
-
-A training row set is built per user: their training positives (at most
-`max-positives-per-user`, sampled anew each epoch), `negatives` sampled negatives per positive
-(ads without a training positive of that user) and the user's impressions that never turned
-into a click (explicit negatives), padded to one [users, rows] tensor.
+A user's rows: their training positives (at most `max_positives`, sampled anew each epoch),
+`negatives` sampled negatives per positive (ads without a training positive of that user) and
+the user's impressions that never turned into a click (explicit negatives), padded to one
+[users, rows] tensor. The user step, the ad step and DP-SGD all read them.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from shared.data.split import UserSplit
-from shared.model import AdModel, solve_user_factors
-
-if TYPE_CHECKING:
-    from client.trainer import TrainSettings
 
 # Several simulated clients share the machine's cores: one torch thread each unless told otherwise.
 torch.set_num_threads(int(os.environ.get("FEDADS_TORCH_THREADS", "1")))
@@ -92,44 +81,3 @@ def build_user_rows(split: UserSplit, rng: np.random.Generator, negatives: int, 
     padded_labels[users, column] = labels
     mask[users, column] = True
     return UserRows(torch.from_numpy(padded_ads), torch.from_numpy(padded_labels), torch.from_numpy(mask))
-
-
-def fit_users(
-    split: UserSplit, s: TrainSettings, arrays: dict[str, np.ndarray], rng: np.random.Generator, init: np.ndarray | None = None
-) -> np.ndarray:
-    """(a) the user step: exact, local, never released."""
-    rows = build_user_rows(split, rng, s.negatives, max_positives=None)
-    factors = solve_user_factors(
-        torch.as_tensor(arrays["ad_factors"]),
-        torch.as_tensor(arrays["ad_bias"]),
-        rows.ads, rows.labels, rows.mask,
-        l2=s.user_l2, iters=s.user_solver_iters,
-        init=None if init is None else torch.as_tensor(init),
-    )
-    return factors.numpy()
-
-
-def train_ads(
-    split: UserSplit, s: TrainSettings, arrays: dict[str, np.ndarray], user_factors: np.ndarray, rng: np.random.Generator
-) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """(b) the ad step without DP: local epochs of Adam over mini-batches of users."""
-    model = AdModel.from_arrays(arrays)
-    optimizer = torch.optim.Adam(model.parameters(), lr=s.learning_rate)
-    users_tensor = torch.as_tensor(user_factors, dtype=torch.float32)
-    total_loss, total_rows = 0.0, 0
-    for _ in range(s.local_epochs):
-        rows = build_user_rows(split, rng, s.negatives, s.max_positives_per_user)
-        for batch in torch.from_numpy(rng.permutation(split.num_users)).split(s.batch_users):
-            part = rows.take(batch)
-            logits = model(users_tensor[batch], part.ads)
-            mask = part.mask.to(logits.dtype)
-            count = mask.sum().clamp_min(1.0)
-            data_loss = (F.binary_cross_entropy_with_logits(logits, part.labels, reduction="none") * mask).sum() / count
-            touched = model.ad_factors(part.ads).pow(2).sum(-1) + model.ad_bias(part.ads).squeeze(-1).pow(2)
-            loss = data_loss + s.ad_l2 * (touched * mask).sum() / count
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += float(data_loss.detach()) * float(count)
-            total_rows += int(count)
-    return model.get_arrays(), {"train-loss": total_loss / max(total_rows, 1), "train-rows": float(total_rows)}

@@ -1,0 +1,86 @@
+"""One merchant's side of a round: the ClientApp's message handlers (client/client_app.py).
+
+train:    user step (local, exact, persisted) -> the ad step's local update, released through
+          the merchant's privacy plan -> a training reply (shared/wire.TrainReply).
+evaluate: refit the user factors against the received global model -> ranking metrics of
+          this merchant's held-out interactions, released through the plan.
+Replies carry the global parameters' keys (or ALS statistics), counts and metric means: no
+user id, no user factor. A plan that does not allow a release refuses; the refusal is
+answered here, in one place, with an error reply that says why.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any, Callable
+
+import numpy as np
+from flwr.app import Context, Message
+
+from client.node_data import Node, load_node
+from client.privacy.ledger import PrivacyRefusal
+from client.privacy.plan import PrivacyPlan
+from client.privacy.registry import PLANS, open_plan, plan_name
+from client.solvers.base import Solver
+from client.solvers.registry import SOLVERS, solver_for
+from shared.app_log import log
+from shared.config import RunConfig
+from shared.node_config import NodeConfig
+from shared.params import check_global_arrays
+from shared.wire import Arrays, EvaluateReply, TrainReply, read_instruction, refusal
+
+Step = Callable[[RunConfig, Node, Solver, "PrivacyPlan[Any]", Arrays, int], "TrainReply | EvaluateReply"]
+
+
+def train(msg: Message, context: Context) -> Message:
+    return _handle(msg, context, _train)
+
+
+def evaluate(msg: Message, context: Context) -> Message:
+    return _handle(msg, context, _evaluate)
+
+
+def _handle(msg: Message, context: Context, step: Step) -> Message:
+    cfg = RunConfig.from_flower(context.run_config)
+    node = load_node(cfg, NodeConfig.from_flower(context.node_config))
+    arrays, server_round = read_instruction(msg)
+    check_global_arrays(arrays, node.data.num_ads, cfg.factors)
+    try:
+        plan = open_plan(cfg, node.data.num_users, node.state.directory)
+        reply = step(cfg, node, solver_for(cfg, node.data), plan, arrays, server_round)
+    except PrivacyRefusal as refused:
+        log.warning("%s refuses: %s", node.name, refused)
+        return refusal(msg, node.name, str(refused))
+    return reply.to_message(msg)
+
+
+def _rng(cfg: RunConfig, node: Node, server_round: int, purpose: int) -> np.random.Generator:
+    return np.random.default_rng([cfg.seed, server_round, purpose, zlib.crc32(node.name.encode())])
+
+
+def _fit_and_store_users(cfg: RunConfig, node: Node, solver: Solver, arrays: Arrays, rng: np.random.Generator) -> np.ndarray:
+    previous = node.state.load_user_factors(node.data.user_ids, cfg.factors) if solver.warm_starts_users else None
+    factors = solver.fit_users(arrays, rng, previous)
+    node.state.save_user_factors(node.data.user_ids, factors)
+    return factors
+
+
+def _train(cfg: RunConfig, node: Node, solver: Solver, plan: PrivacyPlan[Any], arrays: Arrays, server_round: int) -> TrainReply:
+    rng = _rng(cfg, node, server_round, purpose=0)
+    node.state.save_global_model(arrays, server_round - 1, solver.user_step())
+    user_factors = _fit_and_store_users(cfg, node, solver, arrays, rng)
+    return plan.release_update(node.name, solver, arrays, user_factors, rng, server_round)
+
+
+def _evaluate(cfg: RunConfig, node: Node, solver: Solver, plan: PrivacyPlan[Any], arrays: Arrays, server_round: int) -> EvaluateReply:
+    node.state.save_global_model(arrays, server_round, solver.user_step())
+    user_factors = _fit_and_store_users(cfg, node, solver, arrays, _rng(cfg, node, server_round, purpose=1))
+    return plan.release_metrics(node.name, node.data, node.data.evaluate(arrays, user_factors), server_round)
+
+
+def first_message_imports(cfg: RunConfig) -> tuple[str, ...]:
+    """What a node of a run with this config imports by the end of its first messages (torch
+    and Opacus are loaded lazily, by the runs that use them): a simulation's actors can
+    import it as they start instead."""
+    plan = PLANS[plan_name(cfg)]
+    return (__name__, SOLVERS[cfg.mf_solver].module, plan.module, *plan.warm_imports)

@@ -1,0 +1,133 @@
+"""This node's data: where it comes from, its one-time preparation, and its evaluation.
+
+A deployed merchant names its own log (and optionally its catalog and state directory) in its
+node config (shared/node_config.py). In simulation, Flower gives each virtual node a
+`partition-id` out of `num-partitions`, and the node cuts its shard from the run's dataset.
+Loading, validation, the leave-last-out split and the evaluation negatives happen once per
+process and data, and are cached: a simulation's actors serve many runs of one dataset.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+
+import numpy as np
+
+from client.node_state import NodeState
+from shared.als import Rows
+from shared.config import RunConfig
+from shared.data.loaders import load_catalog_file, load_log_file
+from shared.data.schema import AdCatalog, InteractionLog
+from shared.data.sources import load_catalog, load_dataset, simulated_shards
+from shared.data.split import UserSplit, leave_last_out, sample_eval_negatives
+from shared.metrics import toppop_score_fn
+from shared.metrics import evaluate as evaluate_ranking
+from shared.node_config import NodeConfig
+from shared.params import score_all
+from shared.wire import Arrays
+
+log = logging.getLogger(__name__)
+
+EVAL_NEGATIVES = 99  # the NCF protocol
+
+
+@dataclass(frozen=True, eq=False)
+class NodeData:
+    """One shard, prepared: its leave-last-out split and fixed evaluation negatives."""
+
+    split: UserSplit
+    eval_negatives: np.ndarray
+
+    @classmethod
+    def prepare(cls, log: InteractionLog, num_ads: int, seed: int) -> NodeData:
+        split = leave_last_out(log, num_ads)
+        return cls(split, sample_eval_negatives(split, EVAL_NEGATIVES, seed))
+
+    @property
+    def num_users(self) -> int:
+        return self.split.num_users
+
+    @property
+    def num_ads(self) -> int:
+        return self.split.num_ads
+
+    @property
+    def user_ids(self) -> np.ndarray:
+        return self.split.user_ids
+
+    @cached_property
+    def rows(self) -> Rows:
+        """The observed (user, ad, label) rows, grouped by user (ALS and its statistics)."""
+        return Rows.from_split(self.split)
+
+    def evaluate(self, arrays: Arrays, user_factors: np.ndarray) -> dict[str, float]:
+        """Ranking metrics of the held-out interactions (shared/metrics.py), with their number of test users."""
+        return evaluate_ranking(lambda users: score_all(user_factors[users], arrays), self.split, self.eval_negatives)
+
+    @cached_property
+    def _toppop(self) -> dict[str, float]:
+        return evaluate_ranking(toppop_score_fn(self.split.ad_popularity()), self.split, self.eval_negatives)
+
+    def evaluate_toppop(self) -> dict[str, float]:
+        """The same metrics of TopPop on this shard: the floor any model should beat."""
+        return dict(self._toppop)
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str  # in replies: the merchant id, or the simulated shard's merchant, region or partition
+    data: NodeData
+    state: NodeState
+
+
+def load_node(cfg: RunConfig, node_config: NodeConfig) -> Node:
+    """The node's data (cached) and its state directory."""
+    if node_config.simulated:
+        assert node_config.partition_id is not None and node_config.num_partitions is not None
+        name, data = _simulated_node(cfg.data_config(), node_config.num_partitions, node_config.partition_id)
+    else:
+        name = node_config.name
+        data = _deployed_data(name, node_config.data_path, node_config.catalog_path, cfg.data_config())
+    return Node(name, data, NodeState(node_config.state_path(cfg)))
+
+
+@lru_cache(maxsize=8)
+def _deployed_data(name: str, data_path: str, catalog_path: str, data: RunConfig) -> NodeData:
+    catalog = load_catalog_file(catalog_path) if catalog_path else load_catalog(data)
+    node_data = NodeData.prepare(load_log_file(data_path, catalog), len(catalog), data.seed)
+    _log_shard(name, node_data)
+    return node_data
+
+
+@lru_cache(maxsize=4)
+def _simulated_shards(data: RunConfig, count: int) -> tuple[AdCatalog, list[tuple[str, InteractionLog]]]:
+    """The run's dataset and all its shards, built once per process and data (`data`: the
+    run's `data_config()`): Flower's simulation does not pin a virtual node to an actor (each
+    actor builds most of the nodes), and the harness's actors serve many runs of one dataset."""
+    dataset = load_dataset(data)
+    return dataset.catalog, simulated_shards(data, dataset, count)
+
+
+@lru_cache(maxsize=64)
+def _simulated_node(data: RunConfig, count: int, pid: int) -> tuple[str, NodeData]:
+    """A simulated node's name and prepared data: they depend on the data's config only."""
+    catalog, shards = _simulated_shards(data, count)
+    name, shard = shards[pid]
+    node_data = NodeData.prepare(shard, len(catalog), data.seed)
+    _log_shard(name, node_data)
+    return name, node_data
+
+
+def _log_shard(name: str, data: NodeData) -> None:
+    split = data.split
+    log.info("node %s: %d users, %d training positives, %d test users", name, split.num_users, len(split.pos_ads), len(split.test_users))
+
+
+def prepare_simulated_nodes(data: RunConfig, count: int) -> None:
+    """Build a simulation's dataset and every node's data ahead of the nodes' first messages
+    (the harness's actors do it as they start, while the harness is busy elsewhere)."""
+    data = data.data_config()
+    for pid in range(count):
+        _simulated_node(data, count, pid)

@@ -1,0 +1,55 @@
+"""User-level DP-SGD (privacy = "user", mf-solver = "sgd"): one Opacus sample is one user.
+
+Plan: with Poisson user sampling at rate q = 1 / ceil(users / batch-users), a round runs
+local-epochs x int(1/q) DP-SGD steps; the whole training runs num-rounds of them, plus the
+planned metric releases (client/privacy/plan.py). The noise multiplier is calibrated so that
+all of it composes (RDP) to target-epsilon at delta. Each round's epochs run in
+client/privacy/dp_sgd_epochs.py (Opacus' sampler and accountant; clipping by the fused closed
+form or Opacus' hooks or ghost clipping).
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import numpy as np
+
+from client.privacy.dp_sgd_epochs import DPSGDSettings, private_ad_epochs
+from client.privacy.ledger import PrivacyLedger
+from client.privacy.plan import UserLevelPlan, wire_dtype
+from client.solvers.sgd import SGDSolver
+from shared.accounting import calibrate_noise_multiplier, sgd_steps_per_epoch, user_sample_rate
+from shared.config import RunConfig
+from shared.wire import Arrays, TrainReply
+
+
+class DPSGD(UserLevelPlan[SGDSolver]):
+    name = "dp-sgd"
+    label = "DP-SGD"
+
+    def __init__(self, cfg: RunConfig, num_users: int, ledger: PrivacyLedger) -> None:
+        self.sample_rate = user_sample_rate(cfg.batch_users, num_users)
+        self.steps_per_round = cfg.local_epochs * sgd_steps_per_epoch(self.sample_rate)
+        super().__init__(cfg, num_users, ledger)
+
+    def calibrate(self, delta: float) -> float:
+        return calibrate_noise_multiplier(
+            self.ledger.state.target_epsilon or self.cfg.target_epsilon, delta, self.sample_rate,
+            steps=self.cfg.num_rounds * self.steps_per_round, fixed=self.planned_metric_releases(),
+        )
+
+    def release_update(
+        self, client: str, solver: SGDSolver, arrays: Arrays, user_factors: np.ndarray, rng: np.random.Generator, server_round: int
+    ) -> TrainReply:
+        self.ledger.require([(self.noise_multiplier, self.sample_rate, self.steps_per_round)], f"training round {server_round}")
+        settings = DPSGDSettings(
+            noise_multiplier=self.noise_multiplier, max_grad_norm=self.cfg.max_grad_norm, sample_rate=self.sample_rate,
+            epochs=self.cfg.local_epochs, learning_rate=self.cfg.learning_rate,
+            grad_sample_mode=self.cfg.dp_grad_sample_mode, seed=secrets.randbits(62),
+        )
+        updated, history, stats = private_ad_epochs(arrays, user_factors, solver.epoch_rows(rng), settings, self.ledger.state.history)
+        # written before the reply leaves: a crash after this point over-counts, never under-counts
+        self.ledger.state.history = history
+        self.ledger.state.rounds_trained += 1
+        self.ledger.save()
+        return TrainReply(client, wire_dtype(updated), float(self.num_users), stats, self.report())

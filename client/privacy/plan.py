@@ -1,0 +1,165 @@
+"""A merchant's privacy plan: what it releases in a run, how, and its record of it (its ledger).
+
+Every reply that leaves a merchant goes through its plan: the ad step's update each training
+round (`release_update`), the evaluation metrics (`release_metrics`). The plan records each
+release in the merchant's persistent ledger before the reply leaves, and refuses (raising
+`PrivacyRefusal`) what its budget or ledger does not allow.
+
+- `NoPrivacy` (privacy = "none") and `ClientLevel` (privacy = "client": Flower clips and
+  noises whole merchant updates on the server) release exact values; the ledger counts them,
+  so no later DP claim is made for the state directory.
+- `UserLevelPlan` (privacy = "user") is the base of the user-level DP plans: it binds the
+  budget, plans the run's releases once per state directory (the subclass calibrates its
+  noise), and releases metrics noised, not at all, or (simulations only) exactly.
+  `client/privacy/dp_sgd.py` and `client/privacy/private_als.py` are its two mechanisms.
+DP noise and user sampling draw from OS entropy, never from the public run seed: a server
+that knows the config cannot replay them.
+"""
+
+from __future__ import annotations
+
+import secrets
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
+
+import numpy as np
+
+from client.privacy.ledger import PrivacyLedger, PrivacyRefusal
+from shared.accounting import METRIC_SENSITIVITY, CalibrationError, Release, default_delta
+from shared.config import RunConfig
+from shared.metrics import METRIC_NAMES, NUM_TEST_USERS
+from shared.wire import Arrays, EvaluateReply, PrivacyReport, TrainReply
+
+if TYPE_CHECKING:
+    from client.node_data import NodeData
+    from client.solvers.base import Solver
+
+
+SolverT = TypeVar("SolverT", bound="Solver")
+
+
+def wire_dtype(arrays: Arrays) -> Arrays:
+    """Released arrays travel as float32."""
+    return {key: value.astype(np.float32) for key, value in arrays.items()}
+
+
+class PrivacyPlan(ABC, Generic[SolverT]):
+    name: ClassVar[str]
+    # a missing or unreadable ledger refuses (DP plans), or starts afresh (plans that promise nothing)
+    fail_closed: ClassVar[bool] = False
+
+    def __init__(self, cfg: RunConfig, num_users: int, ledger: PrivacyLedger) -> None:
+        self.cfg, self.num_users, self.ledger = cfg, num_users, ledger
+
+    @abstractmethod
+    def release_update(
+        self, client: str, solver: SolverT, arrays: Arrays, user_factors: np.ndarray, rng: np.random.Generator, server_round: int
+    ) -> TrainReply:
+        """The training reply of this round: the solver's update as this plan lets it leave."""
+
+    @abstractmethod
+    def release_metrics(self, client: str, data: NodeData, metrics: dict[str, float], server_round: int) -> EvaluateReply:
+        """The evaluation reply: `metrics` (NodeData.evaluate) as this plan lets them leave."""
+
+
+class NoPrivacy(PrivacyPlan["Solver"]):
+    """Exact releases, each counted in the ledger: no DP claim is made after them."""
+
+    name = "none"
+
+    def weight(self) -> float:
+        return float(self.num_users)
+
+    def release_update(
+        self, client: str, solver: Solver, arrays: Arrays, user_factors: np.ndarray, rng: np.random.Generator, server_round: int
+    ) -> TrainReply:
+        update = solver.local_update(arrays, user_factors, rng)
+        self.ledger.record_non_private(trained_round=True)
+        return TrainReply(client, wire_dtype(update.arrays), self.weight(), update.metrics)
+
+    def release_metrics(self, client: str, data: NodeData, metrics: dict[str, float], server_round: int) -> EvaluateReply:
+        self.ledger.record_non_private(trained_round=False)
+        toppop = {k: v for k, v in data.evaluate_toppop().items() if k != NUM_TEST_USERS}
+        return EvaluateReply(client, metrics[NUM_TEST_USERS], _means(metrics), toppop)
+
+
+class ClientLevel(NoPrivacy):
+    """Flower's client-level DP (server-side clipping and noise): every merchant weighs the same,
+    as its accounting requires; from the merchant's side, its releases are exact."""
+
+    name = "client"
+
+    def weight(self) -> float:
+        return 1.0
+
+
+class UserLevelPlan(PrivacyPlan[SolverT]):
+    """User-level DP over the merchant's persistent ledger (docs/PRIVACY.md).
+
+    Plan (once, on the first DP round of a state directory): the subclass calibrates its noise
+    multiplier so that all its planned releases, with one noised metrics release per evaluation
+    (num-rounds + 1) when dp-metrics = "noised", compose (RDP) to target-epsilon at delta; it is
+    stored in the ledger and kept. Every release is checked against the ledger before any work
+    (`PrivacyLedger.require`) and recorded (atomically) before the reply leaves."""
+
+    fail_closed = True
+    label: ClassVar[str]  # the mechanism, in messages
+
+    def __init__(self, cfg: RunConfig, num_users: int, ledger: PrivacyLedger) -> None:
+        super().__init__(cfg, num_users, ledger)
+        delta = cfg.target_delta or default_delta(num_users)
+        if delta >= 1.0 / num_users:
+            raise PrivacyRefusal(f"target-delta {delta} is not below 1/users = {1.0 / num_users:.3g} of this shard")
+        ledger.bind(cfg.target_epsilon, delta)
+        if ledger.state.noise_multiplier is None:
+            try:
+                ledger.state.noise_multiplier = self.calibrate(delta)
+            except CalibrationError as exc:
+                raise PrivacyRefusal(f"no {self.label} noise fits the budget: {exc}") from exc
+            ledger.state.mechanism = self.name
+            ledger.save()
+        elif (ledger.state.mechanism or "dp-sgd") != self.name:
+            raise PrivacyRefusal(
+                f"{ledger.path}: this budget was planned for {ledger.state.mechanism or 'dp-sgd'}, "
+                f"this run asks for {self.name}: start the merchant with a new state directory"
+            )
+
+    @abstractmethod
+    def calibrate(self, delta: float) -> float:
+        """The noise multiplier of the whole planned training (raises CalibrationError)."""
+
+    @property
+    def noise_multiplier(self) -> float:
+        assert self.ledger.state.noise_multiplier is not None
+        return self.ledger.state.noise_multiplier
+
+    def planned_metric_releases(self) -> list[Release]:
+        if self.cfg.dp_metrics != "noised":
+            return []
+        return [(self.cfg.metrics_noise_multiplier, 1.0, self.cfg.num_rounds + 1)]
+
+    def report(self, noise_multiplier: float | None = None) -> PrivacyReport:
+        return PrivacyReport(self.ledger.epsilon(), self.noise_multiplier if noise_multiplier is None else noise_multiplier)
+
+    def release_metrics(self, client: str, data: NodeData, metrics: dict[str, float], server_round: int) -> EvaluateReply:
+        """Evaluation metrics as dp-metrics allows them to leave (docs/PRIVACY.md); TopPop of
+        the shard depends on every user's data at once: never released under DP."""
+        if self.cfg.dp_metrics == "none":
+            return EvaluateReply(client, 1.0, privacy=self.report())
+        if self.cfg.dp_metrics == "exact":
+            self.ledger.record_exact_metrics()
+            return EvaluateReply(client, metrics[NUM_TEST_USERS], _means(metrics), privacy=self.report())
+        release: Release = (self.cfg.metrics_noise_multiplier, 1.0, 1)
+        self.ledger.require([release], f"the metrics of round {server_round}")
+        count = metrics[NUM_TEST_USERS]
+        sums = np.array([metrics[name] * count for name in METRIC_NAMES] + [count])
+        noise_rng = np.random.default_rng(secrets.randbits(128))
+        noisy = sums + noise_rng.normal(0.0, self.cfg.metrics_noise_multiplier * METRIC_SENSITIVITY, size=sums.shape)
+        self.ledger.record([release])
+        noisy_count = max(float(noisy[-1]), 1.0)
+        released = {name: float(np.clip(value / noisy_count, 0.0, 1.0)) for name, value in zip(METRIC_NAMES, noisy[:-1])}
+        return EvaluateReply(client, noisy_count, released, privacy=self.report())
+
+
+def _means(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if k != NUM_TEST_USERS}

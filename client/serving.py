@@ -1,0 +1,89 @@
+"""Serving on the merchant's machine: top-K unseen ads per user, and folding new users in.
+
+As implicit's `recommend` and `recalculate_user` belong to the model, ranking and fold-in live
+here, beside the state they read, and the merchant agent (client/merchant_cli.py) only parses
+and prints. Nothing here talks to the network or touches the privacy ledger: the user step and
+ranking are local computations on the merchant's own data with a model already public to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from client.user_step import ALSUserStep, SGDUserStep
+from shared.data.schema import AdCatalog, Event, InteractionLog
+from shared.data.split import NO_TEST, UserSplit, leave_last_out
+from shared.params import score_all
+from shared.wire import AD_FACTORS, Arrays
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    user_id: str
+    rank: int  # 1-based
+    ad_id: str
+    score: float
+
+
+def seen_ads(log: InteractionLog, positives_only: bool = False) -> dict[str, set[int]]:
+    """Catalog rows each user has a log row for (only clicks and purchases with positives_only)."""
+    keep = log.event >= Event.CLICK if positives_only else np.ones(len(log), dtype=bool)
+    seen: dict[str, set[int]] = {}
+    for user, ad in zip(log.user[keep].tolist(), log.ad[keep].tolist()):
+        seen.setdefault(str(user), set()).add(int(ad))
+    return seen
+
+
+def top_k(scores: np.ndarray, excluded: set[int], k: int) -> np.ndarray:
+    """Rows of the k best scores outside `excluded`, best first; ties go to the lower row."""
+    candidates = np.setdiff1d(np.arange(len(scores)), np.fromiter(excluded, dtype=np.int64, count=len(excluded)))
+    order = np.lexsort((candidates, -scores[candidates]))
+    return candidates[order[:k]]
+
+
+def recommend(
+    user_ids: Sequence[str], factors: dict[str, np.ndarray], arrays: Arrays,
+    catalog: AdCatalog, seen: dict[str, set[int]], k: int,
+) -> list[Recommendation]:
+    """Top-k ads per user by score = p_u . q_a + b_a, leaving out the ads in `seen`."""
+    if not user_ids:
+        return []
+    scores = score_all(np.stack([factors[u] for u in user_ids]), arrays)
+    out: list[Recommendation] = []
+    for user, row in zip(user_ids, scores):
+        for rank, ad in enumerate(top_k(row, seen.get(user, set()), k), start=1):
+            out.append(Recommendation(user, rank, catalog.ad_ids[ad], float(row[ad])))
+    return out
+
+
+def serving_split(log: InteractionLog, num_ads: int) -> UserSplit:
+    """The training split's per-user rows (deduplicated positives, impressions without a
+    positive as explicit negatives) with nothing held out: fold-in serves users, it does not
+    evaluate them, and a user's latest positive is the most telling one."""
+    split = leave_last_out(log, num_ads)
+    groups = [
+        np.append(split.positives(u), split.test_ad[u]) if split.test_ad[u] != NO_TEST else split.positives(u)
+        for u in range(split.num_users)
+    ]
+    offsets = np.zeros(split.num_users + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(g) for g in groups])
+    pos_ads = np.concatenate(groups).astype(np.int64) if groups else np.zeros(0, dtype=np.int64)
+    return UserSplit(
+        user_ids=split.user_ids, num_ads=num_ads, pos_offsets=offsets, pos_ads=pos_ads,
+        imp_offsets=split.imp_offsets, imp_ads=split.imp_ads, test_ad=np.full(split.num_users, NO_TEST, dtype=np.int64),
+    )
+
+
+def fold_in(
+    log: InteractionLog, arrays: Arrays, users: Sequence[str], step: ALSUserStep | SGDUserStep, seed: int,
+) -> dict[str, np.ndarray]:
+    """Factors of `users` from their rows of `log`, against the frozen global parameters, with
+    the user step training used (recorded with the global model); an SGD step samples its
+    negatives with `seed` and starts from zero, as training starts a user it has no factors for."""
+    rows = np.flatnonzero(np.isin(log.user.astype(str), np.asarray(list(users), dtype=str)))
+    split = serving_split(log.subset(rows), arrays[AD_FACTORS].shape[0])
+    factors = step.fit(split, arrays, np.random.default_rng(seed))
+    return {str(uid): factors[i] for i, uid in enumerate(split.user_ids.tolist())}

@@ -1,0 +1,86 @@
+"""A node's own configuration: what the merchant (not the server) decides for its SuperNode.
+
+A deployed merchant writes it as a TOML file and starts its SuperNode with
+`flower-supernode --node-config FILE` (deploy/merchant.py writes it); the ClientApp reads it
+from Flower's `Context.node_config`, and the merchant agent (`fedads-merchant --node-config`)
+reads the same file. In a simulation, Flower gives every virtual node `partition-id` and
+`num-partitions` instead, and the node cuts its shard from the run's dataset.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import tomli_w
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from shared.config import DASHED_KEYS, ConfigError, RunConfig, format_validation_error, read_toml
+
+FLOWER_NODE_CONFIG = "the SuperNode's node config (flower-supernode --node-config)"
+
+
+class NodeConfig(BaseModel):
+    model_config = DASHED_KEYS
+
+    # a deployed merchant: its own files
+    data_path: str = Field("", description="the merchant's interaction log (CSV or Parquet)")
+    catalog_path: str = Field("", description="the public ad catalog (default: the run's catalog)")
+    state_dir: str = Field("", description=(
+        "user factors, privacy ledger and the latest global model (default: <run state-dir>/<merchant-id>)"))
+    merchant_id: str = Field("", description="the merchant's name in replies and logs (default: the log file's stem)")
+    # a simulated node: Flower's partition of the run's dataset
+    partition_id: int | None = Field(None, ge=0)
+    num_partitions: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _deployed_or_simulated(self) -> NodeConfig:
+        simulated = self.partition_id is not None or self.num_partitions is not None
+        if simulated == bool(self.data_path):
+            raise ValueError("a node config names either data-path (a deployed merchant) "
+                             "or partition-id and num-partitions (a simulated node), not both or neither")
+        if simulated and (self.partition_id is None or self.num_partitions is None or self.partition_id >= self.num_partitions):
+            raise ValueError(f"partition-id {self.partition_id} out of num-partitions {self.num_partitions}")
+        return self
+
+    @property
+    def simulated(self) -> bool:
+        return self.partition_id is not None
+
+    @property
+    def name(self) -> str:
+        """The node's name in its state directory: merchant id, log stem, or partition-N."""
+        if self.simulated:
+            return f"partition-{self.partition_id}"
+        return self.merchant_id or Path(self.data_path).stem
+
+    def state_path(self, cfg: RunConfig) -> Path:
+        """Where this node keeps its state: its own state-dir, or one folder per node under the run's."""
+        return Path(self.state_dir) if self.state_dir else Path(cfg.state_dir) / self.name
+
+    @classmethod
+    def from_flower(cls, node_config: Mapping[str, Any], source: str = FLOWER_NODE_CONFIG) -> NodeConfig:
+        try:
+            return cls.model_validate(dict(node_config))
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, source)) from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> NodeConfig:
+        """A node-config TOML file; errors name the file, the line and the field."""
+        text, values = read_toml(path)
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, str(path), text)) from None
+
+    def write(self, path: str | Path) -> Path:
+        """As TOML (the keys that are set, absolute paths), for `flower-supernode --node-config`."""
+        values = self.model_dump(by_alias=True, exclude_defaults=True)
+        for key in ("data-path", "catalog-path", "state-dir"):
+            if values.get(key):
+                values[key] = str(Path(values[key]).resolve())
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(tomli_w.dumps(values))
+        return path

@@ -1,0 +1,154 @@
+"""The wire contract between the ServerApp and the merchants' ClientApps: every record name,
+key and reply shape, in one place both sides use.
+
+Server -> client (Flower's FedAvg `configure_train` / `configure_evaluate`):
+    "arrays": ArrayRecord, the global parameters (GLOBAL_KEYS)
+    "config": ConfigRecord {"server-round": int}
+Client -> server:
+    train:    "arrays" (GLOBAL_KEYS, or with ALS the statistics ALS_*), "metrics", "client" {"name"}
+    evaluate: "metrics", "client"
+    refused:  an Error reply, code PRIVACY_REFUSED, with the merchant's reason
+"metrics" always holds NUM_EXAMPLES (the weight a FedAvg reads) and, from a private merchant,
+DP_EPSILON and DP_NOISE_MULTIPLIER. No record holds a user id or a user factor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+# record names
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+CLIENT = "client"
+# keys of the "config" and "client" records
+SERVER_ROUND = "server-round"  # set by Flower's FedAvg
+CLIENT_NAME = "name"
+# metric keys
+NUM_EXAMPLES = "num-examples"
+DP_EPSILON = "dp-epsilon"
+DP_NOISE_MULTIPLIER = "dp-noise-multiplier"
+DP_STEPS = "dp-steps"
+TRAIN_LOSS = "train-loss"
+TRAIN_ROWS = "train-rows"
+TOPPOP_PREFIX = "toppop-"
+# the Error code of a reply refused under the merchant's privacy budget or ledger
+PRIVACY_REFUSED = 4001
+# array keys: the global parameters, and the ALS statistics a training reply carries instead
+AD_FACTORS = "ad_factors"
+AD_BIAS = "ad_bias"
+GLOBAL_KEYS = (AD_FACTORS, AD_BIAS)
+ALS_GRAM = "als_gram"
+ALS_COUNT = "als_count"
+ALS_TARGET = "als_target"
+ALS_POSITIVES = "als_positives"
+ALS_USER_GRAM = "als_user_gram"
+
+Arrays = dict[str, np.ndarray]
+
+
+def to_array_record(arrays: Arrays) -> ArrayRecord:
+    return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in arrays.items()})
+
+
+def from_array_record(record: ArrayRecord) -> Arrays:
+    return {key: value.numpy() for key, value in record.items()}
+
+
+def plain_metrics(record: MetricRecord | None) -> dict[str, float]:
+    return {k: float(v) for k, v in (record or {}).items() if not isinstance(v, list)}
+
+
+def read_instruction(msg: Message) -> tuple[Arrays, int]:
+    """The global parameters and the server round of a message from the server."""
+    return from_array_record(msg.content[ARRAYS]), int(msg.content[CONFIG][SERVER_ROUND])
+
+
+def client_name(msg: Message) -> str:
+    info = msg.content.config_records.get(CLIENT)
+    return str(info[CLIENT_NAME]) if info and CLIENT_NAME in info else f"node-{msg.metadata.src_node_id}"
+
+
+@dataclass(frozen=True)
+class PrivacyReport:
+    """What a private merchant says of its budget with every reply."""
+
+    epsilon: float
+    noise_multiplier: float
+
+    def metrics(self) -> dict[str, float]:
+        return {DP_EPSILON: self.epsilon, DP_NOISE_MULTIPLIER: self.noise_multiplier}
+
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, float]) -> PrivacyReport | None:
+        if DP_EPSILON not in metrics:
+            return None
+        return cls(metrics[DP_EPSILON], metrics.get(DP_NOISE_MULTIPLIER, 0.0))
+
+
+def _reply(reply_to: Message, client: str, metrics: dict[str, float], arrays: Arrays | None = None) -> Message:
+    content = RecordDict({METRICS: MetricRecord(metrics), CLIENT: ConfigRecord({CLIENT_NAME: client})})
+    if arrays is not None:
+        content[ARRAYS] = to_array_record(arrays)
+    return Message(content=content, reply_to=reply_to)
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    """A merchant's training reply: its update (parameters, or ALS statistics), its weight,
+    what its local step measured, and its privacy report."""
+
+    client: str
+    arrays: Arrays
+    num_examples: float
+    metrics: dict[str, float] = field(default_factory=dict)  # TRAIN_LOSS, TRAIN_ROWS, DP_STEPS
+    privacy: PrivacyReport | None = None
+
+    def metric_record(self) -> dict[str, float]:
+        return {NUM_EXAMPLES: self.num_examples, **self.metrics, **(self.privacy.metrics() if self.privacy else {})}
+
+    def to_message(self, reply_to: Message) -> Message:
+        return _reply(reply_to, self.client, self.metric_record(), self.arrays)
+
+    @classmethod
+    def from_message(cls, msg: Message) -> TrainReply:
+        metrics = plain_metrics(msg.content[METRICS])
+        privacy = PrivacyReport.from_metrics(metrics)
+        local = {k: v for k, v in metrics.items() if k not in (NUM_EXAMPLES, DP_EPSILON, DP_NOISE_MULTIPLIER)}
+        return cls(client_name(msg), from_array_record(msg.content[ARRAYS]), metrics.get(NUM_EXAMPLES, 0.0), local, privacy)
+
+
+@dataclass(frozen=True)
+class EvaluateReply:
+    """A merchant's evaluation reply: its ranking metrics as its privacy allows them to leave
+    (none, noised or exact), its weight (test users, noised under DP), its TopPop floor (only
+    without DP) and its privacy report."""
+
+    client: str
+    num_examples: float
+    metrics: dict[str, float] = field(default_factory=dict)  # shared.metrics.METRIC_NAMES
+    toppop: dict[str, float] = field(default_factory=dict)  # the same names, of TopPop on this shard
+    privacy: PrivacyReport | None = None
+
+    def metric_record(self) -> dict[str, float]:
+        toppop = {TOPPOP_PREFIX + k: v for k, v in self.toppop.items()}
+        return {**self.metrics, **toppop, **(self.privacy.metrics() if self.privacy else {}), NUM_EXAMPLES: self.num_examples}
+
+    def to_message(self, reply_to: Message) -> Message:
+        return _reply(reply_to, self.client, self.metric_record())
+
+    @classmethod
+    def from_message(cls, msg: Message) -> EvaluateReply:
+        metrics = plain_metrics(msg.content[METRICS])
+        toppop = {k.removeprefix(TOPPOP_PREFIX): v for k, v in metrics.items() if k.startswith(TOPPOP_PREFIX)}
+        own = {k: v for k, v in metrics.items()
+               if not k.startswith(TOPPOP_PREFIX) and k not in (NUM_EXAMPLES, DP_EPSILON, DP_NOISE_MULTIPLIER)}
+        return cls(client_name(msg), metrics.get(NUM_EXAMPLES, 0.0), own, toppop, PrivacyReport.from_metrics(metrics))
+
+
+def refusal(reply_to: Message, client: str, reason: str) -> Message:
+    """The reply of a merchant that will not release anything for this message, and why."""
+    return Message(Error(code=PRIVACY_REFUSED, reason=f"{client} refused: {reason}"), reply_to=reply_to)
