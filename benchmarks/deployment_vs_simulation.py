@@ -3,7 +3,7 @@ Flower's simulation runtime, and the bytes each client sends and receives per ro
 
     python benchmarks/deployment_vs_simulation.py [--merchants 3] [--rounds 5] [--privacy none] [--output DIR]
 
-Same data for both: the synthetic market of pyproject.toml's run config, cut into one shard per
+Same data for both: the synthetic market of the default run config, cut into one shard per
 merchant exactly as the simulation cuts it; the deployment's merchants read theirs from CSV.
 Round time: the ServerApp's own `round_seconds` (history.json), median over rounds 1..N (round 0
 is only the first evaluation and carries start-up). Bytes: computed from the ArrayRecords (a
@@ -22,31 +22,29 @@ import platform
 import statistics
 import sys
 import time
-import tomllib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 # deploy/ is not among pyproject.toml's installed packages: import it from this checkout
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from deploy.local import local_deployment, write_merchant_data  # noqa: E402
-from shared.als import ALSSettings  # noqa: E402
-from shared.config import RunConfig  # noqa: E402
-from shared.params import init_global_arrays  # noqa: E402
-from shared.records import to_array_record  # noqa: E402
+from deploy.local import local_deployment, write_merchant_data
+from shared.als import ALSSettings
+from shared.config import RunConfig
+from shared.params import init_global_arrays
+from shared.wire import to_array_record
 from simulations import PROJECT_ROOT
-from simulations.runtime import run_simulation  # noqa: E402
+from simulations.runtime import run_simulation
 
 POLL_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 
 
 def _run_config(output: Path, merchants: int, rounds: int, privacy: str) -> RunConfig:
-    base = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     return RunConfig.from_flower({
-        **base, "num-rounds": rounds, "min-nodes": merchants, "synthetic-merchants": merchants, "privacy": privacy,
+        "num-rounds": rounds, "min-nodes": merchants, "synthetic-merchants": merchants, "privacy": privacy,
         "output-dir": str(output / "out"), "state-dir": str(output / "out" / "state"),
     })
 
@@ -82,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     output = args.output.resolve()
     results: dict[str, Any] = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "merchants": args.merchants, "rounds": args.rounds, "privacy": args.privacy,
     }
 

@@ -14,16 +14,15 @@ import json
 import platform
 import sys
 import time
-import tomllib
 from datetime import date
 from pathlib import Path
 
 import torch
 
-from shared.config import RunConfig
+from shared.config import RunConfig, parse_override
 from shared.data.sources import load_dataset
-from simulations.baselines import centralized, toppop
 from simulations import PROJECT_ROOT
+from simulations.baselines import centralized, toppop
 from simulations.runtime import run_simulation
 
 DEFAULT_DATA = PROJECT_ROOT.parent / "shared" / "data" / "movielens" / "ml-100k"
@@ -44,12 +43,9 @@ def main() -> int:
         return 2
     torch.set_num_threads(1)
 
-    pyproject = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
-    overrides = {k: tomllib.loads(f"v = {v}")["v"] if v[:1].isdigit() or v in ("true", "false") else v
-                 for k, v in (item.split("=", 1) for item in args.config)}
+    overrides = dict(parse_override(item) for item in args.config)
     output = args.output.resolve()
     values = {
-        **pyproject["tool"]["flwr"]["app"]["config"],
         "dataset": "movielens-100k", "data-path": str(args.data.resolve()), "partitioning": "iid",
         "num-rounds": args.rounds, "min-nodes": min(args.clients, 2),
         "output-dir": str(output / "federated"), "state-dir": str(output / "federated" / "state"),
@@ -61,7 +57,10 @@ def main() -> int:
 
     results["TopPop"] = {"metrics": toppop(cfg, dataset)}
     started = time.perf_counter()
-    history = centralized(cfg, dataset, on_round=lambda r: print(f"centralized round {r['round']}: ndcg10_sampled {r['evaluate']['ndcg10_sampled']:.4f}", flush=True))
+    def progress(record: dict) -> None:
+        print(f"centralized round {record['round']}: ndcg10_sampled {record['evaluate']['ndcg10_sampled']:.4f}", flush=True)
+
+    history = centralized(cfg, dataset, on_round=progress)
     results["Centralized MF"] = {"metrics": history[-1]["evaluate"], "wall": time.perf_counter() - started,
                                  "round": sorted(h["round_seconds"] for h in history[1:])[len(history[1:]) // 2]}
     if not args.skip_federated:

@@ -16,14 +16,13 @@ import argparse
 import json
 import platform
 import time
-import tomllib
 from datetime import date
 from pathlib import Path
 
-from shared.config import RunConfig
+from shared.config import RunConfig, parse_override
 from shared.data.sources import load_dataset
-from simulations.baselines import toppop
 from simulations import PROJECT_ROOT
+from simulations.baselines import toppop
 from simulations.runtime import run_simulation
 
 DATA = PROJECT_ROOT.parent / "shared" / "data"
@@ -49,10 +48,9 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=PROJECT_ROOT / "outputs" / "bench-privacy")
     args = parser.parse_args()
 
-    pyproject = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
-    overrides = {k: tomllib.loads(f"v = {v}")["v"] for k, v in (item.split("=", 1) for item in args.config)}
+    overrides = dict(parse_override(item) for item in args.config)
     base = {
-        **pyproject["tool"]["flwr"]["app"]["config"], **SOURCES[args.data], "partitioning": "iid",
+        **SOURCES[args.data], "partitioning": "iid",
         "num-rounds": args.rounds, "min-nodes": min(args.clients, 2), "dp-metrics": "exact", **overrides,
     }
     cells: list[tuple[str, dict]] = [(f"eps {e:g}", {"privacy": "user", "target-epsilon": float(e)}) for e in args.epsilons]

@@ -21,12 +21,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from private_als_tricks import DATASETS, run  # noqa: E402
+from private_als_tricks import DATASETS, run
 
-from client.trainer import LocalTrainer  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
-from shared.config import RunConfig  # noqa: E402
-from shared.data.sources import load_dataset, simulated_shards  # noqa: E402
+from shared.config import RunConfig
+from shared.data.sources import load_dataset
+from simulations.baselines import shard_data
+from simulations.runtime.flower_internals import server_identity
 
 GRID: dict[str, list[Any]] = {
     "als-user-clip": [0.1, 0.2, 0.3], "als-max-rows": [10, 20, 40], "als-alpha0": [0.25, 0.5, 1.0],
@@ -36,8 +36,11 @@ GRID: dict[str, list[Any]] = {
 
 
 def main() -> int:
-    for name in ("_run_id", "_node_id", "_task_id"):
-        setattr(TaskIdentity, name, 1)  # the identity Flower's runtime gives the side that builds messages
+    with server_identity():  # the identity Flower's runtime gives the side that builds messages
+        return _main()
+
+
+def _main() -> int:
     logging.getLogger("flwr").setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", choices=sorted(DATASETS), default="ml100k")
@@ -50,13 +53,13 @@ def main() -> int:
     setting = {"partitioning": "iid", "factors": 32, "num-rounds": 2, "privacy": "user", **DATASETS[args.data]}
     tuned = RunConfig.from_flower(setting)
     dataset = load_dataset(tuned)
-    trainers = [LocalTrainer.for_log(tuned, shard, len(dataset.catalog)) for _, shard in simulated_shards(tuned, dataset, 5)]
+    shards = [data for _, data in shard_data(tuned, dataset, 5)]
     rng = random.Random(args.search_seed)
-    candidates = [{}] + [{key: rng.choice(values) for key, values in GRID.items()} for _ in range(args.candidates)]
+    candidates: list[dict[str, Any]] = [{}] + [{key: rng.choice(values) for key, values in GRID.items()} for _ in range(args.candidates)]
     results = []
     for overrides in candidates:
         cfg = RunConfig.from_flower({**setting, **overrides})
-        scores = [run(cfg, trainers, dataset.catalog, args.epsilon, seed)["ndcg10_sampled"] for seed in range(args.seeds)]
+        scores = [run(cfg, shards, dataset.catalog, args.epsilon, seed)["ndcg10_sampled"] for seed in range(args.seeds)]
         results.append((statistics.mean(scores), overrides or {"(the experiment's setting)": True}))
         print(f"{results[-1][0]:.4f} {results[-1][1]}", file=sys.stderr, flush=True)
     print(f"{args.data}, epsilon {args.epsilon:g}, mean NDCG@10 sampled over {args.seeds} noise seeds, best first:")

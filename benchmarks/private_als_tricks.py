@@ -4,9 +4,9 @@
     .venv/bin/python benchmarks/private_als_tricks.py --data beauty --epsilon 8 --seeds 2
 
 Runs federated private ALS in-process with the very code of a Flower run (each shard's
-LocalTrainer computes its statistics, they are noised as client/private_als.py does, with the
-noise multiplier calibrated by shared/privacy.py per shard, and summed and solved by
-server/als_strategy.ALSAggregation), 5 IID shards of ../shared/data. A "plain" private ALS
+the ALS solver computes its statistics, they are noised as client/privacy/private_als.py does, with the
+noise multiplier calibrated by shared/accounting.py per shard, and summed and solved by
+server/als_aggregation.ALSAggregation), 5 IID shards of ../shared/data. A "plain" private ALS
 (per-ad Gramians, equal budget per round, no count averaging, no shrinkage, no noise-aware
 ridge, random start) and the experiment's setting are compared with one trick toggled at a
 time. Reports the median over seeds of NDCG@10 / HR@10 (sampled) and NDCG@10 (full).
@@ -29,16 +29,20 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a site-packages `benchmarks` shadows this folder
 
-from client.trainer import LocalTrainer  # noqa: E402
-from flwr.app import Message, MetricRecord, RecordDict  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
-from server.als_strategy import ALSAggregation  # noqa: E402
-from shared.als import ALSSettings, add_noise, round_budget_shares  # noqa: E402
-from shared.config import RunConfig  # noqa: E402
-from shared.data.sources import load_dataset, simulated_shards  # noqa: E402
-from shared.params import initial_arrays  # noqa: E402
-from shared.privacy import calibrate_noise_multiplier, default_delta  # noqa: E402
-from shared.records import from_array_record, to_array_record  # noqa: E402
+from flwr.app import Message, RecordDict
+
+from client.node_data import NodeData
+from client.solvers.als import ALSSolver
+from server.als_aggregation import ALSAggregation
+from shared.accounting import calibrate_noise_multiplier, default_delta
+from shared.als import ALSSettings, add_noise, round_budget_shares
+from shared.config import RunConfig
+from shared.data.sources import load_dataset
+from shared.metrics import NUM_TEST_USERS
+from shared.params import initial_arrays
+from shared.wire import PrivacyReport, TrainReply, from_array_record
+from simulations.baselines import shard_data
+from simulations.runtime.flower_internals import server_identity
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = {
@@ -52,15 +56,16 @@ DATASETS = {
 
 
 def _reply(stats: dict[str, np.ndarray], sigma: float) -> Message:
-    content = RecordDict({"arrays": to_array_record(stats), "metrics": MetricRecord({"num-examples": 1.0, "dp-noise-multiplier": sigma})})
-    return Message(content=content, reply_to=Message(content=RecordDict(), dst_node_id=1, message_type="train"))
+    request = Message(content=RecordDict(), dst_node_id=1, message_type="train")
+    return TrainReply("benchmark", stats, 1.0, privacy=PrivacyReport(0.0, sigma)).to_message(request)
 
 
-def run(cfg: RunConfig, trainers: list[LocalTrainer], catalog: Any, epsilon: float, seed: int, average_counts: bool = True,
+def run(cfg: RunConfig, shards: list[NodeData], catalog: Any, epsilon: float, seed: int, average_counts: bool = True,
         category_only: bool = False) -> dict[str, float]:
     settings = ALSSettings.from_config(cfg)
+    solvers = [ALSSolver(cfg, data) for data in shards]
     shares = round_budget_shares(cfg.num_rounds, cfg.als_budget_growth)
-    sigmas = [calibrate_noise_multiplier(epsilon, default_delta(t.split.num_users), 1.0, steps=1) for t in trainers]
+    sigmas = [calibrate_noise_multiplier(epsilon, default_delta(data.num_users), 1.0, steps=1) for data in shards]
     codes = catalog.category_codes()[0]
     tags = None
     if cfg.als_catalog_prior:  # all the ads' public tags, or (for comparison) one category each
@@ -70,21 +75,26 @@ def run(cfg: RunConfig, trainers: list[LocalTrainer], catalog: Any, epsilon: flo
     strategy = ALSAggregation(settings, len(catalog), cfg.factors, tags=tags)
     for server_round in range(1, cfg.num_rounds + 1):
         replies = []
-        for trainer, sigma in zip(trainers, sigmas):
+        for solver, sigma in zip(solvers, sigmas):
             sigma_r = sigma / math.sqrt(shares[server_round - 1])
-            stats = trainer.als_statistics(trainer.fit_users_als(arrays, settings), settings)
+            stats = solver.local_update(arrays, solver.fit_users(arrays, rng, None), rng).arrays
             replies.append(_reply(add_noise(stats, settings.noise_stds(sigma_r), rng), sigma_r))
         if not average_counts:
             strategy = ALSAggregation(settings, len(catalog), cfg.factors, tags=tags)  # no memory of earlier rounds
-        arrays = from_array_record(strategy.aggregate_train(server_round, replies)[0])
-    results = [t.evaluate(arrays, t.fit_users_als(arrays, settings)) for t in trainers]
-    weights = np.array([r["num-test-users"] for r in results])
+        aggregated, _ = strategy.aggregate_train(server_round, replies)
+        assert aggregated is not None, "every reply is valid here"
+        arrays = from_array_record(aggregated)
+    results = [solver.data.evaluate(arrays, solver.fit_users(arrays, rng, None)) for solver in solvers]
+    weights = np.array([r[NUM_TEST_USERS] for r in results])
     return {k: float(np.dot([r[k] for r in results], weights) / weights.sum()) for k in ("hr10_sampled", "ndcg10_sampled", "ndcg10_full")}
 
 
 def main() -> int:
-    for name in ("_run_id", "_node_id", "_task_id"):
-        setattr(TaskIdentity, name, 1)  # the identity Flower's runtime gives the side that builds messages
+    with server_identity():  # the identity Flower's runtime gives the side that builds messages
+        return _main()
+
+
+def _main() -> int:
     logging.getLogger("flwr").setLevel(logging.WARNING)  # the strategy's per-round lines
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", choices=sorted(DATASETS), default="ml100k")
@@ -96,7 +106,7 @@ def main() -> int:
     setting = {"partitioning": "iid", "factors": args.factors, "num-rounds": 2, "privacy": "user", **DATASETS[args.data]}
     tuned = RunConfig.from_flower(setting)
     dataset = load_dataset(tuned)
-    trainers = [LocalTrainer.for_log(tuned, shard, len(dataset.catalog)) for _, shard in simulated_shards(tuned, dataset, 5)]
+    shards = [data for _, data in shard_data(tuned, dataset, 5)]
     plain = {"als-gram": "per-ad", "als-budget-growth": 1.0, "als-count-shrinkage": 0.0, "als-noise-ridge": 0.0,
              "als-catalog-prior": False, "init": "random"}
     variants: list[tuple[str, dict[str, Any], bool] | tuple[str, dict[str, Any], bool, bool]] = [
@@ -126,7 +136,7 @@ def main() -> int:
         category_only = bool(extra and extra[0])
         cfg = RunConfig.from_flower({**setting, **overrides})
         started = time.perf_counter()
-        runs = [run(cfg, trainers, dataset.catalog, args.epsilon, seed, average, category_only) for seed in range(args.seeds)]
+        runs = [run(cfg, shards, dataset.catalog, args.epsilon, seed, average, category_only) for seed in range(args.seeds)]
         seconds = (time.perf_counter() - started) / args.seeds
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         print(f"| {name} | {med['ndcg10_sampled']:.4f} | {med['hr10_sampled']:.4f} | {med['ndcg10_full']:.4f} | {seconds:.1f} |", flush=True)

@@ -4,7 +4,7 @@ the main job's standalone 10-round run.
     .venv/bin/python benchmarks/quick_experiment.py [--repeats 3]
 
 Each repeat runs experiments/quick.toml into a fresh folder in a fresh process
-(`python -m simulations.sweep`), then the main job (`python -m simulations.run`, 10 rounds) in
+(`python -m simulations.sweep`), then the main job (`python -m simulations.simulate`, 10 rounds) in
 another fresh process, and reports per federated run where its time went:
 - in rounds: the ServerApp's own round timings;
 - outside rounds: the rest of the run's wall time (engine set-up, the ServerApp's start), plus,
@@ -63,10 +63,10 @@ def _sweep(output: Path) -> tuple[float, dict[str, Any], list[dict[str, Any]]]:
 
 def _standalone(output: Path) -> dict[str, Any]:
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "simulations.run", "--quiet", "--rounds", "10", "--output", str(output)],
+    subprocess.run([sys.executable, "-m", "simulations.simulate", "--quiet", "--rounds", "10", "--output", str(output)],
                    cwd=PROJECT_ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - started
-    return _run_row("main job (simulations.run, own process)", wall, json.loads((output / "history.json").read_text()))
+    return _run_row("main job (simulations.simulate, own process)", wall, json.loads((output / "history.json").read_text()))
 
 
 def _median_row(rows: list[dict[str, Any]]) -> str:

@@ -12,7 +12,8 @@ answered here, in one place, with an error reply that says why.
 from __future__ import annotations
 
 import zlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from flwr.app import Context, Message

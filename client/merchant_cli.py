@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from client.merchant_commands import cmd_budget, cmd_fold_in, cmd_recommend, cmd_validate
 from client.merchant_files import CliError

@@ -7,7 +7,7 @@ import argparse
 import csv
 import json
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import numpy as np
@@ -37,7 +37,7 @@ def _format_time(value: int | None) -> str:
     if value is None:
         return "-"
     if value >= EPOCH_SECONDS_FROM:
-        return f"{value} ({datetime.fromtimestamp(value, tz=timezone.utc).strftime('%Y-%m-%dT%H:%M:%SZ')})"
+        return f"{value} ({datetime.fromtimestamp(value, tz=UTC).strftime('%Y-%m-%dT%H:%M:%SZ')})"
     return str(value)
 
 

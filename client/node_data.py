@@ -22,8 +22,8 @@ from shared.data.loaders import load_catalog_file, load_log_file
 from shared.data.schema import AdCatalog, InteractionLog
 from shared.data.sources import load_catalog, load_dataset, simulated_shards
 from shared.data.split import UserSplit, leave_last_out, sample_eval_negatives
-from shared.metrics import toppop_score_fn
 from shared.metrics import evaluate as evaluate_ranking
+from shared.metrics import toppop_score_fn
 from shared.node_config import NodeConfig
 from shared.params import score_all
 from shared.wire import Arrays

@@ -8,8 +8,8 @@ ranking are local computations on the merchant's own data with a model already p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

@@ -7,7 +7,7 @@ user in exactly as training would, without the run config (client/serving.py).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
@@ -68,7 +68,7 @@ class SGDUserStep(BaseModel):
         return factors.numpy()
 
 
-UserStep = Annotated[Union[ALSUserStep, SGDUserStep], Field(discriminator="solver")]
+UserStep = Annotated[ALSUserStep | SGDUserStep, Field(discriminator="solver")]
 USER_STEP = TypeAdapter(UserStep)
 
 

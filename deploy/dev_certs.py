@@ -73,7 +73,7 @@ def _name(common_name: str) -> x509.Name:
 def create_tls_files(out_dir: str | Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")) -> TlsFiles:
     """A CA and a SuperLink server certificate signed by it, valid for `hosts` (names or IPs)."""
     out = Path(out_dir)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = (
         x509.CertificateBuilder()

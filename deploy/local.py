@@ -12,17 +12,19 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import tomli_w
 
 from deploy.dev_certs import MerchantKeys, create_merchant_keys, create_tls_files
-from deploy.merchant import supernode_command, write_node_config
-from deploy.superlink import BIN, CONNECTION, ServerTls, parse_cli_json, register_merchant, superlink_command, tool_env, write_cli_config
+from deploy.merchant import supernode_command
 from deploy.processes import free_port, stop_tree, wait_for_port
+from deploy.superlink import BIN, CONNECTION, ServerTls, parse_cli_json, register_merchant, superlink_command, tool_env, write_cli_config
+from shared.node_config import NodeConfig
 from simulations import PROJECT_ROOT
 
 
@@ -77,7 +79,8 @@ class LocalDeployment:
 
     def start_supernode(self, merchant: Merchant, key: Path | None, tls: bool = True, max_retries: int | None = None) -> subprocess.Popen:
         node_dir = self.work_dir / "supernodes" / merchant.merchant_id
-        config = write_node_config(node_dir / "node-config.toml", merchant.data_path, merchant.state_dir, merchant.merchant_id, merchant.catalog_path)
+        config = NodeConfig(data_path=str(merchant.data_path), state_dir=str(merchant.state_dir), merchant_id=merchant.merchant_id,
+                            catalog_path=str(merchant.catalog_path or "")).write(node_dir / "node-config.toml")
         command = supernode_command(self.address, self.tls.ca_cert if tls else None, key, config, free_port(), max_retries)
         return self.start(f"supernode-{merchant.merchant_id}", command, node_dir / "flwr-home")
 

@@ -5,9 +5,14 @@
         --data-path /srv/merchant-a/interactions.csv --state-dir /srv/merchant-a/fedads-state \\
         [--catalog-path /srv/merchant-a/catalog.csv] [--runtime-port 9094]
 
-The node config (data-path, state-dir, merchant-id, catalog-path: what client/shard.py reads)
-is written as a TOML file into the state dir and handed to `flower-supernode --node-config`,
-so paths with spaces survive. The SuperNode runs the ClientApp code of the FAB the SuperLink
+    python -m deploy.merchant --superlink ... --root-certificates ca.crt --private-key merchant-a.key \
+        --node-config /srv/merchant-a/node-config.toml
+
+The node config (shared/node_config.py: data-path, state-dir, merchant-id, catalog-path) is
+the merchant's own; given as flags, it is validated and written as a TOML file into the state
+dir; given as a file, the file is validated (errors name its line and field). Either way the
+file is handed to `flower-supernode --node-config`, so paths with spaces survive, and the
+merchant agent reads the same file (`fedads-merchant budget --node-config FILE`). The SuperNode runs the ClientApp code of the FAB the SuperLink
 sends, with this venv's packages: `flower-supernode` installs nothing unless given
 `--allow-runtime-dependency-installation` (flwr/common/args.py, default off in 1.42).
 """
@@ -16,27 +21,14 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
-
-import tomli_w
 
 from deploy.superlink import BIN, tool_env
+from shared.config import ConfigError
+from shared.node_config import NodeConfig
 
 DEFAULT_RUNTIME_PORT = 9094  # flwr 1.42's default; each SuperNode on one host needs its own
-
-
-def write_node_config(
-    path: str | Path, data_path: str | Path, state_dir: str | Path, merchant_id: str, catalog_path: str | Path | None = None
-) -> Path:
-    """The keys client/shard.py `_node_source` reads for a deployed merchant, as absolute paths."""
-    config = {"data-path": str(Path(data_path).resolve()), "state-dir": str(Path(state_dir).resolve()), "merchant-id": merchant_id}
-    if catalog_path:
-        config["catalog-path"] = str(Path(catalog_path).resolve())
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(tomli_w.dumps(config))
-    return path
 
 
 def supernode_command(
@@ -61,22 +53,39 @@ def supernode_command(
     return command
 
 
+def node_config_file(args: argparse.Namespace) -> Path:
+    """The node config to start with: the given file, validated, or one written from the flags."""
+    if args.node_config is not None:
+        NodeConfig.load(args.node_config)
+        return Path(args.node_config).resolve()
+    missing = [flag for flag in ("merchant_id", "data_path", "state_dir") if getattr(args, flag) is None]
+    if missing:
+        raise ConfigError(f"give --node-config, or {', '.join('--' + m.replace('_', '-') for m in missing)}")
+    config = NodeConfig(data_path=str(args.data_path), state_dir=str(args.state_dir), merchant_id=args.merchant_id,
+                        catalog_path=str(args.catalog_path or ""))
+    return config.write(Path(args.state_dir) / "node-config.toml")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--superlink", required=True, help="SuperLink host:port")
     parser.add_argument("--root-certificates", type=Path, required=True, help="CA certificate of the SuperLink")
     parser.add_argument("--private-key", type=Path, required=True, help="this merchant's registered private key (OpenSSH)")
-    parser.add_argument("--merchant-id", required=True)
-    parser.add_argument("--data-path", type=Path, required=True, help="interaction log, CSV or Parquet")
-    parser.add_argument("--state-dir", type=Path, required=True, help="user factors, privacy ledger, last global model")
+    parser.add_argument("--node-config", type=Path, help="the merchant's node config (TOML), instead of the four flags below")
+    parser.add_argument("--merchant-id")
+    parser.add_argument("--data-path", type=Path, help="interaction log, CSV or Parquet")
+    parser.add_argument("--state-dir", type=Path, help="user factors, privacy ledger, last global model")
     parser.add_argument("--catalog-path", type=Path, help="the public ad catalog (CSV or Parquet)")
     parser.add_argument("--runtime-port", type=int, default=DEFAULT_RUNTIME_PORT)
     parser.add_argument("--flwr-home", type=Path, help="where Flower unpacks received apps (default ~/.flwr)")
     args = parser.parse_args(argv)
-    for path in (args.root_certificates, args.private_key, args.data_path, args.catalog_path):
+    for path in (args.root_certificates, args.private_key, args.data_path, args.catalog_path, args.node_config):
         if path is not None and not path.is_file():
             parser.error(f"{path} does not exist")
-    config_file = write_node_config(args.state_dir / "node-config.toml", args.data_path, args.state_dir, args.merchant_id, args.catalog_path)
+    try:
+        config_file = node_config_file(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
     command = supernode_command(args.superlink, args.root_certificates.resolve(), args.private_key.resolve(), config_file, args.runtime_port)
     print(" ".join(command), flush=True)
     os.execve(command[0], command, tool_env(args.flwr_home))

@@ -11,9 +11,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 
 class ProcessStartError(RuntimeError):
@@ -26,17 +26,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _program(process: subprocess.Popen) -> str:
+    args = process.args
+    return Path(str(args[0] if isinstance(args, list | tuple) else args)).name
+
+
 def wait_for_port(port: int, process: subprocess.Popen, log_path: Path, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise ProcessStartError(f"{Path(str(process.args[0])).name} exited with code {process.returncode}; see {log_path}:\n{log_path.read_text()[-2000:]}")
+            raise ProcessStartError(f"{_program(process)} exited with code {process.returncode}; see {log_path}:\n{log_path.read_text()[-2000:]}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.1)  # readiness poll of a process we started, not a timing assumption
-    raise ProcessStartError(f"{Path(str(process.args[0])).name} did not listen on port {port} within {timeout:.0f}s; see {log_path}")
+    raise ProcessStartError(f"{_program(process)} did not listen on port {port} within {timeout:.0f}s; see {log_path}")
 
 
 def _proc_stat(pid: int) -> tuple[int, str] | None:

@@ -20,9 +20,10 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import tomli_w
 
@@ -98,7 +99,8 @@ def merchant_name(public_key: str | Path) -> str:
 def register_merchant(public_key: str | Path, env: Mapping[str, str], name: str | None = None, timeout: float = 60.0) -> int:
     """Register one merchant's public key; returns the SuperLink's node id."""
     name = name or merchant_name(public_key)
-    done = subprocess.run(register_command(public_key, name), env=dict(env), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    done = subprocess.run(register_command(public_key, name), env=dict(env), capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
     reply = parse_cli_json(done.stdout)
     if done.returncode != 0 or not reply.get("success"):
         raise RuntimeError(f"registering {public_key} failed (exit {done.returncode}): {done.stdout[-1000:]} {done.stderr[-1000:]}")

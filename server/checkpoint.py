@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,7 @@ class Checkpointer:
     def export_model(self, arrays: dict[str, np.ndarray], ad_ids: tuple[str, ...], summary: dict[str, Any]) -> Path:
         model_dir = self.root / "model"
         atomic_save_npz(model_dir / "global_model.npz", ad_ids=np.asarray(ad_ids, dtype=str), **arrays)
-        summary = {"exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **summary}
+        summary = {"exported_at": datetime.now(UTC).isoformat(timespec="seconds"), **summary}
         atomic_write_json(model_dir / "model.json", summary)
         return model_dir / "global_model.npz"
 

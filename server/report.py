@@ -28,7 +28,8 @@ def header() -> str:
 
 
 def row(record: dict[str, Any]) -> str:
-    flat = {"round": record["round"], "round_seconds": record.get("round_seconds") or 0.0, **record.get("train", {}), **record.get("evaluate", {}), **record.get("privacy", {})}
+    flat = {"round": record["round"], "round_seconds": record.get("round_seconds") or 0.0,
+            **record.get("train", {}), **record.get("evaluate", {}), **record.get("privacy", {})}
     cells = []
     for key, title, fmt in COLUMNS:
         value = flat.get(key)

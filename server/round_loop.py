@@ -14,8 +14,9 @@ are the strategy's, from `flwr.serverapp.strategy`. This loop adds what fedads n
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
@@ -37,7 +38,7 @@ class RoundLog:
     refused: dict[str, str] = field(default_factory=dict)
 
     def add(self, msg: Message, renamed_weight: str) -> None:
-        metrics = plain_metrics(msg.content[METRICS])
+        metrics = plain_metrics(msg.content.metric_records[METRICS])
         metrics[renamed_weight] = metrics.pop(NUM_EXAMPLES, 0.0)
         self.clients.setdefault(client_name(msg), {}).update(metrics)
 
@@ -55,11 +56,11 @@ class RoundLoop:
         valid = []
         for msg in replies:
             if msg.has_error():
-                round_log.refused[f"node-{msg.metadata.src_node_id}"] = msg.error.reason
+                round_log.refused[f"node-{msg.metadata.src_node_id}"] = msg.error.reason or ""
                 valid.append(msg)  # the strategy logs error replies and leaves them out
                 continue
             try:
-                self.check_reply(from_array_record(msg.content[ARRAYS]))
+                self.check_reply(from_array_record(msg.content.array_records[ARRAYS]))
             except (KeyError, ValueError) as exc:
                 log.warning("round %d: dropping the reply of %s: %s", server_round, client_name(msg), exc)
                 continue

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
@@ -51,4 +51,9 @@ def build_strategy(cfg: RunConfig, num_nodes: int, catalog: AdCatalog, rounds_do
     wrapper = DifferentialPrivacyServerSideFixedClipping(
         fedavg, cfg.client_noise_multiplier, cfg.client_clip_norm, sampled, accountant=accountant
     )
-    return wrapper, lambda: wrapper.privacy_spent().epsilon
+
+    def epsilon() -> float | None:
+        spent = wrapper.privacy_spent()
+        return None if spent is None else spent.epsilon
+
+    return wrapper, epsilon

@@ -10,7 +10,7 @@ planned releases compose to the target epsilon.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 Release = tuple[float, float, int]  # (noise multiplier, sample rate, steps), as in Opacus' history
 

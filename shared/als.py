@@ -28,8 +28,8 @@ t's factor part by sqrt(k) C, m and n by sqrt(k), G by 2 C^2.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
@@ -77,6 +77,8 @@ class ALSSettings:
 
     def sensitivities(self) -> dict[str, float]:
         """L2 sensitivity of each statistic to adding or removing one user."""
+        if self.max_rows is None:
+            raise ValueError("sensitivities are defined for bounded statistics only (max_rows, under DP)")
         aug = 2.0 * self.user_clip**2
         root_k = math.sqrt(self.max_rows)
         return {ALS_GRAM: root_k * aug, ALS_TARGET: root_k * self.user_clip, ALS_POSITIVES: root_k, ALS_COUNT: root_k,

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -30,7 +31,9 @@ def dashed(name: str) -> str:
     return name.replace("_", "-")
 
 
-DASHED_KEYS = ConfigDict(extra="forbid", alias_generator=dashed, populate_by_name=True, frozen=True)
+# outside the code (Flower's configs, TOML files) only the dashed keys are valid (`by_name=False`);
+# code may build a model by field name
+DASHED_KEYS = ConfigDict(extra="forbid", alias_generator=dashed, validate_by_name=True, validate_by_alias=True, frozen=True)
 
 
 def line_of(text: str, location: tuple[Any, ...]) -> int | None:
@@ -188,7 +191,7 @@ class RunConfig(BaseModel):
     def from_flower(cls, run_config: Mapping[str, Any], source: str = RUN_CONFIG_SOURCE) -> RunConfig:
         """A run config as Flower holds it (dashed keys; missing keys take their defaults)."""
         try:
-            return cls.model_validate(dict(run_config))
+            return cls.model_validate(dict(run_config), by_name=False)  # from outside: dashed keys only
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc, source)) from None
 

@@ -10,7 +10,7 @@ chance level rather than a perfect score.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -22,8 +22,9 @@ NUM_TEST_USERS = "num-test-users"  # beside the metric means: how many users the
 ScoreFn = Callable[[np.ndarray], np.ndarray]  # user rows [B] -> scores [B, num_ads]
 
 
-def _expected_rank(candidate_scores: np.ndarray, valid: np.ndarray, target_score: np.ndarray) -> np.ndarray:
-    """Expected 0-based rank of the target among valid candidates (the target excluded from them)."""
+def _expected_rank(candidate_scores: np.ndarray, valid: np.ndarray, target_score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Expected 0-based rank of the target among valid candidates (the target excluded from them),
+    and the number of valid candidates."""
     greater = ((candidate_scores > target_score[:, None]) & valid).sum(axis=1)
     ties = ((candidate_scores == target_score[:, None]) & valid).sum(axis=1)
     return greater + 0.5 * ties, valid.sum(axis=1)

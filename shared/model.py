@@ -19,7 +19,6 @@ from torch import nn
 from shared.params import check_global_arrays
 
 
-
 class AdModel(nn.Module):
     def __init__(self, num_ads: int, dim: int) -> None:
         super().__init__()

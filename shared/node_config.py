@@ -9,8 +9,9 @@ reads the same file. In a simulation, Flower gives every virtual node `partition
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import tomli_w
 from pydantic import BaseModel, Field, ValidationError, model_validator
@@ -61,7 +62,7 @@ class NodeConfig(BaseModel):
     @classmethod
     def from_flower(cls, node_config: Mapping[str, Any], source: str = FLOWER_NODE_CONFIG) -> NodeConfig:
         try:
-            return cls.model_validate(dict(node_config))
+            return cls.model_validate(dict(node_config), by_name=False)
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc, source)) from None
 
@@ -70,7 +71,7 @@ class NodeConfig(BaseModel):
         """A node-config TOML file; errors name the file, the line and the field."""
         text, values = read_toml(path)
         try:
-            return cls.model_validate(values)
+            return cls.model_validate(values, by_name=False)
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc, str(path), text)) from None
 

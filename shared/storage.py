@@ -33,7 +33,7 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 def atomic_save_npz(path: str | Path, **arrays: np.ndarray) -> None:
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub lets **kwds fill allow_pickle
     atomic_write_bytes(path, buffer.getvalue())
 
 

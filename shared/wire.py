@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, MetricRecordValues, RecordDict
 
 # record names
 ARRAYS = "arrays"
@@ -64,7 +64,10 @@ def plain_metrics(record: MetricRecord | None) -> dict[str, float]:
 
 def read_instruction(msg: Message) -> tuple[Arrays, int]:
     """The global parameters and the server round of a message from the server."""
-    return from_array_record(msg.content[ARRAYS]), int(msg.content[CONFIG][SERVER_ROUND])
+    server_round = msg.content.config_records[CONFIG][SERVER_ROUND]
+    if not isinstance(server_round, int):
+        raise ValueError(f"'{SERVER_ROUND}' must be an integer, got {server_round!r}")
+    return from_array_record(msg.content.array_records[ARRAYS]), server_round
 
 
 def client_name(msg: Message) -> str:
@@ -90,7 +93,7 @@ class PrivacyReport:
 
 
 def _reply(reply_to: Message, client: str, metrics: dict[str, float], arrays: Arrays | None = None) -> Message:
-    content = RecordDict({METRICS: MetricRecord(metrics), CLIENT: ConfigRecord({CLIENT_NAME: client})})
+    content = RecordDict({METRICS: MetricRecord(dict[str, MetricRecordValues](metrics)), CLIENT: ConfigRecord({CLIENT_NAME: client})})
     if arrays is not None:
         content[ARRAYS] = to_array_record(arrays)
     return Message(content=content, reply_to=reply_to)
@@ -115,10 +118,10 @@ class TrainReply:
 
     @classmethod
     def from_message(cls, msg: Message) -> TrainReply:
-        metrics = plain_metrics(msg.content[METRICS])
+        metrics = plain_metrics(msg.content.metric_records[METRICS])
         privacy = PrivacyReport.from_metrics(metrics)
         local = {k: v for k, v in metrics.items() if k not in (NUM_EXAMPLES, DP_EPSILON, DP_NOISE_MULTIPLIER)}
-        return cls(client_name(msg), from_array_record(msg.content[ARRAYS]), metrics.get(NUM_EXAMPLES, 0.0), local, privacy)
+        return cls(client_name(msg), from_array_record(msg.content.array_records[ARRAYS]), metrics.get(NUM_EXAMPLES, 0.0), local, privacy)
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,7 @@ class EvaluateReply:
 
     @classmethod
     def from_message(cls, msg: Message) -> EvaluateReply:
-        metrics = plain_metrics(msg.content[METRICS])
+        metrics = plain_metrics(msg.content.metric_records[METRICS])
         toppop = {k.removeprefix(TOPPOP_PREFIX): v for k, v in metrics.items() if k.startswith(TOPPOP_PREFIX)}
         own = {k: v for k, v in metrics.items()
                if not k.startswith(TOPPOP_PREFIX) and k not in (NUM_EXAMPLES, DP_EPSILON, DP_NOISE_MULTIPLIER)}

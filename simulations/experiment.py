@@ -1,7 +1,12 @@
-"""Experiment descriptions: a typed TOML file, validated once, expanded into sweep cells.
+"""Experiment files: run-config overrides plus what to sweep, validated once, expanded into cells.
 
-A bad file gets an error naming the file, the line of the offending key (where it can be
-found) and the field. Relative data paths are resolved against the experiment file's folder.
+An experiment file is TOML, as Flower baselines' conf/*.toml: plain run-config overrides, with
+the dashed keys of pyproject's [tool.flwr.app.config] (shared/config.py, RunConfig), plus two
+tables:
+    [sweep]      clients, seeds, dirichlet-alphas, epsilons, solvers, private-als-rounds
+    [baselines]  toppop, centralized, local-only, dp-popularity
+The experiment is named after the file. Relative data-path and catalog-path are resolved
+against the file's folder. A bad file gets an error naming the file, the line and the field.
 """
 
 from __future__ import annotations
@@ -10,195 +15,149 @@ import hashlib
 import itertools
 import json
 import re
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from shared.config import RunConfig, format_validation_error
+from shared.config import DASHED_KEYS, RunConfig, format_validation_error, read_toml
 
-_STRICT = ConfigDict(extra="forbid")
-
-
-class DataSpec(BaseModel):
-    model_config = _STRICT
-    dataset: Literal["synthetic", "movielens-100k", "amazon-seq", "logs"] = "synthetic"
-    path: str = ""
-    catalog: str = ""
-    synthetic_users: int = Field(2000, ge=10)
-    synthetic_ads: int = Field(600, ge=20)
-
-
-class PartitionSpec(BaseModel):
-    model_config = _STRICT
-    scheme: Literal["merchant", "region", "iid", "dirichlet"] = "merchant"
-    clients: int = Field(5, ge=1)
-    dirichlet_alpha: float = Field(0.5, gt=0)
-
-
-class TrainingSpec(BaseModel):
-    model_config = _STRICT
-    model: Literal["mf"] = "mf"
-    solver: Literal["als", "sgd"] = "als"
-    rounds: int = Field(10, ge=1)
-    local_epochs: int = Field(1, ge=1)
-    factors: int = Field(16, ge=1)
-
-
-class PrivacySpec(BaseModel):
-    model_config = _STRICT
-    mode: Literal["none", "user", "client"] = "none"
-    epsilon: float = Field(8.0, gt=0)
-    delta: float = Field(0.0, ge=0, lt=1)
-    max_grad_norm: float = Field(0.1, gt=0)
-    metrics: Literal["noised", "none", "exact"] = "exact"
-    als_rounds: int = Field(2, ge=1, description="rounds (= releases) of private-ALS cells; DP-SGD cells run training.rounds")
-
-
-class SweepSpec(BaseModel):
-    model_config = _STRICT
-    epsilons: list[float] = Field(default_factory=list, description="each adds a privacy=user cell per solver")
-    solvers: list[Literal["als", "sgd"]] = Field(default_factory=list, description="MF solvers of the DP cells (default: training.solver)")
-    clients: list[int] = Field(default_factory=list)
-    alphas: list[float] = Field(default_factory=list)
-    seeds: list[int] = Field(default_factory=lambda: [42])
-
-    @model_validator(mode="after")
-    def _positive(self) -> SweepSpec:
-        if any(e <= 0 for e in self.epsilons) or any(c < 1 for c in self.clients) or any(a <= 0 for a in self.alphas):
-            raise ValueError("epsilons and alphas must be > 0, clients >= 1")
-        if not self.seeds:
-            raise ValueError("at least one seed")
-        return self
-
-
-class BaselineSpec(BaseModel):
-    model_config = _STRICT
-    centralized: bool = True
-    local_only: bool = True
-    toppop: bool = True
-    dp_popularity: bool = True  # noisy per-merchant counts at each swept epsilon: the floor of any private model
-
-
-class Experiment(BaseModel):
-    model_config = _STRICT
-    name: str
-    data: DataSpec = DataSpec()
-    partition: PartitionSpec = PartitionSpec()
-    training: TrainingSpec = TrainingSpec()
-    privacy: PrivacySpec = PrivacySpec()
-    sweep: SweepSpec = SweepSpec()
-    baselines: BaselineSpec = BaselineSpec()
-    overrides: dict[str, Any] = Field(default_factory=dict, description="further run-config keys (dashed)")
-    source: str = "<memory>"
+# run-config keys that say where a run writes: not part of what a cell computes
+_WHERE = ("output-dir", "state-dir", "resume")
 
 
 class ExperimentError(ValueError):
     pass
 
 
-def _line_of(text: str, dotted: tuple[Any, ...]) -> int | None:
-    """Line of the key `dotted[-1]` inside table `dotted[:-1]` (best effort for messages)."""
-    keys = [str(k) for k in dotted if not isinstance(k, int)]
-    if not keys:
-        return None
-    table, key = keys[:-1], keys[-1]
-    current: list[str] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        header = re.match(r"^\s*\[([^\]]+)\]\s*$", line)
-        if header:
-            current = [part.strip() for part in header.group(1).split(".")]
-            continue
-        if current == table and re.match(rf"^\s*{re.escape(key)}\s*=", line):
-            return number
-    if not table:
-        return None
-    for number, line in enumerate(text.splitlines(), start=1):  # a missing key: point at its table
-        if re.match(rf"^\s*\[{re.escape('.'.join(table))}\]\s*$", line):
-            return number
-    return None
+class SweepSpec(BaseModel):
+    """What varies across the experiment's federated runs (cells)."""
+
+    model_config = DASHED_KEYS
+    clients: list[int] = Field(default_factory=lambda: [5], description="simulated merchants (SuperNodes) of each cell")
+    seeds: list[int] = Field(default_factory=list, description="default: the run config's seed")
+    dirichlet_alphas: list[float] = Field(default_factory=list, description="default: the run config's dirichlet-alpha")
+    epsilons: list[float] = Field(default_factory=list, description="each adds a privacy = user cell per solver")
+    solvers: list[Literal["als", "sgd"]] = Field(default_factory=list, description="solvers of the DP cells (default: mf-solver)")
+    private_als_rounds: int = Field(2, ge=1, description="rounds (= releases) of private-ALS cells; DP-SGD cells run num-rounds")
+
+    @field_validator("clients", "epsilons", "dirichlet_alphas")
+    @classmethod
+    def _positive(cls, values: list[float]) -> list[float]:
+        if any(v <= 0 for v in values):
+            raise ValueError("every value must be > 0")
+        return values
+
+    @field_validator("clients")
+    @classmethod
+    def _some_clients(cls, values: list[int]) -> list[int]:
+        if not values:
+            raise ValueError("at least one client count")
+        return values
 
 
-def load_experiment(path: str | Path) -> Experiment:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ExperimentError(f"{path}: cannot read the experiment file: {exc}") from exc
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ExperimentError(f"{path}: not valid TOML: {exc}") from exc
-    try:
-        experiment = Experiment.model_validate({**raw, "source": str(path)})
-    except ValidationError as exc:
-        lines = [f"{path}: invalid experiment:"]
-        for err in exc.errors():
-            where = _line_of(text, tuple(err["loc"]))
-            key = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  {path}:{where or '?'}: field '{key}': {err['msg']} (got {err.get('input')!r})")
-        raise ExperimentError("\n".join(lines)) from None
-    base = path.resolve().parent
-    for name in ("path", "catalog"):
-        value = getattr(experiment.data, name)
-        if value and not Path(value).is_absolute():
-            setattr(experiment.data, name, str((base / value).resolve()))
-    # every cell's run config must validate too: check the base one now, at the edge
-    for cell in expand_cells(experiment):
-        try:
-            RunConfig.from_flower(cell.run_config)
-        except ValueError as exc:
-            raise ExperimentError(f"{path}: cell {cell.name}: {exc}") from None
-    return experiment
+class BaselineSpec(BaseModel):
+    """The in-process baselines run beside the cells (simulations/baselines.py)."""
+
+    model_config = DASHED_KEYS
+    centralized: bool = True
+    local_only: bool = True
+    toppop: bool = True
+    dp_popularity: bool = True  # noisy per-merchant counts at each swept epsilon: the floor of any private model
+
+
+class _Tables(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sweep: SweepSpec = SweepSpec()
+    baselines: BaselineSpec = BaselineSpec()
+
+
+class Experiment(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    name: str
+    overrides: dict[str, Any]  # the file's run-config keys, as written (paths resolved)
+    base: RunConfig  # the defaults with those overrides
+    sweep: SweepSpec = SweepSpec()
+    baselines: BaselineSpec = BaselineSpec()
+    source: str = "<memory>"
+
+
+def simulated_merchants(clients: int) -> dict[str, Any]:
+    """The run-config keys a simulation with `clients` virtual merchants sets: the synthetic
+    market's merchant count, and rounds that wait for at most two of them."""
+    return {"synthetic-merchants": clients, "min-nodes": min(clients, 2)}
 
 
 class Cell(BaseModel):
     """One federated run of a sweep."""
 
+    model_config = ConfigDict(frozen=True)
     name: str
     clients: int
-    seed: int
-    run_config: dict[str, Any]
+    config: RunConfig
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    @property
+    def run_config(self) -> dict[str, Any]:
+        return self.config.to_flower()
 
     @property
     def key(self) -> str:
-        blob = json.dumps({"clients": self.clients, "config": self.run_config}, sort_keys=True)
+        what = {k: v for k, v in self.run_config.items() if k not in _WHERE}
+        blob = json.dumps({"clients": self.clients, "config": what}, sort_keys=True)
         return f"{re.sub(r'[^A-Za-z0-9.=-]+', '_', self.name)}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
     @property
     def epsilon(self) -> float | None:
-        return self.run_config["target-epsilon"] if self.run_config["privacy"] != "none" else None
+        return self.config.target_epsilon if self.config.privacy != "none" else None
 
 
-def base_run_config(experiment: Experiment, clients: int, seed: int, alpha: float) -> dict[str, Any]:
-    d, p, t, q = experiment.data, experiment.partition, experiment.training, experiment.privacy
-    return {
-        "dataset": d.dataset, "data-path": d.path, "catalog-path": d.catalog,
-        "synthetic-users": d.synthetic_users, "synthetic-ads": d.synthetic_ads, "synthetic-merchants": clients,
-        "partitioning": p.scheme, "dirichlet-alpha": alpha,
-        "num-rounds": t.rounds, "local-epochs": t.local_epochs, "factors": t.factors, "seed": seed, "mf-solver": t.solver,
-        "min-nodes": min(clients, 2),
-        "privacy": q.mode, "target-epsilon": q.epsilon, "target-delta": q.delta, "max-grad-norm": q.max_grad_norm,
-        "dp-metrics": q.metrics,
-        **experiment.overrides,
-    }
+def load_experiment(path: str | Path) -> Experiment:
+    path = Path(path)
+    text, raw = read_toml(path, ExperimentError)
+    tables = {key: raw.pop(key) for key in ("sweep", "baselines") if key in raw}
+    for key in ("data-path", "catalog-path"):
+        if isinstance(raw.get(key), str) and raw[key] and not Path(raw[key]).is_absolute():
+            raw[key] = str((path.resolve().parent / raw[key]).resolve())
+    errors: list[str] = []
+    base = None
+    try:
+        base = RunConfig.model_validate(raw, by_name=False)
+    except ValidationError as exc:
+        errors += format_validation_error(exc, str(path), text).splitlines()[1:]
+    try:
+        parsed = _Tables.model_validate(tables, by_name=False)
+    except ValidationError as exc:
+        errors += format_validation_error(exc, str(path), text).splitlines()[1:]
+    if errors or base is None:
+        raise ExperimentError("\n".join([f"{path}: invalid experiment:", *errors]))
+    experiment = Experiment(name=path.stem, overrides=raw, base=base, sweep=parsed.sweep, baselines=parsed.baselines, source=str(path))
+    # every cell's run config must validate too: check them now, at the edge
+    try:
+        expand_cells(experiment)
+    except ValueError as exc:
+        raise ExperimentError(f"{path}: {exc}") from None
+    return experiment
 
 
 def expand_cells(experiment: Experiment) -> list[Cell]:
-    """The base setting for every (clients, alpha, seed), plus one privacy=user cell per epsilon and solver."""
-    sweep = experiment.sweep
+    """The base setting for every (clients, alpha, seed), plus one privacy = user cell per
+    epsilon and solver."""
+    base, sweep = experiment.base, experiment.sweep
     cells = []
     for clients, alpha, seed in itertools.product(
-        sweep.clients or [experiment.partition.clients], sweep.alphas or [experiment.partition.dirichlet_alpha], sweep.seeds
+        sweep.clients, sweep.dirichlet_alphas or [base.dirichlet_alpha], sweep.seeds or [base.seed]
     ):
-        base = base_run_config(experiment, clients, seed, alpha)
-        tag = f"c{clients}" + (f"-a{alpha:g}" if experiment.partition.scheme == "dirichlet" else "") + f"-s{seed}"
-        label = "federated" if base["privacy"] == "none" else f"{base['privacy']}-eps{base['target-epsilon']:g}"
-        cells.append(Cell(name=f"{label}-{tag}", clients=clients, seed=seed, run_config=base))
-        for epsilon, solver in itertools.product(sweep.epsilons, sweep.solvers or [experiment.training.solver]):
-            rounds = experiment.privacy.als_rounds if solver == "als" else experiment.training.rounds
-            cells.append(Cell(name=f"user-{solver}-eps{epsilon:g}-{tag}", clients=clients, seed=seed,
-                              run_config={**base, "privacy": "user", "target-epsilon": float(epsilon), "mf-solver": solver,
-                                          "num-rounds": rounds}))
+        values = {**experiment.overrides, **simulated_merchants(clients), "dirichlet-alpha": alpha, "seed": seed}
+        config = RunConfig.from_flower(values, source=f"{experiment.source} (clients {clients}, alpha {alpha:g}, seed {seed})")
+        tag = f"c{clients}" + (f"-a{alpha:g}" if config.partitioning == "dirichlet" else "") + f"-s{seed}"
+        label = "federated" if config.privacy == "none" else f"{config.privacy}-eps{config.target_epsilon:g}"
+        cells.append(Cell(name=f"{label}-{tag}", clients=clients, config=config))
+        for epsilon, solver in itertools.product(sweep.epsilons, sweep.solvers or [config.mf_solver]):
+            rounds = sweep.private_als_rounds if solver == "als" else config.num_rounds
+            private = config.with_values(privacy="user", target_epsilon=float(epsilon), mf_solver=solver, num_rounds=rounds)
+            cells.append(Cell(name=f"user-{solver}-eps{epsilon:g}-{tag}", clients=clients, config=private))
     return cells

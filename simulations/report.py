@@ -16,9 +16,9 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from simulations.experiment import Experiment  # noqa: E402
+from simulations.experiment import Experiment
 
 METRIC = "ndcg10_sampled"
 SHOWN = ("hr10_sampled", "ndcg10_sampled", "hr10_full", "ndcg10_full", "recall20_full", "auc_full")
@@ -148,6 +148,10 @@ def _is_number(text: str) -> bool:
         return text == "-"
 
 
+def _figure(name: str, title: str) -> str:
+    return f'<figure><img src="plots/{name}" alt="{html.escape(title)}"><figcaption>{html.escape(title)}</figcaption></figure>'
+
+
 def _table(headers: list[str], body: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     rows = "".join(
@@ -181,6 +185,7 @@ def write_report(experiment: Experiment, output: Path, rows: list[dict[str, Any]
     cells = [[c["cell"], str(c["clients"]), str(c["seed"]), _guarantee(c), fmt(c.get("epsilon_spent")), str(c.get("refused", 0)),
               f"{c['wall_seconds']:.0f}"] for c in summary["cells"]]
     environment = json.loads((output / "environment.json").read_text()) if (output / "environment.json").is_file() else {}
+    base = experiment.base
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>fedads: {html.escape(experiment.name)}</title>
 <style>
@@ -191,13 +196,13 @@ th {{ background: #f3f3f3; }} td.num {{ text-align: right; }} td.text {{ text-al
 img {{ max-width: 100%; border: 1px solid #eee; }} .figs {{ display: grid; grid-template-columns: 1fr 1fr; gap: 1rem; }}
 </style></head><body>
 <h1>fedads experiment: {html.escape(experiment.name)}</h1>
-<p>Data: {html.escape(experiment.data.dataset)}; partition: {html.escape(experiment.partition.scheme)};
-{experiment.training.rounds} rounds x {experiment.training.local_epochs} local epoch(s); biased MF, {experiment.training.factors} factors.
+<p>Data: {html.escape(base.dataset)}; partition: {html.escape(base.partitioning)};
+{base.num_rounds} rounds x {base.local_epochs} local epoch(s); biased MF, {base.factors} factors.
 Metrics: leave-last-out; sampled = 99 fixed negatives per user, full = every ad without a training positive.</p>
 <h2>Final round, every method</h2>
 {_table(["method", "cell", "target eps", "round", *SHOWN, "eps spent"], final_rows)}
 <h2>Figures</h2>
-<div class="figs">{"".join(f'<figure><img src="plots/{n}" alt="{html.escape(t)}"><figcaption>{html.escape(t)}</figcaption></figure>' for n, (t, _) in figures.items())}</div>
+<div class="figs">{"".join(_figure(name, title) for name, (title, _) in figures.items())}</div>
 <h2>Runs and their guarantees</h2>
 {_table(["cell", "clients", "seed", "privacy guarantee", "eps spent (max)", "refused replies", "wall s"], cells)}
 <p>Full results: <a href="results.csv">results.csv</a>, <a href="results.json">results.json</a>;

@@ -13,17 +13,18 @@ import json
 from pathlib import Path
 from typing import Any
 
-from shared.metrics import METRIC_NAMES
+from shared.config import RunConfig
+from shared.metrics import METRIC_NAMES, NUM_TEST_USERS
 from simulations.experiment import Experiment, expand_cells
 
 COLUMNS = ("method", "cell", "clients", "seed", "alpha", "epsilon_target", "round", "client", *METRIC_NAMES,
            "epsilon_spent", "train_users", "test_users", "round_seconds")
 
 
-def _method(run_config: dict[str, Any]) -> str:
-    if run_config["privacy"] == "user":
-        return f"user-dp-{run_config.get('mf-solver', 'sgd')}"
-    return {"none": "federated", "client": "client-dp"}[run_config["privacy"]]
+def _method(cfg: RunConfig) -> str:
+    if cfg.privacy == "user":
+        return f"user-dp-{cfg.mf_solver}"
+    return {"none": "federated", "client": "client-dp"}[cfg.privacy]
 
 
 def collect(experiment: Experiment, output: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -34,9 +35,8 @@ def collect(experiment: Experiment, output: Path) -> tuple[list[dict[str, Any]],
         done = cell_dir / "done.json"
         if not done.is_file():
             continue
-        cfg = cell.run_config
-        base = {"method": _method(cfg), "cell": cell.name, "clients": cell.clients, "seed": cell.seed,
-                "alpha": cfg["dirichlet-alpha"], "epsilon_target": cell.epsilon}
+        base = {"method": _method(cell.config), "cell": cell.name, "clients": cell.clients, "seed": cell.seed,
+                "alpha": cell.config.dirichlet_alpha, "epsilon_target": cell.epsilon}
         history = json.loads((cell_dir / "history.json").read_text())
         for record in history:
             spent = record.get("privacy", {}).get("epsilon_max")
@@ -64,12 +64,12 @@ def collect(experiment: Experiment, output: Path) -> tuple[list[dict[str, Any]],
         for name, history in result.get("local_only", {}).items():
             for record in history:
                 rows.append({**base, "method": "local-only", "round": record["round"], "client": name, **record["evaluate"],
-                             "test_users": record["evaluate"].get("num-test-users")})
+                             "test_users": record["evaluate"].get(NUM_TEST_USERS)})
                 per_round.setdefault(record["round"], []).append(record["evaluate"])
         for server_round, merchants in sorted(per_round.items()):  # weighted by test users, as FedAvg's metrics
-            total = sum(m["num-test-users"] for m in merchants) or 1.0
+            total = sum(m[NUM_TEST_USERS] for m in merchants) or 1.0
             rows.append({**base, "method": "local-only", "round": server_round, "client": "aggregate",
-                         **{k: sum(m[k] * m["num-test-users"] for m in merchants) / total for k in METRIC_NAMES},
+                         **{k: sum(m[k] * m[NUM_TEST_USERS] for m in merchants) / total for k in METRIC_NAMES},
                          "test_users": total})
         summary["baselines"].append(result)
     return rows, summary

@@ -14,7 +14,6 @@ runtime's start and stop, as far as the sweep waited for them).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shutil
 import sys
@@ -28,13 +27,13 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from client.handlers import first_message_imports
+from deploy.processes import terminate_as_exit
 from shared.config import RunConfig
 from shared.data.sources import load_dataset
 from shared.storage import atomic_write_json
+from simulations import PROJECT_ROOT
 from simulations.baselines import centralized, dp_popularity, local_only, toppop
 from simulations.experiment import Cell, Experiment, ExperimentError, expand_cells, load_experiment
-from deploy.processes import terminate_as_exit
-from simulations import PROJECT_ROOT
 from simulations.runtime import SimulationError, SimulationRuntime, run_simulation
 
 DONE = "done.json"
@@ -73,10 +72,10 @@ def _installed(name: str) -> bool:
 def run_cell(cell: Cell, cell_dir: Path, progress: Progress, round_task: Any, runtime: SimulationRuntime | None = None) -> dict[str, Any]:
     """One federated run, resumed from its own checkpoint if an earlier attempt was interrupted."""
     resume = (cell_dir / "checkpoints" / "latest.json").is_file()
-    config = {**cell.run_config, "output-dir": str(cell_dir), "state-dir": str(cell_dir / "state"), "resume": resume}
+    config = cell.config.with_values(output_dir=str(cell_dir), state_dir=str(cell_dir / "state"), resume=resume)
     started = time.perf_counter()
     with (cell_dir / "flower.log").open("a") as log_file:
-        run_simulation(RunConfig.from_flower(config).to_flower(), cell.clients, cell_dir / "flower",
+        run_simulation(config.to_flower(), cell.clients, cell_dir / "flower",
                        stream_to=_RoundTicker(progress, round_task, log_file), runtime=runtime)
     summary = {"cell": cell.name, "key": cell.key, "clients": cell.clients, "seed": cell.seed,
                "run_config": cell.run_config, "wall_seconds": time.perf_counter() - started, "resumed": resume}
@@ -90,7 +89,7 @@ def _actor_imports(configs: list[RunConfig]) -> tuple[str, ...]:
 
 def run_baselines(experiment: Experiment, cell: Cell, out_dir: Path) -> dict[str, Any]:
     torch.set_num_threads(1)  # like each simulated client; more threads only fight over 2 cores
-    cfg = RunConfig.from_flower({**cell.run_config, "privacy": "none"})
+    cfg = cell.config.with_values(privacy="none")
     dataset = load_dataset(cfg)
     started = time.perf_counter()
     result: dict[str, Any] = {"group": cell.key, "clients": cell.clients, "seed": cell.seed}
@@ -115,7 +114,7 @@ def run_experiment(experiment_path: Path, output: Path) -> Path:
     cells = expand_cells(experiment)
     baseline_cells: dict[tuple[int, float, int], Cell] = {}
     for cell in cells:  # one baseline set per (clients, alpha, seed)
-        group = (cell.clients, cell.run_config["dirichlet-alpha"], cell.seed)
+        group = (cell.clients, cell.config.dirichlet_alpha, cell.seed)
         baseline_cells.setdefault(group, cell)
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
@@ -134,10 +133,10 @@ def run_experiment(experiment_path: Path, output: Path) -> Path:
             if pending:
                 # one Ray instance and one pool of ClientApp actors serve every cell; the actors
                 # start while the baselines run
-                configs = [RunConfig.from_flower(c.run_config) for c in pending]
+                configs = [c.config for c in pending]
                 runtime = stack.enter_context(SimulationRuntime(
                     output / "runtime", actor_imports=_actor_imports(configs),
-                    simulations=[(cfg, c.clients) for cfg, c in zip(configs, pending)],
+                    simulations=[(c.config, c.clients) for c in pending],
                 ))
             baselines_started = time.perf_counter()
             for cell in baseline_cells.values():
@@ -153,7 +152,7 @@ def run_experiment(experiment_path: Path, output: Path) -> Path:
                 for cell in pending:
                     cell_dir = output / "cells" / cell.key
                     cell_dir.mkdir(parents=True, exist_ok=True)
-                    progress.update(round_task, description=f"rounds of {cell.name}", total=cell.run_config["num-rounds"] + 1, completed=0)
+                    progress.update(round_task, description=f"rounds of {cell.name}", total=cell.config.num_rounds + 1, completed=0)
                     run_cell(cell, cell_dir, progress, round_task, runtime)
                     progress.advance(cell_task)
                 runtime.begin_close()  # Ray stops while the tables, plots and report are written
@@ -161,8 +160,8 @@ def run_experiment(experiment_path: Path, output: Path) -> Path:
                           "baselines_seconds": cells_started - baselines_started,
                           "cells_seconds": time.perf_counter() - cells_started, "cells": [c.name for c in pending]}
 
-            from simulations.results import collect, write_tables
             from simulations.report import write_report
+            from simulations.results import collect, write_tables
 
             rows, summary = collect(experiment, output)
             write_tables(rows, output)

@@ -3,8 +3,9 @@ call made as Flower's runtime would make it, and the real-data location."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest

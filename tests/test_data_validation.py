@@ -7,7 +7,7 @@ and the field, both in its message and in its attributes.
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from shared.data.loaders import (
-    MOVIELENS_GENRES,
-    load_amazon_sequences,
-    load_catalog_file,
-    load_log_file,
-    load_movielens_100k,
-    write_catalog_csv,
-    write_log_csv,
-)
+from shared.data.loaders import load_catalog_file, load_log_file, write_catalog_csv, write_log_csv
+from shared.data.public_sets import MOVIELENS_GENRES, load_amazon_sequences, load_movielens_100k
 from shared.data.schema import DataValidationError, Event
 from shared.data.synthetic import SyntheticSpec, generate
 
@@ -182,8 +175,8 @@ def test_iso_timestamps_are_accepted(tmp_path, catalog):
         "u2,a2,1709296200\n",
     )
     log = load_log_file(path, catalog)
-    noon_utc = int(datetime(2024, 3, 1, 12, 30, tzinfo=timezone.utc).timestamp())
-    midnight_utc = int(datetime(2024, 3, 1, tzinfo=timezone.utc).timestamp())
+    noon_utc = int(datetime(2024, 3, 1, 12, 30, tzinfo=UTC).timestamp())
+    midnight_utc = int(datetime(2024, 3, 1, tzinfo=UTC).timestamp())
     assert list(log.timestamp) == [noon_utc, noon_utc - 2 * 3600, noon_utc, midnight_utc, 1709296200]
     assert noon_utc == 1709296200
 

@@ -16,10 +16,10 @@ import pytest
 
 pytest.importorskip("cryptography", reason="deploy.dev_certs needs the `cryptography` package (a flwr dependency)")
 
-from deploy.local import Merchant, local_deployment, stop_process, write_merchant_data  # noqa: E402
-from deploy.superlink import CONNECTION, parse_cli_json, superlink_command, tool_env, write_cli_config  # noqa: E402
-from shared.storage import load_npz  # noqa: E402
-from tests.conftest import processes_mentioning, small_run_config  # noqa: E402
+from deploy.local import Merchant, local_deployment, stop_process, write_merchant_data
+from deploy.superlink import CONNECTION, parse_cli_json, superlink_command, tool_env, write_cli_config
+from shared.storage import load_npz
+from tests.conftest import processes_mentioning, small_run_config
 
 NUM_MERCHANTS = 3
 RUN_TIMEOUT = 600.0

@@ -14,31 +14,22 @@ from shared.data.sources import load_dataset
 from simulations.baselines import centralized
 from simulations.browser_check import chromium, screenshot
 from simulations.experiment import ExperimentError, expand_cells, load_experiment
-from simulations.runtime import run_simulation
 from simulations.results import COLUMNS
+from simulations.runtime import run_simulation
 from tests.conftest import processes_mentioning
 
 TINY = """
-name = "tiny"
-
-[data]
 dataset = "synthetic"
-synthetic_users = 300
-synthetic_ads = 120
-
-[partition]
-scheme = "merchant"
-clients = 2
-
-[training]
-rounds = 2
-local_epochs = 2
+synthetic-users = 300
+synthetic-ads = 120
+partitioning = "merchant"
+num-rounds = 2
+local-epochs = 2
 factors = 8
-
-[privacy]
-metrics = "exact"
+dp-metrics = "exact"
 
 [sweep]
+clients = [2]
 epsilons = [4]
 seeds = [3]
 """
@@ -55,25 +46,47 @@ def line_of(text: str, needle: str) -> int:
 
 
 def test_errors_name_file_line_and_field(tmp_path):
-    text = TINY.replace("rounds = 2", "rounds = 0")
+    text = TINY.replace("num-rounds = 2", "num-rounds = 0")
     path = write(tmp_path, text)
     with pytest.raises(ExperimentError) as info:
         load_experiment(path)
     message = str(info.value)
-    assert f"{path}:{line_of(text, 'rounds = 0')}:" in message and "field 'training.rounds'" in message
-    text = TINY.replace('scheme = "merchant"', 'scheme = "by-merchant"')
-    with pytest.raises(ExperimentError, match=rf"exp\.toml:{line_of(text, 'by-merchant')}: field 'partition\.scheme'"):
+    assert f"{path}:{line_of(text, 'num-rounds = 0')}:" in message and "field 'num-rounds'" in message
+    text = TINY.replace('partitioning = "merchant"', 'partitioning = "by-merchant"')
+    with pytest.raises(ExperimentError, match=rf"exp\.toml:{line_of(text, 'by-merchant')}: field 'partitioning'"):
+        load_experiment(write(tmp_path, text))
+    text = TINY.replace("factors = 8", "factor = 8")  # a misspelt run-config key is an error, not ignored
+    with pytest.raises(ExperimentError, match=rf"exp\.toml:{line_of(text, 'factor = 8')}: field 'factor': Extra inputs"):
         load_experiment(write(tmp_path, text))
     path = write(tmp_path, TINY.replace("[sweep]", "[sweep]\nepsilon = [1]"))
     with pytest.raises(ExperimentError, match=r"field 'sweep\.epsilon': Extra inputs are not permitted"):
         load_experiment(path)
-    path = write(tmp_path, TINY.replace("epsilons = [4]", "epsilons = [0]"))
-    with pytest.raises(ExperimentError, match="sweep"):
-        load_experiment(path)
+    text = TINY.replace("epsilons = [4]", "epsilons = [0]")
+    with pytest.raises(ExperimentError, match=rf"exp\.toml:{line_of(text, 'epsilons = [0]')}: field 'sweep\.epsilons'"):
+        load_experiment(write(tmp_path, text))
     with pytest.raises(ExperimentError, match="not valid TOML"):
-        load_experiment(write(tmp_path, "name = "))
+        load_experiment(write(tmp_path, "num-rounds = "))
     with pytest.raises(ExperimentError, match="needs data-path"):
         load_experiment(write(tmp_path, TINY.replace('dataset = "synthetic"', 'dataset = "movielens-100k"')))
+
+
+def test_an_experiment_is_run_config_overrides_named_after_its_file(tmp_path):
+    experiment = load_experiment(write(tmp_path, TINY, name="tiny.toml"))
+    assert experiment.name == "tiny"
+    cells = expand_cells(experiment)
+    assert [c.name for c in cells] == ["federated-c2-s3", "user-als-eps4-c2-s3"]
+    federated, private = (c.config for c in cells)
+    # the file's keys, the sweep's, and RunConfig's defaults for everything else
+    expected = RunConfig.from_flower({
+        "synthetic-users": 300, "synthetic-ads": 120, "num-rounds": 2, "local-epochs": 2, "factors": 8, "dp-metrics": "exact",
+        "synthetic-merchants": 2, "min-nodes": 2, "seed": 3,
+    })
+    assert federated == expected
+    assert private == expected.with_values(privacy="user", target_epsilon=4.0, num_rounds=2)
+    # where a cell writes does not change what it computes, so not its cache key either
+    moved = cells[0].model_copy(update={"config": federated.with_values(output_dir=str(tmp_path / "elsewhere"))})
+    assert moved.key == cells[0].key
+    assert cells[0].model_copy(update={"config": federated.with_values(factors=9)}).key != cells[0].key
 
 
 def test_shipped_experiments_validate_and_expand():
@@ -81,12 +94,12 @@ def test_shipped_experiments_validate_and_expand():
     for name in ("quick", "ml100k", "beauty"):
         experiment = load_experiment(root / f"{name}.toml")
         cells = expand_cells(experiment)
-        assert cells[0].run_config["privacy"] == "none"
-        solvers = experiment.sweep.solvers or [experiment.training.solver]
+        assert cells[0].config.privacy == "none"
+        solvers = experiment.sweep.solvers or [experiment.base.mf_solver]
         assert [c.epsilon for c in cells[1:]] == [e for e in experiment.sweep.epsilons for _ in solvers]
-        assert [c.run_config["mf-solver"] for c in cells[1:]] == solvers * len(experiment.sweep.epsilons)
+        assert [c.config.mf_solver for c in cells[1:]] == solvers * len(experiment.sweep.epsilons)
         assert len({c.key for c in cells}) == len(cells)
-    assert Path(load_experiment(root / "ml100k.toml").data.path).is_absolute()
+    assert Path(load_experiment(root / "ml100k.toml").base.data_path).is_absolute()
 
 
 def test_sweep_is_cached_resumes_after_an_interruption_and_reports(tmp_path, monkeypatch):

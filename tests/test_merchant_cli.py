@@ -29,6 +29,7 @@ from shared.config import RunConfig
 from shared.data.loaders import write_catalog_csv, write_log_csv
 from shared.data.schema import Dataset, Event
 from shared.data.synthetic import SyntheticSpec, generate
+from shared.node_config import NodeConfig
 from shared.params import init_global_arrays
 from shared.wire import ARRAYS, from_array_record
 from simulations.runtime.flower_internals import server_identity
@@ -219,6 +220,28 @@ def test_budget_reports_the_ledger_after_dp_rounds(capsys, node):
     assert code == 0
     assert f"epsilon spent:         {expected:.6g}" in out
     assert "rounds trained:        2" in out
+
+
+def test_the_node_config_the_supernode_runs_with_stands_in_for_the_flags(capsys, node, tmp_path):
+    config = NodeConfig(data_path=str(node["log"]), catalog_path=str(node["catalog"]), state_dir=str(node["dp_state"]),
+                        merchant_id="m").write(tmp_path / "node-config.toml")
+    by_flags = [run(capsys, "budget", "--state-dir", node["dp_state"], "--json"),
+                run(capsys, "validate", "--log", node["log"], "--catalog", node["catalog"]),
+                run(capsys, "recommend", "--state-dir", node["dp_state"], "--log", node["log"], "--catalog", node["catalog"], "--k", "3")]
+    by_file = [run(capsys, "budget", "--node-config", config, "--json"),
+               run(capsys, "validate", "--node-config", config),
+               run(capsys, "recommend", "--node-config", config, "--k", "3")]
+    assert [code for code, _, _ in by_file] == [0, 0, 0]
+    assert [out for _, out, _ in by_file] == [out for _, out, _ in by_flags]
+    # a flag given beside the file wins; a node config without a state dir cannot serve budget
+    code, out, _ = run(capsys, "budget", "--node-config", config, "--state-dir", node["state"], "--json")
+    assert code == 0 and json.loads(out)["state_dir"] == str(node["state"])
+    bare = NodeConfig(data_path=str(node["log"])).write(tmp_path / "bare.toml")
+    code, _, err = run(capsys, "budget", "--node-config", bare)
+    assert code == 2 and "--state-dir is required (or --node-config with state-dir)" in err
+    broken = write(tmp_path / "broken.toml", 'data-path = "x.csv"\nstate_dir = "s"\n')
+    code, _, err = run(capsys, "budget", "--node-config", broken)
+    assert code == 2 and f"{broken}:2: field 'state_dir'" in err
 
 
 def test_budget_of_non_private_training_says_there_is_no_guarantee(capsys, node):

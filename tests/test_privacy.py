@@ -95,7 +95,7 @@ def exact_sgm_rdp(q: float, sigma: float, orders: np.ndarray) -> np.ndarray:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _exact_sgm_rdp_cached(q: float, sigma: float) -> np.ndarray:
     return exact_sgm_rdp(q, sigma, ORDERS)
 

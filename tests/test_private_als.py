@@ -240,7 +240,7 @@ def test_an_unseen_ad_with_several_tags_takes_the_mean_of_their_factors():
 def test_catalog_tags_default_to_category_and_brand_and_amazon_attributes_are_tags(tmp_path):
     import json
 
-    from shared.data.loaders import load_amazon_catalog
+    from shared.data.public_sets import load_amazon_catalog
     from shared.data.schema import AdCatalog
 
     catalog = AdCatalog(("a", "b", "c"), ("shoes", "bags", "shoes"), ("acme", None, "zeta"), (None, None, None))

@@ -249,7 +249,7 @@ def test_ghost_mode_takes_empty_poisson_batches(split):
     settings = DPSGDSettings(noise_multiplier=1.0, max_grad_norm=0.1, sample_rate=q, epochs=1,
                              learning_rate=0.01, grad_sample_mode="ghost", seed=5)
     rng = np.random.default_rng(0)
-    new, history, _ = private_ad_epochs(arrays, user_factors, lambda: build_user_rows(split, rng, 2, 5), settings, [])
+    new, history, _ = private_ad_epochs(arrays, user_factors, lambda rng=rng: build_user_rows(split, rng, 2, 5), settings, [])
     assert history == [(1.0, q, int(1 / q))]
     assert np.isfinite(new["ad_factors"]).all()
 
@@ -265,6 +265,6 @@ def test_fused_and_hooks_modes_take_empty_poisson_batches(split):
         settings = DPSGDSettings(noise_multiplier=1.0, max_grad_norm=0.1, sample_rate=q, epochs=1,
                                  learning_rate=0.01, grad_sample_mode=mode, seed=5)
         rng = np.random.default_rng(0)
-        new, history, _ = private_ad_epochs(arrays, user_factors, lambda: build_user_rows(split, rng, 2, 5), settings, [])
+        new, history, _ = private_ad_epochs(arrays, user_factors, lambda rng=rng: build_user_rows(split, rng, 2, 5), settings, [])
         assert history == [(1.0, q, int(1 / q))]
         assert np.isfinite(new["ad_factors"]).all()

@@ -13,7 +13,7 @@ from shared.data.split import NO_TEST, UserSplit, leave_last_out, sample_eval_ne
 from shared.data.synthetic import SyntheticSpec, generate
 from shared.metrics import METRIC_NAMES, evaluate, rank_metrics, toppop_score_fn
 
-I, C, P = Event.IMPRESSION, Event.CLICK, Event.PURCHASE
+I, C, P = Event.IMPRESSION, Event.CLICK, Event.PURCHASE  # noqa: E741 (the rows read like a log)
 
 
 def make_log(rows: list[tuple[str, int, int, Event]]) -> InteractionLog:

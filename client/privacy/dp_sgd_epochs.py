@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import cast
 
 import numpy as np
 import torch
@@ -87,7 +88,7 @@ def embedding_norm_sample(layer: nn.Embedding, activations: list[torch.Tensor], 
     """
     batch = activations[0].shape[0]
     if batch == 0 or activations[0].numel() == 0:  # an empty Poisson batch
-        return {layer.weight: torch.zeros(batch, dtype=backprops.dtype, device=backprops.device)}
+        return {cast(nn.Parameter, layer.weight): torch.zeros(batch, dtype=backprops.dtype, device=backprops.device)}
     ids = activations[0].reshape(batch, -1)
     grads = backprops.reshape(-1, backprops.shape[-1])
     sample = torch.arange(batch, device=ids.device).repeat_interleave(ids.shape[1])
@@ -96,7 +97,7 @@ def embedding_norm_sample(layer: nn.Embedding, activations: list[torch.Tensor], 
     summed = torch.zeros(len(unique_keys), grads.shape[1], dtype=grads.dtype, device=grads.device).index_add_(0, position, grads)
     squared = torch.zeros(batch, dtype=grads.dtype, device=grads.device)
     squared.scatter_add_(0, unique_keys // layer.num_embeddings, summed.pow(2).sum(dim=1))
-    return {layer.weight: squared.sqrt()}
+    return {cast(nn.Parameter, layer.weight): squared.sqrt()}
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ Opacus sample = one user instead (client/privacy/dp_sgd.py reads `epoch_rows`).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

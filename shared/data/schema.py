@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any
 
 import numpy as np
 
@@ -131,7 +132,7 @@ class InteractionLog:
             rejected=list(self.rejected),
         )
 
-    def summary(self) -> dict[str, object]:
+    def summary(self) -> dict[str, Any]:
         events = Counter(Event(int(e)).name.lower() for e in self.event)
         return {
             "rows": len(self),

@@ -5,15 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from shared.config import RunConfig
-from shared.data.loaders import (
-    load_amazon_catalog,
-    load_amazon_sequences,
-    load_catalog_file,
-    load_log_file,
-    load_movielens_100k,
-    load_movielens_catalog,
-)
+from shared.data.loaders import load_catalog_file, load_log_file
 from shared.data.partition import partition_users, shard_log
+from shared.data.public_sets import load_amazon_catalog, load_amazon_sequences, load_movielens_100k, load_movielens_catalog
 from shared.data.schema import AdCatalog, Dataset, InteractionLog
 from shared.data.synthetic import SyntheticSpec, generate, synthetic_catalog
 

@@ -1,6 +1,6 @@
 """The main job: a federated simulation on the embedded synthetic market, with a metrics table.
 
-    python -m simulations.run [--rounds N] [--clients N] [--output DIR] [-c key=value ...]
+    python -m simulations.simulate [--rounds N] [--clients N] [--output DIR] [-c key=value ...]
 
 Runs the same ServerApp and ClientApp as a deployment through Flower's simulation runtime,
 then prints the per-round metrics table and where results, checkpoints and the model are.
@@ -12,24 +12,21 @@ import argparse
 import json
 import sys
 import time
-import tomllib
 from pathlib import Path
+from typing import Any
 
 from server import report
-from shared.config import RunConfig
+from shared.config import ConfigError, RunConfig, parse_override
 from simulations import PROJECT_ROOT
+from simulations.experiment import simulated_merchants
 from simulations.runtime import SimulationError, run_simulation
 
 
-def _parse_override(text: str) -> tuple[str, object]:
-    key, sep, raw = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+def _override(text: str) -> tuple[str, Any]:
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw  # a bare string
-    return key.strip(), value
+        return parse_override(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,23 +35,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=5, help="simulated merchants (SuperNodes)")
     parser.add_argument("--output", type=Path, default=PROJECT_ROOT / "outputs" / "quick")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
-    parser.add_argument("-c", "--config", type=_parse_override, action="append", default=[], metavar="KEY=VALUE",
-                        help="override a run-config key of pyproject.toml, e.g. -c factors=32")
+    parser.add_argument("-c", "--config", type=_override, action="append", default=[], metavar="KEY=VALUE",
+                        help="override a run-config key (pyproject.toml's [tool.flwr.app.config]), e.g. -c factors=32")
     parser.add_argument("--quiet", action="store_true", help="do not stream Flower's log")
     args = parser.parse_args(argv)
 
     output = args.output.resolve()
     overrides = {
         "num-rounds": args.rounds,
-        "min-nodes": min(args.clients, 2),
-        "synthetic-merchants": args.clients,
+        **simulated_merchants(args.clients),
         "output-dir": str(output),
         "state-dir": str(output / "state"),
         "resume": args.resume,
         **dict(args.config),
     }
-    pyproject = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
-    cfg = RunConfig.from_flower({**pyproject["tool"]["flwr"]["app"]["config"], **overrides})
+    try:
+        cfg = RunConfig.from_flower(overrides, source="the command line (--rounds, --clients, --output, -c)")
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     started = time.perf_counter()
     try:
         run_simulation(cfg.to_flower(), args.clients, output / "flower", stream_to=None if args.quiet else sys.stdout)
