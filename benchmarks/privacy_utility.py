@@ -21,6 +21,7 @@ from pathlib import Path
 
 from shared.config import RunConfig, parse_override
 from shared.data.sources import load_dataset
+from shared.wire import DP_NOISE_MULTIPLIER
 from simulations import PROJECT_ROOT
 from simulations.baselines import toppop
 from simulations.runtime import run_simulation
@@ -73,7 +74,7 @@ def main() -> int:
         final = history[-1]
         metrics = final["evaluate"]
         clients = final["clients"].values()
-        sigma = sorted({round(c.get("dp-noise-multiplier", 0.0), 3) for c in clients})
+        sigma = sorted({round(c.get(DP_NOISE_MULTIPLIER, 0.0), 3) for c in clients})
         ledgers = [json.loads(p.read_text())["ledger"] for p in sorted(out.glob("state/*/privacy_ledger.json"))]
         deltas = sorted({f"{lg['delta']:.1e}" for lg in ledgers if lg.get("delta")})
         eps = final.get("privacy", {}).get("epsilon_max")

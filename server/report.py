@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from shared.wire import TOPPOP_PREFIX, TRAIN_LOSS
+
 COLUMNS = (
     ("round", "round", "{:>5}"),
     ("hr10_sampled", "HR@10s", "{:>7.4f}"),
@@ -12,8 +14,8 @@ COLUMNS = (
     ("ndcg10_full", "NDCG@10f", "{:>8.4f}"),
     ("recall20_full", "R@20f", "{:>7.4f}"),
     ("auc_full", "AUC", "{:>7.4f}"),
-    ("toppop-ndcg10_sampled", "TopPop NDCG@10s", "{:>15.4f}"),
-    ("train-loss", "loss", "{:>7.4f}"),
+    (TOPPOP_PREFIX + "ndcg10_sampled", "TopPop NDCG@10s", "{:>15.4f}"),
+    (TRAIN_LOSS, "loss", "{:>7.4f}"),
     ("epsilon_max", "eps max", "{:>7.3f}"),
     ("round_seconds", "sec", "{:>6.1f}"),
 )

@@ -15,6 +15,7 @@ from typing import Any
 
 from shared.config import RunConfig
 from shared.metrics import METRIC_NAMES, NUM_TEST_USERS
+from shared.wire import DP_EPSILON
 from simulations.experiment import Experiment, expand_cells
 
 COLUMNS = ("method", "cell", "clients", "seed", "alpha", "epsilon_target", "round", "client", *METRIC_NAMES,
@@ -44,7 +45,7 @@ def collect(experiment: Experiment, output: Path) -> tuple[list[dict[str, Any]],
                          "epsilon_spent": spent, "round_seconds": record.get("round_seconds")})
             for name, metrics in sorted(record.get("clients", {}).items()):
                 rows.append({**base, "round": record["round"], "client": name, **metrics,
-                             "epsilon_spent": metrics.get("dp-epsilon"), "train_users": metrics.get("train-users"),
+                             "epsilon_spent": metrics.get(DP_EPSILON), "train_users": metrics.get("train-users"),
                              "test_users": metrics.get("test-users")})
         summary["cells"].append({**json.loads(done.read_text()), "method": base["method"], "epsilon_target": cell.epsilon,
                                  "final": history[-1].get("evaluate", {}), "epsilon_spent": history[-1].get("privacy", {}).get("epsilon_max"),

@@ -36,8 +36,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from client.solvers.sgd_rows import UserRows
 from shared.accounting import Release, batch_size_for
 from shared.model import AdModel
+from shared.wire import DP_STEPS, Arrays
 
 log = logging.getLogger(__name__)
+
+EpochRows = Callable[[], UserRows]  # each epoch's rows of every user
+EpochsResult = tuple[Arrays, list[Release], dict[str, float]]  # new parameters, accountant history, step counts
 
 # Above this many floats per step, hooks mode's per-sample gradients cost more than ghost
 # clipping's second backward pass (measured: docs/BENCHMARKS.md, DP overhead).
@@ -132,12 +136,8 @@ def fused_clipped_gradients(
 
 
 def _fused_ad_epochs(
-    arrays: dict[str, np.ndarray],
-    user_factors: np.ndarray,
-    epoch_rows: Callable[[], UserRows],
-    settings: DPSGDSettings,
-    history: list[Release],
-) -> tuple[dict[str, np.ndarray], list[Release], dict[str, float]]:
+    arrays: Arrays, user_factors: np.ndarray, epoch_rows: EpochRows, settings: DPSGDSettings, history: list[Release]
+) -> EpochsResult:
     """DP-SGD with Opacus' Poisson sampler and RDP accountant, and closed-form per-user clipping.
 
     Same mechanism as Opacus' DPOptimizer with loss_reduction="mean": clipped per-user gradients
@@ -170,7 +170,7 @@ def _fused_ad_epochs(
             sampled += len(batch)
     new_history = [tuple(h) for h in accountant.history]
     log.debug("fused DP-SGD: %d steps, %.1f users per step", steps, sampled / max(steps, 1))
-    return model.get_arrays(), new_history, {"dp-steps": float(steps)}
+    return model.get_arrays(), new_history, {DP_STEPS: float(steps)}
 
 
 def resolve_grad_sample_mode(mode: str, num_ads: int, dim: int, expected_batch: float) -> str:
@@ -185,12 +185,8 @@ def resolve_grad_sample_mode(mode: str, num_ads: int, dim: int, expected_batch: 
 
 
 def private_ad_epochs(
-    arrays: dict[str, np.ndarray],
-    user_factors: np.ndarray,
-    epoch_rows: Callable[[], UserRows],
-    settings: DPSGDSettings,
-    history: list[Release],
-) -> tuple[dict[str, np.ndarray], list[Release], dict[str, float]]:
+    arrays: Arrays, user_factors: np.ndarray, epoch_rows: EpochRows, settings: DPSGDSettings, history: list[Release]
+) -> EpochsResult:
     """Run `settings.epochs` DP-SGD epochs over users; returns new arrays and the accountant's
     full history after them (the given `history` continued)."""
     with warnings.catch_warnings():
@@ -204,12 +200,8 @@ def private_ad_epochs(
 
 
 def _private_ad_epochs(
-    arrays: dict[str, np.ndarray],
-    user_factors: np.ndarray,
-    epoch_rows: Callable[[], UserRows],
-    settings: DPSGDSettings,
-    history: list[Release],
-) -> tuple[dict[str, np.ndarray], list[Release], dict[str, float]]:
+    arrays: Arrays, user_factors: np.ndarray, epoch_rows: EpochRows, settings: DPSGDSettings, history: list[Release]
+) -> EpochsResult:
     model = AdModel.from_arrays(arrays)
     num_users = user_factors.shape[0]
     users = torch.as_tensor(user_factors, dtype=torch.float32)
@@ -247,4 +239,4 @@ def _private_ad_epochs(
     new_history = [tuple(h) for h in engine.accountant.history]
     # the realized batch sizes stay here: they depend on the data set's size, released only as a planned count
     log.debug("Opacus %s DP-SGD: %d steps, %.1f users per step", mode, steps, sampled / max(steps, 1))
-    return model.get_arrays(), new_history, {"dp-steps": float(steps)}
+    return model.get_arrays(), new_history, {DP_STEPS: float(steps)}
