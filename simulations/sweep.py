@@ -1,5 +1,5 @@
 """Run an experiment: every cell through Flower's simulation runtime (one warm runtime for all
-of them, simulations/runtime.py), baselines in-process while that runtime starts, cached per
+of them, simulations/runtime/), baselines in-process while that runtime starts, cached per
 cell so a re-run skips finished cells and an interrupted sweep resumes.
 
     python -m simulations.sweep experiments/quick.toml [--output DIR]

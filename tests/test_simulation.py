@@ -1,5 +1,5 @@
 """End to end through Flower's simulation runtime: the real ServerApp and ClientApp in Flower's
-simulation engine over a private Ray cluster (simulations/runtime.py); then resume from the
+simulation engine over a private Ray cluster (simulations/runtime/); then resume from the
 checkpoint, several runs on one warm runtime, failures, interruption."""
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def test_sigterm_mid_run_leaves_no_process(tmp_path):
 
     output = tmp_path / "out"
     process = subprocess.Popen(
-        [sys.executable, "-m", "simulations.run", "--rounds", "50", "--clients", "2", "--output", str(output), "--quiet"],
+        [sys.executable, "-m", "simulations.simulate", "--rounds", "50", "--clients", "2", "--output", str(output), "--quiet"],
         cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 120

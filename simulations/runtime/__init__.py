@@ -6,206 +6,79 @@ importing Flower and the app), and tears all of that down when the run ends. On 
 experiment that was more than half of a 10-round run's wall time (docs/BENCHMARKS.md), and
 Flower 1.42 cannot keep any of it up between runs.
 
-So the harness runs Flower's simulation engine itself, as `flwr-simulation` does:
-`flwr.simulation.run_simulation._run_simulation` with the ServerApp and ClientApp that
-pyproject.toml names and the run config fused from pyproject.toml and the run's overrides;
-inside it, Flower's InMemoryGrid, LinkState, engine threads, Ray backend and ClientAppActor
-pool. One Ray cluster and one pool of Flower's actors serve all the runs of a process. Each
-run still gets its own run id, LinkState, node contexts and ServerApp thread; the actors keep
-only their imports and the app's per-process caches of immutable data (client/node_data.py).
+So the harness runs Flower's simulation engine itself, as `flwr-simulation` does, with the
+ServerApp and ClientApp that pyproject.toml names and the run config fused from pyproject.toml
+and the run's overrides; inside it, Flower's InMemoryGrid, LinkState, engine threads, Ray
+backend and ClientAppActor pool. One Ray cluster and one pool of Flower's actors serve all the
+runs of a process. Each run still gets its own run id, LinkState, node contexts and ServerApp
+thread; the actors keep only their imports and the app's per-process caches of immutable data
+(client/node_data.py). Two interventions in Flower, both for the duration of a run: the
+engine's Ray backend class is replaced by one that takes the standing pool and leaves it up,
+and the ServerApp is called through a wrapper that says when it has returned.
 
-Two interventions in Flower, both for the duration of a run: the engine's Ray backend class
-is replaced by a subclass whose `build` takes the standing pool and whose `terminate` leaves
-it up (Flower's own kills the actors and shuts Ray down after every run), and the ServerApp is
-called through a wrapper that says when it has returned. flwr is pinned (pyproject.toml) and
-tests/test_simulation.py runs this path end to end.
+This module composes the parts, one concern each: ray_cluster (the private Ray cluster),
+actor_pool (the actors' warm-up, liveness and killing), engine (one run on threads of this
+process), flower_internals (every private Flower and Ray name, pinned to FLOWER_VERSION by
+tests/test_flower_internals.py) and public_path (Flower's public `flwr run` against a private
+SuperLink). Only this module uses flower_internals, and the others import no sibling (that would
+import this package: an import circle); they get what they need of Flower's insides from here,
+as arguments.
+
+On a flwr other than FLOWER_VERSION (or one that lacks a pinned name) the runtime prints one
+warning and runs every run through the public path, touching nothing private; so it does when
+the environment variable FEDADS_SIMULATION_PATH is "public" (the default is "warm").
 """
 
 from __future__ import annotations
 
-import importlib
-import logging
 import os
-import secrets
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-from contextlib import contextmanager
-from functools import partial
+from collections.abc import Mapping, Sequence
+from functools import cache, partial
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import tomli_w
 
 from client.handlers import first_message_imports
-from deploy.processes import free_port, stop_tree, terminate_as_exit, wait_for_port
+from deploy.processes import terminate_as_exit
 from shared.config import RunConfig
 from shared.config_table import app_components
 from simulations import PROJECT_ROOT
+from simulations.runtime import flower_internals
+from simulations.runtime.actor_pool import all_answer, kill_actors, warm_up_actor
+from simulations.runtime.engine import RunLog, RunTimedOut, ServerAppWatch, run_on_thread
+from simulations.runtime.public_path import run_public
+from simulations.runtime.ray_cluster import RayCluster
 
-BIN = Path(sys.executable).parent
-RUNTIME_MARK = "FEDADS_SIMULATION_RUNTIME"  # in every Ray process's environment: its runtime's work dir
-
-FLOWER_LOGGER = "flwr"
+RUNTIME_MARK = "FEDADS_SIMULATION_RUNTIME"  # in every process a runtime starts: its work dir
+PATH_VARIABLE = "FEDADS_SIMULATION_PATH"  # "warm" (the default) or "public"
 
 
 class SimulationError(RuntimeError):
     pass
 
 
-def warm_up_actor(modules: Sequence[str], simulations: Sequence[tuple[Any, int]]) -> None:
-    """Runs in each ClientApp actor as it starts (Flower's `on_actor_init_fn`), while the
-    harness is busy elsewhere: what the app's handlers import on a node's first message, and
-    the simulated nodes' data, are ready before a run's first round instead of in it."""
-    # best effort: whatever fails here fails again, with its message, in the node's reply;
-    # an actor that raised here would be dead for every later run
-    for module in modules:
-        try:
-            importlib.import_module(module)
-        except Exception as exc:  # noqa: BLE001
-            logging.getLogger(__name__).warning("actor warm-up: cannot import %s: %s", module, exc)
-    from client.node_data import prepare_simulated_nodes
-
-    for data, num_nodes in simulations:
-        try:
-            prepare_simulated_nodes(data, num_nodes)
-        except Exception as exc:  # noqa: BLE001
-            logging.getLogger(__name__).warning("actor warm-up: cannot prepare the data of %s nodes: %s", num_nodes, exc)
+@cache
+def _warn(reason: str) -> None:
+    """Once per process: every runtime of it takes the same path."""
+    print(f"fedads: {reason}: running each run through Flower's public `flwr run` against a private SuperLink (slower start-up)",
+          file=sys.stderr, flush=True)
 
 
-class RunAbandoned(RuntimeError):
-    """Raised in an abandoned run's ServerApp, at its next exchange with the nodes."""
-
-
-class _AbandonableGrid:
-    """Flower's grid of one run, which stops the run's ServerApp at its next exchange with the
-    nodes once the harness has abandoned the run (a timeout, an interruption): an abandoned
-    run writes no further round. Everything else is Flower's grid."""
-
-    def __init__(self, grid: Any, abandoned: threading.Event) -> None:
-        self._grid, self._abandoned = grid, abandoned
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._grid, name)
-
-    def _check(self) -> None:
-        if self._abandoned.is_set():
-            raise RunAbandoned("the harness abandoned this run")
-
-    def push_messages(self, *args: Any, **kwargs: Any) -> Any:
-        self._check()
-        return self._grid.push_messages(*args, **kwargs)
-
-    def pull_messages(self, *args: Any, **kwargs: Any) -> Any:
-        self._check()
-        return self._grid.pull_messages(*args, **kwargs)
-
-    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Any]:
-        """Flower's InMemoryGrid.send_and_receive (push, then pull every `pull_interval` until
-        every reply is in or `timeout`), checking for abandonment at every pull: replies may
-        never come once the run's actors are gone."""
-        self._check()
-        waiting = set(self._grid.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Any] = []
-        while waiting and (deadline is None or time.monotonic() < deadline):
-            self._check()
-            arrived = list(self._grid.pull_messages(waiting))
-            replies.extend(arrived)
-            waiting.difference_update(msg.metadata.reply_to_message_id for msg in arrived)
-            if waiting:
-                time.sleep(self._grid.pull_interval)
-        self._check()  # replies that came back because the run's actors were killed are not used
-        return replies
-
-
-class _ServerAppWatch:
-    """The project's ServerApp, called as Flower calls it, once the run's virtual SuperNodes
-    are all registered, over a grid the harness can stop it through, and telling when it has
-    returned: the run's outputs are complete then, and the engine's own shut-down (its worker
-    threads wait out a 1 s queue timeout) need not be waited for.
-
-    Flower's engine starts the ServerApp's thread before it registers the nodes; a ServerApp
-    that asks for nodes at once (a resumed run skips round 0) could sample only those
-    registered so far."""
-
-    def __init__(self, app: Any, returned: threading.Event, num_nodes: int) -> None:
-        self.app, self.returned, self.num_nodes = app, returned, num_nodes
-        self.abandoned = threading.Event()
-        self.error: BaseException | None = None
-
-    def __call__(self, grid: Any, context: Any) -> None:
-        try:
-            deadline = time.monotonic() + 60
-            while len(grid.get_node_ids()) < self.num_nodes and time.monotonic() < deadline:
-                time.sleep(0.01)  # the engine registers the nodes right after starting this thread
-            self.app(grid=_AbandonableGrid(grid, self.abandoned), context=context)
-        except BaseException as exc:
-            self.error = exc
-            raise
-        finally:
-            self.returned.set()
-
-
-def _load_server_app() -> Any:
-    from flwr.serverapp.server_app import LoadServerAppError
-    from flwr.supercore.object_ref import load_app
-
-    try:
-        return load_app(app_components()["serverapp"], LoadServerAppError, PROJECT_ROOT)
-    except Exception as exc:  # noqa: BLE001 - any import error of the app
-        raise SimulationError(f"cannot load the ServerApp: {exc}") from exc
-
-
-class _RunLog(logging.Handler):
-    """Flower's log lines of one run: kept for the run's log file, and streamed on."""
-
-    def __init__(self, stream_to: Any) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-        self.stream_to = stream_to
-
-    def emit(self, record: logging.LogRecord) -> None:
-        line = f"{record.levelname:<8}: {record.getMessage()}\n"
-        self.lines.append(line)
-        if self.stream_to is not None:
-            self.stream_to.write(line)
-            self.stream_to.flush()
-
-
-@contextmanager
-def _flower_log_to(handler: _RunLog) -> Iterator[None]:
-    """Flower's logger writes to this run's handler instead of the console."""
-    logger = logging.getLogger(FLOWER_LOGGER)
-    console, propagate = list(logger.handlers), logger.propagate
-    for existing in console:
-        logger.removeHandler(existing)
-    logger.addHandler(handler)
-    logger.propagate = False
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.propagate = propagate
-        for existing in console:
-            logger.addHandler(existing)
-
-
-@contextmanager
-def _quiet_ray_driver() -> Iterator[None]:
-    """Joining Ray from a thread other than the main one logs that it set no SIGTERM handler
-    (the harness has its own: launcher.terminate_as_exit)."""
-    worker_logger = logging.getLogger("ray._private.worker")
-    level = worker_logger.level
-    worker_logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        worker_logger.setLevel(level)
+def _warm_path_chosen() -> bool:
+    chosen = os.environ.get(PATH_VARIABLE) or "warm"
+    if chosen not in ("warm", "public"):
+        raise SimulationError(f"{PATH_VARIABLE} must be 'warm' or 'public', not {chosen!r}")
+    if chosen == "public":
+        return False
+    if not flower_internals.version_matches():
+        _warn(f"the warm simulation runtime was written for flwr {flower_internals.FLOWER_VERSION}, "
+              f"found {flower_internals.installed_version()}")
+        return False
+    return True
 
 
 class SimulationRuntime:
@@ -219,16 +92,14 @@ class SimulationRuntime:
     thread joins it as this process's Ray driver and starts the actors; each actor imports
     `actor_imports` (client/handlers.first_message_imports) and builds the nodes' data of
     `simulations` (pairs of a RunConfig and its number of nodes) as it starts. Meanwhile the
-    caller can work (a sweep runs its baselines); the first run waits for the rest. Ray is not
-    started from this process itself: `ray.init()` forks Ray's processes with a `preexec_fn`,
-    which deadlocked when another thread was busy in numpy's BLAS.
+    caller can work (a sweep runs its baselines); the first run waits for the rest.
 
-    Ray's session files live in a short temporary folder (Unix socket paths are limited),
-    named in `work_dir/ray-temp-dir`; its log is `work_dir/ray.log`; every Ray process has
+    Ray's files and log are in `work_dir` (ray_cluster); every Ray process has
     RUNTIME_MARK=work_dir in its environment, so that checks can find them. All of them (Ray's
     own, and the actors) stop on `close`, also when a run failed or was interrupted. One
     runtime at a time per process: the process is a Ray driver, and runs swap Flower's backend
-    class while they last.
+    class while they last. On the public path (`warm` False) there is nothing to start or
+    stop: each run starts and stops its own SuperLink in its work dir.
     """
 
     def __init__(
@@ -240,12 +111,13 @@ class SimulationRuntime:
         self.client_resources = {"num_cpus": cpus_per_client, "num_gpus": 0.0}
         self.actor_imports = tuple(actor_imports)
         self.simulations = tuple(simulations)
+        self.warm = _warm_path_chosen()
         self.connect_seconds = 0.0  # from `start` until this process was a driver with its actors asked for
         self.start_wait_seconds = 0.0  # how long the first run waited for that
         self.stop_wait_seconds = 0.0  # how long `close` waited for Ray to be gone
-        self._head: subprocess.Popen | None = None
-        self._temp_dir: str | None = None
+        self._cluster = RayCluster(self.work_dir, self.num_cpus, {RUNTIME_MARK: str(self.work_dir)})
         self._pool: Any = None
+        self._missing: list[str] = []  # pinned Flower names the installed Flower lacks
         self._connecting: threading.Thread | None = None
         self._connect_error: BaseException | None = None
         self._closing: threading.Thread | None = None
@@ -259,47 +131,29 @@ class SimulationRuntime:
         self.close()
 
     def start(self) -> None:
+        if not self.warm:
+            return
         started = time.perf_counter()
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self._temp_dir = tempfile.mkdtemp(prefix="fedads-ray-")
-        (self.work_dir / "ray-temp-dir").write_text(self._temp_dir)
-        port = free_port()
-        # Ray's processes get this environment: its workers import this checkout's packages
-        # whether or not it is installed, and without a runtime env (which would make Ray start
-        # every worker through a second interpreter)
-        pythonpath = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-        env = {**os.environ, "PYTHONPATH": pythonpath, "RAY_USAGE_STATS_ENABLED": "0", RUNTIME_MARK: str(self.work_dir)}
-        with (self.work_dir / "ray.log").open("w") as log_file:
-            self._head = subprocess.Popen(
-                [
-                    str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--num-cpus={self.num_cpus}",
-                    "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={self._temp_dir}",
-                ],
-                env=env, cwd=self.work_dir, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,  # its own process group: stopping it stops every Ray process
-            )
+        self._cluster.boot()
 
         def connect() -> None:
             try:
-                import ray
-
-                wait_for_port(port, self._head, self.work_dir / "ray.log")
-                with _quiet_ray_driver():
-                    ray.init(address=f"127.0.0.1:{port}", logging_level=logging.WARNING, log_to_driver=False, configure_logging=False)
+                self._missing = flower_internals.unresolved()  # imports Flower's and Ray's modules meanwhile
+                if self._missing:
+                    return
+                with flower_internals.quiet_ray_driver():
+                    self._cluster.connect()
                 self._pool = self._new_pool()  # its actors start in the background
                 self.connect_seconds = time.perf_counter() - started
-            except BaseException as exc:  # noqa: BLE001 - raised by the first run
+            except BaseException as exc:
                 self._connect_error = exc
 
         self._connecting = threading.Thread(target=connect, name="ray-connect", daemon=True)
         self._connecting.start()
 
     def _new_pool(self) -> Any:
-        from flwr.simulation.ray_transport.ray_actor import BasicActorPool, ClientAppActor
-
-        pool = BasicActorPool(ClientAppActor, self.client_resources, {"on_actor_init_fn": partial(warm_up_actor, self.actor_imports, self.simulations)})
-        pool.add_actors_to_pool(pool.actors_capacity)
-        return pool
+        return flower_internals.new_actor_pool(self.client_resources, partial(warm_up_actor, self.actor_imports, self.simulations))
 
     def _wait_connected(self) -> None:
         if self._connecting is not None:
@@ -307,6 +161,12 @@ class SimulationRuntime:
             self._connecting.join()
             self._connecting = None
             self.start_wait_seconds = time.perf_counter() - waiting
+        if self._missing:
+            _warn(f"flwr {flower_internals.installed_version()} lacks Flower internals the warm simulation runtime uses "
+                  f"({', '.join(self._missing)})")
+            self.warm = False
+            self.close()
+            return
         if self._connect_error is not None:
             raise SimulationError(f"Ray did not start: {self._connect_error}") from self._connect_error
         if self._pool is None:
@@ -327,21 +187,10 @@ class SimulationRuntime:
             self.stop_wait_seconds += time.perf_counter() - waiting
 
     def _shut_down(self) -> None:
-        import ray
-
         if self._connecting is not None:
             self._connecting.join()  # a driver half-way connected is disconnected below
         self._pool = None
-        try:
-            if ray.is_initialized():
-                ray.shutdown()
-        finally:
-            if self._head is not None:
-                # the cluster is this runtime's alone and keeps nothing: killed outright (as `ray
-                # stop --force` does), not through Ray's graceful shut-down of several seconds
-                stop_tree(self._head, signals=(signal.SIGKILL,))
-            if self._temp_dir is not None:
-                shutil.rmtree(self._temp_dir, ignore_errors=True)
+        self._cluster.shut_down()
 
     def run(
         self,
@@ -354,148 +203,62 @@ class SimulationRuntime:
         """One run of the project's app; returns Flower's log of it (also in
         `work_dir/flwr-run.log`). Raises SimulationError when the run fails or times out;
         a run timed out or interrupted is abandoned (`_abandon`) and the runtime closed."""
-        self._wait_connected()
-        self._check_actors()
+        if self.warm:
+            self._wait_connected()  # which turns to the public path if Flower lacks a pinned name
         work_dir = Path(work_dir).resolve()
         work_dir.mkdir(parents=True, exist_ok=True)
-        log = _RunLog(stream_to)
-        finished = threading.Event()  # the ServerApp returned, or the engine ended without it
-        backend_built = threading.Event()
-        watch = _ServerAppWatch(_load_server_app(), finished, int(num_supernodes))
-        outcome: dict[str, BaseException] = {}
-
-        def engine() -> None:
+        if not self.warm:
+            return self._run_public(run_config, num_supernodes, work_dir, stream_to, timeout)
+        self._check_actors()
+        try:
+            server_app = flower_internals.load_server_app(app_components()["serverapp"], PROJECT_ROOT)
+        except Exception as exc:
+            raise SimulationError(f"cannot load the ServerApp: {exc}") from exc
+        watch = ServerAppWatch(server_app, int(num_supernodes), guard_grid=flower_internals.CheckedGrid)
+        drive = partial(flower_internals.run_engine, watch, dict(run_config), int(num_supernodes), self.client_resources, PROJECT_ROOT,
+                        app_components()["clientapp"])
+        log, log_path = RunLog(stream_to), work_dir / "flwr-run.log"
+        with self._lock:
             try:
-                self._run_engine(watch, dict(run_config), int(num_supernodes))
-            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
-                outcome["error"] = exc
-            finally:
-                finished.set()
-
-        with self._lock, _flower_log_to(log), _standing_backend(self._pool, backend_built):
-            # a daemon thread, as are the engine's own (they inherit it); Python still joins the
-            # engine's executor threads at exit, which is why an abandoned run is stopped too
-            thread = threading.Thread(target=engine, name="flower-simulation", daemon=True)
-            thread.start()
-            try:
-                if not finished.wait(timeout):
-                    self._abandon(watch, thread)
-                    raise SimulationError(f"the simulation ran past {timeout:.0f}s; log in {work_dir / 'flwr-run.log'}")
-                if watch.error is not None or "error" in outcome:
-                    watch.abandoned.set()  # the engine may have failed under a running ServerApp: stop it
-                    thread.join()  # Flower finishes its error handling and logging
-                else:
-                    # the ServerApp may return before the engine built its backend (a resumed run
-                    # with nothing left to do): the swapped class must still be in place then
-                    while not backend_built.wait(0.05) and thread.is_alive():
-                        pass
-            except BaseException:
-                if not finished.is_set():
-                    self._abandon(watch, thread)  # interrupted mid-run
-                raise
-            finally:
-                (work_dir / "flwr-run.log").write_text("".join(log.lines))
-        output = "".join(log.lines)
-        error = watch.error or outcome.get("error")
+                error = run_on_thread(watch, drive, partial(flower_internals.standing_backend, self._pool), log, log_path, timeout, self._abandon)
+            except RunTimedOut as exc:
+                raise SimulationError(f"{exc}; log in {log_path}") from exc
         if error is not None:
-            raise SimulationError(f"the run failed ({type(error).__name__}: {error}); log in {work_dir / 'flwr-run.log'}:\n{output[-4000:]}") from error
-        return output
+            raise SimulationError(f"the run failed ({type(error).__name__}: {error}); log in {log_path}:\n{log.text()[-4000:]}") from error
+        return log.text()
+
+    def _run_public(self, run_config: Mapping[str, Any], num_supernodes: int, work_dir: Path, stream_to: Any, timeout: float | None) -> str:
+        done = run_public(run_config, int(num_supernodes), work_dir, {RUNTIME_MARK: str(self.work_dir)},
+                          float(self.client_resources["num_cpus"]), stream_to, timeout)
+        if done.failure is not None:
+            raise SimulationError(f"{done.failure}; log in {work_dir / 'flwr-run.log'}:\n{done.log[-4000:]}")
+        return done.log
 
     def _check_actors(self) -> None:
         """Every actor of the pool alive and free, or a new pool: an actor that died (killed,
         out of memory) would fail every message of every later run."""
-        import ray
-        from ray.exceptions import RayError
-
-        def all_alive() -> bool:
-            pings = [actor.__ray_ready__.remote() for actor in self._pool.pool]
-            answered, late = ray.wait(pings, num_returns=len(pings), timeout=300)
-            alive = 0
-            for ping in answered:
-                try:
-                    ray.get(ping)
-                    alive += 1
-                except RayError:
-                    pass
-            return alive == self._pool.num_actors and not late
-
-        if all_alive():
+        if self._actors_answer():
             return
         self._replace_pool()
-        if not all_alive():
-            raise SimulationError(f"the ClientApp actors die as they start: see the worker logs under {self._temp_dir}")
+        if not self._actors_answer():
+            raise SimulationError(f"the ClientApp actors die as they start: see the worker logs under {self._cluster.temp_dir}")
 
-    def _abandon(self, watch: _ServerAppWatch, engine: threading.Thread) -> None:
-        """Stop a run that cannot be waited for, and close the runtime: the ServerApp stops at
-        its next exchange with the nodes, the actors are killed so that messages in flight
-        fail at once (Ray gives no answer to a driver that left), the engine winds down."""
-        import ray
+    def _actors_answer(self) -> bool:
+        pings = [flower_internals.actor_ready(actor) for actor in flower_internals.free_actors(self._pool)]
+        return all_answer(pings, flower_internals.pool_size(self._pool))
 
-        watch.abandoned.set()
-        if self._pool is not None and ray.is_initialized():
-            self._kill_actors()
+    def _abandon(self, engine: threading.Thread) -> None:
+        """Stop a run that cannot be waited for, and close the runtime: the actors are killed so
+        that messages in flight fail at once (Ray gives no answer to a driver that left), the
+        engine winds down (its ServerApp stops at its next exchange with the nodes)."""
+        if self._pool is not None and self._cluster.driver_connected():
+            kill_actors(flower_internals.every_actor(self._pool))
         engine.join(30)
         self.close()
 
     def _replace_pool(self) -> None:
-        self._kill_actors()
+        kill_actors(flower_internals.every_actor(self._pool))
         self._pool = self._new_pool()
-
-    def _kill_actors(self) -> None:
-        """Every actor of the pool, free or busy (Flower's pool keeps the busy ones by future)."""
-        import ray
-
-        for actor in self._pool.pool + list(self._pool._future_to_actor.values()):
-            ray.kill(actor)
-
-    def _run_engine(self, server_app: _ServerAppWatch, run_config: dict[str, Any], num_supernodes: int) -> None:
-        """What `flwr-simulation` does with a run the SuperLink hands it, minus the SuperLink."""
-        from flwr.app import Context, RecordDict
-        from flwr.common.config import get_fused_config_from_dir
-        from flwr.common.constant import SUPERLINK_NODE_ID
-        from flwr.simulation.run_simulation import _run_simulation
-        from flwr.supercore.constant import NOOP_FEDERATION_ID
-        from flwr.supercore.run import Run
-        from flwr.supercore.task_identity import TaskIdentity
-        from flwr.supercore.telemetry import EventType
-
-        run = Run.create_empty(run_id=secrets.randbits(63))
-        run.override_config = run_config
-        run.primary_task_id = secrets.randbits(63)
-        run.federation_id = NOOP_FEDERATION_ID
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = run.primary_task_id, run.run_id, SUPERLINK_NODE_ID
-        context = Context(run_id=run.run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
-                          run_config=get_fused_config_from_dir(PROJECT_ROOT, run_config))
-        _run_simulation(
-            num_supernodes=num_supernodes, exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
-            server_app=server_app, client_app_attr=app_components()["clientapp"],
-            backend_config={"client_resources": dict(self.client_resources)},
-            app_dir=str(PROJECT_ROOT), run=run, server_app_context=context, is_app=True,
-        )
-
-
-@contextmanager
-def _standing_backend(pool: Any, built: threading.Event) -> Iterator[None]:
-    """Flower's engine builds its Ray backend by class name at the start of a run: for this
-    run, that class takes the standing pool and leaves it (and Ray) up at the end."""
-    from flwr.server.superlink.fleet.vce.backend import raybackend
-
-    flower_backend = raybackend.RayBackend
-
-    class StandingPoolBackend(flower_backend):  # type: ignore[misc, valid-type]
-        def build(self, app_fn: Any) -> None:
-            self.pool = pool
-            self.app_fn = app_fn
-            built.set()
-
-        def terminate(self) -> None:
-            pass
-
-    raybackend.RayBackend = StandingPoolBackend
-    try:
-        yield
-    finally:
-        raybackend.RayBackend = flower_backend
 
 
 def run_simulation(

@@ -1,0 +1,88 @@
+"""The private Ray cluster of a warm simulation runtime: its head node, this process as its
+driver, and its stop.
+
+The head node boots as `ray start --head` in its own process group (about 4 s) rather than
+from `ray.init()` in this process: `ray.init()` forks Ray's processes with a `preexec_fn`,
+which deadlocked when another thread was busy in numpy's BLAS. Its processes get the caller's
+mark in their environment, so that checks can find them; its session files live in a short
+temporary folder (Unix socket paths are limited), named in `work_dir/ray-temp-dir`; its log
+is `work_dir/ray.log`. The cluster keeps nothing, so it is killed outright at the end, as
+`ray stop --force` does, not through Ray's graceful shut-down of several seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from deploy.processes import free_port, stop_tree, wait_for_port
+from simulations import PROJECT_ROOT
+
+BIN = Path(sys.executable).parent
+
+
+class RayCluster:
+    def __init__(self, work_dir: Path, num_cpus: int, mark: Mapping[str, str]) -> None:
+        self.work_dir, self.num_cpus, self.mark = work_dir, num_cpus, dict(mark)
+        self.temp_dir: str | None = None
+        self._head: subprocess.Popen | None = None
+        self._port = 0
+
+    @property
+    def log_path(self) -> Path:
+        return self.work_dir / "ray.log"
+
+    def boot(self) -> None:
+        """Start the head node; returns at once."""
+        self.temp_dir = tempfile.mkdtemp(prefix="fedads-ray-")
+        (self.work_dir / "ray-temp-dir").write_text(self.temp_dir)
+        self._port = free_port()
+        # Ray's processes get this environment: its workers import this checkout's packages
+        # whether or not it is installed, and without a runtime env (which would make Ray start
+        # every worker through a second interpreter)
+        pythonpath = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "PYTHONPATH": pythonpath, "RAY_USAGE_STATS_ENABLED": "0", **self.mark}
+        with self.log_path.open("w") as log_file:
+            self._head = subprocess.Popen(
+                [
+                    str(BIN / "ray"), "start", "--head", "--block", f"--port={self._port}", f"--num-cpus={self.num_cpus}",
+                    "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={self.temp_dir}",
+                ],
+                env=env, cwd=self.work_dir, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own process group: stopping it stops every Ray process
+            )
+
+    def connect(self) -> None:
+        """Join the cluster as this process's Ray driver, once its head node listens."""
+        import ray
+
+        if self._head is None:
+            raise RuntimeError("the Ray cluster was not booted")
+        wait_for_port(self._port, self._head, self.log_path)
+        ray.init(address=f"127.0.0.1:{self._port}", logging_level=logging.WARNING, log_to_driver=False, configure_logging=False)
+
+    def driver_connected(self) -> bool:
+        import ray
+
+        return bool(ray.is_initialized())
+
+    def shut_down(self) -> None:
+        """Leave the cluster and kill every process of it."""
+        if self._head is None:
+            return  # never booted
+        import ray
+
+        try:
+            if ray.is_initialized():
+                ray.shutdown()
+        finally:
+            stop_tree(self._head, signals=(signal.SIGKILL,))
+            if self.temp_dir is not None:
+                shutil.rmtree(self.temp_dir, ignore_errors=True)

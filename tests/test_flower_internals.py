@@ -1,0 +1,255 @@
+"""The fence around Flower's internals (simulations/runtime/flower_internals.py): every private
+name it uses still exists with the parameters and attributes used; no other module of the
+project uses one; and the public path the runtime falls back to on another Flower runs the app
+exactly as the warm runtime does, leaving no process behind."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import json
+import re
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from simulations.runtime import flower_internals
+from simulations.runtime.flower_internals import PINNED, Pinned, resolve
+from tests.conftest import processes_mentioning, small_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+FENCE = ROOT / "simulations" / "runtime" / "flower_internals.py"
+PUBLIC_FLOWER = ("flwr.app", "flwr.clientapp", "flwr.serverapp")
+NUM_CLIENTS = 3
+
+
+def _project_files() -> Iterator[Path]:
+    for package in ("client", "server", "shared", "simulations", "deploy"):
+        yield from sorted((ROOT / package).rglob("*.py"))
+
+
+def _has_attribute(obj: Any, name: str) -> bool:
+    """On the object (a class's own, or its metaclass's), a dataclass field, or an instance
+    attribute its source assigns (`self.name = ...`, `self.name: T = ...`)."""
+    if dataclasses.is_dataclass(obj) and name in {f.name for f in dataclasses.fields(obj)}:
+        return True
+    if any(name in vars(owner) for owner in (*inspect.getmro(type(obj)), *getattr(obj, "__mro__", ()))):
+        return True
+    if hasattr(obj, name):
+        return True
+    return re.search(rf"self\.{re.escape(name)}\s*(:[^=\n]*)?=", inspect.getsource(obj)) is not None
+
+
+@pytest.mark.parametrize("pinned", PINNED, ids=lambda p: p.path)
+def test_every_pinned_name_has_what_the_project_uses(pinned: Pinned):
+    obj = resolve(pinned)
+    if pinned.parameters:
+        # a Ray actor class is called through Ray: its parameters are its class's own
+        signature = inspect.signature(getattr(obj, "__ray_actor_class__", obj))
+        assert set(pinned.parameters) <= set(signature.parameters), f"{pinned.path}{signature}"
+    for attribute in pinned.attributes:
+        assert _has_attribute(obj, attribute), f"{pinned.path} has no {attribute}"
+    for text in pinned.source:
+        assert text in inspect.getsource(obj), f"{pinned.path} no longer holds {text!r}"
+
+
+def test_the_pin_check_sees_a_missing_name():
+    pool = resolve(Pinned("flwr.simulation.ray_transport.ray_actor", "BasicActorPool"))
+    assert _has_attribute(pool, "_future_to_actor") and not _has_attribute(pool, "_future_to_actors")
+    with pytest.raises(AttributeError):
+        resolve(Pinned("flwr.supercore.run", "Run.create_nothing"))
+    with pytest.raises(ImportError):
+        resolve(Pinned("flwr.no_such_module", "x"))
+
+
+def test_the_installed_flower_is_supported():
+    assert flower_internals.installed_version() == flower_internals.FLOWER_VERSION
+    assert flower_internals.unresolved() == []
+    assert flower_internals.supported()
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert f"flwr[simulation]=={flower_internals.FLOWER_VERSION}" in dependencies  # the pin and the fence agree
+
+
+def test_the_ray_logger_the_driver_quiets_is_rays_worker_logger():
+    logger = resolve(Pinned("ray._private.worker", "logger"))
+    assert logger.name == "ray._private.worker"
+
+
+def _flower_imports(tree: ast.AST) -> Iterator[tuple[str, str]]:
+    """(module, name) of every import from flwr, wherever it stands; name "" for `import flwr.x`."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from ((alias.name, "") for alias in node.names if alias.name.split(".")[0] == "flwr")
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "flwr":
+            yield from ((node.module, alias.name) for alias in node.names)
+
+
+def _private_flower_imports(source: str) -> list[str]:
+    """Imports of anything but Flower's public `flwr.app`, `flwr.clientapp`, `flwr.serverapp`
+    (and their sub-modules without a private component), or of a private name from them."""
+    found = []
+    for module, name in _flower_imports(ast.parse(source)):
+        parts = module.split(".")
+        public_module = ".".join(parts[:2]) in PUBLIC_FLOWER and not any(part.startswith("_") for part in parts)
+        if not public_module or name.startswith("_"):
+            found.append(f"{module}:{name}" if name else module)
+    return found
+
+
+def test_the_import_scan_sees_private_imports():
+    source = "import flwr.common\nfrom flwr.serverapp import _secret, Grid\nfrom flwr.serverapp.strategy import FedAvg\n" \
+             "def f():\n    from flwr.supercore.run import Run\n    from flwr.app._private import x\n"
+    assert _private_flower_imports(source) == ["flwr.common", "flwr.serverapp:_secret", "flwr.supercore.run:Run", "flwr.app._private:x"]
+
+
+def test_no_module_outside_the_fence_imports_a_private_flower_name():
+    found = {str(path.relative_to(ROOT)): _private_flower_imports(path.read_text()) for path in _project_files() if path != FENCE}
+    assert {path: names for path, names in found.items() if names} == {}
+    assert len(found) > 50  # the scan sees the project
+
+
+def test_every_private_flower_import_of_the_fence_is_pinned():
+    pinned = {p.path for p in PINNED}
+    imported = [f"{module}.{name}" for module, name in _flower_imports(ast.parse(FENCE.read_text())) if module != "flwr.app"]
+    assert imported  # the scan sees the fence's imports
+    assert [name for name in imported if not any(path == name or path.startswith(f"{name}.") for path in pinned)] == []
+
+
+def test_private_flower_and_ray_names_appear_only_in_the_fence():
+    private = {"__ray_ready__"} | {part for p in PINNED for part in (*p.name.split("."), *p.attributes) if part.startswith("_")}
+    assert {"__ray_ready__", "_future_to_actor", "_run_simulation", "_modify_class"} <= private
+    found = {}
+    for path in _project_files():
+        if path != FENCE:
+            text = path.read_text()
+            names = set(re.findall(r"[A-Za-z_]\w*", text)) & private | ({"ray._private"} if "ray._private" in text else set())
+            if names:
+                found[str(path.relative_to(ROOT))] = sorted(names)
+    assert found == {}
+
+
+def test_another_flower_takes_the_public_path_with_one_warning_and_touches_nothing_private(tmp_path, monkeypatch, capsys):
+    import simulations.runtime as runtime_module
+    from simulations.runtime import SimulationRuntime
+
+    monkeypatch.setattr(flower_internals, "FLOWER_VERSION", "0.0.0")
+    monkeypatch.delenv(runtime_module.PATH_VARIABLE, raising=False)
+    runtime_module._warn.cache_clear()
+
+    def private(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a private Flower name was used")
+
+    for name in ("unresolved", "quiet_ray_driver", "load_server_app", "new_actor_pool", "actor_ready", "standing_backend", "run_engine"):
+        monkeypatch.setattr(flower_internals, name, private)
+    for attempt in range(2):
+        with SimulationRuntime(tmp_path / f"runtime-{attempt}") as runtime:
+            assert not runtime.warm
+        assert not (tmp_path / f"runtime-{attempt}" / "ray.log").exists()  # no Ray cluster was started
+    warning = capsys.readouterr().err
+    assert warning.count("fedads:") == 1  # once per process
+    assert f"written for flwr 0.0.0, found {flower_internals.installed_version()}" in warning
+    assert "Flower's public `flwr run` against a private SuperLink" in warning
+
+
+def test_a_flower_lacking_a_pinned_name_takes_the_public_path(tmp_path, monkeypatch, capsys):
+    """Same version, a name gone (a broken install): noticed as Ray starts, in the background;
+    the first run warns, stops Ray and takes the public path."""
+    import simulations.runtime as runtime_module
+    from simulations.runtime import SimulationRuntime
+    from simulations.runtime.public_path import PublicRun
+
+    runtime_module._warn.cache_clear()
+    monkeypatch.delenv(runtime_module.PATH_VARIABLE, raising=False)
+    monkeypatch.setattr(flower_internals, "unresolved", lambda: ["flwr.simulation.run_simulation._run_simulation"])
+    public_runs = []
+    monkeypatch.setattr(runtime_module, "run_public", lambda *args, **kwargs: public_runs.append(args) or PublicRun("the log", None))
+    with SimulationRuntime(tmp_path / "runtime") as runtime:
+        assert runtime.warm
+        assert runtime.run({"num-rounds": 1}, 2, tmp_path / "run") == "the log"
+        assert not runtime.warm and len(public_runs) == 1
+    assert "lacks Flower internals the warm simulation runtime uses (flwr.simulation.run_simulation._run_simulation)" in capsys.readouterr().err
+    assert processes_mentioning(str(tmp_path / "runtime")) == []
+
+
+def test_an_unknown_path_is_refused(tmp_path, monkeypatch):
+    from simulations.runtime import PATH_VARIABLE, SimulationError, SimulationRuntime
+
+    monkeypatch.setenv(PATH_VARIABLE, "lukewarm")
+    with pytest.raises(SimulationError, match="must be 'warm' or 'public'"):
+        SimulationRuntime(tmp_path)
+
+
+class _ProcessesAtRound1:
+    """A stream for run_simulation that notes, as round 1 begins, the live processes marked
+    with the run's work dir: what the check after the run would find if they were left."""
+
+    def __init__(self, work_dir: Path) -> None:
+        self.work_dir = work_dir
+        self.seen: list[str] = []
+        self.commands: list[list[str]] = []
+
+    def write(self, text: str) -> None:
+        if "[ROUND 1/" in text and not self.seen:
+            self.seen = processes_mentioning(str(self.work_dir))
+            for process in self.seen:
+                try:
+                    self.commands.append(Path(f"/proc/{process.split(':')[0]}/cmdline").read_text().split("\0"))
+                except OSError:
+                    pass
+
+    def flush(self) -> None:
+        pass
+
+
+def test_the_public_path_runs_the_app_as_the_warm_runtime_does(tmp_path, monkeypatch):
+    from simulations.runtime import PATH_VARIABLE, run_simulation
+
+    monkeypatch.delenv(PATH_VARIABLE, raising=False)
+    warm = small_run_config(tmp_path / "warm", **{"num-rounds": 1})
+    run_simulation(warm.to_flower(), NUM_CLIENTS, tmp_path / "warm" / "flower", timeout=480)
+
+    monkeypatch.setenv(PATH_VARIABLE, "public")
+    public = small_run_config(tmp_path / "public", **{"num-rounds": 1})
+    flower_dir = tmp_path / "public" / "flower"
+    during = _ProcessesAtRound1(flower_dir)
+    log = run_simulation(public.to_flower(), NUM_CLIENTS, flower_dir, stream_to=during, timeout=480)
+
+    warm_history = json.loads((tmp_path / "warm" / "out" / "history.json").read_text())
+    public_history = json.loads((tmp_path / "public" / "out" / "history.json").read_text())
+    assert [h["round"] for h in public_history] == [h["round"] for h in warm_history] == [0, 1]
+    for p, w in zip(public_history, warm_history):
+        assert sorted(p["clients"]) == sorted(w["clients"])
+        assert p["evaluate"] == pytest.approx(w["evaluate"], abs=1e-9)  # ALS without privacy: deterministic
+    out = tmp_path / "public" / "out"
+    for path in ("checkpoints/round-0000.npz", "checkpoints/round-0001.npz", "model/global_model.npz", "metrics.csv"):
+        assert (out / path).is_file(), path
+    assert "[ROUND 1/1]" in log and "fedads" in log and "\x1b[" not in log
+    assert (flower_dir / "flwr-run.log").read_text() == log
+
+    # the run's processes carried its work dir (the check below sees them), and none is left
+    superlink = next(command for command in during.commands if any(arg.endswith("/flower-superlink") for arg in command))
+    assert "--disable-runtime-dependency-installation" in superlink and superlink[superlink.index("--host") + 1] == "127.0.0.1"
+    for name in ("flwr-simulation", "raylet", "ClientAppActor"):
+        assert any(name in p for p in during.seen), name
+    assert processes_mentioning(str(flower_dir)) == []
+    assert processes_mentioning(str(flower_dir / "flwr-home")) == []
+    still = processes_mentioning("flower-superlink", "flwr-simulation", "raylet", "gcs_server", "ray::", environ=False)
+    assert [p for p in still if p in during.seen] == []
+
+
+def test_a_failing_run_on_the_public_path_raises_with_its_log(tmp_path, monkeypatch):
+    """Flower's status of the run (failed) is read back: the harness raises with the log, which
+    holds the ServerApp's own error, instead of returning as if it had trained."""
+    from simulations.runtime import PATH_VARIABLE, SimulationError, run_simulation
+
+    monkeypatch.setenv(PATH_VARIABLE, "public")
+    cfg = small_run_config(tmp_path, **{"dataset": "movielens-100k", "data-path": str(tmp_path / "no-such-folder")})
+    with pytest.raises(SimulationError, match="no-such-folder") as failure:
+        run_simulation(cfg.to_flower(), 2, tmp_path / "flower", timeout=300)
+    assert "the run failed (Flower's status finished:failed" in str(failure.value)
+    assert "no-such-folder" in (tmp_path / "flower" / "flwr-run.log").read_text()
+    assert processes_mentioning(str(tmp_path / "flower")) == []
