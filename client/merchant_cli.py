@@ -116,15 +116,6 @@ def _resolve_paths(args: argparse.Namespace) -> None:
             raise CliError(f"{args.command}: {option} is required (or --node-config with {key})")
 
 
-def _check_fold_in_args(args: argparse.Namespace) -> None:
-    if args.user_l2 is not None and args.user_l2 <= 0:
-        raise CliError(f"--user-l2 must be > 0, got {args.user_l2}")
-    if args.negatives is not None and args.negatives < 1:
-        raise CliError(f"--negatives must be at least 1, got {args.negatives}")
-    if args.solver_iters is not None and args.solver_iters < 1:
-        raise CliError(f"--solver-iters must be at least 1, got {args.solver_iters}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status (the console script passes it to sys.exit)."""
     out, err = sys.stdout, sys.stderr
@@ -140,7 +131,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_budget(args, out)
         if args.command == "recommend":
             return cmd_recommend(args, out, err)
-        _check_fold_in_args(args)
         return cmd_fold_in(args, out)
     except CliError as exc:
         print(f"{PROG}: error: {exc}", file=err)

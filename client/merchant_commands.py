@@ -167,9 +167,10 @@ def cmd_recommend(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 # ====================================================================== fold-in
 def cmd_fold_in(args: argparse.Namespace, out: TextIO) -> int:
+    state = open_state(args.state_dir)
+    step = load_user_step(state, args)  # the flags' values are checked before any file is read
     catalog = load_catalog(args.catalog)
     log = load_log(args.log, catalog, strict=not args.lenient)
-    state = open_state(args.state_dir)
     arrays, server_round = load_global_model(state, catalog)
     dim = arrays[AD_FACTORS].shape[1]
     stored = load_stored_factors(state, dim)
@@ -184,7 +185,7 @@ def cmd_fold_in(args: argparse.Namespace, out: TextIO) -> int:
     if not users:
         print(f"folded in 0 users: every user of {args.log} already has factors in {state.directory}", file=out)
         return EXIT_OK
-    folded = fold_in(log, arrays, users, load_user_step(state, args), args.seed)
+    folded = fold_in(log, arrays, users, step, args.seed)
     merged = {**stored, **folded}
     ids = np.array(list(merged), dtype=str)
     state.save_user_factors(ids, np.stack([merged[u] for u in ids.tolist()]).astype(np.float32))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from client.node_state import GLOBAL_MODEL_FILE, NodeState
 from client.privacy.ledger import LEDGER_FILE, PrivacyLedger, PrivacyRefusal
@@ -117,5 +118,10 @@ def load_user_step(state: NodeState, args: argparse.Namespace) -> ALSUserStep | 
         step = state.load_user_step() or SGDUserStep()
     except ValueError as exc:
         raise CliError(f"{state.directory / GLOBAL_MODEL_FILE}: unreadable user step ({exc})") from None
+    flags = {"user_l2": "--user-l2", "negatives": "--negatives", "iters": "--solver-iters"}
     given = {"user_l2": args.user_l2, "negatives": args.negatives, "iters": args.solver_iters}
-    return step.model_copy(update={k: v for k, v in given.items() if v is not None and k in type(step).model_fields})
+    try:
+        return type(step).model_validate({**step.model_dump(), **{k: v for k, v in given.items() if v is not None and k in type(step).model_fields}})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise CliError(f"{flags[str(error['loc'][0])]}: {error['msg']} (got {error['input']!r})") from None

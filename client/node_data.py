@@ -9,7 +9,7 @@ process and data, and are cached: a simulation's actors serve many runs of one d
 
 from __future__ import annotations
 
-import logging
+import os
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
@@ -17,6 +17,7 @@ import numpy as np
 
 from client.node_state import NodeState
 from shared.als import Rows
+from shared.app_log import log
 from shared.config import RunConfig
 from shared.data.loaders import load_catalog_file, load_log_file
 from shared.data.schema import AdCatalog, InteractionLog
@@ -27,8 +28,6 @@ from shared.metrics import toppop_score_fn
 from shared.node_config import NodeConfig
 from shared.params import score_all
 from shared.wire import Arrays
-
-log = logging.getLogger(__name__)
 
 EVAL_NEGATIVES = 99  # the NCF protocol
 
@@ -89,12 +88,22 @@ def load_node(cfg: RunConfig, node_config: NodeConfig) -> Node:
         name, data = _simulated_node(cfg.data_config(), node_config.num_partitions, node_config.partition_id)
     else:
         name = node_config.name
-        data = _deployed_data(name, node_config.data_path, node_config.catalog_path, cfg.data_config())
+        versions = tuple(_file_version(p) for p in (node_config.data_path, node_config.catalog_path))
+        data = _deployed_data(name, node_config.data_path, node_config.catalog_path, cfg.data_config(), versions)
     return Node(name, data, NodeState(node_config.state_path(cfg)))
 
 
+def _file_version(path: str) -> tuple[int, int] | None:
+    """(modification time, size): a merchant who rewrites its log is read afresh."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None  # loading says what is wrong with it
+    return stat.st_mtime_ns, stat.st_size
+
+
 @lru_cache(maxsize=8)
-def _deployed_data(name: str, data_path: str, catalog_path: str, data: RunConfig) -> NodeData:
+def _deployed_data(name: str, data_path: str, catalog_path: str, data: RunConfig, versions: tuple[object, ...]) -> NodeData:
     catalog = load_catalog_file(catalog_path) if catalog_path else load_catalog(data)
     node_data = NodeData.prepare(load_log_file(data_path, catalog), len(catalog), data.seed)
     _log_shard(name, node_data)

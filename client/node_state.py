@@ -9,16 +9,14 @@ Every write is atomic.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
 
 from client.user_step import ALSUserStep, SGDUserStep, parse_user_step
+from shared.app_log import log
 from shared.storage import atomic_save_npz, load_npz
 from shared.wire import Arrays
-
-log = logging.getLogger(__name__)
 
 USER_FACTORS_FILE = "user_factors.npz"
 GLOBAL_MODEL_FILE = "global_model.npz"

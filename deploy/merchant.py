@@ -56,7 +56,10 @@ def supernode_command(
 def node_config_file(args: argparse.Namespace) -> Path:
     """The node config to start with: the given file, validated, or one written from the flags."""
     if args.node_config is not None:
-        NodeConfig.load(args.node_config)
+        config = NodeConfig.load(args.node_config)
+        for path in (config.data_path, config.catalog_path):
+            if path and not Path(path).is_file():
+                raise ConfigError(f"{args.node_config}: {path} does not exist")
         return Path(args.node_config).resolve()
     missing = [flag for flag in ("merchant_id", "data_path", "state_dir") if getattr(args, flag) is None]
     if missing:

@@ -4,8 +4,8 @@ FedAvg, or FedAvg inside Flower's client-level DP wrapper.
 Sampling, weighting, aggregation (and, for privacy = "client", clipping, noise and accounting)
 are the strategy's, from `flwr.serverapp.strategy`. This loop adds what fedads needs around it:
 - validation of every training reply before aggregation (exactly the global keys, or with
-  ALS the statistics' keys, the catalog's shapes, finite values); an invalid reply is logged
-  and left out;
+  ALS the statistics' keys, the catalog's shapes, finite values, and its weight); an invalid
+  reply is logged and left out;
 - error replies (a merchant refusing under its privacy budget) recorded with their reason;
 - per-client metrics kept by client name, and the maximum epsilon reported by clients;
 - rounds that can start anywhere (resume), with a callback after each (checkpoint, table).
@@ -28,6 +28,8 @@ from shared.params import check_global_arrays, digest
 from shared.wire import ARRAYS, DP_EPSILON, METRICS, NUM_EXAMPLES, Arrays, client_name, from_array_record, plain_metrics
 
 RoundCallback = Callable[[int, Arrays, dict[str, Any]], None]
+# a client's weight in history.json, by the kind of reply it came with
+TRAIN_USERS, TEST_USERS = "train-users", "test-users"
 
 
 @dataclass
@@ -61,10 +63,12 @@ class RoundLoop:
                 continue
             try:
                 self.check_reply(from_array_record(msg.content.array_records[ARRAYS]))
+                if NUM_EXAMPLES not in msg.content.metric_records[METRICS]:
+                    raise KeyError(f"its '{METRICS}' record holds no '{NUM_EXAMPLES}'")
             except (KeyError, ValueError) as exc:
                 log.warning("round %d: dropping the reply of %s: %s", server_round, client_name(msg), exc)
                 continue
-            round_log.add(msg, "train-users")
+            round_log.add(msg, TRAIN_USERS)
             valid.append(msg)
         return valid
 
@@ -73,7 +77,7 @@ class RoundLoop:
         replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
         for msg in replies:
             if not msg.has_error():
-                round_log.add(msg, "test-users")
+                round_log.add(msg, TEST_USERS)
         return plain_metrics(self.strategy.aggregate_evaluate(server_round, replies))
 
     def run(

@@ -199,9 +199,9 @@ class RunConfig(BaseModel):
         """Dashed keys, as `flwr run -c` and Flower's run config use them."""
         return self.model_dump(by_alias=True)
 
-    def with_values(self, **values: Any) -> RunConfig:
-        """A copy with some keys changed (dashed or not), validated again."""
-        return RunConfig.from_flower({**self.to_flower(), **{dashed(k): v for k, v in values.items()}})
+    def with_values(self, source: str = RUN_CONFIG_SOURCE, **values: Any) -> RunConfig:
+        """A copy with some keys changed (dashed or not), validated again; errors name `source`."""
+        return RunConfig.from_flower({**self.to_flower(), **{dashed(k): v for k, v in values.items()}}, source)
 
     def data_config(self) -> RunConfig:
         """Only the fields that decide the run's dataset and its shards (the rest at their

@@ -46,9 +46,9 @@ def render_table() -> str:
 def _split(text: str) -> tuple[str, str, str]:
     """(before the table, the table, after it): the table runs to the next table header."""
     start = text.index(TABLE_HEADER)
-    rest = text[start + len(TABLE_HEADER):]
-    ends = [i for i in (rest.find("\n[") + 1,) if i > 0]
-    end = start + len(TABLE_HEADER) + (ends[0] if ends else len(rest))
+    body = start + len(TABLE_HEADER)
+    next_table = text.find("\n[", body)
+    end = len(text) if next_table < 0 else next_table + 1
     return text[:start], text[start:end], text[end:]
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from shared.params import check_global_arrays
+from shared.wire import AD_BIAS, AD_FACTORS
 
 
 class AdModel(nn.Module):
@@ -39,19 +40,19 @@ class AdModel(nn.Module):
 
     def get_arrays(self) -> dict[str, np.ndarray]:
         return {
-            "ad_factors": self.ad_factors.weight.detach().cpu().numpy().copy(),
-            "ad_bias": self.ad_bias.weight.detach().cpu().numpy()[:, 0].copy(),
+            AD_FACTORS: self.ad_factors.weight.detach().cpu().numpy().copy(),
+            AD_BIAS: self.ad_bias.weight.detach().cpu().numpy()[:, 0].copy(),
         }
 
     def set_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         check_global_arrays(arrays, self.num_ads, self.dim)
         with torch.no_grad():
-            self.ad_factors.weight.copy_(torch.as_tensor(arrays["ad_factors"], dtype=torch.float32))
-            self.ad_bias.weight.copy_(torch.as_tensor(arrays["ad_bias"], dtype=torch.float32)[:, None])
+            self.ad_factors.weight.copy_(torch.as_tensor(arrays[AD_FACTORS], dtype=torch.float32))
+            self.ad_bias.weight.copy_(torch.as_tensor(arrays[AD_BIAS], dtype=torch.float32)[:, None])
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> AdModel:
-        num_ads, dim = arrays["ad_factors"].shape
+        num_ads, dim = arrays[AD_FACTORS].shape
         model = cls(num_ads, dim)
         model.set_arrays(arrays)
         return model

@@ -16,9 +16,10 @@ from typing import Any
 import tomli_w
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from shared.config import DASHED_KEYS, ConfigError, RunConfig, format_validation_error, read_toml
+from shared.config import DASHED_KEYS, ConfigError, RunConfig, format_validation_error, line_of, read_toml
 
 FLOWER_NODE_CONFIG = "the SuperNode's node config (flower-supernode --node-config)"
+PATH_KEYS = ("data-path", "catalog-path", "state-dir")
 
 
 class NodeConfig(BaseModel):
@@ -68,8 +69,14 @@ class NodeConfig(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> NodeConfig:
-        """A node-config TOML file; errors name the file, the line and the field."""
+        """A node-config TOML file; errors name the file, the line and the field. Its paths must
+        be absolute: Flower hands the file's values to the ClientApp as they are, and the
+        SuperNode, the merchant agent and the deploy script may each start in another folder."""
         text, values = read_toml(path)
+        for key in PATH_KEYS:
+            if isinstance(values.get(key), str) and values[key] and not Path(values[key]).is_absolute():
+                raise ConfigError(f"{path}:{line_of(text, (key,)) or '?'}: field '{key}': {values[key]!r} must be an absolute path "
+                                  "(the SuperNode and the merchant agent may run from different folders)")
         try:
             return cls.model_validate(values, by_name=False)
         except ValidationError as exc:
@@ -78,7 +85,7 @@ class NodeConfig(BaseModel):
     def write(self, path: str | Path) -> Path:
         """As TOML (the keys that are set, absolute paths), for `flower-supernode --node-config`."""
         values = self.model_dump(by_alias=True, exclude_defaults=True)
-        for key in ("data-path", "catalog-path", "state-dir"):
+        for key in PATH_KEYS:
             if values.get(key):
                 values[key] = str(Path(values[key]).resolve())
         path = Path(path)

@@ -10,14 +10,20 @@ Client -> server:
     refused:  an Error reply, code PRIVACY_REFUSED, with the merchant's reason
 "metrics" always holds NUM_EXAMPLES (the weight a FedAvg reads) and, from a private merchant,
 DP_EPSILON and DP_NOISE_MULTIPLIER. No record holds a user id or a user factor.
+
+Flower's records are imported where messages are built or read, not with this module: the
+numpy-only code that names its keys (and the merchant agent's start-up) does not pay for them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, MetricRecordValues, RecordDict
+
+if TYPE_CHECKING:
+    from flwr.app import ArrayRecord, Message, MetricRecord
 
 # record names
 ARRAYS = "arrays"
@@ -51,6 +57,8 @@ Arrays = dict[str, np.ndarray]
 
 
 def to_array_record(arrays: Arrays) -> ArrayRecord:
+    from flwr.app import Array, ArrayRecord
+
     return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in arrays.items()})
 
 
@@ -87,13 +95,16 @@ class PrivacyReport:
 
     @classmethod
     def from_metrics(cls, metrics: dict[str, float]) -> PrivacyReport | None:
-        if DP_EPSILON not in metrics:
+        if DP_EPSILON not in metrics and DP_NOISE_MULTIPLIER not in metrics:
             return None
-        return cls(metrics[DP_EPSILON], metrics.get(DP_NOISE_MULTIPLIER, 0.0))
+        return cls(metrics.get(DP_EPSILON, 0.0), metrics.get(DP_NOISE_MULTIPLIER, 0.0))
 
 
 def _reply(reply_to: Message, client: str, metrics: dict[str, float], arrays: Arrays | None = None) -> Message:
-    content = RecordDict({METRICS: MetricRecord(dict[str, MetricRecordValues](metrics)), CLIENT: ConfigRecord({CLIENT_NAME: client})})
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    values: dict[str, Any] = dict(metrics)
+    content = RecordDict({METRICS: MetricRecord(values), CLIENT: ConfigRecord({CLIENT_NAME: client})})
     if arrays is not None:
         content[ARRAYS] = to_array_record(arrays)
     return Message(content=content, reply_to=reply_to)
@@ -154,4 +165,6 @@ class EvaluateReply:
 
 def refusal(reply_to: Message, client: str, reason: str) -> Message:
     """The reply of a merchant that will not release anything for this message, and why."""
+    from flwr.app import Error, Message
+
     return Message(Error(code=PRIVACY_REFUSED, reason=f"{client} refused: {reason}"), reply_to=reply_to)

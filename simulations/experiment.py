@@ -151,13 +151,15 @@ def expand_cells(experiment: Experiment) -> list[Cell]:
     for clients, alpha, seed in itertools.product(
         sweep.clients, sweep.dirichlet_alphas or [base.dirichlet_alpha], sweep.seeds or [base.seed]
     ):
-        values = {**experiment.overrides, **simulated_merchants(clients), "dirichlet-alpha": alpha, "seed": seed}
-        config = RunConfig.from_flower(values, source=f"{experiment.source} (clients {clients}, alpha {alpha:g}, seed {seed})")
+        # the file's own synthetic-merchants or min-nodes win, as any run-config key it sets; the sweep's axes win over the file's
+        source = f"{experiment.source} (clients {clients}, alpha {alpha:g}, seed {seed})"
+        values = {**simulated_merchants(clients), **experiment.overrides, "dirichlet-alpha": alpha, "seed": seed}
+        config = RunConfig.from_flower(values, source=source)
         tag = f"c{clients}" + (f"-a{alpha:g}" if config.partitioning == "dirichlet" else "") + f"-s{seed}"
         label = "federated" if config.privacy == "none" else f"{config.privacy}-eps{config.target_epsilon:g}"
         cells.append(Cell(name=f"{label}-{tag}", clients=clients, config=config))
         for epsilon, solver in itertools.product(sweep.epsilons, sweep.solvers or [config.mf_solver]):
             rounds = sweep.private_als_rounds if solver == "als" else config.num_rounds
-            private = config.with_values(privacy="user", target_epsilon=float(epsilon), mf_solver=solver, num_rounds=rounds)
+            private = config.with_values(source, privacy="user", target_epsilon=float(epsilon), mf_solver=solver, num_rounds=rounds)
             cells.append(Cell(name=f"user-{solver}-eps{epsilon:g}-{tag}", clients=clients, config=private))
     return cells

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from server.round_loop import TEST_USERS, TRAIN_USERS
 from shared.config import RunConfig
 from shared.metrics import METRIC_NAMES, NUM_TEST_USERS
 from shared.wire import DP_EPSILON
@@ -45,8 +46,8 @@ def collect(experiment: Experiment, output: Path) -> tuple[list[dict[str, Any]],
                          "epsilon_spent": spent, "round_seconds": record.get("round_seconds")})
             for name, metrics in sorted(record.get("clients", {}).items()):
                 rows.append({**base, "round": record["round"], "client": name, **metrics,
-                             "epsilon_spent": metrics.get(DP_EPSILON), "train_users": metrics.get("train-users"),
-                             "test_users": metrics.get("test-users")})
+                             "epsilon_spent": metrics.get(DP_EPSILON), "train_users": metrics.get(TRAIN_USERS),
+                             "test_users": metrics.get(TEST_USERS)})
         summary["cells"].append({**json.loads(done.read_text()), "method": base["method"], "epsilon_target": cell.epsilon,
                                  "final": history[-1].get("evaluate", {}), "epsilon_spent": history[-1].get("privacy", {}).get("epsilon_max"),
                                  "refused": sum(len(h.get("refused", {})) for h in history)})

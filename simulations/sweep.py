@@ -78,7 +78,7 @@ def run_cell(cell: Cell, cell_dir: Path, progress: Progress, round_task: Any, ru
         run_simulation(config.to_flower(), cell.clients, cell_dir / "flower",
                        stream_to=_RoundTicker(progress, round_task, log_file), runtime=runtime)
     summary = {"cell": cell.name, "key": cell.key, "clients": cell.clients, "seed": cell.seed,
-               "run_config": cell.run_config, "wall_seconds": time.perf_counter() - started, "resumed": resume}
+               "run_config": config.to_flower(), "wall_seconds": time.perf_counter() - started, "resumed": resume}
     atomic_write_json(cell_dir / DONE, summary)
     return summary
 

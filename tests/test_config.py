@@ -93,10 +93,13 @@ def test_node_config_file_round_trips_and_names_file_line_and_field(tmp_path):
     assert loaded.merchant_id == "a" and Path(loaded.data_path).is_absolute() and loaded.data_path.endswith("logs/a.csv")
     assert "catalog-path" not in written.read_text()  # unset keys are not written
     bad = tmp_path / "bad.toml"
-    bad.write_text('merchant-id = "a"\ndata-path = "a.csv"\nstate-dirr = "s"\n')
+    bad.write_text('merchant-id = "a"\ndata-path = "/a.csv"\nstate-dirr = "s"\n')
     with pytest.raises(ConfigError, match=rf"{bad}:3: field 'state-dirr': Extra inputs"):
         NodeConfig.load(bad)
-    bad.write_text('data-path = "a.csv"\npartition-id = "x"\n')
+    bad.write_text('merchant-id = "a"\ndata-path = "logs/a.csv"\n')  # relative to what? refused
+    with pytest.raises(ConfigError, match=rf"{bad}:2: field 'data-path': 'logs/a.csv' must be an absolute path"):
+        NodeConfig.load(bad)
+    bad.write_text('data-path = "/a.csv"\npartition-id = "x"\n')
     with pytest.raises(ConfigError, match=rf"{bad}:2: field 'partition-id'"):
         NodeConfig.load(bad)
     bad.write_text("data-path = ")

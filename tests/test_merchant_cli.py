@@ -239,7 +239,7 @@ def test_the_node_config_the_supernode_runs_with_stands_in_for_the_flags(capsys,
     bare = NodeConfig(data_path=str(node["log"])).write(tmp_path / "bare.toml")
     code, _, err = run(capsys, "budget", "--node-config", bare)
     assert code == 2 and "--state-dir is required (or --node-config with state-dir)" in err
-    broken = write(tmp_path / "broken.toml", 'data-path = "x.csv"\nstate_dir = "s"\n')
+    broken = write(tmp_path / "broken.toml", 'data-path = "/x.csv"\nstate_dir = "s"\n')
     code, _, err = run(capsys, "budget", "--node-config", broken)
     assert code == 2 and f"{broken}:2: field 'state_dir'" in err
 

@@ -1,4 +1,4 @@
-"""The DP-SGD ad step (client/private_step.py): what one user can change, and where the noise goes.
+"""The DP-SGD ad step (client/privacy/dp_sgd_epochs.py): what one user can change, and where the noise goes.
 
 - Sensitivity: with Opacus on the fedads AdModel and PerUserLoss, in both per-sample-gradient
   modes ("hooks" and "ghost"), and with the closed-form "fused" clipping (the default mode),

@@ -11,15 +11,14 @@ form or Opacus' hooks or ghost clipping).
 from __future__ import annotations
 
 import secrets
+from functools import cached_property
 
 import numpy as np
 
 from client.privacy.dp_sgd_epochs import DPSGDSettings, private_ad_epochs
-from client.privacy.ledger import PrivacyLedger
 from client.privacy.plan import UserLevelPlan, wire_dtype
 from client.solvers.sgd import SGDSolver
 from shared.accounting import calibrate_noise_multiplier, sgd_steps_per_epoch, user_sample_rate
-from shared.config import RunConfig
 from shared.wire import Arrays, TrainReply
 
 
@@ -27,15 +26,17 @@ class DPSGD(UserLevelPlan[SGDSolver]):
     name = "dp-sgd"
     label = "DP-SGD"
 
-    def __init__(self, cfg: RunConfig, num_users: int, ledger: PrivacyLedger) -> None:
-        self.sample_rate = user_sample_rate(cfg.batch_users, num_users)
-        self.steps_per_round = cfg.local_epochs * sgd_steps_per_epoch(self.sample_rate)
-        super().__init__(cfg, num_users, ledger)
+    @cached_property
+    def sample_rate(self) -> float:
+        return user_sample_rate(self.cfg.batch_users, self.num_users)
 
-    def calibrate(self, delta: float) -> float:
+    @cached_property
+    def steps_per_round(self) -> int:
+        return self.cfg.local_epochs * sgd_steps_per_epoch(self.sample_rate)
+
+    def calibrate(self, target_epsilon: float, delta: float) -> float:
         return calibrate_noise_multiplier(
-            self.ledger.state.target_epsilon or self.cfg.target_epsilon, delta, self.sample_rate,
-            steps=self.cfg.num_rounds * self.steps_per_round, fixed=self.planned_metric_releases(),
+            target_epsilon, delta, self.sample_rate, steps=self.cfg.num_rounds * self.steps_per_round, fixed=self.planned_metric_releases()
         )
 
     def release_update(

@@ -17,7 +17,6 @@ Per-user clipping is computed in one of three ways, all giving the same clipped 
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,10 +34,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from client.solvers.sgd_rows import UserRows
 from shared.accounting import Release, batch_size_for
+from shared.app_log import log
 from shared.model import AdModel
 from shared.wire import DP_STEPS, Arrays
-
-log = logging.getLogger(__name__)
 
 EpochRows = Callable[[], UserRows]  # each epoch's rows of every user
 EpochsResult = tuple[Arrays, list[Release], dict[str, float]]  # new parameters, accountant history, step counts

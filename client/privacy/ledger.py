@@ -102,12 +102,13 @@ class PrivacyLedger:
         atomic_write_json(self.path, {"version": LEDGER_VERSION, "checksum": _checksum(payload), "ledger": payload})
 
     # ---------------------------------------------------------------- budget
-    def bind(self, target_epsilon: float, delta: float) -> None:
-        """Fix the budget on first use; a later run may not quietly change it."""
+    def bind(self, target_epsilon: float, delta: float) -> float:
+        """Fix the budget on first use; a later run may not quietly change it. Returns the
+        budget's epsilon (a later run may lower it, never raise it)."""
         s = self.state
         if s.target_epsilon is None:
             s.target_epsilon, s.delta = target_epsilon, delta
-            return
+            return target_epsilon
         if not math.isclose(s.delta or 0.0, delta, rel_tol=1e-9):
             raise PrivacyRefusal(f"{self.path}: delta is bound to {s.delta}, this run asks for {delta}")
         if target_epsilon > s.target_epsilon:
@@ -116,6 +117,7 @@ class PrivacyLedger:
                 "A merchant's budget is not raised by a config change."
             )
         s.target_epsilon = min(s.target_epsilon, target_epsilon)
+        return s.target_epsilon
 
     def epsilon(self, extra: list[Release] | None = None) -> float:
         if self.state.non_private_releases:

@@ -39,7 +39,8 @@ SolverT = TypeVar("SolverT", bound="Solver")
 
 
 def wire_dtype(arrays: Arrays) -> Arrays:
-    """Released arrays travel as float32."""
+    """The solver's update as float32, the dtype of a release before any noise (noise drawn in
+    float64 makes a noised release float64)."""
     return {key: value.astype(np.float32) for key, value in arrays.items()}
 
 
@@ -73,8 +74,8 @@ class NoPrivacy(PrivacyPlan["Solver"]):
     def release_update(
         self, client: str, solver: Solver, arrays: Arrays, user_factors: np.ndarray, rng: np.random.Generator, server_round: int
     ) -> TrainReply:
+        self.ledger.record_non_private(trained_round=True)  # before the work: no DP claim is made after this
         update = solver.local_update(arrays, user_factors, rng)
-        self.ledger.record_non_private(trained_round=True)
         return TrainReply(client, wire_dtype(update.arrays), self.weight(), update.metrics)
 
     def release_metrics(self, client: str, data: NodeData, metrics: dict[str, float], server_round: int) -> EvaluateReply:
@@ -110,10 +111,10 @@ class UserLevelPlan(PrivacyPlan[SolverT]):
         delta = cfg.target_delta or default_delta(num_users)
         if delta >= 1.0 / num_users:
             raise PrivacyRefusal(f"target-delta {delta} is not below 1/users = {1.0 / num_users:.3g} of this shard")
-        ledger.bind(cfg.target_epsilon, delta)
+        target_epsilon = ledger.bind(cfg.target_epsilon, delta)
         if ledger.state.noise_multiplier is None:
             try:
-                ledger.state.noise_multiplier = self.calibrate(delta)
+                ledger.state.noise_multiplier = self.calibrate(target_epsilon, delta)
             except CalibrationError as exc:
                 raise PrivacyRefusal(f"no {self.label} noise fits the budget: {exc}") from exc
             ledger.state.mechanism = self.name
@@ -125,7 +126,7 @@ class UserLevelPlan(PrivacyPlan[SolverT]):
             )
 
     @abstractmethod
-    def calibrate(self, delta: float) -> float:
+    def calibrate(self, target_epsilon: float, delta: float) -> float:
         """The noise multiplier of the whole planned training (raises CalibrationError)."""
 
     @property

@@ -31,10 +31,8 @@ class PrivateALS(UserLevelPlan[ALSSolver]):
     name = "private-als"
     label = "ALS"
 
-    def calibrate(self, delta: float) -> float:
-        return calibrate_noise_multiplier(
-            self.ledger.state.target_epsilon or self.cfg.target_epsilon, delta, 1.0, steps=1, fixed=self.planned_metric_releases()
-        )
+    def calibrate(self, target_epsilon: float, delta: float) -> float:
+        return calibrate_noise_multiplier(target_epsilon, delta, 1.0, steps=1, fixed=self.planned_metric_releases())
 
     def round_noise_multiplier(self) -> float:
         """sigma_r of this client's next release (r = releases made so far)."""

@@ -20,9 +20,9 @@ This module composes the parts, one concern each: ray_cluster (the private Ray c
 actor_pool (the actors' warm-up, liveness and killing), engine (one run on threads of this
 process), flower_internals (every private Flower and Ray name, pinned to FLOWER_VERSION by
 tests/test_flower_internals.py) and public_path (Flower's public `flwr run` against a private
-SuperLink). Only this module uses flower_internals, and the others import no sibling (that would
-import this package: an import circle); they get what they need of Flower's insides from here,
-as arguments.
+SuperLink). Of the runtime's modules only this one uses flower_internals (tests and benchmarks use
+its two message helpers), and the others import no sibling (that would import this package: an
+import circle); they get what they need of Flower's insides from here, as arguments.
 
 On a flwr other than FLOWER_VERSION (or one that lacks a pinned name) the runtime prints one
 warning and runs every run through the public path, touching nothing private; so it does when

@@ -10,7 +10,10 @@ and ClientApp write their outputs into the run config's `output-dir` as on the w
 
 Runtime dependency installation stays disabled: Flower's default would `uv sync` the app's
 dependencies at run time (a multi-GB torch); the app runs on this venv's packages. The
-SuperLink listens on 127.0.0.1 only. Every process of the run is stopped when it ends, also on
+SuperLink listens on 127.0.0.1 only. Known difference from the warm path: Flower's engine starts
+the ServerApp before it registers the virtual SuperNodes, so a ServerApp that samples nodes at
+once (a resumed run skips round 0's evaluation) may see fewer than all of them; the warm path
+starts the ServerApp only once all are registered (engine.py). Every process of the run is stopped when it ends, also on
 failure, timeout or interruption; a sweeper process (`_SWEEPER`) kills what is left of them,
 found by their FLWR_HOME, then, or as soon as this process dies, even killed outright.
 """
@@ -40,6 +43,7 @@ from simulations import PROJECT_ROOT
 log = logging.getLogger(__name__)
 _COLOURS = re.compile(r"\x1b\[[0-9;]*m")  # Flower's console log colours its levels
 _STARTED = re.compile(r"Successfully started run (\d+)")
+STATUS_WAIT_SECONDS = 60.0  # after its log stream ended, how long a run may take to show as finished
 
 # Waits until this process closes the pipe to its stdin, or dies however it dies (the pipe
 # closes with it), then kills every process whose environment holds argv[1] (NAME=value): the
@@ -132,9 +136,11 @@ def run_public(
         started = _STARTED.search(output)
         if started is None:
             return PublicRun(output, f"`flwr run` did not start the run (exit {cli.returncode})")
-        status = _final_status(int(started.group(1)), environ, deadline)
+        # the log stream has ended: the status follows within moments, or the SuperLink is gone
+        status = _final_status(int(started.group(1)), environ, time.monotonic() + STATUS_WAIT_SECONDS if deadline is None else deadline)
         if status is None:
-            return PublicRun(output, f"the simulation ran past {timeout:.0f}s")
+            late = f"the simulation ran past {timeout:.0f}s" if timeout is not None else "the run never showed as finished"
+            return PublicRun(output, late)
         if status.get("status") != "finished:completed":
             return PublicRun(output, f"the run failed (Flower's status {status.get('status')}: {status.get('status-details')})")
         return PublicRun(output, None)
@@ -173,7 +179,7 @@ def _follow(stream: IO[str], lines: list[str], stream_to: Any) -> None:
                 stream_to = None
 
 
-def _final_status(run_id: int, environ: Mapping[str, str], deadline: float | None) -> dict[str, Any] | None:
+def _final_status(run_id: int, environ: Mapping[str, str], deadline: float) -> dict[str, Any] | None:
     """The run's row of `flwr ls` once Flower has marked it finished; None past `deadline`.
     `flwr run --stream` returns when the run's log ends, which is about when it finishes."""
     command = [str(BIN / "flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"]
@@ -183,6 +189,6 @@ def _final_status(run_id: int, environ: Mapping[str, str], deadline: float | Non
         runs = parse_cli_json(done.stdout).get("runs", [])
         if runs and str(runs[0].get("status", "")).startswith("finished"):
             return dict(runs[0])
-        if deadline is not None and time.monotonic() > deadline:
+        if time.monotonic() > deadline:
             return None
         time.sleep(0.5)  # readiness poll of the SuperLink we started
