@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     results["simulation"] = {"wall_seconds": time.perf_counter() - started, **_round_times(sim_cfg)}
 
     dep_cfg = _run_config(output / "deployment", args.merchants, args.rounds, args.privacy)
-    merchants = write_merchant_data(output / "deployment" / "merchants", dep_cfg.to_flower(), args.merchants)
+    # a merchant's policy gives no less privacy than it is asked for: non-private runs need merchants that opt out
+    merchants = write_merchant_data(output / "deployment" / "merchants", dep_cfg.to_flower(), args.merchants,
+                                    privacy_mode="user" if args.privacy == "user" else "none")
     started = time.perf_counter()
     with local_deployment(output / "deployment" / "flower", merchants, extra_env=POLL_ENV) as deployed:
         up = time.perf_counter() - started

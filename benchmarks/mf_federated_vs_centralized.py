@@ -46,7 +46,7 @@ def main() -> int:
     overrides = dict(parse_override(item) for item in args.config)
     output = args.output.resolve()
     values = {
-        "dataset": "movielens-100k", "data-path": str(args.data.resolve()), "partitioning": "iid",
+        "privacy": "none", "dataset": "movielens-100k", "data-path": str(args.data.resolve()), "partitioning": "iid",
         "num-rounds": args.rounds, "min-nodes": min(args.clients, 2),
         "output-dir": str(output / "federated"), "state-dir": str(output / "federated" / "state"),
         **overrides,

@@ -34,12 +34,13 @@ from flwr.app import Message, RecordDict
 from client.node_data import NodeData
 from client.solvers.als import ALSSolver
 from server.als_aggregation import ALSAggregation
-from shared.accounting import calibrate_noise_multiplier, default_delta
+from shared.accounting import calibrate_noise_multiplier
 from shared.als import ALSSettings, add_noise, round_budget_shares
 from shared.config import RunConfig
 from shared.data.sources import load_dataset
 from shared.metrics import NUM_TEST_USERS
 from shared.params import initial_arrays
+from shared.privacy_policy import PrivacyPolicy
 from shared.wire import PrivacyReport, TrainReply, from_array_record
 from simulations.baselines import shard_data
 from simulations.runtime.flower_internals import server_identity
@@ -65,7 +66,8 @@ def run(cfg: RunConfig, shards: list[NodeData], catalog: Any, epsilon: float, se
     settings = ALSSettings.from_config(cfg)
     solvers = [ALSSolver(cfg, data) for data in shards]
     shares = round_budget_shares(cfg.num_rounds, cfg.als_budget_growth)
-    sigmas = [calibrate_noise_multiplier(epsilon, default_delta(data.num_users), 1.0, steps=1) for data in shards]
+    delta = PrivacyPolicy.for_simulation(cfg).delta_for(cfg)  # public, as the merchants' own
+    sigmas = [calibrate_noise_multiplier(epsilon, delta, 1.0, steps=1) for _ in shards]
     codes = catalog.category_codes()[0]
     tags = None
     if cfg.als_catalog_prior:  # all the ads' public tags, or (for comparison) one category each

@@ -19,7 +19,7 @@ import numpy as np
 from flwr.app import Context, Message
 
 from client.node_data import Node, load_node
-from client.privacy.ledger import PrivacyRefusal
+from client.privacy.ledger import PrivacyLedger, PrivacyRefusal
 from client.privacy.plan import PrivacyPlan
 from client.privacy.registry import PLANS, open_plan, plan_name
 from client.solvers.base import Solver
@@ -28,6 +28,7 @@ from shared.app_log import log
 from shared.config import RunConfig
 from shared.node_config import NodeConfig
 from shared.params import check_global_arrays
+from shared.privacy_policy import PolicyViolation
 from shared.wire import Arrays, EvaluateReply, TrainReply, read_instruction, refusal
 
 Step = Callable[[RunConfig, Node, Solver, "PrivacyPlan[Any]", Arrays, int], "TrainReply | EvaluateReply"]
@@ -43,12 +44,21 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 def _handle(msg: Message, context: Context, step: Step) -> Message:
     cfg = RunConfig.from_flower(context.run_config)
-    node = load_node(cfg, NodeConfig.from_flower(context.node_config))
+    node_config = NodeConfig.from_flower(context.node_config)
+    policy = node_config.policy(cfg)
+    try:
+        policy.admit(cfg)  # before any data is read: the run config is only the operator's request
+    except PolicyViolation as violation:
+        log.warning("%s refuses the run: %s", node_config.name, violation)
+        return refusal(msg, node_config.name, str(violation))
+    node = load_node(cfg, node_config)
     arrays, server_round = read_instruction(msg)
     check_global_arrays(arrays, node.data.num_ads, cfg.factors)
     try:
-        plan = open_plan(cfg, node.data.num_users, node.state.directory)
-        reply = step(cfg, node, solver_for(cfg, node.data), plan, arrays, server_round)
+        # read, check, release and record as one: the SuperNode may run this node's messages at once
+        with PrivacyLedger.lock(node.state.directory):
+            plan = open_plan(cfg, policy, node.data.num_users, node.state.directory)
+            reply = step(cfg, node, solver_for(cfg, node.data), plan, arrays, server_round)
     except PrivacyRefusal as refused:
         log.warning("%s refuses: %s", node.name, refused)
         return refusal(msg, node.name, str(refused))
@@ -76,7 +86,7 @@ def _train(cfg: RunConfig, node: Node, solver: Solver, plan: PrivacyPlan[Any], a
 def _evaluate(cfg: RunConfig, node: Node, solver: Solver, plan: PrivacyPlan[Any], arrays: Arrays, server_round: int) -> EvaluateReply:
     node.state.save_global_model(arrays, server_round, solver.user_step())
     user_factors = _fit_and_store_users(cfg, node, solver, arrays, _rng(cfg, node, server_round, purpose=1))
-    return plan.release_metrics(node.name, node.data, node.data.evaluate(arrays, user_factors), server_round)
+    return plan.release_metrics(node.name, node.data, lambda: node.data.evaluate(arrays, user_factors), server_round)
 
 
 def first_message_imports(cfg: RunConfig) -> tuple[str, ...]:

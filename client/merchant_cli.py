@@ -107,6 +107,7 @@ def _resolve_paths(args: argparse.Namespace) -> None:
             node = NodeConfig.load(args.node_config)
         except ConfigError as exc:
             raise CliError(str(exc)) from None
+    args.policy = node.pinned_policy() if node is not None else None
     for flag in _NEEDED[args.command]:
         if getattr(args, flag) is None and node is not None and getattr(node, _NODE_KEYS[flag]):
             setattr(args, flag, getattr(node, _NODE_KEYS[flag]))

@@ -84,6 +84,7 @@ def _show(value: Any, fmt: str = "") -> str:
 
 def cmd_budget(args: argparse.Namespace, out: TextIO) -> int:
     report = load_budget(args.state_dir)
+    report["policy"] = args.policy.describe() if args.policy is not None else None
     if args.json:
         json.dump(report, out, indent=2)
         print(file=out)
@@ -101,6 +102,13 @@ def cmd_budget(args: argparse.Namespace, out: TextIO) -> int:
     print(f"  releases:              {r['releases']} Gaussian ({r['accountant_entries']} accountant entries)", file=out)
     print(f"  non-private releases:  {r['non_private_releases']}", file=out)
     print(f"  exact metric releases: {r['exact_metric_releases']}", file=out)
+    policy = r["policy"]
+    if policy is None:
+        print("  policy:                (give --node-config to show the merchant's policy)", file=out)
+    else:
+        mode = "user-level DP required" if policy["mode"] == "user" else "none (no DP claim)"
+        print(f"  policy:                {mode}; epsilon at most {policy['max_epsilon']:g}, delta {policy['delta']:.3g}, "
+              f"metrics {policy['metrics']}, solvers {', '.join(policy['solvers'])}", file=out)
     return EXIT_OK
 
 

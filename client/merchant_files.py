@@ -105,7 +105,7 @@ def load_budget(state_dir: str) -> dict[str, Any]:
         # "nothing spent" about a directory whose history is simply unknown.
         raise CliError(f"{directory / LEDGER_FILE}: no privacy ledger (this state directory has not trained, or the ledger was lost)")
     try:
-        ledger = PrivacyLedger.open(directory, fail_closed=True)
+        ledger = PrivacyLedger.open(directory)
     except PrivacyRefusal as exc:
         raise CliError(str(exc)) from None
     return {"state_dir": str(directory), **ledger.summary()}

@@ -38,6 +38,7 @@ class Merchant:
     data_path: Path
     state_dir: Path
     catalog_path: Path | None = None
+    privacy_mode: str = "user"  # its policy: user-level DP required (the default), or "none"
 
 
 def stop_process(process: subprocess.Popen) -> None:
@@ -79,8 +80,10 @@ class LocalDeployment:
 
     def start_supernode(self, merchant: Merchant, key: Path | None, tls: bool = True, max_retries: int | None = None) -> subprocess.Popen:
         node_dir = self.work_dir / "supernodes" / merchant.merchant_id
-        config = NodeConfig(data_path=str(merchant.data_path), state_dir=str(merchant.state_dir), merchant_id=merchant.merchant_id,
-                            catalog_path=str(merchant.catalog_path or "")).write(node_dir / "node-config.toml")
+        config = NodeConfig.model_validate({
+            "data_path": str(merchant.data_path), "state_dir": str(merchant.state_dir), "merchant_id": merchant.merchant_id,
+            "catalog_path": str(merchant.catalog_path or ""), "privacy_mode": merchant.privacy_mode,
+        }).write(node_dir / "node-config.toml")
         command = supernode_command(self.address, self.tls.ca_cert if tls else None, key, config, free_port(), max_retries)
         return self.start(f"supernode-{merchant.merchant_id}", command, node_dir / "flwr-home")
 
@@ -178,9 +181,10 @@ def local_deployment(
         yield deployment
 
 
-def write_merchant_data(folder: str | Path, run_config: Mapping[str, Any], count: int) -> list[Merchant]:
+def write_merchant_data(folder: str | Path, run_config: Mapping[str, Any], count: int, privacy_mode: str = "user") -> list[Merchant]:
     """The synthetic market of `run_config`, cut into `count` shards exactly as a simulation cuts
-    it, each written as one merchant's log CSV, plus the public catalog CSV."""
+    it, each written as one merchant's log CSV, plus the public catalog CSV; every merchant with
+    the policy `privacy_mode`."""
     from shared.config import RunConfig
     from shared.data.loaders import write_catalog_csv, write_log_csv
     from shared.data.schema import Dataset
@@ -196,6 +200,6 @@ def write_merchant_data(folder: str | Path, run_config: Mapping[str, Any], count
     for name, shard in simulated_shards(cfg, dataset, count):
         (folder / name).mkdir(exist_ok=True)
         write_log_csv(folder / name / "interactions.csv", Dataset(name, dataset.catalog, shard))
-        merchants.append(Merchant(name, folder / name / "interactions.csv", folder / name / "state", catalog_path))
+        merchants.append(Merchant(name, folder / name / "interactions.csv", folder / name / "state", catalog_path, privacy_mode))
     return merchants
 

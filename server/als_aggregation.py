@@ -31,6 +31,8 @@ ROUND_INVARIANT = (ALS_POSITIVES, ALS_COUNT)
 
 
 class ALSAggregation(FedAvg):
+    needs_weights = False  # statistics are summed: a reply carries no count of users (under DP it must not)
+
     def __init__(self, settings: ALSSettings, num_ads: int, dim: int, tags: np.ndarray | None = None, **fedavg_args: Any) -> None:
         super().__init__(**fedavg_args)
         self.settings, self.num_ads, self.dim, self.tags = settings, num_ads, dim, tags
@@ -63,8 +65,7 @@ class ALSAggregation(FedAvg):
             if key in total:
                 total[key], variances[key] = self._average_counts(key, total[key], variances[key])
         arrays = solve_ads(total, self.settings, {key: float(np.sqrt(v)) for key, v in variances.items()}, self.tags)
-        metrics = self.train_metrics_aggr_fn([msg.content for msg in valid], self.weighted_by_key)
-        return to_array_record(arrays), metrics
+        return to_array_record(arrays), _mean_metrics([TrainReply.from_message(msg).metric_record() for msg in valid])
 
     def _average_counts(self, key: str, value: np.ndarray, variance: float) -> tuple[np.ndarray, float]:
         if key not in self._counts or variance == 0.0:
@@ -79,3 +80,9 @@ class ALSAggregation(FedAvg):
         combined = 1.0 / (1.0 / earlier_variance + 1.0 / variance)
         self._counts[key] = (averaged, combined)
         return averaged, combined
+
+
+def _mean_metrics(records: list[dict[str, float]]) -> MetricRecord:
+    """Each metric's mean over the replies that carry it, unweighted (ALS replies carry no weight)."""
+    keys = dict.fromkeys(key for record in records for key in record)
+    return MetricRecord({key: float(np.mean([r[key] for r in records if key in r])) for key in keys})

@@ -1,4 +1,4 @@
-"""The per-round metrics table the server prints."""
+"""The per-round metrics table the server prints (and the harness's main job, with the same rows)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from typing import Any
 
 from shared.wire import TOPPOP_PREFIX, TRAIN_LOSS
 
-COLUMNS = (
+Column = tuple[str, str, str]  # key of the round's flattened record, title, format
+
+COLUMNS: tuple[Column, ...] = (
     ("round", "round", "{:>5}"),
     ("hr10_sampled", "HR@10s", "{:>7.4f}"),
     ("ndcg10_sampled", "NDCG@10s", "{:>8.4f}"),
@@ -25,21 +27,21 @@ def _width(title: str, fmt: str) -> int:
     return max(len(title), len(fmt.format(0.0 if "f" in fmt else 0)))
 
 
-def header() -> str:
-    return " | ".join(f"{title:>{_width(title, fmt)}}" for _, title, fmt in COLUMNS)
+def header(columns: tuple[Column, ...] = COLUMNS) -> str:
+    return " | ".join(f"{title:>{_width(title, fmt)}}" for _, title, fmt in columns)
 
 
-def row(record: dict[str, Any]) -> str:
+def row(record: dict[str, Any], columns: tuple[Column, ...] = COLUMNS) -> str:
     flat = {"round": record["round"], "round_seconds": record.get("round_seconds") or 0.0,
             **record.get("train", {}), **record.get("evaluate", {}), **record.get("privacy", {})}
     cells = []
-    for key, title, fmt in COLUMNS:
+    for key, title, fmt in columns:
         value = flat.get(key)
         width = _width(title, fmt)
         cells.append(f"{'-':>{width}}" if value is None else f"{fmt.format(value):>{width}}")
     return " | ".join(cells)
 
 
-def table(history: list[dict[str, Any]]) -> str:
-    top = header()
-    return "\n".join([top, "-" * len(top)] + [row(r) for r in history])
+def table(history: list[dict[str, Any]], columns: tuple[Column, ...] = COLUMNS) -> str:
+    top = header(columns)
+    return "\n".join([top, "-" * len(top)] + [row(r, columns) for r in history])

@@ -41,7 +41,8 @@ class RoundLog:
 
     def add(self, msg: Message, renamed_weight: str) -> None:
         metrics = plain_metrics(msg.content.metric_records[METRICS])
-        metrics[renamed_weight] = metrics.pop(NUM_EXAMPLES, 0.0)
+        if NUM_EXAMPLES in metrics:
+            metrics[renamed_weight] = metrics.pop(NUM_EXAMPLES)
         self.clients.setdefault(client_name(msg), {}).update(metrics)
 
 
@@ -50,6 +51,8 @@ class RoundLoop:
         self.strategy, self.grid = strategy, grid
         self.num_ads, self.dim, self.timeout = num_ads, dim, timeout
         # what a training reply must hold: the global parameters, or (ALS) the strategy's statistics
+        # FedAvg weighs each reply by its NUM_EXAMPLES; ALS sums statistics and needs none
+        self.needs_weights: bool = getattr(strategy, "needs_weights", True)
         self.check_reply: Callable[[Arrays], None] = getattr(
             strategy, "check_reply", lambda arrays: check_global_arrays(arrays, num_ads, dim)
         )
@@ -63,7 +66,7 @@ class RoundLoop:
                 continue
             try:
                 self.check_reply(from_array_record(msg.content.array_records[ARRAYS]))
-                if NUM_EXAMPLES not in msg.content.metric_records[METRICS]:
+                if self.needs_weights and NUM_EXAMPLES not in msg.content.metric_records[METRICS]:
                     raise KeyError(f"its '{METRICS}' record holds no '{NUM_EXAMPLES}'")
             except (KeyError, ValueError) as exc:
                 log.warning("round %d: dropping the reply of %s: %s", server_round, client_name(msg), exc)

@@ -1,16 +1,33 @@
 """The Flower strategy of a run, chosen by its solver and privacy mode.
 
 - ALS (mf-solver = "als"): `ALSAggregation`, a FedAvg that sums statistics and solves the ads;
-- SGD: Flower's `FedAvg` of the merchants' ad parameters, weighted by users, and for
-  privacy = "client" inside Flower's client-level DP wrapper (server-side fixed clipping,
-  Gaussian noise, its RDP accountant); the unit there is a whole merchant.
+- SGD: Flower's `FedAvg` of the merchants' ad parameters, and for privacy = "client" inside
+  Flower's client-level DP wrapper (server-side fixed clipping, Gaussian noise, its RDP
+  accountant); the unit there is a whole merchant.
+
+Client-level DP's accounting: Flower's wrapper waits for exactly m replies, clips each to C,
+averages them and adds noise of std noise_multiplier x C / m. With m fixed, neighbouring runs
+replace one merchant's update by another (add or remove would change m, which the wrapper
+does not allow), so one release moves the average by up to 2C / m: the replace-one Gaussian
+mechanism, whose Renyi DP is that of add-or-remove at half the noise multiplier. Flower's RDP
+accountant has no replace-one relation without sampling, so `ReplaceOneAccountant` composes
+every event at noise_multiplier / 2 (docs/PRIVACY.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
-from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+from flwr.serverapp import (
+    GaussianPrivacyEvent,
+    NeighboringRelation,
+    PrivacyAccountant,
+    PrivacyConfig,
+    PrivacySpent,
+    RdpAccountant,
+    SamplingMethod,
+)
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
 
 from server.als_aggregation import ALSAggregation
@@ -21,6 +38,47 @@ from shared.data.schema import AdCatalog
 from shared.wire import ARRAYS, CONFIG, NUM_EXAMPLES
 
 ServerEpsilon = Callable[[], "float | None"]
+
+
+class ReplaceOneAccountant:
+    """Flower's RDP accountant for the replace-one Gaussian mechanism without sampling (a
+    `flwr.serverapp.PrivacyAccountant`): every event is composed at half its noise multiplier."""
+
+    def __init__(self, inner: PrivacyAccountant) -> None:
+        self.inner = inner
+
+    @staticmethod
+    def _add_or_remove_equivalent(event: GaussianPrivacyEvent) -> GaussianPrivacyEvent:
+        return replace(event, noise_multiplier=event.noise_multiplier / 2)
+
+    @property
+    def config(self) -> PrivacyConfig:
+        return self.inner.config
+
+    @property
+    def num_releases(self) -> int:
+        return self.inner.num_releases
+
+    def compose(self, event: GaussianPrivacyEvent, count: int = 1) -> None:
+        self.inner.compose(self._add_or_remove_equivalent(event), count)
+
+    def get_epsilon(self, delta: float) -> float:
+        return self.inner.get_epsilon(delta)
+
+    def get_delta(self, epsilon: float) -> float:
+        return self.inner.get_delta(epsilon)
+
+    def get_privacy_spent(self, delta: float | None = None) -> PrivacySpent:
+        return self.inner.get_privacy_spent(delta)
+
+    def would_exceed(self, event: GaussianPrivacyEvent, max_epsilon: float | None = None, count: int = 1) -> bool:
+        return self.inner.would_exceed(self._add_or_remove_equivalent(event), max_epsilon, count)
+
+    def state_dict(self) -> dict[str, object]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.inner.load_state_dict(state)
 
 
 def build_strategy(cfg: RunConfig, num_nodes: int, catalog: AdCatalog, rounds_done: int = 0) -> tuple[Strategy, ServerEpsilon]:
@@ -39,13 +97,13 @@ def build_strategy(cfg: RunConfig, num_nodes: int, catalog: AdCatalog, rounds_do
     if cfg.privacy != "client":
         return fedavg, lambda: None
     sampled = max(int(num_nodes * cfg.fraction_train), cfg.min_nodes)
-    accountant = RdpAccountant(PrivacyConfig(
+    accountant = ReplaceOneAccountant(RdpAccountant(PrivacyConfig(
         target_delta=cfg.target_delta or default_delta(num_nodes),
         population_size=num_nodes,
         neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
         sampling_method=SamplingMethod.NO_AMPLIFICATION,
         max_epsilon=cfg.target_epsilon,
-    ))
+    )))
     if rounds_done:
         accountant.compose(GaussianPrivacyEvent(cfg.client_noise_multiplier, sampled, num_nodes), count=rounds_done)
     wrapper = DifferentialPrivacyServerSideFixedClipping(

@@ -143,7 +143,8 @@ class RunConfig(BaseModel):
     ad_l2: float = Field(1e-4, ge=0, description="SGD: L2 of the touched ad parameters in the ad step")
     learning_rate: float = Field(0.02, gt=0, description="SGD: Adam's learning rate of the ad step")
     negatives: int = Field(4, ge=1, description="SGD: sampled negatives per positive")
-    batch_users: int = Field(64, ge=1, description="SGD: users per mini-batch (under DP: the expected Poisson batch)")
+    batch_users: int = Field(64, ge=1, description=(
+        "SGD: users per mini-batch; under DP the public divisor of the noisy gradient sum (the shard's size is private)"))
     max_positives_per_user: int = Field(200, ge=1, description="SGD: a user's positives per epoch, at most")
     mf_solver: Literal["als", "sgd"] = Field("als", description=(
         "als (alternating least squares; private ALS under privacy = user) | sgd (logistic MF; DP-SGD under privacy = user)"))
@@ -161,15 +162,18 @@ class RunConfig(BaseModel):
         "DP: rarely seen ads lean on the mean factors of their public catalog tags (attributes, genres, category)"))
     init: Literal["random", "catalog"] = Field("random", description=(
         "initial ad factors: random | catalog (an embedding of the public category)"))
-    privacy: Literal["none", "user", "client"] = Field("none", description=(
-        "none | user (user-level DP: private ALS, or Opacus DP-SGD with mf-solver = sgd) | client (Flower's client-level DP)"))
-    target_epsilon: float = Field(8.0, gt=0, description="total budget per merchant over the whole training")
-    target_delta: float = Field(0.0, ge=0, lt=1, description="0 = auto: 0.1 / number of users of the shard")
+    privacy: Literal["none", "user", "client"] = Field("user", description=(
+        "user (user-level DP: private ALS, or Opacus DP-SGD with mf-solver = sgd) | none | client (Flower's client-level DP); "
+        "a merchant's own policy (its node config) may refuse what a run asks"))
+    target_epsilon: float = Field(8.0, gt=0, description="total budget per merchant over the whole training (at most the merchant's max-epsilon)")
+    target_delta: float = Field(0.0, ge=0, lt=1, description="0 = the merchant policy's delta (default 1e-6); a run may ask for less, never more")
+    dp_sample_rate: float = Field(0.25, gt=0, le=1, description=(
+        "DP-SGD: Poisson rate at which users join a step (public, not derived from the shard's size)"))
     max_grad_norm: float = Field(0.1, gt=0, description="DP-SGD: per-user clip norm of the ad step's gradient")
     dp_grad_sample_mode: Literal["auto", "fused", "opacus", "hooks", "ghost"] = Field("auto", description=(
         "DP-SGD: auto (= fused: closed-form per-user clipping) | opacus (hooks or ghost by size) | hooks | ghost"))
-    dp_metrics: Literal["noised", "none", "exact"] = Field("noised", description=(
-        "noised | none | exact (exact: simulations only, outside the guarantee)"))
+    dp_metrics: Literal["noised", "none"] = Field("noised", description=(
+        "under user-level DP, how evaluation metrics leave a merchant: noised | none (simulations evaluate exactly in the harness)"))
     metrics_noise_multiplier: float = Field(20.0, gt=0, description="noise multiplier of each noised metrics release")
     client_noise_multiplier: float = Field(1.0, gt=0, description="privacy = client: Flower's server-side noise multiplier")
     client_clip_norm: float = Field(1.0, gt=0, description="privacy = client: Flower's server-side fixed clipping norm")

@@ -5,18 +5,23 @@ A deployed merchant writes it as a TOML file and starts its SuperNode with
 from Flower's `Context.node_config`, and the merchant agent (`fedads-merchant --node-config`)
 reads the same file. In a simulation, Flower gives every virtual node `partition-id` and
 `num-partitions` instead, and the node cuts its shard from the run's dataset.
+
+A deployed merchant's privacy policy (shared/privacy_policy.py) is part of it: `privacy-mode`,
+`max-epsilon`, `delta`, `metrics-release`, `solvers`; what it leaves out takes the private
+defaults. A simulated node's policy is its run's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import tomli_w
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from shared.config import DASHED_KEYS, ConfigError, RunConfig, format_validation_error, line_of, read_toml
+from shared.privacy_policy import DEFAULT_DELTA, SOLVERS, PrivacyPolicy
 
 FLOWER_NODE_CONFIG = "the SuperNode's node config (flower-supernode --node-config)"
 PATH_KEYS = ("data-path", "catalog-path", "state-dir")
@@ -31,6 +36,12 @@ class NodeConfig(BaseModel):
     state_dir: str = Field("", description=(
         "user factors, privacy ledger and the latest global model (default: <run state-dir>/<merchant-id>)"))
     merchant_id: str = Field("", description="the merchant's name in replies and logs (default: the log file's stem)")
+    # the deployed merchant's privacy policy: what it gives whatever a run asks (private by default)
+    privacy_mode: Literal["user", "none"] = Field("user", description="user: user-level DP required | none: no DP claim")
+    max_epsilon: float = Field(8.0, gt=0, description="the most epsilon the merchant's ledger may ever spend")
+    delta: float = Field(DEFAULT_DELTA, gt=0, lt=1, description="the public delta of the merchant's guarantee")
+    metrics_release: Literal["noised", "none"] = Field("noised", description="how evaluation metrics may leave under DP")
+    solvers: str = Field(",".join(SOLVERS), description="comma-separated solvers the merchant trains: als, sgd")
     # a simulated node: Flower's partition of the run's dataset
     partition_id: int | None = Field(None, ge=0)
     num_partitions: int | None = Field(None, ge=1)
@@ -43,11 +54,26 @@ class NodeConfig(BaseModel):
                              "or partition-id and num-partitions (a simulated node), not both or neither")
         if simulated and (self.partition_id is None or self.num_partitions is None or self.partition_id >= self.num_partitions):
             raise ValueError(f"partition-id {self.partition_id} out of num-partitions {self.num_partitions}")
+        unknown = {s.strip() for s in self.solvers.split(",")} - set(SOLVERS)
+        if unknown or not self.solvers.strip():
+            raise ValueError(f"solvers must name some of {', '.join(SOLVERS)}, got {self.solvers!r}")
         return self
 
     @property
     def simulated(self) -> bool:
         return self.partition_id is not None
+
+    def policy(self, cfg: RunConfig) -> PrivacyPolicy:
+        """The privacy this node gives: its merchant's policy, or in a simulation, its run's."""
+        if self.simulated:
+            return PrivacyPolicy.for_simulation(cfg)
+        return self.pinned_policy()
+
+    def pinned_policy(self) -> PrivacyPolicy:
+        """The policy of this node config's own keys (a deployed merchant's)."""
+        solvers = tuple(s.strip() for s in self.solvers.split(",") if s.strip())
+        return PrivacyPolicy.model_validate({"mode": self.privacy_mode, "max_epsilon": self.max_epsilon, "delta": self.delta,
+                                             "metrics": self.metrics_release, "solvers": solvers})
 
     @property
     def name(self) -> str:

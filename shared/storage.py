@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader (or a crash) never sees a half-written file."""
+"""Atomic, durable file writes: a reader (or a crash) never sees a half-written file, and a
+write that returned survives a crash (the file and its directory entry are synced)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    # the rename lives in the directory: until the directory is synced, a crash can undo it
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

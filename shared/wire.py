@@ -8,8 +8,9 @@ Client -> server:
     train:    "arrays" (GLOBAL_KEYS, or with ALS the statistics ALS_*), "metrics", "client" {"name"}
     evaluate: "metrics", "client"
     refused:  an Error reply, code PRIVACY_REFUSED, with the merchant's reason
-"metrics" always holds NUM_EXAMPLES (the weight a FedAvg reads) and, from a private merchant,
-DP_EPSILON and DP_NOISE_MULTIPLIER. No record holds a user id or a user factor.
+"metrics" holds NUM_EXAMPLES, the weight a FedAvg reads (not in ALS training replies: the server
+sums statistics; under user-level DP a public constant or a noised count), and from a private
+merchant DP_EPSILON and DP_NOISE_MULTIPLIER. No record holds a user id or a user factor.
 
 Flower's records are imported where messages are built or read, not with this module: the
 numpy-only code that names its keys (and the merchant agent's start-up) does not pay for them.
@@ -117,12 +118,13 @@ class TrainReply:
 
     client: str
     arrays: Arrays
-    num_examples: float
+    num_examples: float | None  # the weight a FedAvg averages with; None: not sent (ALS sums, it does not weigh)
     metrics: dict[str, float] = field(default_factory=dict)  # TRAIN_LOSS, TRAIN_ROWS, DP_STEPS
     privacy: PrivacyReport | None = None
 
     def metric_record(self) -> dict[str, float]:
-        return {NUM_EXAMPLES: self.num_examples, **self.metrics, **(self.privacy.metrics() if self.privacy else {})}
+        weight = {} if self.num_examples is None else {NUM_EXAMPLES: self.num_examples}
+        return {**weight, **self.metrics, **(self.privacy.metrics() if self.privacy else {})}
 
     def to_message(self, reply_to: Message) -> Message:
         return _reply(reply_to, self.client, self.metric_record(), self.arrays)
@@ -132,7 +134,7 @@ class TrainReply:
         metrics = plain_metrics(msg.content.metric_records[METRICS])
         privacy = PrivacyReport.from_metrics(metrics)
         local = {k: v for k, v in metrics.items() if k not in (NUM_EXAMPLES, DP_EPSILON, DP_NOISE_MULTIPLIER)}
-        return cls(client_name(msg), from_array_record(msg.content.array_records[ARRAYS]), metrics.get(NUM_EXAMPLES, 0.0), local, privacy)
+        return cls(client_name(msg), from_array_record(msg.content.array_records[ARRAYS]), metrics.get(NUM_EXAMPLES), local, privacy)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,13 +23,14 @@ import numpy as np
 
 from client.node_data import NodeData
 from client.solvers.registry import solver_for
-from shared.accounting import calibrate_noise_multiplier, default_delta
+from shared.accounting import calibrate_noise_multiplier
 from shared.config import RunConfig
 from shared.data.schema import AdCatalog, Dataset
 from shared.data.sources import simulated_shards
 from shared.metrics import METRIC_NAMES, NUM_TEST_USERS, toppop_score_fn
 from shared.metrics import evaluate as evaluate_ranking
 from shared.params import initial_arrays
+from shared.privacy_policy import PrivacyPolicy
 
 
 def pooled_data(cfg: RunConfig, dataset: Dataset) -> NodeData:
@@ -90,13 +92,13 @@ def dp_popularity(cfg: RunConfig, dataset: Dataset, num_clients: int, epsilons: 
         rows = data.rows
         weight = rows.user_weights(cfg.als_max_rows)[rows.user] * rows.label
         counts.append(np.bincount(rows.ad, weights=weight, minlength=data.num_ads))
-    rng = np.random.default_rng([cfg.seed, 7])
+    rng = np.random.default_rng(secrets.randbits(128))  # DP noise: never from the public run seed
+    delta = PrivacyPolicy.for_simulation(cfg).delta_for(cfg)  # public, as the merchants' own
     results = {}
     for epsilon in epsilons:
         noisy = np.zeros(len(dataset.catalog))
-        for data, count in zip(shards, counts):
-            delta = cfg.target_delta or default_delta(data.num_users)
-            sigma = calibrate_noise_multiplier(epsilon, delta, 1.0, steps=1)
+        sigma = calibrate_noise_multiplier(epsilon, delta, 1.0, steps=1)
+        for count in counts:
             noisy += count + rng.normal(0.0, sigma * np.sqrt(cfg.als_max_rows), size=len(count))  # sensitivity sqrt(k)
         per_client = [evaluate_ranking(toppop_score_fn(noisy), d.split, d.eval_negatives) for d in shards]
         total = sum(m[NUM_TEST_USERS] for m in per_client) or 1.0

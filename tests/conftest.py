@@ -22,8 +22,10 @@ REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def small_run_config(tmp_path: Path, **overrides: Any) -> RunConfig:
-    """A synthetic market small enough for a Flower round in about a second."""
+    """A synthetic market small enough for a Flower round in about a second; without DP unless
+    `privacy` says otherwise (the mechanics tests; the private default is tests/test_privacy_policy.py's)."""
     values: dict[str, Any] = {
+        "privacy": "none",
         "output-dir": str(tmp_path / "out"),
         "state-dir": str(tmp_path / "out" / "state"),
         "num-rounds": 2,

@@ -105,7 +105,7 @@ from shared.wire import ARRAYS, CONFIG, SERVER_ROUND, to_array_record
 from simulations.runtime.flower_internals import server_identity
 
 out = Path(tempfile.mkdtemp())
-cfg = RunConfig.from_flower({"output-dir": str(out), "state-dir": str(out / "state"), "synthetic-users": 200,
+cfg = RunConfig.from_flower({"privacy": "none", "output-dir": str(out), "state-dir": str(out / "state"), "synthetic-users": 200,
                              "synthetic-ads": 60, "synthetic-merchants": 2, "num-rounds": 1, "seed": 3})
 catalog = load_catalog(cfg)
 strategy, _ = build_strategy(cfg, 2, catalog)

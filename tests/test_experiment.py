@@ -19,6 +19,7 @@ from simulations.runtime import run_simulation
 from tests.conftest import processes_mentioning
 
 TINY = """
+privacy = "none"
 dataset = "synthetic"
 synthetic-users = 300
 synthetic-ads = 120
@@ -26,7 +27,7 @@ partitioning = "merchant"
 num-rounds = 2
 local-epochs = 2
 factors = 8
-dp-metrics = "exact"
+dp-metrics = "none"
 
 [sweep]
 clients = [2]
@@ -78,7 +79,7 @@ def test_an_experiment_is_run_config_overrides_named_after_its_file(tmp_path):
     federated, private = (c.config for c in cells)
     # the file's keys, the sweep's, and RunConfig's defaults for everything else
     expected = RunConfig.from_flower({
-        "synthetic-users": 300, "synthetic-ads": 120, "num-rounds": 2, "local-epochs": 2, "factors": 8, "dp-metrics": "exact",
+        "privacy": "none", "synthetic-users": 300, "synthetic-ads": 120, "num-rounds": 2, "local-epochs": 2, "factors": 8, "dp-metrics": "none",
         "synthetic-merchants": 2, "min-nodes": 2, "seed": 3,
     })
     assert federated == expected

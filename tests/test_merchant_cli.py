@@ -58,7 +58,8 @@ def _train(tmp: Path, log_csv: Path, catalog_csv: Path, privacy: str, rounds: in
         "local-epochs": 3, "learning-rate": 0.05, "privacy": privacy, "mf-solver": solver,
     })
     server = ALSAggregation(ALSSettings.from_config(cfg), NUM_ADS, cfg.factors, min_train_nodes=1)
-    node_config = {"data-path": str(log_csv), "catalog-path": str(catalog_csv), "state-dir": str(state_dir)}
+    node_config = {"data-path": str(log_csv), "catalog-path": str(catalog_csv), "state-dir": str(state_dir),
+                   "privacy-mode": "user" if privacy == "user" else "none"}  # the merchant opts out of DP for the plain runs
     arrays = init_global_arrays(NUM_ADS, cfg.factors, seed=1)
     with server_identity():
         for server_round in range(1, rounds + 1):
@@ -232,7 +233,13 @@ def test_the_node_config_the_supernode_runs_with_stands_in_for_the_flags(capsys,
                run(capsys, "validate", "--node-config", config),
                run(capsys, "recommend", "--node-config", config, "--k", "3")]
     assert [code for code, _, _ in by_file] == [0, 0, 0]
-    assert [out for _, out, _ in by_file] == [out for _, out, _ in by_flags]
+    assert [out for _, out, _ in by_file[1:]] == [out for _, out, _ in by_flags[1:]]
+    # budget also shows the merchant's policy, which only the node config holds
+    with_policy, without = json.loads(by_file[0][1]), json.loads(by_flags[0][1])
+    assert with_policy.pop("policy") == {"mode": "user", "max_epsilon": 8.0, "delta": 1e-6, "metrics": "noised", "solvers": ["als", "sgd"]}
+    assert without.pop("policy") is None and with_policy == without
+    code, out, _ = run(capsys, "budget", "--node-config", config)
+    assert "policy:                user-level DP required; epsilon at most 8, delta 1e-06" in out
     # a flag given beside the file wins; a node config without a state dir cannot serve budget
     code, out, _ = run(capsys, "budget", "--node-config", config, "--state-dir", node["state"], "--json")
     assert code == 0 and json.loads(out)["state_dir"] == str(node["state"])

@@ -1,9 +1,11 @@
 """User-level DP-SGD (privacy = "user", mf-solver = "sgd"): one Opacus sample is one user.
 
-Plan: with Poisson user sampling at rate q = 1 / ceil(users / batch-users), a round runs
+Plan: with Poisson user sampling at the public rate q = dp-sample-rate, a round runs
 local-epochs x int(1/q) DP-SGD steps; the whole training runs num-rounds of them, plus the
 planned metric releases (client/privacy/plan.py). The noise multiplier is calibrated so that
-all of it composes (RDP) to target-epsilon at delta. Each round's epochs run in
+all of it composes (RDP) to target-epsilon at delta. Nothing the plan releases depends on the
+shard's size: the sampling rate is public, the noisy gradient sum is divided by the public
+batch-users (not by the expected batch, q x users), and the reply's FedAvg weight is 1. Each round's epochs run in
 client/privacy/dp_sgd_epochs.py (Opacus' sampler and accountant; clipping by the fused closed
 form or Opacus' hooks or ghost clipping).
 """
@@ -18,7 +20,7 @@ import numpy as np
 from client.privacy.dp_sgd_epochs import DPSGDSettings, private_ad_epochs
 from client.privacy.plan import UserLevelPlan, wire_dtype
 from client.solvers.sgd import SGDSolver
-from shared.accounting import calibrate_noise_multiplier, sgd_steps_per_epoch, user_sample_rate
+from shared.accounting import calibrate_noise_multiplier, sgd_steps_per_epoch
 from shared.wire import Arrays, TrainReply
 
 
@@ -26,9 +28,9 @@ class DPSGD(UserLevelPlan[SGDSolver]):
     name = "dp-sgd"
     label = "DP-SGD"
 
-    @cached_property
+    @property
     def sample_rate(self) -> float:
-        return user_sample_rate(self.cfg.batch_users, self.num_users)
+        return self.cfg.dp_sample_rate
 
     @cached_property
     def steps_per_round(self) -> int:
@@ -45,7 +47,7 @@ class DPSGD(UserLevelPlan[SGDSolver]):
         self.ledger.require([(self.noise_multiplier, self.sample_rate, self.steps_per_round)], f"training round {server_round}")
         settings = DPSGDSettings(
             noise_multiplier=self.noise_multiplier, max_grad_norm=self.cfg.max_grad_norm, sample_rate=self.sample_rate,
-            epochs=self.cfg.local_epochs, learning_rate=self.cfg.learning_rate,
+            epochs=self.cfg.local_epochs, learning_rate=self.cfg.learning_rate, normalizer=self.cfg.batch_users,
             grad_sample_mode=self.cfg.dp_grad_sample_mode, seed=secrets.randbits(62),
         )
         updated, history, stats = private_ad_epochs(arrays, user_factors, solver.epoch_rows(rng), settings, self.ledger.state.history)
@@ -53,4 +55,4 @@ class DPSGD(UserLevelPlan[SGDSolver]):
         self.ledger.state.history = history
         self.ledger.state.rounds_trained += 1
         self.ledger.save()
-        return TrainReply(client, wire_dtype(updated), float(self.num_users), stats, self.report())
+        return TrainReply(client, wire_dtype(updated), 1.0, stats, self.report())  # every merchant weighs the same

@@ -55,6 +55,13 @@ class DPSGDSettings:
     learning_rate: float
     grad_sample_mode: str  # "auto" | "hooks" | "ghost" (Opacus) | "fused" (closed form, below)
     seed: int
+    # the divisor of each step's noisy sum of clipped gradients: a public constant under
+    # user-level DP (the expected batch, sample rate x users, would release the shard's size);
+    # None: the expected batch, as Opacus' own DPOptimizer divides
+    normalizer: float | None = None
+
+    def divisor(self, num_users: int) -> float:
+        return self.normalizer if self.normalizer is not None else self.sample_rate * num_users
 
 
 class PerUserLoss(nn.Module):
@@ -139,8 +146,8 @@ def _fused_ad_epochs(
     """DP-SGD with Opacus' Poisson sampler and RDP accountant, and closed-form per-user clipping.
 
     Same mechanism as Opacus' DPOptimizer with loss_reduction="mean": clipped per-user gradients
-    summed, N(0, (noise_multiplier * max_grad_norm)^2) added to every coordinate, divided by the
-    expected batch size; then the (Adam) step."""
+    summed, N(0, (noise_multiplier * max_grad_norm)^2) added to every coordinate, divided by
+    `settings.divisor` (the expected batch, or a public constant); then the (Adam) step."""
     model = AdModel.from_arrays(arrays)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
     users = torch.as_tensor(user_factors, dtype=torch.float32)
@@ -149,7 +156,7 @@ def _fused_ad_epochs(
     sampler = UniformWithReplacementSampler(num_samples=num_users, sample_rate=settings.sample_rate, generator=generator)
     accountant = RDPAccountant()
     accountant.load_state_dict({"history": list(history), "mechanism": accountant.mechanism()})
-    expected_batch = settings.sample_rate * num_users
+    divisor = settings.divisor(num_users)
     noise_std = settings.noise_multiplier * settings.max_grad_norm
     steps, sampled = 0, 0
     for _ in range(settings.epochs):
@@ -160,8 +167,8 @@ def _fused_ad_epochs(
             grad_factors, grad_bias, _ = fused_clipped_gradients(model, users[batch], part.ads, part.target(), settings.max_grad_norm)
             grad_factors += noise_std * torch.randn(grad_factors.shape, generator=generator)
             grad_bias += noise_std * torch.randn(grad_bias.shape, generator=generator)
-            model.ad_factors.weight.grad = grad_factors / expected_batch
-            model.ad_bias.weight.grad = (grad_bias / expected_batch).unsqueeze(1)
+            model.ad_factors.weight.grad = grad_factors / divisor
+            model.ad_bias.weight.grad = (grad_bias / divisor).unsqueeze(1)
             optimizer.step()
             accountant.step(noise_multiplier=settings.noise_multiplier, sample_rate=settings.sample_rate)
             steps += 1
@@ -221,7 +228,10 @@ def _private_ad_epochs(
     else:
         (private_model, private_optimizer, private_loader), criterion = made, PerUserLoss()
     if not np.isclose(private_loader.sample_rate, settings.sample_rate):
-        raise ValueError(f"Opacus samples users at rate {private_loader.sample_rate}, the budget was planned for {settings.sample_rate}")
+        raise ValueError(f"Opacus samples users at rate {private_loader.sample_rate}, the budget was planned for {settings.sample_rate} "
+                         "(Opacus' own modes need 1 / dp-sample-rate to be an integer)")
+    if settings.normalizer is not None:
+        private_optimizer.expected_batch_size = int(settings.normalizer)  # Opacus divides each step's noisy sum by it
 
     steps, sampled = 0, 0
     for _ in range(settings.epochs):

@@ -8,13 +8,24 @@ without DP. It is written atomically and carries a checksum of its content.
 Fail closed: a ledger that is corrupt, or missing while the state directory shows the client
 has trained before, makes the client refuse to train; it is never silently reset. A release
 whose composition would exceed the target epsilon is refused before any work is done.
+
+One message at a time per state directory: Flower's SuperNode launches a ClientApp process per
+message without waiting for the previous one, so two messages of one node can run at once. Each
+would read the ledger, pass the budget check and release, and the later write would drop the
+earlier release from the record. `PrivacyLedger.lock` (an exclusive `flock` on
+`privacy_ledger.lock`, there only while held) is held across read -> check -> release -> record
+(client/handlers.py).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +34,7 @@ from shared.accounting import Release, epsilon_of
 from shared.storage import atomic_write_json
 
 LEDGER_FILE = "privacy_ledger.json"
+LOCK_FILE = "privacy_ledger.lock"
 LEDGER_VERSION = 1
 # files whose presence shows this state directory has taken part in training
 TRAINING_TRACES = ("user_factors.npz", "global_model.npz")
@@ -58,18 +70,44 @@ class PrivacyLedger:
     def path(self) -> Path:
         return self.directory / LEDGER_FILE
 
+    # ---------------------------------------------------------------- locking
+    @staticmethod
+    @contextmanager
+    def lock(directory: str | Path) -> Iterator[None]:
+        """Exclusive use of a state directory's ledger across processes (and threads): blocks
+        until no other holder is left. Hold it from `open` to the last `record` of a message.
+        The kernel drops the lock when the holder's process dies, so a crash never leaves it held."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / LOCK_FILE
+        while True:
+            # flock, not lockf: flock locks belong to the open file, so two opens in one process exclude each other too
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if os.path.samestat(os.fstat(fd), os.stat(path)):
+                    break
+            except FileNotFoundError:
+                pass
+            except BaseException:
+                os.close(fd)
+                raise
+            # the holder before us removed the file we waited on: a newcomer may hold a new one
+            os.close(fd)
+        try:
+            yield
+        finally:
+            # removed while still held, so a refused message leaves nothing in the state directory
+            path.unlink(missing_ok=True)
+            os.close(fd)  # closing the file releases the lock
+
     # ---------------------------------------------------------------- loading
     @classmethod
-    def open(cls, directory: str | Path, fail_closed: bool = True) -> PrivacyLedger:
-        """The ledger of a state directory. With `fail_closed=False` (non-private training,
-        which promises nothing) a missing or unreadable ledger starts afresh instead; the
-        non-private releases it then records rule out any later DP claim for the directory."""
-        try:
-            return cls._open(Path(directory))
-        except PrivacyRefusal:
-            if fail_closed:
-                raise
-            return cls(Path(directory), LedgerState())
+    def open(cls, directory: str | Path) -> PrivacyLedger:
+        """The ledger of a state directory; a fresh one where nothing was trained. Refuses
+        (fail closed) when it is damaged, or missing where the directory has trained before:
+        never silently reset, whatever a run asks for."""
+        return cls._open(Path(directory))
 
     @classmethod
     def _open(cls, directory: Path) -> PrivacyLedger:
@@ -120,7 +158,9 @@ class PrivacyLedger:
         return s.target_epsilon
 
     def epsilon(self, extra: list[Release] | None = None) -> float:
-        if self.state.non_private_releases:
+        """The epsilon of everything this state directory released: infinite once anything left
+        it without DP (exact releases are outside any guarantee), wherever it is reported."""
+        if self.state.non_private_releases or self.state.exact_metric_releases:
             return math.inf
         if self.state.delta is None:
             return 0.0
@@ -128,9 +168,10 @@ class PrivacyLedger:
 
     def require(self, planned: list[Release], what: str) -> float:
         """Epsilon after `planned`; refuses when that passes the target."""
-        if self.state.non_private_releases:
+        without_dp = self.state.non_private_releases + self.state.exact_metric_releases
+        if without_dp:
             raise PrivacyRefusal(
-                f"{self.path}: this client has made {self.state.non_private_releases} release(s) without DP; "
+                f"{self.path}: this client has made {without_dp} release(s) without DP; "
                 "no differential-privacy guarantee can be given for it any more"
             )
         assert self.state.target_epsilon is not None, "bind() the budget first"
@@ -153,16 +194,12 @@ class PrivacyLedger:
         self.state.rounds_trained += int(trained_round)
         self.save()
 
-    def record_exact_metrics(self) -> None:
-        self.state.exact_metric_releases += 1
-        self.save()
-
     # ---------------------------------------------------------------- report
     def summary(self) -> dict[str, Any]:
         """What was spent and what is left, for a person (`fedads-merchant budget`)."""
         s = self.state
         spent = self.epsilon()
-        guarantee = s.non_private_releases == 0
+        guarantee = math.isfinite(spent)
         return {
             "dp_guarantee": guarantee,
             # JSON has no infinity: without a guarantee the spent epsilon is reported as null

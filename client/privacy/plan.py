@@ -7,11 +7,14 @@ release in the merchant's persistent ledger before the reply leaves, and refuses
 
 - `NoPrivacy` (privacy = "none") and `ClientLevel` (privacy = "client": Flower clips and
   noises whole merchant updates on the server) release exact values; the ledger counts them,
-  so no later DP claim is made for the state directory.
+  so no later DP claim is made for the state directory. A state directory whose ledger holds a
+  DP budget never makes such a release.
 - `UserLevelPlan` (privacy = "user") is the base of the user-level DP plans: it binds the
-  budget, plans the run's releases once per state directory (the subclass calibrates its
-  noise), and releases metrics noised, not at all, or (simulations only) exactly.
+  budget (the merchant policy's delta), plans the run's releases once per state directory (the
+  subclass calibrates its noise), and releases metrics noised or not at all.
   `client/privacy/dp_sgd.py` and `client/privacy/private_als.py` are its two mechanisms.
+Nothing a DP plan releases is derived from the exact number of the merchant's users or rows:
+the shard's size is private (add or remove one user changes it).
 DP noise and user sampling draw from OS entropy, never from the public run seed: a server
 that knows the config cannot replay them.
 """
@@ -20,14 +23,16 @@ from __future__ import annotations
 
 import secrets
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
 
 import numpy as np
 
 from client.privacy.ledger import PrivacyLedger, PrivacyRefusal
-from shared.accounting import METRIC_SENSITIVITY, CalibrationError, Release, default_delta
+from shared.accounting import METRIC_SENSITIVITY, CalibrationError, Release
 from shared.config import RunConfig
 from shared.metrics import METRIC_NAMES, NUM_TEST_USERS
+from shared.privacy_policy import PrivacyPolicy
 from shared.wire import Arrays, EvaluateReply, PrivacyReport, TrainReply
 
 if TYPE_CHECKING:
@@ -44,13 +49,14 @@ def wire_dtype(arrays: Arrays) -> Arrays:
     return {key: value.astype(np.float32) for key, value in arrays.items()}
 
 
+Metrics = Callable[[], dict[str, float]]  # NodeData.evaluate of this round: computed only if released
+
+
 class PrivacyPlan(ABC, Generic[SolverT]):
     name: ClassVar[str]
-    # a missing or unreadable ledger refuses (DP plans), or starts afresh (plans that promise nothing)
-    fail_closed: ClassVar[bool] = False
 
-    def __init__(self, cfg: RunConfig, num_users: int, ledger: PrivacyLedger) -> None:
-        self.cfg, self.num_users, self.ledger = cfg, num_users, ledger
+    def __init__(self, cfg: RunConfig, policy: PrivacyPolicy, num_users: int, ledger: PrivacyLedger) -> None:
+        self.cfg, self.policy, self.num_users, self.ledger = cfg, policy, num_users, ledger
 
     @abstractmethod
     def release_update(
@@ -59,14 +65,20 @@ class PrivacyPlan(ABC, Generic[SolverT]):
         """The training reply of this round: the solver's update as this plan lets it leave."""
 
     @abstractmethod
-    def release_metrics(self, client: str, data: NodeData, metrics: dict[str, float], server_round: int) -> EvaluateReply:
-        """The evaluation reply: `metrics` (NodeData.evaluate) as this plan lets them leave."""
+    def release_metrics(self, client: str, data: NodeData, metrics: Metrics, server_round: int) -> EvaluateReply:
+        """The evaluation reply: the round's metrics as this plan lets them leave."""
 
 
 class NoPrivacy(PrivacyPlan["Solver"]):
     """Exact releases, each counted in the ledger: no DP claim is made after them."""
 
     name = "none"
+
+    def __init__(self, cfg: RunConfig, policy: PrivacyPolicy, num_users: int, ledger: PrivacyLedger) -> None:
+        super().__init__(cfg, policy, num_users, ledger)
+        if ledger.state.target_epsilon is not None:
+            raise PrivacyRefusal(f"{ledger.path} holds a differential-privacy budget: this state directory makes no release "
+                                 "without DP (start a non-private run with a new state directory)")
 
     def weight(self) -> float:
         return float(self.num_users)
@@ -76,12 +88,13 @@ class NoPrivacy(PrivacyPlan["Solver"]):
     ) -> TrainReply:
         self.ledger.record_non_private(trained_round=True)  # before the work: no DP claim is made after this
         update = solver.local_update(arrays, user_factors, rng)
-        return TrainReply(client, wire_dtype(update.arrays), self.weight(), update.metrics)
+        return TrainReply(client, wire_dtype(update.arrays), self.weight() if solver.sends_weight else None, update.metrics)
 
-    def release_metrics(self, client: str, data: NodeData, metrics: dict[str, float], server_round: int) -> EvaluateReply:
+    def release_metrics(self, client: str, data: NodeData, metrics: Metrics, server_round: int) -> EvaluateReply:
         self.ledger.record_non_private(trained_round=False)
+        exact = metrics()
         toppop = {k: v for k, v in data.evaluate_toppop().items() if k != NUM_TEST_USERS}
-        return EvaluateReply(client, metrics[NUM_TEST_USERS], _means(metrics), toppop)
+        return EvaluateReply(client, exact[NUM_TEST_USERS], _means(exact), toppop)
 
 
 class ClientLevel(NoPrivacy):
@@ -103,14 +116,13 @@ class UserLevelPlan(PrivacyPlan[SolverT]):
     stored in the ledger and kept. Every release is checked against the ledger before any work
     (`PrivacyLedger.require`) and recorded (atomically) before the reply leaves."""
 
-    fail_closed = True
     label: ClassVar[str]  # the mechanism, in messages
 
-    def __init__(self, cfg: RunConfig, num_users: int, ledger: PrivacyLedger) -> None:
-        super().__init__(cfg, num_users, ledger)
-        delta = cfg.target_delta or default_delta(num_users)
-        if delta >= 1.0 / num_users:
-            raise PrivacyRefusal(f"target-delta {delta} is not below 1/users = {1.0 / num_users:.3g} of this shard")
+    def __init__(self, cfg: RunConfig, policy: PrivacyPolicy, num_users: int, ledger: PrivacyLedger) -> None:
+        super().__init__(cfg, policy, num_users, ledger)
+        delta = policy.delta_for(cfg)
+        if delta * num_users >= 1.0:  # the reason names no count: the shard's size is private
+            raise PrivacyRefusal(f"delta {delta:g} is not below 1 / users of this shard: the merchant's policy needs a smaller delta")
         target_epsilon = ledger.bind(cfg.target_epsilon, delta)
         if ledger.state.noise_multiplier is None:
             try:
@@ -142,18 +154,16 @@ class UserLevelPlan(PrivacyPlan[SolverT]):
     def report(self, noise_multiplier: float | None = None) -> PrivacyReport:
         return PrivacyReport(self.ledger.epsilon(), self.noise_multiplier if noise_multiplier is None else noise_multiplier)
 
-    def release_metrics(self, client: str, data: NodeData, metrics: dict[str, float], server_round: int) -> EvaluateReply:
-        """Evaluation metrics as dp-metrics allows them to leave (docs/PRIVACY.md); TopPop of
-        the shard depends on every user's data at once: never released under DP."""
+    def release_metrics(self, client: str, data: NodeData, metrics: Metrics, server_round: int) -> EvaluateReply:
+        """Evaluation metrics as dp-metrics allows them to leave (docs/PRIVACY.md): noised, or
+        not at all. TopPop of the shard depends on every user's data at once: never released."""
         if self.cfg.dp_metrics == "none":
             return EvaluateReply(client, 1.0, privacy=self.report())
-        if self.cfg.dp_metrics == "exact":
-            self.ledger.record_exact_metrics()
-            return EvaluateReply(client, metrics[NUM_TEST_USERS], _means(metrics), privacy=self.report())
         release: Release = (self.cfg.metrics_noise_multiplier, 1.0, 1)
         self.ledger.require([release], f"the metrics of round {server_round}")
-        count = metrics[NUM_TEST_USERS]
-        sums = np.array([metrics[name] * count for name in METRIC_NAMES] + [count])
+        exact = metrics()
+        count = exact[NUM_TEST_USERS]
+        sums = np.array([exact[name] * count for name in METRIC_NAMES] + [count])
         noise_rng = np.random.default_rng(secrets.randbits(128))
         noisy = sums + noise_rng.normal(0.0, self.cfg.metrics_noise_multiplier * METRIC_SENSITIVITY, size=sums.shape)
         self.ledger.record([release])

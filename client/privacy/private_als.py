@@ -54,5 +54,5 @@ class PrivateALS(UserLevelPlan[ALSSolver]):
         noisy = add_noise(stats, solver.noise_stds(sigma), np.random.default_rng(secrets.randbits(128)))
         # written before the reply leaves: a crash after this point over-counts, never under-counts
         self.ledger.record([release], trained_round=True)
-        # the user count is not released under DP: the server sums statistics, it does not weigh them
-        return TrainReply(client, noisy, 1.0, privacy=self.report(sigma))
+        # no count of users leaves: the server sums statistics, it does not weigh them
+        return TrainReply(client, noisy, None, privacy=self.report(sigma))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from client.privacy.ledger import PrivacyLedger
 from client.solvers.registry import SOLVERS
 from shared.config import RunConfig
+from shared.privacy_policy import PrivacyPolicy
 
 if TYPE_CHECKING:
     from client.privacy.plan import PrivacyPlan
@@ -39,11 +40,11 @@ def plan_name(cfg: RunConfig) -> str:
     return SOLVERS[cfg.mf_solver].private_plan if cfg.privacy == "user" else cfg.privacy
 
 
-def open_plan(cfg: RunConfig, num_users: int, state_dir: str | Path) -> PrivacyPlan[Any]:
+def open_plan(cfg: RunConfig, policy: PrivacyPolicy, num_users: int, state_dir: str | Path) -> PrivacyPlan[Any]:
     """The node's plan over its ledger (read before anything is written to its state
-    directory). Raises PrivacyRefusal when the ledger or the budget does not allow the run."""
+    directory; a missing or damaged one refuses, fail closed). Raises PrivacyRefusal when the
+    ledger or the budget does not allow the run (the policy was checked before any data was read)."""
     entry = PLANS[plan_name(cfg)]
     plan_class: type[PrivacyPlan[Any]] = getattr(importlib.import_module(entry.module), entry.class_name)
-    ledger = PrivacyLedger.open(state_dir, fail_closed=plan_class.fail_closed)
-    return plan_class(cfg, num_users, ledger)
+    return plan_class(cfg, policy, num_users, PrivacyLedger.open(state_dir))
 

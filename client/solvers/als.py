@@ -20,6 +20,7 @@ from shared.wire import Arrays
 
 class ALSSolver(Solver):
     name = "als"
+    sends_weight = False
 
     def __init__(self, cfg: RunConfig, data: NodeData) -> None:
         super().__init__(cfg, data)

@@ -33,6 +33,8 @@ class Solver(ABC):
     name: ClassVar[str]
     # the user step starts from the factors stored last round (else from its closed form)
     warm_starts_users: ClassVar[bool] = False
+    # the server averages its updates weighted by users (FedAvg), or sums them (ALS: no weight is sent)
+    sends_weight: ClassVar[bool] = True
 
     def __init__(self, cfg: RunConfig, data: NodeData) -> None:
         self.cfg, self.data = cfg, data

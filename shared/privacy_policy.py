@@ -1,0 +1,73 @@
+"""A merchant's privacy policy: how much privacy it gives, whatever a run asks for.
+
+The run config is the operator's request, and the operator is an adversary too: it decides
+nothing here. A deployed merchant pins its policy in its own node config (shared/node_config.py)
+when it starts its SuperNode; a merchant that pins nothing gets the private default below. A run
+that asks for less privacy than the policy allows is refused before any data is read.
+
+In a simulation the data scientist is the operator and every merchant at once, so a simulated
+node takes its policy from the run it is asked to do (`for_simulation`): a simulation path,
+never a deployed one (a SuperNode's node config names its own data, never a partition).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shared.config import RunConfig
+
+DEFAULT_DELTA = 1e-6  # public: far below 1 / users of any merchant of up to 10^5 users
+Solver = Literal["als", "sgd"]
+SOLVERS: tuple[Solver, ...] = ("als", "sgd")
+
+
+class PolicyViolation(ValueError):
+    """A run asks for less privacy than the merchant's policy gives; the message says what."""
+
+
+class PrivacyPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["user", "none"] = "user"  # user: user-level DP is required; none: the merchant makes no DP claim
+    max_epsilon: float = Field(8.0, gt=0)  # the most its ledger may ever spend
+    delta: float = Field(DEFAULT_DELTA, gt=0, lt=1)  # public, so the epsilon it reports is a function of public values
+    metrics: Literal["noised", "none"] = "noised"  # how evaluation metrics may leave under DP
+    solvers: tuple[Solver, ...] = SOLVERS
+
+    @field_validator("solvers")
+    @classmethod
+    def _some(cls, solvers: tuple[str, ...]) -> tuple[str, ...]:
+        if not solvers:
+            raise ValueError("at least one solver")
+        return solvers
+
+    @classmethod
+    def for_simulation(cls, cfg: RunConfig) -> PrivacyPolicy:
+        """A simulated merchant gives exactly the privacy its run asks for."""
+        return cls(mode="user" if cfg.privacy == "user" else "none", max_epsilon=cfg.target_epsilon,
+                   delta=cfg.target_delta or DEFAULT_DELTA, metrics=cfg.dp_metrics, solvers=(cfg.mf_solver,))
+
+    def delta_for(self, cfg: RunConfig) -> float:
+        """The delta of a run: the policy's, or a smaller one the run asks for."""
+        return min(cfg.target_delta, self.delta) if cfg.target_delta else self.delta
+
+    def admit(self, cfg: RunConfig) -> None:
+        """Raises PolicyViolation when `cfg` asks for less privacy than this policy gives."""
+        if cfg.mf_solver not in self.solvers:
+            raise PolicyViolation(f"the merchant's policy trains with {', '.join(self.solvers)}, not mf-solver '{cfg.mf_solver}'")
+        if self.mode == "none":
+            return
+        if cfg.privacy != "user":
+            raise PolicyViolation(f"the merchant's policy requires user-level DP; the run asks for privacy = '{cfg.privacy}'")
+        if cfg.target_epsilon > self.max_epsilon:
+            raise PolicyViolation(f"the run asks for epsilon {cfg.target_epsilon:g}, the merchant's policy allows at most {self.max_epsilon:g}")
+        if cfg.target_delta > self.delta:
+            raise PolicyViolation(f"the run asks for delta {cfg.target_delta:g}, the merchant's policy allows at most {self.delta:g}")
+        if self.metrics == "none" and cfg.dp_metrics != "none":
+            raise PolicyViolation(f"the merchant's policy releases no evaluation metrics; the run asks for dp-metrics = '{cfg.dp_metrics}'")
+
+    def describe(self) -> dict[str, object]:
+        return {"mode": self.mode, "max_epsilon": self.max_epsilon, "delta": self.delta, "metrics": self.metrics,
+                "solvers": list(self.solvers)}

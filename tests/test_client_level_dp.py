@@ -1,0 +1,45 @@
+"""privacy = "client": the epsilon Flower's wrapper reports is that of the mechanism it runs.
+
+The wrapper averages exactly m clipped updates and adds N(0, (sigma C / m)^2): with m fixed,
+neighbouring runs replace one merchant, and one release moves the average by up to 2C / m. Its
+Renyi DP is k * 2 alpha / sigma^2 after k releases (sensitivity 2 at noise sigma), computed
+here in closed form and converted to (epsilon, delta) independently of both accountants.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from flwr.serverapp import GaussianPrivacyEvent
+
+from server.strategies import ReplaceOneAccountant, build_strategy
+from shared.config import RunConfig
+from shared.data.synthetic import SyntheticSpec, synthetic_catalog
+
+
+def replace_one_epsilon(sigma: float, releases: int, delta: float) -> float:
+    """Epsilon of `releases` replace-one Gaussian releases (sensitivity 2, noise sigma): the RDP
+    curve 2 k alpha / sigma^2, converted with the bound of Canonne, Kamath and Steinke (2020),
+    minimized over a fine grid of orders."""
+    alphas = np.linspace(1.01, 200.0, 200_000)
+    rdp = 2.0 * releases * alphas / sigma**2
+    eps = rdp + np.log1p(-1.0 / alphas) - (math.log(delta) + np.log(alphas)) / (alphas - 1.0)
+    return float(eps.min())
+
+
+@pytest.mark.parametrize(("sigma", "releases", "delta", "issue_figure"), [(1.0, 3, 0.02, 14.1), (1.0, 10, 0.02, 35.7), (2.0, 2, 0.1 / 3, None)])
+def test_the_accounted_epsilon_is_the_replace_one_mechanisms(sigma, releases, delta, issue_figure):
+    cfg = RunConfig.from_flower({"privacy": "client", "mf-solver": "sgd", "client-noise-multiplier": sigma, "target-epsilon": 100.0,
+                                 "target-delta": delta, "min-nodes": 3})
+    strategy, epsilon = build_strategy(cfg, 3, synthetic_catalog(SyntheticSpec(users=30, ads=20, merchants=3)))
+    accountant = strategy.accountant  # type: ignore[attr-defined]
+    assert isinstance(accountant, ReplaceOneAccountant)
+    accountant.compose(GaussianPrivacyEvent(sigma, 3, 3), count=releases)  # what the wrapper composes per round
+    expected = replace_one_epsilon(sigma, releases, delta)
+    assert epsilon() == pytest.approx(expected, rel=2e-3)
+    if issue_figure is not None:  # the issue's figures: 5.2 and 12.3 were accounted, these hold
+        assert epsilon() == pytest.approx(issue_figure, abs=0.05)
+    # the budget check sees the same mechanism: one more release of the same kind
+    assert accountant.would_exceed(GaussianPrivacyEvent(sigma, 3, 3), max_epsilon=expected) is True

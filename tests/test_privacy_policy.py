@@ -1,0 +1,154 @@
+"""The guarantee holds against the server operator (issue 13): the merchant's policy decides, not
+the run config; nothing released depends on the shard's size; DP is the default."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.privacy.ledger import LEDGER_FILE, PrivacyLedger, PrivacyRefusal
+from shared.config import ConfigError, RunConfig
+from shared.data.sources import load_dataset
+from shared.node_config import NodeConfig
+from shared.params import init_global_arrays
+from shared.privacy_policy import DEFAULT_DELTA, PrivacyPolicy
+from shared.wire import DP_EPSILON, DP_NOISE_MULTIPLIER, METRICS, NUM_EXAMPLES, PRIVACY_REFUSED
+from simulations.baselines import dp_popularity
+from tests.conftest import client_call, simulated_node, small_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.usefixtures("as_server"), pytest.mark.filterwarnings("ignore:Optimal order is the:UserWarning")]
+
+
+def _deployed(tmp_path: Path, **policy: object) -> dict[str, object]:
+    """A deployed merchant's node config whose log does not exist: a reply that is not refused
+    before any data is read fails on the missing file instead."""
+    return {"data-path": str(tmp_path / "absent.csv"), "state-dir": str(tmp_path / "merchant"), "merchant-id": "m", **policy}
+
+
+@pytest.mark.parametrize(("asked", "reason"), [
+    ({"privacy": "none"}, "requires user-level DP"),
+    ({"privacy": "client", "mf-solver": "sgd"}, "requires user-level DP"),
+    ({"target-epsilon": 20.0}, "allows at most 8"),
+    ({"target-delta": 1e-3}, "allows at most 1e-06"),
+])
+def test_a_run_asking_for_less_privacy_is_refused_before_any_data_is_read(tmp_path, asked, reason):
+    cfg = small_run_config(tmp_path, **{"privacy": "user", **asked})
+    arrays = init_global_arrays(cfg.synthetic_ads, cfg.factors, cfg.seed)
+    for kind in ("train", "evaluate"):
+        reply = client_call(kind, cfg, arrays, node_config=_deployed(tmp_path))
+        assert reply.has_error() and reply.error.code == PRIVACY_REFUSED and reason in reply.error.reason
+    assert not (tmp_path / "merchant").exists()  # nothing read, nothing written
+
+
+def test_the_merchants_policy_pins_metrics_and_solvers(tmp_path):
+    arrays = init_global_arrays(200, 16, 7)
+    cases = [({"metrics-release": "none"}, {}, "releases no evaluation metrics"),
+             ({"solvers": "als"}, {"mf-solver": "sgd"}, "not mf-solver 'sgd'")]
+    for policy, asked, reason in cases:
+        reply = client_call("evaluate", small_run_config(tmp_path, privacy="user", **asked), arrays, node_config=_deployed(tmp_path, **policy))
+        assert reply.has_error() and reason in reply.error.reason
+    with pytest.raises(ConfigError, match="solvers must name some of als, sgd"):
+        NodeConfig.from_flower(_deployed(tmp_path, solvers="als,ncf"))
+    with pytest.raises(ConfigError, match="dp-metrics"):  # the exact release is no longer a run-config choice
+        RunConfig.from_flower({"dp-metrics": "exact"})
+
+
+def test_a_state_directory_with_a_dp_ledger_never_makes_a_non_dp_release(tmp_path):
+    private = small_run_config(tmp_path, privacy="user", **{"num-rounds": 2, "dp-metrics": "none"})
+    node = simulated_node(private, 0)
+    arrays = init_global_arrays(node.data.num_ads, private.factors, private.seed)
+    assert not client_call("train", private, arrays, server_round=1).has_error()
+    ledger_before = (node.state.directory / LEDGER_FILE).read_bytes()
+    for kind in ("train", "evaluate"):  # a simulated node's policy is its run's: even then, no
+        reply = client_call(kind, small_run_config(tmp_path, privacy="none"), arrays, server_round=2)
+        assert reply.has_error() and "holds a differential-privacy budget" in reply.error.reason
+    assert (node.state.directory / LEDGER_FILE).read_bytes() == ledger_before
+
+
+def _released(cfg: RunConfig, partition: int) -> dict[str, float]:
+    arrays = init_global_arrays(cfg.synthetic_ads, cfg.factors, cfg.seed)
+    reply = client_call("train", cfg, arrays, partition=partition)
+    assert not reply.has_error(), reply.error.reason
+    return dict(reply.content[METRICS])
+
+
+@pytest.mark.parametrize("solver", ["als", "sgd"])
+def test_what_leaves_does_not_depend_on_the_shards_size(tmp_path, solver):
+    """Two merchants of different sizes release the same epsilon, noise and weight: before, delta
+    = 0.1 / users made every reported epsilon a function of the user count (and DP-SGD's
+    sampling rate and FedAvg weight were derived from it)."""
+    cfg = small_run_config(tmp_path, privacy="user", **{"mf-solver": solver, "num-rounds": 2, "dp-metrics": "none", "local-epochs": 1})
+    sizes = [simulated_node(cfg, p).data.num_users for p in (0, 1)]
+    assert sizes[0] != sizes[1]
+    small, large = _released(cfg, 0), _released(cfg, 1)
+    assert small[DP_EPSILON] == large[DP_EPSILON] and small[DP_NOISE_MULTIPLIER] == large[DP_NOISE_MULTIPLIER]
+    if solver == "als":
+        assert NUM_EXAMPLES not in small and NUM_EXAMPLES not in large  # the server sums, it needs no count
+    else:
+        assert small[NUM_EXAMPLES] == large[NUM_EXAMPLES] == 1.0 and small["dp-steps"] == large["dp-steps"]
+    ledger = PrivacyLedger.open(simulated_node(cfg, 0).state.directory)
+    assert ledger.state.delta == DEFAULT_DELTA
+
+
+def test_a_refusal_names_no_count_of_users(tmp_path):
+    cfg = small_run_config(tmp_path, privacy="user")
+    arrays = init_global_arrays(cfg.synthetic_ads, cfg.factors, cfg.seed)
+    node = simulated_node(cfg, 0)
+    reply = client_call("train", cfg.with_values(target_delta=0.5), arrays)  # a simulated node's policy is its run's
+    assert reply.has_error() and "not below 1 / users" in reply.error.reason
+    assert str(node.data.num_users) not in reply.error.reason and str(1 / node.data.num_users)[:5] not in reply.error.reason
+
+
+def test_the_dp_popularity_floors_noise_cannot_be_replayed_from_the_config(tmp_path):
+    cfg = small_run_config(tmp_path)
+    dataset = load_dataset(cfg)
+    first, second = (dp_popularity(cfg, dataset, 3, [0.5]) for _ in range(2))
+    assert first != second  # the same config, fresh noise (OS entropy, as every other release)
+
+
+def test_privacy_is_the_default():
+    assert RunConfig().privacy == "user"
+    policy = NodeConfig.from_flower({"data-path": "/srv/log.csv"}).pinned_policy()
+    assert policy == PrivacyPolicy() and policy.mode == "user" and policy.delta == DEFAULT_DELTA
+
+
+def test_the_main_job_trains_under_user_level_dp_beside_a_run_without(tmp_path):
+    out = tmp_path / "quick"
+    done = subprocess.run(
+        [sys.executable, "-m", "simulations.simulate", "--rounds", "2", "--clients", "2", "--output", str(out), "--quiet",
+         "-c", "synthetic-users=300", "-c", "synthetic-ads=120"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "user-level DP per merchant (private ALS, epsilon 8)" in done.stdout and "no-DP NDCG@10s" in done.stdout
+    for partition in (0, 1):
+        budget = subprocess.run([sys.executable, "-m", "client.merchant_cli", "budget", "--state-dir",
+                                 str(out / "state" / f"partition-{partition}"), "--json"], cwd=ROOT, capture_output=True, text=True)
+        report = json.loads(budget.stdout)
+        assert report["dp_guarantee"] is True and 0 < report["epsilon_spent"] <= 8.0
+        assert PrivacyLedger.open(out / "no-dp" / "state" / f"partition-{partition}").epsilon() == np.inf  # the comparison
+    exact = json.loads((out / "exact_history.json").read_text())
+    assert [record["round"] for record in exact] == [0, 1, 2]
+
+
+def test_an_exact_release_shows_as_infinite_epsilon_wherever_epsilon_is_reported(tmp_path):
+    """A ledger that ever recorded exact metrics (the old `dp-metrics = "exact"`) or a non-private
+    release reports epsilon infinite, refuses further DP releases, and the agent says so."""
+    ledger = PrivacyLedger.open(tmp_path)
+    ledger.bind(8.0, 1e-6)
+    ledger.record([(2.0, 1.0, 1)])
+    finite = ledger.epsilon()
+    ledger.state.exact_metric_releases = 1
+    ledger.save()
+    assert 0 < finite < 8.0 and PrivacyLedger.open(tmp_path).epsilon() == np.inf
+    with pytest.raises(PrivacyRefusal, match="without DP"):
+        PrivacyLedger.open(tmp_path).require([(2.0, 1.0, 1)], "one more release")
+    report = json.loads(subprocess.run([sys.executable, "-m", "client.merchant_cli", "budget", "--state-dir", str(tmp_path), "--json"],
+                                       cwd=ROOT, capture_output=True, text=True).stdout)
+    assert report["dp_guarantee"] is False and report["epsilon_spent"] is None
