@@ -7,7 +7,7 @@ user in exactly as training would, without the run config (client/serving.py).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
@@ -16,6 +16,9 @@ from shared.als import Rows, solve_users
 from shared.config import RunConfig
 from shared.data.split import UserSplit
 from shared.wire import AD_BIAS, AD_FACTORS, Arrays
+
+if TYPE_CHECKING:
+    import torch  # only SGD-trained models need it: imported where used
 
 _DEFAULTS = RunConfig.model_fields
 _RECORD = ConfigDict(extra="forbid", frozen=True)
@@ -60,12 +63,48 @@ class SGDUserStep(BaseModel):
         from shared.model import solve_user_factors
 
         rows = build_user_rows(split, rng, self.negatives, max_positives=None)
-        factors = solve_user_factors(
-            torch.as_tensor(arrays[AD_FACTORS]), torch.as_tensor(arrays[AD_BIAS]),
-            rows.ads, rows.labels, rows.mask, l2=self.user_l2, iters=self.iters,
-            init=None if init is None else torch.as_tensor(init),
-        )
+        ad_factors, ad_bias = torch.as_tensor(arrays[AD_FACTORS]), torch.as_tensor(arrays[AD_BIAS])
+        start = None if init is None else torch.as_tensor(init)
+        factors = torch.zeros(split.num_users, ad_factors.shape[1], dtype=ad_factors.dtype)
+        # solve_user_factors pads a chunk of users to its longest user's rows, and a user's result depends (in
+        # float32, and through the line search's accept/halve decisions by up to ~1e-3) on that width: solved
+        # alongside others, a user's factors would move when another user comes or goes. So every user is solved
+        # at a width that its own row count alone sets, its rows right-aligned in it (the solver reads the last
+        # real column as the user's length), one call per width.
+        lengths = rows.mask.sum(dim=1).numpy()
+        widths = _solve_widths(lengths)
+        for width in np.unique(widths):
+            users = torch.from_numpy(np.flatnonzero(widths == width))
+            ads, labels, mask = _right_aligned(rows.ads[users], rows.labels[users], torch.from_numpy(lengths[users.numpy()]), int(width))
+            factors[users] = solve_user_factors(
+                ad_factors, ad_bias, ads, labels, mask, l2=self.user_l2, iters=self.iters,
+                init=None if start is None else start[users],
+            )
         return factors.numpy()
+
+
+def _solve_widths(lengths: np.ndarray) -> np.ndarray:
+    """Each user's solve width from its own row count: rounded up to a quarter of its power of two
+    (at most a quarter of padding, a few widths per octave); exact below 8."""
+    exponent = np.frexp(np.maximum(lengths, 1).astype(np.float64))[1] - 1  # floor(log2), exact for integers
+    step = np.left_shift(1, np.maximum(exponent - 2, 0)).astype(np.int64)
+    return np.maximum(-(-lengths // step) * step, 1)
+
+
+def _right_aligned(
+    ads: torch.Tensor, labels: torch.Tensor, lengths: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[U, width] rows and mask with each user's real rows (left-aligned in `ads`, `lengths` of them) ending at the last column."""
+    import torch
+
+    source = torch.arange(width)[None, :] - (width - lengths)[:, None]
+    mask = source >= 0
+    source = source.clamp(0, max(ads.shape[1] - 1, 0))
+    return (
+        torch.where(mask, ads.gather(1, source), 0),
+        torch.where(mask, labels.gather(1, source), 0.0),
+        mask,
+    )
 
 
 UserStep = Annotated[ALSUserStep | SGDUserStep, Field(discriminator="solver")]

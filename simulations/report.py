@@ -18,6 +18,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from shared.privacy_policy import DEFAULT_DELTA
+from simulations.audit.figures import AUDIT_DIR, EXPLANATION, HEADERS, RECORDS, audit_records_ok, plot_audit, table_rows
 from simulations.experiment import Experiment
 
 METRIC = "ndcg10_sampled"
@@ -129,9 +131,9 @@ def plot_epsilon(rows: list[dict[str, Any]], path: Path) -> None:
 def _guarantee(cell: dict[str, Any]) -> str:
     cfg = cell["run_config"]
     if cfg["privacy"] == "user":
-        delta = cfg["target-delta"] or "0.1 / users of the shard"
-        covered = {"noised": "model and noised metrics", "none": "model (no metrics released)",
-                   "exact": "model only (exact metrics are outside the guarantee)"}[cfg["dp-metrics"]]
+        delta = f"{cfg['target-delta'] or DEFAULT_DELTA:g}"
+        covered = {"noised": "model and noised metrics", "none": "model (no metrics released; the harness's exact evaluation is outside it)"}[
+            cfg["dp-metrics"]]
         return (f"user-level ({cfg['target-epsilon']:g}, {delta})-DP per merchant for its {covered}; "
                 "Opacus RDP accountant; protects each end user against the server, other merchants and model viewers")
     if cfg["privacy"] == "client":
@@ -159,6 +161,21 @@ def _table(headers: list[str], body: list[list[str]]) -> str:
         for r in body
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def _audit_section(output: Path, plots: Path) -> str:
+    """The privacy audit's table and figure when the run folder holds an audit
+    (`python -m simulations.audit`, simulations/audit/); nothing otherwise."""
+    path = output / AUDIT_DIR / RECORDS
+    try:
+        records = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        records = None
+    if not audit_records_ok(records):
+        return ""
+    plot_audit(records, plots / "audit.png")
+    return (f"<h2>Privacy audit</h2>\n<p>{html.escape(EXPLANATION)} Records: <a href=\"{AUDIT_DIR}/{RECORDS}\">{RECORDS}</a>.</p>\n"
+            f"{_table(HEADERS, table_rows(records))}\n{_figure('audit.png', 'Claimed epsilon vs empirical lower bound')}\n")
 
 
 def write_report(experiment: Experiment, output: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> Path:
@@ -203,7 +220,7 @@ Metrics: leave-last-out; sampled = 99 fixed negatives per user, full = every ad 
 {_table(["method", "cell", "target eps", "round", *SHOWN, "eps spent"], final_rows)}
 <h2>Figures</h2>
 <div class="figs">{"".join(_figure(name, title) for name, (title, _) in figures.items())}</div>
-<h2>Runs and their guarantees</h2>
+{_audit_section(output, plots)}<h2>Runs and their guarantees</h2>
 {_table(["cell", "clients", "seed", "privacy guarantee", "eps spent (max)", "refused replies", "wall s"], cells)}
 <p>Full results: <a href="results.csv">results.csv</a>, <a href="results.json">results.json</a>;
 experiment: <a href="experiment.toml">experiment.toml</a>; environment: {html.escape(json.dumps(environment.get("packages", {})))}.</p>

@@ -146,7 +146,7 @@ def test_sweep_is_cached_resumes_after_an_interruption_and_reports(tmp_path, mon
         png = output / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     page = (output / "report.html").read_text()
-    assert "user-level (4, 0.1 / users of the shard)-DP" in page and 'src="plots/frontier.png"' in page
+    assert "user-level (4, 1e-06)-DP" in page and 'src="plots/frontier.png"' in page
     assert json.loads((output / "environment.json").read_text())["packages"]["flwr"] == "1.42.0"
 
     # the page renders, with its figures, in a real browser

@@ -219,4 +219,6 @@ def test_rows_feed_the_solver(split):
     ad_bias = torch.zeros(split.num_ads, dtype=torch.float64)
     labels = rows.labels.double()
     p = solve_user_factors(ad_factors, ad_bias, rows.ads, labels, rows.mask, l2=5.0, iters=10)
-    assert gradient(p, ad_factors, ad_bias, rows.ads, labels, rows.mask, 5.0).abs().max() < 1e-8
+    # float64 Newton with an Armijo search stalls where the objective's decrease (|g|^2 / h) falls under its
+    # rounding: a gradient floor of a few 1e-8 for some rows draws (4.7e-8 for this one, 10, 12 or 15 iterations)
+    assert gradient(p, ad_factors, ad_bias, rows.ads, labels, rows.mask, 5.0).abs().max() < 1e-7

@@ -8,6 +8,7 @@ Opacus sample = one user instead (client/privacy/dp_sgd.py reads `epoch_rows`).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import numpy as np
@@ -32,9 +33,15 @@ class SGDSolver(Solver):
         return self.user_step().fit(self.data.split, arrays, rng, previous)
 
     def epoch_rows(self, rng: np.random.Generator) -> Callable[[], UserRows]:
-        """Each epoch's rows: capped positives sampled anew, fresh negatives."""
+        """Each epoch's rows: capped positives sampled anew, fresh negatives.
+
+        Epoch e's rows draw from a key taken from `rng` once, here, and e, not from `rng` as it stands at
+        that epoch: the ad step draws its batch order (as many numbers as users) from `rng` between epochs,
+        and a user's rows must not depend on how many other users there are."""
         cfg = self.cfg
-        return lambda: build_user_rows(self.data.split, rng, cfg.negatives, cfg.max_positives_per_user)
+        key = int(rng.integers(1 << 63))
+        epochs = itertools.count()
+        return lambda: build_user_rows(self.data.split, np.random.default_rng([key, next(epochs)]), cfg.negatives, cfg.max_positives_per_user)
 
     def local_update(self, arrays: Arrays, user_factors: np.ndarray, rng: np.random.Generator) -> LocalUpdate:
         """The ad step without DP: local epochs of Adam over mini-batches of users."""
