@@ -29,7 +29,7 @@ from shared.config import RunConfig
 from shared.node_config import NodeConfig
 from shared.params import check_global_arrays
 from shared.privacy_policy import PolicyViolation
-from shared.wire import Arrays, EvaluateReply, TrainReply, read_instruction, refusal
+from shared.wire import Arrays, EvaluateReply, TrainReply, failure, read_instruction, refusal
 
 Step = Callable[[RunConfig, Node, Solver, "PrivacyPlan[Any]", Arrays, int], "TrainReply | EvaluateReply"]
 
@@ -45,23 +45,26 @@ def evaluate(msg: Message, context: Context) -> Message:
 def _handle(msg: Message, context: Context, step: Step) -> Message:
     cfg = RunConfig.from_flower(context.run_config)
     node_config = NodeConfig.from_flower(context.node_config)
-    policy = node_config.policy(cfg)
     try:
+        policy = node_config.policy(cfg)
         policy.admit(cfg)  # before any data is read: the run config is only the operator's request
     except PolicyViolation as violation:
         log.warning("%s refuses the run: %s", node_config.name, violation)
         return refusal(msg, node_config.name, str(violation))
-    node = load_node(cfg, node_config)
-    arrays, server_round = read_instruction(msg)
-    check_global_arrays(arrays, node.data.num_ads, cfg.factors)
     try:
+        node = load_node(cfg, node_config)
+        arrays, server_round = read_instruction(msg)
+        check_global_arrays(arrays, node.data.num_ads, cfg.factors)
         # read, check, release and record as one: the SuperNode may run this node's messages at once
         with PrivacyLedger.lock(node.state.directory):
             plan = open_plan(cfg, policy, node.data.num_users, node.state.directory)
             reply = step(cfg, node, solver_for(cfg, node.data), plan, arrays, server_round)
-    except PrivacyRefusal as refused:
-        log.warning("%s refuses: %s", node.name, refused)
-        return refusal(msg, node.name, str(refused))
+    except PrivacyRefusal as refused:  # its reason is written from public values only
+        log.warning("%s refuses: %s", node_config.name, refused)
+        return refusal(msg, node_config.name, str(refused))
+    except Exception:  # whatever failed, its text stays here: it may quote the merchant's data
+        log.exception("%s could not answer this message", node_config.name)
+        return failure(msg, node_config.name)
     return reply.to_message(msg)
 
 

@@ -92,7 +92,8 @@ def cmd_budget(args: argparse.Namespace, out: TextIO) -> int:
     r = report
     print(f"privacy budget of {r['state_dir']} ({r['accountant']} accountant)", file=out)
     if not r["dp_guarantee"]:
-        print(f"  NO DP GUARANTEE: {r['non_private_releases']} release(s) were made without differential privacy", file=out)
+        without_dp = r["non_private_releases"] + r["exact_metric_releases"]
+        print(f"  NO DP GUARANTEE: {without_dp} release(s) were made without differential privacy", file=out)
     print(f"  epsilon spent:         {_show(r['epsilon_spent'], '.6g') if r['dp_guarantee'] else 'inf'}", file=out)
     print(f"  epsilon remaining:     {_show(r['epsilon_remaining'], '.6g')}", file=out)
     print(f"  target epsilon:        {_show(r['target_epsilon'], 'g')}", file=out)
@@ -107,8 +108,8 @@ def cmd_budget(args: argparse.Namespace, out: TextIO) -> int:
         print("  policy:                (give --node-config to show the merchant's policy)", file=out)
     else:
         mode = "user-level DP required" if policy["mode"] == "user" else "none (no DP claim)"
-        print(f"  policy:                {mode}; epsilon at most {policy['max_epsilon']:g}, delta {policy['delta']:.3g}, "
-              f"metrics {policy['metrics']}, solvers {', '.join(policy['solvers'])}", file=out)
+        print(f"  policy:                {mode}; epsilon at most {policy['max_epsilon']:g}, delta {policy['delta']:.3g} "
+              f"(at most {policy['max_users']} users), metrics {policy['metrics']}, solvers {', '.join(policy['solvers'])}", file=out)
     return EXIT_OK
 
 

@@ -13,6 +13,7 @@ are the strategy's, from `flwr.serverapp.strategy`. This loop adds what fedads n
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -127,7 +128,9 @@ class RoundLoop:
             }
             spent = [m[DP_EPSILON] for m in round_log.clients.values() if DP_EPSILON in m]
             if spent:
-                record["privacy"] = {"level": "user", "epsilon_max": max(spent), "epsilon_min": min(spent)}
+                # an exact release reports epsilon infinite: no DP claim then, whatever the others say
+                level = "user" if all(math.isfinite(e) for e in spent) else "none"
+                record["privacy"] = {"level": level, "epsilon_max": max(spent), "epsilon_min": min(spent)}
             if (server_epsilon := privacy_spent()) is not None:
                 record["privacy"] = {"level": "client", "epsilon_max": server_epsilon}
             if round_log.refused:

@@ -168,7 +168,7 @@ class RunConfig(BaseModel):
     target_epsilon: float = Field(8.0, gt=0, description="total budget per merchant over the whole training (at most the merchant's max-epsilon)")
     target_delta: float = Field(0.0, ge=0, lt=1, description="0 = the merchant policy's delta (default 1e-6); a run may ask for less, never more")
     dp_sample_rate: float = Field(0.25, gt=0, le=1, description=(
-        "DP-SGD: Poisson rate at which users join a step (public, not derived from the shard's size)"))
+        "DP-SGD: Poisson rate at which users join a step, 1 / an integer (public, not derived from the shard's size)"))
     max_grad_norm: float = Field(0.1, gt=0, description="DP-SGD: per-user clip norm of the ad step's gradient")
     dp_grad_sample_mode: Literal["auto", "fused", "opacus", "hooks", "ghost"] = Field("auto", description=(
         "DP-SGD: auto (= fused: closed-form per-user clipping) | opacus (hooks or ghost by size) | hooks | ghost"))
@@ -186,6 +186,8 @@ class RunConfig(BaseModel):
             raise ValueError(f"dataset '{self.dataset}' needs data-path")
         if self.dataset in ("amazon-seq", "logs") and not self.catalog_path:
             raise ValueError(f"dataset '{self.dataset}' needs catalog-path (the ad catalog / item attributes)")
+        if abs(1.0 / self.dp_sample_rate - round(1.0 / self.dp_sample_rate)) > 1e-9:
+            raise ValueError(f"dp-sample-rate {self.dp_sample_rate} must be 1 / an integer (a whole number of DP-SGD steps per epoch)")
         if self.privacy == "client" and self.mf_solver != "sgd":
             raise ValueError("privacy 'client' (Flower's clipping of whole model updates) needs mf-solver 'sgd': "
                              "ALS replies are statistics, not model updates")

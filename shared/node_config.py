@@ -21,7 +21,7 @@ import tomli_w
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from shared.config import DASHED_KEYS, ConfigError, RunConfig, format_validation_error, line_of, read_toml
-from shared.privacy_policy import DEFAULT_DELTA, SOLVERS, PrivacyPolicy
+from shared.privacy_policy import DEFAULT_DELTA, DEFAULT_MAX_USERS, SOLVERS, PrivacyPolicy
 
 FLOWER_NODE_CONFIG = "the SuperNode's node config (flower-supernode --node-config)"
 PATH_KEYS = ("data-path", "catalog-path", "state-dir")
@@ -40,6 +40,7 @@ class NodeConfig(BaseModel):
     privacy_mode: Literal["user", "none"] = Field("user", description="user: user-level DP required | none: no DP claim")
     max_epsilon: float = Field(8.0, gt=0, description="the most epsilon the merchant's ledger may ever spend")
     delta: float = Field(DEFAULT_DELTA, gt=0, lt=1, description="the public delta of the merchant's guarantee")
+    max_users: int = Field(DEFAULT_MAX_USERS, ge=1, description="a public upper bound on the merchant's users (delta stays below 1 / it)")
     metrics_release: Literal["noised", "none"] = Field("noised", description="how evaluation metrics may leave under DP")
     solvers: str = Field(",".join(SOLVERS), description="comma-separated solvers the merchant trains: als, sgd")
     # a simulated node: Flower's partition of the run's dataset
@@ -57,6 +58,10 @@ class NodeConfig(BaseModel):
         unknown = {s.strip() for s in self.solvers.split(",")} - set(SOLVERS)
         if unknown or not self.solvers.strip():
             raise ValueError(f"solvers must name some of {', '.join(SOLVERS)}, got {self.solvers!r}")
+        try:
+            self.pinned_policy()
+        except ValidationError as exc:
+            raise ValueError("; ".join(str(error["msg"]) for error in exc.errors())) from None
         return self
 
     @property
@@ -73,7 +78,7 @@ class NodeConfig(BaseModel):
         """The policy of this node config's own keys (a deployed merchant's)."""
         solvers = tuple(s.strip() for s in self.solvers.split(",") if s.strip())
         return PrivacyPolicy.model_validate({"mode": self.privacy_mode, "max_epsilon": self.max_epsilon, "delta": self.delta,
-                                             "metrics": self.metrics_release, "solvers": solvers})
+                                             "max_users": self.max_users, "metrics": self.metrics_release, "solvers": solvers})
 
     @property
     def name(self) -> str:

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared.config import RunConfig
 
-DEFAULT_DELTA = 1e-6  # public: far below 1 / users of any merchant of up to 10^5 users
+DEFAULT_DELTA = 1e-6  # public: far below 1 / users of any merchant of up to DEFAULT_MAX_USERS
+DEFAULT_MAX_USERS = 100_000
 Solver = Literal["als", "sgd"]
 SOLVERS: tuple[Solver, ...] = ("als", "sgd")
 
@@ -33,6 +34,9 @@ class PrivacyPolicy(BaseModel):
     mode: Literal["user", "none"] = "user"  # user: user-level DP is required; none: the merchant makes no DP claim
     max_epsilon: float = Field(8.0, gt=0)  # the most its ledger may ever spend
     delta: float = Field(DEFAULT_DELTA, gt=0, lt=1)  # public, so the epsilon it reports is a function of public values
+    # a public upper bound on the merchant's users: delta must stay below 1 / it. Checked here,
+    # on public values, never against the actual count (a refusal that depends on it would leak it)
+    max_users: int = Field(DEFAULT_MAX_USERS, ge=1)
     metrics: Literal["noised", "none"] = "noised"  # how evaluation metrics may leave under DP
     solvers: tuple[Solver, ...] = SOLVERS
 
@@ -43,11 +47,22 @@ class PrivacyPolicy(BaseModel):
             raise ValueError("at least one solver")
         return solvers
 
+    @model_validator(mode="after")
+    def _delta_below_one_over_users(self) -> PrivacyPolicy:
+        if self.delta * self.max_users >= 1:
+            raise ValueError(f"delta {self.delta:g} is not below 1 / max-users ({self.max_users}): "
+                             "it could let one of that many users be revealed outright")
+        return self
+
     @classmethod
     def for_simulation(cls, cfg: RunConfig) -> PrivacyPolicy:
-        """A simulated merchant gives exactly the privacy its run asks for."""
-        return cls(mode="user" if cfg.privacy == "user" else "none", max_epsilon=cfg.target_epsilon,
-                   delta=cfg.target_delta or DEFAULT_DELTA, metrics=cfg.dp_metrics, solvers=(cfg.mf_solver,))
+        """A simulated merchant gives exactly the privacy its run asks for (PolicyViolation when
+        that is no valid policy, e.g. a delta not below 1 / max-users)."""
+        try:
+            return cls(mode="user" if cfg.privacy == "user" else "none", max_epsilon=cfg.target_epsilon,
+                       delta=cfg.target_delta or DEFAULT_DELTA, metrics=cfg.dp_metrics, solvers=(cfg.mf_solver,))
+        except ValidationError as exc:
+            raise PolicyViolation("; ".join(str(error["msg"]) for error in exc.errors())) from None
 
     def delta_for(self, cfg: RunConfig) -> float:
         """The delta of a run: the policy's, or a smaller one the run asks for."""
@@ -69,5 +84,5 @@ class PrivacyPolicy(BaseModel):
             raise PolicyViolation(f"the merchant's policy releases no evaluation metrics; the run asks for dp-metrics = '{cfg.dp_metrics}'")
 
     def describe(self) -> dict[str, object]:
-        return {"mode": self.mode, "max_epsilon": self.max_epsilon, "delta": self.delta, "metrics": self.metrics,
-                "solvers": list(self.solvers)}
+        return {"mode": self.mode, "max_epsilon": self.max_epsilon, "delta": self.delta, "max_users": self.max_users,
+                "metrics": self.metrics, "solvers": list(self.solvers)}

@@ -7,7 +7,8 @@ Server -> client (Flower's FedAvg `configure_train` / `configure_evaluate`):
 Client -> server:
     train:    "arrays" (GLOBAL_KEYS, or with ALS the statistics ALS_*), "metrics", "client" {"name"}
     evaluate: "metrics", "client"
-    refused:  an Error reply, code PRIVACY_REFUSED, with the merchant's reason
+    refused:  an Error reply, code PRIVACY_REFUSED, with the merchant's reason (public values only)
+    failed:   an Error reply, code CLIENT_FAILED, that says only that (details stay with the merchant)
 "metrics" holds NUM_EXAMPLES, the weight a FedAvg reads (not in ALS training replies: the server
 sums statistics; under user-level DP a public constant or a noised count), and from a private
 merchant DP_EPSILON and DP_NOISE_MULTIPLIER. No record holds a user id or a user factor.
@@ -42,8 +43,11 @@ DP_STEPS = "dp-steps"
 TRAIN_LOSS = "train-loss"
 TRAIN_ROWS = "train-rows"
 TOPPOP_PREFIX = "toppop-"
-# the Error code of a reply refused under the merchant's privacy budget or ledger
+# the Error code of a reply refused under the merchant's privacy budget, ledger or policy
 PRIVACY_REFUSED = 4001
+# the Error code of a merchant that failed to answer; its reason says nothing more (the details,
+# which may quote its data, stay in its own log)
+CLIENT_FAILED = 4002
 # array keys: the global parameters, and the ALS statistics a training reply carries instead
 AD_FACTORS = "ad_factors"
 AD_BIAS = "ad_bias"
@@ -170,3 +174,11 @@ def refusal(reply_to: Message, client: str, reason: str) -> Message:
     from flwr.app import Error, Message
 
     return Message(Error(code=PRIVACY_REFUSED, reason=f"{client} refused: {reason}"), reply_to=reply_to)
+
+
+def failure(reply_to: Message, client: str) -> Message:
+    """The reply of a merchant that could not answer: no exception text leaves it (a message such
+    as a malformed log line's, or one that depends on how many users it holds, would be a release)."""
+    from flwr.app import Error, Message
+
+    return Message(Error(code=CLIENT_FAILED, reason=f"{client} could not answer this message (its own log says why)"), reply_to=reply_to)

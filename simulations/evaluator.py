@@ -5,7 +5,9 @@ model exactly without asking the merchants, which under user-level DP release th
 noised or not at all. This is a simulation path, outside any privacy guarantee, and never a
 deployed one: it reads the shards the harness cut, not anything a merchant sent. Each
 merchant's users are refitted to each round's checkpoint with the run's user step, as the
-merchant's own evaluation does, on the same split and evaluation negatives.
+merchant's own evaluation does (with the same random streams, and for solvers that warm-start
+users, from the factors its training message of the round left), on the same split and
+evaluation negatives: without DP, it gives the merchants' own metrics (tests/test_evaluator.py).
 
     exact_history.json   beside the run's history.json: per round, the aggregate (weighted by
                          test users, with TopPop beside it) and every merchant's metrics
@@ -44,20 +46,29 @@ def exact_history(cfg: RunConfig, clients: int, output_dir: Path) -> list[dict[s
     shards = shard_data(cfg, load_dataset(cfg), clients)
     solvers = [solver_for(cfg, data) for _, data in shards]
     toppop = _weighted([data.evaluate_toppop() for _, data in shards])
-    previous: list[np.ndarray | None] = [None] * len(shards)
+    stored: list[np.ndarray | None] = [None] * len(shards)  # each merchant's user factors on its disk
+    received: dict[str, np.ndarray] | None = None  # the model the merchants trained from this round
     history = []
     for server_round in rounds:
         arrays = load_npz(checkpoints / f"round-{server_round:04d}.npz")
         per_merchant: dict[str, dict[str, float]] = {}
         for index, ((name, data), solver) in enumerate(zip(shards, solvers)):
-            rng = np.random.default_rng([cfg.seed, server_round, 1, zlib.crc32(name.encode())])  # as the merchant's evaluation
-            factors = solver.fit_users(arrays, rng, previous[index] if solver.warm_starts_users else None)
-            previous[index] = factors
+            if solver.warm_starts_users and received is not None:
+                # the merchant's training message of this round refitted its users to the model it received
+                stored[index] = solver.fit_users(received, _rng(cfg, server_round, 0, name), stored[index])
+            factors = solver.fit_users(arrays, _rng(cfg, server_round, 1, name), stored[index] if solver.warm_starts_users else None)
+            stored[index] = factors
             per_merchant[name] = data.evaluate(arrays, factors)
         aggregate = {**_weighted(list(per_merchant.values())), **{TOPPOP_PREFIX + k: v for k, v in toppop.items()}}
         clients_metrics = {name: {**{k: m[k] for k in METRIC_NAMES}, TEST_USERS: m[NUM_TEST_USERS]} for name, m in per_merchant.items()}
         history.append({"round": server_round, "evaluate": aggregate, "clients": clients_metrics})
+        received = arrays
     return history
+
+
+def _rng(cfg: RunConfig, server_round: int, purpose: int, name: str) -> np.random.Generator:
+    """The merchant's own stream of a round's message (client/handlers.py): 0 training, 1 evaluation."""
+    return np.random.default_rng([cfg.seed, server_round, purpose, zlib.crc32(name.encode())])
 
 
 def write_exact_history(cfg: RunConfig, clients: int, output_dir: Path) -> list[dict[str, Any]]:

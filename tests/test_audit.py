@@ -10,9 +10,9 @@ import pytest
 
 from shared.config import RunConfig
 from shared.data.loaders import load_catalog_file, load_log_file
-from shared.data.sources import load_dataset
+from shared.data.sources import load_dataset, simulated_shards
 from shared.data.split import NO_TEST, leave_last_out
-from simulations.audit.canaries import CATEGORY, draw_canaries, write_dataset
+from simulations.audit.canaries import CATEGORY, draw_canaries, pin_shards, write_dataset
 from simulations.audit.command import main as audit_main
 from simulations.audit.figures import markdown_table
 from simulations.audit.runs import plan_runs
@@ -72,6 +72,24 @@ def test_canaries_half_in_with_their_ads_public_and_trained_on(tmp_path):
     reread = load_log_file(log_path, catalog)
     assert catalog.ad_ids == augmented.catalog.ad_ids and np.array_equal(reread.ad, augmented.log.ad)
     assert write_dataset(again, tmp_path / "again")[2] == digest
+
+
+@pytest.mark.parametrize("partitioning", ["iid", "dirichlet", "merchant"])
+def test_a_canary_joins_one_shard_and_moves_no_other_user(partitioning):
+    """The shards are cut before the canaries join: with the shards pinned, every merchant holds
+    exactly its own users of the run without canaries, plus the canaries drawn in for it (an iid
+    cut of the augmented log would reshuffle every shard with each canary)."""
+    cfg = _synthetic(partitioning=partitioning)
+    dataset = load_dataset(cfg)
+    before = {name: set(shard.user.tolist()) for name, shard in simulated_shards(cfg, dataset, 3)}
+    augmented, canaries = draw_canaries(pin_shards(dataset, cfg, 3), 60, seed=5)
+    after = {name: set(shard.user.tolist()) for name, shard in simulated_shards(cfg.with_values(partitioning="merchant"), augmented, 3)}
+    assert set(after) == set(before)
+    joined = set()
+    for name, users in after.items():
+        assert users - set(canaries.user_ids) == before[name]
+        joined |= users & set(canaries.user_ids)
+    assert joined == {u for u, flag in zip(canaries.user_ids, canaries.included) if flag}
 
 
 def test_without_ordinary_ads_the_canary_ad_is_the_only_positive():

@@ -169,7 +169,7 @@ def test_sweep_is_cached_resumes_after_an_interruption_and_reports(tmp_path, mon
 def test_centralized_and_one_client_federated_agree(tmp_path):
     """With one merchant holding all data, FedAvg is that merchant's training: same model code,
     same metrics; only the sampled negatives' random streams differ."""
-    values = {"synthetic-users": 400, "synthetic-ads": 150, "synthetic-merchants": 1, "partitioning": "iid",
+    values = {"privacy": "none", "synthetic-users": 400, "synthetic-ads": 150, "synthetic-merchants": 1, "partitioning": "iid",
               "num-rounds": 4, "min-nodes": 1, "local-epochs": 2, "factors": 8, "seed": 5,
               "output-dir": str(tmp_path / "out"), "state-dir": str(tmp_path / "out" / "state")}
     cfg = RunConfig.from_flower(values)

@@ -13,6 +13,8 @@ import pytest
 
 from client.privacy.ledger import LEDGER_FILE, PrivacyLedger, PrivacyRefusal
 from shared.config import ConfigError, RunConfig
+from shared.data.loaders import write_catalog_csv, write_log_csv
+from shared.data.schema import Dataset
 from shared.data.sources import load_dataset
 from shared.node_config import NodeConfig
 from shared.params import init_global_arrays
@@ -78,12 +80,13 @@ def _released(cfg: RunConfig, partition: int) -> dict[str, float]:
     return dict(reply.content[METRICS])
 
 
-@pytest.mark.parametrize("solver", ["als", "sgd"])
-def test_what_leaves_does_not_depend_on_the_shards_size(tmp_path, solver):
+@pytest.mark.parametrize(("solver", "mode"), [("als", "auto"), ("sgd", "fused"), ("sgd", "hooks"), ("sgd", "ghost")])
+def test_what_leaves_does_not_depend_on_the_shards_size(tmp_path, solver, mode):
     """Two merchants of different sizes release the same epsilon, noise and weight: before, delta
     = 0.1 / users made every reported epsilon a function of the user count (and DP-SGD's
-    sampling rate and FedAvg weight were derived from it)."""
-    cfg = small_run_config(tmp_path, privacy="user", **{"mf-solver": solver, "num-rounds": 2, "dp-metrics": "none", "local-epochs": 1})
+    sampling rate and FedAvg weight were derived from it, in Opacus' own modes too)."""
+    cfg = small_run_config(tmp_path, privacy="user", **{"mf-solver": solver, "num-rounds": 2, "dp-metrics": "none", "local-epochs": 1,
+                                                        "dp-grad-sample-mode": mode})
     sizes = [simulated_node(cfg, p).data.num_users for p in (0, 1)]
     assert sizes[0] != sizes[1]
     small, large = _released(cfg, 0), _released(cfg, 1)
@@ -96,13 +99,26 @@ def test_what_leaves_does_not_depend_on_the_shards_size(tmp_path, solver):
     assert ledger.state.delta == DEFAULT_DELTA
 
 
-def test_a_refusal_names_no_count_of_users(tmp_path):
-    cfg = small_run_config(tmp_path, privacy="user")
+def test_delta_is_checked_against_a_public_bound_never_against_the_count(tmp_path):
+    """A delta too large for the policy's public max-users is refused on public values alone; a
+    merchant with more users than it declared is not refused (a refusal would tell its count)."""
+    with pytest.raises(ConfigError, match="not below 1 / max-users"):
+        NodeConfig.from_flower(_deployed(tmp_path, delta=1e-3, **{"max-users": 5000}))
+    cfg = small_run_config(tmp_path, privacy="user", **{"num-rounds": 1, "dp-metrics": "none"})
     arrays = init_global_arrays(cfg.synthetic_ads, cfg.factors, cfg.seed)
+    refused = client_call("train", cfg.with_values(target_delta=0.5), arrays)  # a simulated node's policy is its run's
+    assert refused.has_error() and "not below 1 / max-users" in refused.error.reason
+    assert not (tmp_path / "out" / "state").exists()  # refused before any data was read
     node = simulated_node(cfg, 0)
-    reply = client_call("train", cfg.with_values(target_delta=0.5), arrays)  # a simulated node's policy is its run's
-    assert reply.has_error() and "not below 1 / users" in reply.error.reason
-    assert str(node.data.num_users) not in reply.error.reason and str(1 / node.data.num_users)[:5] not in reply.error.reason
+    dataset = load_dataset(cfg)
+    log = tmp_path / "merchant.csv"
+    write_log_csv(log, Dataset("m", dataset.catalog, dataset.log.subset(np.flatnonzero(np.isin(dataset.log.user, node.data.user_ids)))))
+    catalog = tmp_path / "catalog.csv"
+    write_catalog_csv(catalog, dataset.catalog)
+    small_bound = _deployed(tmp_path, **{"data-path": str(log), "catalog-path": str(catalog), "max-users": 10, "delta": 1e-3})
+    assert node.data.num_users > 10
+    reply = client_call("train", cfg.with_values(target_delta=1e-3), arrays, node_config=small_bound)
+    assert not reply.has_error(), reply.error.reason
 
 
 def test_the_dp_popularity_floors_noise_cannot_be_replayed_from_the_config(tmp_path):

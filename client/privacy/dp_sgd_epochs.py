@@ -27,13 +27,14 @@ import torch
 import torch.nn.functional as F
 from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
+from opacus.data_loader import DPDataLoader
 from opacus.grad_sample.utils import register_norm_sampler
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from client.solvers.sgd_rows import UserRows
-from shared.accounting import Release, batch_size_for
+from shared.accounting import Release
 from shared.app_log import log
 from shared.model import AdModel
 from shared.wire import DP_STEPS, Arrays
@@ -215,21 +216,23 @@ def _private_ad_epochs(
 
     engine = PrivacyEngine(accountant="rdp")
     engine.accountant.load_state_dict({"history": list(history), "mechanism": engine.accountant.mechanism()})
-    loader = DataLoader(TensorDataset(torch.arange(num_users)), batch_size=batch_size_for(settings.sample_rate, num_users))
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
     generator = torch.Generator().manual_seed(settings.seed)
+    # Poisson sampling at exactly the planned rate: Opacus' own conversion of a batched loader
+    # derives the rate from the number of users (1 / number of batches), ours does not
+    loader = DPDataLoader(TensorDataset(torch.arange(num_users)), sample_rate=settings.sample_rate, generator=generator)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
     made = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, criterion=PerUserLoss(),
         noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.max_grad_norm,
-        poisson_sampling=True, grad_sample_mode=mode, noise_generator=generator,
+        poisson_sampling=False, grad_sample_mode=mode, noise_generator=generator,
     )
     if mode == "ghost":
         private_model, private_optimizer, criterion, private_loader = made
     else:
         (private_model, private_optimizer, private_loader), criterion = made, PerUserLoss()
-    if not np.isclose(private_loader.sample_rate, settings.sample_rate):
-        raise ValueError(f"Opacus samples users at rate {private_loader.sample_rate}, the budget was planned for {settings.sample_rate} "
-                         "(Opacus' own modes need 1 / dp-sample-rate to be an integer)")
+    if not np.isclose(1.0 / len(private_loader), settings.sample_rate):  # Opacus' accountant reads 1 / len(loader)
+        raise ValueError(f"Opacus accounts rate {1.0 / len(private_loader)}, the budget was planned for {settings.sample_rate}: "
+                         "1 / dp-sample-rate must be an integer")
     if settings.normalizer is not None:
         private_optimizer.expected_batch_size = int(settings.normalizer)  # Opacus divides each step's noisy sum by it
 

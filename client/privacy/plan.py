@@ -21,6 +21,7 @@ that knows the config cannot replay them.
 
 from __future__ import annotations
 
+import math
 import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -30,6 +31,7 @@ import numpy as np
 
 from client.privacy.ledger import PrivacyLedger, PrivacyRefusal
 from shared.accounting import METRIC_SENSITIVITY, CalibrationError, Release
+from shared.app_log import log
 from shared.config import RunConfig
 from shared.metrics import METRIC_NAMES, NUM_TEST_USERS
 from shared.privacy_policy import PrivacyPolicy
@@ -69,8 +71,13 @@ class PrivacyPlan(ABC, Generic[SolverT]):
         """The evaluation reply: the round's metrics as this plan lets them leave."""
 
 
+# what an exact release reports: no finite epsilon covers it
+WITHOUT_DP = PrivacyReport(math.inf, 0.0)
+
+
 class NoPrivacy(PrivacyPlan["Solver"]):
-    """Exact releases, each counted in the ledger: no DP claim is made after them."""
+    """Exact releases, each counted in the ledger: no DP claim is made after them, and every
+    reply says so (epsilon infinite)."""
 
     name = "none"
 
@@ -88,13 +95,13 @@ class NoPrivacy(PrivacyPlan["Solver"]):
     ) -> TrainReply:
         self.ledger.record_non_private(trained_round=True)  # before the work: no DP claim is made after this
         update = solver.local_update(arrays, user_factors, rng)
-        return TrainReply(client, wire_dtype(update.arrays), self.weight() if solver.sends_weight else None, update.metrics)
+        return TrainReply(client, wire_dtype(update.arrays), self.weight() if solver.sends_weight else None, update.metrics, WITHOUT_DP)
 
     def release_metrics(self, client: str, data: NodeData, metrics: Metrics, server_round: int) -> EvaluateReply:
         self.ledger.record_non_private(trained_round=False)
         exact = metrics()
         toppop = {k: v for k, v in data.evaluate_toppop().items() if k != NUM_TEST_USERS}
-        return EvaluateReply(client, exact[NUM_TEST_USERS], _means(exact), toppop)
+        return EvaluateReply(client, exact[NUM_TEST_USERS], _means(exact), toppop, WITHOUT_DP)
 
 
 class ClientLevel(NoPrivacy):
@@ -120,9 +127,10 @@ class UserLevelPlan(PrivacyPlan[SolverT]):
 
     def __init__(self, cfg: RunConfig, policy: PrivacyPolicy, num_users: int, ledger: PrivacyLedger) -> None:
         super().__init__(cfg, policy, num_users, ledger)
-        delta = policy.delta_for(cfg)
-        if delta * num_users >= 1.0:  # the reason names no count: the shard's size is private
-            raise PrivacyRefusal(f"delta {delta:g} is not below 1 / users of this shard: the merchant's policy needs a smaller delta")
+        delta = policy.delta_for(cfg)  # below 1 / the policy's public max-users; never checked against the actual count
+        if num_users > policy.max_users:  # a refusal would leak the count: the merchant's own log says it
+            log.warning("this shard has more users than its policy's max-users (%d): its delta %g is weaker than meant",
+                        policy.max_users, delta)
         target_epsilon = ledger.bind(cfg.target_epsilon, delta)
         if ledger.state.noise_multiplier is None:
             try:

@@ -8,9 +8,14 @@ latest ordinary ad is its held-out test ad and the canary ad is always a trainin
 canary ad is the user's only positive and trains). Each canary is in the training data
 independently with probability 1/2 from the audit's own seeded RNG, recorded; an excluded
 canary has no rows, but its ad stays in the catalog: the catalog is public and fixed before
-training, so the server learns nothing from which ads it lists. Where the log has a merchant or
-region column, each canary gets one of the existing values at random, so that partitioning by
-merchant or region places it like any user (partitioning "iid" spreads canaries over merchants).
+training, so the server learns nothing from which ads it lists.
+
+The shards are cut before any canary is added (`pin_shards`): every ordinary user gets the
+merchant its run's partitioning gives it, written as the log's merchant column, and each canary
+one of those merchants at random, independently of its inclusion; the runs then partition by
+that column. So whether canary i is in changes merchant j's data by that one user only, as the
+per-merchant guarantee's adjacency says. (Partitioning the augmented log afresh, "iid" or
+"dirichlet", would reshuffle every shard with each canary, which no merchant's guarantee covers.)
 
 The augmented dataset is written as a generic "logs" dataset (log CSV + catalog CSV) for the
 federated runs to read (dataset = "logs", data-path, catalog-path). That format keeps an ad's
@@ -26,8 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.config import RunConfig
 from shared.data.loaders import write_catalog_csv, write_log_csv
 from shared.data.schema import AdCatalog, Dataset, Event, InteractionLog
+from shared.data.sources import simulated_shards
 
 USER_PREFIX = "canary-user-"
 AD_PREFIX = "canary-ad-"
@@ -47,6 +54,17 @@ class Canaries:
 
     def __len__(self) -> int:
         return len(self.ad_ids)
+
+
+def pin_shards(dataset: Dataset, cfg: RunConfig, clients: int) -> Dataset:
+    """The dataset with a merchant column naming each user's shard, as `cfg`'s partitioning cuts
+    it into `clients` shards (partitioning = "merchant" then reproduces those shards)."""
+    shard_of = {str(user): name for name, shard in simulated_shards(cfg, dataset, clients) for user in np.unique(shard.user)}
+    log = dataset.log
+    merchant = np.array([shard_of[str(user)] for user in log.user], dtype=object)
+    pinned = InteractionLog(user=log.user, ad=log.ad, timestamp=log.timestamp, event=log.event, merchant=merchant,
+                            region=log.region, source=log.source, rejected=log.rejected)
+    return Dataset(dataset.name, dataset.catalog, pinned)
 
 
 def draw_canaries(dataset: Dataset, count: int, seed: int, ordinary: int = 3) -> tuple[Dataset, Canaries]:

@@ -28,7 +28,7 @@ from deploy.processes import terminate_as_exit
 from shared.data.sources import load_dataset
 from shared.storage import atomic_write_json
 from simulations import PROJECT_ROOT
-from simulations.audit.canaries import Canaries, draw_canaries, write_dataset
+from simulations.audit.canaries import Canaries, draw_canaries, pin_shards, write_dataset
 from simulations.audit.figures import AUDIT_DIR, RECORDS, audit_page, markdown_table, plot_audit
 from simulations.audit.runs import AuditError, AuditRun, audit_run, cached_record, on_canary_data, plan_runs
 from simulations.audit.statistics import CONFIDENCE
@@ -56,7 +56,7 @@ def run_audit(
     output.mkdir(parents=True, exist_ok=True)
     source = runs[0].config  # every run cuts the same dataset: they differ in training and privacy only
     seed = source.seed if seed is None else seed
-    dataset = load_dataset(source)
+    dataset = pin_shards(load_dataset(source), source, runs[0].clients)  # shards cut before any canary joins one
     augmented, drawn = draw_canaries(dataset, canaries, seed, ordinary)
     data = write_dataset(augmented, output / "data")
     _write_canaries(drawn, output / "canaries.json")

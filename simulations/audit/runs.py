@@ -78,7 +78,7 @@ def plan_runs(experiment: Experiment, solvers: list[str] | None = None, epsilons
 
 def on_canary_data(run: AuditRun, log_path: Path, catalog_path: Path, run_dir: Path) -> RunConfig:
     """The run's config on the augmented dataset, writing into `run_dir`."""
-    return run.config.with_values(dataset="logs", data_path=str(log_path), catalog_path=str(catalog_path),
+    return run.config.with_values(dataset="logs", data_path=str(log_path), catalog_path=str(catalog_path), partitioning="merchant",
                                   output_dir=str(run_dir), state_dir=str(run_dir / "state"), resume=False)
 
 
