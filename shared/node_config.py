@@ -21,7 +21,7 @@ import tomli_w
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from shared.config import DASHED_KEYS, ConfigError, RunConfig, format_validation_error, line_of, read_toml
-from shared.privacy_policy import DEFAULT_DELTA, DEFAULT_MAX_USERS, SOLVERS, PrivacyPolicy
+from shared.privacy_policy import DEFAULT_DELTA, DEFAULT_MAX_USERS, SOLVERS, PrivacyPolicy, validation_reasons
 
 FLOWER_NODE_CONFIG = "the SuperNode's node config (flower-supernode --node-config)"
 PATH_KEYS = ("data-path", "catalog-path", "state-dir")
@@ -61,7 +61,7 @@ class NodeConfig(BaseModel):
         try:
             self.pinned_policy()
         except ValidationError as exc:
-            raise ValueError("; ".join(str(error["msg"]) for error in exc.errors())) from None
+            raise ValueError(validation_reasons(exc)) from None
         return self
 
     @property

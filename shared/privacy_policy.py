@@ -62,7 +62,7 @@ class PrivacyPolicy(BaseModel):
             return cls(mode="user" if cfg.privacy == "user" else "none", max_epsilon=cfg.target_epsilon,
                        delta=cfg.target_delta or DEFAULT_DELTA, metrics=cfg.dp_metrics, solvers=(cfg.mf_solver,))
         except ValidationError as exc:
-            raise PolicyViolation("; ".join(str(error["msg"]) for error in exc.errors())) from None
+            raise PolicyViolation(validation_reasons(exc)) from None
 
     def delta_for(self, cfg: RunConfig) -> float:
         """The delta of a run: the policy's, or a smaller one the run asks for."""
@@ -86,3 +86,8 @@ class PrivacyPolicy(BaseModel):
     def describe(self) -> dict[str, object]:
         return {"mode": self.mode, "max_epsilon": self.max_epsilon, "delta": self.delta, "max_users": self.max_users,
                 "metrics": self.metrics, "solvers": list(self.solvers)}
+
+
+def validation_reasons(exc: ValidationError) -> str:
+    """The reasons of a failed validation, without pydantic's "Value error, " prefixes."""
+    return "; ".join(str(error.get("ctx", {}).get("error", error["msg"])) for error in exc.errors())

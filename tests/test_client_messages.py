@@ -21,14 +21,15 @@ from tests.conftest import simulated_node, small_run_config
 
 pytestmark = pytest.mark.usefixtures("as_server")
 
+WITHOUT_DP = {"dp-epsilon", "dp-noise-multiplier"}  # every reply says what it costs: here, epsilon infinite
 ALLOWED_METRICS = {
-    "train": {"num-examples", "train-loss", "train-rows"},
-    "train-als": set(),  # the server sums statistics: no weight, no count
+    "train": {"num-examples", "train-loss", "train-rows"} | WITHOUT_DP,
+    "train-als": WITHOUT_DP,  # the server sums statistics: no weight, no count
     "evaluate": {
         "num-examples", "hr10_sampled", "ndcg10_sampled", "hr10_full", "ndcg10_full", "recall20_full", "auc_full",
         "toppop-hr10_sampled", "toppop-ndcg10_sampled", "toppop-hr10_full", "toppop-ndcg10_full",
         "toppop-recall20_full", "toppop-auc_full",
-    },
+    } | WITHOUT_DP,
 }
 
 
@@ -46,6 +47,7 @@ def test_reply_carries_no_user_id_and_no_user_factor(tmp_path, kind, solver):
     # exactly what the protocol allows
     assert set(content.metric_records) == {"metrics"}
     assert set(content["metrics"]) == ALLOWED_METRICS[f"{kind}-als" if kind == "train" and solver == "als" else kind]
+    assert content["metrics"]["dp-epsilon"] == float("inf")  # an exact release: no DP claim
     assert dict(content["client"]) == {"name": node.name}
     if kind == "train" and solver == "als":  # sums over users of the ALS statistics, per ad
         sent = from_array_record(content["arrays"])
