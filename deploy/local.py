@@ -1,6 +1,7 @@
 """A whole deployment on one machine, for tests and measurements: dev certificates, a TLS
 SuperLink with SuperNode authentication and a state database, the merchants' keys registered,
-one SuperNode per merchant; every process is stopped on the way out, also on failure.
+one SuperNode per merchant; every process is stopped on the way out, also on failure, and by a
+sweeper (deploy.processes) if the process that started them is killed outright.
 
 Each process gets its own FLWR_HOME and log file under the work dir, and free loopback ports,
 so several deployments (and simulations) can share a machine.
@@ -22,10 +23,12 @@ import tomli_w
 
 from deploy.dev_certs import MerchantKeys, create_merchant_keys, create_tls_files
 from deploy.merchant import supernode_command
-from deploy.processes import free_port, stop_tree, wait_for_port
+from deploy.processes import Sweeper, free_port, stop_tree, wait_for_port
 from deploy.superlink import BIN, CONNECTION, ServerTls, parse_cli_json, register_merchant, superlink_command, tool_env, write_cli_config
 from shared.node_config import NodeConfig
 from simulations import PROJECT_ROOT
+
+DEPLOYMENT_MARK = "FEDADS_LOCAL_DEPLOYMENT"  # in every process a local deployment starts: its work dir
 
 
 class DeploymentError(RuntimeError):
@@ -159,8 +162,10 @@ def local_deployment(
     address = f"127.0.0.1:{port}"
     operator_home = work_dir / "operator-flwr-home"
     write_cli_config(operator_home, address, tls.ca_cert)
-    deployment = LocalDeployment(work_dir, address, tls, tool_env(operator_home), dict(extra_env or {}))
+    sweeper = Sweeper(DEPLOYMENT_MARK, str(work_dir))  # stops them all even if this process is killed outright
+    deployment = LocalDeployment(work_dir, address, tls, tool_env(operator_home), {**(extra_env or {}), **sweeper.mark})
     with deployment._stack:
+        deployment._stack.callback(sweeper.close)  # last, after each process was stopped
         (work_dir / "superlink").mkdir(exist_ok=True)
         superlink = deployment.start(
             "superlink", superlink_command(tls, work_dir / "superlink" / "state.db", host="127.0.0.1", port=port),

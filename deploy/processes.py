@@ -1,6 +1,6 @@
 """Local processes the harness and the deployment tools start (a Ray head node; a SuperLink and
-SuperNodes): free ports, readiness, and stopping a whole process tree (their children change
-process group)."""
+SuperNodes): free ports, readiness, stopping a whole process tree (their children change
+process group), and a sweeper that stops them even when their starter is killed outright."""
 
 from __future__ import annotations
 
@@ -107,3 +107,46 @@ def terminate_as_exit() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+# Waits until its starter closes the pipe to its stdin, or dies however it dies (the pipe closes
+# with it), then kills every process whose environment holds argv[1] (NAME=value): the marked
+# processes, whatever parent they were re-parented to. In its own session, so that Ctrl-C at a
+# terminal leaves it to do its work.
+_SWEEPER = """
+import os, signal, sys, time
+sys.stdin.buffer.read()
+needle, deadline = b"\\0" + os.fsencode(sys.argv[1]) + b"\\0", time.monotonic() + 10
+def holds_needle(pid):
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as environ:
+            return needle in b"\\0" + environ.read()
+    except OSError:
+        return False
+while time.monotonic() < deadline:
+    strays = [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != os.getpid() and holds_needle(e)]
+    if not strays:
+        break
+    for pid in strays:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    time.sleep(0.05)
+"""
+
+
+class Sweeper:
+    """Kills every process marked `name=value` in its environment on `close`, or as soon as this
+    process dies, SIGKILL included: what the `finally` blocks cannot do then. Start it before
+    the processes it guards; give each of them the mark."""
+
+    def __init__(self, name: str, value: str) -> None:
+        self.mark = {name: value}
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", _SWEEPER, f"{name}={value}"], stdin=subprocess.PIPE, start_new_session=True,
+        )
+
+    def close(self) -> None:
+        """Sweep now (closes its stdin), and wait until it is done."""
+        self._process.communicate()

@@ -13,14 +13,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
 from shared.privacy_policy import DEFAULT_DELTA
 from simulations.audit.figures import AUDIT_DIR, EXPLANATION, HEADERS, RECORDS, audit_records_ok, plot_audit, table_rows
 from simulations.experiment import Experiment
+from simulations.plotting import plt, save
 
 METRIC = "ndcg10_sampled"
 SHOWN = ("hr10_sampled", "ndcg10_sampled", "hr10_full", "ndcg10_full", "recall20_full", "auc_full")
@@ -48,9 +44,7 @@ def plot_convergence(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("NDCG@10 (sampled)")
     ax.set_title("Convergence per round")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def _final(rows: list[dict[str, Any]], method: str, by: str = "cell", clients: bool = False) -> list[dict[str, Any]]:
@@ -84,9 +78,7 @@ def plot_frontier(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("NDCG@10 (sampled), final round")
     ax.set_title("Privacy-utility frontier")
     ax.legend(fontsize=8, loc="best", framealpha=0.9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_per_merchant(rows: list[dict[str, Any]], path: Path) -> None:
@@ -105,9 +97,7 @@ def plot_per_merchant(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("NDCG@10 (sampled), final round")
     ax.set_title("Who gains from federation (merchants ordered by size)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_epsilon(rows: list[dict[str, Any]], path: Path) -> None:
@@ -123,9 +113,7 @@ def plot_epsilon(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_title("Privacy budget spent per round")
     if series:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def _guarantee(cell: dict[str, Any]) -> str:

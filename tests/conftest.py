@@ -3,6 +3,9 @@ call made as Flower's runtime would make it, and the real-data location."""
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -86,6 +89,37 @@ def processes_mentioning(*needles: str, environ: bool = True) -> list[str]:
             if any(needle in cmdline or needle in env for needle in needles):
                 found.append(f"{entry.name}: {cmdline[:120]}")
     return found
+
+
+def listening_addresses(*needles: str) -> dict[str, list[str]]:
+    """The TCP addresses on which the processes `processes_mentioning(needles)` (and this test
+    process) listen, by process: read from /proc, as `ss -ltnp` does."""
+    pids = {line.split(":", 1)[0] for line in processes_mentioning(*needles)} | {str(os.getpid())}
+    listening: dict[str, str] = {}  # socket inode -> "address:port"
+    for table, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        for row in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = row.split()
+            if fields[3] == "0A":  # TCP_LISTEN
+                raw_address, raw_port = fields[1].split(":")
+                packed = bytes.fromhex(raw_address)
+                # /proc writes the address as 32-bit words in host (little-endian) order
+                packed = b"".join(packed[i : i + 4][::-1] for i in range(0, len(packed), 4))
+                listening[fields[9]] = f"{socket.inet_ntop(family, packed)}:{int(raw_port, 16)}"
+    found: dict[str, list[str]] = {}
+    for pid in pids:
+        try:
+            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        except OSError:
+            continue  # gone, or not ours to read
+        addresses = [listening[link[8:-1]] for link in links if link.startswith("socket:[") and link[8:-1] in listening]
+        if addresses:
+            found[pid] = addresses
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0]
+    return ipaddress.ip_address(host).is_loopback or host.startswith("::ffff:127.")
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import pytest
 
 from simulations.runtime import flower_internals
 from simulations.runtime.flower_internals import PINNED, Pinned, resolve
-from tests.conftest import processes_mentioning, small_run_config
+from tests.conftest import is_loopback, listening_addresses, processes_mentioning, small_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 FENCE = ROOT / "simulations" / "runtime" / "flower_internals.py"
@@ -191,10 +191,12 @@ class _ProcessesAtRound1:
         self.work_dir = work_dir
         self.seen: list[str] = []
         self.commands: list[list[str]] = []
+        self.listening: dict[str, list[str]] = {}
 
     def write(self, text: str) -> None:
         if "[ROUND 1/" in text and not self.seen:
             self.seen = processes_mentioning(str(self.work_dir))
+            self.listening = listening_addresses(str(self.work_dir))
             for process in self.seen:
                 try:
                     self.commands.append(Path(f"/proc/{process.split(':')[0]}/cmdline").read_text().split("\0"))
@@ -235,6 +237,9 @@ def test_the_public_path_runs_the_app_as_the_warm_runtime_does(tmp_path, monkeyp
     assert "--disable-runtime-dependency-installation" in superlink and superlink[superlink.index("--host") + 1] == "127.0.0.1"
     for name in ("flwr-simulation", "raylet", "ClientAppActor"):
         assert any(name in p for p in during.seen), name
+    # the SuperLink and the Ray that Flower starts listen on loopback only
+    assert len(during.listening) >= 3
+    assert {pid: a for pid, a in during.listening.items() if not all(map(is_loopback, a))} == {}
     assert processes_mentioning(str(flower_dir)) == []
     assert processes_mentioning(str(flower_dir / "flwr-home")) == []
     still = processes_mentioning("flower-superlink", "flwr-simulation", "raylet", "gcs_server", "ray::", environ=False)

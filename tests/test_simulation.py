@@ -17,7 +17,7 @@ from client.node_state import NodeState
 from shared.params import digest
 from shared.storage import load_npz
 from simulations.runtime import run_simulation
-from tests.conftest import processes_mentioning, small_run_config
+from tests.conftest import is_loopback, listening_addresses, processes_mentioning, small_run_config
 
 NUM_CLIENTS = 3
 
@@ -120,6 +120,31 @@ def test_sigterm_mid_run_leaves_no_process(tmp_path):
     assert all(len(h["clients"]) == 2 and "refused" not in h for h in history)
 
 
+def test_sigkill_mid_run_leaves_no_process(tmp_path):
+    """The main job killed outright: no `finally` runs, yet its sweeper stops the Ray cluster and
+    the actors it started, whatever they were re-parented to."""
+    import subprocess
+    import sys
+    import time
+
+    output = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "simulations.simulate", "--rounds", "50", "--clients", "2", "--output", str(output), "--quiet"],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not (output / "checkpoints" / "round-0000.npz").exists():  # the federation is up and running
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    assert any("raylet" in p for p in processes_mentioning(str(output / "runtime")))  # the cluster the sweeper must stop
+    process.kill()
+    assert process.wait(timeout=60) == -signal.SIGKILL
+    deadline = time.monotonic() + 30
+    while (left := processes_mentioning(str(output / "runtime"))) and time.monotonic() < deadline:
+        time.sleep(0.1)  # the sweeper works on its own: poll until it is done, within a bound
+    assert left == []
+
+
 def test_a_run_whose_server_app_fails_raises_with_its_log(tmp_path):
     """A ServerApp that cannot load its data fails the run: the harness raises with the log
     instead of returning as if it had trained."""
@@ -143,6 +168,10 @@ def test_a_warm_runtime_serves_runs_exactly_as_a_fresh_one(tmp_path):
     with SimulationRuntime(tmp_path / "runtime", simulations=[(first, NUM_CLIENTS)]) as runtime:
         runtime.run(first.to_flower(), NUM_CLIENTS, tmp_path / "first" / "flower")
         actors = list(runtime._pool.pool)
+        # the cluster, its actors and this driver listen on loopback only, Ray's default being every interface
+        listening = listening_addresses(str(tmp_path / "runtime"))
+        assert len(listening) >= 3  # at least the head's GCS, the raylet and the actors' workers
+        assert {pid: a for pid, a in listening.items() if not all(map(is_loopback, a))} == {}
         runtime.run(small_run_config(tmp_path / "warm", **second).to_flower(), NUM_CLIENTS, tmp_path / "warm" / "flower")
         assert sorted(map(id, runtime._pool.pool)) == sorted(map(id, actors))  # the same actors, all free again
     run_simulation(small_run_config(tmp_path / "alone", **second).to_flower(), NUM_CLIENTS, tmp_path / "alone" / "flower")

@@ -10,10 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeGuard
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+from simulations.plotting import plt, save
 
 AUDIT_DIR = "audit"  # an audit's default folder inside its experiment's sweep run folder
 RECORDS = "audit.json"
@@ -86,9 +83,7 @@ def plot_audit(records: Sequence[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("empirical epsilon lower bound (95%)")
     ax.set_title("One-run privacy audit (Steinke, Nasr and Jagielski 2023)")
     ax.legend(fontsize=8, loc="upper left", framealpha=0.9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def audit_records_ok(records: Any) -> TypeGuard[list[dict[str, Any]]]:

@@ -115,7 +115,7 @@ class SimulationRuntime:
         self.connect_seconds = 0.0  # from `start` until this process was a driver with its actors asked for
         self.start_wait_seconds = 0.0  # how long the first run waited for that
         self.stop_wait_seconds = 0.0  # how long `close` waited for Ray to be gone
-        self._cluster = RayCluster(self.work_dir, self.num_cpus, {RUNTIME_MARK: str(self.work_dir)})
+        self._cluster = RayCluster(self.work_dir, self.num_cpus, (RUNTIME_MARK, str(self.work_dir)))
         self._pool: Any = None
         self._missing: list[str] = []  # pinned Flower names the installed Flower lacks
         self._connecting: threading.Thread | None = None

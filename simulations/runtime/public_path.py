@@ -14,7 +14,7 @@ SuperLink listens on 127.0.0.1 only. Known difference from the warm path: Flower
 the ServerApp before it registers the virtual SuperNodes, so a ServerApp that samples nodes at
 once (a resumed run skips round 0's evaluation) may see fewer than all of them; the warm path
 starts the ServerApp only once all are registered (engine.py). Every process of the run is stopped when it ends, also on
-failure, timeout or interruption; a sweeper process (`_SWEEPER`) kills what is left of them,
+failure, timeout or interruption; a sweeper process (deploy.processes.Sweeper) kills what is left of them,
 found by their FLWR_HOME, then, or as soon as this process dies, even killed outright.
 """
 
@@ -25,7 +25,6 @@ import math
 import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -36,7 +35,7 @@ from typing import IO, Any
 
 import tomli_w
 
-from deploy.processes import ProcessStartError, free_port, stop_tree, wait_for_port
+from deploy.processes import ProcessStartError, Sweeper, free_port, stop_tree, wait_for_port
 from deploy.superlink import BIN, CONNECTION, parse_cli_json, tool_env, write_cli_config
 from simulations import PROJECT_ROOT
 
@@ -44,32 +43,6 @@ log = logging.getLogger(__name__)
 _COLOURS = re.compile(r"\x1b\[[0-9;]*m")  # Flower's console log colours its levels
 _STARTED = re.compile(r"Successfully started run (\d+)")
 STATUS_WAIT_SECONDS = 60.0  # after its log stream ended, how long a run may take to show as finished
-
-# Waits until this process closes the pipe to its stdin, or dies however it dies (the pipe
-# closes with it), then kills every process whose environment holds argv[1] (NAME=value): the
-# run's own, whatever parent they were re-parented to. In its own session, so that Ctrl-C at a
-# terminal leaves it to do its work.
-_SWEEPER = """
-import os, signal, sys, time
-sys.stdin.buffer.read()
-needle, deadline = b"\\0" + os.fsencode(sys.argv[1]) + b"\\0", time.monotonic() + 10
-def holds_needle(pid):
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as environ:
-            return needle in b"\\0" + environ.read()
-    except OSError:
-        return False
-while time.monotonic() < deadline:
-    strays = [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != os.getpid() and holds_needle(e)]
-    if not strays:
-        break
-    for pid in strays:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-    time.sleep(0.05)
-"""
 
 
 @dataclass(frozen=True)
@@ -107,7 +80,7 @@ def run_public(
     lines: list[str] = []
     with ExitStack() as stack:
         stack.callback(lambda: (work_dir / "flwr-run.log").write_text("".join(lines)))
-        _start_sweeper(stack, f"FLWR_HOME={flwr_home}")
+        stack.callback(Sweeper("FLWR_HOME", str(flwr_home)).close)  # waits until it is done
         with (work_dir / "superlink.log").open("w") as log_file:
             superlink = subprocess.Popen(
                 superlink_command(port), cwd=work_dir, env=environ,
@@ -144,13 +117,6 @@ def run_public(
         if status.get("status") != "finished:completed":
             return PublicRun(output, f"the run failed (Flower's status {status.get('status')}: {status.get('status-details')})")
         return PublicRun(output, None)
-
-
-def _start_sweeper(stack: ExitStack, mark: str) -> None:
-    """`_SWEEPER` for the processes marked `mark`; it sweeps when the stack unwinds (which
-    waits for it to finish) or when this process dies."""
-    sweeper = subprocess.Popen([sys.executable, "-c", _SWEEPER, mark], stdin=subprocess.PIPE, start_new_session=True)
-    stack.callback(sweeper.communicate)  # closes its stdin, then waits
 
 
 def _stop(process: subprocess.Popen) -> None:

@@ -4,7 +4,8 @@ driver, and its stop.
 The head node boots as `ray start --head` in its own process group (about 4 s) rather than
 from `ray.init()` in this process: `ray.init()` forks Ray's processes with a `preexec_fn`,
 which deadlocked when another thread was busy in numpy's BLAS. Its processes get the caller's
-mark in their environment, so that checks can find them; its session files live in a short
+mark in their environment, so that checks can find them and a sweeper (deploy.processes) can
+stop them if this process dies outright; its session files live in a short
 temporary folder (Unix socket paths are limited), named in `work_dir/ray-temp-dir`; its log
 is `work_dir/ray.log`. The cluster keeps nothing, so it is killed outright at the end, as
 `ray stop --force` does, not through Ray's graceful shut-down of several seconds.
@@ -12,6 +13,7 @@ is `work_dir/ray.log`. The cluster keeps nothing, so it is killed outright at th
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import shutil
@@ -19,18 +21,26 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 
-from deploy.processes import free_port, stop_tree, wait_for_port
+from deploy.processes import Sweeper, free_port, stop_tree, wait_for_port
 from simulations import PROJECT_ROOT
 
 BIN = Path(sys.executable).parent
+# A single-machine Ray: its node address is loopback, so that its GCS, raylet, workers and
+# client server listen on 127.0.0.1 rather than on every interface (Ray's default). Ray's switch
+# for this is named for macOS and Windows, where it is the default; `--node-ip-address=127.0.0.1`
+# alone does not do it, as Ray swaps loopback for the machine's outward address. Ray reads it
+# when imported, in the head node's processes and in this one, its driver (and in a SuperLink
+# that starts its own Ray, on Flower's public path): so it is set here, before Ray is imported.
+LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+os.environ.update(LOOPBACK_ONLY)
 
 
 class RayCluster:
-    def __init__(self, work_dir: Path, num_cpus: int, mark: Mapping[str, str]) -> None:
-        self.work_dir, self.num_cpus, self.mark = work_dir, num_cpus, dict(mark)
+    def __init__(self, work_dir: Path, num_cpus: int, mark: tuple[str, str]) -> None:
+        self.work_dir, self.num_cpus, self.mark = work_dir, num_cpus, mark
+        self._sweeper: Sweeper | None = None
         self.temp_dir: str | None = None
         self._head: subprocess.Popen | None = None
         self._port = 0
@@ -44,11 +54,12 @@ class RayCluster:
         self.temp_dir = tempfile.mkdtemp(prefix="fedads-ray-")
         (self.work_dir / "ray-temp-dir").write_text(self.temp_dir)
         self._port = free_port()
+        self._sweeper = Sweeper(*self.mark)  # stops the cluster even if this process is killed outright
         # Ray's processes get this environment: its workers import this checkout's packages
         # whether or not it is installed, and without a runtime env (which would make Ray start
         # every worker through a second interpreter)
         pythonpath = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p)
-        env = {**os.environ, "PYTHONPATH": pythonpath, "RAY_USAGE_STATS_ENABLED": "0", **self.mark}
+        env = {**os.environ, "PYTHONPATH": pythonpath, "RAY_USAGE_STATS_ENABLED": "0", **LOOPBACK_ONLY, **self._sweeper.mark}
         with self.log_path.open("w") as log_file:
             self._head = subprocess.Popen(
                 [
@@ -66,6 +77,11 @@ class RayCluster:
         if self._head is None:
             raise RuntimeError("the Ray cluster was not booted")
         wait_for_port(self._port, self._head, self.log_path)
+        if not ipaddress.ip_address(ray.util.get_node_ip_address()).is_loopback:
+            raise RuntimeError(
+                "Ray was imported before simulations.runtime, so it would look for its cluster on this machine's "
+                "outward address: import simulations.runtime first"
+            )
         ray.init(address=f"127.0.0.1:{self._port}", logging_level=logging.WARNING, log_to_driver=False, configure_logging=False)
 
     def driver_connected(self) -> bool:
@@ -84,5 +100,7 @@ class RayCluster:
                 ray.shutdown()
         finally:
             stop_tree(self._head, signals=(signal.SIGKILL,))
+            if self._sweeper is not None:
+                self._sweeper.close()  # anything of the cluster that left the head's process tree
             if self.temp_dir is not None:
                 shutil.rmtree(self.temp_dir, ignore_errors=True)
