@@ -22,6 +22,7 @@ from client.node_data import Node, load_node
 from client.privacy.ledger import PrivacyLedger, PrivacyRefusal
 from client.privacy.plan import PrivacyPlan
 from client.privacy.registry import PLANS, open_plan, plan_name
+from client.release_record import ReleaseRecord, release_key
 from client.solvers.base import Solver
 from client.solvers.registry import SOLVERS, solver_for
 from shared.app_log import log
@@ -29,7 +30,7 @@ from shared.config import RunConfig
 from shared.node_config import NodeConfig
 from shared.params import check_global_arrays
 from shared.privacy_policy import PolicyViolation
-from shared.wire import Arrays, EvaluateReply, TrainReply, failure, read_instruction, refusal
+from shared.wire import Arrays, EvaluateReply, TrainReply, failure, read_instruction, recorded_reply, refusal
 
 Step = Callable[[RunConfig, Node, Solver, "PrivacyPlan[Any]", Arrays, int], "TrainReply | EvaluateReply"]
 
@@ -57,8 +58,14 @@ def _handle(msg: Message, context: Context, step: Step) -> Message:
         check_global_arrays(arrays, node.data.num_ads, cfg.factors)
         # read, check, release and record as one: the SuperNode may run this node's messages at once
         with PrivacyLedger.lock(node.state.directory):
+            record = ReleaseRecord(node.state.directory, msg.metadata.message_type)
+            key = release_key(msg.metadata.message_type, context.run_config, arrays, server_round)
+            if (recorded := record.load(key)) is not None:
+                log.info("%s answers round %d again with its recorded release (no new budget spent)", node_config.name, server_round)
+                return recorded_reply(msg, node_config.name, recorded.metrics, recorded.arrays)
             plan = open_plan(cfg, policy, node.data.num_users, node.state.directory)
             reply = step(cfg, node, solver_for(cfg, node.data), plan, arrays, server_round)
+            record.save(key, reply.metric_record(), reply.arrays if isinstance(reply, TrainReply) else None)
     except PrivacyRefusal as refused:  # its reason is written from public values only
         log.warning("%s refuses: %s", node_config.name, refused)
         return refusal(msg, node_config.name, str(refused))

@@ -3,11 +3,16 @@
 output-dir/
   checkpoints/round-NNNN.npz   global ad parameters after round N (0 = initial)
   checkpoints/latest.json      the last complete round, its file, and the run config
+  checkpoints/config.json      the run config alone (resume reads it if latest.json is damaged)
   history.json                 every round's aggregated and per-client metrics
   metrics.csv                  the same, one row per (round, client or "aggregate")
   model/global_model.npz       final export: ad ids, ad factors, ad biases
   model/model.json             what the export is: rounds, config, final metrics
-All writes are atomic: a crash leaves the previous checkpoint intact.
+  run_status.json              how the run ended: complete, or short of its plan and why
+All writes are atomic: a crash leaves the previous checkpoint intact. A checkpoint damaged
+afterwards (disk, a hand edit) is named and skipped: resume falls back to the newest good round.
+A resume whose run config differs from the checkpoint's is refused, naming the keys, unless
+`resume-accept-changes` names them.
 """
 
 from __future__ import annotations
@@ -15,13 +20,20 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
+import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from shared.app_log import log
 from shared.storage import atomic_save_npz, atomic_write_bytes, atomic_write_json, load_npz
+
+# keys a resume may change without saying so: extending the plan, moving the folder
+RESUMABLE_KEYS = frozenset({"resume", "num-rounds", "output-dir", "resume-accept-changes"})
+_ROUND_FILE = re.compile(r"^round-(\d{4,})\.npz$")
 
 
 class CheckpointError(RuntimeError):
@@ -38,21 +50,64 @@ class Checkpointer:
         atomic_save_npz(self.checkpoints / name, **arrays)
         atomic_write_json(self.root / "history.json", history)
         atomic_write_bytes(self.root / "metrics.csv", history_to_csv(history).encode())
+        atomic_write_json(self.checkpoints / "config.json", config)
         # the pointer is written last: it only ever names a complete checkpoint
         atomic_write_json(self.checkpoints / "latest.json", {"round": server_round, "file": name, "config": config})
 
     def latest(self) -> tuple[int, dict[str, np.ndarray], list[dict[str, Any]], dict[str, Any]]:
+        """The newest round whose checkpoint loads, its arrays, the history up to it and the run
+        config. A damaged file is named in the log and skipped, never silently."""
         pointer = self.checkpoints / "latest.json"
         if not pointer.is_file():
             raise CheckpointError(f"nothing to resume from: {pointer} does not exist")
+        newest, config = self._read_pointer(pointer)
+        skipped: list[str] = []
+        for server_round, path in self._round_files(up_to=newest):
+            try:
+                arrays = load_npz(path)
+            except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+                skipped.append(f"{path} ({type(exc).__name__}: {exc})")
+                log.warning("fedads: checkpoint %s is damaged (%s: %s); trying the round before", path, type(exc).__name__, exc)
+                continue
+            history = self._history(up_to=server_round)
+            if skipped:
+                log.warning("fedads: resuming from round %d (%s), the newest good checkpoint", server_round, path)
+            return server_round, arrays, history, config
+        raise CheckpointError(f"cannot resume from {self.checkpoints}: no checkpoint loads"
+                              + (": " + "; ".join(skipped) if skipped else ""))
+
+    def _read_pointer(self, pointer: Path) -> tuple[int | None, dict[str, Any]]:
+        """latest.json's round and config; if it is damaged, no round limit and config.json's."""
         try:
             latest = json.loads(pointer.read_text())
-            arrays = load_npz(self.checkpoints / latest["file"])
-            history = json.loads((self.root / "history.json").read_text())
-        except (OSError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"cannot resume from {self.checkpoints}: {exc}") from exc
-        history = [h for h in history if h["round"] <= latest["round"]]
-        return int(latest["round"]), arrays, history, latest.get("config", {})
+            return int(latest["round"]), dict(latest.get("config", {}))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("fedads: %s is damaged (%s); looking for the newest good round file", pointer, exc)
+        try:
+            return None, dict(json.loads((self.checkpoints / "config.json").read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"cannot resume from {self.checkpoints}: {pointer} is damaged and "
+                                  f"{self.checkpoints / 'config.json'} unreadable ({exc})") from exc
+
+    def _round_files(self, up_to: int | None) -> list[tuple[int, Path]]:
+        """Round checkpoints on disk, newest first, none after `up_to` (they were never complete)."""
+        found = []
+        for path in self.checkpoints.glob("round-*.npz"):
+            match = _ROUND_FILE.match(path.name)
+            if match and (up_to is None or int(match.group(1)) <= up_to):
+                found.append((int(match.group(1)), path))
+        return sorted(found, reverse=True)
+
+    def _history(self, up_to: int) -> list[dict[str, Any]]:
+        path = self.root / "history.json"
+        try:
+            history = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot resume from {self.checkpoints}: {path}: {exc}") from exc
+        return [h for h in history if h["round"] <= up_to]
+
+    def save_status(self, status: dict[str, Any]) -> None:
+        atomic_write_json(self.root / "run_status.json", status)
 
     def export_model(self, arrays: dict[str, np.ndarray], ad_ids: tuple[str, ...], summary: dict[str, Any]) -> Path:
         model_dir = self.root / "model"
@@ -60,6 +115,27 @@ class Checkpointer:
         summary = {"exported_at": datetime.now(UTC).isoformat(timespec="seconds"), **summary}
         atomic_write_json(model_dir / "model.json", summary)
         return model_dir / "global_model.npz"
+
+
+def check_resume_config(stored: dict[str, Any], current: dict[str, Any], accepted: frozenset[str]) -> None:
+    """A resume continues the run it resumes: any key that differs from the checkpoint's run
+    config (other than extending the plan) is refused by name, unless the resume accepts it."""
+    if not stored:
+        raise CheckpointError("cannot resume: the checkpoint holds no run config to compare with")
+    differing = sorted(
+        key for key in set(stored) | set(current)
+        if key not in RESUMABLE_KEYS and stored.get(key) != current.get(key)
+    )
+    refused = [key for key in differing if key not in accepted]
+    if refused:
+        changes = ", ".join(f"{key}: {stored.get(key)!r} -> {current.get(key)!r}" for key in refused)
+        raise CheckpointError(
+            f"resume refused: the run config differs from the checkpoint's in {changes}. "
+            f"Resume with the checkpoint's values, start a new output-dir, or accept the change "
+            f"with resume-accept-changes = \"{','.join(refused)}\"")
+    for key in differing:
+        log.warning("fedads: resuming with %s changed (%r -> %r), as resume-accept-changes allows",
+                    key, stored.get(key), current.get(key))
 
 
 def history_to_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -3,10 +3,14 @@ FedAvg, or FedAvg inside Flower's client-level DP wrapper.
 
 Sampling, weighting, aggregation (and, for privacy = "client", clipping, noise and accounting)
 are the strategy's, from `flwr.serverapp.strategy`. This loop adds what fedads needs around it:
-- validation of every training reply before aggregation (exactly the global keys, or with
-  ALS the statistics' keys, the catalog's shapes, finite values, and its weight); an invalid
-  reply is logged and left out;
-- error replies (a merchant refusing under its privacy budget) recorded with their reason;
+- screening of every reply: it must answer this round (stale replies are dropped), once per
+  node (duplicates are dropped), and a training reply must hold exactly the global keys, or
+  with ALS the statistics' keys, the catalog's shapes, finite values within the protocol's
+  bounds, and its weight; what fails is logged and left out, with its reason;
+- a quorum: a round with fewer valid training replies than `min-replies` is asked again
+  (`round-retries`), then the run stops short, saying why (`RunOutcome`);
+- per-round records of who was asked, who replied and who failed or refused, and why, by
+  merchant name and in one line;
 - per-client metrics kept by client name, and the maximum epsilon reported by clients;
 - rounds that can start anywhere (resume), with a callback after each (checkpoint, table).
 """
@@ -14,6 +18,7 @@ are the strategy's, from `flwr.serverapp.strategy`. This loop adds what fedads n
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,19 +31,45 @@ from flwr.serverapp.strategy import Strategy
 
 from shared.app_log import log
 from shared.params import check_global_arrays, digest
-from shared.wire import ARRAYS, DP_EPSILON, METRICS, NUM_EXAMPLES, Arrays, client_name, from_array_record, plain_metrics
+from shared.wire import (
+    ARRAYS,
+    CLIENT,
+    DP_EPSILON,
+    METRICS,
+    NUM_EXAMPLES,
+    PRIVACY_REFUSED,
+    Arrays,
+    answered_round,
+    client_name,
+    error_sender,
+    from_array_record,
+    plain_metrics,
+)
 
 RoundCallback = Callable[[int, Arrays, dict[str, Any]], None]
 # a client's weight in history.json, by the kind of reply it came with
 TRAIN_USERS, TEST_USERS = "train-users", "test-users"
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+MAX_REASON_CHARS = 300
+
+
+def one_line(reason: str | None) -> str:
+    """A failure's reason as one readable line: ANSI colours stripped, a traceback reduced to
+    its last line (the exception), and bounded in length."""
+    lines = [line.strip() for line in _ANSI_ESCAPE.sub("", reason or "").splitlines() if line.strip()]
+    text = lines[-1] if lines else "no reason given"
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 3] + "..."
 
 
 @dataclass
 class RoundLog:
-    """What one round's replies said, client by client."""
+    """What one round's replies said, merchant by merchant."""
 
     clients: dict[str, dict[str, float]] = field(default_factory=dict)
-    refused: dict[str, str] = field(default_factory=dict)
+    asked: list[str] = field(default_factory=list)
+    replied: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)  # under the merchant's privacy policy or budget
+    failed: dict[str, str] = field(default_factory=dict)  # no reply, an error, or a reply dropped by the screen
 
     def add(self, msg: Message, renamed_weight: str) -> None:
         metrics = plain_metrics(msg.content.metric_records[METRICS])
@@ -46,11 +77,35 @@ class RoundLog:
             metrics[renamed_weight] = metrics.pop(NUM_EXAMPLES)
         self.clients.setdefault(client_name(msg), {}).update(metrics)
 
+    def participants(self) -> dict[str, Any]:
+        return {"asked": sorted(self.asked), "replied": sorted(self.replied), "refused": dict(self.refused), "failed": dict(self.failed)}
+
+
+class RunEndedShort(RuntimeError):
+    """The run stopped before its last planned round (the ServerApp fails, so the run's exit is non-zero)."""
+
+
+@dataclass
+class RunOutcome:
+    """How the loop ended: the latest global parameters, the last round completed, and, when
+    it stopped before its last round, why and the record of the round that failed."""
+
+    arrays: ArrayRecord
+    last_round: int
+    short_reason: str | None = None
+    failed_round: dict[str, Any] | None = None
+
 
 class RoundLoop:
-    def __init__(self, strategy: Strategy, grid: Grid, num_ads: int, dim: int, timeout: float = 3600) -> None:
+    def __init__(
+        self, strategy: Strategy, grid: Grid, num_ads: int, dim: int,
+        timeout: float = 600.0, min_replies: int = 1, retries: int = 0,
+    ) -> None:
         self.strategy, self.grid = strategy, grid
         self.num_ads, self.dim, self.timeout = num_ads, dim, timeout
+        self.min_replies, self.retries = min_replies, retries
+        # merchant names by node id, learned from replies: a node that fails is named if it ever answered
+        self.names: dict[int, str] = {}
         # what a training reply must hold: the global parameters, or (ALS) the strategy's statistics
         # FedAvg weighs each reply by its NUM_EXAMPLES; ALS sums statistics and needs none
         self.needs_weights: bool = getattr(strategy, "needs_weights", True)
@@ -58,31 +113,93 @@ class RoundLoop:
             strategy, "check_reply", lambda arrays: check_global_arrays(arrays, num_ads, dim)
         )
 
-    def _train_replies(self, server_round: int, replies: Iterable[Message], round_log: RoundLog) -> list[Message]:
-        valid = []
+    def _name(self, node_id: int) -> str:
+        return self.names.get(node_id, f"node-{node_id}")
+
+    def _learn_name(self, msg: Message) -> None:
+        node = msg.metadata.src_node_id
+        if not msg.has_error() and CLIENT in msg.content.config_records:
+            self.names.setdefault(node, client_name(msg))
+        elif msg.has_error() and (sender := error_sender(msg)):
+            self.names.setdefault(node, sender)
+
+    def _exchange(self, messages: Iterable[Message], round_log: RoundLog) -> list[Message]:
+        messages = list(messages)
+        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
         for msg in replies:
+            self._learn_name(msg)
+        round_log.asked = [self._name(m.metadata.dst_node_id) for m in messages]
+        answered = {m.metadata.src_node_id for m in replies}
+        for msg in messages:
+            if msg.metadata.dst_node_id not in answered:
+                round_log.failed[self._name(msg.metadata.dst_node_id)] = f"no reply within {self.timeout:g} s"
+        return replies
+
+    def _screen(self, server_round: int, replies: Iterable[Message], round_log: RoundLog, check_arrays: bool) -> list[Message]:
+        """The replies the strategy may use: error replies (recorded; the strategy leaves them
+        out) and well-formed replies to this round, one per node."""
+        kept: list[Message] = []
+        seen: set[int] = set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            self._learn_name(msg)
+            name = self._name(node)
+            if node in seen:
+                log.warning("round %d: dropping a duplicate reply of %s", server_round, name)
+                continue
+            seen.add(node)
             if msg.has_error():
-                round_log.refused[f"node-{msg.metadata.src_node_id}"] = msg.error.reason or ""
-                valid.append(msg)  # the strategy logs error replies and leaves them out
+                target = round_log.refused if msg.error.code == PRIVACY_REFUSED else round_log.failed
+                target[name] = one_line(msg.error.reason)
+                kept.append(msg)
                 continue
             try:
-                self.check_reply(from_array_record(msg.content.array_records[ARRAYS]))
-                if self.needs_weights and NUM_EXAMPLES not in msg.content.metric_records[METRICS]:
-                    raise KeyError(f"its '{METRICS}' record holds no '{NUM_EXAMPLES}'")
+                if (answers := answered_round(msg)) != server_round:
+                    raise ValueError(f"a stale reply: it answers round {answers}, not {server_round}")
+                if check_arrays:
+                    self.check_reply(from_array_record(msg.content.array_records[ARRAYS]))
+                    if self.needs_weights and NUM_EXAMPLES not in msg.content.metric_records[METRICS]:
+                        raise KeyError(f"its '{METRICS}' record holds no '{NUM_EXAMPLES}'")
             except (KeyError, ValueError) as exc:
-                log.warning("round %d: dropping the reply of %s: %s", server_round, client_name(msg), exc)
+                reason = one_line(str(exc).strip("'\""))
+                log.warning("round %d: dropping the reply of %s: %s", server_round, name, reason)
+                round_log.failed[name] = f"reply dropped: {reason}"
                 continue
-            round_log.add(msg, TRAIN_USERS)
-            valid.append(msg)
-        return valid
+            round_log.replied.append(name)
+            kept.append(msg)
+        return kept
+
+    def _train_replies(self, server_round: int, replies: Iterable[Message], round_log: RoundLog) -> list[Message]:
+        kept = self._screen(server_round, replies, round_log, check_arrays=True)
+        for msg in kept:
+            if not msg.has_error():
+                round_log.add(msg, TRAIN_USERS)
+        return kept
 
     def evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, round_log: RoundLog) -> dict[str, float]:
         messages = self.strategy.configure_evaluate(server_round, arrays, config, self.grid)
-        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
-        for msg in replies:
+        evaluate_log = RoundLog()
+        kept = self._screen(server_round, self._exchange(messages, evaluate_log), evaluate_log, check_arrays=False)
+        for msg in kept:
             if not msg.has_error():
                 round_log.add(msg, TEST_USERS)
-        return plain_metrics(self.strategy.aggregate_evaluate(server_round, replies))
+        for name, reason in {**evaluate_log.refused, **evaluate_log.failed}.items():
+            round_log.failed.setdefault(f"{name} (evaluate)", reason)
+        return plain_metrics(self.strategy.aggregate_evaluate(server_round, kept))
+
+    def _train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> tuple[list[Message], RoundLog]:
+        """One round's training exchange, asked again while it is short of its quorum and
+        something other than a refusal (which would only be repeated) failed."""
+        for attempt in range(self.retries + 1):
+            round_log = RoundLog()
+            messages = self.strategy.configure_train(server_round, arrays, config, self.grid)
+            kept = self._train_replies(server_round, self._exchange(messages, round_log), round_log)
+            valid = sum(not msg.has_error() for msg in kept)
+            if valid >= self.min_replies or not round_log.failed or attempt == self.retries:
+                return kept, round_log
+            log.warning("round %d: %d valid replies of %d asked, below the quorum of %d: asking again (%d of %d)",
+                        server_round, valid, len(round_log.asked), self.min_replies, attempt + 1, self.retries)
+        raise AssertionError("unreachable")
 
     def run(
         self,
@@ -93,25 +210,30 @@ class RoundLoop:
         evaluate_config: ConfigRecord,
         on_round_end: RoundCallback,
         privacy_spent: Callable[[], float | None] = lambda: None,
-    ) -> ArrayRecord:
-        """Rounds first_round..last_round: train, aggregate, evaluate, then `on_round_end`."""
+    ) -> RunOutcome:
+        """Rounds first_round..last_round: train, aggregate, evaluate, then `on_round_end`; it
+        stops short at a round without its quorum (or past the server's DP budget)."""
         for server_round in range(first_round, last_round + 1):
             started = time.perf_counter()
             start_digest = digest(from_array_record(arrays))
-            round_log = RoundLog()
             log.info("")
             log.info("[ROUND %s/%s]", server_round, last_round)
             try:
-                messages = self.strategy.configure_train(server_round, arrays, train_config, self.grid)
+                kept, round_log = self._train(server_round, arrays, train_config)
             except PrivacyBudgetExhausted as exhausted:  # client-level DP: the server's own budget
                 log.warning("round %d: not trained: %s", server_round, exhausted)
-                break
-            replies = self.grid.send_and_receive(messages, timeout=self.timeout)
-            aggregated, train_metrics = self.strategy.aggregate_train(
-                server_round, self._train_replies(server_round, replies, round_log)
-            )
+                return RunOutcome(arrays, server_round - 1, f"round {server_round}: the server's DP budget is spent: {exhausted}")
+            valid = sum(not msg.has_error() for msg in kept)
+            for node, reason in {**round_log.refused, **round_log.failed}.items():
+                log.warning("round %d: %s sent no update: %s", server_round, node, reason)
+            if valid < self.min_replies:
+                reason = (f"round {server_round}: {valid} valid training replies of {len(round_log.asked)} asked, "
+                          f"below the quorum of {self.min_replies} (min-replies)")
+                log.error("fedads: %s; the run stops short of its plan", reason)
+                return RunOutcome(arrays, server_round - 1, reason, {"round": server_round, "participants": round_log.participants()})
+            aggregated, train_metrics = self.strategy.aggregate_train(server_round, kept)
             if aggregated is None:
-                log.warning("round %d: no valid training reply; the global model is unchanged", server_round)
+                log.warning("round %d: the strategy aggregated nothing; the global model is unchanged", server_round)
             else:
                 arrays = aggregated
             evaluate_started = time.perf_counter()
@@ -123,6 +245,7 @@ class RoundLoop:
                 "train": plain_metrics(train_metrics),
                 "evaluate": evaluate_metrics,
                 "clients": round_log.clients,
+                "participants": round_log.participants(),
                 "round_seconds": time.perf_counter() - started,
                 "evaluate_seconds": evaluate_seconds,
             }
@@ -135,7 +258,5 @@ class RoundLoop:
                 record["privacy"] = {"level": "client", "epsilon_max": server_epsilon}
             if round_log.refused:
                 record["refused"] = dict(round_log.refused)
-                for node, reason in round_log.refused.items():
-                    log.warning("round %d: %s sent no update: %s", server_round, node, reason)
             on_round_end(server_round, from_array_record(arrays), record)
-        return arrays
+        return RunOutcome(arrays, last_round)

@@ -15,8 +15,8 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from server import report
-from server.checkpoint import Checkpointer
-from server.round_loop import RoundLog, RoundLoop
+from server.checkpoint import Checkpointer, check_resume_config
+from server.round_loop import RoundLog, RoundLoop, RunEndedShort
 from server.strategies import build_strategy
 from shared.app_log import log
 from shared.config import RunConfig
@@ -36,7 +36,8 @@ def main(grid: Grid, context: Context) -> None:
     log.info("fedads: %d ads in the catalog (%s); outputs in %s", len(catalog), catalog.source, checkpointer.root)
 
     if cfg.resume:
-        done, arrays, history, _ = checkpointer.latest()
+        done, arrays, history, stored_config = checkpointer.latest()
+        check_resume_config(stored_config, config_dump, cfg.accepted_resume_changes)
         check_global_arrays(arrays, len(catalog), cfg.factors)
         log.info("fedads: resuming after round %d of %d (checkpoint in %s)", done, cfg.num_rounds, checkpointer.checkpoints)
     else:
@@ -44,14 +45,15 @@ def main(grid: Grid, context: Context) -> None:
         arrays = initial_arrays(cfg.init, catalog.category_codes()[0], cfg.factors, cfg.seed)
     num_nodes = max(len(list(grid.get_node_ids())), cfg.min_nodes)
     strategy, privacy_spent = build_strategy(cfg, num_nodes, catalog, rounds_done=done)
-    loop = RoundLoop(strategy, grid, num_ads=len(catalog), dim=cfg.factors)
+    loop = RoundLoop(strategy, grid, num_ads=len(catalog), dim=cfg.factors,
+                     timeout=cfg.reply_timeout, min_replies=cfg.quorum, retries=cfg.round_retries)
     if not cfg.resume:
         round_log = RoundLog()
         started = time.perf_counter()
         initial = loop.evaluate(0, to_array_record(arrays), ConfigRecord(), round_log)
         seconds = time.perf_counter() - started  # also the nodes' start-up: their first message
         history.append({"round": 0, "train": {}, "evaluate": initial, "clients": round_log.clients,
-                        "round_seconds": seconds, "evaluate_seconds": seconds})
+                        "participants": round_log.participants(), "round_seconds": seconds, "evaluate_seconds": seconds})
         checkpointer.save_round(0, arrays, history, config_dump)
 
     log.info("fedads per-round metrics (federated, weighted by test users):\n%s", report.table(history))
@@ -61,15 +63,26 @@ def main(grid: Grid, context: Context) -> None:
         checkpointer.save_round(server_round, new_arrays, history, config_dump)
         log.info("fedads %s\n%s", report.header(), "fedads " + report.row(record))
 
-    final = loop.run(
+    outcome = loop.run(
         to_array_record(arrays), first_round=done + 1, last_round=cfg.num_rounds,
         train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
         on_round_end=on_round_end, privacy_spent=privacy_spent,
     )
+    completed = history[-1]["round"]
     path = checkpointer.export_model(
-        from_array_record(final),
+        from_array_record(outcome.arrays),
         catalog.ad_ids,
-        {"rounds": history[-1]["round"], "config": config_dump, "final_metrics": history[-1].get("evaluate", {})},
+        {"rounds": completed, "config": config_dump, "final_metrics": history[-1].get("evaluate", {})},
     )
+    status = {
+        "status": "complete" if outcome.short_reason is None else "ended-short",
+        "rounds_planned": cfg.num_rounds, "rounds_completed": completed,
+        "reason": outcome.short_reason, "failed_round": outcome.failed_round,
+    }
+    checkpointer.save_status(status)
     log.info("fedads: final metrics table\n%s", report.table(history))
     log.info("fedads: exported the global model to %s", path)
+    if outcome.short_reason is not None:
+        # a failed ServerApp: `flwr run` and the simulation harness report the run as failed
+        raise RunEndedShort(f"the run ended after round {completed} of {cfg.num_rounds}: {outcome.short_reason} "
+                            f"(resume with resume=true once the cause is fixed; {checkpointer.root / 'run_status.json'})")

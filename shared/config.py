@@ -120,9 +120,15 @@ class RunConfig(BaseModel):
         "where simulated merchants keep their state (one folder per node); "
         "a deployed SuperNode names its own state-dir in its node config"))
     resume: bool = Field(False, description="continue after the last checkpoint in output-dir")
+    resume_accept_changes: str = Field("", description=(
+        "keys (comma-separated) a resume may change from the checkpoint's run config; any other change is refused"))
     num_rounds: int = Field(10, ge=1, description="federated training rounds")
     fraction_train: float = Field(1.0, gt=0, le=1, description="share of the nodes sampled for each training round")
     min_nodes: int = Field(2, ge=1, description="nodes a round waits for (training and evaluation)")
+    min_replies: int = Field(0, ge=0, description=(
+        "quorum: valid training replies a round needs (0 = min-nodes); below it the round is retried, then the run stops short (non-zero exit)"))
+    round_retries: int = Field(1, ge=0, description="times a round short of its quorum is asked again before the run stops")
+    reply_timeout: float = Field(600.0, gt=0, description="seconds the server waits for the replies of one round's messages")
     dataset: Literal["synthetic", "movielens-100k", "amazon-seq", "logs"] = Field(
         "synthetic", description="synthetic | movielens-100k | amazon-seq | logs (CSV or Parquet)")
     data_path: str = Field("", description=(
@@ -188,6 +194,9 @@ class RunConfig(BaseModel):
             raise ValueError(f"dataset '{self.dataset}' needs catalog-path (the ad catalog / item attributes)")
         if abs(1.0 / self.dp_sample_rate - round(1.0 / self.dp_sample_rate)) > 1e-9:
             raise ValueError(f"dp-sample-rate {self.dp_sample_rate} must be 1 / an integer (a whole number of DP-SGD steps per epoch)")
+        unknown = self.accepted_resume_changes - set(self.to_flower())
+        if unknown:
+            raise ValueError(f"resume-accept-changes names unknown keys: {', '.join(sorted(unknown))}")
         if self.privacy == "client" and self.mf_solver != "sgd":
             raise ValueError("privacy 'client' (Flower's clipping of whole model updates) needs mf-solver 'sgd': "
                              "ALS replies are statistics, not model updates")
@@ -214,6 +223,14 @@ class RunConfig(BaseModel):
         defaults): the key of data caches, as a simulation actor serves many runs that
         differ only in training or outputs."""
         return RunConfig(**{name: getattr(self, name) for name in DATA_FIELDS})
+
+    @property
+    def quorum(self) -> int:
+        return self.min_replies or self.min_nodes
+
+    @property
+    def accepted_resume_changes(self) -> frozenset[str]:
+        return frozenset(key.strip() for key in self.resume_accept_changes.split(",") if key.strip())
 
     @property
     def output_path(self) -> Path:

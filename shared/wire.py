@@ -5,7 +5,8 @@ Server -> client (Flower's FedAvg `configure_train` / `configure_evaluate`):
     "arrays": ArrayRecord, the global parameters (GLOBAL_KEYS)
     "config": ConfigRecord {"server-round": int}
 Client -> server:
-    train:    "arrays" (GLOBAL_KEYS, or with ALS the statistics ALS_*), "metrics", "client" {"name"}
+    train:    "arrays" (GLOBAL_KEYS, or with ALS the statistics ALS_*), "metrics",
+              "client" {"name", "server-round": the round it answers (the server drops stale replies)}
     evaluate: "metrics", "client"
     refused:  an Error reply, code PRIVACY_REFUSED, with the merchant's reason (public values only)
     failed:   an Error reply, code CLIENT_FAILED, that says only that (details stay with the merchant)
@@ -105,14 +106,30 @@ class PrivacyReport:
         return cls(metrics.get(DP_EPSILON, 0.0), metrics.get(DP_NOISE_MULTIPLIER, 0.0))
 
 
+def answered_round(msg: Message) -> int | None:
+    """The server round a reply says it answers (None: it says none)."""
+    info = msg.content.config_records.get(CLIENT)
+    value = info.get(SERVER_ROUND) if info else None
+    return value if isinstance(value, int) else None
+
+
 def _reply(reply_to: Message, client: str, metrics: dict[str, float], arrays: Arrays | None = None) -> Message:
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
     values: dict[str, Any] = dict(metrics)
-    content = RecordDict({METRICS: MetricRecord(values), CLIENT: ConfigRecord({CLIENT_NAME: client})})
+    identity: dict[str, Any] = {CLIENT_NAME: client}
+    instruction = reply_to.content.config_records.get(CONFIG)
+    if instruction and SERVER_ROUND in instruction:
+        identity[SERVER_ROUND] = instruction[SERVER_ROUND]
+    content = RecordDict({METRICS: MetricRecord(values), CLIENT: ConfigRecord(identity)})
     if arrays is not None:
         content[ARRAYS] = to_array_record(arrays)
     return Message(content=content, reply_to=reply_to)
+
+
+def recorded_reply(reply_to: Message, client: str, metrics: dict[str, float], arrays: Arrays | None) -> Message:
+    """A release made earlier, sent again as the reply to `reply_to` (client/release_record.py)."""
+    return _reply(reply_to, client, metrics, arrays)
 
 
 @dataclass(frozen=True)
@@ -169,11 +186,22 @@ class EvaluateReply:
         return cls(client_name(msg), metrics.get(NUM_EXAMPLES, 0.0), own, toppop, PrivacyReport.from_metrics(metrics))
 
 
+_REFUSED_BY, _FAILED_BY = " refused: ", " could not answer this message"
+
+
+def error_sender(msg: Message) -> str | None:
+    """The merchant name an error reply of ours gives (refusal, failure); None for other errors
+    (those Flower's runtime writes when a ClientApp crashes)."""
+    reason = msg.error.reason or ""
+    marker = {PRIVACY_REFUSED: _REFUSED_BY, CLIENT_FAILED: _FAILED_BY}.get(msg.error.code)
+    return reason.split(marker, 1)[0] if marker and marker in reason else None
+
+
 def refusal(reply_to: Message, client: str, reason: str) -> Message:
     """The reply of a merchant that will not release anything for this message, and why."""
     from flwr.app import Error, Message
 
-    return Message(Error(code=PRIVACY_REFUSED, reason=f"{client} refused: {reason}"), reply_to=reply_to)
+    return Message(Error(code=PRIVACY_REFUSED, reason=f"{client}{_REFUSED_BY}{reason}"), reply_to=reply_to)
 
 
 def failure(reply_to: Message, client: str) -> Message:
@@ -181,4 +209,4 @@ def failure(reply_to: Message, client: str) -> Message:
     as a malformed log line's, or one that depends on how many users it holds, would be a release)."""
     from flwr.app import Error, Message
 
-    return Message(Error(code=CLIENT_FAILED, reason=f"{client} could not answer this message (its own log says why)"), reply_to=reply_to)
+    return Message(Error(code=CLIENT_FAILED, reason=f"{client}{_FAILED_BY} (its own log says why)"), reply_to=reply_to)

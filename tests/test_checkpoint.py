@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from server.checkpoint import Checkpointer, CheckpointError, history_to_csv
+from server.checkpoint import Checkpointer, CheckpointError, check_resume_config, history_to_csv
 from shared.storage import load_npz
 
 
@@ -44,9 +44,64 @@ def test_missing_or_corrupt_checkpoint_is_an_error(tmp_path):
         Checkpointer(tmp_path).latest()
     ckpt = Checkpointer(tmp_path)
     ckpt.save_round(0, _arrays(0), [{"round": 0, "clients": {}}], {})
-    (tmp_path / "checkpoints" / "round-0000.npz").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="cannot resume"):
+    bad = tmp_path / "checkpoints" / "round-0000.npz"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="no checkpoint loads") as error:
         ckpt.latest()
+    assert str(bad) in str(error.value)  # the message names the damaged file
+
+
+def _three_rounds(tmp_path) -> tuple[Checkpointer, list[dict]]:
+    ckpt = Checkpointer(tmp_path)
+    history: list[dict] = []
+    for r in range(3):
+        history.append({"round": r, "clients": {}})
+        ckpt.save_round(r, _arrays(r), history, {"num-rounds": 5, "seed": 1})
+    return ckpt, history
+
+
+def test_a_truncated_latest_checkpoint_falls_back_to_the_newest_good_round(tmp_path, caplog):
+    """A damaged latest checkpoint (here cut in half: zipfile's BadZipFile) is named in the log
+    and resume goes on from the round before, with the history up to that round."""
+    ckpt, _ = _three_rounds(tmp_path)
+    latest = tmp_path / "checkpoints" / "round-0002.npz"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+    with caplog.at_level("WARNING"):
+        done, arrays, history, config = ckpt.latest()
+    assert done == 1 and [h["round"] for h in history] == [0, 1] and config["seed"] == 1
+    np.testing.assert_array_equal(arrays["ad_factors"], _arrays(1)["ad_factors"])
+    assert str(latest) in caplog.text
+
+
+def test_a_damaged_pointer_falls_back_to_the_round_files_and_config_json(tmp_path):
+    ckpt, _ = _three_rounds(tmp_path)
+    (tmp_path / "checkpoints" / "latest.json").write_text("{ cut")
+    done, arrays, _, config = ckpt.latest()
+    assert done == 2 and config == {"num-rounds": 5, "seed": 1}
+    np.testing.assert_array_equal(arrays["ad_bias"], _arrays(2)["ad_bias"])
+
+
+def test_resume_refuses_a_changed_config_naming_the_keys():
+    stored = {"num-rounds": 5, "seed": 42, "privacy": "user", "partitioning": "iid", "output-dir": "a"}
+    same_plan_longer = {**stored, "num-rounds": 9, "output-dir": "b"}
+    check_resume_config(stored, same_plan_longer, frozenset())  # extending the plan or moving the folder: fine
+    changed = {**stored, "seed": 7, "privacy": "none"}
+    with pytest.raises(CheckpointError, match="privacy: 'user' -> 'none', seed: 42 -> 7"):
+        check_resume_config(stored, changed, frozenset())
+    with pytest.raises(CheckpointError, match="privacy") as error:
+        check_resume_config(stored, changed, frozenset({"seed"}))
+    assert "seed" not in str(error.value).split("differs")[1].split(".")[0]
+    check_resume_config(stored, changed, frozenset({"seed", "privacy"}))  # accepted explicitly
+    with pytest.raises(CheckpointError, match="no run config"):
+        check_resume_config({}, changed, frozenset())
+
+
+def test_resume_accept_changes_names_real_keys():
+    from shared.config import ConfigError, RunConfig
+
+    assert RunConfig.from_flower({"resume-accept-changes": "seed, privacy"}).accepted_resume_changes == {"seed", "privacy"}
+    with pytest.raises(ConfigError, match="unknown keys: sede"):
+        RunConfig.from_flower({"resume-accept-changes": "sede"})
 
 
 def test_export_and_csv(tmp_path):

@@ -48,7 +48,7 @@ def test_reply_carries_no_user_id_and_no_user_factor(tmp_path, kind, solver):
     assert set(content.metric_records) == {"metrics"}
     assert set(content["metrics"]) == ALLOWED_METRICS[f"{kind}-als" if kind == "train" and solver == "als" else kind]
     assert content["metrics"]["dp-epsilon"] == float("inf")  # an exact release: no DP claim
-    assert dict(content["client"]) == {"name": node.name}
+    assert dict(content["client"]) == {"name": node.name, "server-round": 1}  # who answers, and which round
     if kind == "train" and solver == "als":  # sums over users of the ALS statistics, per ad
         sent = from_array_record(content["arrays"])
         settings = ALSSettings.from_config(cfg)
@@ -95,7 +95,9 @@ def test_reply_is_deterministic_for_a_seed(tmp_path, solver):
     node = simulated_node(cfg, 1)
     arrays = init_global_arrays(node.data.split.num_ads, cfg.factors, cfg.seed)
     first = from_array_record(_call("train", cfg, arrays, partition=1).content["arrays"])
-    (tmp_path / "out" / "state" / "partition-1" / "user_factors.npz").unlink()
+    state = tmp_path / "out" / "state" / "partition-1"
+    (state / "user_factors.npz").unlink()
+    (state / "last_train_release.npz").unlink()  # else the same instruction gets the recorded release
     second = from_array_record(_call("train", cfg, arrays, partition=1).content["arrays"])
     assert set(first) == set(second)
     for key in first:

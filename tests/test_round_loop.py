@@ -1,41 +1,133 @@
-"""The server's round loop keeps only well-formed training replies and records refusals."""
+"""The server's round loop: it keeps only well-formed replies to the current round, one per
+node, records who was asked, who replied and who failed (by name, in one line), retries a round
+short of its quorum and then stops short, saying why."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 import numpy as np
 import pytest
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from server.round_loop import TRAIN_USERS, RoundLog, RoundLoop
+from server.round_loop import TRAIN_USERS, RoundLog, RoundLoop, one_line
 from shared.params import init_global_arrays
-from shared.wire import METRICS, TrainReply, refusal
+from shared.wire import CONFIG, METRICS, SERVER_ROUND, TrainReply, refusal, to_array_record
 
 pytestmark = pytest.mark.usefixtures("as_server")
 
 NUM_ADS, DIM = 5, 3
 
 
-def _request() -> Message:
-    return Message(content=RecordDict(), dst_node_id=3, message_type="train")
+def _request(node: int = 3, server_round: int = 1) -> Message:
+    content = RecordDict({CONFIG: ConfigRecord({SERVER_ROUND: server_round})})
+    return Message(content=content, dst_node_id=node, message_type="train")
 
 
-def _good(name: str, users: float) -> Message:
-    return TrainReply(name, init_global_arrays(NUM_ADS, DIM, seed=1), users, {"train-loss": 0.4}).to_message(_request())
+def _good(name: str, users: float, node: int = 3, server_round: int = 1) -> Message:
+    reply = TrainReply(name, init_global_arrays(NUM_ADS, DIM, seed=1), users, {"train-loss": 0.4}).to_message(_request(node, server_round))
+    assert reply.metadata.src_node_id == node  # a reply comes from the node its request went to
+    return reply
 
 
 def test_invalid_replies_are_dropped_and_refusals_recorded():
     loop = RoundLoop(FedAvg(), grid=None, num_ads=NUM_ADS, dim=DIM)  # type: ignore[arg-type]
-    wrong_shape = TrainReply("b", init_global_arrays(NUM_ADS + 1, DIM, seed=1), 10.0).to_message(_request())
+    wrong_shape = TrainReply("b", init_global_arrays(NUM_ADS + 1, DIM, seed=1), 10.0).to_message(_request(4))
     non_finite = init_global_arrays(NUM_ADS, DIM, seed=1)
     non_finite["ad_bias"][0] = np.nan
-    unweighted = _good("d", 10.0)
+    unweighted = _good("d", 10.0, node=6)
     del unweighted.content[METRICS]["num-examples"]
-    refused = refusal(_request(), "e", "privacy budget exhausted")
-    replies = [_good("a", 30.0), wrong_shape, TrainReply("c", non_finite, 10.0).to_message(_request()), unweighted, refused]
+    refused = refusal(_request(7), "e", "privacy budget exhausted")
+    replies = [_good("a", 30.0), wrong_shape, TrainReply("c", non_finite, 10.0).to_message(_request(5)), unweighted, refused]
 
     round_log = RoundLog()
     kept = loop._train_replies(1, replies, round_log)
     assert kept == [replies[0], refused]  # error replies go on to the strategy, which leaves them out
     assert round_log.clients == {"a": {"train-loss": 0.4, TRAIN_USERS: 30.0}}
     assert list(round_log.refused.values()) == ["e refused: privacy budget exhausted"]
+    assert set(round_log.failed) == {"b", "c", "d"} and round_log.replied == ["a"]
+    assert all(reason.startswith("reply dropped: ") for reason in round_log.failed.values())
+
+
+def test_stale_and_duplicate_replies_are_dropped():
+    loop = RoundLoop(FedAvg(), grid=None, num_ads=NUM_ADS, dim=DIM)  # type: ignore[arg-type]
+    current, duplicate = _good("a", 30.0, node=3, server_round=2), _good("a", 99.0, node=3, server_round=2)
+    stale = _good("b", 10.0, node=4, server_round=1)
+    round_log = RoundLog()
+    assert loop._train_replies(2, [current, stale, duplicate], round_log) == [current]
+    assert round_log.failed == {"b": "reply dropped: a stale reply: it answers round 1, not 2"}
+    assert round_log.clients["a"][TRAIN_USERS] == 30.0  # the first reply, not the duplicate
+
+
+def test_a_raw_traceback_becomes_one_readable_line():
+    traceback = ("\x1b[36mray::ClientAppActor.run()\x1b[39m (pid=1, ip=127.0.0.1)\n"
+                 "  File \"x.py\", line 3, in run\n    raise ValueError('boom')\nValueError: boom\n")
+    assert one_line(traceback) == "ValueError: boom"
+    assert one_line("") == "no reason given" and len(one_line("x" * 1000)) == 300
+
+
+class _Strategy(FedAvg):
+    """FedAvg that asks nodes 1..3 (no Grid needed to sample them)."""
+
+    def configure_train(self, server_round, arrays, config, grid) -> Iterable[Message]:  # type: ignore[no-untyped-def, override]
+        return [_request(node, server_round) for node in (1, 2, 3)]
+
+    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:  # type: ignore[no-untyped-def, override]
+        return []
+
+
+class _Grid:
+    """Answers each exchange with the next scripted list of replies."""
+
+    def __init__(self, script: list[list[Message]]) -> None:
+        self.script: Iterator[list[Message]] = iter(script)
+        self.exchanges = 0
+
+    def send_and_receive(self, messages: Iterable[Message], timeout: float) -> list[Message]:
+        if not list(messages):  # the (empty) evaluation
+            return []
+        self.exchanges += 1
+        return next(self.script, [])
+
+
+def _failed(node: int, reason: str) -> Message:
+    return Message(Error(code=0, reason=reason), reply_to=_request(node))
+
+
+def _run(grid: _Grid, min_replies: int, retries: int):  # type: ignore[no-untyped-def]
+    loop = RoundLoop(_Strategy(), grid, NUM_ADS, DIM, timeout=5, min_replies=min_replies, retries=retries)  # type: ignore[arg-type]
+    records: list[dict] = []
+    outcome = loop.run(to_array_record(init_global_arrays(NUM_ADS, DIM, seed=0)), 1, 2, ConfigRecord(), ConfigRecord(),
+                       on_round_end=lambda r, arrays, record: records.append(record))
+    return outcome, records
+
+
+def test_a_round_short_of_its_quorum_is_retried_then_the_run_stops_short():
+    one_of_three = [_good("a", 10.0, node=1), _failed(2, "\x1b[31mTraceback\nMemoryError: oom\x1b[0m")]  # node 3: no reply
+    grid = _Grid([one_of_three, one_of_three])
+    outcome, records = _run(grid, min_replies=2, retries=1)
+    assert grid.exchanges == 2 and records == []  # asked twice, nothing aggregated
+    assert outcome.last_round == 0 and "1 valid training replies of 3 asked, below the quorum of 2" in outcome.short_reason
+    participants = outcome.failed_round["participants"]
+    assert participants["asked"] == ["a", "node-2", "node-3"] and participants["replied"] == ["a"]
+    assert participants["failed"] == {"node-2": "MemoryError: oom", "node-3": "no reply within 5 s"}
+
+
+def test_a_retry_that_reaches_the_quorum_goes_on_and_the_record_names_everyone():
+    full = [_good("a", 10.0, node=1, server_round=1), _good("b", 10.0, node=2), _good("c", 10.0, node=3)]
+    second = [_good(n, 10.0, node=i + 1, server_round=2) for i, n in enumerate("abc")]
+    grid = _Grid([[full[0]], full, second[:2]])
+    outcome, records = _run(grid, min_replies=2, retries=1)
+    assert outcome.short_reason is None and outcome.last_round == 2 and grid.exchanges == 3
+    assert records[0]["participants"]["replied"] == ["a", "b", "c"]
+    assert records[1]["participants"] == {"asked": ["a", "b", "c"], "replied": ["a", "b"], "refused": {},
+                                          "failed": {"c": "no reply within 5 s"}}
+
+
+def test_refusals_are_not_retried():
+    refusals = [refusal(_request(n), name, "privacy budget exhausted") for n, name in ((1, "a"), (2, "b"), (3, "c"))]
+    grid = _Grid([refusals])
+    outcome, _ = _run(grid, min_replies=1, retries=3)
+    assert grid.exchanges == 1 and outcome.last_round == 0
+    assert set(outcome.failed_round["participants"]["refused"]) == {"a", "b", "c"}  # named by their refusals

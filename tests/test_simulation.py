@@ -16,7 +16,7 @@ import pytest
 from client.node_state import NodeState
 from shared.params import digest
 from shared.storage import load_npz
-from simulations.runtime import run_simulation
+from simulations.runtime import SimulationError, run_simulation
 from tests.conftest import is_loopback, listening_addresses, processes_mentioning, small_run_config
 
 NUM_CLIENTS = 3
@@ -92,6 +92,18 @@ def test_resume_continues_from_the_last_checkpoint(first_run):
     # user factors persisted across runs were the warm start, and were updated
     factors_after = np.load(out / "state" / "partition-0" / "user_factors.npz")["factors"]
     assert factors_after.shape == factors_before.shape and not np.allclose(factors_after, factors_before)
+
+
+def test_resume_with_another_seed_or_privacy_is_refused_by_name(first_run):
+    """A resume continues the run it resumes: a changed seed or privacy setting fails the run
+    (naming the keys), and nothing of the checkpoint changes."""
+    tmp_path, _, _ = first_run
+    out = tmp_path / "out"
+    latest = (out / "checkpoints" / "latest.json").read_text()
+    changed = small_run_config(tmp_path, **{"num-rounds": 9, "resume": True, "seed": 8, "privacy": "user"})
+    with pytest.raises(SimulationError, match=r"resume refused: .*privacy: 'none' -> 'user', seed: 7 -> 8"):
+        run_simulation(changed.to_flower(), NUM_CLIENTS, tmp_path / "flower-changed", timeout=480)
+    assert (out / "checkpoints" / "latest.json").read_text() == latest
 
 
 def test_sigterm_mid_run_leaves_no_process(tmp_path):

@@ -1,5 +1,5 @@
 """User-level DP through Flower's simulation runtime: epsilon recorded every round, budgets
-that survive a restart, and refusals the server logs while it goes on."""
+that survive a restart, and refusals that stop a run short of its plan, saying why."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from shared.storage import load_npz
-from simulations.runtime import run_simulation
+from simulations.runtime import SimulationError, run_simulation
 from tests.conftest import small_run_config
 
 NUM_CLIENTS = 3
@@ -39,18 +39,25 @@ def test_epsilon_is_recorded_every_round_and_stays_in_budget(dp_run):
         assert ledger["non_private_releases"] == 0 and ledger["noise_multiplier"] > 0
 
 
-def test_a_restart_keeps_the_budget_and_the_server_goes_on(dp_run):
+def test_a_restart_keeps_the_budget_and_the_run_stops_short_saying_why(dp_run):
     """Resuming for a third round: every merchant's ledger (calibrated for two rounds) refuses;
-    the server records why and keeps the model."""
+    the round has no quorum, so the run fails (a non-zero exit), names each merchant's reason in
+    run_status.json and keeps the model of round 2."""
     resumed = small_run_config(dp_run, privacy="user", resume=True, **{"num-rounds": 3, "target-epsilon": TARGET_EPSILON})
-    run_simulation(resumed.to_flower(), NUM_CLIENTS, dp_run / "flower-resume", timeout=480)
+    with pytest.raises(SimulationError, match="ended after round 2 of 3"):
+        run_simulation(resumed.to_flower(), NUM_CLIENTS, dp_run / "flower-resume", timeout=480)
     history = json.loads((dp_run / "out" / "history.json").read_text())
-    assert [h["round"] for h in history] == [0, 1, 2, 3]
-    refused = history[3]["refused"]
-    assert len(refused) == NUM_CLIENTS
-    assert all("privacy budget exhausted" in reason for reason in refused.values())
+    assert [h["round"] for h in history] == [0, 1, 2]
+    status = json.loads((dp_run / "out" / "run_status.json").read_text())
+    assert status["status"] == "ended-short" and status["rounds_planned"] == 3 and status["rounds_completed"] == 2
+    participants = status["failed_round"]["participants"]
+    assert status["failed_round"]["round"] == 3 and participants["replied"] == []
+    assert sorted(participants["asked"]) == sorted(participants["refused"]) == [f"partition-{pid}" for pid in range(NUM_CLIENTS)]
+    assert all("privacy budget exhausted" in reason for reason in participants["refused"].values())
     out = dp_run / "out" / "checkpoints"
-    np.testing.assert_array_equal(load_npz(out / "round-0003.npz")["ad_factors"], load_npz(out / "round-0002.npz")["ad_factors"])
+    assert not (out / "round-0003.npz").exists()
+    np.testing.assert_array_equal(load_npz(dp_run / "out" / "model" / "global_model.npz")["ad_factors"],
+                                  load_npz(out / "round-0002.npz")["ad_factors"])
     for pid in range(NUM_CLIENTS):
         ledger = json.loads((dp_run / "out" / "state" / f"partition-{pid}" / "privacy_ledger.json").read_text())["ledger"]
         assert ledger["rounds_trained"] == 2

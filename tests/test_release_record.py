@@ -1,0 +1,54 @@
+"""A merchant answers an instruction it has already answered with the release it recorded: a
+server that crashed between the merchants' release and its checkpoint resumes, sends the
+same round again, and no budget is spent twice."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from shared.params import init_global_arrays
+from shared.wire import SERVER_ROUND, answered_round, from_array_record, plain_metrics
+from tests.conftest import client_call, simulated_node, small_run_config
+
+pytestmark = pytest.mark.usefixtures("as_server")
+
+
+def _ledger(tmp_path) -> dict:
+    return json.loads((tmp_path / "out" / "state" / "partition-0" / "privacy_ledger.json").read_text())["ledger"]
+
+
+@pytest.mark.parametrize("solver", ["als", "sgd"])
+def test_the_same_instruction_gets_the_recorded_release_and_spends_nothing(tmp_path, solver):
+    cfg = small_run_config(tmp_path, privacy="user", **{"mf-solver": solver, "num-rounds": 3})
+    node = simulated_node(cfg, 0)
+    arrays = init_global_arrays(node.data.split.num_ads, cfg.factors, cfg.seed)
+    first = client_call("train", cfg, arrays, server_round=1)
+    spent = _ledger(tmp_path)
+    again = client_call("train", cfg, arrays, server_round=1)
+    assert _ledger(tmp_path) == spent  # nothing new released, nothing recorded
+    assert not again.has_error() and answered_round(again) == 1
+    for key, value in from_array_record(first.content["arrays"]).items():
+        np.testing.assert_array_equal(from_array_record(again.content["arrays"])[key], value)
+    assert plain_metrics(again.content.metric_records["metrics"]) == plain_metrics(first.content.metric_records["metrics"])
+
+    # a different instruction (the next round, or other parameters) is a new release, accounted
+    client_call("train", cfg, arrays, server_round=2)
+    assert _ledger(tmp_path)["rounds_trained"] == spent["rounds_trained"] + 1
+    other = {key: value + 0.01 for key, value in arrays.items()}
+    client_call("train", cfg, other, server_round=2)
+    assert _ledger(tmp_path)["rounds_trained"] == spent["rounds_trained"] + 2
+
+
+def test_evaluation_is_recorded_too(tmp_path):
+    cfg = small_run_config(tmp_path, privacy="user")
+    node = simulated_node(cfg, 0)
+    arrays = init_global_arrays(node.data.split.num_ads, cfg.factors, cfg.seed)
+    first = client_call("evaluate", cfg, arrays, server_round=0)
+    spent = _ledger(tmp_path)
+    again = client_call("evaluate", cfg, arrays, server_round=0)
+    assert _ledger(tmp_path) == spent
+    assert plain_metrics(again.content.metric_records["metrics"]) == plain_metrics(first.content.metric_records["metrics"])
+    assert again.content.config_records["client"][SERVER_ROUND] == 0
