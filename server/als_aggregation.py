@@ -23,9 +23,11 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
+from server.reply_bounds import als_violations, median_clip
 from shared.als import ALSSettings, check_statistics, solve_ads
 from shared.app_log import log
-from shared.wire import ALS_COUNT, ALS_POSITIVES, Arrays, TrainReply, to_array_record
+from shared.privacy_policy import DEFAULT_MAX_USERS
+from shared.wire import ALS_COUNT, ALS_POSITIVES, Arrays, PrivacyReport, TrainReply, to_array_record
 
 ROUND_INVARIANT = (ALS_POSITIVES, ALS_COUNT)
 
@@ -33,14 +35,23 @@ ROUND_INVARIANT = (ALS_POSITIVES, ALS_COUNT)
 class ALSAggregation(FedAvg):
     needs_weights = False  # statistics are summed: a reply carries no count of users (under DP it must not)
 
-    def __init__(self, settings: ALSSettings, num_ads: int, dim: int, tags: np.ndarray | None = None, **fedavg_args: Any) -> None:
+    def __init__(
+        self, settings: ALSSettings, num_ads: int, dim: int, tags: np.ndarray | None = None,
+        max_users: int = DEFAULT_MAX_USERS, robust_factor: float | None = None, **fedavg_args: Any,
+    ) -> None:
         super().__init__(**fedavg_args)
         self.settings, self.num_ads, self.dim, self.tags = settings, num_ads, dim, tags
+        self.max_users, self.robust_factor = max_users, robust_factor
         # running inverse-variance average of the round-invariant statistics: (value, variance)
         self._counts: dict[str, tuple[np.ndarray, float]] = {}
 
-    def check_reply(self, arrays: Arrays) -> None:
+    def check_reply(self, arrays: Arrays, metrics: dict[str, float]) -> None:
+        """The keys, shapes and finiteness, then the protocol's bounds (server/reply_bounds.py)."""
         check_statistics(arrays, self.settings, self.num_ads, self.dim)
+        privacy = PrivacyReport.from_metrics(metrics)
+        problems = als_violations(arrays, self.settings, self.max_users, privacy.noise_multiplier if privacy else 0.0)
+        if problems:
+            raise ValueError("; ".join(problems))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Replies reach here validated (server/round_loop.py); error replies are left out."""
@@ -54,8 +65,12 @@ class ALSAggregation(FedAvg):
             return None, None
         total: Arrays = {}
         variances: dict[str, float] = {}
-        for reply in map(TrainReply.from_message, valid):
-            for key, value in reply.arrays.items():
+        replies_in = [TrainReply.from_message(msg) for msg in valid]
+        contributions = [reply.arrays for reply in replies_in]
+        if self.robust_factor is not None:
+            contributions = median_clip(contributions, self.robust_factor)
+        for reply, arrays in zip(replies_in, contributions, strict=True):
+            for key, value in arrays.items():
                 total[key] = total.get(key, 0.0) + value.astype(np.float64)
             sigma = reply.privacy.noise_multiplier if reply.privacy else 0.0
             stds = self.settings.noise_stds(sigma) if sigma > 0 else {}

@@ -109,8 +109,9 @@ class RoundLoop:
         # what a training reply must hold: the global parameters, or (ALS) the strategy's statistics
         # FedAvg weighs each reply by its NUM_EXAMPLES; ALS sums statistics and needs none
         self.needs_weights: bool = getattr(strategy, "needs_weights", True)
-        self.check_reply: Callable[[Arrays], None] = getattr(
-            strategy, "check_reply", lambda arrays: check_global_arrays(arrays, num_ads, dim)
+        # (arrays, metrics) -> None, or ValueError naming what the protocol does not allow
+        self.check_reply: Callable[[Arrays, dict[str, float]], None] = getattr(
+            strategy, "check_reply", lambda arrays, metrics: check_global_arrays(arrays, num_ads, dim)
         )
 
     def _name(self, node_id: int) -> str:
@@ -157,7 +158,8 @@ class RoundLoop:
                 if (answers := answered_round(msg)) != server_round:
                     raise ValueError(f"a stale reply: it answers round {answers}, not {server_round}")
                 if check_arrays:
-                    self.check_reply(from_array_record(msg.content.array_records[ARRAYS]))
+                    self.check_reply(from_array_record(msg.content.array_records[ARRAYS]),
+                                     plain_metrics(msg.content.metric_records.get(METRICS)))
                     if self.needs_weights and NUM_EXAMPLES not in msg.content.metric_records[METRICS]:
                         raise KeyError(f"its '{METRICS}' record holds no '{NUM_EXAMPLES}'")
             except (KeyError, ValueError) as exc:

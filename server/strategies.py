@@ -28,7 +28,7 @@ from flwr.serverapp import (
     RdpAccountant,
     SamplingMethod,
 )
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, Strategy
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg, FedMedian, Strategy
 
 from server.als_aggregation import ALSAggregation
 from shared.accounting import default_delta
@@ -92,8 +92,11 @@ def build_strategy(cfg: RunConfig, num_nodes: int, catalog: AdCatalog, rounds_do
     wire = dict(weighted_by_key=NUM_EXAMPLES, arrayrecord_key=ARRAYS, configrecord_key=CONFIG)
     if cfg.mf_solver == "als":
         tags = catalog.tag_membership() if cfg.als_catalog_prior else None
-        return ALSAggregation(ALSSettings.from_config(cfg), len(catalog), cfg.factors, tags=tags, **sampling, **wire), lambda: None
-    fedavg = FedAvg(**sampling, **wire)  # type: ignore[arg-type]
+        robust = cfg.robust_clip_factor if cfg.robust_aggregation == "median" else None
+        return ALSAggregation(ALSSettings.from_config(cfg), len(catalog), cfg.factors, tags=tags, max_users=cfg.max_users_per_merchant,
+                              robust_factor=robust, **sampling, **wire), lambda: None
+    averaging = FedMedian if cfg.robust_aggregation == "median" else FedAvg
+    fedavg = averaging(**sampling, **wire)  # type: ignore[arg-type]
     if cfg.privacy != "client":
         return fedavg, lambda: None
     sampled = max(int(num_nodes * cfg.fraction_train), cfg.min_nodes)

@@ -128,6 +128,12 @@ class RunConfig(BaseModel):
     min_replies: int = Field(0, ge=0, description=(
         "quorum: valid training replies a round needs (0 = min-nodes); below it the round is retried, then the run stops short (non-zero exit)"))
     round_retries: int = Field(1, ge=0, description="times a round short of its quorum is asked again before the run stops")
+    max_users_per_merchant: int = Field(100_000, ge=1, description=(
+        "public upper bound on a merchant's users (its policy's max-users): statistics no such merchant can send are dropped"))
+    robust_aggregation: Literal["none", "median"] = Field("none", description=(
+        "none | median (ALS: each merchant's per-ad statistics clipped to robust-clip-factor x the median over merchants; "
+        "SGD: Flower's FedMedian)"))
+    robust_clip_factor: float = Field(3.0, gt=0, description="robust-aggregation = median: a merchant's block norm, at most this x the median")
     reply_timeout: float = Field(600.0, gt=0, description="seconds the server waits for the replies of one round's messages")
     dataset: Literal["synthetic", "movielens-100k", "amazon-seq", "logs"] = Field(
         "synthetic", description="synthetic | movielens-100k | amazon-seq | logs (CSV or Parquet)")
