@@ -74,6 +74,10 @@ def cmd_validate(args: argparse.Namespace, out: TextIO) -> int:
     for reason, where in rejection_reasons(log).items():
         shown = ", ".join(where[:3]) + (", ..." if len(where) > 3 else "")
         print(f"    {len(where)} x {reason} (e.g. {shown})", file=out)
+    notices = [*catalog.warnings, *log.warnings]
+    print(f"  {'notices:':<12}{len(notices)}" + (" (accepted, but worth a look)" if notices else ""), file=out)
+    for notice in notices:
+        print(f"    {notice}", file=out)
     return EXIT_OK
 
 

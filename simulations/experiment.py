@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from shared.config import DASHED_KEYS, RunConfig, format_validation_error, read_toml
+from shared.config import DASHED_KEYS, RunConfig, format_validation_error, line_of, read_toml
 
 # run-config keys that say where a run writes: not part of what a cell computes
 _WHERE = ("output-dir", "state-dir", "resume")
@@ -119,9 +119,7 @@ def load_experiment(path: str | Path) -> Experiment:
     path = Path(path)
     text, raw = read_toml(path, ExperimentError)
     tables = {key: raw.pop(key) for key in ("sweep", "baselines") if key in raw}
-    for key in ("data-path", "catalog-path"):
-        if isinstance(raw.get(key), str) and raw[key] and not Path(raw[key]).is_absolute():
-            raw[key] = str((path.resolve().parent / raw[key]).resolve())
+    _resolve_paths(path, text, raw)
     errors: list[str] = []
     base = None
     try:
@@ -141,6 +139,17 @@ def load_experiment(path: str | Path) -> Experiment:
     except ValueError as exc:
         raise ExperimentError(f"{path}: {exc}") from None
     return experiment
+
+
+def _resolve_paths(path: Path, text: str, raw: dict[str, Any]) -> None:
+    """Make relative data-path and catalog-path relative to the experiment file's folder."""
+    for key in ("data-path", "catalog-path"):
+        value = raw.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            try:
+                raw[key] = str((path.resolve().parent / value).resolve())
+            except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte; a loop of symbolic links
+                raise ExperimentError(f"{path}:{line_of(text, (key,)) or '?'}: field '{key}': not a usable path ({exc})") from None
 
 
 def expand_cells(experiment: Experiment) -> list[Cell]:

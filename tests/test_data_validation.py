@@ -470,3 +470,183 @@ def test_amazon_sequence_format(tmp_path):
     with pytest.raises(DataValidationError) as info:
         load_amazon_sequences(unknown, attributes)
     check_error(info.value, unknown, 2, "ad_id")
+
+
+# ------------------------------------------------------------------ input edges (issue 14, item 8)
+# Timestamps: seconds in [0, 2100-01-01); outside is an error in either mode. Ids spelled as a
+# missing value or over 256 characters: errors. "-1"-like ids and exact duplicate rows: accepted,
+# and reported in `warnings` (count, first line) and in a logged warning.
+END_2100 = int(datetime(2100, 1, 1, tzinfo=UTC).timestamp())
+
+
+def log_rows(tmp_path: Path, *rows: str, header: str = "user_id,ad_id,timestamp") -> Path:
+    return write(tmp_path / "log.csv", header + "\n" + "".join(f"{row}\n" for row in rows))
+
+
+@pytest.mark.parametrize("stamp", [str(10**20), str(2**63), str(END_2100), "9" * 5000, "2100-01-01", "9999-12-31T23:59:59"])
+def test_timestamp_past_2100_is_an_error_naming_line_and_field(tmp_path, catalog, stamp):
+    path = log_rows(tmp_path, "u1,a1,1", f"u2,a2,{stamp}")
+    with pytest.raises(DataValidationError) as info:
+        load_log_file(path, catalog)
+    check_error(info.value, path, 3, "timestamp")
+    assert "outside [0, 4102444800)" in str(info.value)
+
+
+@pytest.mark.parametrize("stamp", ["-1", "-1700000000", "1969-12-31T23:59:59Z"])
+def test_timestamp_before_1970_is_an_error(tmp_path, catalog, stamp):
+    path = log_rows(tmp_path, "u1,a1,1", f"u2,a2,{stamp}")
+    for strict in (True, False):  # a lenient load excuses ads outside the catalog, not bad times
+        with pytest.raises(DataValidationError) as info:
+            load_log_file(path, catalog, strict=strict)
+        check_error(info.value, path, 3, "timestamp")
+
+
+def test_timestamp_range_edges_are_accepted(tmp_path, catalog):
+    log = load_log_file(log_rows(tmp_path, "u1,a1,0", f"u1,a2,{END_2100 - 1}", "u1,a3,2099-12-31T23:59:59Z"), catalog)
+    assert list(log.timestamp) == [0, END_2100 - 1, END_2100 - 1]
+
+
+def test_millisecond_timestamps_get_a_hint(tmp_path, catalog):
+    path = log_rows(tmp_path, "u1,a1,1709296200000")
+    with pytest.raises(DataValidationError, match="milliseconds"):
+        load_log_file(path, catalog)
+
+
+@pytest.mark.parametrize("stamp", ["1_000", "\u0663"])  # int() takes both: "1000" and Arabic-Indic 3
+def test_integer_timestamps_are_ascii_digits(tmp_path, catalog, stamp):
+    path = log_rows(tmp_path, f"u1,a1,{stamp}")
+    with pytest.raises(DataValidationError) as info:
+        load_log_file(path, catalog)
+    check_error(info.value, path, 2, "timestamp")
+
+
+def test_parquet_timestamp_beyond_int64_is_an_error(tmp_path, catalog):
+    table = pa.table({"user_id": ["u1", "u2"], "ad_id": ["a1", "a2"], "timestamp": pa.array([1, 2**63], type=pa.uint64())})
+    path = tmp_path / "log.parquet"
+    pq.write_table(table, path)
+    with pytest.raises(DataValidationError) as info:
+        load_log_file(path, catalog)
+    check_error(info.value, path, 2, "timestamp")
+
+
+def test_movielens_timestamp_out_of_range(tmp_path):
+    folder = fake_movielens(tmp_path / "ml-100k", ["10\t1\t5\t881250949", f"10\t2\t5\t{10**20}"])
+    with pytest.raises(DataValidationError) as info:
+        load_movielens_100k(folder)
+    check_error(info.value, folder / "u.data", 2, "timestamp")
+
+
+@pytest.mark.parametrize("marker", ["nan", "NaN", "None", "null", "NULL", "<NA>", "NaT"])
+@pytest.mark.parametrize("column", ["user_id", "ad_id"])
+def test_missing_value_spellings_are_not_ids(tmp_path, catalog, marker, column):
+    row = {"user_id": "u2", "ad_id": "a2"} | {column: marker}
+    path = log_rows(tmp_path, "u1,a1,1", f"{row['user_id']},{row['ad_id']},2")
+    for strict in (True, False):
+        with pytest.raises(DataValidationError) as info:
+            load_log_file(path, catalog, strict=strict)
+        check_error(info.value, path, 3, column)
+        assert "missing value" in str(info.value)
+
+
+def test_missing_value_spelling_in_the_catalog(tmp_path):
+    path = write(tmp_path / "catalog.csv", "ad_id,category\nx1,a\nnan,b\n")
+    with pytest.raises(DataValidationError) as info:
+        load_catalog_file(path)
+    check_error(info.value, path, 3, "ad_id")
+
+
+def test_missing_value_spelling_in_an_amazon_sequence(tmp_path):
+    attributes = write(tmp_path / "attrs.json", '{"1": [7], "2": [7]}')
+    sequences = write(tmp_path / "seq.txt", "A 1 2\nNone 1\n")
+    with pytest.raises(DataValidationError) as info:
+        load_amazon_sequences(sequences, attributes)
+    check_error(info.value, sequences, 2, "user_id")
+
+
+@pytest.mark.parametrize("length", [257, 100_000, 200_000])  # 200 kB is past csv's own field limit
+@pytest.mark.parametrize("column", ["user_id", "ad_id"])
+def test_ids_over_256_characters_are_an_error(tmp_path, catalog, length, column):
+    row = {"user_id": "u2", "ad_id": "a2"} | {column: "x" * length}
+    path = log_rows(tmp_path, "u1,a1,1", f"{row['user_id']},{row['ad_id']},2")
+    with pytest.raises(DataValidationError) as info:
+        load_log_file(path, catalog)
+    # csv itself stops at a field over 128 KiB, before the field is known
+    check_error(info.value, path, 3, column if length < 131_072 else None)
+
+
+def test_id_of_256_characters_is_accepted(tmp_path):
+    ad_id = "a" * 256
+    catalog_path = write(tmp_path / "catalog.csv", f"ad_id,category\n{ad_id},c\n")
+    log = load_log_file(log_rows(tmp_path, f"{'u' * 256},{ad_id},1"), load_catalog_file(catalog_path))
+    assert list(log.user) == ["u" * 256] and log.warnings == []
+
+
+def test_long_id_in_the_catalog(tmp_path):
+    path = write(tmp_path / "catalog.csv", f"ad_id,category\nx1,a\n{'x' * 100_000},b\n")
+    with pytest.raises(DataValidationError) as info:
+        load_catalog_file(path)
+    check_error(info.value, path, 3, "ad_id")
+    assert "100000 characters" in str(info.value) and len(str(info.value)) < 500
+
+
+def test_negative_number_ids_are_accepted_and_reported(tmp_path, caplog):
+    catalog = load_catalog_file(write(tmp_path / "catalog.csv", "ad_id,category\na1,c\n-1,c\n"))
+    [notice] = catalog.warnings
+    assert (notice.kind, notice.field_name, notice.count, notice.first_line) == ("negative-number-id", "ad_id", 1, 3)
+    path = log_rows(tmp_path, "u1,a1,1", "-1,a1,2", "u2,-1,3", "-2.0,a1,4", "u-1,a1,5")
+    with caplog.at_level(logging.WARNING):
+        log = load_log_file(path, catalog)
+    assert list(log.user) == ["u1", "-1", "u2", "-2.0", "u-1"]  # kept, as string ids
+    by_field = {n.field_name: n for n in log.warnings}
+    assert set(by_field) == {"user_id", "ad_id"}
+    users, ads = by_field["user_id"], by_field["ad_id"]
+    assert (users.kind, users.count, users.first_line, users.path) == ("negative-number-id", 2, 3, str(path))
+    assert (ads.count, ads.first_line) == (1, 4)
+    assert str(users) == (f"{path}:3: field 'user_id' '-1' reads as a negative number, a common missing-value code; "
+                          "accepted as a string id (2 such rows; this is the first)")
+    assert str(ads).endswith("(1 such row)")
+    logged = [record.getMessage() for record in caplog.records]
+    assert str(users) in logged and str(ads) in logged
+
+
+def test_exact_duplicate_rows_are_accepted_and_reported(tmp_path, catalog, caplog):
+    path = log_rows(
+        tmp_path,
+        "u1,a1,1,click,m1", "u1,a2,1,click,m1",
+        "u1,a1,1,click,m1",  # line 4 repeats line 2
+        "u1,a1,1,impression,m1", "u1,a1,1,click,m2", "u2,a1,1,click,m1",  # each differs in one field
+        "u1,a1,1,click,m1", "u1,a2,1,click,m1",  # lines 8 and 9 repeat lines 2 and 3
+        header="user_id,ad_id,timestamp,event,merchant",
+    )
+    with caplog.at_level(logging.WARNING):
+        log = load_log_file(path, catalog)
+    assert len(log) == 8  # accepted: the split deduplicates
+    [notice] = log.warnings
+    assert (notice.kind, notice.field_name, notice.count, notice.first_line) == ("duplicate-row", None, 3, 4)
+    assert str(notice) == f"{path}:4: repeats line 2 exactly (every field); accepted, the split keeps one of each (3 such rows; this is the first)"
+    assert str(notice) in [record.getMessage() for record in caplog.records]
+    assert log.subset(np.arange(2)).warnings == log.warnings  # a shard keeps what its source file said
+
+
+def test_clean_logs_have_no_warnings(tmp_path, catalog, caplog):
+    with caplog.at_level(logging.WARNING):
+        log = load_log_file(log_rows(tmp_path, "u1,a1,1", "u1,a1,2", "u2,a1,1"), catalog)
+    assert log.warnings == [] and catalog.warnings == () and not caplog.records
+
+
+def test_undecodable_bytes_name_their_line(tmp_path, catalog):
+    path = tmp_path / "log.csv"
+    path.write_bytes(b"user_id,ad_id,timestamp\n" + b"u1,a1,1\n" * 3000 + b"u\xff,a1,2\n")
+    with pytest.raises(DataValidationError) as info:
+        load_log_file(path, catalog)
+    check_error(info.value, path, 3002, None)
+    assert "UTF-8" in str(info.value)
+
+
+def test_public_set_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path):
+    folder = fake_movielens(tmp_path / "ml-100k", ["10\t1\t5\t881250949", "10\t3\t1\t881250950"])
+    data = folder / "u.data"
+    data.write_bytes(data.read_bytes() + b"20\t2\t3\t88125\xff0951\n")
+    with pytest.raises(DataValidationError) as error:
+        load_movielens_100k(folder)
+    assert f"{data}:3" in str(error.value) and "UTF-8" in str(error.value)

@@ -170,6 +170,16 @@ def test_validate_names_file_line_and_field(capsys, node, tmp_path):
     assert code == 2 and f"{event}:2:" in err and "'event'" in err
 
 
+def test_validate_shows_what_it_accepted_but_reports(capsys, node, tmp_path):
+    """Rows accepted with a notice (a "-1" user id, an exact duplicate) are shown, counted, with
+    their first line."""
+    log = write(tmp_path / "odd.csv", "user_id,ad_id,timestamp,event\n-1,ad-00001,5,click\nu1,ad-00002,6,click\nu1,ad-00002,6,click\n")
+    code, out, err = run(capsys, "validate", "--log", log, "--catalog", node["catalog"])
+    assert code == 0, err
+    assert summary_fields(out)["notices"].startswith("2")
+    assert f"{log}:2: field 'user_id'" in out and f"{log}:4:" in out
+
+
 def test_unknown_ads_fail_strict_and_are_counted_lenient(capsys, node, tmp_path):
     log = write(tmp_path / "drift.csv", (
         "user_id,ad_id,timestamp,event\n"

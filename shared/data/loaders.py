@@ -9,10 +9,21 @@ Public research data sets have their own loaders (shared/data/public_sets.py).
 from __future__ import annotations
 
 import csv
+from _csv import Reader as CsvReader
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from shared.data.fields import LogBuilder, parse_event, parse_timestamp, require_text
+from shared.data.fields import (
+    LogBuilder,
+    NoticeTally,
+    first_undecodable_line,
+    log_notices,
+    looks_negative,
+    parse_event,
+    parse_timestamp,
+    require_id,
+    require_text,
+)
 from shared.data.schema import AdCatalog, Dataset, DataValidationError, Event, InteractionLog
 
 LOG_COLUMNS_REQUIRED = ("user_id", "ad_id", "timestamp")
@@ -50,15 +61,20 @@ def _records(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, objec
         return table.column_names, ((i + 1, row) for i, row in enumerate(rows))
     handle = path.open(newline="", encoding="utf-8-sig")  # tolerate the BOM spreadsheet tools write
     reader = csv.reader(handle)
+    records = _csv_records(path, reader)
     try:
-        header = [h.strip() for h in next(reader)]
-    except StopIteration:
+        first = next(records, None)
+    except DataValidationError:
         handle.close()
-        raise DataValidationError(str(path), 1, None, "is empty: a header row is required") from None
+        raise
+    if first is None:
+        handle.close()
+        raise DataValidationError(str(path), 1, None, "is empty: a header row is required")
+    header = [h.strip() for h in first]
 
     def csv_rows() -> Iterator[tuple[int, dict[str, object]]]:
         with handle:
-            for values in reader:
+            for values in records:
                 line = reader.line_num
                 if not values or all(not v.strip() for v in values):
                     continue  # blank lines carry no row
@@ -71,6 +87,20 @@ def _records(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, objec
     return header, csv_rows()
 
 
+def _csv_records(path: Path, reader: CsvReader) -> Iterator[list[str]]:
+    """The reader's rows, its errors turned into DataValidationErrors naming the line."""
+    while True:
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:  # e.g. a field over csv's size limit (128 KiB)
+            raise DataValidationError(str(path), reader.line_num, None, f"is not readable CSV: {exc}") from None
+        except UnicodeDecodeError:
+            raise DataValidationError(str(path), first_undecodable_line(path), None, "is not UTF-8 text") from None
+        yield values
+
+
 def load_catalog_file(path: str | Path) -> AdCatalog:
     """A catalog CSV (or Parquet): ad_id, category, and optionally brand and title."""
     path = Path(path)
@@ -80,8 +110,11 @@ def load_catalog_file(path: str | Path) -> AdCatalog:
     _check_header(str(path), header, CATALOG_COLUMNS_REQUIRED, CATALOG_COLUMNS_OPTIONAL)
     ids, categories, brands, titles = [], [], [], []
     seen: dict[str, int] = {}
+    notices = NoticeTally(str(path))
     for line, row in rows:
-        ad_id = require_text(str(path), line, "ad_id", row.get("ad_id"))
+        ad_id = require_id(str(path), line, "ad_id", row.get("ad_id"))
+        if looks_negative(ad_id):
+            notices.note("negative-number-id", "ad_id", line, ad_id)
         if ad_id in seen:
             raise DataValidationError(str(path), line, "ad_id", f"duplicate ad id {ad_id!r} (first on line {seen[ad_id]})")
         seen[ad_id] = line
@@ -91,7 +124,7 @@ def load_catalog_file(path: str | Path) -> AdCatalog:
         titles.append(str(row.get("title") or "").strip() or None)
     if not ids:
         raise DataValidationError(str(path), None, None, "catalog holds no ads")
-    return AdCatalog(tuple(ids), tuple(categories), tuple(brands), tuple(titles), source=str(path))
+    return AdCatalog(tuple(ids), tuple(categories), tuple(brands), tuple(titles), source=str(path), warnings=tuple(log_notices(notices.notices())))
 
 
 def load_log_file(path: str | Path, catalog: AdCatalog, strict: bool = True) -> InteractionLog:

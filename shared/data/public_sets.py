@@ -13,7 +13,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from shared.data.fields import LogBuilder, parse_timestamp, require_text
+from shared.data.fields import LogBuilder, first_undecodable_line, parse_timestamp, require_text, utf8_lines
 from shared.data.schema import AdCatalog, Dataset, DataValidationError, Event
 
 MOVIELENS_GENRES = (
@@ -55,23 +55,22 @@ def load_movielens_100k(folder: str | Path, strict: bool = True) -> Dataset:
     if not data_path.is_file():
         raise DataValidationError(str(data_path), None, None, "MovieLens-100K file does not exist")
     builder = LogBuilder(str(data_path), catalog, strict)
-    with data_path.open(encoding="utf-8") as handle:
-        for line, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            fields = raw.rstrip("\n").split("\t")
-            if len(fields) != 4:
-                raise DataValidationError(str(data_path), line, None, f"has {len(fields)} fields, expected 4 (user, item, rating, timestamp)")
-            rating = require_text(str(data_path), line, "rating", fields[2])
-            if rating not in ("1", "2", "3", "4", "5"):
-                raise DataValidationError(str(data_path), line, "rating", f"{rating!r} is not 1-5")
-            builder.add(
-                line,
-                user=require_text(str(data_path), line, "user_id", fields[0]),
-                ad_id=require_text(str(data_path), line, "item_id", fields[1]),
-                timestamp=parse_timestamp(str(data_path), line, fields[3]),
-                event=Event.CLICK,
-            )
+    for line, raw in utf8_lines(data_path):
+        if not raw.strip():
+            continue
+        fields = raw.rstrip("\n").split("\t")
+        if len(fields) != 4:
+            raise DataValidationError(str(data_path), line, None, f"has {len(fields)} fields, expected 4 (user, item, rating, timestamp)")
+        rating = require_text(str(data_path), line, "rating", fields[2])
+        if rating not in ("1", "2", "3", "4", "5"):
+            raise DataValidationError(str(data_path), line, "rating", f"{rating!r} is not 1-5")
+        builder.add(
+            line,
+            user=require_text(str(data_path), line, "user_id", fields[0]),
+            ad_id=require_text(str(data_path), line, "item_id", fields[1]),
+            timestamp=parse_timestamp(str(data_path), line, fields[3]),
+            event=Event.CLICK,
+        )
     return Dataset("movielens-100k", catalog, builder.build())
 
 
@@ -84,6 +83,8 @@ def load_amazon_catalog(attributes_path: str | Path) -> AdCatalog:
         raise DataValidationError(str(attributes_path), None, None, "attribute file does not exist")
     try:
         attributes = json.loads(attributes_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DataValidationError(str(attributes_path), first_undecodable_line(attributes_path), None, "is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise DataValidationError(str(attributes_path), exc.lineno, None, f"is not valid JSON: {exc.msg}") from exc
     if not isinstance(attributes, dict) or not attributes:
@@ -108,13 +109,12 @@ def load_amazon_sequences(sequence_path: str | Path, attributes_path: str | Path
     if not sequence_path.is_file():
         raise DataValidationError(str(sequence_path), None, None, "sequence file does not exist")
     builder = LogBuilder(str(sequence_path), catalog, strict)
-    with sequence_path.open(encoding="utf-8") as handle:
-        for line, raw in enumerate(handle, start=1):
-            fields = raw.split()
-            if not fields:
-                continue
-            if len(fields) < 2:
-                raise DataValidationError(str(sequence_path), line, "items", "a user line needs at least one item")
-            for position, item in enumerate(fields[1:]):
-                builder.add(line, user=fields[0], ad_id=item, timestamp=position, event=Event.CLICK)
+    for line, raw in utf8_lines(sequence_path):
+        fields = raw.split()
+        if not fields:
+            continue
+        if len(fields) < 2:
+            raise DataValidationError(str(sequence_path), line, "items", "a user line needs at least one item")
+        for position, item in enumerate(fields[1:]):
+            builder.add(line, user=fields[0], ad_id=item, timestamp=position, event=Event.CLICK)
     return Dataset("amazon-seq", catalog, builder.build())

@@ -29,6 +29,26 @@ class DataValidationError(ValueError):
         super().__init__(f"{where}:{what} {problem}")
 
 
+@dataclass(frozen=True)
+class ValidationNotice:
+    """Rows that were accepted but deserve a look: what, how many, and where the first one is.
+
+    A loader reports these rather than rejecting the rows (a "-1" id may be a real id) and never
+    accepts them silently (it may as well be a missing-value code)."""
+
+    kind: str  # stable name for code and tests, e.g. "negative-number-id", "duplicate-row"
+    field_name: str | None
+    count: int
+    path: str
+    first_line: int
+    detail: str  # what the first row is and what was done with such rows
+
+    def __str__(self) -> str:
+        what = f" field '{self.field_name}'" if self.field_name else ""
+        rows = "1 such row" if self.count == 1 else f"{self.count} such rows; this is the first"
+        return f"{self.path}:{self.first_line}:{what} {self.detail} ({rows})"
+
+
 class Event(IntEnum):
     """Event types ordered by strength of the signal; click and purchase are positives."""
 
@@ -59,6 +79,7 @@ class AdCatalog:
     source: str = "<memory>"
     # public content tags per ad (attributes, genres), for content priors; default: its category and brand
     tags: tuple[tuple[str, ...], ...] = ()
+    warnings: tuple[ValidationNotice, ...] = field(default=(), compare=False)  # accepted but suspicious ids
     index: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -109,6 +130,7 @@ class InteractionLog:
     region: np.ndarray | None = None  # str
     source: str = "<memory>"
     rejected: list[str] = field(default_factory=list)  # human-readable reasons, one per rejected row
+    warnings: list[ValidationNotice] = field(default_factory=list)  # accepted but suspicious rows, by kind
 
     def __post_init__(self) -> None:
         n = len(self.user)
@@ -130,6 +152,7 @@ class InteractionLog:
             region=None if self.region is None else self.region[rows],
             source=self.source,
             rejected=list(self.rejected),
+            warnings=list(self.warnings),
         )
 
     def summary(self) -> dict[str, Any]:

@@ -63,7 +63,7 @@ def pin_shards(dataset: Dataset, cfg: RunConfig, clients: int) -> Dataset:
     log = dataset.log
     merchant = np.array([shard_of[str(user)] for user in log.user], dtype=object)
     pinned = InteractionLog(user=log.user, ad=log.ad, timestamp=log.timestamp, event=log.event, merchant=merchant,
-                            region=log.region, source=log.source, rejected=log.rejected)
+                            region=log.region, source=log.source, rejected=log.rejected, warnings=log.warnings)
     return Dataset(dataset.name, dataset.catalog, pinned)
 
 
@@ -103,7 +103,7 @@ def draw_canaries(dataset: Dataset, count: int, seed: int, ordinary: int = 3) ->
         event=np.concatenate([log.event, added.event]),
         merchant=None if log.merchant is None or added.merchant is None else np.concatenate([log.merchant, added.merchant]),
         region=None if log.region is None or added.region is None else np.concatenate([log.region, added.region]),
-        source=f"{log.source} + canaries",
+        source=f"{log.source} + canaries", warnings=log.warnings,
     )
     return Dataset(dataset.name, augmented, merged), Canaries(user_ids, ad_ids, included, seed, ordinary, rows)
 
