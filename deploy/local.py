@@ -1,10 +1,12 @@
 """A whole deployment on one machine, for tests and measurements: dev certificates, a TLS
-SuperLink with SuperNode authentication and a state database, the merchants' keys registered,
-one SuperNode per merchant; every process is stopped on the way out, also on failure, and by a
-sweeper (deploy.processes) if the process that started them is killed outright.
+SuperLink with SuperNode authentication and a state database, started as an operator starts it
+(`python -m deploy.superlink start`: the SuperLink on 127.0.0.1, the Fleet gateway on
+`fleet_host`), the merchants' keys registered, one SuperNode per merchant connected through the
+gateway; every process is stopped on the way out, also on failure, and by a sweeper
+(deploy.processes) if the process that started them is killed outright.
 
-Each process gets its own FLWR_HOME and log file under the work dir, and free loopback ports,
-so several deployments (and simulations) can share a machine.
+Each process gets its own FLWR_HOME and log file under the work dir, and free ports, so several
+deployments (and simulations) can share a machine.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import tomli_w
 from deploy.dev_certs import MerchantKeys, create_merchant_keys, create_tls_files
 from deploy.merchant import supernode_command
 from deploy.processes import Sweeper, free_port, stop_tree, wait_for_port
-from deploy.superlink import BIN, CONNECTION, ServerTls, parse_cli_json, register_merchant, superlink_command, tool_env, write_cli_config
+from deploy.superlink import BIN, CONNECTION, ServerTls, parse_cli_json, register_merchant, start_command, tool_env, write_cli_config
 from shared.node_config import NodeConfig
 from simulations import PROJECT_ROOT
 
@@ -42,6 +44,7 @@ class Merchant:
     state_dir: Path
     catalog_path: Path | None = None
     privacy_mode: str = "user"  # its policy: user-level DP required (the default), or "none"
+    trusted_entities: Path | None = None  # publishers' keys: its SuperNode runs only FABs they signed
 
 
 def stop_process(process: subprocess.Popen) -> None:
@@ -57,7 +60,8 @@ def stop_process(process: subprocess.Popen) -> None:
 @dataclass
 class LocalDeployment:
     work_dir: Path
-    address: str
+    address: str  # the SuperLink on 127.0.0.1: Control API (the operator's `flwr`)
+    fleet_address: str  # the Fleet gateway: where SuperNodes connect
     tls: ServerTls
     operator_env: dict[str, str]  # FLWR_HOME with a TLS connection named CONNECTION
     extra_env: dict[str, str]
@@ -87,7 +91,8 @@ class LocalDeployment:
             "data_path": str(merchant.data_path), "state_dir": str(merchant.state_dir), "merchant_id": merchant.merchant_id,
             "catalog_path": str(merchant.catalog_path or ""), "privacy_mode": merchant.privacy_mode,
         }).write(node_dir / "node-config.toml")
-        command = supernode_command(self.address, self.tls.ca_cert if tls else None, key, config, free_port(), max_retries)
+        command = supernode_command(self.fleet_address, self.tls.ca_cert if tls else None, key, config, free_port(), max_retries,
+                                    trusted_entities=merchant.trusted_entities)
         return self.start(f"supernode-{merchant.merchant_id}", command, node_dir / "flwr-home")
 
     def flwr(self, *args: str, env: Mapping[str, str] | None = None, timeout: float = 120.0) -> subprocess.CompletedProcess:
@@ -151,28 +156,31 @@ def local_deployment(
     unregistered: Sequence[str] = (),
     extra_env: Mapping[str, str] | None = None,
     start_supernodes: bool = True,
+    fleet_host: str = "127.0.0.1",
 ) -> Iterator[LocalDeployment]:
     """Certificates, SuperLink, registration, SuperNodes; yields when all merchants are online.
-    `unregistered`: ids to create key pairs for without registering them."""
+    `unregistered`: ids to create key pairs for without registering them. `fleet_host`: the
+    interface the Fleet gateway listens on (the server certificate names it, too)."""
     work_dir = Path(work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
-    files = create_tls_files(work_dir / "certs")
+    hosts = ("localhost", "127.0.0.1", "::1") + (() if fleet_host in ("127.0.0.1", "localhost") else (fleet_host,))
+    files = create_tls_files(work_dir / "certs", hosts)
     tls = ServerTls(files.ca_cert, files.server_cert, files.server_key)
-    port = free_port()
-    address = f"127.0.0.1:{port}"
+    port, fleet_port = free_port(), free_port(fleet_host)
+    address, fleet_address = f"127.0.0.1:{port}", f"{fleet_host}:{fleet_port}"
     operator_home = work_dir / "operator-flwr-home"
     write_cli_config(operator_home, address, tls.ca_cert)
     sweeper = Sweeper(DEPLOYMENT_MARK, str(work_dir))  # stops them all even if this process is killed outright
-    deployment = LocalDeployment(work_dir, address, tls, tool_env(operator_home), {**(extra_env or {}), **sweeper.mark})
+    deployment = LocalDeployment(work_dir, address, fleet_address, tls, tool_env(operator_home), {**(extra_env or {}), **sweeper.mark})
     with deployment._stack:
         deployment._stack.callback(sweeper.close)  # last, after each process was stopped
-        (work_dir / "superlink").mkdir(exist_ok=True)
         superlink = deployment.start(
-            "superlink", superlink_command(tls, work_dir / "superlink" / "state.db", host="127.0.0.1", port=port),
+            "superlink", start_command(tls, work_dir / "superlink" / "state.db", port, fleet_address),
             work_dir / "superlink" / "flwr-home",
         )
         try:
             wait_for_port(port, superlink, work_dir / "logs" / "superlink.log")
+            wait_for_port(fleet_port, superlink, work_dir / "logs" / "superlink.log", host=fleet_host)
         except Exception as exc:  # its error names the log; keep one error type here
             raise DeploymentError(str(exc)) from exc
         for merchant_id in [m.merchant_id for m in merchants] + list(unregistered):

@@ -1,9 +1,9 @@
 """A merchant's side: start this merchant's SuperNode against the SuperLink.
 
-    python -m deploy.merchant --superlink superlink.example:9093 --root-certificates ca.crt \\
+    python -m deploy.merchant --superlink superlink.example:9092 --root-certificates ca.crt \\
         --private-key merchant-a.key --merchant-id merchant-a \\
         --data-path /srv/merchant-a/interactions.csv --state-dir /srv/merchant-a/fedads-state \\
-        [--catalog-path /srv/merchant-a/catalog.csv] [--runtime-port 9094]
+        [--catalog-path /srv/merchant-a/catalog.csv] [--runtime-port 9094] [--trusted-entities publishers.yaml]
 
     python -m deploy.merchant --superlink ... --root-certificates ca.crt --private-key merchant-a.key \
         --node-config /srv/merchant-a/node-config.toml
@@ -15,6 +15,14 @@ file is handed to `flower-supernode --node-config`, so paths with spaces survive
 merchant agent reads the same file (`fedads-merchant budget --node-config FILE`). The SuperNode runs the ClientApp code of the FAB the SuperLink
 sends, with this venv's packages: `flower-supernode` installs nothing unless given
 `--allow-runtime-dependency-installation` (flwr/common/args.py, default off in 1.42).
+
+Which apps it runs: `--trusted-entities FILE` (YAML, `key-id: ssh-ed25519 AAAA...`) is handed
+to `flower-supernode --trusted-entities`; the SuperNode then executes only a FAB carrying a valid
+Ed25519 signature by one of those keys and answers every other run with an error reply, without
+starting its ClientApp (flwr/supernode/start_client_internal.py `_pull_and_store_message`,
+`_verify_fab`). In Flower 1.42 a FAB carries signatures only when the SuperLink fetched it from
+the Flower platform (`flwr run @publisher/app==version`); a FAB shipped with `flwr run .` has
+none, so a pinned SuperNode refuses it (docs/DEPLOYMENT.md, "Which code a merchant runs").
 """
 
 from __future__ import annotations
@@ -23,6 +31,10 @@ import argparse
 import os
 from collections.abc import Sequence
 from pathlib import Path
+
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from deploy.superlink import BIN, tool_env
 from shared.config import ConfigError
@@ -39,8 +51,10 @@ def supernode_command(
     runtime_port: int = DEFAULT_RUNTIME_PORT,
     max_retries: int | None = None,
     bin_dir: Path = BIN,
+    trusted_entities: str | Path | None = None,
 ) -> list[str]:
-    """`root_certificates=None` gives a plain-HTTP SuperNode (only to show it is refused)."""
+    """`root_certificates=None` gives a plain-HTTP SuperNode (only to show it is refused);
+    `trusted_entities`: the publishers whose signed FABs alone it runs (module docstring)."""
     command = [str(bin_dir / "flower-supernode"), "--superlink", superlink]
     command += ["--insecure"] if root_certificates is None else ["--root-certificates", str(root_certificates)]
     if private_key is not None:
@@ -50,7 +64,38 @@ def supernode_command(
     command += ["--host", "127.0.0.1", "--port", str(runtime_port)]
     if max_retries is not None:
         command += ["--max-retries", str(max_retries)]
+    if trusted_entities is not None:
+        command += ["--trusted-entities", str(trusted_entities)]
     return command
+
+
+def load_trusted_entities(path: str | Path) -> dict[str, str]:
+    """The trusted-entities YAML, checked as flower-supernode will use it (a mapping of key ids
+    to OpenSSH Ed25519 public keys), so that a typo fails here with the file's name rather than
+    at the SuperNode's start."""
+    try:
+        entities = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    if not isinstance(entities, dict) or not entities:
+        raise ConfigError(f"{path}: expected a mapping of key ids to OpenSSH Ed25519 public keys")
+    for key_id, public_key in entities.items():
+        try:
+            loaded = serialization.load_ssh_public_key(str(public_key).encode())
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{path}: {key_id}: not an OpenSSH public key ({exc})") from None
+        if not isinstance(loaded, ed25519.Ed25519PublicKey):
+            raise ConfigError(f"{path}: {key_id}: Flower verifies FAB signatures with Ed25519 keys only")
+    return {str(k): str(v) for k, v in entities.items()}
+
+
+def write_trusted_entities(path: str | Path, entities: dict[str, str]) -> Path:
+    """Write a trusted-entities file: {key id: 'ssh-ed25519 AAAA...'}."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(entities, sort_keys=True))
+    load_trusted_entities(path)
+    return path
 
 
 def node_config_file(args: argparse.Namespace) -> Path:
@@ -71,7 +116,7 @@ def node_config_file(args: argparse.Namespace) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--superlink", required=True, help="SuperLink host:port")
+    parser.add_argument("--superlink", required=True, help="the SuperLink's Fleet address, host:port (its gateway's --fleet-address)")
     parser.add_argument("--root-certificates", type=Path, required=True, help="CA certificate of the SuperLink")
     parser.add_argument("--private-key", type=Path, required=True, help="this merchant's registered private key (OpenSSH)")
     parser.add_argument("--node-config", type=Path, help="the merchant's node config (TOML), instead of the four flags below")
@@ -81,15 +126,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--catalog-path", type=Path, help="the public ad catalog (CSV or Parquet)")
     parser.add_argument("--runtime-port", type=int, default=DEFAULT_RUNTIME_PORT)
     parser.add_argument("--flwr-home", type=Path, help="where Flower unpacks received apps (default ~/.flwr)")
+    parser.add_argument("--trusted-entities", type=Path,
+                        help="YAML of publisher key ids -> ssh-ed25519 public keys: run only FABs they signed")
     args = parser.parse_args(argv)
-    for path in (args.root_certificates, args.private_key, args.data_path, args.catalog_path, args.node_config):
+    for path in (args.root_certificates, args.private_key, args.data_path, args.catalog_path, args.node_config, args.trusted_entities):
         if path is not None and not path.is_file():
             parser.error(f"{path} does not exist")
     try:
         config_file = node_config_file(args)
+        if args.trusted_entities is not None:
+            load_trusted_entities(args.trusted_entities)
     except ConfigError as exc:
         parser.error(str(exc))
-    command = supernode_command(args.superlink, args.root_certificates.resolve(), args.private_key.resolve(), config_file, args.runtime_port)
+    trusted = args.trusted_entities.resolve() if args.trusted_entities is not None else None
+    command = supernode_command(args.superlink, args.root_certificates.resolve(), args.private_key.resolve(), config_file,
+                                args.runtime_port, trusted_entities=trusted)
     print(" ".join(command), flush=True)
     os.execve(command[0], command, tool_env(args.flwr_home))
 

@@ -20,9 +20,9 @@ class ProcessStartError(RuntimeError):
     pass
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
@@ -31,17 +31,17 @@ def _program(process: subprocess.Popen) -> str:
     return Path(str(args[0] if isinstance(args, list | tuple) else args)).name
 
 
-def wait_for_port(port: int, process: subprocess.Popen, log_path: Path, timeout: float = 60.0) -> None:
+def wait_for_port(port: int, process: subprocess.Popen, log_path: Path, timeout: float = 60.0, host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise ProcessStartError(f"{_program(process)} exited with code {process.returncode}; see {log_path}:\n{log_path.read_text()[-2000:]}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.1)  # readiness poll of a process we started, not a timing assumption
-    raise ProcessStartError(f"{_program(process)} did not listen on port {port} within {timeout:.0f}s; see {log_path}")
+    raise ProcessStartError(f"{_program(process)} did not listen on {host}:{port} within {timeout:.0f}s; see {log_path}")
 
 
 def _proc_stat(pid: int) -> tuple[int, str] | None:

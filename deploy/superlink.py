@@ -1,23 +1,33 @@
 """The operator's side: start the SuperLink with TLS, SuperNode authentication, a persistent
-state database and no run-time package installation; point the `flwr` CLI at it; register
-the merchants' public keys.
+state database readable by its owner only and no run-time package installation, on loopback,
+with a Fleet-only gateway where merchants reach it; point the `flwr` CLI at it; register the
+merchants' public keys; reach it from another machine through SSH.
 
-    python -m deploy.superlink start --tls-dir certs --database state/superlink.db --host 0.0.0.0 --port 9093
-    python -m deploy.superlink configure-cli --flwr-home ~/.flwr --address superlink.example:9093 --root-certificates certs/ca.crt
+    python -m deploy.superlink start --tls-dir certs --database state/superlink.db --port 9093 --fleet-address 0.0.0.0:9092
+    python -m deploy.superlink configure-cli --flwr-home ~/.flwr --address 127.0.0.1:9093 --root-certificates certs/ca.crt
     python -m deploy.superlink register --flwr-home ~/.flwr certs/merchants/*.pub
+    python -m deploy.superlink tunnel --ssh operator@superlink.example --port 9093     # from the operator's laptop
 
 Flags as flwr 1.42 defines them (flwr/superlink/cli/flower_superlink.py): one HTTPS port
 (`--host`/`--port`) serves the Fleet API (SuperNodes), the Control API (`flwr` CLI) and the
-Runtime API (the ServerApp process); `--enable-supernode-auth` refuses SuperNodes whose public
-key was not registered through the Control API (`flwr supernode register`,
-flwr/cli/supernode/register.py); the old `--auth-list-public-keys` CSV is rejected by 1.42.
+Runtime API (the ServerApp process); `--control-api-address` no longer separates the Control
+API, that port asks for no client certificate, and the open-source Control API authenticates no
+one. So the SuperLink listens on 127.0.0.1 only and the Control API is the operator's by
+reaching that host's loopback (a shell there, or an SSH tunnel); merchants reach the Fleet API
+through deploy.fleet_gateway on `--fleet-address`, which forwards Fleet calls only.
+`--enable-supernode-auth` refuses SuperNodes whose public key was not registered through the
+Control API (`flwr supernode register`, flwr/cli/supernode/register.py); the old
+`--auth-list-public-keys` CSV is rejected by 1.42.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
+import signal
+import stat
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -27,9 +37,15 @@ from typing import Any
 
 import tomli_w
 
+from deploy.fleet_gateway import FleetGateway, GatewayTls
+from deploy.processes import stop_tree, terminate_as_exit
+
 BIN = Path(sys.executable).parent  # the venv holding flwr and this project's packages
 CONNECTION = "fedads"  # the SuperLink connection name in FLWR_HOME/config.toml
-DEFAULT_PORT = 9093
+DEFAULT_PORT = 9093  # the SuperLink's own port, on 127.0.0.1: Control, Runtime and Fleet API
+DEFAULT_FLEET_PORT = 9092  # the Fleet gateway's port, on the interface the operator names
+LOOPBACK = "127.0.0.1"
+SECRET_UMASK = 0o077  # the SuperLink's files (database, WAL, outputs): its owner only
 
 
 @dataclass(frozen=True)
@@ -45,7 +61,9 @@ class ServerTls:
         return cls(folder / "ca.crt", folder / "server.crt", folder / "server.key")
 
 
-def superlink_command(tls: ServerTls, database: str | Path, host: str = "0.0.0.0", port: int = DEFAULT_PORT, bin_dir: Path = BIN) -> list[str]:
+def superlink_command(tls: ServerTls, database: str | Path, host: str = LOOPBACK, port: int = DEFAULT_PORT, bin_dir: Path = BIN) -> list[str]:
+    """The flower-superlink command line. `host` stays loopback: this port is also the
+    unauthenticated Control API (see the module docstring)."""
     return [
         str(bin_dir / "flower-superlink"),
         "--ssl-ca-certfile", str(tls.ca_cert),
@@ -57,6 +75,84 @@ def superlink_command(tls: ServerTls, database: str | Path, host: str = "0.0.0.0
         "--disable-runtime-dependency-installation",
         "--host", host, "--port", str(port),
     ]
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """host:port, [v6]:port -> (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def prepare_database(database: str | Path) -> Path:
+    """The SQLite state file, created (or tightened) to mode 0600 before the SuperLink opens it:
+    SQLite gives its -wal and -shm files the database file's mode, and the SuperLink runs under
+    umask 077 for anything else it creates. A folder this creates is 0700; an existing folder
+    is left as the operator set it (it may be shared, like /var/lib)."""
+    database = Path(database).resolve()
+    missing = [p for p in [database.parent, *database.parent.parents] if not p.exists()]
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700)
+    fd = os.open(database, os.O_RDWR | os.O_CREAT, 0o600)
+    os.close(fd)
+    for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm"), Path(f"{database}-journal")):
+        if path.exists() and stat.S_IMODE(path.stat().st_mode) & 0o077:
+            path.chmod(0o600)
+    return database
+
+
+def start_command(
+    tls: ServerTls, database: str | Path, port: int = DEFAULT_PORT, fleet_address: str | None = None,
+) -> list[str]:
+    """`python -m deploy.superlink start ...`: how deploy.local starts the SuperLink, as an operator does."""
+    command = [sys.executable, "-m", "deploy.superlink", "start", "--ca-cert", str(tls.ca_cert), "--server-cert", str(tls.server_cert),
+               "--server-key", str(tls.server_key), "--database", str(database), "--port", str(port)]
+    return command + (["--fleet-address", fleet_address] if fleet_address else [])
+
+
+def tunnel_command(ssh_target: str, port: int = DEFAULT_PORT, local_port: int | None = None, ssh: str = "ssh") -> list[str]:
+    """An SSH tunnel from this machine's 127.0.0.1:`local_port` to the SuperLink host's loopback
+    Control API: SSH authenticates the operator (their key, the host's known_hosts entry). The
+    SuperLink's certificate names 127.0.0.1, so `flwr` verifies it through the tunnel too."""
+    return [ssh, "-N", "-o", "ExitOnForwardFailure=yes", "-L", f"{LOOPBACK}:{local_port or port}:{LOOPBACK}:{port}", ssh_target]
+
+
+def run_superlink(tls: ServerTls, database: Path, port: int, fleet_address: str | None) -> int:
+    """Start flower-superlink on loopback (umask 077, database 0600) and, given a fleet address,
+    the Fleet gateway in this process; return when the SuperLink exits or on SIGTERM/SIGINT,
+    stopping the SuperLink and everything it started."""
+    os.umask(SECRET_UMASK)  # inherited by flower-superlink, its SuperExec and ServerApp processes
+    database = prepare_database(database)
+    command = superlink_command(tls, database, LOOPBACK, port)
+    print(" ".join(command), flush=True)
+    if fleet_address is None:
+        os.execve(command[0], command, tool_env())
+    fleet_host, fleet_port = parse_address(fleet_address)
+    gateway = FleetGateway(fleet_host, fleet_port, port, GatewayTls(tls.server_cert, tls.server_key, tls.ca_cert))
+    with terminate_as_exit():  # a SIGTERM before or after the event loop still stops the SuperLink
+        superlink = subprocess.Popen(command, env=tool_env(), stdin=subprocess.DEVNULL)
+        try:
+            return asyncio.run(_serve_gateway(gateway, superlink))
+        finally:
+            stop_tree(superlink)
+
+
+async def _serve_gateway(gateway: FleetGateway, superlink: subprocess.Popen) -> int:
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await gateway.start()
+    try:
+        while not stopping.is_set() and superlink.poll() is None:
+            try:
+                await asyncio.wait_for(stopping.wait(), 0.5)  # the SuperLink's exit is polled, too
+            except TimeoutError:
+                pass
+    finally:
+        await gateway.close()
+    return superlink.returncode if superlink.returncode is not None else 0
 
 
 def tool_env(flwr_home: str | Path | None = None, base: Mapping[str, str] | None = None, bin_dir: Path = BIN) -> dict[str, str]:
@@ -123,14 +219,17 @@ def parse_cli_json(text: str) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    start = sub.add_parser("start", help="run the SuperLink (replaces this process)")
+    start = sub.add_parser("start", help="run the SuperLink on loopback, and the Fleet gateway if --fleet-address is given")
     start.add_argument("--tls-dir", type=Path, help="folder with ca.crt, server.crt, server.key (deploy.dev_certs layout)")
     start.add_argument("--ca-cert", type=Path)
     start.add_argument("--server-cert", type=Path)
     start.add_argument("--server-key", type=Path)
-    start.add_argument("--database", type=Path, required=True, help="SQLite state file (created)")
-    start.add_argument("--host", default="0.0.0.0")
-    start.add_argument("--port", type=int, default=DEFAULT_PORT)
+    start.add_argument("--database", type=Path, required=True, help="SQLite state file (created with mode 0600)")
+    start.add_argument("--port", type=int, default=DEFAULT_PORT,
+                       help="the SuperLink's port on 127.0.0.1 (Control, Runtime and Fleet API; the `flwr` CLI connects here)")
+    start.add_argument("--fleet-address", metavar="HOST:PORT",
+                       help=f"where merchants' SuperNodes connect (e.g. 0.0.0.0:{DEFAULT_FLEET_PORT}): a gateway that forwards "
+                            "Fleet API calls only; without it, only SuperNodes on this host can connect (127.0.0.1:PORT)")
     configure = sub.add_parser("configure-cli", help="write FLWR_HOME/config.toml for `flwr` commands")
     configure.add_argument("--flwr-home", type=Path, default=Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr")))
     configure.add_argument("--address", required=True, help="SuperLink host:port")
@@ -138,6 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     register = sub.add_parser("register", help="register merchants' public keys (named after the file)")
     register.add_argument("--flwr-home", type=Path, default=Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr")))
     register.add_argument("public_keys", nargs="+", type=Path)
+    tunnel = sub.add_parser("tunnel", help="SSH tunnel to a remote SuperLink's loopback Control API (replaces this process)")
+    tunnel.add_argument("--ssh", required=True, metavar="[USER@]HOST", help="the SuperLink host, as ssh reaches it")
+    tunnel.add_argument("--port", type=int, default=DEFAULT_PORT, help="the SuperLink's port on its host's 127.0.0.1")
+    tunnel.add_argument("--local-port", type=int, help="the port on this machine's 127.0.0.1 (default: --port)")
     args = parser.parse_args(argv)
 
     if args.command == "start":
@@ -150,10 +253,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         missing = [str(p) for p in (tls.ca_cert, tls.server_cert, tls.server_key) if not p.is_file()]
         if missing:
             parser.error(f"missing TLS files: {', '.join(missing)}")
-        args.database.parent.mkdir(parents=True, exist_ok=True)
-        command = superlink_command(tls, args.database.resolve(), args.host, args.port)
+        if args.fleet_address is not None:
+            try:
+                parse_address(args.fleet_address)
+            except ValueError as exc:
+                parser.error(str(exc))
+        return run_superlink(tls, args.database, args.port, args.fleet_address)
+    if args.command == "tunnel":
+        command = tunnel_command(args.ssh, args.port, args.local_port)
         print(" ".join(command), flush=True)
-        os.execve(command[0], command, tool_env())
+        os.execvp(command[0], command)
     if args.command == "configure-cli":
         print(write_cli_config(args.flwr_home, args.address, args.root_certificates))
         return 0

@@ -1,12 +1,16 @@
 """The deployment path end to end, on loopback: dev certificates, a TLS SuperLink with SuperNode
-authentication, a state database and no run-time installation; three registered merchants, each
-a SuperNode with its own log and state dir; a 2-round run under user-level DP submitted with
-`flwr run`. Then the refusals: an unregistered key, plain HTTP from a SuperNode and from `flwr`.
+authentication, a state database (owner-only) and no run-time installation, started as
+`python -m deploy.superlink start` starts it, with the Fleet gateway in front; three registered
+merchants, each a SuperNode with its own log and state dir, connected through the gateway; a
+2-round run under user-level DP submitted with `flwr run`. Then the refusals: an unregistered
+key, plain HTTP from a SuperNode and from `flwr`. Strangers and app pinning:
+tests/test_deploy_security.py.
 """
 
 from __future__ import annotations
 
 import json
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -17,7 +21,7 @@ import pytest
 pytest.importorskip("cryptography", reason="deploy.dev_certs needs the `cryptography` package (a flwr dependency)")
 
 from deploy.local import Merchant, local_deployment, stop_process, write_merchant_data
-from deploy.superlink import CONNECTION, parse_cli_json, superlink_command, tool_env, write_cli_config
+from deploy.superlink import CONNECTION, parse_cli_json, start_command, tool_env, write_cli_config
 from shared.storage import load_npz
 from tests.conftest import processes_mentioning, small_run_config
 
@@ -109,6 +113,19 @@ def test_plain_http_flwr_run_is_refused(deployment):
     assert len(parse_cli_json(deployed.flwr("ls", CONNECTION, "--format", "json").stdout)["runs"]) == runs_before
 
 
+def test_superlink_state_is_owner_only(deployment, finished_run):
+    """The database and its WAL files (runs, node keys, messages, models) are 0600 like keys;
+    so is what the ServerApp writes (umask 077 for the SuperLink and its children)."""
+    root, cfg, merchants, deployed = deployment
+    database = deployed.work_dir / "superlink" / "state.db"
+    files = [database, Path(f"{database}-wal"), Path(f"{database}-shm")]
+    assert all(path.is_file() for path in files), files  # WAL mode, SuperLink running
+    assert {path.name: oct(stat.S_IMODE(path.stat().st_mode)) for path in files} == {path.name: "0o600" for path in files}
+    assert stat.S_IMODE(database.parent.stat().st_mode) == 0o700
+    model = Path(cfg.output_dir) / "model" / "global_model.npz"
+    assert stat.S_IMODE(model.stat().st_mode) & 0o077 == 0
+
+
 def test_superlink_state_survives_a_restart(deployment, finished_run):
     """--database: registered merchants and finished runs are on disk, not in memory."""
     root, cfg, merchants, deployed = deployment
@@ -116,7 +133,7 @@ def test_superlink_state_survives_a_restart(deployment, finished_run):
     assert database.is_file() and database.stat().st_size > 0
     stop_process(deployed.processes["superlink"])
     port = int(deployed.address.rsplit(":", 1)[1])
-    deployed.start("superlink-restarted", superlink_command(deployed.tls, database, host="127.0.0.1", port=port),
+    deployed.start("superlink-restarted", start_command(deployed.tls, database, port, deployed.fleet_address),
                    deployed.work_dir / "superlink" / "flwr-home")
     deadline = time.monotonic() + 60
     while True:  # readiness: the Control API answers again
