@@ -5,7 +5,9 @@ statistic is a sum over at most N users (`max-users-per-merchant`, public) of pe
 - counts and weighted positives are non-negative, and per-ad Gramians and the user Gramian are
   positive semi-definite;
 - under DP each user's term has L2 norm at most the statistic's sensitivity S (shared/als.py:
-  clipped factors, down-weighted rows), so the whole statistic's norm is at most N x S.
+  clipped factors, down-weighted rows), so the whole statistic's norm is at most N x S;
+- exact per-ad statistics (no DP: no norm bound) are sums over the same users, so each ad's
+  target, Gramian and positives satisfy Cauchy-Schwarz: ||t_a||^2 <= m_a tr(A_a).
 A private reply adds Gaussian noise of a public std per coordinate; the allowance is what that
 noise reaches with probability 1 - 1e-9 (a coordinate: z std; a norm over K coordinates:
 (sqrt(K) + z) std; a symmetric D x D noise matrix's eigenvalues: (2 sqrt(D) + z) std). The
@@ -29,7 +31,7 @@ import math
 import numpy as np
 
 from shared.als import ALSSettings
-from shared.wire import ALS_COUNT, ALS_GRAM, ALS_POSITIVES, ALS_USER_GRAM, Arrays
+from shared.wire import ALS_COUNT, ALS_GRAM, ALS_POSITIVES, ALS_TARGET, ALS_USER_GRAM, Arrays
 
 FAILURE_PROBABILITY = 1e-9  # of an honest reply's noise exceeding its allowance
 NON_NEGATIVE = (ALS_COUNT, ALS_POSITIVES)
@@ -61,11 +63,26 @@ def als_violations(stats: Arrays, settings: ALSSettings, max_users: int, noise_m
             eigen = np.linalg.eigvalsh(value if key in PER_AD_PSD else value[None])
             if (lowest := float(eigen.min())) < -((2.0 * math.sqrt(dim) + z) * std + slack):
                 problems.append(f"{key} is not positive semi-definite (eigenvalue {lowest:.4g})")
+        if key == ALS_TARGET and not stds and ALS_GRAM in stats and ALS_POSITIVES in stats:
+            problems += _target_consistency(value, stats[ALS_GRAM].astype(np.float64), stats[ALS_POSITIVES].astype(np.float64))
         if settings.max_rows is not None:  # clipped users: each one's term has norm <= the sensitivity
             limit = max_users * settings.sensitivities()[key] + (math.sqrt(value.size) + z) * std
             if (norm := float(np.linalg.norm(value))) > limit:
                 problems.append(f"{key} has norm {norm:.4g}, more than {max_users} users can reach ({limit:.4g})")
     return problems
+
+
+def _target_consistency(target: np.ndarray, gram: np.ndarray, positives: np.ndarray) -> list[str]:
+    """Exact per-ad statistics are sums over the same users: by Cauchy-Schwarz,
+    ||t_a||^2 = max_v (sum_u c_u r_ua v.p_u)^2 <= m_a * tr(A_a's factor block), with r in {0, 1}.
+    A target inflated on its own (the probe's x1e6) breaks it; scaling everything does not."""
+    dim = target.shape[1]
+    bound = positives * np.trace(gram[:, :dim, :dim], axis1=1, axis2=2)
+    squared = (target**2).sum(axis=1)
+    bad = np.flatnonzero(squared > bound * (1 + 1e-4) + SCALE_TOLERANCE * max(float(squared.max(initial=0.0)), 1.0))
+    if not len(bad):
+        return []
+    return [f"{ALS_TARGET} is inconsistent with {ALS_GRAM} and {ALS_POSITIVES} for {len(bad)} ads (Cauchy-Schwarz; ad {int(bad[0])})"]
 
 
 def median_clip(contributions: list[Arrays], factor: float) -> list[Arrays]:

@@ -37,6 +37,11 @@ def test_honest_replies_are_within_the_bounds_and_poisoned_ones_are_not(tmp_path
     negated = {key: value * -50 for key, value in honest.items()}  # the probe's "all statistics x -50"
     assert any("negative value" in p for p in als_violations(negated, settings, MAX_USERS, sigma))
     assert any("positive semi-definite" in p for p in als_violations(negated, settings, MAX_USERS, sigma))
+    if privacy == "none":  # no clip, no norm bound: an inflated target alone is inconsistent with its Gramian
+        inflated = {**honest, ALS_TARGET: honest[ALS_TARGET] * np.float32(1e6)}
+        assert any("Cauchy-Schwarz" in p for p in als_violations(inflated, settings, MAX_USERS, sigma))
+        scaled = {key: value * np.float32(100) for key, value in honest.items()}  # consistent: for the robust option
+        assert als_violations(scaled, settings, MAX_USERS, sigma) == []
     if privacy == "user":  # clipped users: norms are bounded by max-users x the sensitivity
         for factor in (1e6, 3e38 / max(float(np.abs(honest[ALS_TARGET]).max()), 1e-30)):
             inflated = {**honest, ALS_TARGET: (honest[ALS_TARGET].astype(np.float64) * factor).astype(np.float32)}
