@@ -16,6 +16,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from client.privacy.ledger import LEDGER_FILE, LOCK_FILE, LedgerState, PrivacyLedger
 from shared.config import RunConfig
 from shared.params import init_global_arrays
@@ -33,8 +35,10 @@ def _one_release_config(tmp_path: Path) -> RunConfig:
     return small_run_config(tmp_path, privacy="user", **{"num-rounds": 1, "dp-metrics": "none"})
 
 
-def _race(tmp_path: Path, start: Any, gate: Any, arrived: Any, results: Any) -> None:
+def _race(tmp_path: Path, start: Any, gate: Any, arrived: Any, results: Any, racer: int) -> None:
     """One ClientApp process of the node: a training message, sent when every racer is ready.
+    Each racer's global parameters differ a little (two runs, or two rounds, racing): the same
+    instruction twice would get the recorded release again (client/release_record.py), no race.
 
     Widens the race deterministically: a racer that passed the budget check waits, before it
     releases and records, until every other racer has either passed the check too (the ledger
@@ -43,7 +47,7 @@ def _race(tmp_path: Path, start: Any, gate: Any, arrived: Any, results: Any) -> 
     try:
         cfg = _one_release_config(tmp_path)
         node = simulated_node(cfg)  # the node's data loads before the start: the racers meet at the handler
-        arrays = init_global_arrays(node.data.split.num_ads, cfg.factors, cfg.seed)
+        arrays = {key: value + np.float32(1e-3 * racer) for key, value in init_global_arrays(node.data.split.num_ads, cfg.factors, cfg.seed).items()}
 
         def arrive() -> None:
             with gate:
@@ -84,7 +88,7 @@ def _race(tmp_path: Path, start: Any, gate: Any, arrived: Any, results: Any) -> 
 def test_messages_racing_on_one_node_release_at_most_the_budget_and_record_every_release(tmp_path):
     context = multiprocessing.get_context("spawn")  # fresh interpreters, as the SuperNode's ClientApp processes
     start, gate, arrived, results = context.Barrier(RACERS), context.Condition(), context.Value("i", 0, lock=False), context.Queue()
-    racers = [context.Process(target=_race, args=(tmp_path, start, gate, arrived, results)) for _ in range(RACERS)]
+    racers = [context.Process(target=_race, args=(tmp_path, start, gate, arrived, results, racer)) for racer in range(RACERS)]
     for racer in racers:
         racer.start()
     try:

@@ -463,7 +463,7 @@ def test_dp_replies_carry_no_user_id_no_user_factor_and_no_unaccounted_metric(tm
         assert not any(key.startswith("toppop-") for key in metrics)
         assert "train-loss" not in metrics and "train-rows" not in metrics
         assert 0 < metrics["dp-epsilon"] <= cfg.target_epsilon
-        assert dict(content["client"]) == {"name": node.name}
+        assert dict(content["client"]) == {"name": node.name, "server-round": server_round}  # who answers, and which round
         if kind == "train" and solver == "als":
             sent = from_array_record(content["arrays"])
             stored = NodeState(_state_dir(tmp_path)).load_user_factors(node.data.user_ids, cfg.factors)

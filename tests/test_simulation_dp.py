@@ -65,16 +65,19 @@ def test_a_restart_keeps_the_budget_and_the_run_stops_short_saying_why(dp_run):
 
 def test_client_level_dp_with_flowers_wrapper_and_accountant(tmp_path):
     """privacy = "client": Flower's server-side fixed clipping; its accountant's epsilon is
-    recorded every round, and training stops when the next release would pass the budget."""
+    recorded every round, and training stops (the run fails, short of its plan) when the next
+    release would pass the budget."""
     cfg = small_run_config(tmp_path, privacy="client", **{
         "mf-solver": "sgd", "num-rounds": 3, "client-noise-multiplier": 4.0, "client-clip-norm": 0.5,
         # replace-one: noise 4 protects as noise 2 would under add-or-remove (test_client_level_dp.py);
         # two releases cost epsilon 1.38, three cost 1.83
         "target-epsilon": 1.5,
     })
-    run_simulation(cfg.to_flower(), NUM_CLIENTS, tmp_path / "flower", timeout=480)
+    with pytest.raises(SimulationError, match="ended after round 2 of 3: round 3: the server's DP budget is spent"):
+        run_simulation(cfg.to_flower(), NUM_CLIENTS, tmp_path / "flower", timeout=480)  # short of its plan: a failed run
     history = json.loads((tmp_path / "out" / "history.json").read_text())
     assert [h["round"] for h in history] == [0, 1, 2]  # round 3 would exceed the budget
+    assert json.loads((tmp_path / "out" / "run_status.json").read_text())["status"] == "ended-short"
     spent = [h["privacy"]["epsilon_max"] for h in history[1:]]
     assert all(h["privacy"]["level"] == "client" for h in history[1:])
     assert spent == pytest.approx([0.8486, 1.3823], abs=1e-3)
