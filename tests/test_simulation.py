@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -106,22 +109,24 @@ def test_resume_with_another_seed_or_privacy_is_refused_by_name(first_run):
     assert (out / "checkpoints" / "latest.json").read_text() == latest
 
 
-def test_sigterm_mid_run_leaves_no_process(tmp_path):
-    """A job runner stopping the main job with SIGTERM: the harness unwinds (its own exit code,
-    not an abort by Ray's signal handler), stops the run and its Ray cluster."""
-    import subprocess
-    import sys
-    import time
-
-    output = tmp_path / "out"
+def _main_job_running(output: Path) -> subprocess.Popen[bytes]:
+    """The main job (50 rounds, 2 merchants) in its own process, once its federation is up."""
     process = subprocess.Popen(
         [sys.executable, "-m", "simulations.simulate", "--rounds", "50", "--clients", "2", "--output", str(output), "--quiet"],
         cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 120
-    while not (output / "checkpoints" / "round-0000.npz").exists():  # the federation is up and running
+    while not (output / "checkpoints" / "round-0000.npz").exists():
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.2)
+    return process
+
+
+def test_sigterm_mid_run_leaves_no_process(tmp_path):
+    """A job runner stopping the main job with SIGTERM: the harness unwinds (its own exit code,
+    not an abort by Ray's signal handler), stops the run and its Ray cluster."""
+    output = tmp_path / "out"
+    process = _main_job_running(output)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 128 + signal.SIGTERM
     assert processes_mentioning(str(output / "flower")) == []
@@ -135,19 +140,8 @@ def test_sigterm_mid_run_leaves_no_process(tmp_path):
 def test_sigkill_mid_run_leaves_no_process(tmp_path):
     """The main job killed outright: no `finally` runs, yet its sweeper stops the Ray cluster and
     the actors it started, whatever they were re-parented to."""
-    import subprocess
-    import sys
-    import time
-
     output = tmp_path / "out"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "simulations.simulate", "--rounds", "50", "--clients", "2", "--output", str(output), "--quiet"],
-        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 120
-    while not (output / "checkpoints" / "round-0000.npz").exists():  # the federation is up and running
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.2)
+    process = _main_job_running(output)
     assert any("raylet" in p for p in processes_mentioning(str(output / "runtime")))  # the cluster the sweeper must stop
     process.kill()
     assert process.wait(timeout=60) == -signal.SIGKILL
