@@ -122,6 +122,28 @@ def _main_job_running(output: Path) -> subprocess.Popen[bytes]:
     return process
 
 
+def test_a_killed_actor_is_replaced_and_the_run_goes_on(tmp_path):
+    """A ClientApp actor SIGKILLed mid-run (a worker lost to the OOM killer): the messages it held
+    fail, the run replaces it and completes every round; the round records who failed."""
+    output = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "simulations.simulate", "--rounds", "4", "--clients", "3", "--output", str(output), "--quiet",
+         "--no-compare", "-c", "privacy=\"none\""],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not (output / "checkpoints" / "round-0001.npz").exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    actors = [p for p in processes_mentioning(str(output / "runtime")) if "ClientAppActor" in p]
+    assert actors, "no ClientApp actor to kill"
+    os.kill(int(actors[0].split(":")[0]), signal.SIGKILL)
+    assert process.wait(timeout=300) == 0
+    history = json.loads((output / "history.json").read_text())
+    assert [h["round"] for h in history] == [0, 1, 2, 3, 4]
+    assert json.loads((output / "run_status.json").read_text())["status"] == "complete"
+
+
 def test_sigterm_mid_run_leaves_no_process(tmp_path):
     """A job runner stopping the main job with SIGTERM: the harness unwinds (its own exit code,
     not an abort by Ray's signal handler), stops the run and its Ray cluster."""

@@ -75,6 +75,9 @@ PINNED: tuple[Pinned, ...] = (
     # the backend swap (`standing_backend`): Flower looks the class up in its module for each run
     Pinned(_RAY_BACKEND, "RayBackend", attributes=("build", "terminate", "pool", "app_fn")),
     Pinned(_RAY_BACKEND, "RayBackend.build", parameters=("app_fn",)),
+    # a message whose actor died: Flower puts the dead actor back in the pool (`replace_dead_actors`)
+    Pinned(_RAY_BACKEND, "RayBackend.process_message", parameters=("message", "context"),
+           source=("self.pool.add_actor_back_to_pool(future)",)),
     Pinned(_RAY_BACKEND, "RayBackend.init_ray", source=("if not ray.is_initialized():",)),
     Pinned("flwr.server.superlink.fleet.vce.vce_api", "start_vce", source=("from .backend.raybackend import RayBackend",)),
     # the grid's exchange, re-implemented with checks (`CheckedGrid`)
@@ -197,12 +200,38 @@ def actor_ready(actor: Any) -> Any:
     return actor.__ray_ready__.remote()
 
 
+def replace_dead_actors(pool: Any, timeout: float = 5.0) -> int:
+    """Swap every idle actor of `pool` that does not answer for a new one; how many were swapped.
+    Flower returns the actor of a failed message to its pool even when the actor died, so one
+    killed worker would fail every message routed to it for the rest of the run."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    dead = []
+    for actor in list(pool.pool):
+        try:
+            ray.get(actor_ready(actor), timeout=timeout)
+        except RayActorError:
+            dead.append(actor)
+        except GetTimeoutError:
+            continue  # still starting (a replacement builds its data): alive
+    for actor in dead:
+        try:
+            pool.pool.remove(actor)
+        except ValueError:
+            continue  # another thread took it meanwhile: its message fails and that thread swaps it
+        pool.num_actors -= 1
+        pool.add_actors_to_pool(1)
+    return len(dead)
+
+
 @contextmanager
 def standing_backend(pool: Any, built: threading.Event) -> Iterator[None]:
     """Flower's engine builds its Ray backend by class name at the start of a run: while this
     lasts, that class takes the standing `pool` (setting `built`) and leaves it, and Ray, up at
     the end (Flower's own kills the actors and shuts Ray down after every run)."""
     from flwr.server.superlink.fleet.vce.backend import raybackend
+    from ray.exceptions import RayActorError
 
     flower_backend = raybackend.RayBackend
 
@@ -214,6 +243,13 @@ def standing_backend(pool: Any, built: threading.Event) -> Iterator[None]:
 
         def terminate(self) -> None:
             pass
+
+        def process_message(self, message: Any, context: Any) -> Any:
+            try:
+                return super().process_message(message, context)
+            except RayActorError:
+                replace_dead_actors(self.pool)  # else every later message sent to it fails too
+                raise
 
     raybackend.RayBackend = StandingPoolBackend  # type: ignore[misc]
     try:
