@@ -38,28 +38,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # a site-packages `benchmarks` shadows this folder
 
+from deploy.processes import processes_mentioning  # noqa: E402  (after the path fix above)
+
 RESULTS = ROOT / "benchmarks" / "results" / "faults.json"
 WAIT_S = 900.0
-
-
-def _processes_mentioning(needle: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            text = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if needle.encode() in text:
-            found.append(int(entry.name))
-    return found
 
 
 def _settled(needle: str, within: float = 30.0) -> int:
     """Processes still mentioning `needle` once the sweeper had `within` seconds to act."""
     deadline = time.monotonic() + within
-    while (left := _processes_mentioning(needle)) and time.monotonic() < deadline:
+    while (left := processes_mentioning(needle)) and time.monotonic() < deadline:
         time.sleep(0.5)
     return len(left)
 
@@ -104,10 +92,9 @@ def merchant_kill(work: Path, rounds: int, clients: int) -> dict[str, Any]:
     output = work / "merchant-kill"
     process = _start(output, rounds, clients)
     if _wait_for_round(process, output, 2):
-        actors = [pid for pid in _processes_mentioning(str(output / "runtime"))
-                  if b"ClientAppActor" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        actors = [found for found in processes_mentioning(str(output / "runtime")) if "ClientAppActor" in found]
         if actors:
-            os.kill(actors[0], signal.SIGKILL)
+            os.kill(int(actors[0].split(":")[0]), signal.SIGKILL)
     try:
         code = process.wait(timeout=WAIT_S)
     except subprocess.TimeoutExpired:

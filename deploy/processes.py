@@ -44,6 +44,23 @@ def wait_for_port(port: int, process: subprocess.Popen, log_path: Path, timeout:
     raise ProcessStartError(f"{_program(process)} did not listen on {host}:{port} within {timeout:.0f}s; see {log_path}")
 
 
+def processes_mentioning(*needles: str, environ: bool = True) -> list[str]:
+    """Live processes whose command line (or, with `environ`, environment) holds any needle:
+    what a test's or a benchmark's Flower, Ray or SuperNode processes would leave behind
+    ("PID: command line" each)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():  # the asker mentions its needles itself
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                env = (entry / "environ").read_bytes().decode(errors="replace") if environ else ""
+            except OSError:
+                continue
+            if any(needle in cmdline or needle in env for needle in needles):
+                found.append(f"{entry.name}: {cmdline[:120]}")
+    return found
+
+
 def _proc_stat(pid: int) -> tuple[int, str] | None:
     """(parent pid, state) of a live process, None when it is gone."""
     try:

@@ -80,7 +80,7 @@ class ALSAggregation(FedAvg):
             if key in total:
                 total[key], variances[key] = self._average_counts(key, total[key], variances[key])
         arrays = solve_ads(total, self.settings, {key: float(np.sqrt(v)) for key, v in variances.items()}, self.tags)
-        return to_array_record(arrays), _mean_metrics([TrainReply.from_message(msg).metric_record() for msg in valid])
+        return to_array_record(arrays), _mean_metrics([reply.metric_record() for reply in replies_in])
 
     def _average_counts(self, key: str, value: np.ndarray, variance: float) -> tuple[np.ndarray, float]:
         if key not in self._counts or variance == 0.0:

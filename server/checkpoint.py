@@ -44,13 +44,16 @@ class Checkpointer:
     def __init__(self, output_dir: str | Path) -> None:
         self.root = Path(output_dir)
         self.checkpoints = self.root / "checkpoints"
+        self._config_saved = False  # config.json: a run's config is the same every round
 
     def save_round(self, server_round: int, arrays: dict[str, np.ndarray], history: list[dict[str, Any]], config: dict[str, Any]) -> None:
         name = f"round-{server_round:04d}.npz"
         atomic_save_npz(self.checkpoints / name, **arrays)
         atomic_write_json(self.root / "history.json", history)
         atomic_write_bytes(self.root / "metrics.csv", history_to_csv(history).encode())
-        atomic_write_json(self.checkpoints / "config.json", config)
+        if not self._config_saved:
+            atomic_write_json(self.checkpoints / "config.json", config)
+            self._config_saved = True
         # the pointer is written last: it only ever names a complete checkpoint
         atomic_write_json(self.checkpoints / "latest.json", {"round": server_round, "file": name, "config": config})
 

@@ -16,6 +16,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client.client_app import app as client_app
 from client.node_data import Node, load_node
+from deploy.processes import processes_mentioning
 from shared.config import RunConfig
 from shared.node_config import NodeConfig
 from shared.wire import ARRAYS, CONFIG, SERVER_ROUND, to_array_record
@@ -73,22 +74,6 @@ def as_server() -> Iterator[None]:
     """The identity Flower's runtime gives the ServerApp side that creates instructions."""
     with server_identity():
         yield
-
-
-def processes_mentioning(*needles: str, environ: bool = True) -> list[str]:
-    """Live processes whose command line (or, with `environ`, environment) holds any needle:
-    what a test's Flower, Ray or SuperNode processes would leave behind."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                env = (entry / "environ").read_bytes().decode(errors="replace") if environ else ""
-            except OSError:
-                continue
-            if any(needle in cmdline or needle in env for needle in needles):
-                found.append(f"{entry.name}: {cmdline[:120]}")
-    return found
 
 
 def listening_addresses(*needles: str) -> dict[str, list[str]]:
