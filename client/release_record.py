@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from shared.config import SERVER_BOOKKEEPING_KEYS
 from shared.params import digest
 from shared.storage import atomic_save_npz, load_npz
 from shared.wire import Arrays
@@ -26,7 +27,9 @@ _KEY, _METRICS = "__release_key", "__release_metrics"
 
 
 def release_key(kind: str, run_config: dict[str, Any], arrays: Arrays, server_round: int) -> str:
-    text = json.dumps({"kind": kind, "round": server_round, "config": run_config, "arrays": digest(arrays)}, sort_keys=True, default=str)
+    """What the instruction asks, less the server's bookkeeping (a resume re-asks the same)."""
+    asked = {key: value for key, value in run_config.items() if key not in SERVER_BOOKKEEPING_KEYS}
+    text = json.dumps({"kind": kind, "round": server_round, "config": asked, "arrays": digest(arrays)}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

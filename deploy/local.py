@@ -21,12 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomli_w
-
+from deploy import runs
 from deploy.dev_certs import MerchantKeys, create_merchant_keys, create_tls_files
 from deploy.merchant import supernode_command
 from deploy.processes import Sweeper, free_port, stop_tree, wait_for_port
-from deploy.superlink import BIN, CONNECTION, ServerTls, parse_cli_json, register_merchant, start_command, tool_env, write_cli_config
+from deploy.superlink import CONNECTION, ServerTls, parse_cli_json, register_merchant, start_command, tool_env, write_cli_config
 from shared.node_config import NodeConfig
 from simulations import PROJECT_ROOT
 
@@ -96,10 +95,7 @@ class LocalDeployment:
         return self.start(f"supernode-{merchant.merchant_id}", command, node_dir / "flwr-home")
 
     def flwr(self, *args: str, env: Mapping[str, str] | None = None, timeout: float = 120.0) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(BIN / "flwr"), *args], cwd=PROJECT_ROOT, env=dict(env or self.operator_env),
-            capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-        )
+        return runs.flwr(args, env or self.operator_env, cwd=PROJECT_ROOT, timeout=timeout)
 
     def online_nodes(self) -> int:
         reply = parse_cli_json(self.flwr("supernode", "ls", CONNECTION, "--format", "json").stdout)
@@ -117,36 +113,28 @@ class LocalDeployment:
 
     def submit(self, run_config: Mapping[str, Any], env: Mapping[str, str] | None = None) -> dict[str, Any]:
         """`flwr run` of this project with run-config overrides; returns the CLI's JSON reply."""
-        overrides = self.work_dir / f"run-config-{time.monotonic_ns()}.toml"
-        overrides.write_text(tomli_w.dumps(dict(run_config)))
-        done = self.flwr("run", str(PROJECT_ROOT), CONNECTION, "-c", str(overrides), "--format", "json", env=env)
-        reply = parse_cli_json(done.stdout)
-        return reply or {"success": False, "error-message": done.stdout[-2000:] + done.stderr[-2000:]}
+        return runs.submit(PROJECT_ROOT, run_config, env or self.operator_env)
 
     def run_status(self, run_id: int) -> dict[str, Any]:
-        runs = parse_cli_json(self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json").stdout).get("runs", [])
-        return dict(runs[0]) if runs else {}
+        return runs.run_status(run_id, self.operator_env)
 
     def wait_for_run(self, run_id: int, timeout: float) -> tuple[dict[str, Any], str]:
-        """Follow the run's log until it ends (`flwr log --stream` returns when the run is
-        finished), then read its status; returns (status row of `flwr ls`, log)."""
-        deadline = time.monotonic() + timeout
-        output = ""
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DeploymentError(f"run {run_id} did not finish within {timeout:.0f}s; last log:\n{output[-3000:]}")
-            try:
-                streamed = self.flwr("log", str(run_id), CONNECTION, "--stream", timeout=remaining)
-                output = streamed.stdout + streamed.stderr
-            except subprocess.TimeoutExpired as exc:
-                output = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else str(exc.stdout or "")
-                continue
-            status = self.run_status(run_id)
-            if str(status.get("status", "")).startswith("finished"):
-                (self.work_dir / "logs" / f"run-{run_id}.log").write_text(output)
-                return status, output
-            time.sleep(1.0)  # the stream ended early (e.g. a dropped connection): look again
+        """(status row of `flwr ls`, log) once the run ended; the log is kept in the work dir."""
+        status, output = runs.wait_for_run(run_id, self.operator_env, timeout)
+        (self.work_dir / "logs" / f"run-{run_id}.log").write_text(output)
+        return status, output
+
+    def restart_superlink(self) -> subprocess.Popen:
+        """The SuperLink again, on its database, port and Fleet address (after it was stopped)."""
+        port = int(self.address.rsplit(":", 1)[1])
+        name = f"superlink-{sum(1 for key in self.processes if key.startswith('superlink'))}"
+        superlink = self.start(name, start_command(self.tls, self.work_dir / "superlink" / "state.db", port, self.fleet_address),
+                               self.work_dir / "superlink" / "flwr-home")
+        try:
+            wait_for_port(port, superlink, self.work_dir / "logs" / f"{name}.log")
+        except Exception as exc:
+            raise DeploymentError(str(exc)) from exc
+        return superlink
 
 
 @contextmanager

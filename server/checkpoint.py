@@ -29,10 +29,11 @@ from typing import Any
 import numpy as np
 
 from shared.app_log import log
+from shared.config import SERVER_BOOKKEEPING_KEYS
 from shared.storage import atomic_save_npz, atomic_write_bytes, atomic_write_json, load_npz
 
 # keys a resume may change without saying so: extending the plan, moving the folder
-RESUMABLE_KEYS = frozenset({"resume", "num-rounds", "output-dir", "resume-accept-changes"})
+RESUMABLE_KEYS = SERVER_BOOKKEEPING_KEYS | {"num-rounds"}
 _ROUND_FILE = re.compile(r"^round-(\d{4,})\.npz$")
 
 
@@ -110,7 +111,11 @@ class Checkpointer:
         return [h for h in history if h["round"] <= up_to]
 
     def save_status(self, status: dict[str, Any]) -> None:
-        atomic_write_json(self.root / "run_status.json", status)
+        atomic_write_json(self.status_path, status)
+
+    @property
+    def status_path(self) -> Path:
+        return self.root / "run_status.json"
 
     def export_model(self, arrays: dict[str, np.ndarray], ad_ids: tuple[str, ...], summary: dict[str, Any]) -> Path:
         model_dir = self.root / "model"
@@ -118,6 +123,24 @@ class Checkpointer:
         summary = {"exported_at": datetime.now(UTC).isoformat(timespec="seconds"), **summary}
         atomic_write_json(model_dir / "model.json", summary)
         return model_dir / "global_model.npz"
+
+
+class RunStatus:
+    """run_status.json, kept current: "running" from the start (with Flower's run id, so that an
+    operator, or `deploy.superlink resume`, can tell which run wrote this folder), the rounds
+    completed after each round, then how the run ended: "complete", "ended-short" (with the
+    reason and the failed round) or "failed" (the ServerApp raised). A ServerApp killed outright
+    (or its SuperLink) leaves "running"."""
+
+    def __init__(self, checkpointer: Checkpointer, flower_run_id: int, rounds_planned: int, rounds_completed: int) -> None:
+        self._checkpointer = checkpointer
+        self._status: dict[str, Any] = {"status": "running", "flower_run_id": flower_run_id, "rounds_planned": rounds_planned,
+                                        "rounds_completed": rounds_completed, "reason": None, "failed_round": None}
+        checkpointer.save_status(self._status)
+
+    def update(self, **changes: Any) -> None:
+        self._status.update(changes)
+        self._checkpointer.save_status(self._status)
 
 
 def check_resume_config(stored: dict[str, Any], current: dict[str, Any], accepted: frozenset[str]) -> None:

@@ -15,11 +15,12 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from server import report
-from server.checkpoint import Checkpointer, check_resume_config
-from server.round_loop import RoundLog, RoundLoop, RunEndedShort
+from server.checkpoint import Checkpointer, RunStatus, check_resume_config
+from server.round_loop import RoundLog, RoundLoop, RunEndedShort, one_line
 from server.strategies import build_strategy
 from shared.app_log import log
 from shared.config import RunConfig
+from shared.data.schema import AdCatalog
 from shared.data.sources import load_catalog
 from shared.params import check_global_arrays, initial_arrays
 from shared.wire import Arrays, from_array_record, to_array_record
@@ -43,6 +44,18 @@ def main(grid: Grid, context: Context) -> None:
     else:
         done, history = 0, []
         arrays = initial_arrays(cfg.init, catalog.category_codes()[0], cfg.factors, cfg.seed)
+    status = RunStatus(checkpointer, flower_run_id=context.run_id, rounds_planned=cfg.num_rounds, rounds_completed=done)
+    try:
+        _run(cfg, grid, checkpointer, catalog, config_dump, status, done, arrays, history)
+    except RunEndedShort:
+        raise
+    except BaseException as exc:  # the status file must not say "running" for a ServerApp that died
+        status.update(status="failed", reason=one_line(f"{type(exc).__name__}: {exc}"))
+        raise
+
+
+def _run(cfg: RunConfig, grid: Grid, checkpointer: Checkpointer, catalog: AdCatalog, config_dump: dict[str, Any],
+         status: RunStatus, done: int, arrays: Arrays, history: list[dict[str, Any]]) -> None:
     num_nodes = max(len(list(grid.get_node_ids())), cfg.min_nodes)
     strategy, privacy_spent = build_strategy(cfg, num_nodes, catalog, rounds_done=done)
     loop = RoundLoop(strategy, grid, num_ads=len(catalog), dim=cfg.factors,
@@ -61,6 +74,7 @@ def main(grid: Grid, context: Context) -> None:
     def on_round_end(server_round: int, new_arrays: Arrays, record: dict[str, Any]) -> None:
         history.append(record)
         checkpointer.save_round(server_round, new_arrays, history, config_dump)
+        status.update(rounds_completed=server_round)
         log.info("fedads %s\n%s", report.header(), "fedads " + report.row(record))
 
     outcome = loop.run(
@@ -74,12 +88,8 @@ def main(grid: Grid, context: Context) -> None:
         catalog.ad_ids,
         {"rounds": completed, "config": config_dump, "final_metrics": history[-1].get("evaluate", {})},
     )
-    status = {
-        "status": "complete" if outcome.short_reason is None else "ended-short",
-        "rounds_planned": cfg.num_rounds, "rounds_completed": completed,
-        "reason": outcome.short_reason, "failed_round": outcome.failed_round,
-    }
-    checkpointer.save_status(status)
+    status.update(status="complete" if outcome.short_reason is None else "ended-short", rounds_completed=completed,
+                  reason=outcome.short_reason, failed_round=outcome.failed_round)
     log.info("fedads: final metrics table\n%s", report.table(history))
     log.info("fedads: exported the global model to %s", path)
     if outcome.short_reason is not None:

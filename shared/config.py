@@ -98,6 +98,9 @@ DATA_FIELDS = (
     "dataset", "data_path", "catalog_path", "partitioning", "dirichlet_alpha", "seed",
     "synthetic_merchants", "synthetic_users", "synthetic_ads", "synthetic_categories",
 )
+# keys that steer only the server's bookkeeping: a merchant's answer to an instruction does not
+# depend on them, so its record of a release ignores them (a resumed run asks the same question)
+SERVER_BOOKKEEPING_KEYS = frozenset({"output-dir", "resume", "resume-accept-changes"})
 # section titles of pyproject's table, by the first field of each section
 SECTIONS = {
     "output_dir": "Outputs and state",

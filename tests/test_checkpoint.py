@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from server.checkpoint import Checkpointer, CheckpointError, check_resume_config, history_to_csv
+from server.checkpoint import Checkpointer, CheckpointError, RunStatus, check_resume_config, history_to_csv
 from shared.storage import load_npz
 
 
@@ -117,3 +117,17 @@ def test_export_and_csv(tmp_path):
     lines = csv_text.strip().splitlines()
     assert lines[0].split(",")[:3] == ["round", "round_seconds", "client"]
     assert [line.split(",")[2] for line in lines[1:]] == ["aggregate", "merchant-0", "merchant-1"]
+
+
+def test_run_status_is_current_from_the_start(tmp_path):
+    """run_status.json says "running" (with Flower's run id) from the first moment, the rounds
+    completed after each, then how the run ended: what `deploy.runs resume` reads."""
+    checkpointer = Checkpointer(tmp_path)
+    status = RunStatus(checkpointer, flower_run_id=42, rounds_planned=3, rounds_completed=1)
+    read = lambda: json.loads(checkpointer.status_path.read_text())  # noqa: E731
+    assert read() == {"status": "running", "flower_run_id": 42, "rounds_planned": 3, "rounds_completed": 1,
+                      "reason": None, "failed_round": None}
+    status.update(rounds_completed=2)
+    assert read()["rounds_completed"] == 2 and read()["status"] == "running"
+    status.update(status="failed", reason="OSError: disk full")
+    assert read()["status"] == "failed" and read()["reason"] == "OSError: disk full" and read()["flower_run_id"] == 42

@@ -3,8 +3,8 @@ authentication, a state database (owner-only) and no run-time installation, star
 `python -m deploy.superlink start` starts it, with the Fleet gateway in front; three registered
 merchants, each a SuperNode with its own log and state dir, connected through the gateway; a
 2-round run under user-level DP submitted with `flwr run`. Then the refusals: an unregistered
-key, plain HTTP from a SuperNode and from `flwr`. Strangers and app pinning:
-tests/test_deploy_security.py.
+key, plain HTTP from a SuperNode and from `flwr`. Last, a SuperLink killed mid-run and resumed
+with one command. Strangers and app pinning: tests/test_deploy_security.py.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,8 +22,9 @@ import pytest
 pytest.importorskip("cryptography", reason="deploy.dev_certs needs the `cryptography` package (a flwr dependency)")
 
 from deploy.local import Merchant, local_deployment, stop_process, write_merchant_data
-from deploy.superlink import CONNECTION, parse_cli_json, start_command, tool_env, write_cli_config
+from deploy.superlink import CONNECTION, parse_cli_json, tool_env, write_cli_config
 from shared.storage import load_npz
+from simulations import PROJECT_ROOT
 from tests.conftest import processes_mentioning, small_run_config
 
 NUM_MERCHANTS = 3
@@ -126,21 +128,47 @@ def test_superlink_state_is_owner_only(deployment, finished_run):
     assert stat.S_IMODE(model.stat().st_mode) & 0o077 == 0
 
 
-def test_superlink_state_survives_a_restart(deployment, finished_run):
-    """--database: registered merchants and finished runs are on disk, not in memory."""
-    root, cfg, merchants, deployed = deployment
-    database = deployed.work_dir / "superlink" / "state.db"
-    assert database.is_file() and database.stat().st_size > 0
-    stop_process(deployed.processes["superlink"])
-    port = int(deployed.address.rsplit(":", 1)[1])
-    deployed.start("superlink-restarted", start_command(deployed.tls, database, port, deployed.fleet_address),
-                   deployed.work_dir / "superlink" / "flwr-home")
-    deadline = time.monotonic() + 60
-    while True:  # readiness: the Control API answers again
-        runs = parse_cli_json(deployed.flwr("ls", CONNECTION, "--format", "json").stdout).get("runs")
-        if runs is not None or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert runs and runs[0]["status"] == "finished:completed"
-    nodes = parse_cli_json(deployed.flwr("supernode", "ls", CONNECTION, "--format", "json").stdout)["nodes"]
-    assert len(nodes) == NUM_MERCHANTS
+def test_a_superlink_restart_mid_run_is_resumed_with_one_command(tmp_path):
+    """The SuperLink dies mid-run with its SuperExec and ServerApp (SIGKILL of the whole tree:
+    the run stays "running" in its database for good) and comes back on its database. Its state
+    survived (registered merchants, the interrupted run); the merchants' SuperNodes reconnect by
+    themselves; `python -m deploy.runs resume --output-dir OUT --wait`, the one command the
+    operator runs, stops the dead run and resumes from the last checkpoint to the end of the
+    plan. No merchant spends budget twice: a round released before the crash and asked again is
+    answered with the recorded release."""
+    rounds = 3
+    cfg = small_run_config(tmp_path, **{"num-rounds": rounds, "min-nodes": NUM_MERCHANTS, "privacy": "user", "local-epochs": 1})
+    merchants = write_merchant_data(tmp_path / "merchants", cfg.to_flower(), NUM_MERCHANTS)
+    out = Path(cfg.output_dir)
+    with local_deployment(tmp_path / "flower", merchants) as deployed:
+        first = int(deployed.submit(cfg.to_flower())["run-id"])
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not (out / "checkpoints" / "round-0001.npz").exists():
+            assert time.monotonic() < deadline and deployed.processes["superlink"].poll() is None, deployed.log("superlink")[-3000:]
+            time.sleep(0.2)  # polls the run's own output
+        stop_process(deployed.processes["superlink"])
+        interrupted = json.loads((out / "run_status.json").read_text())
+        assert interrupted["status"] == "running" and interrupted["flower_run_id"] == first
+
+        deployed.restart_superlink()
+        assert deployed.run_status(first)["status"] == "running"  # the database kept the run, and no one ended it
+        nodes = parse_cli_json(deployed.flwr("supernode", "ls", CONNECTION, "--format", "json").stdout)["nodes"]
+        assert len(nodes) == NUM_MERCHANTS  # registrations survived
+        deployed.wait_online(NUM_MERCHANTS, timeout=300)
+
+        resumed = subprocess.run(
+            [sys.executable, "-m", "deploy.runs", "resume", "--output-dir", str(out), "--flwr-home", deployed.operator_env["FLWR_HOME"],
+             "--app", str(PROJECT_ROOT), "--wait", "--timeout", str(RUN_TIMEOUT)],
+            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT + 120, stdin=subprocess.DEVNULL,
+        )
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        assert f"stopping run {first}" in resumed.stdout
+        assert deployed.run_status(first)["status"].startswith("finished:")
+        history = json.loads((out / "history.json").read_text())
+        assert [h["round"] for h in history] == list(range(rounds + 1))
+        status = json.loads((out / "run_status.json").read_text())
+        assert status["status"] == "complete" and status["rounds_completed"] == rounds and status["flower_run_id"] != first
+        for merchant in merchants:
+            ledger = json.loads((merchant.state_dir / "privacy_ledger.json").read_text())["ledger"]
+            assert ledger["rounds_trained"] == rounds, (merchant.merchant_id, ledger["rounds_trained"])
+    assert processes_mentioning(str(tmp_path / "flower")) == []

@@ -52,3 +52,18 @@ def test_evaluation_is_recorded_too(tmp_path):
     assert _ledger(tmp_path) == spent
     assert plain_metrics(again.content.metric_records["metrics"]) == plain_metrics(first.content.metric_records["metrics"])
     assert again.content.config_records["client"][SERVER_ROUND] == 0
+
+
+def test_a_resumed_run_gets_the_recorded_release(tmp_path):
+    """The resumed server's instruction differs from the original only in its bookkeeping
+    (resume, where it writes): the merchant answers it with what it released before."""
+    cfg = small_run_config(tmp_path, privacy="user")
+    node = simulated_node(cfg, 0)
+    arrays = init_global_arrays(node.data.split.num_ads, cfg.factors, cfg.seed)
+    first = client_call("train", cfg, arrays, server_round=1)
+    spent = _ledger(tmp_path)
+    resumed = cfg.with_values(resume=True, output_dir=str(tmp_path / "elsewhere"), resume_accept_changes="seed")
+    again = client_call("train", resumed, arrays, server_round=1)
+    assert _ledger(tmp_path) == spent
+    for key, value in from_array_record(first.content["arrays"]).items():
+        np.testing.assert_array_equal(from_array_record(again.content["arrays"])[key], value)
