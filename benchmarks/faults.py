@@ -176,8 +176,8 @@ def poisoning(robust: bool) -> dict[str, Any] | None:
 
     from shared.config import RunConfig
     from shared.data.sources import load_catalog, load_dataset
+    from shared.flower_internals import server_identity
     from simulations.baselines import shard_data
-    from simulations.runtime.flower_internals import server_identity
 
     if not (DATA / "movielens" / "ml-100k").is_dir():
         return None

@@ -25,8 +25,8 @@ from private_als_tricks import DATASETS, run
 
 from shared.config import RunConfig
 from shared.data.sources import load_dataset
+from shared.flower_internals import server_identity
 from simulations.baselines import shard_data
-from simulations.runtime.flower_internals import server_identity
 
 GRID: dict[str, list[Any]] = {
     "als-user-clip": [0.1, 0.2, 0.3], "als-max-rows": [10, 20, 40], "als-alpha0": [0.25, 0.5, 1.0],

@@ -38,12 +38,12 @@ from shared.accounting import calibrate_noise_multiplier
 from shared.als import ALSSettings, add_noise, round_budget_shares
 from shared.config import RunConfig
 from shared.data.sources import load_dataset
+from shared.flower_internals import server_identity
 from shared.metrics import NUM_TEST_USERS
 from shared.params import initial_arrays
 from shared.privacy_policy import PrivacyPolicy
 from shared.wire import PrivacyReport, TrainReply, from_array_record
 from simulations.baselines import shard_data
-from simulations.runtime.flower_internals import server_identity
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = {

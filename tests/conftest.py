@@ -18,9 +18,9 @@ from client.client_app import app as client_app
 from client.node_data import Node, load_node
 from deploy.processes import processes_mentioning
 from shared.config import RunConfig
+from shared.flower_internals import server_identity
 from shared.node_config import NodeConfig
 from shared.wire import ARRAYS, CONFIG, SERVER_ROUND, to_array_record
-from simulations.runtime.flower_internals import server_identity
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

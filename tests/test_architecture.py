@@ -102,7 +102,7 @@ from shared.config import RunConfig
 from shared.data.sources import load_catalog
 from shared.params import init_global_arrays
 from shared.wire import ARRAYS, CONFIG, SERVER_ROUND, to_array_record
-from simulations.runtime.flower_internals import server_identity
+from shared.flower_internals import server_identity
 
 out = Path(tempfile.mkdtemp())
 cfg = RunConfig.from_flower({"privacy": "none", "output-dir": str(out), "state-dir": str(out / "state"), "synthetic-users": 200,

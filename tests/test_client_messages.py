@@ -13,9 +13,9 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from client.node_state import NodeState
 from shared.als import ALSSettings
+from shared.flower_internals import wire_bytes as _wire_bytes
 from shared.params import GLOBAL_KEYS, init_global_arrays
 from shared.wire import CLIENT_FAILED, from_array_record, to_array_record
-from simulations.runtime.flower_internals import wire_bytes as _wire_bytes
 from tests.conftest import client_call as _call
 from tests.conftest import simulated_node, small_run_config
 

@@ -1,4 +1,4 @@
-"""The fence around Flower's internals (simulations/runtime/flower_internals.py): every private
+"""The fence around Flower's internals (shared/flower_internals.py): every private
 name it uses still exists with the parameters and attributes used; no other module of the
 project uses one; and the public path the runtime falls back to on another Flower runs the app
 exactly as the warm runtime does, leaving no process behind."""
@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from simulations.runtime import flower_internals
-from simulations.runtime.flower_internals import PINNED, Pinned, resolve
+from shared import flower_internals
+from shared.flower_internals import PINNED, Pinned, resolve
 from tests.conftest import is_loopback, listening_addresses, processes_mentioning, small_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
-FENCE = ROOT / "simulations" / "runtime" / "flower_internals.py"
+FENCE = ROOT / "shared" / "flower_internals.py"
 PUBLIC_FLOWER = ("flwr.app", "flwr.clientapp", "flwr.serverapp")
 NUM_CLIENTS = 3
 

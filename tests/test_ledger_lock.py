@@ -20,9 +20,9 @@ import numpy as np
 
 from client.privacy.ledger import LEDGER_FILE, LOCK_FILE, LedgerState, PrivacyLedger
 from shared.config import RunConfig
+from shared.flower_internals import server_identity
 from shared.params import init_global_arrays
 from shared.wire import PRIVACY_REFUSED
-from simulations.runtime.flower_internals import server_identity
 from tests.conftest import client_call, simulated_node, small_run_config
 
 RACERS = 3

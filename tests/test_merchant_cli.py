@@ -29,10 +29,10 @@ from shared.config import RunConfig
 from shared.data.loaders import write_catalog_csv, write_log_csv
 from shared.data.schema import Dataset, Event
 from shared.data.synthetic import SyntheticSpec, generate
+from shared.flower_internals import server_identity
 from shared.node_config import NodeConfig
 from shared.params import init_global_arrays
 from shared.wire import ARRAYS, from_array_record
-from simulations.runtime.flower_internals import server_identity
 from tests.conftest import client_call
 
 REPO = Path(__file__).resolve().parents[1]

@@ -49,10 +49,10 @@ from shared.accounting import (
     sgd_steps_per_epoch,
 )
 from shared.als import ALSSettings, ad_statistics
+from shared.flower_internals import wire_bytes as _wire_bytes
 from shared.metrics import METRIC_NAMES
 from shared.params import GLOBAL_KEYS, init_global_arrays
 from shared.wire import PRIVACY_REFUSED, from_array_record
-from simulations.runtime.flower_internals import wire_bytes as _wire_bytes
 from tests.conftest import client_call as _call
 from tests.conftest import simulated_node, small_run_config
 

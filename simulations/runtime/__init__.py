@@ -18,8 +18,8 @@ and the ServerApp is called through a wrapper that says when it has returned.
 
 This module composes the parts, one concern each: ray_cluster (the private Ray cluster),
 actor_pool (the actors' warm-up, liveness and killing), engine (one run on threads of this
-process), flower_internals (every private Flower and Ray name, pinned to FLOWER_VERSION by
-tests/test_flower_internals.py) and public_path (Flower's public `flwr run` against a private
+process), shared/flower_internals.py (every private Flower and Ray name of the project, pinned
+to FLOWER_VERSION by tests/test_flower_internals.py) and public_path (Flower's public `flwr run` against a private
 SuperLink). Of the runtime's modules only this one uses flower_internals (tests and benchmarks use
 its two message helpers), and the others import no sibling (that would import this package: an
 import circle); they get what they need of Flower's insides from here, as arguments.
@@ -44,10 +44,10 @@ import tomli_w
 
 from client.handlers import first_message_imports
 from deploy.processes import terminate_as_exit
+from shared import flower_internals
 from shared.config import RunConfig
 from shared.config_table import app_components
 from simulations import PROJECT_ROOT
-from simulations.runtime import flower_internals
 from simulations.runtime.actor_pool import all_answer, kill_actors, warm_up_actor
 from simulations.runtime.engine import RunLog, RunTimedOut, ServerAppWatch, run_on_thread
 from simulations.runtime.public_path import run_public

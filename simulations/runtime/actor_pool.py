@@ -6,7 +6,7 @@ only their imports and the app's per-process caches of immutable data (client/no
 An actor that died (killed, out of memory) would fail every message of every later run, so
 the runtime checks them before each run and replaces a pool with a dead one; a run given up
 on kills them, so that its messages in flight fail at once. The pool itself is Flower's
-(simulations/runtime/flower_internals.py reaches into it); this module uses Ray's public API.
+(shared/flower_internals.py reaches into it); this module uses Ray's public API.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ stops what the run's messages are in flight on. Flower's log lines of the run ar
 its log file and streamed on.
 
 What this takes from Flower's insides (the engine, the standing backend, the grid's checked
-exchange) the caller hands in from simulations/runtime/flower_internals.py.
+exchange) the caller hands in from shared/flower_internals.py.
 """
 
 from __future__ import annotations
