@@ -7,10 +7,20 @@ only for the runs that use them, so nothing pays those imports (about 5 s) witho
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-app = ClientApp()
+
+def secure_aggregation(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """Flower's SecAgg+ around training messages of the secure protocol (client/secure_aggregation.py)."""
+    from client.secure_aggregation import secure_aggregation_mod
+
+    return secure_aggregation_mod(msg, context, call_next)
+
+
+app = ClientApp(mods=[secure_aggregation])
 
 
 @app.train()

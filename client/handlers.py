@@ -23,6 +23,7 @@ from client.privacy.ledger import PrivacyLedger, PrivacyRefusal
 from client.privacy.plan import PrivacyPlan
 from client.privacy.registry import PLANS, open_plan, plan_name
 from client.release_record import ReleaseRecord, release_key
+from client.secure_aggregation import secure_threshold
 from client.solvers.base import Solver
 from client.solvers.registry import SOLVERS, solver_for
 from shared.app_log import log
@@ -56,16 +57,22 @@ def _handle(msg: Message, context: Context, step: Step) -> Message:
         node = load_node(cfg, node_config)
         arrays, server_round = read_instruction(msg)
         check_global_arrays(arrays, node.data.num_ads, cfg.factors)
+        threshold = secure_threshold(context)  # set by the node's own SecAgg+ mod, never by a message
         # read, check, release and record as one: the SuperNode may run this node's messages at once
         with PrivacyLedger.lock(node.state.directory):
             record = ReleaseRecord(node.state.directory, msg.metadata.message_type)
             key = release_key(msg.metadata.message_type, context.run_config, arrays, server_round)
-            if (recorded := record.load(key)) is not None:
+            # a secure release carries a share of the noise: sent again into another sum, the
+            # difference of the two sums would show it. Each secure collect is a new release
+            if threshold is None and (recorded := record.load(key)) is not None:
                 log.info("%s answers round %d again with its recorded release (no new budget spent)", node_config.name, server_round)
                 return recorded_reply(msg, node_config.name, recorded.metrics, recorded.arrays)
             plan = open_plan(cfg, policy, node.data.num_users, node.state.directory)
+            if threshold is not None:
+                plan.share_noise(policy.secure_noise_share(threshold))
             reply = step(cfg, node, solver_for(cfg, node.data), plan, arrays, server_round)
-            record.save(key, reply.metric_record(), reply.arrays if isinstance(reply, TrainReply) else None)
+            if threshold is None:
+                record.save(key, reply.metric_record(), reply.arrays if isinstance(reply, TrainReply) else None)
     except PrivacyRefusal as refused:  # its reason is written from public values only
         log.warning("%s refuses: %s", node_config.name, refused)
         return refusal(msg, node_config.name, str(refused))

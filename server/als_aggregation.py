@@ -64,23 +64,37 @@ class ALSAggregation(FedAvg):
         if not valid:
             return None, None
         total: Arrays = {}
-        variances: dict[str, float] = {}
         replies_in = [TrainReply.from_message(msg) for msg in valid]
         contributions = [reply.arrays for reply in replies_in]
         if self.robust_factor is not None:
             contributions = median_clip(contributions, self.robust_factor)
-        for reply, arrays in zip(replies_in, contributions, strict=True):
+        for arrays in contributions:
             for key, value in arrays.items():
                 total[key] = total.get(key, 0.0) + value.astype(np.float64)
-            sigma = reply.privacy.noise_multiplier if reply.privacy else 0.0
+        return self.solve(total, [reply.metric_record() for reply in replies_in])
+
+    def sum_noise_stds(self, keys: Iterable[str], metrics: list[dict[str, float]]) -> dict[str, float]:
+        """Per statistic, the noise std of a sum of releases, from the noise multiplier each one
+        reports (public: a function of its merchant's budget plan)."""
+        variances = dict.fromkeys(keys, 0.0)
+        for record in metrics:
+            privacy = PrivacyReport.from_metrics(record)
+            sigma = privacy.noise_multiplier if privacy else 0.0
             stds = self.settings.noise_stds(sigma) if sigma > 0 else {}
-            for key in total:
-                variances[key] = variances.get(key, 0.0) + stds.get(key, 0.0) ** 2
+            for key in variances:
+                variances[key] += stds.get(key, 0.0) ** 2
+        return {key: float(np.sqrt(v)) for key, v in variances.items()}
+
+    def solve(self, total: Arrays, metrics: list[dict[str, float]]) -> tuple[ArrayRecord, MetricRecord]:
+        """The ads from the summed statistics of the releases whose metrics are `metrics` (the
+        plain path's sum, or the secure path's unmasked one: server/secure_round.py)."""
+        stds = self.sum_noise_stds(total, metrics)
+        variances = {key: std**2 for key, std in stds.items()}
         for key in ROUND_INVARIANT:
             if key in total:
                 total[key], variances[key] = self._average_counts(key, total[key], variances[key])
         arrays = solve_ads(total, self.settings, {key: float(np.sqrt(v)) for key, v in variances.items()}, self.tags)
-        return to_array_record(arrays), _mean_metrics([reply.metric_record() for reply in replies_in])
+        return to_array_record(arrays), _mean_metrics(metrics)
 
     def _average_counts(self, key: str, value: np.ndarray, variance: float) -> tuple[np.ndarray, float]:
         if key not in self._counts or variance == 0.0:

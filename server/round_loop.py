@@ -29,6 +29,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 
+from server.secure_round import SecureTraining
 from shared.app_log import log
 from shared.params import check_global_arrays, digest
 from shared.wire import (
@@ -70,6 +71,7 @@ class RoundLog:
     replied: list[str] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)  # under the merchant's privacy policy or budget
     failed: dict[str, str] = field(default_factory=dict)  # no reply, an error, or a reply dropped by the screen
+    secure: dict[str, Any] | None = None  # secure aggregation: the sum's guarantee (server/secure_round.py)
 
     def add(self, msg: Message, renamed_weight: str) -> None:
         metrics = plain_metrics(msg.content.metric_records[METRICS])
@@ -99,9 +101,9 @@ class RunOutcome:
 class RoundLoop:
     def __init__(
         self, strategy: Strategy, grid: Grid, num_ads: int, dim: int,
-        timeout: float = 600.0, min_replies: int = 1, retries: int = 0,
+        timeout: float = 600.0, min_replies: int = 1, retries: int = 0, secure: SecureTraining | None = None,
     ) -> None:
-        self.strategy, self.grid = strategy, grid
+        self.strategy, self.grid, self.secure = strategy, grid, secure
         self.num_ads, self.dim, self.timeout = num_ads, dim, timeout
         self.min_replies, self.retries = min_replies, retries
         # merchant names by node id, learned from replies: a node that fails is named if it ever answered
@@ -203,6 +205,45 @@ class RoundLoop:
                         server_round, valid, len(round_log.asked), self.min_replies, attempt + 1, self.retries)
         raise AssertionError("unreachable")
 
+    def _secure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> tuple[list[Message], RoundLog, Arrays | None]:
+        """One round's training through secure aggregation, asked again (a new protocol
+        instance, new releases) while it is short of its quorum and something other than a
+        refusal failed. Returns the contributors' replies, the round's record and the sum."""
+        assert self.secure is not None
+        for attempt in range(self.retries + 1):
+            round_log = RoundLog()
+            sampled = [msg.metadata.dst_node_id for msg in self.strategy.configure_train(server_round, arrays, config, self.grid)]
+            outcome = self.secure.exchange(self.grid, server_round, from_array_record(arrays), sampled)
+            round_log.asked = [self._name(node) for node in sampled]
+            for stage, msg in outcome.errors:
+                self._learn_name(msg)
+                target = round_log.refused if msg.error.code == PRIVACY_REFUSED else round_log.failed
+                target[self._name(msg.metadata.src_node_id)] = f"{stage}: {one_line(msg.error.reason)}"
+            kept = self._screen(server_round, outcome.contributions, round_log, check_arrays=False)
+            for msg in kept:
+                round_log.add(msg, TRAIN_USERS)
+            accounted = {msg.metadata.src_node_id for _, msg in outcome.errors} | {msg.metadata.src_node_id for msg in kept}
+            for node in sampled:
+                if node not in accounted:
+                    round_log.failed[self._name(node)] = f"left the secure round (no reply within {self.timeout:g} s at one of its stages)"
+            if outcome.total is None:
+                round_log.failed["secure sum"] = "not unmasked: fewer live merchants than its threshold"
+            total = outcome.total
+            round_log.secure = self.secure.guarantee(outcome)
+            if total is not None and len(kept) != len(outcome.contributions):
+                total = None  # a contributor's reply failed the screen: the sum cannot be split
+            if total is not None and (problems := self.secure.check_sum(total, round_log.secure)):
+                reason = one_line("; ".join(problems))
+                log.warning("round %d: dropping the secure sum: %s", server_round, reason)
+                round_log.failed["secure sum"] = f"dropped: {reason}"
+                total = None
+            valid = len(kept) if total is not None else 0
+            if valid >= self.min_replies or not round_log.failed or attempt == self.retries:
+                return kept if total is not None else [], round_log, total
+            log.warning("round %d: %d merchants in the secure sum of %d asked, below the quorum of %d: asking again (%d of %d)",
+                        server_round, valid, len(sampled), self.min_replies, attempt + 1, self.retries)
+        raise AssertionError("unreachable")
+
     def run(
         self,
         arrays: ArrayRecord,
@@ -220,8 +261,12 @@ class RoundLoop:
             start_digest = digest(from_array_record(arrays))
             log.info("")
             log.info("[ROUND %s/%s]", server_round, last_round)
+            secure_total: Arrays | None = None
             try:
-                kept, round_log = self._train(server_round, arrays, train_config)
+                if self.secure is None:
+                    kept, round_log = self._train(server_round, arrays, train_config)
+                else:
+                    kept, round_log, secure_total = self._secure_train(server_round, arrays, train_config)
             except PrivacyBudgetExhausted as exhausted:  # client-level DP: the server's own budget
                 log.warning("round %d: not trained: %s", server_round, exhausted)
                 return RunOutcome(arrays, server_round - 1, f"round {server_round}: the server's DP budget is spent: {exhausted}")
@@ -233,7 +278,11 @@ class RoundLoop:
                           f"below the quorum of {self.min_replies} (min-replies)")
                 log.error("fedads: %s; the run stops short of its plan", reason)
                 return RunOutcome(arrays, server_round - 1, reason, {"round": server_round, "participants": round_log.participants()})
-            aggregated, train_metrics = self.strategy.aggregate_train(server_round, kept)
+            if secure_total is None:
+                aggregated, train_metrics = self.strategy.aggregate_train(server_round, kept)
+            else:
+                metrics = [plain_metrics(msg.content.metric_records.get(METRICS)) for msg in kept]
+                aggregated, train_metrics = self.strategy.solve(secure_total, metrics)  # type: ignore[attr-defined]
             if aggregated is None:
                 log.warning("round %d: the strategy aggregated nothing; the global model is unchanged", server_round)
             else:
@@ -260,5 +309,7 @@ class RoundLoop:
                 record["privacy"] = {"level": "client", "epsilon_max": server_epsilon}
             if round_log.refused:
                 record["refused"] = dict(round_log.refused)
+            if round_log.secure is not None:
+                record["secure"] = round_log.secure
             on_round_end(server_round, from_array_record(arrays), record)
         return RunOutcome(arrays, last_round)

@@ -17,7 +17,9 @@ from flwr.serverapp import Grid, ServerApp
 from server import report
 from server.checkpoint import Checkpointer, RunStatus, check_resume_config
 from server.round_loop import RoundLog, RoundLoop, RunEndedShort, one_line
+from server.secure_round import SecureTraining
 from server.strategies import build_strategy
+from shared.als import ALSSettings
 from shared.app_log import log
 from shared.config import RunConfig
 from shared.data.schema import AdCatalog
@@ -46,7 +48,7 @@ def main(grid: Grid, context: Context) -> None:
         arrays = initial_arrays(cfg.init, catalog.category_codes()[0], cfg.factors, cfg.seed)
     status = RunStatus(checkpointer, flower_run_id=context.run_id, rounds_planned=cfg.num_rounds, rounds_completed=done)
     try:
-        _run(cfg, grid, checkpointer, catalog, config_dump, status, done, arrays, history)
+        _run(cfg, grid, context, checkpointer, catalog, config_dump, status, done, arrays, history)
     except RunEndedShort:
         raise
     except BaseException as exc:  # the status file must not say "running" for a ServerApp that died
@@ -54,12 +56,17 @@ def main(grid: Grid, context: Context) -> None:
         raise
 
 
-def _run(cfg: RunConfig, grid: Grid, checkpointer: Checkpointer, catalog: AdCatalog, config_dump: dict[str, Any],
+def _run(cfg: RunConfig, grid: Grid, context: Context, checkpointer: Checkpointer, catalog: AdCatalog, config_dump: dict[str, Any],
          status: RunStatus, done: int, arrays: Arrays, history: list[dict[str, Any]]) -> None:
     num_nodes = max(len(list(grid.get_node_ids())), cfg.min_nodes)
     strategy, privacy_spent = build_strategy(cfg, num_nodes, catalog, rounds_done=done)
+    secure = None
+    if cfg.secure_aggregation:
+        settings = ALSSettings.from_config(cfg)
+        secure = SecureTraining(settings, list(settings.stat_shapes(len(catalog), cfg.factors)), cfg.max_users_per_merchant,
+                                cfg.secure_threshold, cfg.reply_timeout, context)
     loop = RoundLoop(strategy, grid, num_ads=len(catalog), dim=cfg.factors,
-                     timeout=cfg.reply_timeout, min_replies=cfg.quorum, retries=cfg.round_retries)
+                     timeout=cfg.reply_timeout, min_replies=cfg.quorum, retries=cfg.round_retries, secure=secure)
     if not cfg.resume:
         round_log = RoundLog()
         started = time.perf_counter()

@@ -190,6 +190,10 @@ class RunConfig(BaseModel):
     dp_metrics: Literal["noised", "none"] = Field("noised", description=(
         "under user-level DP, how evaluation metrics leave a merchant: noised | none (simulations evaluate exactly in the harness)"))
     metrics_noise_multiplier: float = Field(20.0, gt=0, description="noise multiplier of each noised metrics release")
+    secure_aggregation: bool = Field(False, description=(
+        "private ALS: Flower's SecAgg+; each merchant adds noise for 1 / threshold of the sum's and the server sees only the sum"))
+    secure_threshold: float = Field(0.8, gt=0, le=1, description=(
+        "secure aggregation: merchants (share of those sampled, at least 2) whose releases every unmasked sum holds"))
     client_noise_multiplier: float = Field(1.0, gt=0, description="privacy = client: Flower's server-side noise multiplier")
     client_clip_norm: float = Field(1.0, gt=0, description="privacy = client: Flower's server-side fixed clipping norm")
 
@@ -209,6 +213,9 @@ class RunConfig(BaseModel):
         if self.privacy == "client" and self.mf_solver != "sgd":
             raise ValueError("privacy 'client' (Flower's clipping of whole model updates) needs mf-solver 'sgd': "
                              "ALS replies are statistics, not model updates")
+        if self.secure_aggregation and (self.privacy != "user" or self.mf_solver != "als"):
+            raise ValueError("secure-aggregation carries the private-ALS release (privacy 'user', mf-solver 'als'): one Gaussian "
+                             "sum per round, which several merchants can noise in shares; a DP-SGD update is many noisy steps")
         return self
 
     @classmethod

@@ -52,6 +52,9 @@ class Pinned:
 _RAY_ACTOR = "flwr.simulation.ray_transport.ray_actor"
 _RAY_BACKEND = "flwr.server.superlink.fleet.vce.backend.raybackend"
 _GRID = "flwr.superlink.grid.inmemory_grid"
+_WORKFLOW_CONSTANT = "flwr.server.workflow.constant"
+_COMPAT = "flwr.compat.common.recorddict_compat"
+_SECAGG_CONSTANTS = "flwr.common.secure_aggregation.secaggplus_constants"
 
 PINNED: tuple[Pinned, ...] = (
     # the engine, run as `flwr-simulation` runs it (`run_engine`)
@@ -90,6 +93,37 @@ PINNED: tuple[Pinned, ...] = (
     Pinned("ray.actor", "_modify_class", source=("def __ray_ready__",)),
     Pinned("ray._private.worker", "logger"),
     Pinned("ray._private.worker", "init", source=("SIGTERM handler is not set",)),
+    # Flower's SecAgg+ (`secure_mean` on the server, `secaggplus`, `secure_threshold`,
+    # `fit_instruction`, `add_fit_result` on the client): its workflow speaks the legacy
+    # Strategy/FitIns/FitRes API through a LegacyContext; its mod reads a legacy FitRes
+    Pinned("flwr.server.workflow", "SecAggPlusWorkflow", parameters=(
+        "num_shares", "reconstruction_threshold", "max_weight", "clipping_range", "quantization_range", "modulus_range", "timeout"),
+        source=("context.strategy.configure_fit(", "context.strategy.aggregate_fit(", "fitres.parameters = parameters",
+                "offset = -(len(active_nids) - 1) * state.clipping_range")),
+    Pinned("flwr.server", "LegacyContext", parameters=("context", "strategy")),
+    Pinned("flwr.server.strategy", "Strategy", attributes=(
+        "initialize_parameters", "configure_fit", "aggregate_fit", "configure_evaluate", "aggregate_evaluate", "evaluate")),
+    Pinned("flwr.server.client_proxy", "ClientProxy", attributes=("get_properties", "get_parameters", "fit", "evaluate", "reconnect")),
+    Pinned(_WORKFLOW_CONSTANT, "MAIN_CONFIGS_RECORD"),
+    Pinned(_WORKFLOW_CONSTANT, "MAIN_PARAMS_RECORD"),
+    Pinned(_WORKFLOW_CONSTANT, "Key", attributes=("CURRENT_ROUND",)),
+    Pinned(_COMPAT, "parameters_to_arrayrecord", parameters=("parameters", "keep_input")),
+    Pinned(_COMPAT, "recorddict_to_fitins", parameters=("recorddict", "keep_input")),
+    Pinned(_COMPAT, "fitres_to_recorddict", parameters=("fitres", "keep_input")),
+    Pinned("flwr.common", "FitIns", parameters=("parameters", "config")),
+    Pinned("flwr.common", "FitRes", parameters=("status", "parameters", "num_examples", "metrics")),
+    Pinned("flwr.common", "Status", parameters=("code", "message")),
+    Pinned("flwr.common", "Code", attributes=("OK",)),
+    Pinned("flwr.common", "ndarrays_to_parameters"),
+    Pinned("flwr.common", "parameters_to_ndarrays"),
+    Pinned("flwr.client.mod", "secaggplus_mod", source=("out_msg = call_next(msg, ctxt)", "arr_record.clear()")),
+    Pinned("flwr.client.mod.secure_aggregation.secaggplus_mod", "_collect_masked_vectors",
+           source=("ratio = num_examples / state.max_weight", "quantize(")),
+    Pinned(_SECAGG_CONSTANTS, "RECORD_KEY_CONFIGS"),
+    Pinned(_SECAGG_CONSTANTS, "RECORD_KEY_STATE"),
+    Pinned(_SECAGG_CONSTANTS, "Key", attributes=("STAGE", "THRESHOLD", "SAMPLE_NUMBER", "MASKED_PARAMETERS")),
+    Pinned("flwr.common", "bytes_to_ndarray"),
+    Pinned(_SECAGG_CONSTANTS, "Stage", attributes=("SETUP", "COLLECT_MASKED_VECTORS")),
 )
 
 
@@ -325,3 +359,202 @@ def run_engine(
         backend_config={"client_resources": dict(client_resources)},
         app_dir=str(app_dir), run=run, server_app_context=context, is_app=True,
     )
+
+
+# ---------------------------------------------------------------- Flower's SecAgg+
+
+
+@dataclass(frozen=True)
+class SecureSumSettings:
+    """SecAggPlusWorkflow's parameters (docs/PRIVACY.md, "Secure aggregation")."""
+
+    threshold: float  # the reconstruction threshold, as a share of the sampled merchants (Flower rounds it, at least 2)
+    clipping_range: float  # every coordinate is clipped to [-clipping_range, clipping_range] ...
+    quantization_range: int  # ... and mapped to integers in [0, quantization_range] by stochastic rounding
+    modulus_range: int  # masks and sums live modulo this (2^32 at most in Flower 1.42)
+    timeout: float | None
+
+
+@dataclass
+class SecureMean:
+    """What one SecAgg+ exchange gave the server: the mean of the contributors' vectors
+    (dequantized; None when the protocol halted), who contributed, the threshold the round
+    announced, and every stage's replies (setup, share keys, collect masked vectors, unmask)."""
+
+    mean: list[Any] | None
+    contributors: list[int]
+    threshold: int | None
+    stage_replies: list[list[Message]]
+
+
+class _StageRecorder:
+    """The grid, recording each exchange's replies and the threshold the setup stage announces."""
+
+    def __init__(self, grid: Any) -> None:
+        self._grid = grid
+        self.replies: list[list[Message]] = []
+        self.threshold: int | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
+        from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+        messages = list(messages)
+        for msg in messages[:1]:
+            configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+            if configs.get(Key.STAGE) == Stage.SETUP:
+                self.threshold = int(configs[Key.THRESHOLD])
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        self.replies.append(replies)
+        return replies
+
+
+def secure_mean(
+    grid: Any, context: Any, server_round: int, node_ids: list[int], vectors: list[Any], config: Mapping[str, Any],
+    settings: SecureSumSettings,
+) -> SecureMean:
+    """One round of Flower's SecAggPlusWorkflow over `node_ids`: each is sent `vectors` (the
+    global parameters) and `config` as a legacy FitIns; each answers with a masked, quantized
+    vector (every merchant weighs the same: num_examples = max_weight = 1); the server learns
+    the mean of the vectors of the nodes that got to the unmasking, and nothing else."""
+    from flwr.app import ConfigRecord, RecordDict
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import parameters_to_arrayrecord
+    from flwr.server import LegacyContext
+    from flwr.server.workflow import SecAggPlusWorkflow
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+
+    parameters = ndarrays_to_parameters(list(vectors))
+    fit_ins = FitIns(parameters, dict(config))
+    strategy = _fit_only_strategy(node_ids, fit_ins)
+    state = RecordDict({MAIN_CONFIGS_RECORD: ConfigRecord({Key.CURRENT_ROUND: server_round}),
+                        MAIN_PARAMS_RECORD: parameters_to_arrayrecord(parameters, keep_input=True)})
+    legacy = LegacyContext(context=type(context)(run_id=context.run_id, node_id=context.node_id, node_config={}, state=state,
+                                                 run_config=dict(context.run_config)), strategy=strategy)
+    recorder = _StageRecorder(grid)
+    workflow = SecAggPlusWorkflow(
+        num_shares=1.0, reconstruction_threshold=settings.threshold, max_weight=1.0, clipping_range=settings.clipping_range,
+        quantization_range=settings.quantization_range, modulus_range=settings.modulus_range, timeout=settings.timeout,
+    )
+    workflow(recorder, legacy)  # type: ignore[arg-type]  # a Grid in all the workflow uses of one
+    mean, contributors = strategy.aggregated
+    return SecureMean(mean, contributors, recorder.threshold, recorder.replies)
+
+
+def _fit_only_strategy(node_ids: list[int], fit_ins: Any) -> Any:
+    """A legacy Strategy that asks exactly `node_ids` with `fit_ins` and keeps what the workflow
+    hands its aggregate_fit (every result carries the unmasked mean); nothing else is used."""
+    from flwr.common import parameters_to_ndarrays
+    from flwr.server.client_proxy import ClientProxy
+    from flwr.server.strategy import Strategy
+
+    class _Node(ClientProxy):
+        def __init__(self, node_id: int) -> None:
+            super().__init__(str(node_id))
+            self.node_id = node_id
+
+        def get_properties(self, *args: Any, **kwargs: Any) -> Any:
+            raise NotImplementedError
+
+        def get_parameters(self, *args: Any, **kwargs: Any) -> Any:
+            raise NotImplementedError
+
+        def fit(self, *args: Any, **kwargs: Any) -> Any:
+            raise NotImplementedError
+
+        def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+            raise NotImplementedError
+
+        def reconnect(self, *args: Any, **kwargs: Any) -> Any:
+            raise NotImplementedError
+
+    class _FitOnly(Strategy):
+        def __init__(self) -> None:
+            self.aggregated: tuple[list[Any] | None, list[int]] = (None, [])
+
+        def initialize_parameters(self, client_manager: Any) -> Any:
+            return None
+
+        def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> list[tuple[Any, Any]]:
+            return [(_Node(node_id), fit_ins) for node_id in node_ids]
+
+        def aggregate_fit(self, server_round: int, results: list[tuple[Any, Any]], failures: list[Any]) -> tuple[Any, dict[str, Any]]:
+            if results:
+                self.aggregated = (parameters_to_ndarrays(results[0][1].parameters), [proxy.node_id for proxy, _ in results])
+            return None, {}
+
+        def configure_evaluate(self, server_round: int, parameters: Any, client_manager: Any) -> list[tuple[Any, Any]]:
+            return []
+
+        def aggregate_evaluate(self, server_round: int, results: list[Any], failures: list[Any]) -> tuple[Any, dict[str, Any]]:
+            return None, {}
+
+        def evaluate(self, server_round: int, parameters: Any) -> Any:
+            return None
+
+    return _FitOnly()
+
+
+def masked_vector(msg: Message) -> list[Any]:
+    """The masked vector a SecAgg+ collect-stage reply carries, as the server receives it."""
+    from flwr.common import bytes_to_ndarray
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    return [bytes_to_ndarray(b) for b in msg.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]  # type: ignore[arg-type, union-attr]
+
+
+def is_secure_aggregation(msg: Message) -> bool:
+    """A training message of Flower's SecAgg+ protocol (any stage)."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    return RECORD_KEY_CONFIGS in msg.content.config_records
+
+
+def secaggplus(msg: Message, context: Any, call_next: Callable[[Message, Any], Message]) -> Message:
+    """Flower's secaggplus_mod: `call_next` runs only at the stage that collects masked vectors."""
+    from flwr.client.mod import secaggplus_mod
+
+    return secaggplus_mod(msg, context, call_next)
+
+
+def is_collect_stage(msg: Message) -> bool:
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+    return msg.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE) == Stage.COLLECT_MASKED_VECTORS
+
+
+def secure_threshold(context: Any) -> tuple[int, int]:
+    """(reconstruction threshold, merchants sampled) of this node's current SecAgg+ round, as its
+    own mod stored them at the setup stage: the values its mod enforces (it sends no share for
+    an unmasking with fewer live neighbours than the threshold)."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+
+    state = context.state.config_records[RECORD_KEY_STATE]
+    return int(state["threshold"]), int(state["sample_num"])
+
+
+def fit_instruction(msg: Message) -> tuple[list[Any], dict[str, Any]]:
+    """The legacy FitIns a SecAgg+ collect message carries: (parameters as arrays, config)."""
+    from flwr.common import parameters_to_ndarrays
+    from flwr.compat.common.recorddict_compat import recorddict_to_fitins
+
+    fit_ins = recorddict_to_fitins(msg.content, keep_input=True)
+    return parameters_to_ndarrays(fit_ins.parameters), dict(fit_ins.config)
+
+
+def add_fit_result(content: Any, vectors: list[Any]) -> None:
+    """Add to `content` the legacy FitRes the mod masks: `vectors`, with weight 1 (every
+    merchant weighs the same; nothing about its size leaves)."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+
+    fit_res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(list(vectors)), num_examples=1, metrics={})
+    legacy = fitres_to_recorddict(fit_res, keep_input=False)
+    for name, array_record in legacy.array_records.items():
+        content.array_records[name] = array_record
+    for name, metric_record in legacy.metric_records.items():
+        content.metric_records[name] = metric_record
+    for name, config_record in legacy.config_records.items():
+        content.config_records[name] = config_record

@@ -7,7 +7,7 @@ reads the same file. In a simulation, Flower gives every virtual node `partition
 `num-partitions` instead, and the node cuts its shard from the run's dataset.
 
 A deployed merchant's privacy policy (shared/privacy_policy.py) is part of it: `privacy-mode`,
-`max-epsilon`, `delta`, `metrics-release`, `solvers`; what it leaves out takes the private
+`max-epsilon`, `delta`, `metrics-release`, `solvers`, `secure-aggregation`, `secure-colluders`; what it leaves out takes the private
 defaults. A simulated node's policy is its run's.
 """
 
@@ -43,6 +43,9 @@ class NodeConfig(BaseModel):
     max_users: int = Field(DEFAULT_MAX_USERS, ge=1, description="a public upper bound on the merchant's users (delta stays below 1 / it)")
     metrics_release: Literal["noised", "none"] = Field("noised", description="how evaluation metrics may leave under DP")
     solvers: str = Field(",".join(SOLVERS), description="comma-separated solvers the merchant trains: als, sgd")
+    secure_aggregation: Literal["allow", "require", "refuse"] = Field("refuse", description=(
+        "refuse | allow | require: secure aggregation, where each release carries a share of the noise (docs/PRIVACY.md)"))
+    secure_colluders: int = Field(0, ge=0, description="merchants that may collude with the server against this one's users")
     # a simulated node: Flower's partition of the run's dataset
     partition_id: int | None = Field(None, ge=0)
     num_partitions: int | None = Field(None, ge=1)
@@ -78,7 +81,8 @@ class NodeConfig(BaseModel):
         """The policy of this node config's own keys (a deployed merchant's)."""
         solvers = tuple(s.strip() for s in self.solvers.split(",") if s.strip())
         return PrivacyPolicy.model_validate({"mode": self.privacy_mode, "max_epsilon": self.max_epsilon, "delta": self.delta,
-                                             "max_users": self.max_users, "metrics": self.metrics_release, "solvers": solvers})
+                                             "max_users": self.max_users, "metrics": self.metrics_release, "solvers": solvers,
+                                             "secure_aggregation": self.secure_aggregation, "secure_colluders": self.secure_colluders})
 
     @property
     def name(self) -> str:

@@ -39,6 +39,10 @@ class PrivacyPolicy(BaseModel):
     max_users: int = Field(DEFAULT_MAX_USERS, ge=1)
     metrics: Literal["noised", "none"] = "noised"  # how evaluation metrics may leave under DP
     solvers: tuple[Solver, ...] = SOLVERS
+    # secure aggregation (docs/PRIVACY.md): allow it, require it, or refuse it; and how many other
+    # merchants may collude with the server (each release then carries noise for threshold - colluders)
+    secure_aggregation: Literal["allow", "require", "refuse"] = "refuse"
+    secure_colluders: int = Field(0, ge=0)
 
     @field_validator("solvers")
     @classmethod
@@ -60,7 +64,8 @@ class PrivacyPolicy(BaseModel):
         that is no valid policy, e.g. a delta not below 1 / max-users)."""
         try:
             return cls(mode="user" if cfg.privacy == "user" else "none", max_epsilon=cfg.target_epsilon,
-                       delta=cfg.target_delta or DEFAULT_DELTA, metrics=cfg.dp_metrics, solvers=(cfg.mf_solver,))
+                       delta=cfg.target_delta or DEFAULT_DELTA, metrics=cfg.dp_metrics, solvers=(cfg.mf_solver,),
+                       secure_aggregation="require" if cfg.secure_aggregation else "allow")
         except ValidationError as exc:
             raise PolicyViolation(validation_reasons(exc)) from None
 
@@ -82,10 +87,26 @@ class PrivacyPolicy(BaseModel):
             raise PolicyViolation(f"the run asks for delta {cfg.target_delta:g}, the merchant's policy allows at most {self.delta:g}")
         if self.metrics == "none" and cfg.dp_metrics != "none":
             raise PolicyViolation(f"the merchant's policy releases no evaluation metrics; the run asks for dp-metrics = '{cfg.dp_metrics}'")
+        if self.secure_aggregation == "refuse" and cfg.secure_aggregation:
+            raise PolicyViolation("the merchant's policy refuses secure aggregation (its releases leave with the full noise)")
+        if self.secure_aggregation == "require" and not cfg.secure_aggregation:
+            raise PolicyViolation("the merchant's policy requires secure aggregation; the run asks for secure-aggregation = false")
+
+    def secure_noise_share(self, threshold: int) -> float:
+        """The share of a release's noise variance this merchant adds under secure aggregation:
+        every sum the server can unmask holds at least `threshold` releases, of which up to
+        `secure_colluders` may be the server's accomplices' (who know their own noise), so
+        1 / (threshold - colluders). PolicyViolation when that leaves no honest merchant."""
+        honest = threshold - self.secure_colluders
+        if honest < 1:
+            raise PolicyViolation(f"the secure sum's threshold {threshold} is not above the {self.secure_colluders} merchants the policy "
+                                  "allows to collude with the server")
+        return 1.0 / honest
 
     def describe(self) -> dict[str, object]:
         return {"mode": self.mode, "max_epsilon": self.max_epsilon, "delta": self.delta, "max_users": self.max_users,
-                "metrics": self.metrics, "solvers": list(self.solvers)}
+                "metrics": self.metrics, "solvers": list(self.solvers), "secure_aggregation": self.secure_aggregation,
+                "secure_colluders": self.secure_colluders}
 
 
 def validation_reasons(exc: ValidationError) -> str:

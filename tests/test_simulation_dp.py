@@ -82,3 +82,19 @@ def test_client_level_dp_with_flowers_wrapper_and_accountant(tmp_path):
     assert all(h["privacy"]["level"] == "client" for h in history[1:])
     assert spent == pytest.approx([0.8486, 1.3823], abs=1e-3)
     assert (tmp_path / "out" / "model" / "global_model.npz").is_file()
+
+
+def test_secure_aggregation_through_flowers_runtime(tmp_path):
+    """SecAgg+ in the simulation engine: every node keeps its protocol state in its context
+    across the four messages of a round; each round's record holds the sum's guarantee."""
+    cfg = small_run_config(tmp_path, privacy="user", **{"num-rounds": 2, "secure-aggregation": True, "secure-threshold": 0.6})
+    run_simulation(cfg.to_flower(), NUM_CLIENTS, tmp_path / "flower", timeout=480)
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    assert [h["round"] for h in history] == [0, 1, 2]
+    for h in history[1:]:
+        assert h["secure"]["contributors"] == NUM_CLIENTS and h["secure"]["threshold"] == 2
+        assert len(h["participants"]["replied"]) == NUM_CLIENTS and h["participants"]["failed"] == {}
+        assert h["secure"]["sum_noise_multiplier"] > 0
+    for pid in range(NUM_CLIENTS):
+        ledger = json.loads((tmp_path / "out" / "state" / f"partition-{pid}" / "privacy_ledger.json").read_text())["ledger"]
+        assert ledger["rounds_trained"] == 2

@@ -70,6 +70,12 @@ class PrivacyPlan(ABC, Generic[SolverT]):
     def release_metrics(self, client: str, data: NodeData, metrics: Metrics, server_round: int) -> EvaluateReply:
         """The evaluation reply: the round's metrics as this plan lets them leave."""
 
+    def share_noise(self, share: float) -> None:
+        """Under secure aggregation: add `share` of the release's noise variance (the rest comes
+        from the other releases of the sum; client/secure_aggregation.py). Only a plan whose
+        release is one Gaussian sum can split its noise."""
+        raise PrivacyRefusal(f"the {self.name} plan cannot split its noise for secure aggregation")
+
 
 # what an exact release reports: no finite epsilon covers it
 WITHOUT_DP = PrivacyReport(math.inf, 0.0)

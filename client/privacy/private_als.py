@@ -10,6 +10,11 @@ share w_r ~ growth^r of the budget, sigma_r = sigma / sqrt(w_r). For Gaussian re
 adds up in 1 / sigma^2, so the planned rounds together cost exactly one release at sigma;
 sigma is calibrated (with the planned metric releases) to target-epsilon at delta with the
 same Opacus RDP accountant, ledger and refusals as DP-SGD.
+
+Under secure aggregation (client/secure_aggregation.py) a release carries only its share of
+the noise (variance sigma_r^2 / (threshold - colluders)): the server sees only sums of at least
+threshold releases, whose honest shares together carry sigma_r's noise; the ledger records the
+release at sigma_r, as the sum's guarantee.
 """
 
 from __future__ import annotations
@@ -31,6 +36,13 @@ class PrivateALS(UserLevelPlan[ALSSolver]):
     name = "private-als"
     label = "ALS"
 
+    noise_share = 1.0  # of the release's noise variance this merchant adds (secure aggregation: less)
+
+    def share_noise(self, share: float) -> None:
+        if not 0.0 < share <= 1.0:
+            raise PrivacyRefusal(f"a noise share of {share} is no share")
+        self.noise_share = share
+
     def calibrate(self, target_epsilon: float, delta: float) -> float:
         return calibrate_noise_multiplier(target_epsilon, delta, 1.0, steps=1, fixed=self.planned_metric_releases())
 
@@ -51,8 +63,13 @@ class PrivateALS(UserLevelPlan[ALSSolver]):
         sigma = self.round_noise_multiplier()
         release: Release = (sigma, 1.0, 1)
         self.ledger.require([release], f"the ALS statistics of round {server_round}")
-        noisy = add_noise(stats, solver.noise_stds(sigma), np.random.default_rng(secrets.randbits(128)))
+        # under secure aggregation only a share of the noise: the sum the server can unmask holds
+        # enough honest shares to carry sigma's (the ledger records the release at sigma)
+        share_std = math.sqrt(self.noise_share)
+        stds = {key: std * share_std for key, std in solver.noise_stds(sigma).items()}
+        noisy = add_noise(stats, stds, np.random.default_rng(secrets.randbits(128)))
         # written before the reply leaves: a crash after this point over-counts, never under-counts
         self.ledger.record([release], trained_round=True)
-        # no count of users leaves: the server sums statistics, it does not weigh them
-        return TrainReply(client, noisy, None, privacy=self.report(sigma))
+        # no count of users leaves: the server sums statistics, it does not weigh them; the noise
+        # multiplier reported is that of the noise this reply carries, which the server adds up
+        return TrainReply(client, noisy, None, privacy=self.report(sigma * share_std))

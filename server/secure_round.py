@@ -1,0 +1,110 @@
+"""The server's side of secure aggregation: one training round through Flower's SecAgg+.
+
+The round's sampled merchants (the strategy's configure_train) are asked through Flower's
+SecAggPlusWorkflow (shared/flower_internals.py `secure_mean`): setup, key sharing, collection
+of masked vectors, unmasking. The server learns the mean of the scaled releases of the merchants
+whose vectors reached the unmasking, and how many they are; it multiplies the mean back into
+the statistics' sum (shared/secure_sum.py), checks the sum against what that many merchants can
+produce (server/reply_bounds.py: a sum, not a reply, is all there is to check) and solves the ads.
+
+Per round it records who was asked, who contributed, who failed or refused at which stage and
+why, and the sum's guarantee: the threshold (every unmasked sum holds at least that many
+releases), the contributors, and the noise multiplier the sum carries (each contributor's
+reported share added up), so a dropout shows as a smaller sum with the noise of its survivors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.serverapp import Grid
+
+from shared import flower_internals
+from shared.als import ALSSettings
+from shared.flower_internals import SecureSumSettings
+from shared.secure_sum import ARRAY_KEYS, CLIPPING_RANGE, MAX_MERCHANTS, MODULUS_RANGE, QUANTIZATION_RANGE, SecureScales
+from shared.wire import DP_NOISE_MULTIPLIER, METRICS, SERVER_ROUND, Arrays, plain_metrics
+
+STAGES = ("setup", "share-keys", "collect", "unmask")
+
+
+@dataclass
+class SecureOutcome:
+    """One secure exchange: the statistics' sum (None: the protocol halted), the collect-stage
+    replies of the contributors and every error reply, by stage."""
+
+    total: Arrays | None
+    contributions: list[Message]
+    errors: list[tuple[str, Message]]
+    threshold: int | None
+    asked: list[int]
+
+
+class SecureTraining:
+    def __init__(self, settings: ALSSettings, stat_keys: list[str], max_users: int, threshold: float, timeout: float,
+                 context: Context) -> None:
+        self.settings, self.max_users = settings, max_users
+        self.scales = SecureScales.for_release(settings, stat_keys, max_users)
+        self.protocol = SecureSumSettings(threshold=threshold, clipping_range=CLIPPING_RANGE, quantization_range=QUANTIZATION_RANGE,
+                                          modulus_range=MODULUS_RANGE, timeout=timeout)
+        self.context = context
+
+    def exchange(self, grid: Grid, server_round: int, arrays: Arrays, node_ids: list[int]) -> SecureOutcome:
+        if len(node_ids) > MAX_MERCHANTS:
+            raise ValueError(f"secure aggregation sums at most {MAX_MERCHANTS} merchants without overflow, not {len(node_ids)}")
+        keys = sorted(arrays)
+        result = flower_internals.secure_mean(
+            grid, self.context, server_round, node_ids, [arrays[key] for key in keys],
+            {SERVER_ROUND: server_round, ARRAY_KEYS: ",".join(keys)}, self.protocol,
+        )
+        errors = [(stage, msg) for stage, replies in zip(STAGES, result.stage_replies) for msg in replies if msg.has_error()]
+        collected = result.stage_replies[2] if len(result.stage_replies) > 2 else []
+        contributors = set(result.contributors)
+        contributions = [msg for msg in collected if not msg.has_error() and msg.metadata.src_node_id in contributors]
+        total = None if result.mean is None else self.scales.from_mean(result.mean, len(contributions))
+        return SecureOutcome(total, contributions, errors, result.threshold, list(node_ids))
+
+    def check_sum(self, total: Arrays, guarantee: dict[str, Any]) -> list[str]:
+        """The unmasked sum against what that many merchants can produce (server/reply_bounds.py):
+        a sum is all there is to check."""
+        return sum_bounds_violations(total, self.settings, self.max_users, int(guarantee["contributors"]),
+                                     float(guarantee["sum_noise_multiplier"]))
+
+    def sum_noise(self, outcome: SecureOutcome) -> dict[str, float]:
+        """Per statistic, the noise std of the unmasked sum: the contributors' shares added up."""
+        variances = dict.fromkeys(self.scales.keys, 0.0)
+        for share in _noise_shares(outcome):
+            stds = self.settings.noise_stds(share) if share > 0 else {}
+            for key in variances:
+                variances[key] += stds.get(key, 0.0) ** 2
+        return {key: math.sqrt(v) for key, v in variances.items()}
+
+    def guarantee(self, outcome: SecureOutcome) -> dict[str, Any]:
+        """What the round's sum carries, for its history record."""
+        shares = _noise_shares(outcome)
+        error = self.scales.quantization_error(max(len(outcome.contributions), 1))
+        return {
+            "threshold": outcome.threshold, "contributors": len(outcome.contributions), "asked": len(outcome.asked),
+            # the sum's noise multiplier: the contributors' shares of variance added up
+            "sum_noise_multiplier": float(math.sqrt(sum(s**2 for s in shares))),
+            "quantization_std_max": float(max(std for _, std in error.values())),
+        }
+
+
+def _noise_shares(outcome: SecureOutcome) -> list[float]:
+    """The noise multiplier each contributor reports for the noise its release carries."""
+    return [plain_metrics(msg.content.metric_records.get(METRICS)).get(DP_NOISE_MULTIPLIER, 0.0) for msg in outcome.contributions]
+
+
+def sum_bounds_violations(total: Arrays, settings: ALSSettings, max_users: int, contributors: int, noise_multiplier: float) -> list[str]:
+    """The unmasked sum against what `contributors` merchants can produce (server/reply_bounds.py)."""
+    from server.reply_bounds import als_violations
+
+    finite = [key for key, value in total.items() if not np.all(np.isfinite(value))]
+    if finite:
+        return [f"{key} is not finite" for key in finite]
+    return als_violations(total, settings, max_users * max(contributors, 1), noise_multiplier)
