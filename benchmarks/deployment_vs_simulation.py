@@ -1,7 +1,10 @@
 """Round time of the TLS deployment (one SuperNode per merchant) against the same run in
 Flower's simulation runtime, and the bytes each client sends and receives per round.
 
-    python benchmarks/deployment_vs_simulation.py [--merchants 3] [--rounds 5] [--privacy none] [--output DIR]
+    python benchmarks/deployment_vs_simulation.py [--merchants 3] [--rounds 5] [--privacy none] [--secure] [--output DIR]
+
+`--secure` (with --privacy user): secure aggregation (Flower's SecAgg+, four training messages
+per merchant per round), the deployed merchants' policies allowing it.
 
 Same data for both: the synthetic market of the default run config, cut into one shard per
 merchant exactly as the simulation cuts it; the deployment's merchants read theirs from CSV.
@@ -42,10 +45,10 @@ from simulations.runtime import run_simulation
 POLL_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 
 
-def _run_config(output: Path, merchants: int, rounds: int, privacy: str) -> RunConfig:
+def _run_config(output: Path, merchants: int, rounds: int, privacy: str, secure: bool = False) -> RunConfig:
     return RunConfig.from_flower({
         "num-rounds": rounds, "min-nodes": merchants, "synthetic-merchants": merchants, "privacy": privacy,
-        "output-dir": str(output / "out"), "state-dir": str(output / "out" / "state"),
+        "output-dir": str(output / "out"), "state-dir": str(output / "out" / "state"), "secure-aggregation": secure,
     })
 
 
@@ -75,24 +78,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merchants", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--privacy", default="none", choices=["none", "user", "client"])
+    parser.add_argument("--secure", action="store_true", help="secure aggregation (needs --privacy user)")
     parser.add_argument("--output", type=Path, default=PROJECT_ROOT / "outputs" / "bench-deployment")
     parser.add_argument("--timeout", type=float, default=1800.0)
     args = parser.parse_args(argv)
     output = args.output.resolve()
     results: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "merchants": args.merchants, "rounds": args.rounds, "privacy": args.privacy,
+        "merchants": args.merchants, "rounds": args.rounds, "privacy": args.privacy, "secure": args.secure,
     }
 
-    sim_cfg = _run_config(output / "simulation", args.merchants, args.rounds, args.privacy)
+    sim_cfg = _run_config(output / "simulation", args.merchants, args.rounds, args.privacy, args.secure)
     started = time.perf_counter()
     run_simulation(sim_cfg.to_flower(), args.merchants, output / "simulation" / "flower", timeout=args.timeout)
     results["simulation"] = {"wall_seconds": time.perf_counter() - started, **_round_times(sim_cfg)}
 
-    dep_cfg = _run_config(output / "deployment", args.merchants, args.rounds, args.privacy)
+    dep_cfg = _run_config(output / "deployment", args.merchants, args.rounds, args.privacy, args.secure)
     # a merchant's policy gives no less privacy than it is asked for: non-private runs need merchants that opt out
     merchants = write_merchant_data(output / "deployment" / "merchants", dep_cfg.to_flower(), args.merchants,
-                                    privacy_mode="user" if args.privacy == "user" else "none")
+                                    privacy_mode="user" if args.privacy == "user" else "none",
+                                    secure_aggregation="allow" if args.secure else "refuse")
     started = time.perf_counter()
     with local_deployment(output / "deployment" / "flower", merchants, extra_env=POLL_ENV) as deployed:
         up = time.perf_counter() - started
@@ -120,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     (output / "results.json").write_text(json.dumps(results, indent=2))
     sim, dep, b = results["simulation"], results["deployment"], results["bytes"]
-    print(f"{results['date']}  {results['machine']}  {n} merchants, {r} rounds, privacy={args.privacy}, mf-solver={dep_cfg.mf_solver}")
+    print(f"{results['date']}  {results['machine']}  {n} merchants, {r} rounds, privacy={args.privacy}, secure={args.secure}, "
+          f"mf-solver={dep_cfg.mf_solver}")
     print(f"median round: simulation {sim['median_round_seconds']:.2f}s, deployment (TLS, 3 SuperNodes) {dep['median_round_seconds']:.2f}s"
           f"  (round 0: {sim['round0_seconds']:.2f}s vs {dep['round0_seconds']:.2f}s)")
     print(f"model ArrayRecord {b['model_array_record']} B (raw arrays {b['model_raw']} B): per client per round "

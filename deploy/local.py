@@ -43,6 +43,7 @@ class Merchant:
     state_dir: Path
     catalog_path: Path | None = None
     privacy_mode: str = "user"  # its policy: user-level DP required (the default), or "none"
+    secure_aggregation: str = "refuse"  # its policy on secure aggregation: refuse (the default), allow or require
     trusted_entities: Path | None = None  # publishers' keys: its SuperNode runs only FABs they signed
 
 
@@ -89,6 +90,7 @@ class LocalDeployment:
         config = NodeConfig.model_validate({
             "data_path": str(merchant.data_path), "state_dir": str(merchant.state_dir), "merchant_id": merchant.merchant_id,
             "catalog_path": str(merchant.catalog_path or ""), "privacy_mode": merchant.privacy_mode,
+            "secure_aggregation": merchant.secure_aggregation,
         }).write(node_dir / "node-config.toml")
         command = supernode_command(self.fleet_address, self.tls.ca_cert if tls else None, key, config, free_port(), max_retries,
                                     trusted_entities=merchant.trusted_entities)
@@ -182,10 +184,11 @@ def local_deployment(
         yield deployment
 
 
-def write_merchant_data(folder: str | Path, run_config: Mapping[str, Any], count: int, privacy_mode: str = "user") -> list[Merchant]:
+def write_merchant_data(folder: str | Path, run_config: Mapping[str, Any], count: int, privacy_mode: str = "user",
+                        secure_aggregation: str = "refuse") -> list[Merchant]:
     """The synthetic market of `run_config`, cut into `count` shards exactly as a simulation cuts
     it, each written as one merchant's log CSV, plus the public catalog CSV; every merchant with
-    the policy `privacy_mode`."""
+    the policy `privacy_mode` and `secure_aggregation`."""
     from shared.config import RunConfig
     from shared.data.loaders import write_catalog_csv, write_log_csv
     from shared.data.schema import Dataset
@@ -201,6 +204,7 @@ def write_merchant_data(folder: str | Path, run_config: Mapping[str, Any], count
     for name, shard in simulated_shards(cfg, dataset, count):
         (folder / name).mkdir(exist_ok=True)
         write_log_csv(folder / name / "interactions.csv", Dataset(name, dataset.catalog, shard))
-        merchants.append(Merchant(name, folder / name / "interactions.csv", folder / name / "state", catalog_path, privacy_mode))
+        merchants.append(Merchant(name, folder / name / "interactions.csv", folder / name / "state", catalog_path, privacy_mode,
+                                  secure_aggregation))
     return merchants
 

@@ -4,20 +4,17 @@ own persistent context, every message copied as the wire would."""
 
 from __future__ import annotations
 
-import copy
 import json
 import math
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, RecordDict
 from scipy import stats as scipy_stats
 
 import client.handlers
-from client.client_app import app as client_app
 from server.secure_round import SecureTraining
 from shared.als import ALSSettings
 from shared.config import RunConfig
@@ -26,28 +23,11 @@ from shared.params import init_global_arrays
 from shared.privacy_policy import PolicyViolation, PrivacyPolicy
 from shared.secure_sum import CLIPPING_RANGE, MODULUS_RANGE, QUANTIZATION_RANGE, SecureScales
 from shared.wire import DP_NOISE_MULTIPLIER, METRICS, PRIVACY_REFUSED, plain_metrics
+from simulations.in_process import InProcessGrid
 from tests.conftest import client_call, small_run_config
 
 pytestmark = pytest.mark.usefixtures("as_server")
 MERCHANTS = 3
-
-
-class InProcessGrid:
-    """Each message handled by its node's ClientApp with the node's own context (kept across
-    messages, as a SuperNode keeps it); messages and replies copied, as the wire copies them."""
-
-    def __init__(self, cfg: RunConfig, merchants: int = MERCHANTS) -> None:
-        self.contexts = {
-            10 + i: Context(run_id=1, node_id=10 + i, node_config={"partition-id": i, "num-partitions": merchants},
-                            state=RecordDict(), run_config=cfg.to_flower())
-            for i in range(merchants)
-        }
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.contexts)
-
-    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
-        return [copy.deepcopy(client_app(copy.deepcopy(msg), self.contexts[msg.metadata.dst_node_id])) for msg in messages]
 
 
 def _secure_cfg(tmp_path: Path, **overrides: Any) -> RunConfig:
@@ -83,7 +63,7 @@ def test_the_server_gets_the_plain_sum_within_the_quantization_error(tmp_path, r
     cfg = _secure_cfg(tmp_path)
     training = _training(cfg)
     arrays = init_global_arrays(cfg.synthetic_ads, cfg.factors, seed=0)
-    outcome = training.exchange(InProcessGrid(cfg), 1, arrays, list(range(10, 10 + MERCHANTS)))
+    outcome = training.exchange(InProcessGrid(cfg, MERCHANTS), 1, arrays, list(range(10, 10 + MERCHANTS)))
     assert outcome.total is not None and len(outcome.contributions) == MERCHANTS and len(released) == MERCHANTS
     assert outcome.threshold == 2  # round(0.6 x 3)
     error = training.scales.quantization_error(MERCHANTS)
@@ -106,7 +86,7 @@ def test_a_masked_vector_tells_nothing_of_the_statistics(tmp_path, released):
     cfg = _secure_cfg(tmp_path, **{"num-rounds": 4})
     training = _training(cfg)
     arrays = init_global_arrays(cfg.synthetic_ads, cfg.factors, seed=0)
-    grid = InProcessGrid(cfg)
+    grid = InProcessGrid(cfg, MERCHANTS)
     masked, scaled = [], []
     for _ in range(2):
         outcome = training.exchange(grid, 1, arrays, list(grid.contexts))
@@ -137,7 +117,7 @@ def test_a_merchant_dropping_after_the_key_sharing_leaves_the_sum_of_the_others(
 
     monkeypatch.setattr(client.handlers, "_train", failing)
     training = _training(cfg)
-    outcome = training.exchange(InProcessGrid(cfg), 1, init_global_arrays(cfg.synthetic_ads, cfg.factors, seed=0), [10, 11, 12])
+    outcome = training.exchange(InProcessGrid(cfg, MERCHANTS), 1, init_global_arrays(cfg.synthetic_ads, cfg.factors, seed=0), [10, 11, 12])
     assert outcome.total is not None and sorted(m.metadata.src_node_id for m in outcome.contributions) == [10, 11]
     assert [(stage, msg.metadata.src_node_id) for stage, msg in outcome.errors] == [("collect", 12)]
     for key, total in outcome.total.items():
@@ -167,7 +147,7 @@ def test_one_merchant_moves_the_sum_by_at_most_the_clipping_range(tmp_path, monk
 
     monkeypatch.setattr(SecureScales, "to_vectors", poisoned)
     training = _training(cfg)
-    outcome = training.exchange(InProcessGrid(cfg), 1, init_global_arrays(cfg.synthetic_ads, cfg.factors, seed=0), [10, 11, 12])
+    outcome = training.exchange(InProcessGrid(cfg, MERCHANTS), 1, init_global_arrays(cfg.synthetic_ads, cfg.factors, seed=0), [10, 11, 12])
     assert outcome.total is not None
     bound = training.scales.poisoning_bound()
     honest = released[1:]  # the recording wrapper sits under the poisoning one: it saw all three releases
