@@ -87,11 +87,13 @@ class SecureTraining:
         """What the round's sum carries, for its history record."""
         shares = _noise_shares(outcome)
         error = self.scales.quantization_error(max(len(outcome.contributions), 1))
+        noise = self.sum_noise(outcome)
         return {
             "threshold": outcome.threshold, "contributors": len(outcome.contributions), "asked": len(outcome.asked),
             # the sum's noise multiplier: the contributors' shares of variance added up
             "sum_noise_multiplier": float(math.sqrt(sum(s**2 for s in shares))),
-            "quantization_std_max": float(max(std for _, std in error.values())),
+            # the quantization's std (at most) against the DP noise's, the largest over the statistics
+            "quantization_to_noise": max((error[key][1] / noise[key] for key in noise if noise[key] > 0), default=math.inf),
         }
 
 

@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -171,4 +172,28 @@ def test_a_superlink_restart_mid_run_is_resumed_with_one_command(tmp_path):
         for merchant in merchants:
             ledger = json.loads((merchant.state_dir / "privacy_ledger.json").read_text())["ledger"]
             assert ledger["rounds_trained"] == rounds, (merchant.merchant_id, ledger["rounds_trained"])
+    assert processes_mentioning(str(tmp_path / "flower")) == []
+
+
+def test_secure_aggregation_across_supernodes(tmp_path):
+    """SecAgg+ over the TLS deployment: each SuperNode keeps the protocol's state in its context
+    across the round's four messages (a new ClientApp process each). Two merchants allow secure
+    aggregation; the third's policy refuses it, so it leaves the round after the key sharing,
+    and the server unmasks the sum of the two (the threshold is 2)."""
+    cfg = small_run_config(tmp_path, **{"num-rounds": 1, "min-nodes": NUM_MERCHANTS, "privacy": "user", "local-epochs": 1,
+                                        "secure-aggregation": True, "secure-threshold": 0.6, "min-replies": 2})
+    merchants = write_merchant_data(tmp_path / "merchants", cfg.to_flower(), NUM_MERCHANTS, secure_aggregation="allow")
+    merchants[-1] = replace(merchants[-1], secure_aggregation="refuse")
+    with local_deployment(tmp_path / "flower", merchants) as deployed:
+        reply = deployed.submit(cfg.to_flower())
+        assert reply.get("success"), reply
+        status, log = deployed.wait_for_run(int(reply["run-id"]), RUN_TIMEOUT)
+    assert status["status"] == "finished:completed", log[-3000:]
+    history = json.loads((Path(cfg.output_dir) / "history.json").read_text())
+    secure = history[1]["secure"]
+    assert secure["contributors"] == 2 and secure["threshold"] == 2 and secure["asked"] == NUM_MERCHANTS
+    refused = history[1]["participants"]["refused"]
+    assert list(refused) == [merchants[-1].merchant_id] and "refuses secure aggregation" in refused[merchants[-1].merchant_id]
+    for merchant in merchants[:2]:
+        assert json.loads((merchant.state_dir / "privacy_ledger.json").read_text())["ledger"]["rounds_trained"] == 1
     assert processes_mentioning(str(tmp_path / "flower")) == []
