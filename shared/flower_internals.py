@@ -9,8 +9,12 @@ Written for flwr FLOWER_VERSION: on any other, `supported()` is False and the ru
 Flower's public path instead (simulations/runtime/public_path.py). Nothing private is imported
 at module level, so this module loads on any Flower version.
 
-Application code (client/, server/, shared/) uses only Flower's public `flwr.app`,
-`flwr.clientapp` and `flwr.serverapp`.
+Secure aggregation is the other user: Flower 1.42's SecAgg+ exists only in its legacy API
+(`flwr.server.workflow.SecAggPlusWorkflow` over a LegacyContext and a legacy Strategy,
+`flwr.client.mod.secaggplus_mod` reading a legacy FitRes), so the server's exchange
+(`secure_mean`) and the client's adapters (`secaggplus`, `secure_threshold`, `fit_instruction`,
+`add_fit_result`) live here too. Apart from these functions, application code (client/, server/,
+shared/) uses only Flower's public `flwr.app`, `flwr.clientapp` and `flwr.serverapp`.
 """
 
 from __future__ import annotations
