@@ -95,9 +95,9 @@ def test_a_masked_vector_tells_nothing_of_the_statistics(tmp_path, released):
     for release in released[::MERCHANTS][:2]:  # merchant 10 answers first in each exchange
         scaled.append(np.concatenate([v.ravel() for v in training.scales.to_vectors(release)[0]]))
     assert np.corrcoef(scaled[0], scaled[1])[0, 1] > 0.3  # the statistics agree (under their fresh noise) ...
-    assert abs(np.corrcoef(masked[0], masked[1])[0, 1]) < 0.05  # ... what the server sees of them is not
+    assert abs(np.corrcoef(masked[0], masked[1])[0, 1]) < 0.08  # ... what the server sees of them is not (4.7 sd of ~3,900 coordinates)
     for vector, truth in zip(masked, scaled, strict=True):
-        assert abs(np.corrcoef(vector, truth)[0, 1]) < 0.05
+        assert abs(np.corrcoef(vector, truth)[0, 1]) < 0.08
         assert scipy_stats.kstest(vector / MODULUS_RANGE, "uniform").pvalue > 1e-4
 
 
