@@ -73,23 +73,13 @@ class ALSAggregation(FedAvg):
                 total[key] = total.get(key, 0.0) + value.astype(np.float64)
         return self.solve(total, [reply.metric_record() for reply in replies_in])
 
-    def sum_noise_stds(self, keys: Iterable[str], metrics: list[dict[str, float]]) -> dict[str, float]:
-        """Per statistic, the noise std of a sum of releases, from the noise multiplier each one
-        reports (public: a function of its merchant's budget plan)."""
-        variances = dict.fromkeys(keys, 0.0)
-        for record in metrics:
-            privacy = PrivacyReport.from_metrics(record)
-            sigma = privacy.noise_multiplier if privacy else 0.0
-            stds = self.settings.noise_stds(sigma) if sigma > 0 else {}
-            for key in variances:
-                variances[key] += stds.get(key, 0.0) ** 2
-        return {key: float(np.sqrt(v)) for key, v in variances.items()}
-
     def solve(self, total: Arrays, metrics: list[dict[str, float]]) -> tuple[ArrayRecord, MetricRecord]:
         """The ads from the summed statistics of the releases whose metrics are `metrics` (the
         plain path's sum, or the secure path's unmasked one: server/secure_round.py)."""
-        stds = self.sum_noise_stds(total, metrics)
-        variances = {key: std**2 for key, std in stds.items()}
+        # each release's noise multiplier is public (a function of its merchant's budget plan)
+        reports = [PrivacyReport.from_metrics(record) for record in metrics]
+        stds = self.settings.summed_noise_stds([report.noise_multiplier for report in reports if report])
+        variances = {key: stds[key] ** 2 for key in total}
         for key in ROUND_INVARIANT:
             if key in total:
                 total[key], variances[key] = self._average_counts(key, total[key], variances[key])

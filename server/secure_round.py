@@ -23,6 +23,7 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.serverapp import Grid
 
+from server.reply_bounds import als_violations
 from shared import flower_internals
 from shared.als import ALSSettings
 from shared.flower_internals import SecureSumSettings
@@ -71,17 +72,13 @@ class SecureTraining:
     def check_sum(self, total: Arrays, guarantee: dict[str, Any]) -> list[str]:
         """The unmasked sum against what that many merchants can produce (server/reply_bounds.py):
         a sum is all there is to check."""
-        return sum_bounds_violations(total, self.settings, self.max_users, int(guarantee["contributors"]),
-                                     float(guarantee["sum_noise_multiplier"]))
+        not_finite = [f"{key} is not finite" for key, value in total.items() if not np.all(np.isfinite(value))]
+        return not_finite or als_violations(total, self.settings, self.max_users * max(int(guarantee["contributors"]), 1),
+                                            float(guarantee["sum_noise_multiplier"]))
 
     def sum_noise(self, outcome: SecureOutcome) -> dict[str, float]:
         """Per statistic, the noise std of the unmasked sum: the contributors' shares added up."""
-        variances = dict.fromkeys(self.scales.keys, 0.0)
-        for share in _noise_shares(outcome):
-            stds = self.settings.noise_stds(share) if share > 0 else {}
-            for key in variances:
-                variances[key] += stds.get(key, 0.0) ** 2
-        return {key: math.sqrt(v) for key, v in variances.items()}
+        return self.settings.summed_noise_stds(_noise_shares(outcome))
 
     def guarantee(self, outcome: SecureOutcome) -> dict[str, Any]:
         """What the round's sum carries, for its history record."""
@@ -100,13 +97,3 @@ class SecureTraining:
 def _noise_shares(outcome: SecureOutcome) -> list[float]:
     """The noise multiplier each contributor reports for the noise its release carries."""
     return [plain_metrics(msg.content.metric_records.get(METRICS)).get(DP_NOISE_MULTIPLIER, 0.0) for msg in outcome.contributions]
-
-
-def sum_bounds_violations(total: Arrays, settings: ALSSettings, max_users: int, contributors: int, noise_multiplier: float) -> list[str]:
-    """The unmasked sum against what `contributors` merchants can produce (server/reply_bounds.py)."""
-    from server.reply_bounds import als_violations
-
-    finite = [key for key, value in total.items() if not np.all(np.isfinite(value))]
-    if finite:
-        return [f"{key} is not finite" for key in finite]
-    return als_violations(total, settings, max_users * max(contributors, 1), noise_multiplier)

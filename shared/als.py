@@ -90,6 +90,12 @@ class ALSSettings:
         sens = self.sensitivities()
         return {key: noise_multiplier * sens[key] / math.sqrt(share) for key, share in BUDGET_SHARES[self.gram_mode].items()}
 
+    def summed_noise_stds(self, noise_multipliers: list[float]) -> dict[str, float]:
+        """The noise std per coordinate of each statistic in a sum of releases, each made at one
+        of `noise_multipliers`: Gaussian variances add, and noise_stds is linear in the multiplier."""
+        total = math.sqrt(sum(sigma**2 for sigma in noise_multipliers))
+        return self.noise_stds(total) if total > 0 else dict.fromkeys(STAT_KEYS[self.gram_mode], 0.0)
+
 
 @dataclass
 class Rows:

@@ -406,10 +406,9 @@ class _StageRecorder:
         from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
         messages = list(messages)
-        for msg in messages[:1]:
-            configs = msg.content.config_records[RECORD_KEY_CONFIGS]
-            if configs.get(Key.STAGE) == Stage.SETUP:
-                self.threshold = int(configs[Key.THRESHOLD])
+        configs = messages[0].content.config_records[RECORD_KEY_CONFIGS] if messages else {}
+        if configs.get(Key.STAGE) == Stage.SETUP:  # every setup message carries the same configuration
+            self.threshold = int(configs[Key.THRESHOLD])
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         self.replies.append(replies)
         return replies
@@ -455,6 +454,9 @@ def _fit_only_strategy(node_ids: list[int], fit_ins: Any) -> Any:
     from flwr.server.strategy import Strategy
 
     class _Node(ClientProxy):
+        """A legacy proxy is abstract over the legacy client calls; the workflow reads only its
+        node_id and talks to the node through the grid, so none of these is ever called."""
+
         def __init__(self, node_id: int) -> None:
             super().__init__(str(node_id))
             self.node_id = node_id
