@@ -1,4 +1,4 @@
-"""Implicit alternating least squares for biased MF, split along the privacy boundary (numpy only).
+"""Implicit alternating least squares for biased MF, split along the privacy boundary (numpy and scipy.sparse).
 
 Objective (implicit ALS, Hu, Koren and Volinsky 2008, with user weights):
     sum_u c_u [ sum_{a in O_u} (r_ua - s_ua)^2 + alpha0 * sum_{all a} s_ua^2 ] + l2 terms,
@@ -15,6 +15,8 @@ every other pair counts as a weak zero through one Gramian.
   which are sums over users: clients release them (noised under DP) and the server adds and
   solves. `A_a` per ad ("per-ad" Gramians), or approximated by n_a G / N ("shared": the
   per-ad Gramian replaced by the ad's count times the average user's, far less noise).
+  Sums over a shard's rows are products with its sparse [users, ads] matrix of row counts (or
+  labels): a user seen twice on an ad counts twice, as a sum over rows does.
 
 Per-user bounds that make the statistics' sensitivity finite (Chien et al., ICML 2021, cap a
 user's items; here every row is kept and a heavy user is down-weighted instead):
@@ -32,6 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 
 from shared.config import RunConfig
 from shared.data.split import UserSplit
@@ -43,7 +46,7 @@ BUDGET_SHARES = {
     "shared": {ALS_COUNT: 0.05, ALS_TARGET: 0.75, ALS_POSITIVES: 0.17, ALS_USER_GRAM: 0.03},
 }
 STAT_KEYS = {mode: tuple(shares) for mode, shares in BUDGET_SHARES.items()}
-CHUNK_ROWS = 200_000
+CHUNK_USERS = 8192  # bounds the per-user temporaries: [8192, 33 * 34 / 2] float64 is 37 MB
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ class ALSSettings:
     user_clip: float  # C: user factors are clipped to this norm in the statistics (and the bias feature)
     gram_mode: str  # "per-ad" | "shared"
     clip: bool = True  # False without DP: the statistics then use the exact user factors
-    count_shrinkage: float = 0.0  # kappa: ad factors scaled by n_a / (n_a + kappa)
+    count_shrinkage: float = 0.0  # ad factors scaled by n_a / (n_a + this x the noise std of n_a)
     noise_ridge: float = 0.0  # ridge added per unit of noise std of the summed target
 
     @classmethod
@@ -125,26 +128,48 @@ class Rows:
         return np.minimum(1.0, np.sqrt(max_rows / np.maximum(counts, 1.0)))
 
 
-def _chunks(total: int) -> Iterator[slice]:
-    """Row ranges that bound the [rows, D, D] temporaries of the outer-product sums."""
-    for start in range(0, total, CHUNK_ROWS):
-        yield slice(start, start + CHUNK_ROWS)
+def _user_chunks(num_users: int) -> Iterator[slice]:
+    """User ranges that bound the [users, D(D+1)/2] and [users, d, d] temporaries."""
+    for start in range(0, num_users, CHUNK_USERS):
+        yield slice(start, min(start + CHUNK_USERS, num_users))
+
+
+def _row_sums(rows: Rows, values: np.ndarray, num_ads: int) -> sp.csr_array:
+    """[users, ads] sums of `values` over the rows: duplicate (user, ad) rows add up (COO to CSR
+    sums duplicates), so a product with it is the per-row scatter-add done as one sparse product."""
+    return sp.csr_array((values, (rows.user, rows.ad)), shape=(rows.num_users, num_ads))
+
+
+def _upper_outer(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """[n, D(D+1)/2]: the upper triangle of each row's left right^T (half the work of the full square)."""
+    first, second = np.triu_indices(left.shape[1])
+    return left[:, first] * right[:, second]
+
+
+def _from_upper(packed: np.ndarray, dim: int) -> np.ndarray:
+    """[n, D, D] symmetric matrices from their packed upper triangles (_upper_outer's layout)."""
+    first, second = np.triu_indices(dim)
+    position = np.empty((dim, dim), dtype=np.intp)
+    position[first, second] = position[second, first] = np.arange(len(first))
+    # one gather of whole rows: a scatter into the [n, D, D] array's two triangles is ten times slower
+    return np.take(packed, position.ravel(), axis=1).reshape(len(packed), dim, dim)
 
 
 def solve_users(rows: Rows, ad_factors: np.ndarray, ad_bias: np.ndarray, alpha0: float, user_l2: float) -> np.ndarray:
     """Exact user step: p_u = (sum_{O_u} q q^T + alpha0 Q^T Q + l2 I)^-1 (sum_{O_u} (r - b) q - alpha0 Q^T b)."""
     q = ad_factors.astype(np.float64)
     b = ad_bias.astype(np.float64)
-    dim = q.shape[1]
+    num_ads, dim = q.shape
     base = alpha0 * q.T @ q + user_l2 * np.eye(dim)
-    rhs = np.tile(-alpha0 * (q.T @ b), (rows.num_users, 1))
-    lhs = np.tile(base, (rows.num_users, 1, 1))
-    for part in _chunks(len(rows.user)):
-        users, ads = rows.user[part], rows.ad[part]
-        q_rows = q[ads]
-        np.add.at(lhs, users, q_rows[:, :, None] * q_rows[:, None, :])
-        np.add.at(rhs, users, (rows.label[part] - b[ads])[:, None] * q_rows)
-    return np.linalg.solve(lhs, rhs[:, :, None])[:, :, 0]
+    # sum_{O_u} q q^T = sum_a (rows of u on a) q_a q_a^T: row counts times the ads' outer products
+    row_counts = _row_sums(rows, np.ones(len(rows.ad)), num_ads)
+    ad_outer = _upper_outer(q, q)
+    rhs = _row_sums(rows, rows.label - b[rows.ad], num_ads) @ q - alpha0 * (q.T @ b)
+    factors = np.empty((rows.num_users, dim))
+    for users in _user_chunks(rows.num_users):
+        lhs = _from_upper(row_counts[users] @ ad_outer, dim) + base
+        factors[users] = np.linalg.solve(lhs, rhs[users, :, None])[:, :, 0]
+    return factors
 
 
 def clip_rows(vectors: np.ndarray, max_norm: float) -> np.ndarray:
@@ -165,18 +190,18 @@ def ad_statistics(rows: Rows, user_factors: np.ndarray, num_ads: int, settings: 
     weight = rows.user_weights(settings.max_rows)
     dim = p_aug.shape[1]
     weighted = p_aug * weight[:, None]
-    stats: Arrays = {ALS_USER_GRAM: weighted.T @ p_aug, ALS_TARGET: np.zeros((num_ads, dim - 1))}
-    row_weight = weight[rows.user]
     # the target's bias coordinate (C x positives) is released on its own, as a count: the factor
     # coordinates then carry noise of scale C instead of sqrt(2) C
-    np.add.at(stats[ALS_TARGET], rows.ad, (row_weight * rows.label)[:, None] * p_aug[rows.user, :-1])
+    stats: Arrays = {ALS_USER_GRAM: weighted.T @ p_aug, ALS_TARGET: _row_sums(rows, rows.label, num_ads).T @ weighted[:, :-1]}
+    row_weight = weight[rows.user]
     stats[ALS_POSITIVES] = np.bincount(rows.ad, weights=row_weight * rows.label, minlength=num_ads)
     if settings.gram_mode == "per-ad":
-        gram = np.zeros((num_ads, dim, dim))
-        for part in _chunks(len(rows.user)):
-            vec = p_aug[rows.user[part]]
-            np.add.at(gram, rows.ad[part], row_weight[part, None, None] * vec[:, :, None] * vec[:, None, :])
-        stats[ALS_GRAM] = gram
+        # A_a = sum_u (rows of u on a) c_u p~ p~^T: one sparse product per chunk of users
+        row_counts = _row_sums(rows, np.ones(len(rows.ad)), num_ads)
+        packed = np.zeros((num_ads, dim * (dim + 1) // 2))
+        for users in _user_chunks(rows.num_users):
+            packed += row_counts[users].T @ _upper_outer(weighted[users], p_aug[users])
+        stats[ALS_GRAM] = _from_upper(packed, dim)
     else:
         stats[ALS_COUNT] = np.bincount(rows.ad, weights=row_weight, minlength=num_ads)
     return stats
@@ -209,8 +234,12 @@ def solve_ads(
     The ridge grows with the target's noise (`noise_ridge` per unit of std), and eigenvalues are
     floored at the per-ad Gramians' noise level (a symmetric Gaussian D x D matrix has spectral
     norm about 2 sqrt(D) std): the solve never amplifies noise beyond what the ridge allows.
-    `tags`: the catalog's public [ads, tags] membership (AdCatalog.tag_membership), for the
-    content prior of count shrinkage.
+    `tags`: the catalog's public [ads, tags] features (shared/catalog_features.py: membership
+    weighted by how informative each tag is), for the content prior of count shrinkage.
+    Count shrinkage: an ad's factors weigh n_a / (n_a + kappa), kappa = `count_shrinkage` noise
+    stds of the summed count n_a (public: the releases' noise multipliers): an ad seen by no more
+    users than the noise in its count has factors made mostly of noise, and the rule holds at
+    every epsilon and for every catalog without tuning (docs/PRIVACY.md, "Settings").
     """
     noise_stds = noise_stds or {}
     user_gram = _symmetrize(stats[ALS_USER_GRAM])
@@ -225,20 +254,46 @@ def solve_ads(
              + 2.0 * math.sqrt(dim) * noise_stds.get(ALS_GRAM, 0.0))
     target = np.hstack([stats[ALS_TARGET], settings.user_clip * stats[ALS_POSITIVES][:, None]])
     coef = _ridge(per_ad + settings.alpha0 * user_gram[None], target, floor)
-    if settings.count_shrinkage > 0:
+    weight = own_factor_weights(per_ad[:, -1, -1] / settings.user_clip**2, settings, noise_stds)
+    if weight is not None:
         # noisy counts as a prior: an ad seen by few users has factors mostly made of noise;
         # it leans on the mean of its catalog tags' factors (attributes, genres, category), each
         # solved from the summed statistics of every ad with that tag, so from many users and
-        # little noise (public tags: post-processing, no extra privacy cost)
-        counts = np.maximum(per_ad[:, -1, -1] / settings.user_clip**2, 0.0)
-        weight = (counts / (counts + settings.count_shrinkage))[:, None]
+        # little noise (public tags: post-processing, no extra privacy cost); without tags, on
+        # nothing: its score is then its bias, the ad's (noisy) popularity
         prior = np.zeros_like(coef)
         if tags is not None:
             tag_lhs = (tags.T @ per_ad.reshape(len(per_ad), -1)).reshape(-1, dim, dim)
             tag_coef = _ridge(tag_lhs + settings.alpha0 * user_gram[None], tags.T @ target, floor)
-            prior = (tags / np.maximum(tags.sum(axis=1, keepdims=True), 1.0)) @ tag_coef
-        coef[:, :-1] = weight * coef[:, :-1] + (1.0 - weight) * prior[:, :-1]
+            tag_mass = tags.sum(axis=1, keepdims=True)
+            prior = (tags / np.where(tag_mass > 0, tag_mass, 1.0)) @ tag_coef
+        coef[:, :-1] = weight[:, None] * coef[:, :-1] + (1.0 - weight[:, None]) * prior[:, :-1]
     return {AD_FACTORS: coef[:, :-1].astype(np.float32), AD_BIAS: (coef[:, -1] * settings.user_clip).astype(np.float32)}
+
+
+def own_factor_weights(counts: np.ndarray, settings: ALSSettings, noise_stds: dict[str, float]) -> np.ndarray | None:
+    """Each ad's weight on its own solved factors, n / (n + kappa) with kappa = count_shrinkage
+    noise stds of the summed counts n (None: no shrinkage, exact statistics or none asked)."""
+    count_std = count_noise_std(settings, noise_stds)
+    if settings.count_shrinkage <= 0 or count_std <= 0:
+        return None
+    counts = np.maximum(counts, 0.0)
+    return counts / (counts + settings.count_shrinkage * count_std)
+
+
+def ads_statistics_counts(stats: dict[str, np.ndarray], settings: ALSSettings) -> np.ndarray:
+    """Each ad's summed (noisy) count of weighted users, from either gram mode's statistics."""
+    if settings.gram_mode == "shared":
+        return stats[ALS_COUNT]
+    return stats[ALS_GRAM][:, -1, -1] / settings.user_clip**2
+
+
+def count_noise_std(settings: ALSSettings, noise_stds: dict[str, float]) -> float:
+    """The noise std of each ad's summed count as solve_ads reads it: the count statistic
+    ("shared"), or the bias-bias entry of the per-ad Gramian over C^2 ("per-ad")."""
+    if settings.gram_mode == "shared":
+        return noise_stds.get(ALS_COUNT, 0.0)
+    return noise_stds.get(ALS_GRAM, 0.0) / settings.user_clip**2
 
 
 def _symmetrize(matrix: np.ndarray) -> np.ndarray:

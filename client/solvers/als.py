@@ -1,4 +1,4 @@
-"""ALS (mf-solver = "als", the default; shared/als.py): numpy only.
+"""ALS (mf-solver = "als", the default; shared/als.py): numpy and scipy.sparse, no torch.
 
 User step: ALS's closed form. Local update: the shard's sufficient statistics of the ad step
 (per-ad sums over users); the server sums every merchant's and solves the ads. Under DP the

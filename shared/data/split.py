@@ -126,8 +126,11 @@ def sample_eval_negatives(split: UserSplit, num_negatives: int = 99, seed: int =
     """[U, num_negatives] ads each user never interacted with positively (-1 pads users without a test ad)."""
     out = np.full((split.num_users, num_negatives), -1, dtype=np.int64)
     for u in split.test_users:
-        interacted = np.append(split.positives(u), split.test_ad[u])
-        allowed = np.setdiff1d(np.arange(split.num_ads), interacted)
+        # a mask, not np.setdiff1d (which re-sorts the whole catalog per user): the same sorted ads
+        allowed_mask = np.ones(split.num_ads, dtype=bool)
+        allowed_mask[split.positives(u)] = False
+        allowed_mask[split.test_ad[u]] = False
+        allowed = np.flatnonzero(allowed_mask)
         rng = np.random.default_rng(user_seed(seed, split.user_ids[u]))
         take = min(num_negatives, len(allowed))
         out[u, :take] = rng.choice(allowed, size=take, replace=False)
