@@ -90,7 +90,7 @@ def run(cfg: RunConfig, shards: list[NodeData], catalog: Any, attack: Attack | N
     sigma = calibrate_noise_multiplier(cfg.target_epsilon, PrivacyPolicy.for_simulation(cfg).delta_for(cfg), 1.0, steps=1) if private else 0.0
     strategy, _ = build_strategy(cfg, MERCHANTS, catalog)
     loop = RoundLoop(strategy, grid=None, num_ads=len(catalog), dim=cfg.factors)  # type: ignore[arg-type]
-    arrays = initial_arrays(cfg.init, catalog.category_codes()[0], cfg.factors, cfg.seed)
+    arrays = initial_arrays(cfg.init, catalog, cfg.factors, cfg.seed)
     rng = np.random.default_rng(seed)
     dropped = 0
     for server_round in range(1, cfg.num_rounds + 1):
@@ -133,7 +133,7 @@ def _main() -> int:
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     base = {"dataset": "movielens-100k", "data-path": str(DATA / "movielens" / "ml-100k"), "partitioning": "iid", "factors": 32,
-            "als-max-rows": 20, "als-count-shrinkage": 20.0, "max-users-per-merchant": 100_000}
+            "max-users-per-merchant": 100_000}  # private ALS with the shipped defaults
     settings = {
         "none": {**base, "privacy": "none", "num-rounds": args.rounds},
         "user": {**base, "privacy": "user", "num-rounds": 2, "target-epsilon": args.epsilon},

@@ -29,8 +29,8 @@ from shared.flower_internals import server_identity
 from simulations.baselines import shard_data
 
 GRID: dict[str, list[Any]] = {
-    "als-user-clip": [0.1, 0.2, 0.3], "als-max-rows": [10, 20, 40], "als-alpha0": [0.25, 0.5, 1.0],
-    "als-noise-ridge": [10.0, 20.0, 40.0], "als-count-shrinkage": [10.0, 20.0, 40.0], "als-budget-growth": [1.5, 2.33, 4.0],
+    "als-user-clip": [0.1, 0.2, 0.3], "als-max-rows": [3, 5, 10], "als-alpha0": [0.25, 0.5, 1.0],
+    "als-noise-ridge": [10.0, 20.0, 40.0], "als-count-shrinkage": [0.5, 1.0, 2.0], "als-budget-growth": [1.5, 2.33, 4.0],
     "factors": [16, 32], "als-user-l2": [0.5, 1.0, 2.0],
 }
 

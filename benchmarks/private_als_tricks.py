@@ -36,6 +36,7 @@ from client.solvers.als import ALSSolver
 from server.als_aggregation import ALSAggregation
 from shared.accounting import calibrate_noise_multiplier
 from shared.als import ALSSettings, add_noise, round_budget_shares
+from shared.catalog_features import informative_tags
 from shared.config import RunConfig
 from shared.data.sources import load_dataset
 from shared.flower_internals import server_identity
@@ -47,12 +48,11 @@ from simulations.baselines import shard_data
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = {
-    "ml100k": {"dataset": "movielens-100k", "data-path": str(DATA / "movielens" / "ml-100k"),
-               "als-max-rows": 20, "als-count-shrinkage": 20.0},
+    # the shipped experiment files' settings (experiments/*.toml): private ALS at its defaults
+    "ml100k": {"dataset": "movielens-100k", "data-path": str(DATA / "movielens" / "ml-100k"), "init": "catalog"},
     "beauty": {"dataset": "amazon-seq", "data-path": str(DATA / "seqrec" / "s3rec-amazon" / "Beauty.txt"),
                "catalog-path": str(DATA / "seqrec" / "s3rec-amazon" / "Beauty_item2attributes.json"),
-               "als-max-rows": 3, "als-count-shrinkage": 100.0, "als-noise-ridge": 50.0,
-               "als-catalog-prior": True, "init": "catalog"},
+               "init": "catalog"},
 }
 
 
@@ -71,8 +71,8 @@ def run(cfg: RunConfig, shards: list[NodeData], catalog: Any, epsilon: float, se
     codes = catalog.category_codes()[0]
     tags = None
     if cfg.als_catalog_prior:  # all the ads' public tags, or (for comparison) one category each
-        tags = np.eye(int(codes.max()) + 1)[codes] if category_only else catalog.tag_membership()
-    arrays = initial_arrays(cfg.init, codes, cfg.factors, cfg.seed)
+        tags = np.eye(int(codes.max()) + 1)[codes] if category_only else informative_tags(catalog, "catalog prior")
+    arrays = initial_arrays(cfg.init, catalog, cfg.factors, cfg.seed)
     rng = np.random.default_rng(seed)
     strategy = ALSAggregation(settings, len(catalog), cfg.factors, tags=tags)
     for server_round in range(1, cfg.num_rounds + 1):

@@ -79,6 +79,7 @@ def _run(cfg: RunConfig, runtime: SimulationRuntime) -> dict[str, Any]:
     timings = [h["round_seconds"] for h in json.loads((output / "history.json").read_text())[1:]]
     final = history[-1]["evaluate"]
     return {"ndcg10_sampled": final["ndcg10_sampled"], "hr10_sampled": final["hr10_sampled"], "ndcg10_full": final["ndcg10_full"],
+            "hr10_full": final["hr10_full"],
             "round_seconds": statistics.median(timings)}
 
 
@@ -86,7 +87,7 @@ def _upload_bytes(cfg: RunConfig, work: Path) -> float:
     """Median bytes one merchant sends in one training round, on an in-process exchange."""
     cfg = cfg.with_values(output_dir=str(work), state_dir=str(work / "state"))
     catalog = load_catalog(cfg)
-    arrays = initial_arrays(cfg.init, catalog.category_codes()[0], cfg.factors, cfg.seed)
+    arrays = initial_arrays(cfg.init, catalog, cfg.factors, cfg.seed)
     grid = InProcessGrid(cfg, MERCHANTS)
     with server_identity():
         if cfg.secure_aggregation:

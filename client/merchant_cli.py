@@ -4,8 +4,9 @@ It runs on the merchant's machine and needs no server: it reads the merchant's i
 the public ad catalog and the node's state directory (the one the ClientApp writes during
 training: `global_model.npz`, `user_factors.npz`, `privacy_ledger.json`).
 
-    python -m client.merchant_cli validate --log LOG --catalog CATALOG [--lenient]
-        Check a log (CSV/Parquet) against the schema and the catalog; print what it holds.
+    python -m client.merchant_cli validate --log LOG [--catalog CATALOG] [--lenient]
+        Check a log (a table, CSV/Parquet, or user-item pairs: docs/DATA.md) against the schema
+        and the catalog (without one: its own ads, as a simulation reads it); print what it holds.
     python -m client.merchant_cli budget --state-dir DIR [--json]
         The privacy spent and left, from the node's persisted accountant.
     python -m client.merchant_cli recommend --state-dir DIR --log LOG --catalog CATALOG
@@ -32,6 +33,7 @@ from collections.abc import Sequence
 from client.merchant_commands import cmd_budget, cmd_fold_in, cmd_recommend, cmd_validate
 from client.merchant_files import CliError
 from shared.config import ConfigError, RunConfig
+from shared.data.log_formats import accepted_formats_text
 from shared.node_config import NodeConfig
 
 # torch is imported by fold-in of SGD-trained models only: `--help`, validate, budget and
@@ -57,11 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--state-dir", help="the node's state directory")
 
     def data_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--log", help="interaction log (CSV or Parquet: user_id, ad_id, timestamp[, event, merchant, region])")
-        p.add_argument("--catalog", help="ad catalog (CSV or Parquet: ad_id, category[, brand, title])")
+        p.add_argument("--log", help="interaction log: a table (CSV or Parquet: user_id, ad_id, timestamp[, event, merchant, region]) "
+                                     "or user-item pairs (user item [timestamp] per line)")
+        p.add_argument("--catalog", help="ad catalog (CSV or Parquet: ad_id[, category, brand, title])")
         p.add_argument("--lenient", action="store_true", help="drop rows whose ad is not in the catalog instead of failing")
 
-    p = commands.add_parser("validate", help="check a log against the schema and the catalog and summarize it")
+    p = commands.add_parser("validate", help="check a log against the schema and the catalog and summarize it",
+                            description="Check a log against the schema and the catalog (without --catalog: against its "
+                                        "own ads, as a simulation without catalog-path reads it) and summarize it.",
+                            epilog=accepted_formats_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     node_config_arg(p)
     data_args(p)
 
@@ -92,15 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# the flags each command needs, and the node-config key that can stand in for each
-_NEEDED = {"validate": ("log", "catalog"), "budget": ("state_dir",), "recommend": ("state_dir", "log", "catalog"),
+# the flags each command needs, those it can do without, and the node-config key that can stand in for each
+_NEEDED = {"validate": ("log",), "budget": ("state_dir",), "recommend": ("state_dir", "log", "catalog"),
            "fold-in": ("state_dir", "log", "catalog")}
+_OPTIONAL = {"validate": ("catalog",)}
 _NODE_KEYS = {"log": "data_path", "catalog": "catalog_path", "state_dir": "state_dir"}
 
 
 def _resolve_paths(args: argparse.Namespace) -> None:
     """Fill --log, --catalog and --state-dir from --node-config where not given; each command's
-    are then all required."""
+    needed ones are then required."""
     node = None
     if args.node_config:
         try:
@@ -108,10 +115,11 @@ def _resolve_paths(args: argparse.Namespace) -> None:
         except ConfigError as exc:
             raise CliError(str(exc)) from None
     args.policy = node.pinned_policy() if node is not None else None
-    for flag in _NEEDED[args.command]:
+    needed = _NEEDED[args.command]
+    for flag in needed + _OPTIONAL.get(args.command, ()):
         if getattr(args, flag) is None and node is not None and getattr(node, _NODE_KEYS[flag]):
             setattr(args, flag, getattr(node, _NODE_KEYS[flag]))
-        if getattr(args, flag) is None:
+        if getattr(args, flag) is None and flag in needed:
             option = "--" + flag.replace("_", "-")
             key = _NODE_KEYS[flag].replace("_", "-")
             raise CliError(f"{args.command}: {option} is required (or --node-config with {key})")

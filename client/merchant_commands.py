@@ -18,11 +18,13 @@ from client.merchant_files import (
     load_catalog,
     load_global_model,
     load_log,
+    load_log_alone,
     load_stored_factors,
     load_user_step,
     open_state,
 )
 from client.serving import Recommendation, fold_in, recommend, seen_ads
+from shared.data.log_formats import detect_log_format
 from shared.data.schema import AdCatalog, Event, InteractionLog
 from shared.wire import AD_FACTORS
 
@@ -59,11 +61,17 @@ def rejection_reasons(log: InteractionLog) -> dict[str, list[str]]:
 
 
 def cmd_validate(args: argparse.Namespace, out: TextIO) -> int:
-    catalog = load_catalog(args.catalog)
-    log = load_log(args.log, catalog, strict=not args.lenient)
+    if args.catalog is None:  # the log alone: its own ads are its catalog, as a simulation without catalog-path reads it
+        catalog, log = load_log_alone(args.log)
+        against = "its own ads (no catalog given)"
+    else:
+        catalog = load_catalog(args.catalog)
+        log = load_log(args.log, catalog, strict=not args.lenient)
+        against = args.catalog
     s = log.summary()
-    print(f"{args.log}: valid ({'lenient' if args.lenient else 'strict'}) against {args.catalog}", file=out)
+    print(f"{args.log}: valid ({'lenient' if args.lenient else 'strict'}) against {against}", file=out)
     fields: list[tuple[str, object]] = [
+        ("format", detect_log_format(args.log).describe()),
         ("rows", s["rows"]), ("users", s["users"]), ("ads", f"{s['ads']} of {len(catalog)} in the catalog"),
         *((name, s["events"].get(name, 0)) for name in (e.name.lower() for e in Event)),
         ("first", _format_time(s["first_timestamp"])), ("last", _format_time(s["last_timestamp"])),

@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import csv
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from pydantic import ValidationError
@@ -15,15 +16,19 @@ from pydantic import ValidationError
 from client.node_state import GLOBAL_MODEL_FILE, NodeState
 from client.privacy.ledger import LEDGER_FILE, PrivacyLedger, PrivacyRefusal
 from client.user_step import ALSUserStep, SGDUserStep
-from shared.data.loaders import load_catalog_file, load_log_file
-from shared.data.schema import AdCatalog, DataValidationError, InteractionLog
+from shared.data.loaders import load_catalog_file, load_log_file, load_log_with_own_catalog
+from shared.data.log_formats import accepted_formats_text
+from shared.data.schema import AdCatalog, DataValidationError, FileFormatError, InteractionLog
 from shared.params import check_global_arrays
 from shared.storage import load_npz
 from shared.wire import AD_FACTORS, Arrays
 
+Loaded = TypeVar("Loaded")
+
 
 class CliError(Exception):
-    """A failure the user can act on: printed as one line, exit status 2."""
+    """A failure the user can act on: printed as one line (a log in no accepted format adds the
+    accepted formats below it), exit status 2."""
 
 
 def load_catalog(path: str) -> AdCatalog:
@@ -36,8 +41,22 @@ def load_catalog(path: str) -> AdCatalog:
 
 
 def load_log(path: str, catalog: AdCatalog, strict: bool = True) -> InteractionLog:
+    return _read_log(path, lambda: load_log_file(path, catalog, strict=strict))
+
+
+def load_log_alone(path: str) -> tuple[AdCatalog, InteractionLog]:
+    """A log given without a catalog, mapped onto its own ads (as a simulation without
+    catalog-path reads it), and that catalog."""
+    dataset = _read_log(path, lambda: load_log_with_own_catalog(path))
+    return dataset.catalog, dataset.log
+
+
+def _read_log(path: str, load: Callable[[], Loaded]) -> Loaded:
+    """`load()`, its errors as CliErrors; a log in no accepted format is shown those formats."""
     try:
-        return load_log_file(path, catalog, strict=strict)
+        return load()
+    except FileFormatError as exc:
+        raise CliError(f"{exc}\n{accepted_formats_text()}") from None
     except DataValidationError as exc:
         raise CliError(str(exc)) from None
     except (UnicodeDecodeError, csv.Error) as exc:  # not a text CSV at all: the loader has no line for it

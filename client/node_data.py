@@ -66,12 +66,14 @@ class NodeData:
         return evaluate_ranking(lambda users: score_all(user_factors[users], arrays), self.split, self.eval_negatives)
 
     @cached_property
-    def _toppop(self) -> dict[str, float]:
+    def _popularity(self) -> dict[str, float]:
         return evaluate_ranking(toppop_score_fn(self.split.ad_popularity()), self.split, self.eval_negatives)
 
-    def evaluate_toppop(self) -> dict[str, float]:
-        """The same metrics of TopPop on this shard: the floor any model should beat."""
-        return dict(self._toppop)
+    def evaluate_popularity(self) -> dict[str, float]:
+        """The same metrics of ranking every ad by this data's own training popularity: the
+        floor any model should beat. Of a merchant's shard: its merchant popularity; of the
+        pooled data: the global TopPop baseline."""
+        return dict(self._popularity)
 
 
 @dataclass(frozen=True)

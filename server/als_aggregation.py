@@ -24,12 +24,13 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
 from server.reply_bounds import als_violations, median_clip
-from shared.als import ALSSettings, check_statistics, solve_ads
+from shared.als import ALSSettings, ads_statistics_counts, check_statistics, own_factor_weights, solve_ads
 from shared.app_log import log
 from shared.privacy_policy import DEFAULT_MAX_USERS
 from shared.wire import ALS_COUNT, ALS_POSITIVES, Arrays, PrivacyReport, TrainReply, to_array_record
 
 ROUND_INVARIANT = (ALS_POSITIVES, ALS_COUNT)
+ADS_ON_PRIOR = "als-ads-on-prior"  # share of ads whose own factors weigh under half (count shrinkage)
 
 
 class ALSAggregation(FedAvg):
@@ -83,8 +84,20 @@ class ALSAggregation(FedAvg):
         for key in ROUND_INVARIANT:
             if key in total:
                 total[key], variances[key] = self._average_counts(key, total[key], variances[key])
-        arrays = solve_ads(total, self.settings, {key: float(np.sqrt(v)) for key, v in variances.items()}, self.tags)
-        return to_array_record(arrays), _mean_metrics(metrics)
+        stds = {key: float(np.sqrt(v)) for key, v in variances.items()}
+        arrays = solve_ads(total, self.settings, stds, self.tags)
+        record = _mean_metrics(metrics)
+        weights = own_factor_weights(ads_statistics_counts(total, self.settings), self.settings, stds)
+        if weights is not None:
+            # how much of the model is popularity: an ad whose noisy count is below kappa noise
+            # stds keeps under half its own factors, and its score is mostly its bias (or prior)
+            on_prior = float(np.mean(weights < 0.5))
+            record[ADS_ON_PRIOR] = on_prior
+            if on_prior > 0.5:
+                log.warning("private ALS: %.0f%% of the ads are seen by fewer users than the noise in their counts: "
+                            "for them the model ranks by (noisy) popularity%s", 100 * on_prior,
+                            " and their catalog tags" if self.tags is not None else "")
+        return to_array_record(arrays), record
 
     def _average_counts(self, key: str, value: np.ndarray, variance: float) -> tuple[np.ndarray, float]:
         if key not in self._counts or variance == 0.0:

@@ -45,7 +45,7 @@ def main(grid: Grid, context: Context) -> None:
         log.info("fedads: resuming after round %d of %d (checkpoint in %s)", done, cfg.num_rounds, checkpointer.checkpoints)
     else:
         done, history = 0, []
-        arrays = initial_arrays(cfg.init, catalog.category_codes()[0], cfg.factors, cfg.seed)
+        arrays = initial_arrays(cfg.init, catalog, cfg.factors, cfg.seed)
     status = RunStatus(checkpointer, flower_run_id=context.run_id, rounds_planned=cfg.num_rounds, rounds_completed=done)
     try:
         _run(cfg, grid, context, checkpointer, catalog, config_dump, status, done, arrays, history)

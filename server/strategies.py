@@ -33,6 +33,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 from server.als_aggregation import ALSAggregation
 from shared.accounting import default_delta
 from shared.als import ALSSettings
+from shared.catalog_features import informative_tags
 from shared.config import RunConfig
 from shared.data.schema import AdCatalog
 from shared.wire import ARRAYS, CONFIG, NUM_EXAMPLES
@@ -91,7 +92,8 @@ def build_strategy(cfg: RunConfig, num_nodes: int, catalog: AdCatalog, rounds_do
     )
     wire = dict(weighted_by_key=NUM_EXAMPLES, arrayrecord_key=ARRAYS, configrecord_key=CONFIG)
     if cfg.mf_solver == "als":
-        tags = catalog.tag_membership() if cfg.als_catalog_prior else None
+        tags = informative_tags(catalog, "catalog prior") if cfg.als_catalog_prior else None
+        tags = tags if tags is not None and tags.shape[1] else None  # nothing to lean on: shrink toward zero
         robust = cfg.robust_clip_factor if cfg.robust_aggregation == "median" else None
         return ALSAggregation(ALSSettings.from_config(cfg), len(catalog), cfg.factors, tags=tags, max_users=cfg.max_users_per_merchant,
                               robust_factor=robust, **sampling, **wire), lambda: None

@@ -139,10 +139,11 @@ class RunConfig(BaseModel):
     robust_clip_factor: float = Field(3.0, gt=0, description="robust-aggregation = median: a merchant's block norm, at most this x the median")
     reply_timeout: float = Field(600.0, gt=0, description="seconds the server waits for the replies of one round's messages")
     dataset: Literal["synthetic", "movielens-100k", "amazon-seq", "logs"] = Field(
-        "synthetic", description="synthetic | movielens-100k | amazon-seq | logs (CSV or Parquet)")
+        "synthetic", description="synthetic | movielens-100k | amazon-seq | logs (a log table or user-item pairs: docs/DATA.md)")
     data_path: str = Field("", description=(
         "the dataset's file or folder (simulations); deployed merchants name their log in their node config"))
-    catalog_path: str = Field("", description="the public ad catalog / item attributes (amazon-seq, logs)")
+    catalog_path: str = Field("", description=(
+        "the public ad catalog (logs) / item attributes (amazon-seq); logs in a simulation without one: the log's own ads"))
     partitioning: Literal["merchant", "region", "iid", "dirichlet"] = Field(
         "merchant", description="how a simulation cuts shards: merchant | region | iid | dirichlet")
     dirichlet_alpha: float = Field(0.5, gt=0, description="non-IID-ness of partitioning = dirichlet (smaller: more skewed)")
@@ -167,11 +168,12 @@ class RunConfig(BaseModel):
     als_user_l2: float = Field(1.0, gt=0, description="L2 of the ALS user step")
     als_ad_l2: float = Field(1.0, gt=0, description="L2 of the ALS ad step")
     als_noise_ridge: float = Field(20.0, ge=0, description="DP: ridge added per unit of noise std of the summed statistics")
-    als_max_rows: int = Field(20, ge=1, description="DP: a user's rows weigh min(1, sqrt(k / rows)): bounded contribution")
+    als_max_rows: int = Field(5, ge=1, description="DP: a user's rows weigh min(1, sqrt(k / rows)): bounded contribution")
     als_user_clip: float = Field(0.2, gt=0, description="DP: user factor norm bound in the released statistics")
     als_gram: Literal["auto", "shared", "per-ad"] = Field("auto", description=(
         "auto (per-ad without DP, shared under DP) | shared (count x average user Gramian) | per-ad"))
-    als_count_shrinkage: float = Field(20.0, ge=0, description="DP: ad factors scaled by noisy count / (count + this)")
+    als_count_shrinkage: float = Field(1.0, ge=0, description=(
+        "DP: ad factors scaled by noisy count / (count + this x the noise std of the summed count)"))
     als_budget_growth: float = Field(2.33, gt=0, description="DP: round r's share of the budget grows as growth^r")
     als_catalog_prior: bool = Field(False, description=(
         "DP: rarely seen ads lean on the mean factors of their public catalog tags (attributes, genres, category)"))
@@ -203,8 +205,13 @@ class RunConfig(BaseModel):
         # simulation reads data-path (shared/data/sources.load_dataset says so if it is missing)
         if self.dataset in ("movielens-100k", "amazon-seq") and not self.data_path:
             raise ValueError(f"dataset '{self.dataset}' needs data-path")
-        if self.dataset in ("amazon-seq", "logs") and not self.catalog_path:
-            raise ValueError(f"dataset '{self.dataset}' needs catalog-path (the ad catalog / item attributes)")
+        if self.dataset == "amazon-seq" and not self.catalog_path:
+            raise ValueError("dataset 'amazon-seq' needs catalog-path (the item attributes)")
+        # a simulation's log may come without a catalog (its own ads are the catalog); deployed
+        # merchants' logs are mapped onto one public catalog, which the server must read too
+        if self.dataset == "logs" and not self.catalog_path and not self.data_path:
+            raise ValueError("dataset 'logs' needs catalog-path (the public ad catalog), or in a simulation data-path "
+                             "(a log whose own ads are then the catalog)")
         if abs(1.0 / self.dp_sample_rate - round(1.0 / self.dp_sample_rate)) > 1e-9:
             raise ValueError(f"dp-sample-rate {self.dp_sample_rate} must be 1 / an integer (a whole number of DP-SGD steps per epoch)")
         unknown = self.accepted_resume_changes - set(self.to_flower())

@@ -6,6 +6,9 @@ included, never by hand.
 
     python -m shared.config_table --write    # rewrite the table in pyproject.toml
     python -m shared.config_table --check    # exit 1 if it differs from RunConfig
+
+`python -m simulations.config_reference --write` rewrites this table and docs/CONFIG.md (every
+key a user can set, from the same models) together.
 """
 
 from __future__ import annotations

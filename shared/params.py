@@ -10,6 +10,8 @@ import hashlib
 
 import numpy as np
 
+from shared.catalog_features import informative_tags
+from shared.data.schema import AdCatalog
 from shared.wire import AD_BIAS, AD_FACTORS, GLOBAL_KEYS, Arrays
 
 
@@ -33,21 +35,28 @@ def init_global_arrays(num_ads: int, dim: int, seed: int) -> Arrays:
     }
 
 
-def catalog_init_arrays(category_codes: np.ndarray, dim: int, seed: int) -> Arrays:
-    """Ad factors from the public catalog alone: each category a random direction, every ad of
-    it the same one. Users' first factors then describe their taste in categories, so the first
-    round's statistics already carry signal (a public warm start; no user data involved)."""
+def catalog_init_arrays(tag_features: np.ndarray, dim: int, seed: int) -> Arrays:
+    """Ad factors from the public catalog alone: each informative tag a random direction, every
+    ad the normalized weighted sum of its tags' (shared/catalog_features.py), so ads with the
+    same tags start alike and ads sharing some tags start close. Users' first factors then
+    describe their taste in tags, and the first round's statistics already carry signal (a
+    public warm start; no user data involved). An ad without an informative tag, or every ad
+    of a catalog without one, starts from its own random direction, as `init = "random"`."""
     rng = np.random.default_rng(seed)
-    directions = rng.standard_normal((int(category_codes.max()) + 1, dim)) / np.sqrt(dim)
-    return {AD_FACTORS: (0.3 * directions[category_codes]).astype(np.float32),
-            AD_BIAS: np.zeros(len(category_codes), dtype=np.float32)}
+    num_ads = len(tag_features)
+    own = rng.standard_normal((num_ads, dim))
+    combined = tag_features @ rng.standard_normal((tag_features.shape[1], dim))
+    bare = np.linalg.norm(combined, axis=1) == 0
+    combined[bare] = own[bare]
+    directions = combined / np.linalg.norm(combined, axis=1, keepdims=True)
+    return {AD_FACTORS: (0.3 * directions).astype(np.float32), AD_BIAS: np.zeros(num_ads, dtype=np.float32)}
 
 
-def initial_arrays(kind: str, category_codes: np.ndarray, dim: int, seed: int) -> Arrays:
+def initial_arrays(kind: str, catalog: AdCatalog, dim: int, seed: int) -> Arrays:
     """The run's starting global parameters (run config `init`: "random" or "catalog")."""
     if kind == "catalog":
-        return catalog_init_arrays(category_codes, dim, seed)
-    return init_global_arrays(len(category_codes), dim, seed)
+        return catalog_init_arrays(informative_tags(catalog, "catalog warm start"), dim, seed)
+    return init_global_arrays(len(catalog), dim, seed)
 
 
 def score_all(user_vectors: np.ndarray, arrays: Arrays) -> np.ndarray:

@@ -43,7 +43,8 @@ DP_NOISE_MULTIPLIER = "dp-noise-multiplier"
 DP_STEPS = "dp-steps"
 TRAIN_LOSS = "train-loss"
 TRAIN_ROWS = "train-rows"
-TOPPOP_PREFIX = "toppop-"
+# each merchant's own popularity ranking, evaluated on its shard (not the global TopPop baseline)
+MERCHANT_POP_PREFIX = "merchant-pop-"
 # the Error code of a reply refused under the merchant's privacy budget, ledger or policy
 PRIVACY_REFUSED = 4001
 # the Error code of a merchant that failed to answer; its reason says nothing more (the details,
@@ -161,18 +162,18 @@ class TrainReply:
 @dataclass(frozen=True)
 class EvaluateReply:
     """A merchant's evaluation reply: its ranking metrics as its privacy allows them to leave
-    (none, noised or exact), its weight (test users, noised under DP), its TopPop floor (only
-    without DP) and its privacy report."""
+    (none, noised or exact), its weight (test users, noised under DP), its own popularity floor
+    (the ranking by its shard's popularity; only without DP) and its privacy report."""
 
     client: str
     num_examples: float
     metrics: dict[str, float] = field(default_factory=dict)  # shared.metrics.METRIC_NAMES
-    toppop: dict[str, float] = field(default_factory=dict)  # the same names, of TopPop on this shard
+    merchant_popularity: dict[str, float] = field(default_factory=dict)  # the same names, of ranking by this shard's popularity
     privacy: PrivacyReport | None = None
 
     def metric_record(self) -> dict[str, float]:
-        toppop = {TOPPOP_PREFIX + k: v for k, v in self.toppop.items()}
-        return {**self.metrics, **toppop, **(self.privacy.metrics() if self.privacy else {}), NUM_EXAMPLES: self.num_examples}
+        popularity = {MERCHANT_POP_PREFIX + k: v for k, v in self.merchant_popularity.items()}
+        return {**self.metrics, **popularity, **(self.privacy.metrics() if self.privacy else {}), NUM_EXAMPLES: self.num_examples}
 
     def to_message(self, reply_to: Message) -> Message:
         return _reply(reply_to, self.client, self.metric_record())
@@ -180,10 +181,10 @@ class EvaluateReply:
     @classmethod
     def from_message(cls, msg: Message) -> EvaluateReply:
         metrics = plain_metrics(msg.content.metric_records[METRICS])
-        toppop = {k.removeprefix(TOPPOP_PREFIX): v for k, v in metrics.items() if k.startswith(TOPPOP_PREFIX)}
+        popularity = {k.removeprefix(MERCHANT_POP_PREFIX): v for k, v in metrics.items() if k.startswith(MERCHANT_POP_PREFIX)}
         own = {k: v for k, v in metrics.items()
-               if not k.startswith(TOPPOP_PREFIX) and k not in (NUM_EXAMPLES, DP_EPSILON, DP_NOISE_MULTIPLIER)}
-        return cls(client_name(msg), metrics.get(NUM_EXAMPLES, 0.0), own, toppop, PrivacyReport.from_metrics(metrics))
+               if not k.startswith(MERCHANT_POP_PREFIX) and k not in (NUM_EXAMPLES, DP_EPSILON, DP_NOISE_MULTIPLIER)}
+        return cls(client_name(msg), metrics.get(NUM_EXAMPLES, 0.0), own, popularity, PrivacyReport.from_metrics(metrics))
 
 
 _REFUSED_BY, _FAILED_BY = " refused: ", " could not answer this message"

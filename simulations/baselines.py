@@ -1,6 +1,7 @@
 """In-process baselines with the same data, solver and metric code as the federated runs.
 
-- TopPop: rank every ad by its training popularity over all users.
+- TopPop: rank every ad by its training popularity over all users (the round log's
+  merchant-pop columns are another floor: each merchant ranking by its own shard's popularity).
 - Centralized: all users pooled in one place, trained by the very solver a client uses
   (client/solvers: user step, then the ad step's update and the server's step on it alone),
   one "round" = the same local epochs a client runs per round; with mf-solver = "als", one
@@ -43,7 +44,7 @@ def shard_data(cfg: RunConfig, dataset: Dataset, num_clients: int) -> list[tuple
 
 
 def toppop(cfg: RunConfig, dataset: Dataset) -> dict[str, float]:
-    return pooled_data(cfg, dataset).evaluate_toppop()
+    return pooled_data(cfg, dataset).evaluate_popularity()
 
 
 def centralized(
@@ -63,7 +64,7 @@ def train_alone(
 ) -> list[dict[str, Any]]:
     """Rounds of the run's solver on one data set alone, round 0 being the initial model."""
     solver = solver_for(cfg, data)
-    arrays = initial_arrays(cfg.init, catalog.category_codes()[0], cfg.factors, cfg.seed)
+    arrays = initial_arrays(cfg.init, catalog, cfg.factors, cfg.seed)
     user_factors: np.ndarray | None = None
     history = []
     for server_round in range(cfg.num_rounds + 1):

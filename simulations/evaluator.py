@@ -10,7 +10,7 @@ users, from the factors its training message of the round left), on the same spl
 evaluation negatives: without DP, it gives the merchants' own metrics (tests/test_evaluator.py).
 
     exact_history.json   beside the run's history.json: per round, the aggregate (weighted by
-                         test users, with TopPop beside it) and every merchant's metrics
+                         test users, with each merchant's popularity ranking beside it) and every merchant's metrics
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from shared.config import RunConfig
 from shared.data.sources import load_dataset
 from shared.metrics import METRIC_NAMES, NUM_TEST_USERS
 from shared.storage import atomic_write_json, load_npz
-from shared.wire import TOPPOP_PREFIX
+from shared.wire import MERCHANT_POP_PREFIX
 from simulations.baselines import shard_data
 
 EXACT_HISTORY = "exact_history.json"
@@ -45,7 +45,7 @@ def exact_history(cfg: RunConfig, clients: int, output_dir: Path) -> list[dict[s
     rounds = sorted(int(path.stem.removeprefix("round-")) for path in checkpoints.glob("round-*.npz"))
     shards = shard_data(cfg, load_dataset(cfg), clients)
     solvers = [solver_for(cfg, data) for _, data in shards]
-    toppop = _weighted([data.evaluate_toppop() for _, data in shards])
+    merchant_popularity = _weighted([data.evaluate_popularity() for _, data in shards])
     stored: list[np.ndarray | None] = [None] * len(shards)  # each merchant's user factors on its disk
     received: dict[str, np.ndarray] | None = None  # the model the merchants trained from this round
     history = []
@@ -59,7 +59,7 @@ def exact_history(cfg: RunConfig, clients: int, output_dir: Path) -> list[dict[s
             factors = solver.fit_users(arrays, _rng(cfg, server_round, 1, name), stored[index] if solver.warm_starts_users else None)
             stored[index] = factors
             per_merchant[name] = data.evaluate(arrays, factors)
-        aggregate = {**_weighted(list(per_merchant.values())), **{TOPPOP_PREFIX + k: v for k, v in toppop.items()}}
+        aggregate = {**_weighted(list(per_merchant.values())), **{MERCHANT_POP_PREFIX + k: v for k, v in merchant_popularity.items()}}
         clients_metrics = {name: {**{k: m[k] for k in METRIC_NAMES}, TEST_USERS: m[NUM_TEST_USERS]} for name, m in per_merchant.items()}
         history.append({"round": server_round, "evaluate": aggregate, "clients": clients_metrics})
         received = arrays

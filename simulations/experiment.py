@@ -34,9 +34,12 @@ class SweepSpec(BaseModel):
     """What varies across the experiment's federated runs (cells)."""
 
     model_config = DASHED_KEYS
-    clients: list[int] = Field(default_factory=lambda: [5], description="simulated merchants (SuperNodes) of each cell")
-    seeds: list[int] = Field(default_factory=list, description="default: the run config's seed")
-    dirichlet_alphas: list[float] = Field(default_factory=list, description="default: the run config's dirichlet-alpha")
+    clients: list[int] = Field(default_factory=lambda: [5], description=(
+        "simulated merchants (SuperNodes): a cell per count, which sets synthetic-merchants and min-nodes (at most 2) "
+        "unless the file sets them"))
+    seeds: list[int] = Field(default_factory=list, description="a cell per seed (default: the run config's seed)")
+    dirichlet_alphas: list[float] = Field(default_factory=list, description=(
+        "a cell per alpha of partitioning = dirichlet (default: the run config's dirichlet-alpha)"))
     epsilons: list[float] = Field(default_factory=list, description="each adds a privacy = user cell per solver")
     solvers: list[Literal["als", "sgd"]] = Field(default_factory=list, description="solvers of the DP cells (default: mf-solver)")
     private_als_rounds: int = Field(2, ge=1, description="rounds (= releases) of private-ALS cells; DP-SGD cells run num-rounds")
@@ -60,10 +63,11 @@ class BaselineSpec(BaseModel):
     """The in-process baselines run beside the cells (simulations/baselines.py)."""
 
     model_config = DASHED_KEYS
-    centralized: bool = True
-    local_only: bool = True
-    toppop: bool = True
-    dp_popularity: bool = True  # noisy per-merchant counts at each swept epsilon: the floor of any private model
+    centralized: bool = Field(True, description="all users pooled in one place, trained by the run's own solver for num-rounds")
+    local_only: bool = Field(True, description="each merchant trains alone on its own shard, same solver and rounds")
+    toppop: bool = Field(True, description="every ad ranked by its training popularity over all users (no privacy)")
+    dp_popularity: bool = Field(True, description=(
+        "noisy per-merchant counts at each swept epsilon (needs [sweep] epsilons): the floor of any private model"))
 
 
 class _Tables(BaseModel):

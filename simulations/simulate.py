@@ -8,7 +8,10 @@ the run config's defaults: user-level DP per merchant (private ALS, epsilon 8). 
 merchants release their evaluation metrics noised, so the table's metrics come from the
 harness's exact evaluator (simulations/evaluator.py: the simulation owns all the data; outside
 the guarantee). Beside them, the same run without DP (into DIR/no-dp, unless --no-compare), and
-TopPop. Then it prints where results, checkpoints, the model and the merchants' state are.
+merchant popularity (each merchant ranking ads by its own shard's popularity). Then it prints
+where results, checkpoints, the model and the merchants' state are, writes each simulated
+merchant's log and the catalog beside its state (simulations/merchant_inputs.py), and prints the
+merchant agent's commands that work on the first one.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ from client.handlers import first_message_imports
 from deploy.processes import terminate_as_exit
 from server import report
 from shared.config import ConfigError, RunConfig, parse_override
+from shared.wire import MERCHANT_POP_PREFIX
 from simulations import PROJECT_ROOT
 from simulations.evaluator import with_exact_metrics, write_exact_history
 from simulations.experiment import simulated_merchants
+from simulations.merchant_inputs import try_commands, write_merchant_inputs
 from simulations.runtime import SimulationError, SimulationRuntime, run_simulation
 
 NO_DP = "no-dp"  # the comparison run's folder inside --output
@@ -35,7 +40,7 @@ COMPARED: tuple[report.Column, ...] = (
     ("epsilon_max", "eps max", "{:>7.3f}"),
     (f"{NO_DP}-ndcg10_sampled", "no-DP NDCG@10s", "{:>14.4f}"),
     (f"{NO_DP}-ndcg10_full", "no-DP NDCG@10f", "{:>14.4f}"),
-    *[column for column in report.COLUMNS if column[0].startswith("toppop-")],
+    *[column for column in report.COLUMNS if column[0].startswith(MERCHANT_POP_PREFIX)],
     ("round_seconds", "sec", "{:>6.1f}"),
 )
 
@@ -92,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
           + (f"; exact evaluation: {output / 'exact_history.json'}" if cfg.privacy != "none" else ""))
     print(f"checkpoints: {output / 'checkpoints'}; model: {output / 'model' / 'global_model.npz'}")
     print(f"merchant state (user factors and privacy ledgers stay here): {output / 'state'}")
+    # the merchant agent needs the merchant's log and catalog too: the harness owns them, so it
+    # leaves them beside each simulated merchant's state
+    first_merchant = write_merchant_inputs(cfg, args.clients)[0]
+    print("\ntry the merchant agent on a simulated merchant (its log and the catalog are in its state directory):")
+    for command in try_commands(first_merchant):
+        print(f"  {command}")
     return 0
 
 

@@ -9,6 +9,9 @@ cells/<cell>/ (each federated run's own outputs, done.json once finished),
 baselines/<group>/done.json, results.csv and results.json (one row per cell x round x
 client/aggregate), plots/*.png and report.html; runtime/ray.log and timing.json (the
 runtime's start and stop, as far as the sweep waited for them).
+
+On a terminal it draws a progress bar; with its output redirected, it prints one line per cell,
+round and baseline set instead (simulations/sweep_progress.py).
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from client.handlers import first_message_imports
 from deploy.processes import terminate_as_exit
@@ -36,23 +38,9 @@ from simulations.baselines import centralized, dp_popularity, local_only, toppop
 from simulations.evaluator import write_exact_history
 from simulations.experiment import Cell, Experiment, ExperimentError, expand_cells, load_experiment
 from simulations.runtime import SimulationError, SimulationRuntime, run_simulation
+from simulations.sweep_progress import RoundWatcher, SweepProgress, sweep_progress
 
 DONE = "done.json"
-
-
-class _RoundTicker:
-    """A stream for `run_simulation` that advances a progress bar on each `[ROUND k/N]` line."""
-
-    def __init__(self, progress: Progress, task: Any, log_file: Any) -> None:
-        self.progress, self.task, self.log_file = progress, task, log_file
-
-    def write(self, text: str) -> None:
-        self.log_file.write(text)
-        if "[ROUND " in text:
-            self.progress.advance(self.task)
-
-    def flush(self) -> None:
-        self.log_file.flush()
 
 
 def _environment() -> dict[str, Any]:
@@ -70,14 +58,14 @@ def _installed(name: str) -> bool:
         return False
 
 
-def run_cell(cell: Cell, cell_dir: Path, progress: Progress, round_task: Any, runtime: SimulationRuntime | None = None) -> dict[str, Any]:
+def run_cell(cell: Cell, cell_dir: Path, progress: SweepProgress, runtime: SimulationRuntime | None = None) -> dict[str, Any]:
     """One federated run, resumed from its own checkpoint if an earlier attempt was interrupted."""
     resume = (cell_dir / "checkpoints" / "latest.json").is_file()
     config = cell.config.with_values(output_dir=str(cell_dir), state_dir=str(cell_dir / "state"), resume=resume)
     started = time.perf_counter()
     with (cell_dir / "flower.log").open("a") as log_file:
         run_simulation(config.to_flower(), cell.clients, cell_dir / "flower",
-                       stream_to=_RoundTicker(progress, round_task, log_file), runtime=runtime)
+                       stream_to=RoundWatcher(progress, log_file), runtime=runtime)
     if config.privacy == "user":  # its merchants release noised or no metrics: the harness evaluates exactly
         write_exact_history(config, cell.clients, cell_dir)
     summary = {"cell": cell.name, "key": cell.key, "clients": cell.clients, "seed": cell.seed,
@@ -120,15 +108,11 @@ def run_experiment(experiment_path: Path, output: Path) -> Path:
         group = (cell.clients, cell.config.dirichlet_alpha, cell.seed)
         baseline_cells.setdefault(group, cell)
 
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, transient=False) as progress:
-        cell_task = progress.add_task("cells", total=len(cells) + len(baseline_cells))
-        round_task = progress.add_task("rounds", total=0)
+    with sweep_progress(len(cells) + len(baseline_cells)) as progress:
         pending = []
         for cell in cells:
             if (output / "cells" / cell.key / DONE).is_file():
-                progress.console.print(f"cached: {cell.name}")
-                progress.advance(cell_task)
+                progress.cached(cell.name)
             else:
                 pending.append(cell)
         with terminate_as_exit(), ExitStack() as stack:
@@ -144,20 +128,21 @@ def run_experiment(experiment_path: Path, output: Path) -> Path:
             baselines_started = time.perf_counter()
             for cell in baseline_cells.values():
                 out_dir = output / "baselines" / cell.key
-                if not (out_dir / DONE).is_file():
-                    out_dir.mkdir(parents=True, exist_ok=True)
-                    progress.update(round_task, description=f"baselines for {cell.name}", total=1, completed=0)
-                    run_baselines(experiment, cell, out_dir)
-                    progress.advance(round_task)
-                progress.advance(cell_task)
+                if (out_dir / DONE).is_file():
+                    progress.cached(f"baselines for {cell.name}")
+                    continue
+                out_dir.mkdir(parents=True, exist_ok=True)
+                progress.baselines_started(cell.name)
+                run_baselines(experiment, cell, out_dir)
+                progress.baselines_done(cell.name)
             if runtime is not None:
                 cells_started = time.perf_counter()
                 for cell in pending:
                     cell_dir = output / "cells" / cell.key
                     cell_dir.mkdir(parents=True, exist_ok=True)
-                    progress.update(round_task, description=f"rounds of {cell.name}", total=cell.config.num_rounds + 1, completed=0)
-                    run_cell(cell, cell_dir, progress, round_task, runtime)
-                    progress.advance(cell_task)
+                    progress.cell_started(cell.name, cell.config.num_rounds)
+                    run_cell(cell, cell_dir, progress, runtime)
+                    progress.cell_done(cell.name)
                 runtime.begin_close()  # Ray stops while the tables, plots and report are written
                 timing = {"connect_seconds": runtime.connect_seconds, "start_wait_seconds": runtime.start_wait_seconds,
                           "baselines_seconds": cells_started - baselines_started,

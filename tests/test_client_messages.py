@@ -27,8 +27,8 @@ ALLOWED_METRICS = {
     "train-als": WITHOUT_DP,  # the server sums statistics: no weight, no count
     "evaluate": {
         "num-examples", "hr10_sampled", "ndcg10_sampled", "hr10_full", "ndcg10_full", "recall20_full", "auc_full",
-        "toppop-hr10_sampled", "toppop-ndcg10_sampled", "toppop-hr10_full", "toppop-ndcg10_full",
-        "toppop-recall20_full", "toppop-auc_full",
+        "merchant-pop-hr10_sampled", "merchant-pop-ndcg10_sampled", "merchant-pop-hr10_full", "merchant-pop-ndcg10_full",
+        "merchant-pop-recall20_full", "merchant-pop-auc_full",
     } | WITHOUT_DP,
 }
 

@@ -285,11 +285,11 @@ def test_catalog_missing_category_value(tmp_path, category):
     check_error(info.value, path, 3, "category")
 
 
-def test_catalog_missing_category_column(tmp_path):
-    path = write(tmp_path / "catalog.csv", "ad_id,brand\nx1,acme\n")
-    with pytest.raises(DataValidationError) as info:
-        load_catalog_file(path)
-    check_error(info.value, path, 1, "category")
+def test_catalog_without_category_column_has_unknown_categories(tmp_path):
+    # the category column is optional (docs/DATA.md); where it exists, every value is required (above)
+    catalog = load_catalog_file(write(tmp_path / "catalog.csv", "ad_id,brand\nx1,acme\nx2,\n"))
+    assert catalog.categories == ("unknown", "unknown")
+    assert catalog.tags == (("unknown", "acme"), ("unknown",))
 
 
 def test_catalog_without_ads(tmp_path):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 from pathlib import Path
 
 import matplotlib.image
@@ -16,6 +18,7 @@ from simulations.browser_check import chromium, screenshot
 from simulations.experiment import ExperimentError, expand_cells, load_experiment
 from simulations.results import COLUMNS
 from simulations.runtime import run_simulation
+from simulations.sweep_progress import BarProgress, PlainProgress, RoundWatcher, sweep_progress
 from tests.conftest import processes_mentioning
 
 TINY = """
@@ -103,7 +106,16 @@ def test_shipped_experiments_validate_and_expand():
     assert Path(load_experiment(root / "ml100k.toml").base.data_path).is_absolute()
 
 
-def test_sweep_is_cached_resumes_after_an_interruption_and_reports(tmp_path, monkeypatch):
+def _progress_lines(text: str) -> list[str]:
+    """The sweep's plain progress lines, without their leading '[ 12.3s] ' stamp, checked to grow."""
+    stamped = [re.fullmatch(r"\[ *(\d+\.\d)s\] (.*)", line) for line in text.splitlines()]
+    found = [match for match in stamped if match]
+    seconds = [float(match[1]) for match in found]
+    assert seconds == sorted(seconds)
+    return [match[2] for match in found]
+
+
+def test_sweep_is_cached_resumes_after_an_interruption_and_reports(tmp_path, monkeypatch, capsys):
     path = write(tmp_path, TINY)
     output = tmp_path / "run"
     real_run_cell = sweep.run_cell
@@ -120,6 +132,15 @@ def test_sweep_is_cached_resumes_after_an_interruption_and_reports(tmp_path, mon
         sweep.run_experiment(path, output)
     first = next(output.glob("cells/*/done.json"))
     stamp = first.stat().st_mtime_ns
+    # its output is not a terminal: a plain line per baseline set, cell and round, as they happen
+    lines = _progress_lines(capsys.readouterr().out)
+    assert [re.sub(r" \((baselines|cell) \d+\.\ds\)$", "", line) for line in lines] == [
+        "baselines for federated-c2-s3: started", "baselines for federated-c2-s3: done",
+        "cell federated-c2-s3: started (2 rounds)", "cell federated-c2-s3: round 1/2", "cell federated-c2-s3: round 2/2",
+        "cell federated-c2-s3: done", "cell user-als-eps4-c2-s3: started (2 rounds)",
+    ]
+    cell_seconds = [float(m[1]) for m in (re.search(r"\(cell (\d+\.\d)s\)$", line) for line in lines) if m]
+    assert len(cell_seconds) == 3 and cell_seconds == sorted(cell_seconds) and cell_seconds[-1] > 0
 
     resumed: list[str] = []
 
@@ -131,6 +152,11 @@ def test_sweep_is_cached_resumes_after_an_interruption_and_reports(tmp_path, mon
     sweep.run_experiment(path, output)
     assert calls == ["federated-c2-s3"] and resumed == ["user-als-eps4-c2-s3"]  # the finished cell was not redone
     assert first.stat().st_mtime_ns == stamp
+    lines = _progress_lines(capsys.readouterr().out)
+    assert [re.sub(r" \(cell \d+\.\ds\)$", "", line) for line in lines] == [
+        "cached: federated-c2-s3", "cached: baselines for federated-c2-s3", "cell user-als-eps4-c2-s3: started (2 rounds)",
+        "cell user-als-eps4-c2-s3: round 1/2", "cell user-als-eps4-c2-s3: round 2/2", "cell user-als-eps4-c2-s3: done",
+    ]
 
     rows = json.loads((output / "results.json").read_text())
     assert rows and all(set(row) == set(COLUMNS) for row in rows)
@@ -164,6 +190,29 @@ def test_sweep_is_cached_resumes_after_an_interruption_and_reports(tmp_path, mon
     # test_simulation.py)
     assert (output / "runtime" / "ray.log").is_file()
     assert not processes_mentioning(str(output))
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_redirected_sweep_prints_a_line_per_round_a_terminal_gets_a_bar(monkeypatch):
+    monkeypatch.delenv("TTY_COMPATIBLE", raising=False)
+    monkeypatch.setenv("FORCE_COLOR", "1")  # as in many CIs: rich alone would draw its bar into the file
+    lines = io.StringIO()
+    with sweep_progress(1, lines) as progress:
+        assert isinstance(progress, PlainProgress)
+        progress.cell_started("c", 2)
+        watcher = RoundWatcher(progress, log := io.StringIO())
+        watcher.write("INFO :      [ROUND 1")  # a line may arrive in pieces
+        watcher.write("/2]\nINFO :      other\n[ROUND 2/2]\n")
+        progress.cell_done("c")
+    assert log.getvalue() == "INFO :      [ROUND 1/2]\nINFO :      other\n[ROUND 2/2]\n"
+    assert [re.sub(r" \(cell \d+\.\ds\)$", "", line) for line in _progress_lines(lines.getvalue())] == [
+        "cell c: started (2 rounds)", "cell c: round 1/2", "cell c: round 2/2", "cell c: done"]
+    monkeypatch.delenv("FORCE_COLOR")
+    assert isinstance(sweep_progress(1, _Terminal()), BarProgress)
 
 
 def test_centralized_and_one_client_federated_agree(tmp_path):

@@ -46,7 +46,9 @@ from shared.accounting import (
     CalibrationError,
     calibrate_noise_multiplier,
     epsilon_of,
+    renyi_epsilon,
     sgd_steps_per_epoch,
+    unsampled_gaussian_epsilon,
 )
 from shared.als import ALSSettings, ad_statistics
 from shared.flower_internals import wire_bytes as _wire_bytes
@@ -134,12 +136,13 @@ def _check_against_google(history, delta=DELTA):
         g_eps, _ = google_rdp.compute_epsilon(ORDERS, rdp, delta)
         assert o_eps == pytest.approx(g_eps, rel=1e-9)
 
-    # 4. epsilon_of == an independent epsilon at the same orders: dp_accounting's RDP where it
+    # 4. renyi_epsilon == an independent epsilon at the same orders: dp_accounting's RDP where it
     #    is exact (integer orders), the numerical integral elsewhere, dp_accounting's conversion
     independent = np.where(INTEGER, g_rdp, exact)
     expected, _ = google_rdp.compute_epsilon(ORDERS, independent, delta)
-    ours = epsilon_of(history, delta)
+    ours = renyi_epsilon(history, delta)
     assert ours == pytest.approx(expected, rel=1e-3)
+    assert epsilon_of(history, delta) <= ours
 
     # 5. both accountants whole, on the orders where both are exact: the same epsilon
     integer_orders = ORDERS[INTEGER]
@@ -460,7 +463,7 @@ def test_dp_replies_carry_no_user_id_no_user_factor_and_no_unaccounted_metric(tm
         # ALS: one release, no steps, and no weight (the server sums statistics)
         allowed = DP_ALLOWED_METRICS[kind] - (STEP_KEYS | {"num-examples"} if solver == "als" and kind == "train" else set())
         assert set(metrics) == allowed
-        assert not any(key.startswith("toppop-") for key in metrics)
+        assert not any(key.startswith("merchant-pop-") for key in metrics)
         assert "train-loss" not in metrics and "train-rows" not in metrics
         assert 0 < metrics["dp-epsilon"] <= cfg.target_epsilon
         assert dict(content["client"]) == {"name": node.name, "server-round": server_round}  # who answers, and which round
@@ -517,7 +520,7 @@ def test_a_non_private_evaluation_is_recorded_in_the_ledger(tmp_path):
     arrays = init_global_arrays(node.data.split.num_ads, plain.factors, plain.seed)
     reply = _call("evaluate", plain, arrays, server_round=1)
     assert not reply.has_error()
-    assert any(key.startswith("toppop-") for key in reply.content["metrics"])  # exact, non-private
+    assert any(key.startswith("merchant-pop-") for key in reply.content["metrics"])  # exact, non-private
 
     ledger = PrivacyLedger.open(_state_dir(tmp_path))
     assert ledger.state.non_private_releases == 1 and ledger.epsilon() == math.inf
@@ -546,3 +549,39 @@ def test_a_budget_too_small_for_the_planned_metric_releases_is_refused_with_an_e
             assert "budget" in reply.error.reason
     finally:  # fail closed either way: nothing was written to the merchant's state directory
         assert not _state_dir(tmp_path).exists() or not any(_state_dir(tmp_path).iterdir())
+
+
+def _analytic_gaussian_delta(epsilon: float, mu: float) -> float:
+    """delta(epsilon) of mu-GDP (Balle and Wang 2018, Thm. 8), in log space: independent of Opacus."""
+    from scipy.stats import norm
+
+    return float(norm.cdf(-epsilon / mu + mu / 2) - math.exp(epsilon + norm.logcdf(-epsilon / mu - mu / 2)))
+
+
+@pytest.mark.parametrize("history", [[(0.6, 1.0, 2)], [(4.2, 1.0, 1), (20.0, 1.0, 11)], [(1.3, 1.0, 1), (0.9, 1.0, 1)]])
+def test_unsampled_gaussian_releases_get_their_exact_epsilon(history):
+    """Unsampled Gaussian releases (private ALS, noised metrics) compose exactly to mu-GDP: the
+    epsilon at which the analytic Gaussian's delta equals the target is what epsilon_of says,
+    and it is below RDP's bound."""
+    from scipy.optimize import brentq
+
+    mu = math.sqrt(sum(steps / sigma**2 for sigma, _, steps in history))
+    expected = brentq(lambda e: _analytic_gaussian_delta(e, mu) - DELTA, 0.0, 200.0)
+    assert epsilon_of(history, DELTA) == pytest.approx(expected, rel=1e-6)
+    assert unsampled_gaussian_epsilon(history, DELTA) == pytest.approx(expected, rel=1e-6)
+    assert expected < renyi_epsilon(history, DELTA)
+
+
+def test_a_subsampled_release_keeps_the_renyi_bound():
+    history = [(1.1, 0.05, 300), (20.0, 1.0, 3)]
+    assert unsampled_gaussian_epsilon(history, DELTA) is None
+    assert epsilon_of(history, DELTA) == renyi_epsilon(history, DELTA)
+
+
+def test_the_exact_bound_needs_noticeably_less_noise_for_private_als():
+    """What the exact bound buys: the noise variance private ALS needs at epsilon 8 for 2 releases."""
+    exact = calibrate_noise_multiplier(8.0, 1e-6, 1.0, steps=2)
+    renyi_only = 0.9 * exact
+    while renyi_epsilon([(renyi_only, 1.0, 2)], 1e-6) > 8.0:
+        renyi_only *= 1.001
+    assert 0.8 < (exact / renyi_only) ** 2 < 0.95

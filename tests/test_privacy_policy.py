@@ -3,7 +3,9 @@ the run config; nothing released depends on the shard's size; DP is the default.
 
 from __future__ import annotations
 
+import csv
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from client import merchant_cli
 from client.privacy.ledger import LEDGER_FILE, PrivacyLedger, PrivacyRefusal
 from shared.config import ConfigError, RunConfig
 from shared.data.loaders import write_catalog_csv, write_log_csv
@@ -134,15 +137,22 @@ def test_privacy_is_the_default():
     assert policy == PrivacyPolicy() and policy.mode == "user" and policy.delta == DEFAULT_DELTA
 
 
-def test_the_main_job_trains_under_user_level_dp_beside_a_run_without(tmp_path):
-    out = tmp_path / "quick"
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """`make run`'s job, small: its output folder and what it printed."""
+    out = tmp_path_factory.mktemp("main-job") / "quick"
     done = subprocess.run(
         [sys.executable, "-m", "simulations.simulate", "--rounds", "2", "--clients", "2", "--output", str(out), "--quiet",
          "-c", "synthetic-users=300", "-c", "synthetic-ads=120"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "user-level DP per merchant (private ALS, epsilon 8)" in done.stdout and "no-DP NDCG@10s" in done.stdout
+    return out, done.stdout
+
+
+def test_the_main_job_trains_under_user_level_dp_beside_a_run_without(main_job):
+    out, stdout = main_job
+    assert "user-level DP per merchant (private ALS, epsilon 8)" in stdout and "no-DP NDCG@10s" in stdout
     for partition in (0, 1):
         budget = subprocess.run([sys.executable, "-m", "client.merchant_cli", "budget", "--state-dir",
                                  str(out / "state" / f"partition-{partition}"), "--json"], cwd=ROOT, capture_output=True, text=True)
@@ -151,6 +161,33 @@ def test_the_main_job_trains_under_user_level_dp_beside_a_run_without(tmp_path):
         assert PrivacyLedger.open(out / "no-dp" / "state" / f"partition-{partition}").epsilon() == np.inf  # the comparison
     exact = json.loads((out / "exact_history.json").read_text())
     assert [record["round"] for record in exact] == [0, 1, 2]
+
+
+def test_the_main_job_prints_merchant_agent_commands_that_work(main_job, capsys):
+    """A user tries the merchant agent on a simulated merchant exactly as the job says to."""
+    out, stdout = main_job
+    printed = stdout.split("try the merchant agent", 1)[1].splitlines()[1:]
+    commands = [shlex.split(line) for line in printed if line.startswith("  ")]
+    assert [next(word for word in argv if word in ("recommend", "budget")) for argv in commands] == ["recommend", "budget"]
+    for argv in commands:
+        command = next(i for i, word in enumerate(argv) if word in ("recommend", "budget"))
+        assert (ROOT / argv[0]).is_file()  # the agent's console script (or Python), as typed from the project root
+        options = dict(zip(argv[command + 1::2], argv[command + 2::2]))
+        assert Path(options["--state-dir"]) == out / "state" / "partition-0"
+        for flag in ("--state-dir", "--log", "--catalog"):
+            assert flag not in options or Path(options[flag]).exists(), flag
+        capsys.readouterr()
+        assert merchant_cli.main(argv[command:]) == 0, capsys.readouterr().err
+        shown = capsys.readouterr().out
+        if argv[command] == "budget":
+            assert "epsilon spent:" in shown and "NO DP GUARANTEE" not in shown
+            continue
+        user, k = options["--users"], int(options["--k"])
+        rows = [line.split() for line in shown.splitlines()[1:]]
+        assert [(row[0], int(row[1])) for row in rows] == [(user, rank) for rank in range(1, k + 1)]
+        with open(options["--log"], newline="", encoding="utf-8") as handle:
+            seen = {row["ad_id"] for row in csv.DictReader(handle) if row["user_id"] == user}
+        assert seen and not seen & {row[2] for row in rows}  # the user's own log was read: nothing seen is recommended again
 
 
 def test_an_exact_release_shows_as_infinite_epsilon_wherever_epsilon_is_reported(tmp_path):

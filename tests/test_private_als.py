@@ -193,11 +193,11 @@ def test_noise_free_federated_als_learns_beyond_popularity(tmp_path):
             users = solver.fit_users(arrays, rng, None)
             replies.append(_reply(solver.local_update(arrays, users, rng).arrays, {"num-examples": 1.0}))
         arrays = from_array_record(strategy.aggregate_train(server_round, replies)[0])
-    ndcg, toppop = [], []
+    ndcg, popularity = [], []
     for node, solver in zip(nodes, solvers):
         ndcg.append(node.data.evaluate(arrays, solver.fit_users(arrays, rng, None))["ndcg10_sampled"])
-        toppop.append(node.data.evaluate_toppop()["ndcg10_sampled"])
-    assert np.mean(ndcg) > np.mean(toppop) + 0.05
+        popularity.append(node.data.evaluate_popularity()["ndcg10_sampled"])
+    assert np.mean(ndcg) > np.mean(popularity) + 0.05
 
 
 def test_count_shrinkage_pulls_unseen_ads_to_their_catalog_group():
@@ -211,13 +211,29 @@ def test_count_shrinkage_pulls_unseen_ads_to_their_catalog_group():
     user_gram = np.eye(dim + 1) * 0.04 * 100
     stats = {"als_target": target, "als_positives": counts / 2, "als_count": counts, "als_user_gram": user_gram}
     plain = solve_ads(stats, _settings("shared", user_clip=0.2))
-    shrunk = solve_ads(stats, _settings("shared", user_clip=0.2, count_shrinkage=20.0), tags=groups)
+    # kappa = 1 noise std of the summed counts = 20
+    shrunk = solve_ads(stats, _settings("shared", user_clip=0.2, count_shrinkage=1.0), {"als_count": 20.0}, tags=groups)
     group_only = solve_ads({**stats, "als_target": np.stack([target[:3].sum(0)] * 3 + [target[3:].sum(0)] * 3),
                             "als_count": np.repeat([counts[:3].sum(), counts[3:].sum()], 3)}, _settings("shared", user_clip=0.2))
     np.testing.assert_allclose(shrunk["ad_factors"][0], group_only["ad_factors"][0], rtol=1e-5)
     np.testing.assert_allclose(shrunk["ad_factors"][3], group_only["ad_factors"][3], rtol=1e-5)
     assert np.linalg.norm(shrunk["ad_factors"][4] - plain["ad_factors"][4]) < 0.1 * np.linalg.norm(plain["ad_factors"][4])
     np.testing.assert_allclose(shrunk["ad_bias"], plain["ad_bias"])  # biases are the ads' own
+
+
+def test_count_shrinkage_is_counted_in_noise_stds_of_the_counts():
+    """The rule needs no tuning per data set or epsilon: an ad's weight n / (n + kappa std) is the
+    same whenever its count is the same number of noise stds, and without noise nothing shrinks."""
+    rng = np.random.default_rng(7)
+    dim = 3
+    counts = np.array([5.0, 40.0, 300.0])
+    stats = {"als_target": rng.normal(size=(3, dim)), "als_positives": counts / 2, "als_count": counts, "als_user_gram": np.eye(dim + 1) * 4.0}
+    settings = _settings("shared", user_clip=0.2, count_shrinkage=1.0)
+    plain = solve_ads(stats, settings)["ad_factors"]
+    np.testing.assert_array_equal(solve_ads(stats, settings, {"als_count": 0.0})["ad_factors"], plain)
+    for std in (10.0, 40.0):
+        shrunk = solve_ads(stats, settings, {"als_count": std})["ad_factors"]
+        np.testing.assert_allclose(shrunk, plain * (counts / (counts + std))[:, None], rtol=1e-6)
 
 
 def test_an_unseen_ad_with_several_tags_takes_the_mean_of_their_factors():
@@ -229,8 +245,8 @@ def test_an_unseen_ad_with_several_tags_takes_the_mean_of_their_factors():
     counts = np.array([80.0, 120.0, 0.0, 40.0])
     target = rng.normal(size=(4, dim)) * counts[:, None] / 10
     stats = {"als_target": target, "als_positives": counts / 2, "als_count": counts, "als_user_gram": np.eye(dim + 1) * 4.0}
-    settings = _settings("shared", user_clip=0.2, count_shrinkage=20.0)
-    shrunk = solve_ads(stats, settings, tags=tags)
+    settings = _settings("shared", user_clip=0.2, count_shrinkage=1.0)
+    shrunk = solve_ads(stats, settings, {"als_count": 20.0}, tags=tags)
     per_tag = [solve_ads({**stats, "als_target": np.stack([tags[:, t] @ target] * 4), "als_positives": np.full(4, tags[:, t] @ counts / 2),
                           "als_count": np.full(4, tags[:, t] @ counts)}, _settings("shared", user_clip=0.2))["ad_factors"][0] for t in (0, 1)]
     np.testing.assert_allclose(shrunk["ad_factors"][2], (per_tag[0] + per_tag[1]) / 2, rtol=1e-5)
@@ -252,12 +268,29 @@ def test_catalog_tags_default_to_category_and_brand_and_amazon_attributes_are_ta
     assert dict(zip(amazon.ad_ids, amazon.tags)) == {"1": ("attr-7", "attr-9"), "2": ("attr-9",), "3": ("unknown",)}
 
 
-def test_catalog_warm_start_gives_one_direction_per_category():
-    from shared.params import initial_arrays
 
-    codes = np.array([0, 1, 0, 2, 1])
-    arrays = initial_arrays("catalog", codes, 4, seed=1)
-    assert arrays["ad_factors"].shape == (5, 4) and not arrays["ad_bias"].any()
-    np.testing.assert_array_equal(arrays["ad_factors"][0], arrays["ad_factors"][2])
-    assert not np.allclose(arrays["ad_factors"][0], arrays["ad_factors"][1])
-    np.testing.assert_array_equal(arrays["ad_factors"], initial_arrays("catalog", codes, 4, seed=1)["ad_factors"])
+
+def test_the_round_log_says_how_much_of_the_model_rests_on_popularity(caplog):
+    """With noise far above the ads' counts the model is popularity: the aggregation reports the
+    share of ads that keep under half their own factors and warns; exact statistics report none."""
+    import logging
+
+    from shared.wire import PrivacyReport
+
+    rng = np.random.default_rng(8)
+    settings = _settings("shared", user_clip=0.2, count_shrinkage=1.0)
+    num_ads, dim = 40, 3
+    counts = rng.uniform(0, 30, num_ads)
+    total = {"als_target": rng.normal(size=(num_ads, dim)), "als_positives": counts / 2, "als_count": counts,
+             "als_user_gram": np.eye(dim + 1) * 4.0}
+
+    def on_prior(noise_multiplier: float) -> float | None:
+        strategy = ALSAggregation(settings, num_ads, dim)
+        _, metrics = strategy.solve({k: v.copy() for k, v in total.items()}, [PrivacyReport(1.0, noise_multiplier).metrics()])
+        return metrics.get("als-ads-on-prior")
+
+    with caplog.at_level(logging.WARNING):
+        assert on_prior(100.0) == 1.0  # count noise std in the thousands
+    assert "ranks by (noisy) popularity" in caplog.text
+    assert 0.0 <= on_prior(0.01) < 0.2
+    assert on_prior(0.0) is None

@@ -32,7 +32,7 @@ def test_epsilon_is_recorded_every_round_and_stays_in_budget(dp_run):
     for h in history[1:]:
         assert len(h["clients"]) == NUM_CLIENTS and "refused" not in h
         for metrics in h["clients"].values():
-            assert "train-loss" not in metrics and not any(k.startswith("toppop-") for k in metrics)
+            assert "train-loss" not in metrics and not any(k.startswith("merchant-pop-") for k in metrics)
     for pid in range(NUM_CLIENTS):
         ledger = json.loads((dp_run / "out" / "state" / f"partition-{pid}" / "privacy_ledger.json").read_text())["ledger"]
         assert ledger["rounds_trained"] == 2 and ledger["target_epsilon"] == TARGET_EPSILON

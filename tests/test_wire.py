@@ -51,10 +51,10 @@ def test_train_reply_round_trips_through_a_message():
         np.testing.assert_array_equal(received.arrays[key], arrays[key])
 
 
-def test_evaluate_reply_round_trips_with_its_toppop_floor():
+def test_evaluate_reply_round_trips_with_its_merchant_popularity_floor():
     sent = EvaluateReply("m", 40.0, {"hr10_sampled": 0.5}, {"hr10_sampled": 0.3})
     metrics = dict(sent.to_message(_request("evaluate")).content[METRICS])
-    assert metrics == {"hr10_sampled": 0.5, "toppop-hr10_sampled": 0.3, NUM_EXAMPLES: 40.0}
+    assert metrics == {"hr10_sampled": 0.5, "merchant-pop-hr10_sampled": 0.3, NUM_EXAMPLES: 40.0}
     received = EvaluateReply.from_message(sent.to_message(_request("evaluate")))
     assert received == sent
 

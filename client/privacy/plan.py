@@ -106,8 +106,8 @@ class NoPrivacy(PrivacyPlan["Solver"]):
     def release_metrics(self, client: str, data: NodeData, metrics: Metrics, server_round: int) -> EvaluateReply:
         self.ledger.record_non_private(trained_round=False)
         exact = metrics()
-        toppop = {k: v for k, v in data.evaluate_toppop().items() if k != NUM_TEST_USERS}
-        return EvaluateReply(client, exact[NUM_TEST_USERS], _means(exact), toppop, WITHOUT_DP)
+        popularity = {k: v for k, v in data.evaluate_popularity().items() if k != NUM_TEST_USERS}
+        return EvaluateReply(client, exact[NUM_TEST_USERS], _means(exact), popularity, WITHOUT_DP)
 
 
 class ClientLevel(NoPrivacy):
@@ -170,7 +170,7 @@ class UserLevelPlan(PrivacyPlan[SolverT]):
 
     def release_metrics(self, client: str, data: NodeData, metrics: Metrics, server_round: int) -> EvaluateReply:
         """Evaluation metrics as dp-metrics allows them to leave (docs/PRIVACY.md): noised, or
-        not at all. TopPop of the shard depends on every user's data at once: never released."""
+        not at all. The shard's popularity ranking depends on every user's data at once: never released."""
         if self.cfg.dp_metrics == "none":
             return EvaluateReply(client, 1.0, privacy=self.report())
         release: Release = (self.cfg.metrics_noise_multiplier, 1.0, 1)

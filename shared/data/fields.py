@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -115,6 +116,26 @@ def parse_event(path: str, line: int, raw: object) -> Event:
         raise DataValidationError(path, line, "event", f"{raw!r} is not one of {', '.join(EVENT_NAMES)}") from None
 
 
+class LogRow(NamedTuple):
+    """One parsed log row, whatever format it came from; its ids and time are checked where it
+    is added (`check_row`)."""
+
+    line: int
+    user: str
+    ad_id: str
+    timestamp: int
+    event: Event
+    merchant: str | None = None
+    region: str | None = None
+
+
+def check_row(path: str, line: int, user: str, ad_id: str, timestamp: int) -> None:
+    """The checks every row passes, from any loader: ids that can be ids, a time in range."""
+    check_id(path, line, "user_id", user)
+    check_id(path, line, "ad_id", ad_id)
+    check_timestamp(path, line, timestamp)
+
+
 class LogBuilder:
     """Accumulates validated rows and maps ad ids onto the catalog."""
 
@@ -135,9 +156,7 @@ class LogBuilder:
         merchant: str | None = None, region: str | None = None,
     ) -> None:
         # ids and the time range are checked here, not in each loader, so that no loader skips them
-        check_id(self.path, line, "user_id", user)
-        check_id(self.path, line, "ad_id", ad_id)
-        check_timestamp(self.path, line, timestamp)
+        check_row(self.path, line, user, ad_id, timestamp)
         row = self.catalog.index.get(ad_id)
         if row is None:
             if self.strict:
@@ -159,6 +178,9 @@ class LogBuilder:
             self.merchants.append(merchant)
         if region is not None:
             self.regions.append(region)
+
+    def add_row(self, row: LogRow) -> None:
+        self.add(row.line, row.user, row.ad_id, row.timestamp, row.event, row.merchant, row.region)
 
     def build(self, has_merchant: bool = False, has_region: bool = False) -> InteractionLog:
         if self.rejected:
@@ -204,6 +226,10 @@ def duplicate_rows(data: InteractionLog) -> np.ndarray:
 NOTICE_DETAILS = {
     "negative-number-id": "{first!r} reads as a negative number, a common missing-value code; accepted as a string id",
     "duplicate-row": "repeats {first} exactly (every field); accepted, the split keeps one of each",
+    "possible-header": ("{first} may be a header: its user and its item appear on no other line; read as an interaction "
+                        "(a header line names its columns user,item[,timestamp]: docs/DATA.md)"),
+    "rating-like-timestamp": ("every timestamp is between 0 and 10 (this one: {first}): a rating column? a pairs file's third "
+                              "column is the time; accepted as seconds (docs/DATA.md: dropping a rating column)"),
 }
 
 

@@ -29,6 +29,12 @@ class DataValidationError(ValueError):
         super().__init__(f"{where}:{what} {problem}")
 
 
+class FileFormatError(DataValidationError):
+    """A file in none of its accepted formats: its shape is wrong (not text, a wrong field count,
+    a first line that is neither a header nor a row), not one of its values. For a log, the
+    merchant agent lists the formats it accepts (shared/data/log_formats.py)."""
+
+
 @dataclass(frozen=True)
 class ValidationNotice:
     """Rows that were accepted but deserve a look: what, how many, and where the first one is.
@@ -66,6 +72,9 @@ class Event(IntEnum):
 
 
 EVENT_NAMES = tuple(e.name.lower() for e in Event)
+# the category of an ad whose catalog names none (a catalog without a category column, an
+# Amazon item without attributes, a movie without genres)
+UNKNOWN_CATEGORY = "unknown"
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shared.config import RunConfig
-from shared.data.loaders import load_catalog_file, load_log_file
+from shared.data.loaders import load_catalog_file, load_log_file, load_log_with_own_catalog
 from shared.data.partition import partition_users, shard_log
 from shared.data.public_sets import load_amazon_catalog, load_amazon_sequences, load_movielens_100k, load_movielens_catalog
 from shared.data.schema import AdCatalog, Dataset, InteractionLog
@@ -32,6 +32,8 @@ def load_dataset(cfg: RunConfig) -> Dataset:
     if not cfg.data_path:
         raise ValueError("dataset 'logs' in a simulation needs data-path (the log to cut shards from); "
                          "deployed merchants name theirs in their node config")
+    if not cfg.catalog_path:
+        return load_log_with_own_catalog(cfg.data_path)
     catalog = load_catalog_file(cfg.catalog_path)
     return Dataset(Path(cfg.data_path).name, catalog, load_log_file(cfg.data_path, catalog))
 
@@ -44,6 +46,8 @@ def load_catalog(cfg: RunConfig) -> AdCatalog:
         return load_movielens_catalog(cfg.data_path)
     if cfg.dataset == "amazon-seq":
         return load_amazon_catalog(cfg.catalog_path)
+    if not cfg.catalog_path:  # a simulation's log without a catalog (RunConfig allows no other): its own ads
+        return load_log_with_own_catalog(cfg.data_path).catalog
     return load_catalog_file(cfg.catalog_path)
 
 

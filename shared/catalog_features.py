@@ -1,0 +1,46 @@
+"""What the public catalog says about each ad, as weighted tag features (numpy only).
+
+The catalog warm start (`init = "catalog"`) and the catalog prior of private ALS
+(`als-catalog-prior`) lean on the ads' public tags (category, brand, attributes, genres). A tag
+tells ads apart only if some ads carry it and others do not: a tag on every ad (a catalog
+with one category, every Beauty item marked "unknown") says nothing, and one on a single ad
+is that ad's own id. Each tag is weighted by its inverse document frequency, log(ads / ads
+with the tag): zero for a tag carried by every ad, largest for the rarest. A tag carried by
+one ad only is dropped too: a direction or prior of its own would make no ad lean on any
+other.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from shared.app_log import log
+from shared.data.schema import AdCatalog
+
+
+def tag_weights(membership: np.ndarray) -> np.ndarray:
+    """Inverse document frequency per tag column of a [ads, tags] 0/1 matrix; 0 for a tag that
+    every ad carries or only one ad does (neither relates one ad to another)."""
+    carriers = membership.sum(axis=0)
+    shared_by_some = (carriers >= 2) & (carriers < len(membership))
+    weights = np.zeros(membership.shape[1])
+    weights[shared_by_some] = np.log(len(membership) / carriers[shared_by_some])
+    return weights
+
+
+def informative_tags(catalog: AdCatalog, purpose: str) -> np.ndarray:
+    """[ads, informative tags]: the membership matrix, each column scaled by its weight, the
+    uninformative columns removed. Warns (naming `purpose`) when no tag is left or when some
+    ads carry none: those ads get nothing from the catalog."""
+    membership = catalog.tag_membership()
+    weights = tag_weights(membership)
+    features = membership[:, weights > 0] * weights[weights > 0]
+    if features.shape[1] == 0:
+        log.warning("%s: the catalog %s has no informative tag (every tag is on every ad or on one ad only): "
+                    "it gives the %s nothing to work with", purpose, catalog.source, purpose)
+        return features
+    bare = int((features.sum(axis=1) == 0).sum())
+    if bare:
+        log.warning("%s: %d of %d ads in %s carry no informative tag: the %s cannot place them",
+                    purpose, bare, len(catalog), catalog.source, purpose)
+    return features
