@@ -5,6 +5,9 @@ and brands; their popularity follows a power law; every user has a latent taste 
 is drawn around the categories their merchant's audience favours. A user's clicks are drawn
 without replacement from softmax(taste . ad + popularity), so popularity alone explains part of
 the clicks and the latent preferences the rest: a learned model can beat TopPop clearly.
+An ad's title names its category and brand and a few descriptive words; each descriptive word
+has a hidden direction in taste space and an ad's words are drawn towards its own vector, so
+the title text carries part of the preferences (what a content model can learn, issue 17).
 """
 
 from __future__ import annotations
@@ -22,6 +25,15 @@ CATEGORY_NAMES = (
     "video-games", "watches",
 )
 ADJECTIVES = ("classic", "eco", "premium", "smart", "compact", "vintage", "deluxe", "everyday", "pro", "mini")
+# descriptive title words: each gets a hidden direction in taste space (_title_words)
+DESCRIPTIVE_WORDS = (
+    "bold", "calm", "cosy", "crisp", "daring", "elegant", "fresh", "gentle", "glossy", "handmade", "hardy", "light",
+    "lush", "matte", "minimal", "modern", "natural", "organic", "playful", "plush", "polished", "quiet", "rugged",
+    "rustic", "silky", "sleek", "soft", "sporty", "sturdy", "sunny", "tough", "travel", "urban", "velvet", "vivid",
+    "warm", "wild", "woven", "zesty", "retro",
+)
+TITLE_WORDS_PER_AD = 3
+TITLE_WORD_SHARPNESS = 8.0  # how strongly an ad's words follow its vector (softmax temperature^-1)
 REGIONS = ("eu-west", "eu-north", "us-east", "us-west", "apac")
 DAY = 86_400
 
@@ -69,9 +81,11 @@ def _catalog(spec: SyntheticSpec) -> tuple[AdCatalog, np.ndarray, np.ndarray, np
     popularity_logit = -spec.popularity_exponent * np.log1p(popularity_rank)
     ad_brand = rng.integers(spec.brands, size=spec.ads)
     brand_names = [f"brand-{b:03d}" for b in range(spec.brands)]
+    adjectives = rng.integers(len(ADJECTIVES), size=spec.ads)
+    words = _title_words(ad_vectors, spec.seed)
     titles = tuple(
-        f"{ADJECTIVES[rng.integers(len(ADJECTIVES))]} {CATEGORY_NAMES[c]} item {j} by {brand_names[b]}"
-        for j, (c, b) in enumerate(zip(ad_category, ad_brand))
+        f"{ADJECTIVES[a]} {' '.join(w)} {CATEGORY_NAMES[c]} item {j} by {brand_names[b]}"
+        for j, (a, w, c, b) in enumerate(zip(adjectives, words, ad_category, ad_brand))
     )
     catalog = AdCatalog(
         ad_ids=tuple(f"ad-{j:05d}" for j in range(spec.ads)),
@@ -81,6 +95,18 @@ def _catalog(spec: SyntheticSpec) -> tuple[AdCatalog, np.ndarray, np.ndarray, np
         source=f"synthetic(seed={spec.seed})",
     )
     return catalog, ad_vectors, centroids, popularity_logit
+
+
+def _title_words(ad_vectors: np.ndarray, seed: int) -> list[tuple[str, ...]]:
+    """TITLE_WORDS_PER_AD distinct descriptive words per ad, drawn without replacement with
+    probability softmax(sharpness x word direction . ad vector): ads close in taste space share
+    words. Its own random stream, so the rest of the market is the same with or without it."""
+    rng = np.random.default_rng([seed, 2])
+    directions = rng.normal(size=(len(DESCRIPTIVE_WORDS), ad_vectors.shape[1]))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    gumbel = TITLE_WORD_SHARPNESS * ad_vectors @ directions.T + rng.gumbel(size=(len(ad_vectors), len(DESCRIPTIVE_WORDS)))
+    chosen = np.argsort(-gumbel, axis=1)[:, :TITLE_WORDS_PER_AD]
+    return [tuple(DESCRIPTIVE_WORDS[w] for w in row) for row in chosen]
 
 
 def synthetic_catalog(spec: SyntheticSpec | None = None) -> AdCatalog:
