@@ -143,3 +143,20 @@ def cached_content_features(catalog: AdCatalog, cache_dir: Path, spec: ContentSp
              shape=np.array(features.matrix.shape), bounds=bounds)
     partial.replace(path)  # a crash mid-write never leaves a cache entry that loads wrong
     return features
+
+
+def fit_content_projection(features: sp.csr_array, fitted: np.ndarray, targets: np.ndarray, l2: float = 1.0) -> np.ndarray:
+    """[features, outputs] ridge map from content to the rows of `targets` (e.g. a trained model's
+    ad factors and bias), fitted on the ads where `fitted` is True:
+        W = argmin ||X_fit W - Y_fit||^2 + l2 ||W||^2, solved per output column by LSQR (damped).
+    The global ad parameters are already public to every merchant, and so is the catalog: the map
+    is post-processing, with no extra privacy cost. An ad with no interactions is then placed by
+    its content alone (`features @ W`)."""
+    from scipy.sparse.linalg import lsqr  # only the content tower needs it
+
+    rows = sp.csr_array(features[np.flatnonzero(fitted)]).astype(np.float64)
+    goal = np.asarray(targets, dtype=np.float64)[fitted]
+    weights = np.zeros((features.shape[1], goal.shape[1]))
+    for column in range(goal.shape[1]):
+        weights[:, column] = lsqr(rows, goal[:, column], damp=float(np.sqrt(l2)), atol=1e-8, btol=1e-8, iter_lim=2000)[0]
+    return weights
