@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a site-packages `benchmarks` shadows this folder
 
 from server.als_aggregation import ALSAggregation
-from shared.als import ALSSettings, Rows, ad_statistics, augmented, solve_ads, solve_users
+from shared.als import PRIVATE_ALPHA0, ALSSettings, Rows, ad_statistics, augmented, solve_ads, solve_users
 from shared.config import RunConfig
 from shared.wire import ALS_COUNT, ALS_GRAM, ALS_POSITIVES, ALS_TARGET, ALS_USER_GRAM, Arrays, from_array_record
 
@@ -123,10 +123,14 @@ def shards_of(rows: Rows, count: int, rng: np.random.Generator) -> list[Rows]:
     return shards
 
 
+def _alpha0(settings: ALSSettings) -> float:
+    return settings.alpha0 if settings.alpha0 is not None else PRIVATE_ALPHA0
+
+
 def centralized_round(code: Code, rows: Rows, ads: Arrays, settings: ALSSettings) -> tuple[dict[str, float], Arrays]:
     """simulations/baselines.train_alone's round: the solver's user step, statistics and solve_alone."""
     started = time.perf_counter()
-    factors = code.user_step(rows, ads["ad_factors"], ads["ad_bias"], settings.alpha0, settings.user_l2).astype(np.float32)
+    factors = code.user_step(rows, ads["ad_factors"], ads["ad_bias"], _alpha0(settings), settings.user_l2).astype(np.float32)
     users_done = time.perf_counter()
     stats = code.statistics(rows, factors, len(ads["ad_bias"]), settings)
     stats_done = time.perf_counter()
@@ -142,7 +146,7 @@ def federated_round(code: Code, shards: list[Rows], ads: Arrays, settings: ALSSe
     replies = []
     for shard in shards:
         started = time.perf_counter()
-        factors = code.user_step(shard, ads["ad_factors"], ads["ad_bias"], settings.alpha0, settings.user_l2).astype(np.float32)
+        factors = code.user_step(shard, ads["ad_factors"], ads["ad_bias"], _alpha0(settings), settings.user_l2).astype(np.float32)
         users_done = time.perf_counter()
         replies.append(code.statistics(shard, factors, num_ads, settings))
         user_seconds += users_done - started
@@ -185,7 +189,8 @@ def main() -> None:
     shards = shards_of(rows, args.shards, rng)
     ads: Arrays = {"ad_factors": rng.normal(0.0, 0.1, size=(args.ads, args.factors)).astype(np.float32),
                    "ad_bias": rng.normal(0.0, 0.1, size=args.ads).astype(np.float32)}
-    exact = ALSSettings.from_config(RunConfig.from_flower({"privacy": "none", "factors": args.factors}))
+    # a fixed alpha0 (the default "auto" reads the density): both code paths then solve the same system
+    exact = ALSSettings.from_config(RunConfig.from_flower({"privacy": "none", "factors": args.factors, "als-alpha0": PRIVATE_ALPHA0}))
     private = ALSSettings.from_config(RunConfig.from_flower({"privacy": "user", "factors": args.factors}))
     assert exact.gram_mode == "per-ad" and private.gram_mode == "shared"
     pairs = rows.user * args.ads + rows.ad

@@ -205,6 +205,8 @@ def run_dataset(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any
           f"{CLIENTS} IID merchants, factors {cfg.factors}, {cfg.num_rounds} rounds (loaded and split in {time.perf_counter() - started:.0f} s)",
           flush=True)
 
+    if args.federated_only:
+        return _federated_only(name, cfg, dataset.catalog, shards, args.output)
     grid = [ImplicitSetting(a, r, i) for a, r, i in itertools.product(args.alphas, args.regularizations, args.iterations)]
     print("\n| implicit-als setting | validation NDCG@10 sampled | validation NDCG@10 full |"
           + (" test NDCG@10 sampled | test NDCG@10 full |\n|---|---|---|---|---|" if args.test_grid else "\n|---|---|---|"))
@@ -259,8 +261,24 @@ def run_dataset(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any
     return records, {"dataset": name, **labels}
 
 
+def _federated_only(name: str, cfg: RunConfig, catalog: Any, shards: list[NodeData], output: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The federated run at the experiment's settings alone, against the implicit-als record
+    already in `output` (after a change of the federated side's defaults: implicit's grid is not rerun)."""
+    started = time.perf_counter()
+    metrics = federated(cfg, catalog, shards)
+    earlier = [r for r in json.loads(output.read_text()) if r["dataset"] == name and r["method"] == "implicit-als"] if output.exists() else []
+    print(f"\nfederated ({federated_label(cfg)}, {time.perf_counter() - started:.0f} s): "
+          + ", ".join(f"{k} {metrics[k]:.4f}" for k in REPORTED))
+    if earlier:
+        print("federated / implicit-als (its record in the results file): "
+              + ", ".join(f"{k} {metrics[k] / earlier[0][k]:.3f}" for k in REPORTED))
+    record = {"dataset": name, "epsilon": None, "method": "federated", "secure_aggregation": False, **{k: metrics[k] for k in REPORTED}}
+    return [record], {"dataset": name, "federated": federated_label(cfg)}
+
+
 def federated_label(cfg: RunConfig) -> str:
-    return f"als-alpha0 {cfg.als_alpha0:g}, als-user-l2 {cfg.als_user_l2:g}, als-ad-l2 {cfg.als_ad_l2:g}, {cfg.num_rounds} rounds"
+    alpha0 = cfg.als_alpha0 if isinstance(cfg.als_alpha0, str) else f"{cfg.als_alpha0:g}"
+    return f"als-alpha0 {alpha0}, als-user-l2 {cfg.als_user_l2:g}, als-ad-l2 {cfg.als_ad_l2:g}, {cfg.num_rounds} rounds"
 
 
 def main() -> int:
@@ -273,6 +291,8 @@ def main() -> int:
     parser.add_argument("--test-grid", action="store_true", help="also test every implicit setting: its best on test, beside the chosen one")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a run-config change of the federated side")
     parser.add_argument("--federated-grid", action="store_true", help="also choose als-alpha0 and the ALS L2 on the validation slice")
+    parser.add_argument("--federated-only", action="store_true",
+                        help="rerun only the federated record at the experiment's settings (the others stay in the results file)")
     parser.add_argument("--alpha0s", nargs="+", type=float, default=list(ALPHA0S), help="the federated grid's als-alpha0")
     parser.add_argument("--l2s", nargs="+", type=float, default=list(L2S), help="the federated grid's als-user-l2 = als-ad-l2")
     parser.add_argument("--threads", type=int, default=1, help="BLAS and implicit threads (the machines are shared)")
@@ -299,7 +319,9 @@ def main() -> int:
         print("\n(the experiment's settings changed by --set: records not written)")
         return 0
     # the data sets run replace their records; the file keeps the others' (runs one data set at a time)
-    kept = [r for r in json.loads(args.output.read_text()) if r["dataset"] not in args.datasets] if args.output.exists() else []
+    replaced = {(r["dataset"], r["method"]) for r in records}
+    kept = [r for r in json.loads(args.output.read_text()) if (r["dataset"], r["method"]) not in replaced
+            and (args.federated_only or r["dataset"] not in args.datasets)] if args.output.exists() else []
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(kept + records, indent=2) + "\n")
     print(f"\n{len(records)} records -> {args.output}; settings: {json.dumps(chosen)}")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from shared.als import Rows, solve_users
+from shared.als import PRIVATE_ALPHA0, Rows, density_alpha0, fixed_alpha0, solve_users
 from shared.config import RunConfig
 from shared.data.split import UserSplit
 from shared.wire import AD_BIAS, AD_FACTORS, Arrays
@@ -29,12 +29,17 @@ class ALSUserStep(BaseModel):
 
     model_config = _RECORD
     solver: Literal["als"] = "als"
-    alpha0: float = Field(_DEFAULTS["als_alpha0"].default, gt=0)
+    alpha0: float = Field(PRIVATE_ALPHA0, gt=0)
     user_l2: float = Field(_DEFAULTS["als_user_l2"].default, gt=0)
 
     @classmethod
-    def from_config(cls, cfg: RunConfig) -> ALSUserStep:
-        return cls(alpha0=cfg.als_alpha0, user_l2=cfg.als_user_l2)
+    def from_config(cls, cfg: RunConfig, rows: Rows, num_ads: int) -> ALSUserStep:
+        """The run's settings; alpha0 "auto" without DP from the density of the merchant's own
+        `rows` (the server reads the summed statistics' for the ad step: shared/als.py)."""
+        alpha0 = fixed_alpha0(cfg)
+        if alpha0 is None:
+            alpha0 = density_alpha0(float(len(rows.ad)), float(rows.num_users), num_ads)
+        return cls(alpha0=alpha0, user_l2=cfg.als_user_l2)
 
     def fit(self, split: UserSplit, arrays: Arrays, rng: np.random.Generator, init: np.ndarray | None = None) -> np.ndarray:
         return self.fit_rows(Rows.from_split(split), arrays)

@@ -16,7 +16,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -164,7 +164,9 @@ class RunConfig(BaseModel):
     max_positives_per_user: int = Field(200, ge=1, description="SGD: a user's positives per epoch, at most")
     mf_solver: Literal["als", "sgd"] = Field("als", description=(
         "als (alternating least squares; private ALS under privacy = user) | sgd (logistic MF; DP-SGD under privacy = user)"))
-    als_alpha0: float = Field(0.5, gt=0, description="weight of every unobserved (user, ad) pair")
+    als_alpha0: Annotated[float, Field(gt=0)] | Literal["auto"] = Field("auto", description=(
+        "weight of every unobserved (user, ad) pair; auto: 8 x the density (rows / (users x ads)) of the data "
+        "each party holds without DP, 0.5 under DP (the density is private)"))
     als_user_l2: float = Field(1.0, gt=0, description="L2 of the ALS user step")
     als_ad_l2: float = Field(1.0, gt=0, description="L2 of the ALS ad step")
     als_noise_ridge: float = Field(20.0, ge=0, description="DP: ridge added per unit of noise std of the summed statistics")

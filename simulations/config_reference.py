@@ -19,7 +19,7 @@ import sys
 import types
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import annotated_types
 import tomli_w
@@ -63,6 +63,9 @@ def _annotation_text(annotation: Any) -> str:
     origin, args = get_origin(annotation), get_args(annotation)
     if origin is Literal:
         return " | ".join(f"`{value}`" for value in args)
+    if origin is Annotated:  # a constrained member of a union, e.g. Annotated[float, Field(gt=0)] | Literal["auto"]
+        constraints = [c for extra in args[1:] for c in (extra.metadata if isinstance(extra, FieldInfo) else [extra])]
+        return ", ".join([_annotation_text(args[0]), *map(_bound_text, constraints)])
     if origin is list:
         return f"list of {_annotation_text(args[0])}"
     if origin in (Union, types.UnionType):
@@ -75,15 +78,14 @@ def _annotation_text(annotation: Any) -> str:
 
 def type_text(field: FieldInfo) -> str:
     """The field's type and bounds, e.g. `float, > 0, <= 1` or `` `als` | `sgd` ``."""
-    bounds = []
-    for constraint in field.metadata:
-        for kind, attribute, symbol in _BOUNDS:
-            if isinstance(constraint, kind):
-                bounds.append(f"{symbol} {getattr(constraint, attribute):g}")
-                break
-        else:
-            raise TypeError(f"config_reference cannot describe the constraint {constraint!r}: teach type_text it")
-    return ", ".join([_annotation_text(field.annotation), *bounds])
+    return ", ".join([_annotation_text(field.annotation), *map(_bound_text, field.metadata)])
+
+
+def _bound_text(constraint: Any) -> str:
+    for kind, attribute, symbol in _BOUNDS:
+        if isinstance(constraint, kind):
+            return f"{symbol} {getattr(constraint, attribute):g}"
+    raise TypeError(f"config_reference cannot describe the constraint {constraint!r}: teach _bound_text it")
 
 
 def _toml_value(value: Any) -> str:

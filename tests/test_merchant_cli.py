@@ -66,7 +66,8 @@ def _train(tmp: Path, log_csv: Path, catalog_csv: Path, privacy: str, rounds: in
             reply = client_call("train", cfg, arrays, server_round, node_config=node_config)
             assert not reply.has_error(), reply.error
             arrays = from_array_record(server.aggregate_train(server_round, [reply])[0] if solver == "als" else reply.content[ARRAYS])
-    step = {"als": ALSUserStep, "sgd": SGDUserStep}[solver].from_config(cfg)
+    step = NodeState(state_dir).load_user_step()  # the one the merchant trained with (alpha0 "auto": its density)
+    assert isinstance(step, {"als": ALSUserStep, "sgd": SGDUserStep}[solver])
     NodeState(state_dir).save_global_model(arrays, rounds, step)
     return state_dir
 

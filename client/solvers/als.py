@@ -8,6 +8,8 @@ whose per-statistic noise follows their sensitivities (`noise_stds`, client/priv
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import numpy as np
 
 from client.node_data import NodeData
@@ -27,7 +29,11 @@ class ALSSolver(Solver):
         self.settings = ALSSettings.from_config(cfg)
 
     def user_step(self) -> ALSUserStep:
-        return ALSUserStep.from_config(self.cfg)
+        return self._user_step
+
+    @cached_property
+    def _user_step(self) -> ALSUserStep:
+        return ALSUserStep.from_config(self.cfg, self.data.rows, self.data.num_ads)
 
     def fit_users(self, arrays: Arrays, rng: np.random.Generator, previous: np.ndarray | None) -> np.ndarray:
         return self.user_step().fit_rows(self.data.rows, arrays)
