@@ -97,7 +97,12 @@ def main() -> int:
     parser.add_argument("--threshold", type=float, default=RunConfig().secure_threshold)
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--secure-results", action="store_true", help=f"also write {SECURE_RESULTS.name} (issue 15's table)")
+    parser.add_argument("--only-federated", action="store_true", help=(
+        "rerun only the federated (no DP) cells and replace just their records in --results (after a change of the "
+        "non-private defaults; the private cells, the floors and the peers keep their records)"))
     args = parser.parse_args()
+    if args.only_federated and args.secure_results:
+        parser.error("--only-federated measures no private cell: nothing for --secure-results")
     logging.getLogger("flwr").setLevel(logging.WARNING)
     print(f"{date.today()} on {platform.node()} ({platform.machine()}): {MERCHANTS} IID merchants, shipped defaults, "
           f"secure threshold {args.threshold}", flush=True)
@@ -108,6 +113,8 @@ def main() -> int:
         work = Path(folder)
         plans = {name: _configs(name, args.epsilons, args.threshold, work) for name in args.datasets}
         plans = {name: plan for name, plan in plans.items() if Path(plan[("none", None)].data_path).exists()}
+        if args.only_federated:
+            plans = {name: {("none", None): plan[("none", None)]} for name, plan in plans.items()}
         if not plans:
             print("none of the data sets is in ../shared/data: nothing to measure")
             return 0
@@ -116,8 +123,9 @@ def main() -> int:
             for name, plan in plans.items():
                 base = plan[("none", None)]
                 dataset = load_dataset(base)
-                floors = dp_popularity(base, dataset, MERCHANTS, args.epsilons)
-                records.append(_record(name, None, "toppop", False, toppop(base, dataset)))
+                floors = {} if args.only_federated else dp_popularity(base, dataset, MERCHANTS, args.epsilons)
+                if not args.only_federated:
+                    records.append(_record(name, None, "toppop", False, toppop(base, dataset)))
                 upload: dict[str, float] = {}
                 if args.secure_results:
                     upload = {mode: _upload_bytes(plan[(mode, args.epsilons[0])], work / name / f"bytes-{mode}") for mode in ("plain", "secure")}
@@ -130,12 +138,16 @@ def main() -> int:
                     secure_records.append({"dataset": name, "epsilon": epsilon, "mode": mode, **outcome, "bytes_per_client": upload.get(mode)})
                     print(f"  {name} {mode} eps={epsilon}: NDCG@10 sampled {outcome['ndcg10_sampled']:.4f} full {outcome['ndcg10_full']:.4f} "
                           f"({time.perf_counter() - cell_started:.0f} s)", flush=True)
-                for epsilon in args.epsilons:
+                for epsilon in args.epsilons if floors else []:
                     floor = floors[f"{epsilon:g}"]
                     records.append(_record(name, epsilon, "dp-popularity", False, floor))
                     secure_records.append({"dataset": name, "epsilon": epsilon, "mode": "dp-popularity", **floor,
                                            "round_seconds": None, "bytes_per_client": None})
-    records += _peer_records(list(plans))
+    peers = _peer_records(list(plans))
+    if args.only_federated and args.results.exists():  # the private cells and floors stay as they were measured
+        fresh = {(r["dataset"], r["method"]) for r in records + peers}
+        records += [r for r in json.loads(args.results.read_text()) if (r["dataset"], r["method"]) not in fresh]
+    records += peers
     print(f"whole benchmark {time.perf_counter() - started:.0f} s")
     order = {"toppop": 0, "federated": 1, "implicit-als": 2, "dp-popularity": 3, "private-als": 4}
     records.sort(key=lambda r: (r["dataset"], r["epsilon"] or 0.0, order[r["method"]], r["secure_aggregation"]))

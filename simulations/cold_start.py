@@ -75,16 +75,23 @@ def category_popularity(catalog: AdCatalog, warm_log: InteractionLog) -> np.ndar
     return per_category[codes] / max(per_category.sum(), 1.0)
 
 
-def rank_cold(scores: np.ndarray, split: ColdSplit) -> dict[str, float]:
-    """HR@10 and NDCG@10 of each test user's target among the cold ads ([test users, ads] scores)."""
+def rank_cold(scores: np.ndarray, split: ColdSplit, k: int = 10) -> dict[str, float]:
+    """HR@k and NDCG@k of each test user's target among the cold ads ([test users, ads] scores).
+    Ties are broken uniformly at random, in expectation: a target tied with t others below g
+    higher-scored ads is at each rank g..g+t with probability 1 / (t + 1) (category popularity
+    ties whole categories, where the expected rank alone would never count a hit)."""
     cold_ads = np.flatnonzero(split.cold)
+    gain_at = np.where(np.arange(len(cold_ads) + 1) < k, 1.0 / np.log2(np.arange(len(cold_ads) + 1) + 2.0), 0.0)
+    gain_sums = np.concatenate([[0.0], np.cumsum(gain_at)])  # gain_sums[r] = sum of gains of ranks below r
     hits, gains = [], []
     for row, (target, other) in enumerate(zip(split.target, split.excluded)):
         candidates = np.setdiff1d(cold_ads, np.append(other, target))
         candidate_scores = scores[row, candidates]
-        rank = float(np.sum(candidate_scores > scores[row, target]) + 0.5 * np.sum(candidate_scores == scores[row, target]))
-        hits.append(1.0 if rank < 10 else 0.0)
-        gains.append(1.0 / np.log2(rank + 2.0) if rank < 10 else 0.0)
+        greater = int(np.sum(candidate_scores > scores[row, target]))
+        tied = int(np.sum(candidate_scores == scores[row, target]))
+        positions = tied + 1
+        hits.append(max(0, min(k, greater + positions) - greater) / positions)
+        gains.append((gain_sums[greater + positions] - gain_sums[greater]) / positions)
     return {"hr10_cold": float(np.mean(hits)) if hits else 0.0, "ndcg10_cold": float(np.mean(gains)) if gains else 0.0,
             "cold_test_users": float(len(hits))}
 

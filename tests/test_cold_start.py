@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from client.node_data import NodeData
 from client.solvers.registry import solver_for
@@ -10,7 +11,7 @@ from shared.config import RunConfig
 from shared.content import content_features
 from shared.data.synthetic import SyntheticSpec, generate
 from shared.params import initial_arrays
-from simulations.cold_start import cold_split, evaluate_cold_start
+from simulations.cold_start import cold_split, evaluate_cold_start, rank_cold
 
 SPEC = SyntheticSpec(users=1200, ads=400)
 
@@ -46,3 +47,18 @@ def test_content_ranks_cold_ads_above_category_popularity_and_random() -> None:
     for baseline in ("category-popularity", "random"):
         assert results["content"]["ndcg10_cold"] > 1.5 * results[baseline]["ndcg10_cold"], results
         assert results["content"]["hr10_cold"] > results[baseline]["hr10_cold"] + 0.05, results
+
+
+def test_ties_are_broken_at_random_in_expectation() -> None:
+    dataset, _ = generate(SPEC)
+    split = cold_split(dataset.log, len(dataset.catalog), seed=0)
+    candidates = np.array([int(split.cold.sum()) - len(other) for other in split.excluded])  # the target among them
+    constant = rank_cold(np.zeros((len(split.target), len(dataset.catalog))), split)
+    # a constant score puts the target at each of its n places with probability 1 / n
+    assert constant["hr10_cold"] == pytest.approx(float(np.mean(np.minimum(10, candidates) / candidates)))
+    ndcg = np.mean([sum(1 / np.log2(r + 2) for r in range(min(10, n))) / n for n in candidates])
+    assert constant["ndcg10_cold"] == pytest.approx(float(ndcg))
+    # a scorer that puts every target first scores 1
+    perfect = np.zeros((len(split.target), len(dataset.catalog)))
+    perfect[np.arange(len(split.target)), split.target] = 1.0
+    assert rank_cold(perfect, split)["ndcg10_cold"] == pytest.approx(1.0)

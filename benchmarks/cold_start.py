@@ -1,0 +1,132 @@
+"""Cold-start ads on real data: ads nobody interacted with, ranked by their public content (issue 17).
+
+    .venv/bin/python benchmarks/cold_start.py [--datasets ml100k beauty]
+
+For each data set (its shipped experiment file, the federated cell without DP, 5 IID merchants),
+10% of the catalog is held out of training entirely (simulations/cold_start.py). Federated ALS
+trains on the rest, in-process with the very code of a Flower run (each merchant's ALSSolver,
+the run's strategy summing and solving). Then the held-out ads get factors and a bias from
+their content (shared/content.py: category, brand, tags, hashed title words and character
+n-grams; MovieLens: titles and genres, Beauty: brand and category attributes, no titles) through
+a ridge map fitted on the warm ads' trained parameters. Every merchant ranks, for each of its
+users with a positive on a held-out ad, the earliest such ad among all held-out ads, by
+"content", by "category-popularity" and at random. Means weigh each merchant by its test users.
+
+Writes benchmarks/results/cold_start.json: records with dataset, model, epsilon (null: no DP),
+split ("cold-start"), ranker, hr10_cold, ndcg10_cold, cold_test_users.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # a site-packages `benchmarks` shadows this folder
+
+from flwr.app import Message, RecordDict  # noqa: E402
+
+from client.node_data import NodeData  # noqa: E402
+from client.privacy.plan import WITHOUT_DP, wire_dtype  # noqa: E402
+from client.solvers.als import ALSSolver  # noqa: E402
+from server.strategies import build_strategy  # noqa: E402
+from shared.config import RunConfig  # noqa: E402
+from shared.content import content_features  # noqa: E402
+from shared.data.schema import AdCatalog, Dataset  # noqa: E402
+from shared.data.sources import load_dataset  # noqa: E402
+from shared.flower_internals import server_identity  # noqa: E402
+from shared.params import initial_arrays  # noqa: E402
+from shared.wire import Arrays, TrainReply, from_array_record  # noqa: E402
+from simulations.baselines import shard_data  # noqa: E402
+from simulations.cold_start import cold_split, evaluate_cold_start  # noqa: E402
+from simulations.experiment import expand_cells, load_experiment  # noqa: E402
+
+EXPERIMENTS = {"ml100k": ROOT / "experiments" / "ml100k.toml", "beauty": ROOT / "experiments" / "beauty.toml"}
+RESULTS = ROOT / "benchmarks" / "results" / "cold_start.json"
+CLIENTS = 5
+RANKERS = ("content", "category-popularity", "random")
+
+
+def base_cell(name: str) -> RunConfig:
+    """The experiment's federated cell without DP at 5 merchants: what its sweep runs."""
+    cells = [c for c in expand_cells(load_experiment(EXPERIMENTS[name])) if c.clients == CLIENTS and c.config.privacy == "none"]
+    return cells[0].config
+
+
+def _reply(client: str, stats: Arrays) -> Message:
+    request = Message(content=RecordDict(), dst_node_id=1, message_type="train")
+    return TrainReply(client, wire_dtype(stats), None, {}, WITHOUT_DP).to_message(request)
+
+
+def federated_als(cfg: RunConfig, catalog: AdCatalog, shards: list[NodeData]) -> tuple[Arrays, list[np.ndarray]]:
+    """The global model after the run's rounds, and each merchant's users fitted on it."""
+    solvers = [ALSSolver(cfg, data) for data in shards]
+    strategy, _ = build_strategy(cfg, len(shards), catalog)
+    arrays = initial_arrays(cfg.init, catalog, cfg.factors, cfg.seed)
+    rng = np.random.default_rng(cfg.seed)  # ALS draws nothing: a placeholder
+    for server_round in range(1, cfg.num_rounds + 1):
+        replies = [_reply(f"partition-{pid}", solver.local_update(arrays, solver.fit_users(arrays, rng, None), rng).arrays)
+                   for pid, solver in enumerate(solvers)]
+        aggregated, _ = strategy.aggregate_train(server_round, replies)
+        assert aggregated is not None, "every reply is valid here"
+        arrays = from_array_record(aggregated)
+    return arrays, [solver.fit_users(arrays, rng, None) for solver in solvers]
+
+
+def run_dataset(name: str) -> list[dict[str, Any]]:
+    started = time.perf_counter()
+    cfg = base_cell(name)
+    dataset = load_dataset(cfg)
+    split = cold_split(dataset.log, len(dataset.catalog), seed=cfg.seed)
+    warm = Dataset(dataset.name, dataset.catalog, split.warm_log)
+    shards = [data for _, data in shard_data(cfg, warm, CLIENTS)]
+    features = content_features(dataset.catalog)
+    arrays, users = federated_als(cfg, dataset.catalog, shards)
+    per_merchant = [evaluate_cold_start(dataset.catalog, features, split, arrays, data.user_ids, factors, seed=cfg.seed)
+                    for data, factors in zip(shards, users)]
+    print(f"\n## {name}: {int(split.cold.sum())} cold ads of {len(dataset.catalog)}, {len(split.test_users)} test users, "
+          f"{features.matrix.shape[1]} content features ({time.perf_counter() - started:.0f} s)\n")
+    print("| ranker | HR@10 among cold ads | NDCG@10 among cold ads |\n|---|---|---|")
+    records = []
+    for ranker in RANKERS:
+        weights = np.array([m[ranker]["cold_test_users"] for m in per_merchant])
+        mean = {k: float(np.dot([m[ranker][k] for m in per_merchant], weights) / max(weights.sum(), 1.0)) for k in ("hr10_cold", "ndcg10_cold")}
+        print(f"| {ranker} | {mean['hr10_cold']:.4f} | {mean['ndcg10_cold']:.4f} |")
+        records.append({"dataset": name, "model": "als", "epsilon": None, "split": "cold-start", "ranker": ranker, **mean,
+                        "cold_test_users": int(weights.sum())})
+    return records
+
+
+def main() -> int:
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", choices=sorted(EXPERIMENTS), default=sorted(EXPERIMENTS))
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    present = [name for name in args.datasets if Path(base_cell(name).data_path).exists()]
+    if not present:
+        print("none of the data sets is in ../shared/data: nothing to measure")
+        return 0
+    print(f"{date.today()} on {platform.node()} ({platform.machine()}), {CLIENTS} IID merchants, federated ALS without DP")
+    records = []
+    with server_identity():
+        for name in present:
+            records += run_dataset(name)
+    kept = [r for r in json.loads(args.output.read_text()) if r["dataset"] not in present] if args.output.exists() else []
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(kept + records, indent=2) + "\n")
+    print(f"\n{len(records)} records -> {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
