@@ -1,6 +1,6 @@
 """Cold-start ads on real data: ads nobody interacted with, ranked by their public content (issue 17).
 
-    .venv/bin/python benchmarks/cold_start.py [--datasets ml100k beauty]
+    .venv/bin/python benchmarks/cold_start.py [--datasets ml100k beauty] [--epsilon 8]
 
 For each data set (its shipped experiment file, the federated cell without DP, 5 IID merchants),
 10% of the catalog is held out of training entirely (simulations/cold_start.py). Federated ALS
@@ -11,6 +11,10 @@ n-grams; MovieLens: titles and genres, Beauty: brand and category attributes, no
 a ridge map fitted on the warm ads' trained parameters. Every merchant ranks, for each of its
 users with a positive on a held-out ad, the earliest such ad among all held-out ads, by
 "content", by "category-popularity" and at random. Means weigh each merchant by its test users.
+With `--epsilon E`, the experiment's private-ALS cell at E instead (2 releases, every merchant
+adding the full Gaussian noise of its release, plain aggregation: the conservative path, as
+benchmarks/private_als_tricks.py noises); the content map reads only the private model's global
+parameters, so the cold ads' placement costs no more privacy.
 
 Writes benchmarks/results/cold_start.json: records with dataset, model, epsilon (null: no DP),
 split ("cold-start"), ranker, hr10_cold, ndcg10_cold, cold_test_users.
@@ -22,6 +26,7 @@ import argparse
 import json
 import logging
 import platform
+import secrets
 import sys
 import time
 from datetime import date
@@ -39,13 +44,16 @@ from client.node_data import NodeData  # noqa: E402
 from client.privacy.plan import WITHOUT_DP, wire_dtype  # noqa: E402
 from client.solvers.als import ALSSolver  # noqa: E402
 from server.strategies import build_strategy  # noqa: E402
+from shared.accounting import calibrate_noise_multiplier  # noqa: E402
+from shared.als import add_noise, round_budget_shares  # noqa: E402
 from shared.config import RunConfig  # noqa: E402
 from shared.content import content_features  # noqa: E402
 from shared.data.schema import AdCatalog, Dataset  # noqa: E402
 from shared.data.sources import load_dataset  # noqa: E402
 from shared.flower_internals import server_identity  # noqa: E402
 from shared.params import initial_arrays  # noqa: E402
-from shared.wire import Arrays, TrainReply, from_array_record  # noqa: E402
+from shared.privacy_policy import PrivacyPolicy  # noqa: E402
+from shared.wire import Arrays, PrivacyReport, TrainReply, from_array_record  # noqa: E402
 from simulations.baselines import shard_data  # noqa: E402
 from simulations.cold_start import cold_split, evaluate_cold_start  # noqa: E402
 from simulations.experiment import expand_cells, load_experiment  # noqa: E402
@@ -62,9 +70,18 @@ def base_cell(name: str) -> RunConfig:
     return cells[0].config
 
 
-def _reply(client: str, stats: Arrays) -> Message:
+def _reply(client: str, stats: Arrays, privacy: PrivacyReport) -> Message:
     request = Message(content=RecordDict(), dst_node_id=1, message_type="train")
-    return TrainReply(client, wire_dtype(stats), None, {}, WITHOUT_DP).to_message(request)
+    return TrainReply(client, wire_dtype(stats), None, {}, privacy).to_message(request)
+
+
+def private_cell(name: str, epsilon: float) -> RunConfig:
+    """The experiment's private-ALS cell at `epsilon` (5 merchants)."""
+    cells = [c.config for c in expand_cells(load_experiment(EXPERIMENTS[name])) if c.clients == CLIENTS
+             and c.config.privacy == "user" and c.config.mf_solver == "als" and c.config.target_epsilon == epsilon]
+    if not cells:
+        raise SystemExit(f"{name}'s experiment has no private-ALS cell at epsilon {epsilon:g}")
+    return cells[0]
 
 
 def federated_als(cfg: RunConfig, catalog: AdCatalog, shards: list[NodeData]) -> tuple[Arrays, list[np.ndarray]]:
@@ -72,19 +89,34 @@ def federated_als(cfg: RunConfig, catalog: AdCatalog, shards: list[NodeData]) ->
     solvers = [ALSSolver(cfg, data) for data in shards]
     strategy, _ = build_strategy(cfg, len(shards), catalog)
     arrays = initial_arrays(cfg.init, catalog, cfg.factors, cfg.seed)
-    rng = np.random.default_rng(cfg.seed)  # ALS draws nothing: a placeholder
+    rng = np.random.default_rng(cfg.seed)  # the user step and the statistics draw nothing
+    noise_rng = np.random.default_rng(secrets.randbits(128))  # DP noise: never from the public run seed
+    private = cfg.privacy == "user"
+    sigma = 0.0
+    if private:
+        delta = PrivacyPolicy.for_simulation(cfg).delta_for(cfg)  # public, as the merchants' own
+        sigma = calibrate_noise_multiplier(cfg.target_epsilon, delta, 1.0, steps=1)
+    shares = round_budget_shares(cfg.num_rounds, cfg.als_budget_growth)
     for server_round in range(1, cfg.num_rounds + 1):
-        replies = [_reply(f"partition-{pid}", solver.local_update(arrays, solver.fit_users(arrays, rng, None), rng).arrays)
-                   for pid, solver in enumerate(solvers)]
+        replies = []
+        for pid, solver in enumerate(solvers):
+            stats = solver.local_update(arrays, solver.fit_users(arrays, rng, None), rng).arrays
+            if not private:
+                replies.append(_reply(f"partition-{pid}", stats, WITHOUT_DP))
+                continue
+            # the round's share of the budget: Gaussian releases compose as sum of 1 / sigma^2
+            round_sigma = sigma / float(np.sqrt(shares[server_round - 1]))
+            noisy = add_noise(stats, solver.noise_stds(round_sigma), noise_rng)
+            replies.append(_reply(f"partition-{pid}", noisy, PrivacyReport(cfg.target_epsilon, round_sigma)))
         aggregated, _ = strategy.aggregate_train(server_round, replies)
         assert aggregated is not None, "every reply is valid here"
         arrays = from_array_record(aggregated)
     return arrays, [solver.fit_users(arrays, rng, None) for solver in solvers]
 
 
-def run_dataset(name: str) -> list[dict[str, Any]]:
+def run_dataset(name: str, epsilon: float | None) -> list[dict[str, Any]]:
     started = time.perf_counter()
-    cfg = base_cell(name)
+    cfg = base_cell(name) if epsilon is None else private_cell(name, epsilon)
     dataset = load_dataset(cfg)
     split = cold_split(dataset.log, len(dataset.catalog), seed=cfg.seed)
     warm = Dataset(dataset.name, dataset.catalog, split.warm_log)
@@ -93,7 +125,8 @@ def run_dataset(name: str) -> list[dict[str, Any]]:
     arrays, users = federated_als(cfg, dataset.catalog, shards)
     per_merchant = [evaluate_cold_start(dataset.catalog, features, split, arrays, data.user_ids, factors, seed=cfg.seed)
                     for data, factors in zip(shards, users)]
-    print(f"\n## {name}: {int(split.cold.sum())} cold ads of {len(dataset.catalog)}, {len(split.test_users)} test users, "
+    privacy = "no DP" if epsilon is None else f"epsilon {epsilon:g}"
+    print(f"\n## {name}, {privacy}: {int(split.cold.sum())} cold ads of {len(dataset.catalog)}, {len(split.test_users)} test users, "
           f"{features.matrix.shape[1]} content features ({time.perf_counter() - started:.0f} s)\n")
     print("| ranker | HR@10 among cold ads | NDCG@10 among cold ads |\n|---|---|---|")
     records = []
@@ -101,7 +134,7 @@ def run_dataset(name: str) -> list[dict[str, Any]]:
         weights = np.array([m[ranker]["cold_test_users"] for m in per_merchant])
         mean = {k: float(np.dot([m[ranker][k] for m in per_merchant], weights) / max(weights.sum(), 1.0)) for k in ("hr10_cold", "ndcg10_cold")}
         print(f"| {ranker} | {mean['hr10_cold']:.4f} | {mean['ndcg10_cold']:.4f} |")
-        records.append({"dataset": name, "model": "als", "epsilon": None, "split": "cold-start", "ranker": ranker, **mean,
+        records.append({"dataset": name, "model": "als", "epsilon": epsilon, "split": "cold-start", "ranker": ranker, **mean,
                         "cold_test_users": int(weights.sum())})
     return records
 
@@ -110,18 +143,21 @@ def main() -> int:
     logging.getLogger("flwr").setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", choices=sorted(EXPERIMENTS), default=sorted(EXPERIMENTS))
+    parser.add_argument("--epsilon", type=float, default=None, help="the private-ALS cell at this epsilon instead of no DP")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     present = [name for name in args.datasets if Path(base_cell(name).data_path).exists()]
     if not present:
         print("none of the data sets is in ../shared/data: nothing to measure")
         return 0
-    print(f"{date.today()} on {platform.node()} ({platform.machine()}), {CLIENTS} IID merchants, federated ALS without DP")
+    print(f"{date.today()} on {platform.node()} ({platform.machine()}), {CLIENTS} IID merchants, federated ALS "
+          + ("without DP" if args.epsilon is None else f"at epsilon {args.epsilon:g} (plain aggregation)"))
     records = []
     with server_identity():
         for name in present:
-            records += run_dataset(name)
-    kept = [r for r in json.loads(args.output.read_text()) if r["dataset"] not in present] if args.output.exists() else []
+            records += run_dataset(name, args.epsilon)
+    kept = [r for r in json.loads(args.output.read_text()) if (r["dataset"], r["epsilon"]) not in {(n, args.epsilon) for n in present}] \
+        if args.output.exists() else []
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(kept + records, indent=2) + "\n")
     print(f"\n{len(records)} records -> {args.output}")
