@@ -23,7 +23,6 @@ split ("cold-start"), ranker, hr10_cold, ndcg10_cold, cold_test_users.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import secrets
@@ -37,8 +36,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # a site-packages `benchmarks` shadows this folder
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from flwr.app import Message, RecordDict  # noqa: E402
+from results_file import merged, write_records  # noqa: E402
 
 from client.node_data import NodeData  # noqa: E402
 from client.privacy.plan import WITHOUT_DP, wire_dtype  # noqa: E402
@@ -156,10 +157,7 @@ def main() -> int:
     with server_identity():
         for name in present:
             records += run_dataset(name, args.epsilon)
-    kept = [r for r in json.loads(args.output.read_text()) if (r["dataset"], r["epsilon"]) not in {(n, args.epsilon) for n in present}] \
-        if args.output.exists() else []
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(kept + records, indent=2) + "\n")
+    write_records(args.output, merged(args.output, records, lambda r: r["dataset"] in present and r["epsilon"] == args.epsilon))
     print(f"\n{len(records)} records -> {args.output}")
     return 0
 

@@ -48,8 +48,10 @@ import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a site-packages `benchmarks` shadows this folder
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from flwr.app import Message, RecordDict
+from results_file import merged, write_records
 
 from client.node_data import EVAL_NEGATIVES, NodeData
 from client.privacy.plan import WITHOUT_DP, wire_dtype
@@ -320,10 +322,8 @@ def main() -> int:
         return 0
     # the data sets run replace their records; the file keeps the others' (runs one data set at a time)
     replaced = {(r["dataset"], r["method"]) for r in records}
-    kept = [r for r in json.loads(args.output.read_text()) if (r["dataset"], r["method"]) not in replaced
-            and (args.federated_only or r["dataset"] not in args.datasets)] if args.output.exists() else []
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(kept + records, indent=2) + "\n")
+    write_records(args.output, merged(args.output, records, lambda r: (r["dataset"], r["method"]) in replaced
+                                      or (not args.federated_only and r["dataset"] in args.datasets)))
     print(f"\n{len(records)} records -> {args.output}; settings: {json.dumps(chosen)}")
     return 0
 

@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # a site-packages `benchmarks` shadows this folder
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from results_file import merged, write_records  # noqa: E402
 from secure_aggregation import KEYS as SECURE_KEYS  # noqa: E402
 from secure_aggregation import MERCHANTS, _configs, _run, _upload_bytes  # noqa: E402
 
@@ -143,11 +144,10 @@ def main() -> int:
                     records.append(_record(name, epsilon, "dp-popularity", False, floor))
                     secure_records.append({"dataset": name, "epsilon": epsilon, "mode": "dp-popularity", **floor,
                                            "round_seconds": None, "bytes_per_client": None})
-    peers = _peer_records(list(plans))
-    if args.only_federated and args.results.exists():  # the private cells and floors stay as they were measured
-        fresh = {(r["dataset"], r["method"]) for r in records + peers}
-        records += [r for r in json.loads(args.results.read_text()) if (r["dataset"], r["method"]) not in fresh]
-    records += peers
+    records += _peer_records(list(plans))
+    if args.only_federated:  # its own records and the peers' replaced; the private cells and floors stay as measured
+        fresh = {(r["dataset"], r["method"]) for r in records}
+        records = merged(args.results, records, lambda r: (r["dataset"], r["method"]) in fresh)
     print(f"whole benchmark {time.perf_counter() - started:.0f} s")
     order = {"toppop": 0, "federated": 1, "implicit-als": 2, "dp-popularity": 3, "private-als": 4}
     records.sort(key=lambda r: (r["dataset"], r["epsilon"] or 0.0, order[r["method"]], r["secure_aggregation"]))
@@ -157,8 +157,7 @@ def main() -> int:
         print("| " + " | ".join("-" if record[k] is None else (f"{record[k]:.4f}" if isinstance(record[k], float) else str(record[k]))
                                 for k in KEYS) + " |")
     print("\n" + "\n".join(_verdicts(records)))
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(records, indent=2) + "\n")
+    write_records(args.results, records)
     print(f"\nrecords: {args.results}")
     if args.secure_results:
         mode_order = {"none": 0, "dp-popularity": 1, "plain": 2, "secure": 3}
