@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import logging
 import platform
-import secrets
 import sys
 import time
 from datetime import date
@@ -38,92 +37,30 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # a site-packages `benchmarks` shadows this folder
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from flwr.app import Message, RecordDict  # noqa: E402
+import federated_als  # noqa: E402
 from results_file import merged, write_records  # noqa: E402
 
-from client.node_data import NodeData  # noqa: E402
-from client.privacy.plan import WITHOUT_DP, wire_dtype  # noqa: E402
-from client.solvers.als import ALSSolver  # noqa: E402
-from server.strategies import build_strategy  # noqa: E402
-from shared.accounting import calibrate_noise_multiplier  # noqa: E402
-from shared.als import add_noise, round_budget_shares  # noqa: E402
-from shared.config import RunConfig  # noqa: E402
 from shared.content import content_features  # noqa: E402
-from shared.data.schema import AdCatalog, Dataset  # noqa: E402
+from shared.data.schema import Dataset  # noqa: E402
 from shared.data.sources import load_dataset  # noqa: E402
 from shared.flower_internals import server_identity  # noqa: E402
-from shared.params import initial_arrays  # noqa: E402
-from shared.privacy_policy import PrivacyPolicy  # noqa: E402
-from shared.wire import Arrays, PrivacyReport, TrainReply, from_array_record  # noqa: E402
 from simulations.baselines import shard_data  # noqa: E402
 from simulations.cold_start import cold_split, evaluate_cold_start  # noqa: E402
-from simulations.experiment import expand_cells, load_experiment  # noqa: E402
 
-EXPERIMENTS = {"ml100k": ROOT / "experiments" / "ml100k.toml", "beauty": ROOT / "experiments" / "beauty.toml"}
 RESULTS = ROOT / "benchmarks" / "results" / "cold_start.json"
-CLIENTS = 5
+CLIENTS = federated_als.CLIENTS
 RANKERS = ("content", "category-popularity", "random")
-
-
-def base_cell(name: str) -> RunConfig:
-    """The experiment's federated cell without DP at 5 merchants: what its sweep runs."""
-    cells = [c for c in expand_cells(load_experiment(EXPERIMENTS[name])) if c.clients == CLIENTS and c.config.privacy == "none"]
-    return cells[0].config
-
-
-def _reply(client: str, stats: Arrays, privacy: PrivacyReport) -> Message:
-    request = Message(content=RecordDict(), dst_node_id=1, message_type="train")
-    return TrainReply(client, wire_dtype(stats), None, {}, privacy).to_message(request)
-
-
-def private_cell(name: str, epsilon: float) -> RunConfig:
-    """The experiment's private-ALS cell at `epsilon` (5 merchants)."""
-    cells = [c.config for c in expand_cells(load_experiment(EXPERIMENTS[name])) if c.clients == CLIENTS
-             and c.config.privacy == "user" and c.config.mf_solver == "als" and c.config.target_epsilon == epsilon]
-    if not cells:
-        raise SystemExit(f"{name}'s experiment has no private-ALS cell at epsilon {epsilon:g}")
-    return cells[0]
-
-
-def federated_als(cfg: RunConfig, catalog: AdCatalog, shards: list[NodeData]) -> tuple[Arrays, list[np.ndarray]]:
-    """The global model after the run's rounds, and each merchant's users fitted on it."""
-    solvers = [ALSSolver(cfg, data) for data in shards]
-    strategy, _ = build_strategy(cfg, len(shards), catalog)
-    arrays = initial_arrays(cfg.init, catalog, cfg.factors, cfg.seed)
-    rng = np.random.default_rng(cfg.seed)  # the user step and the statistics draw nothing
-    noise_rng = np.random.default_rng(secrets.randbits(128))  # DP noise: never from the public run seed
-    private = cfg.privacy == "user"
-    sigma = 0.0
-    if private:
-        delta = PrivacyPolicy.for_simulation(cfg).delta_for(cfg)  # public, as the merchants' own
-        sigma = calibrate_noise_multiplier(cfg.target_epsilon, delta, 1.0, steps=1)
-    shares = round_budget_shares(cfg.num_rounds, cfg.als_budget_growth)
-    for server_round in range(1, cfg.num_rounds + 1):
-        replies = []
-        for pid, solver in enumerate(solvers):
-            stats = solver.local_update(arrays, solver.fit_users(arrays, rng, None), rng).arrays
-            if not private:
-                replies.append(_reply(f"partition-{pid}", stats, WITHOUT_DP))
-                continue
-            # the round's share of the budget: Gaussian releases compose as sum of 1 / sigma^2
-            round_sigma = sigma / float(np.sqrt(shares[server_round - 1]))
-            noisy = add_noise(stats, solver.noise_stds(round_sigma), noise_rng)
-            replies.append(_reply(f"partition-{pid}", noisy, PrivacyReport(cfg.target_epsilon, round_sigma)))
-        aggregated, _ = strategy.aggregate_train(server_round, replies)
-        assert aggregated is not None, "every reply is valid here"
-        arrays = from_array_record(aggregated)
-    return arrays, [solver.fit_users(arrays, rng, None) for solver in solvers]
 
 
 def run_dataset(name: str, epsilon: float | None) -> list[dict[str, Any]]:
     started = time.perf_counter()
-    cfg = base_cell(name) if epsilon is None else private_cell(name, epsilon)
+    cfg = federated_als.experiment_cell(name, epsilon)
     dataset = load_dataset(cfg)
     split = cold_split(dataset.log, len(dataset.catalog), seed=cfg.seed)
     warm = Dataset(dataset.name, dataset.catalog, split.warm_log)
     shards = [data for _, data in shard_data(cfg, warm, CLIENTS)]
     features = content_features(dataset.catalog)
-    arrays, users = federated_als(cfg, dataset.catalog, shards)
+    arrays, users = federated_als.train(cfg, dataset.catalog, shards)
     per_merchant = [evaluate_cold_start(dataset.catalog, features, split, arrays, data.user_ids, factors, seed=cfg.seed)
                     for data, factors in zip(shards, users)]
     privacy = "no DP" if epsilon is None else f"epsilon {epsilon:g}"
@@ -143,11 +80,11 @@ def run_dataset(name: str, epsilon: float | None) -> list[dict[str, Any]]:
 def main() -> int:
     logging.getLogger("flwr").setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", choices=sorted(EXPERIMENTS), default=sorted(EXPERIMENTS))
+    parser.add_argument("--datasets", nargs="+", choices=sorted(federated_als.EXPERIMENTS), default=sorted(federated_als.EXPERIMENTS))
     parser.add_argument("--epsilon", type=float, default=None, help="the private-ALS cell at this epsilon instead of no DP")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
-    present = [name for name in args.datasets if Path(base_cell(name).data_path).exists()]
+    present = [name for name in args.datasets if Path(federated_als.experiment_cell(name).data_path).exists()]
     if not present:
         print("none of the data sets is in ../shared/data: nothing to measure")
         return 0

@@ -50,29 +50,21 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a site-packages `benchmarks` shadows this folder
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from flwr.app import Message, RecordDict
+import federated_als
 from results_file import merged, write_records
 
 from client.node_data import EVAL_NEGATIVES, NodeData
-from client.privacy.plan import WITHOUT_DP, wire_dtype
-from client.solvers.als import ALSSolver
-from server.als_aggregation import ALSAggregation
-from server.strategies import build_strategy
 from shared.config import RunConfig
 from shared.data.schema import AdCatalog
 from shared.data.sources import load_dataset
 from shared.data.split import NO_TEST, UserSplit, sample_eval_negatives
 from shared.flower_internals import server_identity
 from shared.metrics import NUM_TEST_USERS
-from shared.params import initial_arrays
-from shared.wire import AD_BIAS, AD_FACTORS, Arrays, TrainReply, from_array_record
+from shared.wire import AD_BIAS, AD_FACTORS
 from simulations.baselines import shard_data
-from simulations.experiment import expand_cells, load_experiment
 
-REPO = Path(__file__).resolve().parents[1]
-EXPERIMENTS = {"ml100k": REPO / "experiments" / "ml100k.toml", "beauty": REPO / "experiments" / "beauty.toml"}
-RESULTS = REPO / "benchmarks" / "results" / "implicit_vs_federated.json"
-CLIENTS = 5
+RESULTS = federated_als.ROOT / "benchmarks" / "results" / "implicit_vs_federated.json"
+CLIENTS = federated_als.CLIENTS
 REPORTED = ("ndcg10_sampled", "ndcg10_full", "hr10_sampled", "hr10_full")
 # the issue's two targets: they weigh the same in the choices on the validation slice (best_of)
 SELECTION = ("ndcg10_sampled", "ndcg10_full")
@@ -96,12 +88,6 @@ class ImplicitSetting:
 
     def label(self) -> str:
         return f"alpha {self.alpha:g}, reg {self.regularization:g}, {self.iterations} it"
-
-
-def base_cell(name: str) -> RunConfig:
-    """The experiment's federated cell without DP at 5 merchants: what its sweep runs."""
-    cells = [c for c in expand_cells(load_experiment(EXPERIMENTS[name])) if c.clients == CLIENTS and c.config.privacy == "none"]
-    return cells[0].config
 
 
 def weighted(results: list[dict[str, float]]) -> dict[str, float]:
@@ -139,32 +125,11 @@ def validation_data(data: NodeData, seed: int) -> NodeData:
 
 
 # ------------------------------------------------------------------------------- federated
-def _reply(client: str, stats: Arrays) -> Message:
-    """The no-privacy plan's reply (client/privacy/plan.NoPrivacy): exact float32 statistics, epsilon infinite."""
-    request = Message(content=RecordDict(), dst_node_id=1, message_type="train")
-    return TrainReply(client, wire_dtype(stats), None, {}, WITHOUT_DP).to_message(request)
-
-
 def federated(cfg: RunConfig, catalog: AdCatalog, shards: list[NodeData]) -> dict[str, float]:
-    """The Flower run's computation, in-process: rounds of local statistics and the server's solve,
-    then every merchant's evaluation of the final model."""
-    solvers = [ALSSolver(cfg, data) for data in shards]
-    strategy, _ = build_strategy(cfg, len(shards), catalog)
-    assert isinstance(strategy, ALSAggregation), "mf-solver als without DP"
-    arrays = initial_arrays(cfg.init, catalog, cfg.factors, cfg.seed)
-    rng = np.random.default_rng(cfg.seed)  # ALS's user step and statistics draw nothing: a placeholder
-    for server_round in range(1, cfg.num_rounds + 1):
-        replies = []
-        for pid, solver in enumerate(solvers):
-            stats = solver.local_update(arrays, solver.fit_users(arrays, rng, None), rng).arrays
-            reply = _reply(f"partition-{pid}", stats)
-            received = TrainReply.from_message(reply)
-            strategy.check_reply(received.arrays, received.metric_record())  # what the round loop checks first
-            replies.append(reply)
-        aggregated, _ = strategy.aggregate_train(server_round, replies)
-        assert aggregated is not None, "every reply is valid here"
-        arrays = from_array_record(aggregated)
-    return weighted([solver.data.evaluate(arrays, solver.fit_users(arrays, rng, None)) for solver in solvers])
+    """The Flower run's computation, in-process (benchmarks/federated_als.py), then every
+    merchant's evaluation of the final model."""
+    arrays, users = federated_als.train(cfg, catalog, shards)
+    return weighted([data.evaluate(arrays, factors) for data, factors in zip(shards, users)])
 
 
 # -------------------------------------------------------------------------------- implicit
@@ -196,7 +161,7 @@ def implicit_als(shards: list[NodeData], factors: int, setting: ImplicitSetting,
 # ------------------------------------------------------------------------------------- run
 def run_dataset(name: str, args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     started = time.perf_counter()
-    cfg = base_cell(name)
+    cfg = federated_als.experiment_cell(name)
     if args.set:
         cfg = cfg.with_values("--set", **dict(item.split("=", 1) for item in args.set))
     dataset = load_dataset(cfg)
@@ -286,7 +251,7 @@ def federated_label(cfg: RunConfig) -> str:
 def main() -> int:
     logging.getLogger("flwr").setLevel(logging.WARNING)  # the strategy's per-round lines (the project logs under it)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", choices=sorted(EXPERIMENTS), default=["ml100k", "beauty"])
+    parser.add_argument("--datasets", nargs="+", choices=sorted(federated_als.EXPERIMENTS), default=["ml100k", "beauty"])
     parser.add_argument("--alphas", nargs="+", type=float, default=list(ALPHAS), help="implicit's confidence grid")
     parser.add_argument("--regularizations", nargs="+", type=float, default=list(REGULARIZATIONS), help="implicit's L2 grid")
     parser.add_argument("--iterations", nargs="+", type=int, default=[15, 30], help="implicit's iterations grid")
@@ -306,9 +271,9 @@ def main() -> int:
     except ImportError:
         print("implicit is not installed (pip install -e '.[benchmarks]'): nothing to compare, skipping")
         return 0
-    missing = [name for name in args.datasets if not Path(base_cell(name).data_path).exists()]
+    missing = [name for name in args.datasets if not Path(federated_als.experiment_cell(name).data_path).exists()]
     if missing:
-        print(f"no data for {', '.join(missing)} ({', '.join(base_cell(n).data_path for n in missing)}): skipping")
+        print(f"no data for {', '.join(missing)} ({', '.join(federated_als.experiment_cell(n).data_path for n in missing)}): skipping")
         return 0
     print(f"{date.today()} on {platform.node()} ({platform.machine()}), {args.threads} thread(s)")
     records, chosen = [], []

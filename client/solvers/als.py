@@ -8,8 +8,6 @@ whose per-statistic noise follows their sensitivities (`noise_stds`, client/priv
 
 from __future__ import annotations
 
-from functools import cached_property
-
 import numpy as np
 
 from client.node_data import NodeData
@@ -29,10 +27,6 @@ class ALSSolver(Solver):
         self.settings = ALSSettings.from_config(cfg)
 
     def user_step(self) -> ALSUserStep:
-        return self._user_step
-
-    @cached_property
-    def _user_step(self) -> ALSUserStep:
         return ALSUserStep.from_config(self.cfg, self.data.rows, self.data.num_ads)
 
     def fit_users(self, arrays: Arrays, rng: np.random.Generator, previous: np.ndarray | None) -> np.ndarray:
