@@ -103,7 +103,7 @@ def main() -> int:
                 times[mode].append((time.perf_counter() - started) / args.epochs)
         median = {m: statistics.median(t) for m, t in times.items()}
         ratio = {m: statistics.median(a / b for a, b in zip(times[m], times["plain"])) for m in ("hooks", "ghost", "fused")}
-        auto = resolve_grad_sample_mode("auto", len(dataset.catalog), args.factors, q * split.num_users)
+        auto = resolve_grad_sample_mode("auto", len(dataset.catalog) * (args.factors + 1), q * split.num_users)
         print(f"| {name} | {split.num_users} | {len(dataset.catalog)} | {median['plain']:.3f} | {median['hooks']:.3f} | "
               f"{median['ghost']:.3f} | {median['fused']:.3f} | {ratio['hooks']:.2f} | {ratio['ghost']:.2f} | "
               f"{ratio['fused']:.2f} | {auto} |", flush=True)

@@ -47,7 +47,7 @@ from shared.config import RunConfig
 from shared.data.sources import load_catalog, load_dataset
 from shared.flower_internals import server_identity
 from shared.metrics import NUM_TEST_USERS
-from shared.params import initial_arrays
+from shared.params import global_shapes, initial_arrays
 from shared.privacy_policy import PrivacyPolicy
 from shared.wire import AD_BIAS, AD_FACTORS, ALS_POSITIVES, ALS_TARGET, CONFIG, SERVER_ROUND, Arrays, PrivacyReport, TrainReply, from_array_record
 from simulations.baselines import shard_data
@@ -89,7 +89,7 @@ def run(cfg: RunConfig, shards: list[NodeData], catalog: Any, attack: Attack | N
     shares = round_budget_shares(cfg.num_rounds, cfg.als_budget_growth)
     sigma = calibrate_noise_multiplier(cfg.target_epsilon, PrivacyPolicy.for_simulation(cfg).delta_for(cfg), 1.0, steps=1) if private else 0.0
     strategy, _ = build_strategy(cfg, MERCHANTS, catalog)
-    loop = RoundLoop(strategy, grid=None, num_ads=len(catalog), dim=cfg.factors)  # type: ignore[arg-type]
+    loop = RoundLoop(strategy, grid=None, shapes=global_shapes(cfg, len(catalog)))  # type: ignore[arg-type]
     arrays = initial_arrays(cfg.init, catalog, cfg.factors, cfg.seed)
     rng = np.random.default_rng(seed)
     dropped = 0

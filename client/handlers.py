@@ -29,7 +29,7 @@ from client.solvers.registry import SOLVERS, solver_for
 from shared.app_log import log
 from shared.config import RunConfig
 from shared.node_config import NodeConfig
-from shared.params import check_global_arrays
+from shared.params import check_global_arrays, global_shapes, user_dim
 from shared.privacy_policy import PolicyViolation
 from shared.wire import Arrays, EvaluateReply, TrainReply, failure, read_instruction, recorded_reply, refusal
 
@@ -56,7 +56,7 @@ def _handle(msg: Message, context: Context, step: Step) -> Message:
     try:
         node = load_node(cfg, node_config)
         arrays, server_round = read_instruction(msg)
-        check_global_arrays(arrays, node.data.num_ads, cfg.factors)
+        check_global_arrays(arrays, global_shapes(cfg, node.data.num_ads))
         threshold = secure_threshold(context)  # set by the node's own SecAgg+ mod, never by a message
         # read, check, release and record as one: the SuperNode may run this node's messages at once
         with PrivacyLedger.lock(node.state.directory):
@@ -87,7 +87,7 @@ def _rng(cfg: RunConfig, node: Node, server_round: int, purpose: int) -> np.rand
 
 
 def _fit_and_store_users(cfg: RunConfig, node: Node, solver: Solver, arrays: Arrays, rng: np.random.Generator) -> np.ndarray:
-    previous = node.state.load_user_factors(node.data.user_ids, cfg.factors) if solver.warm_starts_users else None
+    previous = node.state.load_user_factors(node.data.user_ids, user_dim(arrays)) if solver.warm_starts_users else None
     factors = solver.fit_users(arrays, rng, previous)
     node.state.save_user_factors(node.data.user_ids, factors)
     return factors

@@ -26,7 +26,7 @@ from client.merchant_files import (
 from client.serving import Recommendation, fold_in, recommend, seen_ads
 from shared.data.log_formats import detect_log_format
 from shared.data.schema import AdCatalog, Event, InteractionLog
-from shared.wire import AD_FACTORS
+from shared.params import user_dim
 
 EXIT_OK = 0
 # Integer timestamps at or past this are shown as UTC dates too; smaller ones are more likely a
@@ -164,7 +164,7 @@ def cmd_recommend(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     log = load_log(args.log, catalog, strict=not args.lenient)
     state = open_state(args.state_dir)
     arrays, server_round = load_global_model(state, catalog)
-    factors = load_stored_factors(state, arrays[AD_FACTORS].shape[1])
+    factors = load_stored_factors(state, user_dim(arrays))
     if not factors:
         raise CliError(f"{state.user_factors_path}: no user factors stored yet: train a round, or run `fold-in` for the log's users")
     users, skipped = _users_to_serve(args.users, log, factors)
@@ -193,7 +193,7 @@ def cmd_fold_in(args: argparse.Namespace, out: TextIO) -> int:
     catalog = load_catalog(args.catalog)
     log = load_log(args.log, catalog, strict=not args.lenient)
     arrays, server_round = load_global_model(state, catalog)
-    dim = arrays[AD_FACTORS].shape[1]
+    dim = user_dim(arrays)
     stored = load_stored_factors(state, dim)
     in_log = sorted({str(u) for u in log.user.tolist()})
     if args.users:

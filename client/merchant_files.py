@@ -15,13 +15,13 @@ from pydantic import ValidationError
 
 from client.node_state import GLOBAL_MODEL_FILE, NodeState
 from client.privacy.ledger import LEDGER_FILE, PrivacyLedger, PrivacyRefusal
-from client.user_step import ALSUserStep, SGDUserStep
+from client.user_step import AnyUserStep, SGDUserStep
 from shared.data.loaders import load_catalog_file, load_log_file, load_log_with_own_catalog
 from shared.data.log_formats import accepted_formats_text
 from shared.data.schema import AdCatalog, DataValidationError, FileFormatError, InteractionLog
-from shared.params import check_global_arrays
+from shared.params import check_global_arrays, stored_shapes
 from shared.storage import load_npz
-from shared.wire import AD_FACTORS, Arrays
+from shared.wire import AD_BIAS, Arrays
 
 Loaded = TypeVar("Loaded")
 
@@ -78,16 +78,16 @@ def load_global_model(state: NodeState, catalog: AdCatalog) -> tuple[Arrays, int
     if loaded is None:
         raise CliError(f"{state.directory}: no global model yet (train at least one round with this state directory)")
     arrays, server_round = loaded
-    factors = arrays.get(AD_FACTORS)
-    if factors is None or factors.ndim != 2:
-        raise CliError(f"{state.directory / GLOBAL_MODEL_FILE}: holds no [ads, factors] array '{AD_FACTORS}'")
-    if factors.shape[0] != len(catalog):
+    ad_rows = arrays.get(AD_BIAS)
+    if ad_rows is None or ad_rows.ndim != 1:
+        raise CliError(f"{state.directory / GLOBAL_MODEL_FILE}: holds no [ads] array '{AD_BIAS}'")
+    if ad_rows.shape[0] != len(catalog):
         raise CliError(
-            f"{state.directory}: the global model has {factors.shape[0]} ad rows, the catalog {catalog.source} has {len(catalog)} ads: "
+            f"{state.directory}: the global model has {ad_rows.shape[0]} ad rows, the catalog {catalog.source} has {len(catalog)} ads: "
             "not the catalog this model was trained on"
         )
     try:
-        check_global_arrays(arrays, len(catalog), factors.shape[1])
+        check_global_arrays(arrays, stored_shapes(arrays))
     except ValueError as exc:
         raise CliError(f"{state.directory / GLOBAL_MODEL_FILE}: {exc}") from None
     return arrays, server_round
@@ -130,7 +130,7 @@ def load_budget(state_dir: str) -> dict[str, Any]:
     return {"state_dir": str(directory), **ledger.summary()}
 
 
-def load_user_step(state: NodeState, args: argparse.Namespace) -> ALSUserStep | SGDUserStep:
+def load_user_step(state: NodeState, args: argparse.Namespace) -> AnyUserStep:
     """The user step recorded with the model (a model saved without one was trained by SGD, the
     only solver then), with the settings given on the command line taking precedence."""
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.user_step import ALSUserStep, SGDUserStep, parse_user_step
+from client.user_step import AnyUserStep, parse_user_step
 from shared.app_log import log
 from shared.storage import atomic_save_npz, load_npz
 from shared.wire import Arrays
@@ -51,7 +51,7 @@ class NodeState:
                 out[i] = stored["factors"][j]
         return out
 
-    def save_global_model(self, arrays: Arrays, server_round: int, user_step: ALSUserStep | SGDUserStep | None = None) -> None:
+    def save_global_model(self, arrays: Arrays, server_round: int, user_step: AnyUserStep | None = None) -> None:
         """`user_step`: how this run solves a user's factors from the model (client/user_step.py),
         so serving folds new users in exactly as training would."""
         extra = {USER_STEP_KEY: np.array(user_step.model_dump_json())} if user_step is not None else {}
@@ -66,7 +66,7 @@ class NodeState:
         stored.pop(USER_STEP_KEY, None)
         return stored, server_round
 
-    def load_user_step(self) -> ALSUserStep | SGDUserStep | None:
+    def load_user_step(self) -> AnyUserStep | None:
         """The user step recorded with the latest global model (None: not recorded). Raises
         ValueError when the record is not a valid one."""
         path = self.directory / GLOBAL_MODEL_FILE

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from client.user_step import ALSUserStep, SGDUserStep
+from client.user_step import AnyUserStep
 from shared.data.schema import AdCatalog, Event, InteractionLog
 from shared.data.split import NO_TEST, UserSplit, leave_last_out
 from shared.params import score_all
-from shared.wire import AD_FACTORS, Arrays
+from shared.wire import AD_BIAS, Arrays
 
 
 @dataclass(frozen=True)
@@ -78,12 +78,12 @@ def serving_split(log: InteractionLog, num_ads: int) -> UserSplit:
 
 
 def fold_in(
-    log: InteractionLog, arrays: Arrays, users: Sequence[str], step: ALSUserStep | SGDUserStep, seed: int,
+    log: InteractionLog, arrays: Arrays, users: Sequence[str], step: AnyUserStep, seed: int,
 ) -> dict[str, np.ndarray]:
     """Factors of `users` from their rows of `log`, against the frozen global parameters, with
     the user step training used (recorded with the global model); an SGD step samples its
     negatives with `seed` and starts from zero, as training starts a user it has no factors for."""
     rows = np.flatnonzero(np.isin(log.user.astype(str), np.asarray(list(users), dtype=str)))
-    split = serving_split(log.subset(rows), arrays[AD_FACTORS].shape[0])
+    split = serving_split(log.subset(rows), arrays[AD_BIAS].shape[0])
     factors = step.fit(split, arrays, np.random.default_rng(seed))
     return {str(uid): factors[i] for i, uid in enumerate(split.user_ids.tolist())}

@@ -88,6 +88,36 @@ class SGDUserStep(BaseModel):
         return factors.numpy()
 
 
+class NeuMFUserStep(BaseModel):
+    """NeuMF's user step: each user's two embeddings by Adam on their own rows (shared/neumf.py)."""
+
+    model_config = _RECORD
+    solver: Literal["neumf"] = "neumf"
+    user_l2: float = Field(_DEFAULTS["user_l2"].default, gt=0)
+    negatives: int = Field(_DEFAULTS["negatives"].default, ge=1)
+    steps: int = Field(_DEFAULTS["neumf_user_steps"].default, ge=1)
+    learning_rate: float = Field(_DEFAULTS["neumf_user_lr"].default, gt=0)
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> NeuMFUserStep:
+        return cls(user_l2=cfg.user_l2, negatives=cfg.negatives, steps=cfg.neumf_user_steps, learning_rate=cfg.neumf_user_lr)
+
+    def fit(self, split: UserSplit, arrays: Arrays, rng: np.random.Generator, init: np.ndarray | None = None) -> np.ndarray:
+        import torch  # only NeuMF and SGD-trained models need it
+
+        from client.solvers.sgd_rows import build_user_rows
+        from shared.neumf import NeuMF, solve_neumf_users
+
+        rows = build_user_rows(split, rng, self.negatives, max_positives=None)
+        user, column = torch.nonzero(rows.mask, as_tuple=True)
+        model = NeuMF.from_arrays(arrays)
+        vectors = solve_neumf_users(
+            model, user, rows.ads[user, column], rows.labels[user, column], split.num_users, self.user_l2, self.steps,
+            self.learning_rate, None if init is None else torch.as_tensor(init),
+        )
+        return vectors.numpy().astype(np.float32)
+
+
 def _solve_widths(lengths: np.ndarray) -> np.ndarray:
     """Each user's solve width from its own row count: rounded up to a quarter of its power of two
     (at most a quarter of padding, a few widths per octave); exact below 8."""
@@ -112,10 +142,11 @@ def _right_aligned(
     )
 
 
-UserStep = Annotated[ALSUserStep | SGDUserStep, Field(discriminator="solver")]
+AnyUserStep = ALSUserStep | SGDUserStep | NeuMFUserStep
+UserStep = Annotated[AnyUserStep, Field(discriminator="solver")]
 USER_STEP = TypeAdapter(UserStep)
 
 
-def parse_user_step(text: str) -> ALSUserStep | SGDUserStep:
+def parse_user_step(text: str) -> AnyUserStep:
     """A user step record from its JSON (ValueError when it is not one)."""
     return USER_STEP.validate_json(text)

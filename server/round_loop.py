@@ -31,6 +31,7 @@ from flwr.serverapp.strategy import Strategy
 
 from server.secure_round import SecureTraining
 from shared.app_log import log
+from shared.neumf_arrays import Shapes
 from shared.params import check_global_arrays, digest
 from shared.wire import (
     ARRAYS,
@@ -100,11 +101,11 @@ class RunOutcome:
 
 class RoundLoop:
     def __init__(
-        self, strategy: Strategy, grid: Grid, num_ads: int, dim: int,
+        self, strategy: Strategy, grid: Grid, shapes: Shapes,
         timeout: float = 600.0, min_replies: int = 1, retries: int = 0, secure: SecureTraining | None = None,
     ) -> None:
         self.strategy, self.grid, self.secure = strategy, grid, secure
-        self.num_ads, self.dim, self.timeout = num_ads, dim, timeout
+        self.timeout = timeout
         self.min_replies, self.retries = min_replies, retries
         # merchant names by node id, learned from replies: a node that fails is named if it ever answered
         self.names: dict[int, str] = {}
@@ -113,7 +114,7 @@ class RoundLoop:
         self.needs_weights: bool = getattr(strategy, "needs_weights", True)
         # (arrays, metrics) -> None, or ValueError naming what the protocol does not allow
         self.check_reply: Callable[[Arrays, dict[str, float]], None] = getattr(
-            strategy, "check_reply", lambda arrays, metrics: check_global_arrays(arrays, num_ads, dim)
+            strategy, "check_reply", lambda arrays, metrics: check_global_arrays(arrays, shapes)
         )
 
     def _name(self, node_id: int) -> str:

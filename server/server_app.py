@@ -24,7 +24,7 @@ from shared.app_log import log
 from shared.config import RunConfig
 from shared.data.schema import AdCatalog
 from shared.data.sources import load_catalog
-from shared.params import check_global_arrays, initial_arrays
+from shared.params import check_global_arrays, global_shapes, initial_model
 from shared.wire import Arrays, from_array_record, to_array_record
 
 app = ServerApp()
@@ -41,11 +41,11 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.resume:
         done, arrays, history, stored_config = checkpointer.latest()
         check_resume_config(stored_config, config_dump, cfg.accepted_resume_changes)
-        check_global_arrays(arrays, len(catalog), cfg.factors)
+        check_global_arrays(arrays, global_shapes(cfg, len(catalog)))
         log.info("fedads: resuming after round %d of %d (checkpoint in %s)", done, cfg.num_rounds, checkpointer.checkpoints)
     else:
         done, history = 0, []
-        arrays = initial_arrays(cfg.init, catalog, cfg.factors, cfg.seed)
+        arrays = initial_model(cfg, catalog)
     status = RunStatus(checkpointer, flower_run_id=context.run_id, rounds_planned=cfg.num_rounds, rounds_completed=done)
     try:
         _run(cfg, grid, context, checkpointer, catalog, config_dump, status, done, arrays, history)
@@ -65,7 +65,7 @@ def _run(cfg: RunConfig, grid: Grid, context: Context, checkpointer: Checkpointe
         settings = ALSSettings.from_config(cfg)
         secure = SecureTraining(settings, list(settings.stat_shapes(len(catalog), cfg.factors)), cfg.max_users_per_merchant,
                                 cfg.secure_threshold, cfg.reply_timeout, context)
-    loop = RoundLoop(strategy, grid, num_ads=len(catalog), dim=cfg.factors,
+    loop = RoundLoop(strategy, grid, global_shapes(cfg, len(catalog)),
                      timeout=cfg.reply_timeout, min_replies=cfg.quorum, retries=cfg.round_retries, secure=secure)
     if not cfg.resume:
         round_log = RoundLog()

@@ -162,8 +162,17 @@ class RunConfig(BaseModel):
     batch_users: int = Field(64, ge=1, description=(
         "SGD: users per mini-batch; under DP the public divisor of the noisy gradient sum (the shard's size is private)"))
     max_positives_per_user: int = Field(200, ge=1, description="SGD: a user's positives per epoch, at most")
-    mf_solver: Literal["als", "sgd"] = Field("als", description=(
-        "als (alternating least squares; private ALS under privacy = user) | sgd (logistic MF; DP-SGD under privacy = user)"))
+    mf_solver: Literal["als", "sgd", "neumf"] = Field("als", description=(
+        "als (alternating least squares; private ALS under privacy = user) | sgd (logistic MF; DP-SGD under privacy = user) | "
+        "neumf (neural CF: GMF + MLP towers, trained like sgd; DP-SGD with Opacus' per-user clipping under privacy = user)"))
+    neumf_layers: str = Field("32,16", description=(
+        "NeuMF: widths of the MLP tower's hidden layers (comma-separated), after the user and ad embeddings' concatenation"))
+    neumf_content: bool = Field(False, description=(
+        "NeuMF: each ad's embeddings add a learned projection of its public content (category, brand, tags, title n-grams)"))
+    content_dim: int = Field(64, ge=1, le=1024, description=(
+        "NeuMF content tower: width of the catalog's content embedding (a truncated SVD of the sparse content features)"))
+    neumf_user_steps: int = Field(40, ge=1, description="NeuMF: Adam steps of the user step (local, exact, non-private)")
+    neumf_user_lr: float = Field(0.05, gt=0, description="NeuMF: Adam's learning rate in the user step")
     als_alpha0: Annotated[float, Field(gt=0)] | Literal["auto"] = Field("auto", description=(
         "weight of every unobserved (user, ad) pair; auto: 8 x the density (rows / (users x ads)) of the data "
         "each party holds without DP, 0.5 under DP (the density is private)"))
@@ -219,9 +228,13 @@ class RunConfig(BaseModel):
         unknown = self.accepted_resume_changes - set(self.to_flower())
         if unknown:
             raise ValueError(f"resume-accept-changes names unknown keys: {', '.join(sorted(unknown))}")
-        if self.privacy == "client" and self.mf_solver != "sgd":
-            raise ValueError("privacy 'client' (Flower's clipping of whole model updates) needs mf-solver 'sgd': "
+        if self.privacy == "client" and self.mf_solver == "als":
+            raise ValueError("privacy 'client' (Flower's clipping of whole model updates) needs mf-solver 'sgd' or 'neumf': "
                              "ALS replies are statistics, not model updates")
+        if self.mf_solver == "neumf" and self.dp_grad_sample_mode == "fused":
+            raise ValueError("dp-grad-sample-mode 'fused' is MF's closed form; NeuMF's per-user clipping is Opacus' "
+                             "(auto, opacus, hooks or ghost)")
+        self.mlp_layers  # noqa: B018 (validates neumf-layers)
         if self.secure_aggregation and (self.privacy != "user" or self.mf_solver != "als"):
             raise ValueError("secure-aggregation carries the private-ALS release (privacy 'user', mf-solver 'als'): one Gaussian "
                              "sum per round, which several merchants can noise in shares; a DP-SGD update is many noisy steps")
@@ -248,6 +261,17 @@ class RunConfig(BaseModel):
         defaults): the key of data caches, as a simulation actor serves many runs that
         differ only in training or outputs."""
         return RunConfig(**{name: getattr(self, name) for name in DATA_FIELDS})
+
+    @property
+    def mlp_layers(self) -> tuple[int, ...]:
+        """neumf-layers as widths (ValueError when it is not a list of positive integers)."""
+        try:
+            widths = tuple(int(part) for part in self.neumf_layers.split(","))
+        except ValueError:
+            raise ValueError(f"neumf-layers must be comma-separated positive integers, got {self.neumf_layers!r}") from None
+        if not widths or min(widths) < 1:
+            raise ValueError(f"neumf-layers must be comma-separated positive integers, got {self.neumf_layers!r}")
+        return widths
 
     @property
     def quorum(self) -> int:

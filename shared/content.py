@@ -160,3 +160,27 @@ def fit_content_projection(features: sp.csr_array, fitted: np.ndarray, targets: 
     for column in range(goal.shape[1]):
         weights[:, column] = lsqr(rows, goal[:, column], damp=float(np.sqrt(l2)), atol=1e-8, btol=1e-8, iter_lim=2000)[0]
     return weights
+
+
+def content_embedding(features: ContentFeatures, dim: int) -> np.ndarray:
+    """[ads, dim] dense content vectors: the top `dim` left singular directions of the sparse
+    features, scaled by their singular values (a truncated SVD, LSA's embedding of documents),
+    then by one constant so the mean row norm is 1. NeuMF's content tower learns its projection
+    from these (client model: shared/neumf.py): a dense input keeps Opacus' per-user clipping on
+    plain Linear layers. Deterministic: scipy's ARPACK started from a fixed vector. Columns past
+    the features' rank stay zero."""
+    from scipy.sparse.linalg import svds  # only the content tower needs it
+
+    matrix = sp.csr_array(features.matrix).astype(np.float64)
+    out = np.zeros((matrix.shape[0], dim), dtype=np.float64)
+    rank = min(dim, min(matrix.shape) - 1)
+    if rank >= 1 and matrix.nnz:
+        start = np.full(min(matrix.shape), 1.0 / np.sqrt(min(matrix.shape)))
+        left, values, _ = svds(matrix, k=rank, v0=start, random_state=0)
+        order = np.argsort(values)[::-1]
+        left, values = left[:, order], values[order]
+        left *= np.where(left.sum(axis=0) < 0, -1.0, 1.0)  # a fixed sign per direction
+        out[:, :rank] = left * values
+    norms = np.linalg.norm(out, axis=1)
+    mean_norm = norms[norms > 0].mean() if np.any(norms > 0) else 1.0
+    return (out / mean_norm).astype(np.float32)

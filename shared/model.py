@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.params import check_global_arrays
+from shared.params import check_global_arrays, mf_shapes
 from shared.wire import AD_BIAS, AD_FACTORS
 
 
@@ -45,7 +45,7 @@ class AdModel(nn.Module):
         }
 
     def set_arrays(self, arrays: dict[str, np.ndarray]) -> None:
-        check_global_arrays(arrays, self.num_ads, self.dim)
+        check_global_arrays(arrays, mf_shapes(self.num_ads, self.dim))
         with torch.no_grad():
             self.ad_factors.weight.copy_(torch.as_tensor(arrays[AD_FACTORS], dtype=torch.float32))
             self.ad_bias.weight.copy_(torch.as_tensor(arrays[AD_BIAS], dtype=torch.float32)[:, None])

@@ -42,7 +42,7 @@ class NodeConfig(BaseModel):
     delta: float = Field(DEFAULT_DELTA, gt=0, lt=1, description="the public delta of the merchant's guarantee")
     max_users: int = Field(DEFAULT_MAX_USERS, ge=1, description="a public upper bound on the merchant's users (delta stays below 1 / it)")
     metrics_release: Literal["noised", "none"] = Field("noised", description="how evaluation metrics may leave under DP")
-    solvers: str = Field(",".join(SOLVERS), description="comma-separated solvers the merchant trains: als, sgd")
+    solvers: str = Field(",".join(SOLVERS), description="comma-separated solvers the merchant trains: als, sgd, neumf")
     secure_aggregation: Literal["allow", "require", "refuse"] = Field("refuse", description=(
         "refuse | allow | require: secure aggregation, where each release carries a share of the noise (docs/PRIVACY.md)"))
     secure_colluders: int = Field(0, ge=0, description="merchants that may collude with the server against this one's users")

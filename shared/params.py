@@ -1,5 +1,9 @@
 """The global, released parameters: names, shapes, initialization, fingerprint (numpy only).
 
+MF's are the ad factors and biases; NeuMF's (mf-solver = "neumf") its ad embeddings, towers and
+output layer (shared/neumf_arrays.py). A user's vector is whatever the model's user side needs:
+MF's factors, or NeuMF's two embeddings side by side.
+
 The server side needs only this, not the torch model: keeping torch and Opacus out of the
 ServerApp's imports saves seconds of start-up in every run (docs/BENCHMARKS.md).
 """
@@ -11,15 +15,41 @@ import hashlib
 import numpy as np
 
 from shared.catalog_features import informative_tags
+from shared.config import RunConfig
 from shared.data.schema import AdCatalog
-from shared.wire import AD_BIAS, AD_FACTORS, GLOBAL_KEYS, Arrays
+from shared.neumf_arrays import Shapes, init_neumf_arrays, neumf_scores, neumf_shapes, shapes_of
+from shared.wire import AD_BIAS, AD_FACTORS, GLOBAL_KEYS, NEUMF_GMF, Arrays
 
 
-def check_global_arrays(arrays: Arrays, num_ads: int, dim: int) -> None:
-    """Exactly the global keys, the catalog's shapes, finite values."""
-    if set(arrays) != set(GLOBAL_KEYS):
-        raise ValueError(f"global parameters must be exactly {GLOBAL_KEYS}, got {sorted(arrays)}")
-    expected = {AD_FACTORS: (num_ads, dim), AD_BIAS: (num_ads,)}
+def mf_shapes(num_ads: int, dim: int) -> Shapes:
+    return {AD_FACTORS: (num_ads, dim), AD_BIAS: (num_ads,)}
+
+
+def global_shapes(cfg: RunConfig, num_ads: int) -> Shapes:
+    """The shapes of the run's global parameters."""
+    if cfg.mf_solver == "neumf":
+        return neumf_shapes(num_ads, cfg.factors, cfg.mlp_layers, cfg.content_dim if cfg.neumf_content else 0)
+    return mf_shapes(num_ads, cfg.factors)
+
+
+def stored_shapes(arrays: Arrays) -> Shapes:
+    """The shapes of a model of these arrays' kind and dimensions (to check a stored model)."""
+    if NEUMF_GMF in arrays:
+        return shapes_of(arrays)
+    return mf_shapes(*arrays[AD_FACTORS].shape) if AD_FACTORS in arrays else {key: () for key in GLOBAL_KEYS}
+
+
+def user_dim(arrays: Arrays) -> int:
+    """The width of a user's vector against this model."""
+    if NEUMF_GMF in arrays:
+        return 2 * arrays[NEUMF_GMF].shape[1]
+    return int(arrays[AD_FACTORS].shape[1])
+
+
+def check_global_arrays(arrays: Arrays, expected: Shapes) -> None:
+    """Exactly the expected keys (global_shapes), their shapes, finite values."""
+    if set(arrays) != set(expected):
+        raise ValueError(f"global parameters must be exactly {sorted(expected)}, got {sorted(arrays)}")
     for key, shape in expected.items():
         if tuple(arrays[key].shape) != shape:
             raise ValueError(f"global parameter {key} has shape {tuple(arrays[key].shape)}, expected {shape}")
@@ -59,8 +89,22 @@ def initial_arrays(kind: str, catalog: AdCatalog, dim: int, seed: int) -> Arrays
     return init_global_arrays(len(catalog), dim, seed)
 
 
+def initial_model(cfg: RunConfig, catalog: AdCatalog) -> Arrays:
+    """The run's starting global parameters, for its model."""
+    if cfg.mf_solver != "neumf":
+        return initial_arrays(cfg.init, catalog, cfg.factors, cfg.seed)
+    content = None
+    if cfg.neumf_content:
+        from shared.content import content_embedding, content_features  # scipy: only the content tower needs it
+
+        content = content_embedding(content_features(catalog), cfg.content_dim)
+    return init_neumf_arrays(len(catalog), cfg.factors, cfg.mlp_layers, cfg.seed, content)
+
+
 def score_all(user_vectors: np.ndarray, arrays: Arrays) -> np.ndarray:
     """Scores of the given users against every ad: [U, num_ads]."""
+    if NEUMF_GMF in arrays:
+        return neumf_scores(user_vectors, arrays)
     return user_vectors @ arrays[AD_FACTORS].T + arrays[AD_BIAS][None, :]
 
 

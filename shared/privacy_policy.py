@@ -20,8 +20,8 @@ from shared.config import RunConfig
 
 DEFAULT_DELTA = 1e-6  # public: far below 1 / users of any merchant of up to DEFAULT_MAX_USERS
 DEFAULT_MAX_USERS = 100_000
-Solver = Literal["als", "sgd"]
-SOLVERS: tuple[Solver, ...] = ("als", "sgd")
+Solver = Literal["als", "sgd", "neumf"]
+SOLVERS: tuple[Solver, ...] = ("als", "sgd", "neumf")
 
 
 class PolicyViolation(ValueError):

@@ -30,7 +30,7 @@ from shared.data.schema import AdCatalog, Dataset
 from shared.data.sources import simulated_shards
 from shared.metrics import METRIC_NAMES, NUM_TEST_USERS, toppop_score_fn
 from shared.metrics import evaluate as evaluate_ranking
-from shared.params import initial_arrays
+from shared.params import initial_model
 from shared.privacy_policy import PrivacyPolicy
 
 
@@ -64,7 +64,7 @@ def train_alone(
 ) -> list[dict[str, Any]]:
     """Rounds of the run's solver on one data set alone, round 0 being the initial model."""
     solver = solver_for(cfg, data)
-    arrays = initial_arrays(cfg.init, catalog, cfg.factors, cfg.seed)
+    arrays = initial_model(cfg, catalog)
     user_factors: np.ndarray | None = None
     history = []
     for server_round in range(cfg.num_rounds + 1):

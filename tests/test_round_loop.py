@@ -12,7 +12,7 @@ from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from server.round_loop import TRAIN_USERS, RoundLog, RoundLoop, one_line
-from shared.params import init_global_arrays
+from shared.params import init_global_arrays, mf_shapes
 from shared.wire import CONFIG, METRICS, SERVER_ROUND, TrainReply, refusal, to_array_record
 
 pytestmark = pytest.mark.usefixtures("as_server")
@@ -32,7 +32,7 @@ def _good(name: str, users: float, node: int = 3, server_round: int = 1) -> Mess
 
 
 def test_invalid_replies_are_dropped_and_refusals_recorded():
-    loop = RoundLoop(FedAvg(), grid=None, num_ads=NUM_ADS, dim=DIM)  # type: ignore[arg-type]
+    loop = RoundLoop(FedAvg(), grid=None, shapes=mf_shapes(NUM_ADS, DIM))  # type: ignore[arg-type]
     wrong_shape = TrainReply("b", init_global_arrays(NUM_ADS + 1, DIM, seed=1), 10.0).to_message(_request(4))
     non_finite = init_global_arrays(NUM_ADS, DIM, seed=1)
     non_finite["ad_bias"][0] = np.nan
@@ -51,7 +51,7 @@ def test_invalid_replies_are_dropped_and_refusals_recorded():
 
 
 def test_stale_and_duplicate_replies_are_dropped():
-    loop = RoundLoop(FedAvg(), grid=None, num_ads=NUM_ADS, dim=DIM)  # type: ignore[arg-type]
+    loop = RoundLoop(FedAvg(), grid=None, shapes=mf_shapes(NUM_ADS, DIM))  # type: ignore[arg-type]
     current, duplicate = _good("a", 30.0, node=3, server_round=2), _good("a", 99.0, node=3, server_round=2)
     stale = _good("b", 10.0, node=4, server_round=1)
     round_log = RoundLog()
@@ -96,7 +96,7 @@ def _failed(node: int, reason: str) -> Message:
 
 
 def _run(grid: _Grid, min_replies: int, retries: int):  # type: ignore[no-untyped-def]
-    loop = RoundLoop(_Strategy(), grid, NUM_ADS, DIM, timeout=5, min_replies=min_replies, retries=retries)  # type: ignore[arg-type]
+    loop = RoundLoop(_Strategy(), grid, mf_shapes(NUM_ADS, DIM), timeout=5, min_replies=min_replies, retries=retries)  # type: ignore[arg-type]
     records: list[dict] = []
     outcome = loop.run(to_array_record(init_global_arrays(NUM_ADS, DIM, seed=0)), 1, 2, ConfigRecord(), ConfigRecord(),
                        on_round_end=lambda r, arrays, record: records.append(record))

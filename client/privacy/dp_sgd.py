@@ -50,7 +50,8 @@ class DPSGD(UserLevelPlan[SGDSolver]):
             epochs=self.cfg.local_epochs, learning_rate=self.cfg.learning_rate, normalizer=self.cfg.batch_users,
             grad_sample_mode=self.cfg.dp_grad_sample_mode, seed=secrets.randbits(62),
         )
-        updated, history, stats = private_ad_epochs(arrays, user_factors, solver.epoch_rows(rng), settings, self.ledger.state.history)
+        updated, history, stats = private_ad_epochs(
+            arrays, user_factors, solver.epoch_rows(rng), settings, self.ledger.state.history, solver.build_model)
         # written before the reply leaves: a crash after this point over-counts, never under-counts
         self.ledger.state.history = history
         self.ledger.state.rounds_trained += 1

@@ -40,10 +40,11 @@ from shared.model import AdModel
 from shared.wire import DP_STEPS, Arrays
 
 EpochRows = Callable[[], UserRows]  # each epoch's rows of every user
+BuildModel = Callable[[Arrays], nn.Module]  # the torch module over the global parameters (MF's AdModel, NeuMF)
 EpochsResult = tuple[Arrays, list[Release], dict[str, float]]  # new parameters, accountant history, step counts
 
-# Above this many floats per step, hooks mode's per-sample gradients cost more than ghost
-# clipping's second backward pass (measured: docs/BENCHMARKS.md, DP overhead).
+# Above this many floats per step (users x parameters), hooks mode's per-sample gradients cost
+# more than ghost clipping's second backward pass (measured: docs/BENCHMARKS.md, DP overhead).
 HOOKS_MAX_FLOATS = 64 * 4096 * 32
 
 
@@ -179,40 +180,45 @@ def _fused_ad_epochs(
     return model.get_arrays(), new_history, {DP_STEPS: float(steps)}
 
 
-def resolve_grad_sample_mode(mode: str, num_ads: int, dim: int, expected_batch: float) -> str:
-    """"auto" is the fused closed form: measured faster than a non-private epoch, and than both
-    Opacus modes on every catalog size tried (docs/BENCHMARKS.md). Between Opacus' own modes,
-    hooks wins while its per-sample gradients (batch x catalog x dim floats) stay small."""
-    if mode == "auto":
+def resolve_grad_sample_mode(mode: str, parameters: int, expected_batch: float, closed_form: bool = True) -> str:
+    """"auto" is MF's fused closed form (`closed_form`): measured faster than a non-private epoch,
+    and than both Opacus modes on every catalog size tried (docs/BENCHMARKS.md); a model without
+    one (NeuMF) takes Opacus'. Between Opacus' own modes, hooks wins while its per-sample
+    gradients (batch x parameters floats) stay small."""
+    if mode == "auto" and closed_form:
         return "fused"
-    if mode == "opacus":
-        return "hooks" if expected_batch * num_ads * dim <= HOOKS_MAX_FLOATS else "ghost"
+    if mode in ("auto", "opacus"):
+        return "hooks" if expected_batch * parameters <= HOOKS_MAX_FLOATS else "ghost"
+    if mode == "fused" and not closed_form:
+        raise ValueError("the fused closed form is MF's per-user gradient; this model's per-user clipping is Opacus'")
     return mode
 
 
 def private_ad_epochs(
-    arrays: Arrays, user_factors: np.ndarray, epoch_rows: EpochRows, settings: DPSGDSettings, history: list[Release]
+    arrays: Arrays, user_factors: np.ndarray, epoch_rows: EpochRows, settings: DPSGDSettings, history: list[Release],
+    build_model: BuildModel = AdModel.from_arrays,
 ) -> EpochsResult:
-    """Run `settings.epochs` DP-SGD epochs over users; returns new arrays and the accountant's
-    full history after them (the given `history` continued)."""
+    """Run `settings.epochs` DP-SGD epochs over users of the model `build_model` makes of `arrays`;
+    returns new arrays and the accountant's full history after them (the given `history` continued)."""
     with warnings.catch_warnings():
         # Opacus' notice about its non-cryptographic RNG (seeded from OS entropy, see
         # client/privacy/dp_sgd.py) and torch's about hooks on inputs that need no gradient
         warnings.filterwarnings("ignore", message=".*Secure RNG.*")
         warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
-        if settings.grad_sample_mode in ("auto", "fused"):
+        model = build_model(arrays)
+        parameters = sum(p.numel() for p in model.parameters())
+        expected_batch = settings.sample_rate * user_factors.shape[0]
+        mode = resolve_grad_sample_mode(settings.grad_sample_mode, parameters, expected_batch, closed_form=isinstance(model, AdModel))
+        if mode == "fused":
             return _fused_ad_epochs(arrays, user_factors, epoch_rows, settings, history)
-        return _private_ad_epochs(arrays, user_factors, epoch_rows, settings, history)
+        return _private_ad_epochs(model, mode, user_factors, epoch_rows, settings, history)
 
 
 def _private_ad_epochs(
-    arrays: Arrays, user_factors: np.ndarray, epoch_rows: EpochRows, settings: DPSGDSettings, history: list[Release]
+    model: nn.Module, mode: str, user_factors: np.ndarray, epoch_rows: EpochRows, settings: DPSGDSettings, history: list[Release]
 ) -> EpochsResult:
-    model = AdModel.from_arrays(arrays)
     num_users = user_factors.shape[0]
     users = torch.as_tensor(user_factors, dtype=torch.float32)
-    expected_batch = settings.sample_rate * num_users
-    mode = resolve_grad_sample_mode(settings.grad_sample_mode, model.num_ads, model.dim, expected_batch)
 
     engine = PrivacyEngine(accountant="rdp")
     engine.accountant.load_state_dict({"history": list(history), "mechanism": engine.accountant.mechanism()})
@@ -250,4 +256,4 @@ def _private_ad_epochs(
     new_history = [tuple(h) for h in engine.accountant.history]
     # the realized batch sizes stay here: they depend on the data set's size, released only as a planned count
     log.debug("Opacus %s DP-SGD: %d steps, %.1f users per step", mode, steps, sampled / max(steps, 1))
-    return model.get_arrays(), new_history, {DP_STEPS: float(steps)}
+    return model.get_arrays(), new_history, {DP_STEPS: float(steps)}  # type: ignore[operator]

@@ -1,4 +1,4 @@
-"""What every MF solver does on a merchant's side (ALS, SGD; a neural model will be the third).
+"""What every solver does on a merchant's side (ALS, SGD and NeuMF).
 
 A solver owns the two local steps of a round:
 - the user step: each user's factors, solved exactly from the user's own rows with the global
@@ -16,7 +16,7 @@ from typing import ClassVar
 import numpy as np
 
 from client.node_data import NodeData
-from client.user_step import ALSUserStep, SGDUserStep
+from client.user_step import AnyUserStep
 from shared.config import RunConfig
 from shared.wire import Arrays
 
@@ -40,7 +40,7 @@ class Solver(ABC):
         self.cfg, self.data = cfg, data
 
     @abstractmethod
-    def user_step(self) -> ALSUserStep | SGDUserStep:
+    def user_step(self) -> AnyUserStep:
         """The user step's record, saved with every global model for serving."""
 
     @abstractmethod

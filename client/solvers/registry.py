@@ -26,6 +26,7 @@ class SolverEntry:
 SOLVERS = {
     "als": SolverEntry("client.solvers.als", "ALSSolver", private_plan="private-als"),
     "sgd": SolverEntry("client.solvers.sgd", "SGDSolver", private_plan="dp-sgd"),
+    "neumf": SolverEntry("client.solvers.neumf", "NeuMFSolver", private_plan="dp-sgd"),
 }
 
 

@@ -26,6 +26,15 @@ class SGDSolver(Solver):
     name = "sgd"
     warm_starts_users = True
 
+    def build_model(self, arrays: Arrays) -> torch.nn.Module:
+        """The torch module over the global parameters (user vectors are its input)."""
+        return AdModel.from_arrays(arrays)
+
+    def touched_penalty(self, model: torch.nn.Module, ads: torch.Tensor) -> torch.Tensor:
+        """[B, L] squared norms of the ad parameters each row reads (the ad step's L2)."""
+        assert isinstance(model, AdModel)
+        return model.ad_factors(ads).pow(2).sum(-1) + model.ad_bias(ads).squeeze(-1).pow(2)
+
     def user_step(self) -> SGDUserStep:
         return SGDUserStep.from_config(self.cfg)
 
@@ -46,7 +55,7 @@ class SGDSolver(Solver):
     def local_update(self, arrays: Arrays, user_factors: np.ndarray, rng: np.random.Generator) -> LocalUpdate:
         """The ad step without DP: local epochs of Adam over mini-batches of users."""
         cfg = self.cfg
-        model = AdModel.from_arrays(arrays)
+        model = self.build_model(arrays)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
         users_tensor = torch.as_tensor(user_factors, dtype=torch.float32)
         next_rows = self.epoch_rows(rng)
@@ -59,14 +68,15 @@ class SGDSolver(Solver):
                 mask = part.mask.to(logits.dtype)
                 count = mask.sum().clamp_min(1.0)
                 data_loss = (F.binary_cross_entropy_with_logits(logits, part.labels, reduction="none") * mask).sum() / count
-                touched = model.ad_factors(part.ads).pow(2).sum(-1) + model.ad_bias(part.ads).squeeze(-1).pow(2)
+                touched = self.touched_penalty(model, part.ads)
                 loss = data_loss + cfg.ad_l2 * (touched * mask).sum() / count
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 total_loss += float(data_loss.detach()) * float(count)
                 total_rows += int(count)
-        return LocalUpdate(model.get_arrays(), {TRAIN_LOSS: total_loss / max(total_rows, 1), TRAIN_ROWS: float(total_rows)})
+        metrics = {TRAIN_LOSS: total_loss / max(total_rows, 1), TRAIN_ROWS: float(total_rows)}
+        return LocalUpdate(model.get_arrays(), metrics)  # type: ignore[operator]
 
     def solve_alone(self, update: LocalUpdate) -> Arrays:
         return update.arrays
