@@ -231,6 +231,9 @@ class RunConfig(BaseModel):
         if self.privacy == "client" and self.mf_solver == "als":
             raise ValueError("privacy 'client' (Flower's clipping of whole model updates) needs mf-solver 'sgd' or 'neumf': "
                              "ALS replies are statistics, not model updates")
+        if self.privacy == "client" and self.neumf_content and self.mf_solver == "neumf":
+            raise ValueError("privacy 'client' noises every aggregated array on the server, the catalog's public content "
+                             "embedding included: use neumf-content = false with it")
         if self.mf_solver == "neumf" and self.dp_grad_sample_mode == "fused":
             raise ValueError("dp-grad-sample-mode 'fused' is MF's closed form; NeuMF's per-user clipping is Opacus' "
                              "(auto, opacus, hooks or ghost)")

@@ -248,7 +248,7 @@ def test_the_node_config_the_supernode_runs_with_stands_in_for_the_flags(capsys,
     # budget also shows the merchant's policy, which only the node config holds
     with_policy, without = json.loads(by_file[0][1]), json.loads(by_flags[0][1])
     assert with_policy.pop("policy") == {"mode": "user", "max_epsilon": 8.0, "delta": 1e-6, "max_users": 100000, "metrics": "noised",
-                                         "solvers": ["als", "sgd"], "secure_aggregation": "refuse", "secure_colluders": 0}
+                                         "solvers": ["als", "sgd", "neumf"], "secure_aggregation": "refuse", "secure_colluders": 0}
     assert without.pop("policy") is None and with_policy == without
     code, out, _ = run(capsys, "budget", "--node-config", config)
     assert "policy:                user-level DP required; epsilon at most 8, delta 1e-06" in out

@@ -58,7 +58,7 @@ def test_the_merchants_policy_pins_metrics_and_solvers(tmp_path):
     for policy, asked, reason in cases:
         reply = client_call("evaluate", small_run_config(tmp_path, privacy="user", **asked), arrays, node_config=_deployed(tmp_path, **policy))
         assert reply.has_error() and reason in reply.error.reason
-    with pytest.raises(ConfigError, match="solvers must name some of als, sgd"):
+    with pytest.raises(ConfigError, match="solvers must name some of als, sgd, neumf"):
         NodeConfig.from_flower(_deployed(tmp_path, solvers="als,ncf"))
     with pytest.raises(ConfigError, match="dp-metrics"):  # the exact release is no longer a run-config choice
         RunConfig.from_flower({"dp-metrics": "exact"})
