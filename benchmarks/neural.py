@@ -35,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from datetime import date
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,14 @@ def run_cell(dataset_name: str, dataset: Dataset, model: str, epsilon: float | N
     return records
 
 
+def _cell(r: dict[str, Any]) -> tuple[Any, ...]:
+    return r["dataset"], r["model"], r["epsilon"], r["split"]
+
+
+def _in_cells(cells: set[tuple[Any, ...]], r: dict[str, Any]) -> bool:
+    return _cell(r) in cells
+
+
 def main() -> int:
     logging.getLogger("flwr").setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -200,9 +209,8 @@ def main() -> int:
                     for epsilon in epsilons:
                         records = run_cell(name, dataset, model, epsilon, split, args.rounds)
                         # written after every cell: a long run's finished cells survive an interruption
-                        write_records(args.output, merged(args.output, records, lambda r, records=records: any(
-                            (r["dataset"], r["model"], r["epsilon"], r["split"]) == (n["dataset"], n["model"], n["epsilon"], n["split"])
-                            for n in records)))
+                        cells = {_cell(r) for r in records}
+                        write_records(args.output, merged(args.output, records, partial(_in_cells, cells)))
     print(f"\nresults -> {args.output}")
     return 0
 
