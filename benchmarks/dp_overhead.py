@@ -1,13 +1,14 @@
 """Wall time of a DP-SGD local epoch vs a non-private epoch of the same per-user pipeline.
 
-    .venv/bin/python benchmarks/dp_overhead.py --repeats 7
+    .venv/bin/python benchmarks/dp_overhead.py --repeats 7 [--model mf | neumf]
 
 For one IID shard (1 of 5) of MovieLens-100K and of Amazon Beauty (read from ../shared/data):
 the same users, row sets, user vectors, per-user loss, optimizer and expected batch size; the
 non-private side iterates shuffled batches, the private side Poisson batches with per-user
 clipping and noise: Opacus in "hooks" and "ghost" modes, and "fused" (Opacus' sampler and
-accountant, closed-form per-user clipping; client/privacy/dp_sgd_epochs.py). Runs are interleaved and repeated;
-the table reports medians and the median of the per-repeat ratios.
+accountant, closed-form per-user clipping; client/privacy/dp_sgd_epochs.py; MF only). `--model neumf`:
+NeuMF (shared/neumf.py, layers 32,16) instead of MF, whose per-user clipping is Opacus' alone.
+Runs are interleaved and repeated; the table reports medians and the median of the per-repeat ratios.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from shared.data.partition import partition_users, shard_log
 from shared.data.sources import load_dataset
 from shared.data.split import leave_last_out
 from shared.model import AdModel
+from shared.neumf import NeuMF
+from shared.neumf_arrays import init_neumf_arrays
 from shared.params import init_global_arrays
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -44,9 +47,9 @@ DATASETS = {
 }
 
 
-def plain_epochs(arrays, user_factors, rows: UserRows, batch_size: int, epochs: int, lr: float, seed: int) -> None:
+def plain_epochs(arrays, user_factors, rows: UserRows, batch_size: int, epochs: int, lr: float, seed: int, build_model=AdModel.from_arrays) -> None:
     """The non-private twin of private_ad_epochs: same model, loss, optimizer and batch size."""
-    model = AdModel.from_arrays(arrays)
+    model = build_model(arrays)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     criterion = PerUserLoss()
     users = torch.as_tensor(user_factors)
@@ -70,10 +73,13 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=3, help="epochs per timed call (one DP engine set-up per call)")
     parser.add_argument("--batch-users", type=int, default=64)
     parser.add_argument("--factors", type=int, default=32)
+    parser.add_argument("--model", choices=("mf", "neumf"), default="mf")
     args = parser.parse_args()
+    neumf = args.model == "neumf"
+    build_model = NeuMF.from_arrays if neumf else AdModel.from_arrays
     torch.set_num_threads(1)
     print(f"{date.today()} on {platform.node()} ({platform.machine()}, 1 torch thread), {args.repeats} repeats x {args.epochs} epochs, "
-          f"expected batch {args.batch_users} users, k={args.factors}")
+          f"expected batch {args.batch_users} users, k={args.factors}, model {args.model}")
     print("| data (1 of 5 IID shards) | users | ads | non-DP s/epoch | hooks s/epoch | ghost s/epoch | fused s/epoch "
           "| hooks / non-DP | ghost / non-DP | fused / non-DP | auto picks |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -86,27 +92,33 @@ def main() -> int:
         shard = shard_log(dataset.log, partition_users(dataset.log, dataset.catalog, "iid", 5, seed=0)[0])
         split = leave_last_out(shard, len(dataset.catalog))
         rows = build_user_rows(split, np.random.default_rng(0), cfg.negatives, cfg.max_positives_per_user)
-        arrays = init_global_arrays(len(dataset.catalog), args.factors, 0)
-        user_factors = (0.3 * np.random.default_rng(1).standard_normal((split.num_users, args.factors))).astype(np.float32)
+        if neumf:
+            arrays = init_neumf_arrays(len(dataset.catalog), args.factors, (32, 16), 0)
+        else:
+            arrays = init_global_arrays(len(dataset.catalog), args.factors, 0)
+        width = 2 * args.factors if neumf else args.factors
+        user_factors = (0.3 * np.random.default_rng(1).standard_normal((split.num_users, width))).astype(np.float32)
         q = user_sample_rate(args.batch_users, split.num_users)
         batch = round(q * split.num_users)
-        times: dict[str, list[float]] = {"plain": [], "hooks": [], "ghost": [], "fused": []}
+        times: dict[str, list[float]] = {"plain": [], "hooks": [], "ghost": []} if neumf else {"plain": [], "hooks": [], "ghost": [], "fused": []}
         for repeat in range(args.repeats):
             for mode in times:
                 started = time.perf_counter()
                 if mode == "plain":
-                    plain_epochs(arrays, user_factors, rows, batch, args.epochs, cfg.learning_rate, repeat)
+                    plain_epochs(arrays, user_factors, rows, batch, args.epochs, cfg.learning_rate, repeat, build_model)
                 else:
                     settings = DPSGDSettings(noise_multiplier=1.0, max_grad_norm=0.1, sample_rate=q, epochs=args.epochs,
                                              learning_rate=cfg.learning_rate, grad_sample_mode=mode, seed=repeat)
-                    private_ad_epochs(arrays, user_factors, partial(_same, rows), settings, [])
+                    private_ad_epochs(arrays, user_factors, partial(_same, rows), settings, [], build_model)
                 times[mode].append((time.perf_counter() - started) / args.epochs)
         median = {m: statistics.median(t) for m, t in times.items()}
-        ratio = {m: statistics.median(a / b for a, b in zip(times[m], times["plain"])) for m in ("hooks", "ghost", "fused")}
-        auto = resolve_grad_sample_mode("auto", len(dataset.catalog) * (args.factors + 1), q * split.num_users)
+        ratio = {m: statistics.median(a / b for a, b in zip(times[m], times["plain"])) for m in times if m != "plain"}
+        parameters = sum(p.numel() for p in build_model(arrays).parameters())
+        auto = resolve_grad_sample_mode("auto", parameters, q * split.num_users, closed_form=not neumf)
+        fused = (f"{median['fused']:.3f}", f"{ratio['fused']:.2f}") if "fused" in median else ("-", "-")
         print(f"| {name} | {split.num_users} | {len(dataset.catalog)} | {median['plain']:.3f} | {median['hooks']:.3f} | "
-              f"{median['ghost']:.3f} | {median['fused']:.3f} | {ratio['hooks']:.2f} | {ratio['ghost']:.2f} | "
-              f"{ratio['fused']:.2f} | {auto} |", flush=True)
+              f"{median['ghost']:.3f} | {fused[0]} | {ratio['hooks']:.2f} | {ratio['ghost']:.2f} | "
+              f"{fused[1]} | {auto} |", flush=True)
     return 0
 
 

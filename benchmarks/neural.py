@@ -73,6 +73,7 @@ SOLVER_VALUES: dict[str, dict[str, Any]] = {
     "neumf": {"mf_solver": "neumf"},
     "neumf-content": {"mf_solver": "neumf", "neumf_content": True},
 }
+TRACE = False  # --trace: evaluate the model after every round (the next round's users, fitted anyway)
 Trained = tuple[Arrays, list[np.ndarray], list[float]]  # global model, each merchant's users, ad-step seconds
 
 
@@ -94,11 +95,13 @@ def train_sgd_family(cfg: RunConfig, catalog: AdCatalog, shards: list[NodeData],
     users: list[np.ndarray | None] = [None] * len(shards)
     seconds: list[float] = []
     for server_round in range(1, cfg.num_rounds + 1):
-        replies = []
+        replies, traced = [], []
         for pid, (solver, data) in enumerate(zip(solvers, shards)):
             rng = np.random.default_rng([cfg.seed, server_round, pid])
             fitted = solver.fit_users(arrays, rng, users[pid])
             users[pid] = fitted
+            if TRACE and server_round > 1:
+                traced.append(data.evaluate(arrays, fitted))
             plan = open_plan(cfg, policy, data.num_users, state_root / f"partition-{pid}")
             started = time.perf_counter()
             reply = plan.release_update(f"partition-{pid}", solver, arrays, fitted, rng, server_round)
@@ -107,7 +110,11 @@ def train_sgd_family(cfg: RunConfig, catalog: AdCatalog, shards: list[NodeData],
         aggregated, _ = strategy.aggregate_train(server_round, replies)
         assert aggregated is not None
         arrays = from_array_record(aggregated)
-        print(f"    round {server_round}: ad step {statistics.median(seconds[-len(shards):]):.2f} s per merchant", flush=True)
+        trace = ""
+        if traced:
+            mean = weighted(traced, NUM_TEST_USERS, ("ndcg10_sampled", "ndcg10_full"))
+            trace = f"; after round {server_round - 1}: NDCG@10 {mean['ndcg10_sampled']:.4f} sampled, {mean['ndcg10_full']:.4f} full"
+        print(f"    round {server_round}: ad step {statistics.median(seconds[-len(shards):]):.2f} s per merchant{trace}", flush=True)
     rng = np.random.default_rng([cfg.seed, cfg.num_rounds + 1])
     return arrays, [solver.fit_users(arrays, rng, previous) for solver, previous in zip(solvers, users)], seconds
 
@@ -193,7 +200,10 @@ def main() -> int:
     parser.add_argument("--splits", nargs="+", choices=("warm", "cold-start"), default=["warm", "cold-start"])
     parser.add_argument("--rounds", type=int, default=10, help="rounds of the SGD-family models (ALS: its experiment cell's)")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--trace", action="store_true", help="print the metrics after every round")
     args = parser.parse_args()
+    global TRACE
+    TRACE = args.trace
     epsilons = [None if e == "none" else float(e) for e in args.epsilons]
     present = [name for name in args.datasets if Path(federated_als.experiment_cell(name).data_path).exists()]
     if not present:
