@@ -171,7 +171,7 @@ class RunConfig(BaseModel):
         "NeuMF: each ad's embeddings add a learned projection of its public content (category, brand, tags, title n-grams)"))
     content_dim: int = Field(64, ge=1, le=1024, description=(
         "NeuMF content tower: width of the catalog's content embedding (a truncated SVD of the sparse content features)"))
-    neumf_user_steps: int = Field(40, ge=1, description="NeuMF: Adam steps of the user step (local, exact, non-private)")
+    neumf_user_steps: int = Field(20, ge=1, description="NeuMF: Adam steps of the user step (local, exact, non-private)")
     neumf_user_lr: float = Field(0.05, gt=0, description="NeuMF: Adam's learning rate in the user step")
     als_alpha0: Annotated[float, Field(gt=0)] | Literal["auto"] = Field("auto", description=(
         "weight of every unobserved (user, ad) pair; auto: 8 x the density (rows / (users x ads)) of the data "

@@ -600,3 +600,22 @@ def test_client_level_dp_is_refused_with_the_content_tower() -> None:
     with pytest.raises(ValueError, match="content embedding"):
         RunConfig(privacy="client", mf_solver="neumf", neumf_content=True)
     RunConfig(privacy="client", mf_solver="neumf")
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_linear_norm_sampler_equals_opacus_own(rows: int) -> None:
+    # both of its routes (the Gram trick for few rows, the per-sample gradient for many) against Opacus'
+    from opacus.grad_sample.linear import compute_linear_norm_sample
+
+    from client.privacy.dp_sgd_epochs import linear_norm_sample
+
+    generator = torch.Generator().manual_seed(rows)
+    layer = torch.nn.Linear(6, 5)
+    inputs = torch.randn(4, rows, 6, generator=generator)
+    backprops = torch.randn(4, rows, 5, generator=generator)
+    ours, theirs = linear_norm_sample(layer, [inputs], backprops), compute_linear_norm_sample(layer, [inputs], backprops)
+    for parameter in (layer.weight, layer.bias):
+        torch.testing.assert_close(ours[parameter], theirs[parameter], rtol=1e-4, atol=1e-5)
+    flat = linear_norm_sample(layer, [inputs[:, 0]], backprops[:, 0])  # one row per sample: the rank-one case
+    for parameter, expected in compute_linear_norm_sample(layer, [inputs[:, 0]], backprops[:, 0]).items():
+        torch.testing.assert_close(flat[parameter], expected, rtol=1e-4, atol=1e-5)
