@@ -135,7 +135,7 @@ def linear_norm_sample(layer: nn.Linear, activations: list[torch.Tensor], backpr
             squared = torch.bmm(grads.transpose(1, 2), rows).pow(2).sum(dim=(1, 2))
         out[cast(nn.Parameter, layer.weight)] = squared.clamp(min=0).sqrt()
     if layer.bias is not None and layer.bias.requires_grad:
-        out[cast(nn.Parameter, layer.bias)] = grads.sum(dim=1).norm(dim=1)
+        out[layer.bias] = grads.sum(dim=1).norm(dim=1)
     return out
 
 
