@@ -98,3 +98,27 @@ def test_secure_aggregation_through_flowers_runtime(tmp_path):
     for pid in range(NUM_CLIENTS):
         ledger = json.loads((tmp_path / "out" / "state" / f"partition-{pid}" / "privacy_ledger.json").read_text())["ledger"]
         assert ledger["rounds_trained"] == 2
+
+
+def test_neumf_with_content_under_dp_sgd_through_flowers_runtime(tmp_path):
+    """NeuMF (mf-solver = "neumf", content tower on) under user-level DP-SGD through the ServerApp
+    and ClientApp: every round recorded within the budget, the exported model holds NeuMF's global
+    arrays (the server's public content embedding unchanged by aggregation up to float rounding),
+    and each merchant keeps its users' two embeddings."""
+    from shared.params import global_shapes
+
+    cfg = small_run_config(tmp_path, privacy="user", **{
+        "mf-solver": "neumf", "neumf-content": True, "content-dim": 8, "num-rounds": 2, "target-epsilon": TARGET_EPSILON})
+    run_simulation(cfg.to_flower(), NUM_CLIENTS, tmp_path / "flower", timeout=480)
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    assert [h["round"] for h in history] == [0, 1, 2]
+    assert all(0 < h["privacy"]["epsilon_max"] <= TARGET_EPSILON + 1e-6 for h in history[1:])
+    first, final = load_npz(tmp_path / "out" / "checkpoints" / "round-0000.npz"), load_npz(tmp_path / "out" / "model" / "global_model.npz")
+    shapes = global_shapes(cfg, final["ad_bias"].shape[0])
+    assert {key: tuple(value.shape) for key, value in final.items() if key != "ad_ids"} == shapes  # the export names its ads
+    np.testing.assert_allclose(final["ad_content"], first["ad_content"], atol=1e-5)
+    assert not np.allclose(final["ad_gmf"], first["ad_gmf"])
+    for pid in range(NUM_CLIENTS):
+        state = tmp_path / "out" / "state" / f"partition-{pid}"
+        assert load_npz(state / "user_factors.npz")["factors"].shape[1] == 2 * cfg.factors
+        assert json.loads((state / "privacy_ledger.json").read_text())["ledger"]["rounds_trained"] == 2
