@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +23,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from opacus import PrivacyEngine
-from torch.utils.data import DataLoader, TensorDataset
 
 import client.privacy.dp_sgd_epochs as dp_sgd_epochs
 from client.node_state import NodeState
-from client.privacy.dp_sgd_epochs import DPSGDSettings, PerUserLoss, private_ad_epochs, resolve_grad_sample_mode
+from client.privacy.dp_sgd_epochs import DPSGDSettings, private_ad_epochs, resolve_grad_sample_mode
 from client.solvers.sgd_rows import UserRows, build_user_rows
 from client.user_step import NeuMFUserStep, parse_user_step
 from shared.config import ConfigError, RunConfig
@@ -54,6 +51,7 @@ from shared.wire import (
     Arrays,
     from_array_record,
 )
+from tests.clipping_probe import clipped_sums, user_gradient
 from tests.conftest import client_call, simulated_node, small_run_config
 
 pytestmark = pytest.mark.filterwarnings(
@@ -411,53 +409,6 @@ def test_client_rejects_mf_arrays_in_a_neumf_run(tmp_path: Path) -> None:
 
 
 # ====================================================================== DP-SGD: sensitivity
-def _flat_grads(params: Any) -> torch.Tensor:
-    return torch.cat([p.grad.reshape(-1).detach().clone() for p in params])
-
-
-def _opacus_clipped_sums(
-    mode: str, arrays: Arrays, users: torch.Tensor, rows: UserRows, batches: list[torch.Tensor], max_grad_norm: float
-) -> list[torch.Tensor]:
-    """Opacus' summed clipped gradient over all parameters (noise multiplier 0, loss reduction sum) of each batch of users."""
-    model = NeuMF.from_arrays(arrays)
-    criterion = PerUserLoss()
-    criterion.reduction = "sum"
-    loader = DataLoader(TensorDataset(torch.arange(len(users))), batch_size=8)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        made = PrivacyEngine(accountant="rdp").make_private(
-            module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
-            noise_multiplier=0.0, max_grad_norm=max_grad_norm, poisson_sampling=False,
-            grad_sample_mode=mode, loss_reduction="sum",
-        )
-    if mode == "ghost":
-        private_model, private_optimizer, private_criterion, _ = made
-    else:
-        (private_model, private_optimizer, _), private_criterion = made, criterion
-    assert len(private_optimizer.params) == len(list(model.parameters()))  # all of them: the whole network is clipped
-    target = rows.target()
-    sums = []
-    for batch in batches:
-        private_optimizer.zero_grad(set_to_none=True)
-        width = int(rows.mask[batch].sum(dim=1).max())
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            loss = private_criterion(private_model(users[batch], rows.ads[batch, :width]), target[batch, :width])
-            loss.backward()
-        private_optimizer.pre_step()  # clip, accumulate, add (zero) noise: p.grad is what the step would use
-        sums.append(_flat_grads(private_optimizer.params))
-    return sums
-
-
-def _user_gradient(arrays: Arrays, users: torch.Tensor, rows: UserRows, u: int) -> torch.Tensor:
-    """One user's gradient of their own loss, over every parameter, by plain autograd (no Opacus)."""
-    model = NeuMF.from_arrays(arrays)
-    n = int(rows.mask[u].sum())
-    PerUserLoss()(model(users[[u]], rows.ads[[u], :n]), rows.target()[[u], :n]).backward()
-    return _flat_grads(model.parameters())
-
-
 @pytest.mark.parametrize("content", [False, True])
 @pytest.mark.parametrize("max_grad_norm", [0.05, 100.0])
 @pytest.mark.parametrize("mode", MODES)
@@ -466,13 +417,13 @@ def test_one_user_changes_the_clipped_sum_by_at_most_max_grad_norm(world: World,
     users = user_vectors(world.split.num_users)
     batch = torch.arange(12)
     removed = [0, 3, 7, 11]
-    sums = _opacus_clipped_sums(mode, arrays, users, world.rows, [batch] + [batch[batch != u] for u in removed], max_grad_norm)
+    sums = clipped_sums(NeuMF.from_arrays, mode, "sum", arrays, users, world.rows, [batch] + [batch[batch != u] for u in removed], max_grad_norm)[0]
     assert sums[0].numel() == sum(int(np.prod(s)) for k, s in global_shapes_of(arrays).items() if k != NEUMF_CONTENT)
 
     clipped_any = False
     for u, without in zip(removed, sums[1:]):
         difference = sums[0] - without
-        own = _user_gradient(arrays, users, world.rows, u)
+        own = user_gradient(NeuMF.from_arrays, arrays, users, world.rows, u)
         norm = float(own.norm())
         assert norm > 0
         clipped = own * min(1.0, max_grad_norm / (norm + 1e-6))
@@ -492,8 +443,8 @@ def test_hooks_and_ghost_clipping_give_the_same_sum(world: World) -> None:
     arrays = neumf_arrays(world.num_ads, content=True)
     users = user_vectors(world.split.num_users)
     batch = [torch.arange(3, 20)]
-    hooks = _opacus_clipped_sums("hooks", arrays, users, world.rows, batch, 0.05)
-    ghost = _opacus_clipped_sums("ghost", arrays, users, world.rows, batch, 0.05)
+    hooks = clipped_sums(NeuMF.from_arrays, "hooks", "sum", arrays, users, world.rows, batch, 0.05)[0]
+    ghost = clipped_sums(NeuMF.from_arrays, "ghost", "sum", arrays, users, world.rows, batch, 0.05)[0]
     torch.testing.assert_close(hooks[0], ghost[0], rtol=1e-4, atol=1e-6)
 
 

@@ -12,19 +12,14 @@
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
-from opacus import PrivacyEngine
 from opacus.grad_sample.embedding_norm_sample import compute_embedding_norm_sample
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from client.privacy.dp_sgd_epochs import (
     DPSGDSettings,
-    PerUserLoss,
     embedding_norm_sample,
     fused_clipped_gradients,
     private_ad_epochs,
@@ -35,6 +30,7 @@ from shared.data.split import UserSplit, leave_last_out
 from shared.data.synthetic import SyntheticSpec, generate
 from shared.model import AdModel
 from shared.params import init_global_arrays
+from tests.clipping_probe import clipped_sums, user_gradient
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*Secure RNG.*", "ignore:.*Full backward hook.*")
 
@@ -67,49 +63,6 @@ def user_vectors(split) -> torch.Tensor:
 
 
 # ====================================================================== sensitivity
-def _flat_grads(params) -> torch.Tensor:
-    return torch.cat([p.grad.reshape(-1).detach().clone() for p in params])
-
-
-def _clipped_sums(mode, reduction, arrays, users, rows, batches, max_grad_norm):
-    """Opacus' gradient (before the optimizer's update, noise multiplier 0) of each batch of users."""
-    model = AdModel.from_arrays(arrays)
-    criterion = PerUserLoss()
-    criterion.reduction = reduction
-    loader = DataLoader(TensorDataset(torch.arange(len(users))), batch_size=8)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        made = PrivacyEngine(accountant="rdp").make_private(
-            module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
-            noise_multiplier=0.0, max_grad_norm=max_grad_norm, poisson_sampling=False,
-            grad_sample_mode=mode, loss_reduction=reduction,
-        )
-    if mode == "ghost":
-        private_model, private_optimizer, private_criterion, _ = made
-    else:
-        (private_model, private_optimizer, _), private_criterion = made, criterion
-    target = torch.where(rows.mask, rows.labels, torch.tensor(-1.0))
-    sums = []
-    for batch in batches:
-        private_optimizer.zero_grad(set_to_none=True)
-        width = int(rows.mask[batch].sum(dim=1).max())
-        loss = private_criterion(private_model(users[batch], rows.ads[batch, :width]), target[batch, :width])
-        loss.backward()
-        private_optimizer.pre_step()  # clip, accumulate, add (zero) noise, scale: p.grad is what the step uses
-        sums.append(_flat_grads(private_optimizer.params))
-    return sums, private_optimizer.expected_batch_size
-
-
-def _user_gradient(arrays, users, rows, u) -> torch.Tensor:
-    """One user's gradient of their own loss, by plain autograd: no Opacus."""
-    model = AdModel.from_arrays(arrays)
-    n = int(rows.mask[u].sum())
-    target = torch.where(rows.mask[u, :n], rows.labels[u, :n], torch.tensor(-1.0))
-    PerUserLoss()(model(users[[u]], rows.ads[[u], :n]), target[None]).backward()
-    return _flat_grads(model.parameters())
-
-
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("max_grad_norm", [0.05, 10.0])
 @pytest.mark.parametrize("mode", MODES)
@@ -118,13 +71,13 @@ def test_one_user_changes_the_clipped_sum_by_at_most_max_grad_norm(split, rows, 
     batch = torch.arange(12)
     removed = [0, 3, 7, 11]
     batches = [batch] + [batch[batch != u] for u in removed]
-    sums, expected_batch = _clipped_sums(mode, reduction, arrays, user_vectors, rows, batches, max_grad_norm)
+    sums, expected_batch = clipped_sums(AdModel.from_arrays, mode, reduction, arrays, user_vectors, rows, batches, max_grad_norm)
     scale = 1.0 if reduction == "sum" else 1.0 / expected_batch  # "mean": Opacus divides by the expected batch size
 
     clipped_any = False
     for u, without in zip(removed, sums[1:]):
         difference = sums[0] - without
-        own = _user_gradient(arrays, user_vectors, rows, u)
+        own = user_gradient(AdModel.from_arrays, arrays, user_vectors, rows, u)
         assert float(own.norm()) > 0
         clipped_any |= float(own.norm()) > max_grad_norm
         clipped = own * min(1.0, max_grad_norm / (float(own.norm()) + 1e-6))
@@ -149,7 +102,7 @@ def test_one_user_changes_the_fused_clipped_sum_by_at_most_max_grad_norm(split, 
     full = clipped_sum(batch)
     for u in (0, 3, 7, 11):
         difference = full - clipped_sum(batch[batch != u])
-        own = _user_gradient(arrays, user_vectors, rows, u)
+        own = user_gradient(AdModel.from_arrays, arrays, user_vectors, rows, u)
         clipped = own * min(1.0, max_grad_norm / (float(own.norm()) + 1e-6))
         torch.testing.assert_close(difference, clipped, rtol=1e-4, atol=1e-7)
         assert float(difference.norm()) <= max_grad_norm * (1 + 1e-5)
@@ -158,8 +111,8 @@ def test_one_user_changes_the_fused_clipped_sum_by_at_most_max_grad_norm(split, 
 def test_hooks_and_ghost_clipping_give_the_same_step(split, rows, user_vectors):
     arrays = init_global_arrays(split.num_ads, DIM, seed=0)
     batch = [torch.arange(3, 20)]
-    hooks, _ = _clipped_sums("hooks", "mean", arrays, user_vectors, rows, batch, 0.05)
-    ghost, _ = _clipped_sums("ghost", "mean", arrays, user_vectors, rows, batch, 0.05)
+    hooks, _ = clipped_sums(AdModel.from_arrays, "hooks", "mean", arrays, user_vectors, rows, batch, 0.05)
+    ghost, _ = clipped_sums(AdModel.from_arrays, "ghost", "mean", arrays, user_vectors, rows, batch, 0.05)
     torch.testing.assert_close(hooks[0], ghost[0], rtol=1e-4, atol=1e-8)
 
 
