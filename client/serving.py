@@ -48,7 +48,7 @@ def recommend(
     user_ids: Sequence[str], factors: dict[str, np.ndarray], arrays: Arrays,
     catalog: AdCatalog, seen: dict[str, set[int]], k: int,
 ) -> list[Recommendation]:
-    """Top-k ads per user by score = p_u . q_a + b_a, leaving out the ads in `seen`."""
+    """Top-k ads per user by the model's score (MF: p_u . q_a + b_a; NeuMF: shared/neumf_arrays.py), leaving out the ads in `seen`."""
     if not user_ids:
         return []
     scores = score_all(np.stack([factors[u] for u in user_ids]), arrays)

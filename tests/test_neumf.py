@@ -570,3 +570,28 @@ def test_linear_norm_sampler_equals_opacus_own(rows: int) -> None:
     flat = linear_norm_sample(layer, [inputs[:, 0]], backprops[:, 0])  # one row per sample: the rank-one case
     for parameter, expected in compute_linear_norm_sample(layer, [inputs[:, 0]], backprops[:, 0]).items():
         torch.testing.assert_close(flat[parameter], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_serving_folds_in_and_recommends_with_neumf(world: World) -> None:
+    """The merchant agent's fold-in solves a user as training's user step would, and its top-k
+    follows NeuMF's scores, leaving out the user's own positives."""
+    from client.serving import fold_in, recommend
+    from client.user_step import NeuMFUserStep
+
+    dataset = generate(SyntheticSpec(users=40, ads=30, merchants=1, seed=3))[0]
+    arrays = neumf_arrays(world.num_ads, content=True)
+    users = [str(u) for u in world.split.user_ids[:3]]
+    step = NeuMFUserStep(steps=30)
+    factors = fold_in(world.log, arrays, users, step, seed=5)
+    assert set(factors) == set(users) and all(v.shape == (2 * arrays["ad_gmf"].shape[1],) for v in factors.values())
+    again = fold_in(world.log, arrays, users, step, seed=5)
+    assert all(np.array_equal(factors[u], again[u]) for u in users)  # seeded: the same vectors
+    seen = {u: set(world.split.positives(i).tolist()) for i, u in enumerate(users)}
+    recommendations = recommend(users, factors, arrays, dataset.catalog, seen, k=4)
+    scores = score_all(np.stack([factors[u] for u in users]), arrays)
+    for i, user in enumerate(users):
+        mine = [r for r in recommendations if r.user_id == user]
+        rows = [dataset.catalog.index[r.ad_id] for r in mine]
+        assert [r.rank for r in mine] == [1, 2, 3, 4] and not set(rows) & seen[user]
+        best = [a for a in np.argsort(-scores[i], kind="stable") if a not in seen[user]][:4]
+        assert rows == best
