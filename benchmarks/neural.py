@@ -59,7 +59,7 @@ from shared.data.schema import AdCatalog, Dataset  # noqa: E402
 from shared.data.sources import load_dataset  # noqa: E402
 from shared.flower_internals import server_identity  # noqa: E402
 from shared.metrics import NUM_TEST_USERS  # noqa: E402
-from shared.params import initial_model  # noqa: E402
+from shared.params import initial_model, with_public_constants  # noqa: E402
 from shared.privacy_policy import PrivacyPolicy  # noqa: E402
 from shared.wire import Arrays, from_array_record  # noqa: E402
 from simulations.baselines import shard_data  # noqa: E402
@@ -109,7 +109,7 @@ def train_sgd_family(cfg: RunConfig, catalog: AdCatalog, shards: list[NodeData],
             replies.append(reply.to_message(Message(content=RecordDict(), dst_node_id=1, message_type="train")))
         aggregated, _ = strategy.aggregate_train(server_round, replies)
         assert aggregated is not None
-        arrays = from_array_record(aggregated)
+        arrays = with_public_constants(from_array_record(aggregated), arrays)
         trace = ""
         if traced:
             mean = weighted(traced, NUM_TEST_USERS, ("ndcg10_sampled", "ndcg10_full"))

@@ -32,7 +32,7 @@ from flwr.serverapp.strategy import Strategy
 from server.secure_round import SecureTraining
 from shared.app_log import log
 from shared.neumf_arrays import Shapes
-from shared.params import check_global_arrays, digest
+from shared.params import PUBLIC_CONSTANT_KEYS, check_global_arrays, digest, with_public_constants
 from shared.wire import (
     ARRAYS,
     CLIENT,
@@ -46,9 +46,17 @@ from shared.wire import (
     error_sender,
     from_array_record,
     plain_metrics,
+    to_array_record,
 )
 
 RoundCallback = Callable[[int, Arrays, dict[str, Any]], None]
+
+
+def _adopt(aggregated: ArrayRecord, sent: ArrayRecord) -> ArrayRecord:
+    """The round's new global parameters: the aggregate, with the public constants as sent."""
+    if not any(key in sent for key in PUBLIC_CONSTANT_KEYS):
+        return aggregated
+    return to_array_record(with_public_constants(from_array_record(aggregated), from_array_record(sent)))
 # a client's weight in history.json, by the kind of reply it came with
 TRAIN_USERS, TEST_USERS = "train-users", "test-users"
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -287,7 +295,7 @@ class RoundLoop:
             if aggregated is None:
                 log.warning("round %d: the strategy aggregated nothing; the global model is unchanged", server_round)
             else:
-                arrays = aggregated
+                arrays = _adopt(aggregated, arrays)
             evaluate_started = time.perf_counter()
             evaluate_metrics = self.evaluate(server_round, arrays, evaluate_config, round_log)
             evaluate_seconds = time.perf_counter() - evaluate_started

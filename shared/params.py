@@ -18,7 +18,11 @@ from shared.catalog_features import informative_tags
 from shared.config import RunConfig
 from shared.data.schema import AdCatalog
 from shared.neumf_arrays import Shapes, init_neumf_arrays, neumf_scores, neumf_shapes, shapes_of
-from shared.wire import AD_BIAS, AD_FACTORS, GLOBAL_KEYS, NEUMF_GMF, Arrays
+from shared.wire import AD_BIAS, AD_FACTORS, GLOBAL_KEYS, NEUMF_CONTENT, NEUMF_GMF, Arrays
+
+# global arrays nobody trains: the server's copy stands after every aggregation (a reply's, even
+# a merchant's altered one, never moves it; nor does FedAvg's float32 rounding of equal copies)
+PUBLIC_CONSTANT_KEYS = (NEUMF_CONTENT,)
 
 
 def mf_shapes(num_ads: int, dim: int) -> Shapes:
@@ -87,6 +91,11 @@ def initial_arrays(kind: str, catalog: AdCatalog, dim: int, seed: int) -> Arrays
     if kind == "catalog":
         return catalog_init_arrays(informative_tags(catalog, "catalog warm start"), dim, seed)
     return init_global_arrays(len(catalog), dim, seed)
+
+
+def with_public_constants(aggregated: Arrays, sent: Arrays) -> Arrays:
+    """The aggregate with every public constant array as the server sent it."""
+    return {**aggregated, **{key: sent[key] for key in PUBLIC_CONSTANT_KEYS if key in sent}}
 
 
 def initial_model(cfg: RunConfig, catalog: AdCatalog) -> Arrays:

@@ -595,3 +595,27 @@ def test_serving_folds_in_and_recommends_with_neumf(world: World) -> None:
         assert [r.rank for r in mine] == [1, 2, 3, 4] and not set(rows) & seen[user]
         best = [a for a in np.argsort(-scores[i], kind="stable") if a not in seen[user]][:4]
         assert rows == best
+
+
+@pytest.mark.usefixtures("as_server")
+def test_the_public_content_embedding_survives_aggregation_and_an_altered_reply(world: World) -> None:
+    """FedAvg averages whatever replies hold; the round loop then puts back the server's own copy
+    of the public content embedding, so a merchant that alters it moves nothing."""
+    from flwr.serverapp.strategy import FedAvg
+
+    from server.round_loop import _adopt
+    from shared.wire import TrainReply, from_array_record, to_array_record
+
+    sent = neumf_arrays(world.num_ads, content=True)
+    honest = {**sent, "ad_gmf": sent["ad_gmf"] + 0.5}
+    altered = {**honest, "ad_content": sent["ad_content"] * 100.0}
+    from flwr.app import Message, RecordDict
+
+    replies = [TrainReply(name, arrays, weight).to_message(Message(content=RecordDict(), dst_node_id=1, message_type="train"))
+               for name, arrays, weight in (("a", honest, 3.0), ("b", altered, 1.0))]
+    aggregated, _ = FedAvg().aggregate_train(1, replies)
+    assert aggregated is not None
+    assert not np.array_equal(from_array_record(aggregated)["ad_content"], sent["ad_content"])  # FedAvg alone lets it move
+    adopted = from_array_record(_adopt(aggregated, to_array_record(sent)))
+    np.testing.assert_array_equal(adopted["ad_content"], sent["ad_content"])
+    np.testing.assert_allclose(adopted["ad_gmf"], sent["ad_gmf"] + 0.5, rtol=1e-6)  # everything else is the aggregate
