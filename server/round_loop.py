@@ -50,13 +50,6 @@ from shared.wire import (
 )
 
 RoundCallback = Callable[[int, Arrays, dict[str, Any]], None]
-
-
-def _adopt(aggregated: ArrayRecord, sent: ArrayRecord) -> ArrayRecord:
-    """The round's new global parameters: the aggregate, with the public constants as sent."""
-    if not any(key in sent for key in PUBLIC_CONSTANT_KEYS):
-        return aggregated
-    return to_array_record(with_public_constants(from_array_record(aggregated), from_array_record(sent)))
 # a client's weight in history.json, by the kind of reply it came with
 TRAIN_USERS, TEST_USERS = "train-users", "test-users"
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -105,6 +98,13 @@ class RunOutcome:
     last_round: int
     short_reason: str | None = None
     failed_round: dict[str, Any] | None = None
+
+
+def _adopt(aggregated: ArrayRecord, sent: ArrayRecord) -> ArrayRecord:
+    """The round's new global parameters: the aggregate, with the public constants as sent."""
+    if not any(key in sent for key in PUBLIC_CONSTANT_KEYS):
+        return aggregated
+    return to_array_record(with_public_constants(from_array_record(aggregated), from_array_record(sent)))
 
 
 class RoundLoop:

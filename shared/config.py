@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 RUN_CONFIG_SOURCE = "pyproject.toml [tool.flwr.app.config] (or a `flwr run -c` override)"
 
@@ -210,6 +210,14 @@ class RunConfig(BaseModel):
     client_noise_multiplier: float = Field(1.0, gt=0, description="privacy = client: Flower's server-side noise multiplier")
     client_clip_norm: float = Field(1.0, gt=0, description="privacy = client: Flower's server-side fixed clipping norm")
 
+    @field_validator("neumf_layers")
+    @classmethod
+    def _widths(cls, text: str) -> str:
+        parts = text.split(",")
+        if not all(part.strip().isdigit() and int(part) >= 1 for part in parts):
+            raise ValueError(f"neumf-layers must be comma-separated positive integers, got {text!r}")
+        return text
+
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         # "logs": in a deployment each merchant's node config names its own log; only a
@@ -237,7 +245,6 @@ class RunConfig(BaseModel):
         if self.mf_solver == "neumf" and self.dp_grad_sample_mode == "fused":
             raise ValueError("dp-grad-sample-mode 'fused' is MF's closed form; NeuMF's per-user clipping is Opacus' "
                              "(auto, opacus, hooks or ghost)")
-        self.mlp_layers  # noqa: B018 (validates neumf-layers)
         if self.secure_aggregation and (self.privacy != "user" or self.mf_solver != "als"):
             raise ValueError("secure-aggregation carries the private-ALS release (privacy 'user', mf-solver 'als'): one Gaussian "
                              "sum per round, which several merchants can noise in shares; a DP-SGD update is many noisy steps")
@@ -267,14 +274,8 @@ class RunConfig(BaseModel):
 
     @property
     def mlp_layers(self) -> tuple[int, ...]:
-        """neumf-layers as widths (ValueError when it is not a list of positive integers)."""
-        try:
-            widths = tuple(int(part) for part in self.neumf_layers.split(","))
-        except ValueError:
-            raise ValueError(f"neumf-layers must be comma-separated positive integers, got {self.neumf_layers!r}") from None
-        if not widths or min(widths) < 1:
-            raise ValueError(f"neumf-layers must be comma-separated positive integers, got {self.neumf_layers!r}")
-        return widths
+        """neumf-layers as widths (checked when the config is built)."""
+        return tuple(int(part) for part in self.neumf_layers.split(","))
 
     @property
     def quorum(self) -> int:

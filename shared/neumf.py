@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.neumf_arrays import layer_bias, layer_weight, shapes_of
+from shared.neumf_arrays import content_width, layer_bias, layer_weight, layer_widths
 from shared.params import check_global_arrays
 from shared.wire import (
     AD_BIAS,
@@ -96,14 +96,8 @@ class NeuMF(nn.Module):
 
     @classmethod
     def from_arrays(cls, arrays: Arrays) -> NeuMF:
-        shapes = shapes_of(arrays)
-        num_ads, dim = shapes[NEUMF_GMF]
-        layers, index = [], 0
-        while layer_weight(index) in shapes:
-            layers.append(shapes[layer_weight(index)][0])
-            index += 1
-        content_dim = shapes[NEUMF_CONTENT][1] if NEUMF_CONTENT in shapes else 0
-        model = cls(num_ads, dim, tuple(layers), content_dim)
+        num_ads, dim = arrays[NEUMF_GMF].shape
+        model = cls(num_ads, dim, layer_widths(arrays), content_width(arrays))
         model.set_arrays(arrays)
         return model
 

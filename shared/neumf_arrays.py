@@ -62,22 +62,23 @@ def neumf_shapes(num_ads: int, dim: int, layers: tuple[int, ...], content_dim: i
     return shapes
 
 
+def layer_widths(arrays: Arrays) -> tuple[int, ...]:
+    """The MLP tower's hidden widths, read off the arrays' layers."""
+    widths: list[int] = []
+    while layer_weight(len(widths)) in arrays:
+        widths.append(int(arrays[layer_weight(len(widths))].shape[0]))
+    return tuple(widths)
+
+
+def content_width(arrays: Arrays) -> int:
+    """The content embedding's width; 0 without the content tower."""
+    return int(arrays[NEUMF_CONTENT].shape[1]) if NEUMF_CONTENT in arrays else 0
+
+
 def shapes_of(arrays: Arrays) -> Shapes:
     """The shapes a NeuMF model with these arrays' dimensions has (to check a stored model)."""
     num_ads, dim = arrays[NEUMF_GMF].shape
-    layers, index = [], 0
-    while layer_weight(index) in arrays:
-        layers.append(int(arrays[layer_weight(index)].shape[0]))
-        index += 1
-    content_dim = int(arrays[NEUMF_CONTENT].shape[1]) if NEUMF_CONTENT in arrays else 0
-    return neumf_shapes(num_ads, dim, tuple(layers), content_dim)
-
-
-def num_layers(arrays: Arrays) -> int:
-    index = 0
-    while layer_weight(index) in arrays:
-        index += 1
-    return index
+    return neumf_shapes(num_ads, dim, layer_widths(arrays), content_width(arrays))
 
 
 def init_neumf_arrays(num_ads: int, dim: int, layers: tuple[int, ...], seed: int, content: np.ndarray | None = None) -> Arrays:
@@ -121,7 +122,7 @@ def neumf_scores(user_vectors: np.ndarray, arrays: Arrays) -> np.ndarray:
     gmf_ads, mlp_ads = ad_embeddings(arrays)
     output = arrays[NEUMF_OUTPUT_WEIGHT][0]
     scores = (gmf_users * output[:dim]) @ gmf_ads.T + arrays[AD_BIAS][None, :] + arrays[NEUMF_OUTPUT_BIAS][0]
-    layers = num_layers(arrays)
+    layers = len(layer_widths(arrays))
     first = arrays[layer_weight(0)]
     user_part = mlp_users @ first[:, :dim].T + arrays[layer_bias(0)]  # [U, h1]
     ad_part = mlp_ads @ first[:, dim:].T  # [A, h1]

@@ -171,14 +171,13 @@ def fused_clipped_gradients(
 
 
 def _fused_ad_epochs(
-    arrays: Arrays, user_factors: np.ndarray, epoch_rows: EpochRows, settings: DPSGDSettings, history: list[Release]
+    model: AdModel, user_factors: np.ndarray, epoch_rows: EpochRows, settings: DPSGDSettings, history: list[Release]
 ) -> EpochsResult:
     """DP-SGD with Opacus' Poisson sampler and RDP accountant, and closed-form per-user clipping.
 
     Same mechanism as Opacus' DPOptimizer with loss_reduction="mean": clipped per-user gradients
     summed, N(0, (noise_multiplier * max_grad_norm)^2) added to every coordinate, divided by
     `settings.divisor` (the expected batch, or a public constant); then the (Adam) step."""
-    model = AdModel.from_arrays(arrays)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
     users = torch.as_tensor(user_factors, dtype=torch.float32)
     num_users = users.shape[0]
@@ -237,8 +236,8 @@ def private_ad_epochs(
         parameters = sum(p.numel() for p in model.parameters())
         expected_batch = settings.sample_rate * user_factors.shape[0]
         mode = resolve_grad_sample_mode(settings.grad_sample_mode, parameters, expected_batch, closed_form=isinstance(model, AdModel))
-        if mode == "fused":
-            return _fused_ad_epochs(arrays, user_factors, epoch_rows, settings, history)
+        if isinstance(model, AdModel) and mode == "fused":
+            return _fused_ad_epochs(model, user_factors, epoch_rows, settings, history)
         return _private_ad_epochs(model, mode, user_factors, epoch_rows, settings, history)
 
 
