@@ -74,16 +74,24 @@ def main() -> int:
     parser.add_argument("--batch-users", type=int, default=64)
     parser.add_argument("--factors", type=int, default=32)
     parser.add_argument("--model", choices=("mf", "neumf"), default="mf")
+    parser.add_argument("--sample-rate", type=float, default=None, help=(
+        "Poisson rate of the private side (the shipped dp-sample-rate is 0.25); the non-private side then runs "
+        "batches of the same expected size (overrides --batch-users)"))
+    parser.add_argument("--modes", nargs="+", choices=("hooks", "ghost", "fused"), default=None, help=(
+        "private modes to time (default: all that apply; hooks at a large batch of a large catalog needs GBs)"))
+    parser.add_argument("--datasets", nargs="+", choices=tuple(DATASETS), default=list(DATASETS))
     args = parser.parse_args()
     neumf = args.model == "neumf"
     build_model = NeuMF.from_arrays if neumf else AdModel.from_arrays
     torch.set_num_threads(1)
+    batch_text = f"Poisson rate {args.sample_rate}" if args.sample_rate else f"expected batch {args.batch_users} users"
     print(f"{date.today()} on {platform.node()} ({platform.machine()}, 1 torch thread), {args.repeats} repeats x {args.epochs} epochs, "
-          f"expected batch {args.batch_users} users, k={args.factors}, model {args.model}")
+          f"{batch_text}, k={args.factors}, model {args.model}")
     print("| data (1 of 5 IID shards) | users | ads | non-DP s/epoch | hooks s/epoch | ghost s/epoch | fused s/epoch "
           "| hooks / non-DP | ghost / non-DP | fused / non-DP | auto picks |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, source in DATASETS.items():
+    for name in args.datasets:
+        source = DATASETS[name]
         if not Path(source["data-path"]).exists():
             print(f"| {name} | skipped: not found at {source['data-path']} |")
             continue
@@ -98,9 +106,10 @@ def main() -> int:
             arrays = init_global_arrays(len(dataset.catalog), args.factors, 0)
         width = 2 * args.factors if neumf else args.factors
         user_factors = (0.3 * np.random.default_rng(1).standard_normal((split.num_users, width))).astype(np.float32)
-        q = user_sample_rate(args.batch_users, split.num_users)
+        q = args.sample_rate or user_sample_rate(args.batch_users, split.num_users)
         batch = round(q * split.num_users)
-        times: dict[str, list[float]] = {"plain": [], "hooks": [], "ghost": []} if neumf else {"plain": [], "hooks": [], "ghost": [], "fused": []}
+        modes = [m for m in args.modes or ("hooks", "ghost", "fused") if not (neumf and m == "fused")]
+        times: dict[str, list[float]] = {"plain": [], **{m: [] for m in modes}}
         for repeat in range(args.repeats):
             for mode in times:
                 started = time.perf_counter()
@@ -115,10 +124,9 @@ def main() -> int:
         ratio = {m: statistics.median(a / b for a, b in zip(times[m], times["plain"])) for m in times if m != "plain"}
         parameters = sum(p.numel() for p in build_model(arrays).parameters())
         auto = resolve_grad_sample_mode("auto", parameters, q * split.num_users, closed_form=not neumf)
-        fused = (f"{median['fused']:.3f}", f"{ratio['fused']:.2f}") if "fused" in median else ("-", "-")
-        print(f"| {name} | {split.num_users} | {len(dataset.catalog)} | {median['plain']:.3f} | {median['hooks']:.3f} | "
-              f"{median['ghost']:.3f} | {fused[0]} | {ratio['hooks']:.2f} | {ratio['ghost']:.2f} | "
-              f"{fused[1]} | {auto} |", flush=True)
+        seconds = " | ".join(f"{median[m]:.3f}" if m in median else "-" for m in ("hooks", "ghost", "fused"))
+        ratios = " | ".join(f"{ratio[m]:.2f}" if m in ratio else "-" for m in ("hooks", "ghost", "fused"))
+        print(f"| {name} | {split.num_users} | {len(dataset.catalog)} | {median['plain']:.3f} | {seconds} | {ratios} | {auto} |", flush=True)
     return 0
 
 

@@ -40,6 +40,7 @@ from opacus.accountants.analysis import rdp as opacus_rdp
 from scipy.special import logsumexp
 
 import client.node_data
+import shared.accounting
 from client.node_state import NodeState
 from client.privacy.ledger import LEDGER_FILE, PrivacyLedger, PrivacyRefusal
 from shared.accounting import (
@@ -189,6 +190,21 @@ def test_dp_accounting_is_looser_where_a_fractional_order_is_optimal():
 
 def test_epsilon_of_empty_history_is_zero():
     assert epsilon_of([], DELTA) == 0.0
+
+
+@pytest.mark.parametrize(
+    "history",
+    [[(0.8, 0.2, 500)], [(1.1, 0.05, 300), (20.0, 1.0, 3)], [(2.0, 0.2, 40), (2.5, 0.01, 1000), (2.0, 0.2, 40)], [(5.0, 1.0, 2)]],
+)
+def test_renyi_epsilon_is_opacus_rdp_accountant_with_cached_step_curves(history):
+    """The per-step curves are cached; the epsilon is exactly what Opacus' own accountant says."""
+    opacus = RDPAccountant()
+    opacus.history = [tuple(h) for h in history]
+    expected = opacus.get_epsilon(DELTA)
+    assert renyi_epsilon(history, DELTA) == pytest.approx(expected, rel=1e-12)
+    hits = shared.accounting._step_rdp.cache_info().hits
+    assert renyi_epsilon(history, DELTA) == pytest.approx(expected, rel=1e-12)
+    assert shared.accounting._step_rdp.cache_info().hits == hits + len(history)  # no curve recomputed
 
 
 # ====================================================================== calibration
