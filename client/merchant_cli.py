@@ -10,9 +10,9 @@ training: `global_model.npz`, `user_factors.npz`, `privacy_ledger.json`).
     python -m client.merchant_cli budget --state-dir DIR [--json]
         The privacy spent and left, from the node's persisted accountant.
     python -m client.merchant_cli recommend --state-dir DIR --log LOG --catalog CATALOG
-                                            [--users U ...] [--k 10] [--output FILE.csv]
+                                            [--users U ...] [--k 10] [--output FILE.csv] [--explain [--because 2]]
         Top-K unseen ads per user: score = p_u . q_a + b_a with the latest global model and the
-        locally stored user factors.
+        locally stored user factors. --explain says why each ad is shown (client/explain.py).
     python -m client.merchant_cli fold-in --state-dir DIR --log LOG --catalog CATALOG [--users U ...]
         Give users of the log who have no stored factors (or the given users) their factors now,
         with the client's exact user step against the current global model, without a round.
@@ -30,6 +30,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from client.explain import DEFAULT_BECAUSE
 from client.merchant_commands import cmd_budget, cmd_fold_in, cmd_recommend, cmd_validate
 from client.merchant_files import CliError
 from shared.config import ConfigError, RunConfig
@@ -85,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="FILE.csv", help="write user_id, rank, ad_id, score as CSV instead of printing a table")
     p.add_argument("--exclude", choices=("all", "positives"), default="all",
                    help="ads not to recommend again: any the user has a log row for (all, default), or only clicked/purchased ones")
+    p.add_argument("--explain", action="store_true",
+                   help="say why each ad is shown (the user's own nearest clicked ads, category and brand, popularity, "
+                        "score parts): a line under each row, or extra CSV columns with --output")
+    p.add_argument("--because", type=int, default=DEFAULT_BECAUSE, metavar="N",
+                   help=f"with --explain: the user's own ads named as reasons, at most (default {DEFAULT_BECAUSE})")
 
     p = commands.add_parser("fold-in", help="compute factors for new users of the log now, without a training round")
     node_config_arg(p)

@@ -12,6 +12,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from client.explain import Explanation, explain
 from client.merchant_files import (
     CliError,
     load_budget,
@@ -140,26 +141,42 @@ def _users_to_serve(requested: list[str] | None, log: InteractionLog, factors: d
     return [u for u in in_log if u in factors], [u for u in in_log if u not in factors]
 
 
-def _write_csv(path: str, recommendations: list[Recommendation]) -> None:
+CSV_COLUMNS = ["user_id", "rank", "ad_id", "score"]
+# --explain's columns after those: the reasons a program can use, and the line a person reads
+EXPLAIN_COLUMNS = ["bias", "match", "because_ads", "category_matches", "brand_matches", "popularity_percentile", "why"]
+
+
+def _write_csv(path: str, recommendations: list[Recommendation], explanations: list[Explanation] | None = None) -> None:
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["user_id", "rank", "ad_id", "score"])
-        for r in recommendations:
-            writer.writerow([r.user_id, r.rank, r.ad_id, format(r.score, ".9g")])
+        writer.writerow(CSV_COLUMNS + (EXPLAIN_COLUMNS if explanations is not None else []))
+        for i, r in enumerate(recommendations):
+            row: list[object] = [r.user_id, r.rank, r.ad_id, format(r.score, ".9g")]
+            if explanations is not None:
+                e = explanations[i]
+                row += [format(e.bias, ".9g"), format(e.match, ".9g"), ";".join(b.ad_id for b in e.because),
+                        e.category_matches, e.brand_matches, format(e.popularity_percentile, ".4g"), e.text]
+            writer.writerow(row)
 
 
-def _print_table(recommendations: list[Recommendation], catalog: AdCatalog, out: TextIO) -> None:
+def _print_table(recommendations: list[Recommendation], catalog: AdCatalog, out: TextIO,
+                 explanations: list[Explanation] | None = None) -> None:
     width = max([len("user_id"), *(len(r.user_id) for r in recommendations)])
     ad_width = max([len("ad_id"), *(len(r.ad_id) for r in recommendations)])
     print(f"{'user_id':<{width}}  {'rank':>4}  {'ad_id':<{ad_width}}  {'score':>10}  category", file=out)
-    for r in recommendations:
+    for i, r in enumerate(recommendations):
         category = catalog.categories[catalog.index[r.ad_id]]
         print(f"{r.user_id:<{width}}  {r.rank:>4}  {r.ad_id:<{ad_width}}  {r.score:>10.4f}  {category}", file=out)
+        if explanations is not None:
+            # a line of its own: the sentence is too long for a column, and the table's columns stay as they are
+            print(f"{'':<{width}}  {'':>4}  why: {explanations[i].text}", file=out)
 
 
 def cmd_recommend(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.k < 1:
         raise CliError(f"--k must be at least 1, got {args.k}")
+    if args.explain and args.because < 0:
+        raise CliError(f"--because must be at least 0, got {args.because}")
     catalog = load_catalog(args.catalog)
     log = load_log(args.log, catalog, strict=not args.lenient)
     state = open_state(args.state_dir)
@@ -177,12 +194,13 @@ def cmd_recommend(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if not_in_log:
         print(f"note: {len(not_in_log)} user(s) have no rows in {args.log}: nothing is excluded for them", file=err)
     recommendations = recommend(users, factors, arrays, catalog, seen_ads(log, args.exclude == "positives"), args.k)
+    explanations = explain(recommendations, factors, arrays, catalog, log, args.because) if args.explain else None
     if args.output:
-        _write_csv(args.output, recommendations)
+        _write_csv(args.output, recommendations, explanations)
         print(f"wrote {len(recommendations)} recommendations for {len(users)} user(s) to {args.output} "
               f"(global model of round {server_round})", file=out)
     else:
-        _print_table(recommendations, catalog, out)
+        _print_table(recommendations, catalog, out, explanations)
     return EXIT_OK
 
 
