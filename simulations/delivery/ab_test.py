@@ -79,12 +79,17 @@ class UpliftResult:
 # ------------------------------------------------------------------------------ user split
 
 
-def _unit_interval(user_id: str, experiment: str) -> float:
+def unit_interval(user_id: str, experiment: str) -> float:
     # hashlib, not hash(): str hashes are salted per process (PYTHONHASHSEED), and a user must
     # land in the same arm in every process and every round. The experiment name is part of the
     # key so that two experiments split users independently of each other.
     digest = hashlib.blake2b(f"{experiment}:{user_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2.0**64
+
+
+def assign_policy(user_id: str, experiment: str, arms: Sequence[str]) -> str:
+    """The arm of one user in an A/B/n test of equal shares: the same uniform draw as assign_arm, cut into len(arms) equal parts."""
+    return arms[min(int(unit_interval(user_id, experiment) * len(arms)), len(arms) - 1)]
 
 
 def _check_share(treatment_share: float) -> None:
@@ -97,13 +102,13 @@ def assign_arm(user_id: str, experiment: str, treatment_share: float = 0.5) -> s
     process. A user's draw is uniform in [0, 1), so raising treatment_share only moves users from
     A to B."""
     _check_share(treatment_share)
-    return TREATMENT if _unit_interval(user_id, experiment) < treatment_share else CONTROL
+    return TREATMENT if unit_interval(user_id, experiment) < treatment_share else CONTROL
 
 
 def assign_arms(user_ids: Sequence[str], experiment: str, treatment_share: float = 0.5) -> npt.NDArray[np.bool_]:
     """assign_arm for many users: True where the user is in the treatment arm ("B")."""
     _check_share(treatment_share)
-    draws = np.fromiter((_unit_interval(u, experiment) for u in user_ids), dtype=np.float64, count=len(user_ids))
+    draws = np.fromiter((unit_interval(u, experiment) for u in user_ids), dtype=np.float64, count=len(user_ids))
     return draws < treatment_share
 
 
