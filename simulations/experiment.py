@@ -5,6 +5,7 @@ the dashed keys of pyproject's [tool.flwr.app.config] (shared/config.py, RunConf
 tables:
     [sweep]      clients, seeds, dirichlet-alphas, epsilons, solvers, private-als-rounds
     [baselines]  toppop, centralized, local-only, dp-popularity
+    [delivery]   the closed loop of ad delivery (simulations/delivery/, run by `python -m simulations.delivery`)
 The experiment is named after the file. Relative data-path and catalog-path are resolved
 against the file's folder. A bad file gets an error naming the file, the line and the field.
 """
@@ -21,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shared.config import DASHED_KEYS, RunConfig, format_validation_error, line_of, read_toml
+from simulations.delivery.settings import DeliverySettings
 
 # run-config keys that say where a run writes: not part of what a cell computes
 _WHERE = ("output-dir", "state-dir", "resume")
@@ -74,6 +76,7 @@ class _Tables(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sweep: SweepSpec = SweepSpec()
     baselines: BaselineSpec = BaselineSpec()
+    delivery: DeliverySettings | None = None
 
 
 class Experiment(BaseModel):
@@ -83,6 +86,7 @@ class Experiment(BaseModel):
     base: RunConfig  # the defaults with those overrides
     sweep: SweepSpec = SweepSpec()
     baselines: BaselineSpec = BaselineSpec()
+    delivery: DeliverySettings | None = None  # a [delivery] table: the file also describes a delivery loop
     source: str = "<memory>"
 
 
@@ -122,7 +126,7 @@ class Cell(BaseModel):
 def load_experiment(path: str | Path) -> Experiment:
     path = Path(path)
     text, raw = read_toml(path, ExperimentError)
-    tables = {key: raw.pop(key) for key in ("sweep", "baselines") if key in raw}
+    tables = {key: raw.pop(key) for key in ("sweep", "baselines", "delivery") if key in raw}
     _resolve_paths(path, text, raw)
     errors: list[str] = []
     base = None
@@ -136,7 +140,8 @@ def load_experiment(path: str | Path) -> Experiment:
         errors += format_validation_error(exc, str(path), text).splitlines()[1:]
     if errors or base is None:
         raise ExperimentError("\n".join([f"{path}: invalid experiment:", *errors]))
-    experiment = Experiment(name=path.stem, overrides=raw, base=base, sweep=parsed.sweep, baselines=parsed.baselines, source=str(path))
+    experiment = Experiment(name=path.stem, overrides=raw, base=base, sweep=parsed.sweep, baselines=parsed.baselines,
+                            delivery=parsed.delivery, source=str(path))
     # every cell's run config must validate too: check them now, at the edge
     try:
         expand_cells(experiment)

@@ -3,6 +3,8 @@ A/B/n loop on a small synthetic market."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +17,10 @@ from shared.data.loaders import load_log_file
 from shared.data.schema import Event
 from shared.data.synthetic import SyntheticSpec, generate
 from simulations.delivery.ab_test import assign_policy, ratio_uplift
-from simulations.delivery.loop import DeliveryLoop, DeliverySettings, Served
+from simulations.delivery.loop import DeliveryLoop, Served
 from simulations.delivery.policies import choose_slate
-from simulations.delivery.world import ResponseSettings, SimulatedUsers
+from simulations.delivery.settings import DeliverySettings, ResponseSettings
+from simulations.delivery.world import SimulatedUsers
 
 SPEC = SyntheticSpec(users=900, ads=150, merchants=3, seed=5)
 
@@ -176,9 +179,59 @@ def test_a_restarted_loop_logs_no_round_twice(tmp_path: Path, market):
 def test_private_delivery_spends_the_merchants_budget_and_no_more(tmp_path: Path, market):
     dataset, truth = market
     cfg = RunConfig.from_flower({"privacy": "user", "target-epsilon": 4.0, "dp-metrics": "none", "factors": 4, "seed": 5})
-    settings = DeliverySettings(rounds=2, active_share=0.2, arms=("federated", "local-only"))
+    settings = DeliverySettings(rounds=2, retrain_every=1, active_share=0.2, arms=("federated", "local-only"))
     result = DeliveryLoop(cfg, settings, dataset, truth, tmp_path).run()
     assert all(3.9 < spent <= 4.0 + 1e-9 for spent in result.epsilon.values())
     # a third round was never planned: every merchant's ledger refuses it
     with pytest.raises(PrivacyRefusal, match="budget"):
         DeliveryLoop(cfg, settings.model_copy(update={"rounds": 3}), dataset, truth, tmp_path).run(first_round=3)
+
+
+# ====================================================================== the experiment file and its report
+SMALL_EXPERIMENT = """dataset = "synthetic"
+synthetic-users = 400
+synthetic-ads = 100
+synthetic-merchants = 3
+factors = 4
+privacy = "none"
+
+[sweep]
+epsilons = [8]
+
+[delivery]
+rounds = 3
+retrain-every = 2
+arms = ["federated", "local-only", "random"]
+"""
+
+
+def test_a_delivery_experiment_file_runs_every_epsilon_and_writes_its_report(tmp_path: Path):
+    from simulations.delivery.__main__ import main
+
+    path = tmp_path / "small.toml"
+    path.write_text(SMALL_EXPERIMENT)
+    assert main([str(path), "--output", str(tmp_path / "out")]) == 0
+    out = tmp_path / "out"
+    records = json.loads((out / "delivery.json").read_text())
+    own = [r for r in records if r["uplift_vs"] is None]
+    assert {(r["policy"], r["epsilon"]) for r in own} == {(p, e) for p in ("federated", "local-only", "random") for e in (None, 8.0)}
+    uplift = [r for r in records if r["uplift_vs"] == "random" and r["merchant"] is None]
+    assert {(r["epsilon"], r["metric"]) for r in uplift} == {(None, "ctr"), (None, "cvr"), (8.0, "ctr"), (8.0, "cvr")}
+    assert all(r["ci_low"] <= r["uplift"] <= r["ci_high"] and 0 <= r["p_value"] <= 1 for r in uplift)
+    assert len(json.loads((out / "rounds.json").read_text())) == 3 * 3 * 2  # rounds x policies x runs
+    assert {p.name for p in (out / "plots").iterdir()} == {"ctr_rounds.png", "uplift.png", "per_merchant.png", "exposure.png"}
+    assert "A/B uplift of federated" in (out / "report.html").read_text()
+    ledgers = DeliveryLog(out / "runs" / "eps8" / "merchant-0" / "log.csv").batches
+    assert sorted(ledgers) == ["round-1", "round-2", "round-3"]
+
+
+def test_a_bad_delivery_table_names_its_file_line_and_field(tmp_path: Path, capsys):
+    from simulations.delivery.__main__ import main
+
+    path = tmp_path / "bad.toml"
+    path.write_text(SMALL_EXPERIMENT.replace('arms = ["federated", "local-only", "random"]', "slate-size = 0"))
+    assert main([str(path)]) == 1
+    assert re.search(r"bad.toml.*:14.*slate-size", capsys.readouterr().err)
+    path.write_text(SMALL_EXPERIMENT.replace('dataset = "synthetic"', 'dataset = "logs"\ndata-path = "x.csv"'))
+    assert main([str(path)]) == 1
+    assert "needs the synthetic market" in capsys.readouterr().err

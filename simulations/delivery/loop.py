@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 from flwr.app import Message, RecordDict
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from client.delivery_log import DeliveryLog, LogRow
 from client.node_data import NodeData
@@ -41,33 +40,13 @@ from shared.params import initial_model, with_public_constants
 from shared.privacy_policy import PrivacyPolicy
 from shared.wire import Arrays, from_array_record
 from simulations.delivery.ab_test import assign_policy, unit_interval
-from simulations.delivery.policies import POLICIES, choose_slate, model_scores, popularity_scores, random_scores
-from simulations.delivery.world import ResponseSettings, SimulatedUsers
+from simulations.delivery.policies import choose_slate, model_scores, popularity_scores, random_scores
+from simulations.delivery.settings import DeliverySettings
+from simulations.delivery.world import SimulatedUsers
 
 log = logging.getLogger("fedads.delivery")
 TREATMENT = "federated"
 ROUND_SECONDS = 86_400  # a delivery round is a day of the merchant's clock
-
-
-class DeliverySettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    rounds: int = Field(20, ge=1, description="federated rounds, each followed by a round of delivery")
-    slate_size: int = Field(5, ge=1, description="ads per slate")
-    active_share: float = Field(0.3, gt=0, le=1, description="share of a merchant's users served in a round (a per-user hash draw)")
-    exploration: float = Field(0.05, ge=0, le=1, description="epsilon-greedy: each slate position is a uniform draw with this probability")
-    arms: tuple[str, ...] = Field(POLICIES, description="policies of the A/B(/n) test, each on an equal share of the users")
-    experiment: str = Field("delivery", description="name of the user split (a new name splits the users anew)")
-    local_iterations: int = Field(2, ge=1, description="local-only: ALS iterations per round on the merchant's own log")
-    responses: ResponseSettings = Field(default_factory=ResponseSettings)
-
-    @field_validator("arms")
-    @classmethod
-    def _known(cls, arms: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = [a for a in arms if a not in POLICIES]
-        if unknown or len(set(arms)) != len(arms) or len(arms) < 2:
-            raise ValueError(f"arms must be two or more distinct policies of {', '.join(POLICIES)}; got {', '.join(arms)}")
-        return arms
 
 
 def active(user_id: str, server_round: int, seed: int, share: float) -> bool:
@@ -118,7 +97,8 @@ class DeliveryLoop:
     """The closed loop over a synthetic market: merchants' logs and ledgers live under `work`."""
 
     def __init__(self, cfg: RunConfig, settings: DeliverySettings, dataset: Dataset, truth: GroundTruth, work: Path) -> None:
-        self.cfg = cfg.with_values("delivery", num_rounds=settings.rounds)  # the privacy plan spreads its budget over them
+        # the privacy plan spreads the merchant's budget over the releases the loop will make
+        self.cfg = cfg.with_values("delivery", num_rounds=settings.releases)
         self.local_cfg = self.cfg.with_values("delivery, local-only", privacy="none")
         self.settings = settings
         self.catalog: AdCatalog = dataset.catalog
@@ -160,7 +140,9 @@ class DeliveryLoop:
         for server_round in range(first_round, self.settings.rounds + 1):
             data = {name: NodeData(serving_split(self.merchant_log(name), len(self.catalog)), np.zeros((0, 0), dtype=np.int64))
                     for name in self.merchants}
-            arrays = self._federated_round(server_round, arrays, data, strategy)
+            release = self.settings.release_of(server_round)
+            if release is not None:
+                arrays = self._federated_round(release, arrays, data, strategy)
             for name in self.merchants:
                 records += self._deliver(server_round, name, data[name], arrays, served, arms_of, merchant_of)
             log.info("delivery round %d: %s", server_round, ", ".join(

@@ -20,7 +20,6 @@ import numpy as np
 from shared.params import score_all
 from shared.wire import Arrays
 
-POLICIES = ("federated", "local-only", "popularity", "random")
 ScoreFn = Callable[[np.ndarray], np.ndarray]  # user rows of the merchant -> [users, ads] scores
 
 

@@ -20,23 +20,9 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
 from shared.data.synthetic import GroundTruth
-
-
-class ResponseSettings(BaseModel):
-    """Knobs of the simulated users (public to the harness, hidden from every model)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    position_bias: float = Field(1.0, ge=0, description="examination of position k (0-based) is 1 / (k + 1)^this")
-    click_offset: float = Field(-2.0, description="added to the generator's click logit: sets the base click rate")
-    click_noise: float = Field(0.5, ge=0, description="std of per-impression Gaussian noise on the click logit")
-    purchase_offset: float = Field(-2.0, description="logit of a purchase after a click, for an ad orthogonal to the user's taste")
-    purchase_taste: float = Field(3.0, ge=0, description="weight of taste . ad in the purchase logit")
-    mean_log_price: float = Field(3.0, description="prices are log-normal: mean of the log price")
-    log_price_std: float = Field(0.6, ge=0, description="std of the log price")
+from simulations.delivery.settings import ResponseSettings
 
 
 @dataclass(frozen=True)
