@@ -12,7 +12,8 @@ per merchant over local-only; CTR per round.
 
 Writes benchmarks/results/delivery.json: flat records with policy, epsilon (null: no DP), ctr,
 cvr, uplift_vs (null on a policy's own row), uplift, ci_low, ci_high, p_value, and metric
-(ctr | cvr), merchant (null: all), users, rpm, exposure_gini, advertiser_gini, advertisers_shown.
+(ctr | cvr), merchant (null: all), users, rpm, exposure_gini, advertiser_gini, ad_coverage,
+small_advertiser_coverage (share of the ads of the quarter of advertisers with fewest ads shown at least once).
 The run folder keeps the report (report.html, plots/).
 """
 
@@ -38,7 +39,7 @@ from simulations.delivery.__main__ import run_delivery  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "delivery.json"
 KEYS = ("policy", "epsilon", "merchant", "users", "ctr", "cvr", "rpm", "uplift_vs", "metric", "uplift", "ci_low", "ci_high", "p_value",
-        "exposure_gini", "advertiser_gini", "advertisers_shown")
+        "exposure_gini", "advertiser_gini", "ad_coverage", "small_advertiser_coverage")
 
 
 def _fmt(value: Any) -> str:

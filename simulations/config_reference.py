@@ -30,6 +30,7 @@ import shared.config_table as config_table
 from shared.config import SECTIONS, RunConfig
 from shared.node_config import PATH_KEYS, NodeConfig
 from simulations import PROJECT_ROOT
+from simulations.delivery.settings import DeliverySettings, ResponseSettings
 from simulations.experiment import BaselineSpec, SweepSpec
 
 REFERENCE = PROJECT_ROOT / "docs" / "CONFIG.md"
@@ -163,7 +164,7 @@ def render_reference() -> str:
         "",
         "A TOML file for `python -m simulations.sweep FILE` (simulations/experiment.py), named after",
         "the file: any run-config key above at the top level (the base of every cell; relative",
-        "`data-path` and `catalog-path` are relative to the file's folder), plus the two tables below",
+        "`data-path` and `catalog-path` are relative to the file's folder), plus the tables below",
         "and no other. Your own data: `dataset = \"logs\"` (docs/DATA.md).",
         "",
         f"### `[sweep]`: what varies across the federated runs (cells), {sweep_keys} keys",
@@ -173,6 +174,17 @@ def render_reference() -> str:
         "### `[baselines]`: in-process baselines run beside the cells (simulations/baselines.py)",
         "",
         *key_table(list(BaselineSpec.model_fields.items())),
+        "",
+        "### `[delivery]`: the closed loop of ad delivery (simulations/delivery/)",
+        "",
+        "Run by `python -m simulations.delivery FILE` on the synthetic market (its base cell and one",
+        "private-ALS run per `[sweep]` epsilon; the sweep ignores this table).",
+        "",
+        *key_table([(k, f) for k, f in DeliverySettings.model_fields.items() if k != "responses"]),
+        "",
+        "#### `[delivery.responses]`: the simulated users (hidden from every model)",
+        "",
+        *key_table(list(ResponseSettings.model_fields.items())),
         "",
         "## Node config",
         "",

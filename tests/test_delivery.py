@@ -138,7 +138,7 @@ def _arm_totals(served: Served, users: list[str]) -> tuple[np.ndarray, np.ndarra
 def test_the_learned_policy_beats_random_and_popularity_with_a_significant_ab_result(tmp_path: Path, market):
     dataset, truth = market
     cfg = RunConfig.from_flower({"privacy": "none", "factors": 8, "seed": 5})
-    settings = DeliverySettings(rounds=5, active_share=0.6, arms=("federated", "popularity", "random"))
+    settings = DeliverySettings(rounds=5, active_share=0.6, arms=["federated", "popularity", "random"])
     result = DeliveryLoop(cfg, settings, dataset, truth, tmp_path).run()
 
     served = result.served
@@ -162,7 +162,7 @@ def test_the_learned_policy_beats_random_and_popularity_with_a_significant_ab_re
 def test_a_restarted_loop_logs_no_round_twice(tmp_path: Path, market):
     dataset, truth = market
     cfg = RunConfig.from_flower({"privacy": "none", "factors": 4, "seed": 5})
-    settings = DeliverySettings(rounds=3, active_share=0.3, arms=("federated", "random"))
+    settings = DeliverySettings(rounds=3, active_share=0.3, arms=["federated", "random"])
     first = DeliveryLoop(cfg, settings.model_copy(update={"rounds": 2}), dataset, truth, tmp_path).run()
     # a crash after round 2's batch, then a restart that resumes at round 2 (it replays it)
     again = DeliveryLoop(cfg, settings, dataset, truth, tmp_path).run(first_round=2)
@@ -179,7 +179,7 @@ def test_a_restarted_loop_logs_no_round_twice(tmp_path: Path, market):
 def test_private_delivery_spends_the_merchants_budget_and_no_more(tmp_path: Path, market):
     dataset, truth = market
     cfg = RunConfig.from_flower({"privacy": "user", "target-epsilon": 4.0, "dp-metrics": "none", "factors": 4, "seed": 5})
-    settings = DeliverySettings(rounds=2, retrain_every=1, active_share=0.2, arms=("federated", "local-only"))
+    settings = DeliverySettings(rounds=2, retrain_every=1, active_share=0.2, arms=["federated", "local-only"])
     result = DeliveryLoop(cfg, settings, dataset, truth, tmp_path).run()
     assert all(3.9 < spent <= 4.0 + 1e-9 for spent in result.epsilon.values())
     # a third round was never planned: every merchant's ledger refuses it

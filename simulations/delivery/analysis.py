@@ -53,8 +53,17 @@ def policy_records(result: DeliveryResult, epsilon: float | None, catalog: AdCat
         by_brand = exposure_shares(shown, brands, num_brands)
         records.append({"policy": policy, "epsilon": epsilon, "merchant": None, **_rates(served, list(served.impressions)),
                         **dict.fromkeys(UPLIFT_KEYS), "exposure_gini": by_ad.gini_ads, "advertiser_gini": by_brand.gini_groups,
-                        "advertisers_shown": float(np.mean(by_brand.shown_share[by_brand.catalog_share > 0] > 0))})
+                        "ad_coverage": by_ad.coverage, "small_advertiser_coverage": _small_advertiser_coverage(shown, brands, num_brands)})
     return records
+
+
+def _small_advertiser_coverage(shown: np.ndarray, brands: np.ndarray, num_brands: int) -> float:
+    """Share of the ads of the smallest advertisers (the quarter with the fewest ads in the
+    catalog) shown at least once: does a small advertiser's ad ever get shown?"""
+    sizes = np.bincount(brands, minlength=num_brands)
+    small = np.flatnonzero((sizes > 0) & (sizes <= np.quantile(sizes[sizes > 0], 0.25)))
+    their_ads = np.flatnonzero(np.isin(brands, small))
+    return float(np.isin(their_ads, shown).mean()) if len(their_ads) else float("nan")
 
 
 def uplift_records(result: DeliveryResult, epsilon: float | None) -> list[dict[str, Any]]:
@@ -75,7 +84,8 @@ def uplift_records(result: DeliveryResult, epsilon: float | None) -> list[dict[s
                 records.append({"policy": TREATMENT, "epsilon": epsilon, "merchant": merchant, **_rates(treated, t_users),
                                 "uplift_vs": control, "metric": metric, "uplift": test.uplift, "ci_low": test.uplift_ci_low,
                                 "ci_high": test.uplift_ci_high, "p_value": test.p_value, "exposure_gini": None,
-                                "advertiser_gini": None, "advertisers_shown": None})
+                                "advertiser_gini": None, "ad_coverage": None,
+                                "small_advertiser_coverage": None})
     return records
 
 

@@ -40,7 +40,7 @@ from shared.params import initial_model, with_public_constants
 from shared.privacy_policy import PrivacyPolicy
 from shared.wire import Arrays, from_array_record
 from simulations.delivery.ab_test import assign_policy, unit_interval
-from simulations.delivery.policies import choose_slate, model_scores, popularity_scores, random_scores
+from simulations.delivery.policies import ScoreFn, choose_slate, model_scores, popularity_scores, random_scores
 from simulations.delivery.settings import DeliverySettings
 from simulations.delivery.world import SimulatedUsers
 
@@ -133,7 +133,7 @@ class DeliveryLoop:
 
     def _run(self, first_round: int, arrays: Arrays) -> DeliveryResult:
         strategy, _ = build_strategy(self.cfg, len(self.merchants), self.catalog)
-        served = {arm: Served() for arm in self.settings.arms}
+        served: dict[str, Served] = {arm: Served() for arm in self.settings.arms}
         records: list[RoundRecord] = []
         arms_of: dict[str, str] = {}
         merchant_of: dict[str, str] = {}
@@ -182,7 +182,7 @@ class DeliveryLoop:
         split = data.split
         user_ids = [str(u) for u in split.user_ids.tolist()]
         rng = np.random.default_rng([self.cfg.seed, server_round, 11, self.merchants.index(name)])
-        scorers = {}
+        scorers: dict[str, ScoreFn] = {}
         if TREATMENT in self.settings.arms:
             solver = solver_for(self.cfg, data)
             scorers[TREATMENT] = model_scores(arrays, solver.fit_users(arrays, rng, None))

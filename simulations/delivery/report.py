@@ -96,6 +96,10 @@ FIGURES = {
 }
 
 
+POLICY_COLUMNS = ("policy", "epsilon", "users", "ctr", "cvr", "rpm", "exposure_gini", "advertiser_gini", "ad_coverage",
+                  "small_advertiser_coverage")
+
+
 def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
@@ -125,7 +129,7 @@ th {{ background: #f3f3f3; }} img {{ max-width: 100%; }} .figs {{ display: grid;
 <h1>fedads delivery loop: {html.escape(name)}</h1>
 <p>{html.escape(summary)}</p>
 <h2>Policies</h2>
-{_table(policies, ("policy", "epsilon", "users", "ctr", "cvr", "rpm", "exposure_gini", "advertiser_gini", "advertisers_shown"))}
+{_table(policies, POLICY_COLUMNS)}
 <h2>A/B uplift of federated</h2>
 {_table(uplifts, ("epsilon", "merchant", "users", "uplift_vs", "metric", "uplift", "ci_low", "ci_high", "p_value"))}
 <h2>Figures</h2><div class="figs">{figures}</div>

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, Field, field_validator
 
 from shared.config import DASHED_KEYS
 
-POLICIES = ("federated", "local-only", "popularity", "random")
+Policy = Literal["federated", "local-only", "popularity", "random"]
+POLICIES: tuple[Policy, ...] = ("federated", "local-only", "popularity", "random")
 
 
 class ResponseSettings(BaseModel):
@@ -32,7 +35,7 @@ class DeliverySettings(BaseModel):
     slate_size: int = Field(5, ge=1, description="ads per slate")
     active_share: float = Field(0.5, gt=0, le=1, description="share of a merchant's users served in a round (a per-user hash draw)")
     exploration: float = Field(0.05, ge=0, le=1, description="epsilon-greedy: each slate position is a uniform draw with this probability")
-    arms: tuple[str, ...] = Field(POLICIES, description="policies of the A/B(/n) test, each on an equal share of the users")
+    arms: list[Policy] = Field(default_factory=lambda: list(POLICIES), description="policies of the A/B/n test, each on an equal share of the users")
     experiment: str = Field("delivery", description="name of the user split (a new name splits the users anew)")
     retrain_every: int = Field(5, ge=1, description=(
         "rounds between federated releases (the global ads are retrained weekly, say, while every merchant refits its users "
@@ -50,8 +53,7 @@ class DeliverySettings(BaseModel):
 
     @field_validator("arms")
     @classmethod
-    def _known(cls, arms: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = [a for a in arms if a not in POLICIES]
-        if unknown or len(set(arms)) != len(arms) or len(arms) < 2:
+    def _distinct(cls, arms: list[Policy]) -> list[Policy]:
+        if len(set(arms)) != len(arms) or len(arms) < 2:
             raise ValueError(f"arms must be two or more distinct policies of {', '.join(POLICIES)}; got {', '.join(arms)}")
         return arms
