@@ -79,6 +79,22 @@ def evaluate(score_fn: ScoreFn, split: UserSplit, eval_negatives: np.ndarray, ch
     return result
 
 
+def per_user_metrics(score_fn: ScoreFn, split: UserSplit, eval_negatives: np.ndarray, chunk: int = 1024) -> dict[str, np.ndarray]:
+    """Every metric of every test user, in `split.test_users` order (the rows under "user"): what
+    `evaluate` averages, by the same batches and `rank_metrics`, for reports by user group.
+    Each array's mean equals `evaluate`'s value up to the order of summation (exactly, within one chunk)."""
+    users = split.test_users
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in METRIC_NAMES}
+    for start in range(0, len(users), chunk):
+        batch = users[start : start + chunk]
+        values = rank_metrics(np.asarray(score_fn(batch), dtype=np.float64), batch, split, eval_negatives)
+        for name in METRIC_NAMES:
+            parts[name].append(values[name])
+    result = {name: (np.concatenate(parts[name]) if parts[name] else np.zeros(0)) for name in METRIC_NAMES}
+    result["user"] = users
+    return result
+
+
 def toppop_score_fn(popularity: np.ndarray) -> ScoreFn:
     """TopPop: every user gets the same ranking, by training popularity."""
     return lambda users: np.broadcast_to(popularity, (len(users), len(popularity)))
