@@ -61,7 +61,7 @@ def main() -> int:
     print(f"whole benchmark {time.perf_counter() - started:.0f} s")
     for epsilon in dict.fromkeys(r["epsilon"] for r in measured["rounds"]):
         for policy in dict.fromkeys(r["policy"] for r in measured["rounds"]):
-            ctr = [r["ctr"] for r in measured["rounds"] if r["policy"] == policy and r["epsilon"] == epsilon]
+            ctr = [r["ctr"] for r in measured["rounds"] if r["policy"] == policy and r["epsilon"] == epsilon and r["merchant"] is None]
             print(f"CTR by round, {policy}, epsilon {epsilon}: " + " ".join(_fmt(c) for c in ctr))
     records = [{k: r.get(k) for k in KEYS} for r in measured["policies"] + measured["uplifts"]]
     print("| " + " | ".join(KEYS) + " |\n|" + "---|" * len(KEYS))

@@ -166,6 +166,32 @@ def _audit_section(output: Path, plots: Path) -> str:
             f"{_table(HEADERS, table_rows(records))}\n{_figure('audit.png', 'Claimed epsilon vs empirical lower bound')}\n")
 
 
+def _delivery_section(output: Path) -> str:
+    """The delivery loop's tables and figures when the run folder holds one (an experiment file
+    with a [delivery] table, simulations/delivery/); nothing otherwise."""
+    folder = output / "delivery"
+    try:
+        records = json.loads((folder / "delivery.json").read_text()) if (folder / "delivery.json").is_file() else None
+    except (OSError, ValueError):
+        records = None
+    if not isinstance(records, list):
+        return ""
+    from simulations.delivery.report import FIGURES, POLICY_COLUMNS, UPLIFT_COLUMNS
+
+    def fmt(value: Any) -> str:
+        return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    own = [r for r in records if r.get("uplift_vs") is None]
+    uplift = [r for r in records if r.get("uplift_vs") is not None and r.get("merchant") is None]
+    figures = "".join(
+        f'<figure><img src="delivery/plots/{name}" alt="{html.escape(title)}"><figcaption>{html.escape(title)}</figcaption></figure>'
+        for name, title in FIGURES.items() if (folder / "plots" / name).is_file())
+    return (f"<h2>Delivery loop</h2>\n<p>Simulated delivery on the synthetic market: <a href=\"delivery/report.html\">its report</a>.</p>\n"
+            f"{_table(list(POLICY_COLUMNS), [[fmt(r.get(k)) for k in POLICY_COLUMNS] for r in own])}\n"
+            f"{_table(list(UPLIFT_COLUMNS), [[fmt(r.get(k)) for k in UPLIFT_COLUMNS] for r in uplift])}\n"
+            f'<div class="figs">{figures}</div>\n')
+
+
 def write_report(experiment: Experiment, output: Path, rows: list[dict[str, Any]], summary: dict[str, Any]) -> Path:
     plots = output / "plots"
     plots.mkdir(exist_ok=True)
@@ -208,7 +234,7 @@ Metrics: leave-last-out; sampled = 99 fixed negatives per user, full = every ad 
 {_table(["method", "cell", "target eps", "round", *SHOWN, "eps spent"], final_rows)}
 <h2>Figures</h2>
 <div class="figs">{"".join(_figure(name, title) for name, (title, _) in figures.items())}</div>
-{_audit_section(output, plots)}<h2>Runs and their guarantees</h2>
+{_audit_section(output, plots)}{_delivery_section(output)}<h2>Runs and their guarantees</h2>
 {_table(["cell", "clients", "seed", "privacy guarantee", "eps spent (max)", "refused replies", "wall s"], cells)}
 <p>Full results: <a href="results.csv">results.csv</a>, <a href="results.json">results.json</a>;
 experiment: <a href="experiment.toml">experiment.toml</a>; environment: {html.escape(json.dumps(environment.get("packages", {})))}.</p>

@@ -7,7 +7,8 @@ cell so a re-run skips finished cells and an interrupted sweep resumes.
 Outputs in one run folder: experiment.toml (copy) and environment.json (package versions),
 cells/<cell>/ (each federated run's own outputs, done.json once finished),
 baselines/<group>/done.json, results.csv and results.json (one row per cell x round x
-client/aggregate), plots/*.png and report.html; runtime/ray.log and timing.json (the
+client/aggregate), plots/*.png and report.html (with a [delivery] table: delivery/, the delivery
+loop's run, records and figures, simulations/delivery/); runtime/ray.log and timing.json (the
 runtime's start and stop, as far as the sweep waited for them).
 
 On a terminal it draws a progress bar; with its output redirected, it prints one line per cell,
@@ -41,6 +42,7 @@ from simulations.runtime import SimulationError, SimulationRuntime, run_simulati
 from simulations.sweep_progress import RoundWatcher, SweepProgress, sweep_progress
 
 DONE = "done.json"
+DELIVERY_DIR = "delivery"
 
 
 def _environment() -> dict[str, Any]:
@@ -147,6 +149,11 @@ def run_experiment(experiment_path: Path, output: Path) -> Path:
                 timing = {"connect_seconds": runtime.connect_seconds, "start_wait_seconds": runtime.start_wait_seconds,
                           "baselines_seconds": cells_started - baselines_started,
                           "cells_seconds": time.perf_counter() - cells_started, "cells": [c.name for c in pending]}
+
+            if experiment.delivery is not None:  # the file also describes a delivery loop: its run and figures join the report
+                from simulations.delivery.__main__ import run_delivery
+
+                run_delivery(experiment_path, output / DELIVERY_DIR)
 
             from simulations.report import write_report
             from simulations.results import collect, write_tables

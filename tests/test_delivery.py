@@ -21,6 +21,7 @@ from simulations.delivery.loop import DeliveryLoop, Served
 from simulations.delivery.policies import choose_slate
 from simulations.delivery.settings import DeliverySettings, ResponseSettings
 from simulations.delivery.world import SimulatedUsers
+from simulations.report import _delivery_section
 
 SPEC = SyntheticSpec(users=900, ads=150, merchants=3, seed=5)
 
@@ -210,19 +211,27 @@ def test_a_delivery_experiment_file_runs_every_epsilon_and_writes_its_report(tmp
 
     path = tmp_path / "small.toml"
     path.write_text(SMALL_EXPERIMENT)
-    assert main([str(path), "--output", str(tmp_path / "out")]) == 0
-    out = tmp_path / "out"
+    assert main([str(path), "--output", str(tmp_path / "out" / "delivery")]) == 0
+    out = tmp_path / "out" / "delivery"
     records = json.loads((out / "delivery.json").read_text())
     own = [r for r in records if r["uplift_vs"] is None]
     assert {(r["policy"], r["epsilon"]) for r in own} == {(p, e) for p in ("federated", "local-only", "random") for e in (None, 8.0)}
     uplift = [r for r in records if r["uplift_vs"] == "random" and r["merchant"] is None]
     assert {(r["epsilon"], r["metric"]) for r in uplift} == {(None, "ctr"), (None, "cvr"), (8.0, "ctr"), (8.0, "cvr")}
     assert all(r["ci_low"] <= r["uplift"] <= r["ci_high"] and 0 <= r["p_value"] <= 1 for r in uplift)
-    assert len(json.loads((out / "rounds.json").read_text())) == 3 * 3 * 2  # rounds x policies x runs
+    rounds = json.loads((out / "rounds.json").read_text())
+    assert len(rounds) == 3 * 3 * 2 * (1 + 3)  # rounds x policies x runs x (all merchants, each of 3)
+    overall = [r for r in rounds if r["merchant"] is None and r["impressions"]]
+    assert all(r["impressions"] == sum(m["impressions"] for m in rounds if m["merchant"] is not None and
+                                       (m["round"], m["policy"], m["epsilon"]) == (r["round"], r["policy"], r["epsilon"])) for r in overall)
     assert {p.name for p in (out / "plots").iterdir()} == {"ctr_rounds.png", "uplift.png", "per_merchant.png", "exposure.png"}
     assert "A/B uplift of federated" in (out / "report.html").read_text()
-    ledgers = DeliveryLog(out / "runs" / "eps8" / "merchant-0" / "log.csv").batches
-    assert sorted(ledgers) == ["round-1", "round-2", "round-3"]
+    batches = DeliveryLog(out / "runs" / "eps8" / "merchant-0" / "log.csv").batches
+    assert sorted(batches) == ["round-1", "round-2", "round-3"]
+    # a sweep of the same file puts the loop under its run folder: its report shows the loop's tables and figures
+    section = _delivery_section(tmp_path / "out")
+    assert section.count("<img") == 4 and "delivery/plots/uplift.png" in section and "small_advertiser_coverage" in section
+    assert _delivery_section(tmp_path) == ""
 
 
 def test_a_bad_delivery_table_names_its_file_line_and_field(tmp_path: Path, capsys):

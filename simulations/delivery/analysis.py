@@ -90,16 +90,25 @@ def uplift_records(result: DeliveryResult, epsilon: float | None) -> list[dict[s
 
 
 def round_records(result: DeliveryResult, epsilon: float | None) -> list[dict[str, Any]]:
-    """Per round and policy, over every merchant: users served, impressions, CTR, CVR."""
+    """Per round and policy, over every merchant (merchant None) and per merchant: users served,
+    impressions, CTR, CVR, RPM."""
     out = []
+    merchants: list[str | None] = [None, *sorted({r.merchant for r in result.rounds})]
     for server_round in sorted({r.server_round for r in result.rounds}):
-        for policy in result.served:
-            mine = [r for r in result.rounds if r.server_round == server_round and r.arm == policy]
-            impressions = sum(r.impressions for r in mine)
-            out.append({"round": server_round, "policy": policy, "epsilon": epsilon, "users": sum(r.users for r in mine),
-                        "impressions": impressions, "ctr": sum(r.clicks for r in mine) / impressions if impressions else None,
-                        "cvr": sum(r.purchases for r in mine) / impressions if impressions else None})
+        for merchant in merchants:
+            for policy in result.served:
+                mine = [r for r in result.rounds if r.server_round == server_round and r.arm == policy
+                        and (merchant is None or r.merchant == merchant)]
+                impressions = sum(r.impressions for r in mine)
+                out.append({"round": server_round, "policy": policy, "epsilon": epsilon, "merchant": merchant,
+                            "users": sum(r.users for r in mine), "impressions": impressions,
+                            "ctr": _per(sum(r.clicks for r in mine), impressions), "cvr": _per(sum(r.purchases for r in mine), impressions),
+                            "rpm": _per(1000 * sum(r.revenue for r in mine), impressions)})
     return out
+
+
+def _per(total: float, impressions: int) -> float | None:
+    return total / impressions if impressions else None
 
 
 def exposure_curves(result: DeliveryResult, catalog: AdCatalog) -> dict[str, np.ndarray]:

@@ -22,6 +22,7 @@ def _label(epsilon: float | None) -> str:
 
 
 def plot_ctr_over_rounds(rounds: list[dict[str, Any]], path: Path) -> None:
+    rounds = [r for r in rounds if r["merchant"] is None]
     fig, ax = plt.subplots(figsize=(7, 4))
     for epsilon in sorted({r["epsilon"] for r in rounds}, key=lambda e: (e is not None, e or 0)):
         for policy in dict.fromkeys(r["policy"] for r in rounds):
@@ -98,6 +99,7 @@ FIGURES = {
 
 POLICY_COLUMNS = ("policy", "epsilon", "users", "ctr", "cvr", "rpm", "exposure_gini", "advertiser_gini", "ad_coverage",
                   "small_advertiser_coverage")
+UPLIFT_COLUMNS = ("epsilon", "merchant", "users", "uplift_vs", "metric", "uplift", "ci_low", "ci_high", "p_value")
 
 
 def _fmt(value: Any) -> str:
@@ -131,7 +133,7 @@ th {{ background: #f3f3f3; }} img {{ max-width: 100%; }} .figs {{ display: grid;
 <h2>Policies</h2>
 {_table(policies, POLICY_COLUMNS)}
 <h2>A/B uplift of federated</h2>
-{_table(uplifts, ("epsilon", "merchant", "users", "uplift_vs", "metric", "uplift", "ci_low", "ci_high", "p_value"))}
+{_table(uplifts, UPLIFT_COLUMNS)}
 <h2>Figures</h2><div class="figs">{figures}</div>
 <p>Records: <a href="delivery.json">delivery.json</a>, <a href="rounds.json">rounds.json</a>.</p>
 </body></html>
