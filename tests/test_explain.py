@@ -8,14 +8,12 @@ score = bias + match); the CLI runs on a node state written with NodeState, as t
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from client.explain import Explanation, explain, popularity
-from client.merchant_cli import main
 from client.node_state import NodeState
 from client.serving import Recommendation, recommend, seen_ads
 from shared.data.loaders import write_catalog_csv, write_log_csv
@@ -24,6 +22,7 @@ from shared.data.synthetic import SyntheticSpec, generate
 from shared.neumf_arrays import ad_embeddings, init_neumf_arrays
 from shared.params import score_all
 from shared.wire import AD_BIAS, AD_FACTORS, Arrays
+from tests.test_merchant_cli import read_rows, run
 
 # ---------------------------------------------------------------------- a market worked out by hand
 # ad: (factor, category, brand); biases below. Alice clicked a0, a2, purchased a1 and only saw a3;
@@ -216,17 +215,6 @@ def node(tmp_path_factory, market) -> dict[str, Path]:
     ids = np.array(sorted(factors), dtype=str)
     state.save_user_factors(ids, np.stack([factors[u] for u in ids.tolist()]))
     return {"catalog": tmp / "catalog.csv", "log": tmp / "log.csv", "state": tmp / "state"}
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def read_rows(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
 
 
 def test_cli_explain_prints_a_why_line_under_each_row_and_leaves_the_table_alone(capsys, node, market):

@@ -196,22 +196,8 @@ def uplift(control: npt.ArrayLike, treatment: npt.ArrayLike, confidence: float =
         p_value, low, high = float(test.pvalue), float(interval.low), float(interval.high)
         # Welch-Satterthwaite degrees of freedom, so the relative interval agrees with the test
         quantile = float(stats.t.ppf(0.5 + confidence / 2.0, float(test.df)))
-    uplift_low, uplift_high = _fieller_interval(control_mean, control_var, treatment_mean, treatment_var, quantile)
-    return UpliftResult(
-        control_mean=control_mean,
-        treatment_mean=treatment_mean,
-        difference=difference,
-        difference_ci_low=low,
-        difference_ci_high=high,
-        uplift=_relative(difference, control_mean),
-        uplift_ci_low=uplift_low,
-        uplift_ci_high=uplift_high,
-        p_value=p_value,
-        n_control=int(c.size),
-        n_treatment=int(t.size),
-        confidence=confidence,
-        method="welch",
-    )
+    return _result(control_mean, control_var, int(c.size), treatment_mean, treatment_var, int(t.size),
+                   (low, high), p_value, quantile, confidence, "welch")
 
 
 def _ratio_and_variance(numerators: npt.ArrayLike, denominators: npt.ArrayLike, arm: str) -> tuple[float, float, int]:
@@ -266,19 +252,19 @@ def ratio_uplift(
         quantile = float(stats.norm.ppf(0.5 + confidence / 2.0))
         p_value = float(2.0 * stats.norm.sf(abs(difference) / standard_error))
         low, high = difference - quantile * standard_error, difference + quantile * standard_error
+    return _result(control, control_var, n_control, treatment, treatment_var, n_treatment, (low, high), p_value, quantile, confidence, "delta")
+
+
+def _result(
+    control: float, control_var: float, n_control: int, treatment: float, treatment_var: float, n_treatment: int,
+    difference_ci: tuple[float, float], p_value: float, quantile: float, confidence: float, method: str,
+) -> UpliftResult:
+    """Both tests' result: the difference's interval as the test gives it, the relative one by Fieller at the test's quantile."""
     uplift_low, uplift_high = _fieller_interval(control, control_var, treatment, treatment_var, quantile)
+    difference = treatment - control
     return UpliftResult(
-        control_mean=control,
-        treatment_mean=treatment,
-        difference=difference,
-        difference_ci_low=low,
-        difference_ci_high=high,
-        uplift=_relative(difference, control),
-        uplift_ci_low=uplift_low,
-        uplift_ci_high=uplift_high,
-        p_value=p_value,
-        n_control=n_control,
-        n_treatment=n_treatment,
-        confidence=confidence,
-        method="delta",
+        control_mean=control, treatment_mean=treatment, difference=difference,
+        difference_ci_low=difference_ci[0], difference_ci_high=difference_ci[1],
+        uplift=_relative(difference, control), uplift_ci_low=uplift_low, uplift_ci_high=uplift_high,
+        p_value=p_value, n_control=n_control, n_treatment=n_treatment, confidence=confidence, method=method,
     )
