@@ -37,9 +37,13 @@ def epsilon_of(history: Sequence[Release], delta: float) -> float:
     """Epsilon at `delta` of the composition of `history` (0 for an empty history)."""
     if not history:
         return 0.0
-    renyi = renyi_epsilon(history, delta)
     exact = unsampled_gaussian_epsilon(history, delta)
-    return renyi if exact is None else min(renyi, exact)
+    if exact is not None:
+        # the exact curve of the composition: never above RDP's bound of it (tested), and
+        # without Opacus, whose import (torch with it) costs seconds in every ClientApp process
+        # a deployed SuperNode starts for a private-ALS message
+        return exact
+    return renyi_epsilon(history, delta)
 
 
 def renyi_epsilon(history: Sequence[Release], delta: float) -> float:
@@ -80,15 +84,23 @@ def unsampled_gaussian_epsilon(history: Sequence[Release], delta: float) -> floa
     release is subsampled, or where the root finder cannot bracket it: RDP's bound then stands)."""
     if any(rate != 1.0 for _, rate, _ in history):
         return None
-    from opacus.accountants.analysis.gdp import delta_eps_mu, eps_from_mu
+    from scipy.optimize import brentq
 
     mu = math.sqrt(sum(steps / sigma**2 for sigma, _, steps in history))
-    if delta_eps_mu(eps=0.0, mu=mu) <= delta:
+    if gaussian_delta(0.0, mu) <= delta:
         return 0.0
-    try:
-        return float(eps_from_mu(mu=mu, delta=delta))
+    try:  # as Opacus' `analysis.gdp.eps_from_mu` (equal to 1e-9, tested), whose package imports torch
+        return float(brentq(lambda eps: gaussian_delta(eps, mu) - delta, 0.0, 500.0))
     except (ValueError, FloatingPointError):  # no sign change in [0, 500]: mu is beyond any useful budget
         return None
+
+
+def gaussian_delta(epsilon: float, mu: float) -> float:
+    """delta(epsilon) of mu-GDP, the exact curve of a Gaussian mechanism (Dong, Roth and Su 2022,
+    Cor. 2.13; Balle and Wang 2018, Thm. 8)."""
+    from scipy.special import ndtr
+
+    return float(ndtr(-epsilon / mu + mu / 2) - math.exp(epsilon) * ndtr(-epsilon / mu - mu / 2))
 
 
 def default_delta(num_users: int) -> float:

@@ -29,6 +29,8 @@ import functools
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import dp_accounting
@@ -601,3 +603,52 @@ def test_the_exact_bound_needs_noticeably_less_noise_for_private_als():
     while renyi_epsilon([(renyi_only, 1.0, 2)], 1e-6) > 8.0:
         renyi_only *= 1.001
     assert 0.8 < (exact / renyi_only) ** 2 < 0.95
+
+
+@pytest.mark.parametrize("mu", [0.05, 0.3, 1.0, 2.5, 6.0])
+@pytest.mark.parametrize("delta", [1e-8, 1e-6, 1e-3])
+def test_the_exact_gaussian_curve_is_opacus_gdp_without_importing_it(mu, delta):
+    from opacus.accountants.analysis.gdp import delta_eps_mu, eps_from_mu
+
+    history = [(1.0 / mu, 1.0, 1)]
+    if delta_eps_mu(eps=0.0, mu=mu) <= delta:
+        assert unsampled_gaussian_epsilon(history, delta) == 0.0
+    else:
+        assert unsampled_gaussian_epsilon(history, delta) == pytest.approx(eps_from_mu(mu=mu, delta=delta), rel=1e-9)
+    for eps in (0.0, 0.5, 3.0):
+        assert shared.accounting.gaussian_delta(eps, mu) == pytest.approx(delta_eps_mu(eps=eps, mu=mu), rel=1e-9, abs=1e-300)
+    # unsampled histories skip RDP: the exact curve is never above its bound
+    assert epsilon_of(history, delta) <= renyi_epsilon(history, delta) * (1 + 1e-12)
+
+
+PRIVATE_ALS_MESSAGE = """
+import sys
+from pathlib import Path
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from client.client_app import app
+from shared.config import RunConfig
+from shared.flower_internals import server_identity
+from shared.params import initial_model
+from shared.data.sources import load_dataset
+from shared.wire import ARRAYS, CONFIG, SERVER_ROUND, to_array_record
+cfg = RunConfig.from_flower({"privacy": "user", "dp-metrics": "none", "synthetic-users": 300, "synthetic-ads": 80, "synthetic-merchants": 3,
+                             "num-rounds": 2, "state-dir": sys.argv[1], "output-dir": sys.argv[1]})
+arrays = initial_model(cfg, load_dataset(cfg).catalog)
+with server_identity():
+    msg = Message(content=RecordDict({ARRAYS: to_array_record(arrays), CONFIG: ConfigRecord({SERVER_ROUND: 1})}), dst_node_id=10,
+                  message_type="train")
+    reply = app(msg, Context(run_id=1, node_id=10, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
+                             run_config=cfg.to_flower()))
+assert not reply.has_error(), reply.error
+print("torch" in sys.modules, "opacus" in sys.modules)
+"""
+
+
+def test_a_private_als_message_never_imports_torch(tmp_path):
+    """A deployed SuperNode starts a ClientApp process per message: private ALS's accounting is
+    closed-form (the exact Gaussian curve), so its process never pays for importing torch."""
+    done = subprocess.run([sys.executable, "-c", PRIVATE_ALS_MESSAGE, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "False False"
+    assert list(tmp_path.rglob(LEDGER_FILE))  # the release went through its ledger

@@ -31,7 +31,7 @@ class PlanEntry:
 PLANS = {
     "none": PlanEntry("client.privacy.plan", "NoPrivacy"),
     "client": PlanEntry("client.privacy.plan", "ClientLevel"),
-    "private-als": PlanEntry("client.privacy.private_als", "PrivateALS", ("opacus.accountants",)),
+    "private-als": PlanEntry("client.privacy.private_als", "PrivateALS", ("scipy.optimize", "scipy.special")),
     "dp-sgd": PlanEntry("client.privacy.dp_sgd", "DPSGD", ("opacus.accountants",)),
 }
 
