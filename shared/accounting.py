@@ -1,17 +1,21 @@
 """Differential-privacy accounting arithmetic shared by clients, baselines and the docs.
 
 A client's history is a list of (noise multiplier, sample rate, steps) Gaussian releases, as
-Opacus' accountants keep it. Its epsilon at delta is the smaller of two valid bounds:
-- Opacus' RDP accountant (`opacus.accountants.RDPAccountant`): Renyi DP composed over every
-  release (Poisson-subsampled for DP-SGD), converted to (epsilon, delta);
+Opacus' accountants keep it. Its epsilon at delta is the tighter of two valid bounds:
 - where every release is unsampled (sample rate 1: private ALS's statistics, noised metrics),
   the exact curve of their composition: a Gaussian release of sensitivity 1 and noise sigma is
   exactly (1/sigma)-Gaussian DP, k of them compose exactly to mu = sqrt(sum k / sigma^2)-GDP
   (Dong, Roth and Su 2022, Cor. 3.3), whose (epsilon, delta) curve is Balle and Wang's analytic
-  Gaussian (ICML 2018), computed by Opacus (`opacus.accountants.analysis.gdp.eps_from_mu`).
-  RDP's conversion is loose by 10-18% in noise variance there (docs/PRIVACY.md). A client's whole training (DP-SGD steps of the ad step and any
-noised metric releases) is planned up front: the DP-SGD noise multiplier is calibrated so the
-planned releases compose to the target epsilon.
+  Gaussian (ICML 2018), solved with scipy as Opacus' `analysis.gdp.eps_from_mu` solves it (equal
+  to 1e-9, tested; Opacus' package would import torch into every private-ALS ClientApp process).
+  Being exact, it is never above RDP's bound, which is loose by 10-18% in noise variance there
+  (docs/PRIVACY.md);
+- otherwise (DP-SGD's Poisson-subsampled steps) Opacus' RDP accountant
+  (`opacus.accountants.RDPAccountant`): Renyi DP composed over every release, converted to
+  (epsilon, delta), each release's per-step curve computed once per process.
+A client's whole training (DP-SGD steps of the ad step and any noised metric releases) is
+planned up front: the DP-SGD noise multiplier is calibrated so the planned releases compose to
+the target epsilon.
 """
 
 from __future__ import annotations
