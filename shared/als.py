@@ -265,18 +265,24 @@ def solve_ads(
     dim = user_gram.shape[0]
     if settings.gram_mode == "per-ad":
         per_ad = _symmetrize(stats[ALS_GRAM])
+        bias_entries = per_ad[:, -1, -1]
     else:
         users = max(float(user_gram[-1, -1]) / settings.user_clip**2, 1.0)  # sum of c_u: the bias feature is C
         counts = np.maximum(stats[ALS_COUNT], 0.0)
-        per_ad = counts[:, None, None] * (user_gram / users)[None]
+        # ad a's Gramian is n_a x the average user Gramian G / users: never built ([ads, D, D]
+        # float64 is 8.7 GB at a million ads), every ad's system is a multiple of G (_ridge_scaled)
+        bias_entries = counts * (float(user_gram[-1, -1]) / users)
     # without DP (per-ad Gramians, c_u = 1) the bias entries are exact: A_a's is n_a C^2, G's N C^2
     alpha0 = settings.alpha0 if settings.alpha0 is not None else density_alpha0(
-        float(np.maximum(per_ad[:, -1, -1], 0.0).sum()), float(user_gram[-1, -1]), len(per_ad))
+        float(np.maximum(bias_entries, 0.0).sum()), float(user_gram[-1, -1]), len(bias_entries))
     floor = (settings.ad_l2 + settings.noise_ridge * noise_stds.get(ALS_TARGET, 0.0)
              + 2.0 * math.sqrt(dim) * noise_stds.get(ALS_GRAM, 0.0))
     target = np.hstack([stats[ALS_TARGET], settings.user_clip * stats[ALS_POSITIVES][:, None]])
-    coef = _ridge(per_ad + alpha0 * user_gram[None], target, floor)
-    weight = own_factor_weights(per_ad[:, -1, -1] / settings.user_clip**2, settings, noise_stds)
+    if settings.gram_mode == "per-ad":
+        coef = _ridge(per_ad + alpha0 * user_gram[None], target, floor)
+    else:
+        coef = _ridge_scaled(counts / users + alpha0, user_gram, target, floor)
+    weight = own_factor_weights(bias_entries / settings.user_clip**2, settings, noise_stds)
     if weight is not None:
         # noisy counts as a prior: an ad seen by few users has factors mostly made of noise;
         # it leans on the mean of its catalog tags' factors (attributes, genres, category), each
@@ -285,8 +291,11 @@ def solve_ads(
         # nothing: its score is then its bias, the ad's (noisy) popularity
         prior = np.zeros_like(coef)
         if tags is not None:
-            tag_lhs = (tags.T @ per_ad.reshape(len(per_ad), -1)).reshape(-1, dim, dim)
-            tag_coef = _ridge(tag_lhs + alpha0 * user_gram[None], tags.T @ target, floor)
+            if settings.gram_mode == "per-ad":
+                tag_lhs = (tags.T @ per_ad.reshape(len(per_ad), -1)).reshape(-1, dim, dim)
+                tag_coef = _ridge(tag_lhs + alpha0 * user_gram[None], tags.T @ target, floor)
+            else:
+                tag_coef = _ridge_scaled(tags.T @ counts / users + alpha0, user_gram, tags.T @ target, floor)
             tag_mass = tags.sum(axis=1, keepdims=True)
             prior = (tags / np.where(tag_mass > 0, tag_mass, 1.0)) @ tag_coef
         coef[:, :-1] = weight[:, None] * coef[:, :-1] + (1.0 - weight[:, None]) * prior[:, :-1]
@@ -346,3 +355,12 @@ def _ridge(lhs: np.ndarray, target: np.ndarray, floor: float) -> np.ndarray:
     values, vectors = np.linalg.eigh(lhs)
     values = np.maximum(values, 0.0) + floor
     return (vectors @ (np.einsum("aji,aj->ai", vectors, target) / values)[:, :, None])[:, :, 0]
+
+
+def _ridge_scaled(scale: np.ndarray, gram: np.ndarray, target: np.ndarray, floor: float) -> np.ndarray:
+    """_ridge for lhs_a = scale_a x gram (scale_a >= 0): every lhs_a has gram's eigenvectors and
+    scale_a x its eigenvalues, so one eigendecomposition serves every row, in O(rows x D^2) time
+    and memory instead of O(rows x D^3) and O(rows x D^2) per-row matrices."""
+    values, vectors = np.linalg.eigh(gram)
+    floored = np.maximum(scale[:, None] * values[None, :], 0.0) + floor
+    return ((target @ vectors) / floored) @ vectors.T

@@ -119,3 +119,42 @@ def test_eval_negatives_equal_the_setdiff_reference() -> None:
         expected = np.random.default_rng(user_seed(5, split.user_ids[u])).choice(allowed, size=min(99, len(allowed)), replace=False)
         np.testing.assert_array_equal(negatives[u, : len(expected)], expected)
         assert np.all(negatives[u, len(expected) :] == -1)
+
+
+def _reference_shared_solve(stats: dict[str, np.ndarray], settings: ALSSettings, noise_stds: dict[str, float],
+                            tags: np.ndarray) -> np.ndarray:
+    """The shared-Gramian ad step with every ad's Gramian built (n_a x G / users) and solved on its own."""
+    gram = 0.5 * (stats[ALS_USER_GRAM] + stats[ALS_USER_GRAM].T)
+    users = max(gram[-1, -1] / settings.user_clip**2, 1.0)
+    per_ad = np.maximum(stats[ALS_COUNT], 0.0)[:, None, None] * (gram / users)[None]
+    floor = settings.ad_l2 + settings.noise_ridge * noise_stds[ALS_TARGET]
+    target = np.hstack([stats[ALS_TARGET], settings.user_clip * stats[ALS_POSITIVES][:, None]])
+    assert settings.alpha0 is not None
+
+    def ridge(lhs: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+        values, vectors = np.linalg.eigh(lhs)
+        return np.stack([v @ ((v.T @ r) / (np.maximum(w, 0.0) + floor)) for w, v, r in zip(values, vectors, rhs)])
+
+    coef = ridge(per_ad + settings.alpha0 * gram[None], target)
+    counts = per_ad[:, -1, -1] / settings.user_clip**2
+    weight = counts.clip(0) / (counts.clip(0) + settings.count_shrinkage * noise_stds[ALS_COUNT])
+    tag_lhs = np.einsum("at,aij->tij", tags, per_ad) + settings.alpha0 * gram[None]
+    tag_coef = ridge(tag_lhs, tags.T @ target)
+    prior = (tags / tags.sum(axis=1, keepdims=True).clip(min=1e-300)) @ tag_coef
+    coef[:, :-1] = weight[:, None] * coef[:, :-1] + (1 - weight[:, None]) * prior[:, :-1]
+    return np.hstack([coef[:, :-1], (coef[:, -1] * settings.user_clip)[:, None]])
+
+
+def test_the_shared_solve_never_builds_per_ad_gramians_and_equals_building_them() -> None:
+    rows = _rows_with_duplicates(3)
+    settings = ALSSettings(alpha0=0.3, user_l2=0.7, ad_l2=1.0, max_rows=6, user_clip=0.8, gram_mode="shared", clip=True,
+                           noise_ridge=20.0, count_shrinkage=1.0)
+    user_factors = np.random.default_rng(4).normal(size=(NUM_USERS, DIM))
+    stats = ad_statistics(rows, user_factors, NUM_ADS, settings)
+    rng = np.random.default_rng(5)
+    stats = {k: v + rng.normal(0, 0.05, size=np.shape(v)) for k, v in stats.items()}  # noisy, the user Gramian indefinite-ish
+    noise_stds = {ALS_TARGET: 0.01, ALS_COUNT: 0.5}
+    tags = (rng.random((NUM_ADS, 5)) < 0.4).astype(np.float64)
+    solved = shared.als.solve_ads(stats, settings, noise_stds, tags)
+    expected = _reference_shared_solve(stats, settings, noise_stds, tags)
+    np.testing.assert_allclose(np.hstack([solved["ad_factors"], solved["ad_bias"][:, None]]), expected, rtol=1e-5, atol=1e-6)
