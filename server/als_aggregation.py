@@ -65,14 +65,18 @@ class ALSAggregation(FedAvg):
         if not valid:
             return None, None
         total: Arrays = {}
-        replies_in = [TrainReply.from_message(msg) for msg in valid]
-        contributions = [reply.arrays for reply in replies_in]
-        if self.robust_factor is not None:
-            contributions = median_clip(contributions, self.robust_factor)
-        for arrays in contributions:
-            for key, value in arrays.items():
-                total[key] = total.get(key, 0.0) + value.astype(np.float64)
-        return self.solve(total, [reply.metric_record() for reply in replies_in])
+        metrics = []
+        if self.robust_factor is not None:  # the median needs every reply at once
+            replies_in = [TrainReply.from_message(msg) for msg in valid]
+            metrics = [reply.metric_record() for reply in replies_in]
+            for arrays in median_clip([reply.arrays for reply in replies_in], self.robust_factor):
+                _accumulate(total, arrays)
+        else:  # one reply's arrays at a time: no copy of every reply beside the messages
+            for msg in valid:
+                reply = TrainReply.from_message(msg)
+                metrics.append(reply.metric_record())
+                _accumulate(total, reply.arrays)
+        return self.solve(total, metrics)
 
     def solve(self, total: Arrays, metrics: list[dict[str, float]]) -> tuple[ArrayRecord, MetricRecord]:
         """The ads from the summed statistics of the releases whose metrics are `metrics` (the
@@ -112,6 +116,15 @@ class ALSAggregation(FedAvg):
         combined = 1.0 / (1.0 / earlier_variance + 1.0 / variance)
         self._counts[key] = (averaged, combined)
         return averaged, combined
+
+
+def _accumulate(total: Arrays, arrays: Arrays) -> None:
+    """Add a reply's statistics into the running float64 sum, in place."""
+    for key, value in arrays.items():
+        if key in total:
+            total[key] += value
+        else:
+            total[key] = value.astype(np.float64)
 
 
 def _mean_metrics(records: list[dict[str, float]]) -> MetricRecord:
