@@ -62,7 +62,7 @@ def _run(cfg: RunConfig, grid: Grid, context: Context, checkpointer: Checkpointe
     strategy, privacy_spent = build_strategy(cfg, num_nodes, catalog, rounds_done=done)
     secure = None
     if cfg.secure_aggregation:
-        settings = ALSSettings.from_config(cfg)
+        settings = ALSSettings.from_config(cfg, len(catalog))
         secure = SecureTraining(settings, list(settings.stat_shapes(len(catalog), cfg.factors)), cfg.max_users_per_merchant,
                                 cfg.secure_threshold, cfg.reply_timeout, context)
     loop = RoundLoop(strategy, grid, global_shapes(cfg, len(catalog)),

@@ -53,6 +53,10 @@ CHUNK_USERS = 8192  # bounds the per-user temporaries: [8192, 33 * 34 / 2] float
 # 0.00065 gives 0.0052, where implicit's validated optimum lies (confidence alpha ~ 1 / 0.003)
 ALPHA0_PER_DENSITY = 8.0
 PRIVATE_ALPHA0 = 0.5  # "auto" under DP: the density is private, this constant is not
+# als-gram "auto" without DP: exact per-ad Gramians up to 2^25 floats per reply (134 MB float32:
+# 30,840 ads at d = 32; Beauty's 12,101 ads take 13.2M), beyond it the shared Gramian, d + 2
+# floats per ad (its accuracy cost: docs/BENCHMARKS.md, "Scale")
+PER_AD_GRAM_MAX_FLOATS = 2**25
 
 
 @dataclass(frozen=True)
@@ -68,12 +72,15 @@ class ALSSettings:
     noise_ridge: float = 0.0  # ridge added per unit of noise std of the summed target
 
     @classmethod
-    def from_config(cls, cfg: RunConfig) -> ALSSettings:
+    def from_config(cls, cfg: RunConfig, num_ads: int | None = None) -> ALSSettings:
+        """The run's settings; `num_ads` (the catalog's size) lets als-gram "auto" keep exact per-ad
+        Gramians without DP only while a merchant's reply of them stays under PER_AD_GRAM_MAX_FLOATS."""
         private = cfg.privacy == "user"
+        per_ad_fits = num_ads is None or num_ads * (cfg.factors + 1) ** 2 <= PER_AD_GRAM_MAX_FLOATS
         return cls(
             alpha0=fixed_alpha0(cfg), user_l2=cfg.als_user_l2, ad_l2=cfg.als_ad_l2,
             max_rows=cfg.als_max_rows if private else None, user_clip=cfg.als_user_clip,
-            gram_mode=cfg.als_gram if cfg.als_gram != "auto" else ("shared" if private else "per-ad"),
+            gram_mode=cfg.als_gram if cfg.als_gram != "auto" else ("shared" if private or not per_ad_fits else "per-ad"),
             count_shrinkage=cfg.als_count_shrinkage if private else 0.0, noise_ridge=cfg.als_noise_ridge, clip=private,
         )
 
@@ -180,10 +187,14 @@ def solve_users(rows: Rows, ad_factors: np.ndarray, ad_bias: np.ndarray, alpha0:
     b = ad_bias.astype(np.float64)
     num_ads, dim = q.shape
     base = alpha0 * q.T @ q + user_l2 * np.eye(dim)
-    # sum_{O_u} q q^T = sum_a (rows of u on a) q_a q_a^T: row counts times the ads' outer products
-    row_counts = _row_sums(rows, np.ones(len(rows.ad)), num_ads)
-    ad_outer = _upper_outer(q, q)
-    rhs = _row_sums(rows, rows.label - b[rows.ad], num_ads) @ q - alpha0 * (q.T @ b)
+    # sum_{O_u} q q^T = sum_a (rows of u on a) q_a q_a^T: row counts times the ads' outer products,
+    # of the ads the shard has rows on only (a million-ad catalog's [ads, D(D+1)/2] would be 4 GB)
+    touched, column = np.unique(rows.ad, return_inverse=True)
+    local = Rows(rows.user, column.reshape(-1), rows.label, rows.num_users)
+    q_touched = q[touched]
+    row_counts = _row_sums(local, np.ones(len(rows.ad)), len(touched))
+    ad_outer = _upper_outer(q_touched, q_touched)
+    rhs = _row_sums(local, rows.label - b[rows.ad], len(touched)) @ q_touched - alpha0 * (q.T @ b)
     factors = np.empty((rows.num_users, dim))
     for users in _user_chunks(rows.num_users):
         lhs = _from_upper(row_counts[users] @ ad_outer, dim) + base

@@ -24,7 +24,7 @@ class ALSSolver(Solver):
 
     def __init__(self, cfg: RunConfig, data: NodeData) -> None:
         super().__init__(cfg, data)
-        self.settings = ALSSettings.from_config(cfg)
+        self.settings = ALSSettings.from_config(cfg, data.num_ads)
 
     def user_step(self) -> ALSUserStep:
         return ALSUserStep.from_config(self.cfg, self.data.rows, self.data.num_ads)
