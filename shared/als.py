@@ -54,7 +54,7 @@ CHUNK_USERS = 8192  # bounds the per-user temporaries: [8192, 33 * 34 / 2] float
 ALPHA0_PER_DENSITY = 8.0
 PRIVATE_ALPHA0 = 0.5  # "auto" under DP: the density is private, this constant is not
 # als-gram "auto" without DP: exact per-ad Gramians up to 2^25 floats per reply (134 MB float32:
-# 30,840 ads at d = 32; Beauty's 12,101 ads take 13.2M), beyond it the shared Gramian, d + 2
+# 30,812 ads at d = 32; Beauty's 12,101 ads take 13.2M), beyond it the shared Gramian, d + 2
 # floats per ad (its accuracy cost: docs/BENCHMARKS.md, "Scale")
 PER_AD_GRAM_MAX_FLOATS = 2**25
 

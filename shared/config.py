@@ -182,7 +182,7 @@ class RunConfig(BaseModel):
     als_max_rows: int = Field(5, ge=1, description="DP: a user's rows weigh min(1, sqrt(k / rows)): bounded contribution")
     als_user_clip: float = Field(0.2, gt=0, description="DP: user factor norm bound in the released statistics")
     als_gram: Literal["auto", "shared", "per-ad"] = Field("auto", description=(
-        "auto (per-ad without DP while a reply holds at most 2^25 Gramian floats, e.g. 30,840 ads at 32 factors; shared under DP "
+        "auto (per-ad without DP while a reply holds at most 2^25 Gramian floats, e.g. 30,812 ads at 32 factors; shared under DP "
         "and beyond) | shared (count x average user Gramian) | per-ad"))
     als_count_shrinkage: float = Field(1.0, ge=0, description=(
         "DP: ad factors scaled by noisy count / (count + this x the noise std of the summed count)"))

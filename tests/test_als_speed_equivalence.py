@@ -158,3 +158,31 @@ def test_the_shared_solve_never_builds_per_ad_gramians_and_equals_building_them(
     solved = shared.als.solve_ads(stats, settings, noise_stds, tags)
     expected = _reference_shared_solve(stats, settings, noise_stds, tags)
     np.testing.assert_allclose(np.hstack([solved["ad_factors"], solved["ad_bias"][:, None]]), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_user_step_reads_only_the_ads_a_shard_has_rows_on() -> None:
+    """A shard touching a few ads of a large catalog: the same factors as one solve per user, the
+    untouched ads entering only through alpha0 Q^T Q."""
+    rng = np.random.default_rng(8)
+    num_ads = 400
+    user = np.sort(rng.integers(6, size=40))
+    rows = Rows(user, rng.choice([3, 77, 150, 151, 399], size=40), (rng.random(40) < 0.5).astype(np.float64), 7)
+    ad_factors, ad_bias = rng.normal(size=(num_ads, DIM)), rng.normal(size=num_ads)
+    reference = np.zeros((rows.num_users, DIM))
+    for u in range(rows.num_users):
+        mine = rows.user == u
+        q_rows = ad_factors[rows.ad[mine]]
+        lhs = q_rows.T @ q_rows + 0.3 * ad_factors.T @ ad_factors + 0.7 * np.eye(DIM)
+        reference[u] = np.linalg.solve(lhs, q_rows.T @ (rows.label[mine] - ad_bias[rows.ad[mine]]) - 0.3 * ad_factors.T @ ad_bias)
+    np.testing.assert_allclose(solve_users(rows, ad_factors, ad_bias, alpha0=0.3, user_l2=0.7), reference, rtol=1e-9, atol=1e-12)
+
+
+def test_exact_per_ad_gramians_only_while_a_reply_of_them_stays_small() -> None:
+    from shared.config import RunConfig
+
+    exact = RunConfig.from_flower({"privacy": "none", "factors": 32})
+    assert ALSSettings.from_config(exact, 12_101).gram_mode == "per-ad"  # Beauty
+    assert ALSSettings.from_config(exact, 30_812).gram_mode == "per-ad"  # 30,812 x 33^2 <= 2^25
+    assert ALSSettings.from_config(exact, 30_813).gram_mode == "shared"
+    assert ALSSettings.from_config(exact.with_values("t", als_gram="per-ad"), 10**6).gram_mode == "per-ad"  # asked for: kept
+    assert ALSSettings.from_config(RunConfig.from_flower({"privacy": "user"}), 100).gram_mode == "shared"
