@@ -107,10 +107,12 @@ def run_client(ads: int, factors: int, privacy: str, users: int, rows: int, seed
     alpha0 = settings.alpha0 if settings.alpha0 is not None else 0.5
     user_factors = solve_users(data, model[AD_FACTORS], model[AD_BIAS], alpha0, settings.user_l2)
     stats = wire_dtype(ad_statistics(data, user_factors, ads, settings))
-    report = None
+    report, rounding = None, {}
     if privacy == "user":
-        stats = wire_dtype(add_noise(stats, settings.noise_stds(sigma), np.random.default_rng()))
+        stds = settings.noise_stds(sigma)
+        stats = wire_dtype(add_noise(stats, stds, np.random.default_rng()))
         report = PrivacyReport(EPSILON, sigma)
+        rounding = _rounding_over_noise(stats, stds)
     client_seconds = time.perf_counter() - started
     started = time.perf_counter()
     with server_identity():
@@ -120,7 +122,23 @@ def run_client(ads: int, factors: int, privacy: str, users: int, rows: int, seed
     serialize_seconds = time.perf_counter() - started
     np.savez(out, **stats)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
     return {"client_seconds": client_seconds, "serialize_seconds": serialize_seconds, "bytes_per_client": sent,
-            "peak_rss_client_mb": _peak_rss_mb(), "noise_multiplier": report.noise_multiplier if report else 0.0}
+            "peak_rss_client_mb": _peak_rss_mb(), "noise_multiplier": report.noise_multiplier if report else 0.0, **rounding}
+
+
+def _rounding_over_noise(stats: dict[str, np.ndarray], stds: dict[str, float]) -> dict[str, float]:
+    """The rms error of sending the noisy release as float16 or bfloat16 instead of float32, over
+    the DP noise std, for the worst statistic: what a more compact wire dtype would add."""
+    def bfloat16(x: np.ndarray) -> np.ndarray:  # round to nearest even on the upper 16 bits of float32
+        bits = x.astype(np.float32).view(np.uint32)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return rounded.astype(np.uint32).view(np.float32)
+
+    worst = {"float16_error_over_noise": 0.0, "bfloat16_error_over_noise": 0.0}
+    for key, value in stats.items():
+        for name, cast in (("float16", lambda x: x.astype(np.float16).astype(np.float32)), ("bfloat16", bfloat16)):
+            error = float(np.sqrt(np.mean((cast(value).astype(np.float64) - value) ** 2))) / stds[key]
+            worst[f"{name}_error_over_noise"] = max(worst[f"{name}_error_over_noise"], error)
+    return worst
 
 
 def run_server(ads: int, factors: int, privacy: str, merchants: int, replies: list[Path], noise_multiplier: float) -> dict[str, Any]:
@@ -181,6 +199,9 @@ def main() -> int:
                 clients = [_in_process("client", ads=ads, factors=args.factors, privacy=privacy, users=args.users, rows=args.rows,
                                        seed=k, out=str(path)) for k, path in enumerate(paths)]
                 slowest = max(clients, key=lambda c: c["client_seconds"])
+                if privacy == "user":
+                    print(f"({ads} ads: a float16 wire would add {max(c['float16_error_over_noise'] for c in clients):.2e} and bfloat16 "
+                          f"{max(c['bfloat16_error_over_noise'] for c in clients):.2e} of the DP noise std, rms, worst statistic)", flush=True)
                 for merchants in args.merchants:
                     record: dict[str, Any] = {"ads": ads, "merchants": merchants, "factors": args.factors, "privacy": privacy,
                                               "client_seconds": slowest["client_seconds"], "serialize_seconds": slowest["serialize_seconds"],

@@ -206,6 +206,10 @@ class RunConfig(BaseModel):
     metrics_noise_multiplier: float = Field(20.0, gt=0, description="noise multiplier of each noised metrics release")
     secure_aggregation: bool = Field(False, description=(
         "private ALS: Flower's SecAgg+; each merchant adds noise for 1 / threshold of the sum's and the server sees only the sum"))
+    wire_dtype: Literal["auto", "float32", "float16"] = Field("auto", description=(
+        "private ALS's noisy release on the wire: auto (float16 on the plain path: its rounding is about 4e-4 of the DP noise, "
+        "docs/BENCHMARKS.md \"Scale\"; float32 under secure aggregation and without DP) | float32 | float16 (an array whose "
+        "values float16 cannot hold is sent as float32)"))
     secure_threshold: float = Field(0.8, gt=0, le=1, description=(
         "secure aggregation: merchants (share of those sampled, at least 2) whose releases every unmasked sum holds"))
     client_noise_multiplier: float = Field(1.0, gt=0, description="privacy = client: Flower's server-side noise multiplier")

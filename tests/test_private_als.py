@@ -153,7 +153,7 @@ def test_client_charges_the_ledger_once_per_release_and_refuses_past_the_budget(
         assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
         sent = from_array_record(reply.content["arrays"])
         assert set(sent) == set(settings.stat_shapes(node.data.split.num_ads, cfg.factors))
-        assert all(value.dtype == np.float32 for value in sent.values())  # the noisy release travels as float32
+        assert all(value.dtype == np.float16 for value in sent.values())  # the noisy release travels compact
         sigmas.append(float(reply.content["metrics"]["dp-noise-multiplier"]))
         ledger = PrivacyLedger.open(node.state.directory)
         assert ledger.state.rounds_trained == server_round and ledger.state.mechanism == "private-als"

@@ -51,6 +51,16 @@ def wire_dtype(arrays: Arrays) -> Arrays:
     return {key: value.astype(np.float32) for key, value in arrays.items()}
 
 
+FLOAT16_LIMIT = 0.5 * float(np.finfo(np.float16).max)  # headroom: rounding near the top must not overflow
+
+
+def compact_wire(arrays: Arrays) -> Arrays:
+    """A noisy release as float16 where its values fit (rounding is post-processing; its error
+    is about 4e-4 of the DP noise, docs/BENCHMARKS.md "Scale"), else float32."""
+    return {key: value.astype(np.float16) if float(np.max(np.abs(value), initial=0.0)) < FLOAT16_LIMIT else value.astype(np.float32)
+            for key, value in arrays.items()}
+
+
 Metrics = Callable[[], dict[str, float]]  # NodeData.evaluate of this round: computed only if released
 
 
