@@ -99,7 +99,7 @@ def run_baselines(experiment: Experiment, cell: Cell, out_dir: Path) -> dict[str
     return result
 
 
-def run_experiment(experiment_path: Path, output: Path) -> Path:
+def run_experiment(experiment_path: Path, output: Path, ray_address: str | None = None) -> Path:
     experiment = load_experiment(experiment_path)
     output.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(experiment_path, output / "experiment.toml")
@@ -125,7 +125,7 @@ def run_experiment(experiment_path: Path, output: Path) -> Path:
                 configs = [c.config for c in pending]
                 runtime = stack.enter_context(SimulationRuntime(
                     output / "runtime", actor_imports=_actor_imports(configs),
-                    simulations=[(c.config, c.clients) for c in pending],
+                    simulations=[(c.config, c.clients) for c in pending], ray_address=ray_address,
                 ))
             baselines_started = time.perf_counter()
             for cell in baseline_cells.values():
@@ -170,11 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", type=Path)
     parser.add_argument("--output", type=Path, default=None, help="run folder (default outputs/experiments/<name>)")
+    parser.add_argument("--ray-address", default=None, help=(
+        "join this running Ray cluster (host:port; default RAY_ADDRESS, else the harness starts a private one on loopback)"))
     args = parser.parse_args(argv)
     try:
         name = load_experiment(args.experiment).name
         output = (args.output or PROJECT_ROOT / "outputs" / "experiments" / name).resolve()
-        run_experiment(args.experiment, output)
+        run_experiment(args.experiment, output, args.ray_address)
     except (ExperimentError, SimulationError) as exc:
         print(exc, file=sys.stderr)
         return 1

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -273,3 +275,34 @@ def test_an_actor_that_died_is_replaced_before_the_next_run(tmp_path):
         runtime.run(small_run_config(tmp_path / "second").to_flower(), NUM_CLIENTS, tmp_path / "second" / "flower")
     history = json.loads((tmp_path / "second" / "out" / "history.json").read_text())
     assert all(len(h["clients"]) == NUM_CLIENTS and "refused" not in h for h in history)
+
+
+def test_the_harness_joins_a_ray_cluster_it_did_not_start_and_leaves_it_running(tmp_path, monkeypatch):
+    """RAY_ADDRESS (or `ray_address`): the runtime joins that cluster as a driver, runs there and
+    leaves; the cluster's nodes keep running. Here a one-node cluster on loopback, started as a
+    cluster operator would (Ray 2.55 cannot start a second node on loopback: docs/DEPLOYMENT.md)."""
+    from deploy.processes import free_port, stop_tree, wait_for_port
+    from simulations import PROJECT_ROOT
+    from simulations.runtime import RAY_ADDRESS_VARIABLE, SimulationRuntime
+    from simulations.runtime.ray_cluster import BIN, LOOPBACK_ONLY
+
+    port = free_port()
+    temp = tempfile.mkdtemp(prefix="fedads-ray-ext-")
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "RAY_USAGE_STATS_ENABLED": "0", **LOOPBACK_ONLY}
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                             "--disable-usage-stats", f"--temp-dir={temp}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for_port(port, head, tmp_path / "no-log")
+        monkeypatch.setenv(RAY_ADDRESS_VARIABLE, f"127.0.0.1:{port}")
+        cfg = small_run_config(tmp_path, **{"num-rounds": 1})
+        with SimulationRuntime(tmp_path / "runtime", simulations=[(cfg, NUM_CLIENTS)]) as runtime:
+            assert runtime.ray_address == f"127.0.0.1:{port}"
+            run_simulation(cfg.to_flower(), NUM_CLIENTS, tmp_path / "flower", timeout=300, runtime=runtime)
+        history = json.loads((tmp_path / "out" / "history.json").read_text())
+        assert [h["round"] for h in history] == [0, 1]
+        assert not (tmp_path / "runtime" / "ray.log").exists()  # no cluster of its own was started
+        assert head.poll() is None  # the cluster outlives the harness's runtime
+    finally:
+        stop_tree(head, signals=(signal.SIGKILL,))
+        shutil.rmtree(temp, ignore_errors=True)

@@ -51,10 +51,11 @@ from simulations import PROJECT_ROOT
 from simulations.runtime.actor_pool import all_answer, kill_actors, warm_up_actor
 from simulations.runtime.engine import RunLog, RunTimedOut, ServerAppWatch, run_on_thread
 from simulations.runtime.public_path import run_public
-from simulations.runtime.ray_cluster import RayCluster
+from simulations.runtime.ray_cluster import ExistingRayCluster, RayCluster
 
 RUNTIME_MARK = "FEDADS_SIMULATION_RUNTIME"  # in every process a runtime starts: its work dir
 PATH_VARIABLE = "FEDADS_SIMULATION_PATH"  # "warm" (the default) or "public"
+RAY_ADDRESS_VARIABLE = "RAY_ADDRESS"  # Ray's own name for a cluster to join
 
 
 class SimulationError(RuntimeError):
@@ -105,6 +106,7 @@ class SimulationRuntime:
     def __init__(
         self, work_dir: str | Path, num_cpus: int | None = None, cpus_per_client: float = 1.0,
         actor_imports: Sequence[str] = ("client.handlers",), simulations: Sequence[tuple[Any, int]] = (),
+        ray_address: str | None = None,
     ) -> None:
         self.work_dir = Path(work_dir).resolve()
         self.num_cpus = num_cpus or os.cpu_count() or 1
@@ -115,7 +117,11 @@ class SimulationRuntime:
         self.connect_seconds = 0.0  # from `start` until this process was a driver with its actors asked for
         self.start_wait_seconds = 0.0  # how long the first run waited for that
         self.stop_wait_seconds = 0.0  # how long `close` waited for Ray to be gone
-        self._cluster = RayCluster(self.work_dir, self.num_cpus, (RUNTIME_MARK, str(self.work_dir)))
+        # an existing cluster (`ray_address`, else RAY_ADDRESS) instead of a private one: the harness past one machine
+        address = ray_address or os.environ.get(RAY_ADDRESS_VARIABLE) or None
+        self.ray_address = address
+        self._cluster: RayCluster | ExistingRayCluster = (
+            ExistingRayCluster(address) if address else RayCluster(self.work_dir, self.num_cpus, (RUNTIME_MARK, str(self.work_dir))))
         self._pool: Any = None
         self._missing: list[str] = []  # pinned Flower names the installed Flower lacks
         self._connecting: threading.Thread | None = None

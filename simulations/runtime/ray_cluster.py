@@ -38,6 +38,8 @@ os.environ.update(LOOPBACK_ONLY)
 
 
 class RayCluster:
+    """A private single-machine Ray cluster the runtime starts, and kills at its end."""
+
     def __init__(self, work_dir: Path, num_cpus: int, mark: tuple[str, str]) -> None:
         self.work_dir, self.num_cpus, self.mark = work_dir, num_cpus, mark
         self._sweeper: Sweeper | None = None
@@ -104,3 +106,35 @@ class RayCluster:
                 self._sweeper.close()  # anything of the cluster that left the head's process tree
             if self.temp_dir is not None:
                 shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+class ExistingRayCluster:
+    """A Ray cluster someone else runs (RAY_ADDRESS or an address given to the runtime): this
+    process joins it as a driver and leaves it at the end; its nodes and their processes stay.
+    Ray destroys the actors a driver started when the driver leaves, so the runtime's pool goes
+    with it. Every node must be able to import this project (installed, or on its PYTHONPATH)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.log_path = Path(os.devnull)  # the cluster's logs are its own
+        self.temp_dir = f"the session directories of the nodes of {address}"
+
+    def boot(self) -> None:
+        """Nothing to start: the cluster runs already."""
+
+    def connect(self) -> None:
+        import ray
+
+        ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False, configure_logging=False)
+
+    def driver_connected(self) -> bool:
+        import ray
+
+        return bool(ray.is_initialized())
+
+    def shut_down(self) -> None:
+        """Leave the cluster (its nodes keep running)."""
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
