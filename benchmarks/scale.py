@@ -9,7 +9,7 @@ each role in its own fresh process so its peak RSS is its own:
 - client (one merchant): the user step against the global model (shared/als.solve_users, as the
   ALS solver runs it), the ad step's statistics (ad_statistics), under DP the Gaussian noise of
   one release (epsilon 8 over 2 releases, delta 1e-6: client/privacy/private_als.py's
-  calibration) and the float32 cast, then Flower's serialization of the reply message
+  calibration) and its wire dtype (float16 where the values fit: wire-dtype "auto"), then Flower's serialization of the reply message
   (shared.flower_internals.wire_bytes: every byte the wire carries); `distinct` merchants are
   computed, each with its own users and rows;
 - server: the round's replies as Flower's grid hands them to the strategy (every reply a Message
@@ -92,7 +92,7 @@ def run_client(ads: int, factors: int, privacy: str, users: int, rows: int, seed
     """One merchant's round; its statistics saved to `out` for the server process."""
     from flwr.app import Message, RecordDict
 
-    from client.privacy.plan import wire_dtype
+    from client.privacy.plan import compact_wire, wire_dtype
     from shared.accounting import calibrate_noise_multiplier
     from shared.als import ALSSettings, ad_statistics, add_noise, round_budget_shares, solve_users
     from shared.flower_internals import server_identity, wire_bytes
@@ -110,9 +110,10 @@ def run_client(ads: int, factors: int, privacy: str, users: int, rows: int, seed
     report, rounding = None, {}
     if privacy == "user":
         stds = settings.noise_stds(sigma)
-        stats = wire_dtype(add_noise(stats, stds, np.random.default_rng()))
+        noisy = wire_dtype(add_noise(stats, stds, np.random.default_rng()))
+        rounding = _rounding_over_noise(noisy, stds)
+        stats = compact_wire(noisy) if cfg.wire_dtype in ("auto", "float16") else noisy  # as PrivateALS sends it (plain path)
         report = PrivacyReport(EPSILON, sigma)
-        rounding = _rounding_over_noise(stats, stds)
     client_seconds = time.perf_counter() - started
     started = time.perf_counter()
     with server_identity():

@@ -9,9 +9,12 @@ process and data, and are cached: a simulation's actors serve many runs of one d
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -27,9 +30,12 @@ from shared.metrics import evaluate as evaluate_ranking
 from shared.metrics import toppop_score_fn
 from shared.node_config import NodeConfig
 from shared.params import score_all
+from shared.storage import atomic_save_npz, load_npz
 from shared.wire import Arrays
 
 EVAL_NEGATIVES = 99  # the NCF protocol
+SHARD_CACHE_DIR = "shard-cache"  # in the merchant's state directory: its prepared shard, binary
+SHARD_CACHE_FORMAT = 1  # raised whenever what the cache holds, or how the shard is prepared, changes
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,7 +97,8 @@ def load_node(cfg: RunConfig, node_config: NodeConfig) -> Node:
     else:
         name = node_config.name
         versions = tuple(_file_version(p) for p in (node_config.data_path, node_config.catalog_path))
-        data = _deployed_data(name, node_config.data_path, node_config.catalog_path, cfg.data_config(), versions)
+        data = _deployed_data(name, node_config.data_path, node_config.catalog_path, cfg.data_config(), versions,
+                              node_config.state_path(cfg) / SHARD_CACHE_DIR)
     return Node(name, data, NodeState(node_config.state_path(cfg)))
 
 
@@ -105,11 +112,51 @@ def _file_version(path: str) -> tuple[int, int] | None:
 
 
 @lru_cache(maxsize=8)
-def _deployed_data(name: str, data_path: str, catalog_path: str, data: RunConfig, versions: tuple[object, ...]) -> NodeData:
+def _deployed_data(
+    name: str, data_path: str, catalog_path: str, data: RunConfig, versions: tuple[object, ...], cache_dir: Path,
+) -> NodeData:
+    """The merchant's prepared shard: from its binary cache in the state directory when the log,
+    the catalog (their modification times and sizes) and the data settings are those it was
+    made from, else parsed, validated and split afresh and cached. A deployed SuperNode starts a
+    new ClientApp process for every message: without the cache each one re-reads the CSV."""
+    key = hashlib.sha256(json.dumps([SHARD_CACHE_FORMAT, os.path.abspath(data_path), os.path.abspath(catalog_path) if catalog_path else "",
+                                     versions, data.model_dump(mode="json")], sort_keys=True, default=str).encode()).hexdigest()[:24]
+    path = cache_dir / f"shard-{key}.npz"
+    cached = _read_shard_cache(path)
+    if cached is not None:
+        return cached
     catalog = load_catalog_file(catalog_path) if catalog_path else load_catalog(data)
     node_data = NodeData.prepare(load_log_file(data_path, catalog), len(catalog), data.seed)
     _log_shard(name, node_data)
+    _write_shard_cache(path, node_data)
     return node_data
+
+
+def _read_shard_cache(path: Path) -> NodeData | None:
+    if not path.is_file():
+        return None
+    try:
+        arrays = load_npz(path)
+        split = UserSplit(user_ids=arrays["user_ids"].astype(object), num_ads=int(arrays["num_ads"]), pos_offsets=arrays["pos_offsets"],
+                          pos_ads=arrays["pos_ads"], imp_offsets=arrays["imp_offsets"], imp_ads=arrays["imp_ads"], test_ad=arrays["test_ad"])
+        return NodeData(split, arrays["eval_negatives"])
+    except (OSError, ValueError, KeyError) as exc:  # a damaged cache is rebuilt from the log
+        log.warning("shard cache %s unreadable (%s): reading the log again", path, exc)
+        return None
+
+
+def _write_shard_cache(path: Path, data: NodeData) -> None:
+    split = data.split
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_npz(path, user_ids=split.user_ids.astype(str), num_ads=np.asarray(split.num_ads), pos_offsets=split.pos_offsets,
+                        pos_ads=split.pos_ads, imp_offsets=split.imp_offsets, imp_ads=split.imp_ads, test_ad=split.test_ad,
+                        eval_negatives=data.eval_negatives)
+        for stale in path.parent.glob("shard-*.npz"):  # one cache: the log it was made from has changed
+            if stale != path:
+                stale.unlink(missing_ok=True)
+    except OSError as exc:  # the cache only saves time
+        log.warning("shard cache %s not written (%s)", path, exc)
 
 
 @lru_cache(maxsize=4)
