@@ -36,6 +36,7 @@ from results_file import write_records  # noqa: E402
 
 from shared.als import ALSSettings  # noqa: E402
 from shared.data.sources import load_dataset  # noqa: E402
+from shared.flower_internals import server_identity  # noqa: E402
 from simulations.baselines import shard_data  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "gram_approximation.json"
@@ -58,7 +59,8 @@ def main() -> int:
             cfg = base.with_values(f"gram {gram}", als_gram=gram)
             shards = [data for _, data in shard_data(cfg, dataset, federated_als.CLIENTS)]
             started = time.perf_counter()
-            arrays, users = federated_als.train(cfg, dataset.catalog, shards)
+            with server_identity():  # the replies are Flower messages, as a runtime stamps them
+                arrays, users = federated_als.train(cfg, dataset.catalog, shards)
             metrics = weighted([data.evaluate(arrays, factors) for data, factors in zip(shards, users)])
             shapes = ALSSettings.from_config(cfg, len(dataset.catalog)).stat_shapes(len(dataset.catalog), cfg.factors)
             floats = sum(math.prod(shape) for shape in shapes.values())
