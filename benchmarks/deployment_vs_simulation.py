@@ -1,13 +1,16 @@
 """Round time of the TLS deployment (one SuperNode per merchant) against the same run in
 Flower's simulation runtime, and the bytes each client sends and receives per round.
 
-    python benchmarks/deployment_vs_simulation.py [--merchants 3] [--rounds 5] [--privacy none] [--secure] [--output DIR]
+    python benchmarks/deployment_vs_simulation.py [--merchants 3] [--rounds 5] [--privacy none] [--secure] [--data synthetic|ml100k]
+        [--output DIR]
 
 `--secure` (with --privacy user): secure aggregation (Flower's SecAgg+, four training messages
 per merchant per round), the deployed merchants' policies allowing it.
 
-Same data for both: the synthetic market of the default run config, cut into one shard per
-merchant exactly as the simulation cuts it; the deployment's merchants read theirs from CSV.
+Same data for both: the synthetic market of the default run config (or `--data ml100k`:
+MovieLens-100K, IID), cut into one shard per merchant exactly as the simulation cuts it; the
+deployment's merchants read theirs from CSV (and, from their second message on, from the
+binary shard cache in their state directories). Records in benchmarks/results/deployment.json.
 Round time: the ServerApp's own `round_seconds` (history.json), median over rounds 1..N (round 0
 is only the first evaluation and carries start-up). Bytes: computed from the ArrayRecords (a
 round sends each client the model twice, train and evaluate, and receives one train reply: the
@@ -45,11 +48,30 @@ from simulations.runtime import run_simulation
 POLL_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 
 
-def _run_config(output: Path, merchants: int, rounds: int, privacy: str, secure: bool = False) -> RunConfig:
+DATA = {
+    "synthetic": {},
+    "ml100k": {"dataset": "movielens-100k", "data-path": str(PROJECT_ROOT.parent / "shared" / "data" / "movielens" / "ml-100k"),
+               "partitioning": "iid"},
+}
+RESULTS = PROJECT_ROOT / "benchmarks" / "results" / "deployment.json"
+
+
+def _run_config(output: Path, merchants: int, rounds: int, privacy: str, secure: bool = False, data: str = "synthetic") -> RunConfig:
     return RunConfig.from_flower({
         "num-rounds": rounds, "min-nodes": merchants, "synthetic-merchants": merchants, "privacy": privacy,
-        "output-dir": str(output / "out"), "state-dir": str(output / "out" / "state"), "secure-aggregation": secure,
+        "output-dir": str(output / "out"), "state-dir": str(output / "out" / "state"), "secure-aggregation": secure, **DATA[data],
     })
+
+
+def _write_records(path: Path, data: str, privacy: str, merchants: int, results: dict[str, Any]) -> None:
+    """benchmarks/results/deployment.json: this run's two records replace those of the same data, privacy and merchants."""
+    records = json.loads(path.read_text()) if path.is_file() else []
+    records = [r for r in records if (r.get("data"), r["privacy"], r["merchants"]) != (data, privacy, merchants)]
+    for mode in ("simulation", "deployment"):
+        records.append({"mode": mode, "privacy": privacy, "merchants": merchants, "round_seconds": results[mode]["median_round_seconds"],
+                        "bytes_per_client": results["bytes"]["per_client_per_round_sent"], "data": data})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(records, indent=2) + "\n")
 
 
 def _round_times(cfg: RunConfig) -> dict[str, float]:
@@ -81,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--secure", action="store_true", help="secure aggregation (needs --privacy user)")
     parser.add_argument("--output", type=Path, default=PROJECT_ROOT / "outputs" / "bench-deployment")
     parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--data", choices=tuple(DATA), default="synthetic", help="ml100k: MovieLens-100K from ../shared/data, IID shards")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the records file (mode, privacy, merchants, round_seconds, bytes_per_client)")
     args = parser.parse_args(argv)
     output = args.output.resolve()
     results: dict[str, Any] = {
@@ -88,12 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         "merchants": args.merchants, "rounds": args.rounds, "privacy": args.privacy, "secure": args.secure,
     }
 
-    sim_cfg = _run_config(output / "simulation", args.merchants, args.rounds, args.privacy, args.secure)
+    sim_cfg = _run_config(output / "simulation", args.merchants, args.rounds, args.privacy, args.secure, args.data)
     started = time.perf_counter()
     run_simulation(sim_cfg.to_flower(), args.merchants, output / "simulation" / "flower", timeout=args.timeout)
     results["simulation"] = {"wall_seconds": time.perf_counter() - started, **_round_times(sim_cfg)}
 
-    dep_cfg = _run_config(output / "deployment", args.merchants, args.rounds, args.privacy, args.secure)
+    dep_cfg = _run_config(output / "deployment", args.merchants, args.rounds, args.privacy, args.secure, args.data)
     # a merchant's policy gives no less privacy than it is asked for: non-private runs need merchants that opt out
     merchants = write_merchant_data(output / "deployment" / "merchants", dep_cfg.to_flower(), args.merchants,
                                     privacy_mode="user" if args.privacy == "user" else "none",
@@ -124,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         "superlink_inbound_per_client_per_round": traffic.get("inbound-bytes", 0) / (n * r),
     }
     (output / "results.json").write_text(json.dumps(results, indent=2))
+    _write_records(args.results, args.data, args.privacy, args.merchants, results)
     sim, dep, b = results["simulation"], results["deployment"], results["bytes"]
     print(f"{results['date']}  {results['machine']}  {n} merchants, {r} rounds, privacy={args.privacy}, secure={args.secure}, "
           f"mf-solver={dep_cfg.mf_solver}")
