@@ -83,12 +83,15 @@ def _round_times(cfg: RunConfig) -> dict[str, float]:
 
 def _model_bytes(cfg: RunConfig) -> dict[str, int]:
     """Sizes of the global model (server -> client) and of a train reply (client -> server: the
-    ALS statistics, float32, or the SGD-trained model)."""
+    ALS statistics, float32 or float16, or the SGD-trained model)."""
     arrays = init_global_arrays(cfg.synthetic_ads, cfg.factors, cfg.seed)
     record = to_array_record(arrays)
     if cfg.mf_solver == "als":
         shapes = ALSSettings.from_config(cfg).stat_shapes(cfg.synthetic_ads, cfg.factors)
-        reply = to_array_record({key: np.zeros(shape, dtype=np.float32) for key, shape in shapes.items()})
+        # the wire dtype the private plan sends (client/privacy/private_als.py): float16 on the plain path
+        compact = cfg.privacy == "user" and (cfg.wire_dtype == "float16" or (cfg.wire_dtype == "auto" and not cfg.secure_aggregation))
+        dtype = np.float16 if compact else np.float32
+        reply = to_array_record({key: np.zeros(shape, dtype=dtype) for key, shape in shapes.items()})
     else:
         reply = record
     return {"raw": sum(a.nbytes for a in arrays.values()), "array_record": sum(len(a.data) for a in record.values()),
