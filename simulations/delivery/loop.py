@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 from flwr.app import Message, RecordDict
+from flwr.serverapp.strategy import Strategy
 
 from client.delivery_log import DeliveryLog, LogRow
 from client.node_data import NodeData
@@ -150,7 +151,7 @@ class DeliveryLoop:
         epsilon = {name: open_plan(self.cfg, self.policy, 1, self.work / name / "state").ledger.epsilon() for name in self.merchants}
         return DeliveryResult(arms_of, merchant_of, served, records, epsilon)
 
-    def _federated_round(self, server_round: int, arrays: Arrays, data: dict[str, NodeData], strategy: object) -> Arrays:
+    def _federated_round(self, server_round: int, arrays: Arrays, data: dict[str, NodeData], strategy: Strategy) -> Arrays:
         replies = []
         for name in self.merchants:
             solver = solver_for(self.cfg, data[name])
@@ -159,7 +160,7 @@ class DeliveryLoop:
             plan = open_plan(self.cfg, self.policy, data[name].num_users, self.work / name / "state")
             reply = plan.release_update(name, solver, arrays, users, rng, server_round)
             replies.append(reply.to_message(Message(content=RecordDict(), dst_node_id=1, message_type="train")))
-        aggregated, _ = strategy.aggregate_train(server_round, replies)  # type: ignore[attr-defined]
+        aggregated, _ = strategy.aggregate_train(server_round, replies)
         if aggregated is None:
             raise RuntimeError(f"delivery round {server_round}: the strategy aggregated nothing")
         return with_public_constants(from_array_record(aggregated), arrays)
