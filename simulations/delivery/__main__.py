@@ -16,6 +16,8 @@ import logging
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -86,17 +88,28 @@ def run_delivery(experiment_path: Path, output: Path) -> dict[str, list[dict[str
     return {"policies": policies, "uplifts": uplifts, "rounds": rounds}
 
 
+@contextmanager
+def _quiet_flower() -> Iterator[None]:
+    """Flower's logger at ERROR while the loop runs, as it was after (a caller's logging is its own)."""
+    flower = logging.getLogger("flwr")
+    level = flower.level
+    flower.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        flower.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", type=Path)
     parser.add_argument("--output", type=Path, default=None, help="run folder (default outputs/delivery/<name>)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("flwr").setLevel(logging.ERROR)
     try:
         name = load_experiment(args.experiment).name
         output = (args.output or PROJECT_ROOT / "outputs" / "delivery" / name).resolve()
-        run_delivery(args.experiment, output)
+        with _quiet_flower():  # the loop's many in-process rounds would each log Flower's aggregation lines
+            run_delivery(args.experiment, output)
     except ExperimentError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -105,4 +118,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     raise SystemExit(main())
