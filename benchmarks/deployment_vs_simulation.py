@@ -40,6 +40,7 @@ import numpy as np
 from deploy.local import local_deployment, write_merchant_data
 from shared.als import ALSSettings
 from shared.config import RunConfig
+from shared.data.sources import load_catalog
 from shared.params import init_global_arrays
 from shared.wire import to_array_record
 from simulations import PROJECT_ROOT
@@ -84,10 +85,11 @@ def _round_times(cfg: RunConfig) -> dict[str, float]:
 def _model_bytes(cfg: RunConfig) -> dict[str, int]:
     """Sizes of the global model (server -> client) and of a train reply (client -> server: the
     ALS statistics, float32 or float16, or the SGD-trained model)."""
-    arrays = init_global_arrays(cfg.synthetic_ads, cfg.factors, cfg.seed)
+    num_ads = len(load_catalog(cfg.data_config()))  # the synthetic market's, or MovieLens' 1,682
+    arrays = init_global_arrays(num_ads, cfg.factors, cfg.seed)
     record = to_array_record(arrays)
     if cfg.mf_solver == "als":
-        shapes = ALSSettings.from_config(cfg).stat_shapes(cfg.synthetic_ads, cfg.factors)
+        shapes = ALSSettings.from_config(cfg, num_ads).stat_shapes(num_ads, cfg.factors)
         # the wire dtype the private plan sends (client/privacy/private_als.py): float16 on the plain path
         compact = cfg.privacy == "user" and (cfg.wire_dtype == "float16" or (cfg.wire_dtype == "auto" and not cfg.secure_aggregation))
         dtype = np.float16 if compact else np.float32
