@@ -27,7 +27,6 @@ import tempfile
 import time
 from datetime import date
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # a site-packages `benchmarks` shadows this folder
@@ -36,14 +35,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from results_file import write_records  # noqa: E402
 
 from simulations.delivery.__main__ import run_delivery  # noqa: E402
+from simulations.delivery.report import format_cell  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "delivery.json"
 KEYS = ("policy", "epsilon", "merchant", "users", "ctr", "cvr", "rpm", "uplift_vs", "metric", "uplift", "ci_low", "ci_high", "p_value",
         "exposure_gini", "advertiser_gini", "ad_coverage", "small_advertiser_coverage")
-
-
-def _fmt(value: Any) -> str:
-    return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def main() -> int:
@@ -62,11 +58,11 @@ def main() -> int:
     for epsilon in dict.fromkeys(r["epsilon"] for r in measured["rounds"]):
         for policy in dict.fromkeys(r["policy"] for r in measured["rounds"]):
             ctr = [r["ctr"] for r in measured["rounds"] if r["policy"] == policy and r["epsilon"] == epsilon and r["merchant"] is None]
-            print(f"CTR by round, {policy}, epsilon {epsilon}: " + " ".join(_fmt(c) for c in ctr))
+            print(f"CTR by round, {policy}, epsilon {epsilon}: " + " ".join(format_cell(c) for c in ctr))
     records = [{k: r.get(k) for k in KEYS} for r in measured["policies"] + measured["uplifts"]]
     print("| " + " | ".join(KEYS) + " |\n|" + "---|" * len(KEYS))
     for r in records:
-        print("| " + " | ".join(_fmt(r[k]) for k in KEYS) + " |")
+        print("| " + " | ".join(format_cell(r[k]) for k in KEYS) + " |")
     write_records(args.results, records)
     print(f"records: {args.results}")
     return 0

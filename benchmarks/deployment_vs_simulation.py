@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
+from client.privacy.plan import noisy_release_wire
 from deploy.local import local_deployment, write_merchant_data
 from shared.als import ALSSettings
 from shared.config import RunConfig
@@ -90,10 +91,9 @@ def _model_bytes(cfg: RunConfig) -> dict[str, int]:
     record = to_array_record(arrays)
     if cfg.mf_solver == "als":
         shapes = ALSSettings.from_config(cfg, num_ads).stat_shapes(num_ads, cfg.factors)
-        # the wire dtype the private plan sends (client/privacy/private_als.py): float16 on the plain path
-        compact = cfg.privacy == "user" and (cfg.wire_dtype == "float16" or (cfg.wire_dtype == "auto" and not cfg.secure_aggregation))
-        dtype = np.float16 if compact else np.float32
-        reply = to_array_record({key: np.zeros(shape, dtype=dtype) for key, shape in shapes.items()})
+        stats = {key: np.zeros(shape, dtype=np.float32) for key, shape in shapes.items()}
+        # under DP in the dtype the private plan sends (client/privacy/private_als.py)
+        reply = to_array_record(noisy_release_wire(cfg, stats) if cfg.privacy == "user" else stats)
     else:
         reply = record
     return {"raw": sum(a.nbytes for a in arrays.values()), "array_record": sum(len(a.data) for a in record.values()),

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import resource
 import subprocess
@@ -92,7 +93,7 @@ def run_client(ads: int, factors: int, privacy: str, users: int, rows: int, seed
     """One merchant's round; its statistics saved to `out` for the server process."""
     from flwr.app import Message, RecordDict
 
-    from client.privacy.plan import compact_wire, wire_dtype
+    from client.privacy.plan import noisy_release_wire, wire_dtype
     from shared.accounting import calibrate_noise_multiplier
     from shared.als import ALSSettings, ad_statistics, add_noise, round_budget_shares, solve_users
     from shared.flower_internals import server_identity, wire_bytes
@@ -112,7 +113,7 @@ def run_client(ads: int, factors: int, privacy: str, users: int, rows: int, seed
         stds = settings.noise_stds(sigma)
         noisy = wire_dtype(add_noise(stats, stds, np.random.default_rng()))
         rounding = _rounding_over_noise(noisy, stds)
-        stats = compact_wire(noisy) if cfg.wire_dtype in ("auto", "float16") else noisy  # as PrivateALS sends it (plain path)
+        stats = noisy_release_wire(cfg, noisy)  # as PrivateALS sends it
         report = PrivacyReport(EPSILON, sigma)
     client_seconds = time.perf_counter() - started
     started = time.perf_counter()
@@ -168,9 +169,9 @@ def run_server(ads: int, factors: int, privacy: str, merchants: int, replies: li
 def _in_process(role: str, **kwargs: Any) -> dict[str, Any]:
     """`role` in a fresh Python process (its own peak RSS), its result as JSON on its last line."""
     code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); "
-            f"import scale; print(json.dumps(scale.run_{role}(**json.loads(sys.argv[1]), **{{}})))")
+            f"import scale; print(json.dumps(scale.run_{role}(**json.loads(sys.argv[1]))))")
     done = subprocess.run([sys.executable, "-W", "ignore", "-c", code, json.dumps(kwargs, default=str)], capture_output=True, text=True,
-                          env={**__import__("os").environ, "OPENBLAS_NUM_THREADS": "1"})
+                          env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
     if done.returncode != 0:
         raise RuntimeError(f"{role} failed: {done.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.data.schema import Event
+from shared.storage import atomic_write_bytes
 
 HEADER = ("user_id", "ad_id", "timestamp", "event")
 JOURNAL_SUFFIX = ".batches"
@@ -50,8 +51,7 @@ class DeliveryLog:
 
     def _open(self) -> None:
         if not self.path.exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._write_atomically(self.path, (",".join(HEADER) + "\n").encode())
+            atomic_write_bytes(self.path, (",".join(HEADER) + "\n").encode())
         if self.journal_path.exists():
             lines = self.journal_path.read_text(encoding="utf-8").splitlines()
             for number, line in enumerate(lines, start=1):
@@ -64,10 +64,10 @@ class DeliveryLog:
                     # after a crash, and the rows it would have covered are cut away below
                     if number != len(lines):
                         raise DeliveryLogError(f"{self.journal_path}:{number}: not a journal line ({exc})") from None
-                    self._rewrite_journal(lines[:-1])
+                    atomic_write_bytes(self.journal_path, "".join(kept + "\n" for kept in lines[:-1]).encode())
         else:
             self._end = self.path.stat().st_size
-            self._write_atomically(self.journal_path, b"")
+            atomic_write_bytes(self.journal_path, b"")
         size = self.path.stat().st_size
         if size < self._end:
             raise DeliveryLogError(f"{self.path} is shorter ({size} bytes) than its journal's committed batches ({self._end} bytes)")
@@ -99,20 +99,3 @@ class DeliveryLog:
         self.batches[batch] = count
         self._end = end
         return count
-
-    @property
-    def rows(self) -> int:
-        """Rows of every committed batch (rows the log held before its first batch not counted)."""
-        return sum(self.batches.values())
-
-    def _rewrite_journal(self, lines: list[str]) -> None:
-        self._write_atomically(self.journal_path, "".join(line + "\n" for line in lines).encode())
-
-    @staticmethod
-    def _write_atomically(path: Path, data: bytes) -> None:
-        partial = path.with_name(path.name + ".partial")
-        with partial.open("wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, path)

@@ -33,6 +33,8 @@ from typing import Any
 
 from flwr.app import Message
 
+from shared.app_log import logger_level
+
 FLOWER_VERSION = "1.42.0"
 
 
@@ -193,13 +195,8 @@ def wire_bytes(message: Message) -> bytes:
 def quiet_ray_driver() -> Iterator[None]:
     """Joining Ray from a thread other than the main one logs that it set no SIGTERM handler
     (the harness has its own: deploy.processes.terminate_as_exit)."""
-    worker_logger = logging.getLogger("ray._private.worker")
-    level = worker_logger.level
-    worker_logger.setLevel(logging.ERROR)
-    try:
+    with logger_level("ray._private.worker", logging.ERROR):
         yield
-    finally:
-        worker_logger.setLevel(level)
 
 
 def load_server_app(reference: str, project_dir: Path) -> Any:

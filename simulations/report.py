@@ -176,10 +176,7 @@ def _delivery_section(output: Path) -> str:
         records = None
     if not isinstance(records, list):
         return ""
-    from simulations.delivery.report import FIGURES, POLICY_COLUMNS, UPLIFT_COLUMNS
-
-    def fmt(value: Any) -> str:
-        return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+    from simulations.delivery.report import FIGURES, POLICY_COLUMNS, UPLIFT_COLUMNS, format_cell
 
     own = [r for r in records if r.get("uplift_vs") is None]
     uplift = [r for r in records if r.get("uplift_vs") is not None and r.get("merchant") is None]
@@ -187,8 +184,8 @@ def _delivery_section(output: Path) -> str:
         f'<figure><img src="delivery/plots/{name}" alt="{html.escape(title)}"><figcaption>{html.escape(title)}</figcaption></figure>'
         for name, title in FIGURES.items() if (folder / "plots" / name).is_file())
     return (f"<h2>Delivery loop</h2>\n<p>Simulated delivery on the synthetic market: <a href=\"delivery/report.html\">its report</a>.</p>\n"
-            f"{_table(list(POLICY_COLUMNS), [[fmt(r.get(k)) for k in POLICY_COLUMNS] for r in own])}\n"
-            f"{_table(list(UPLIFT_COLUMNS), [[fmt(r.get(k)) for k in UPLIFT_COLUMNS] for r in uplift])}\n"
+            f"{_table(list(POLICY_COLUMNS), [[format_cell(r.get(k)) for k in POLICY_COLUMNS] for r in own])}\n"
+            f"{_table(list(UPLIFT_COLUMNS), [[format_cell(r.get(k)) for k in UPLIFT_COLUMNS] for r in uplift])}\n"
             f'<div class="figs">{figures}</div>\n')
 
 

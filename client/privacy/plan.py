@@ -61,6 +61,13 @@ def compact_wire(arrays: Arrays) -> Arrays:
             for key, value in arrays.items()}
 
 
+def noisy_release_wire(cfg: RunConfig, noisy: Arrays) -> Arrays:
+    """A noisy release as it travels (wire-dtype): float16 where it fits on the plain path ("auto")
+    or when asked, else float32 (secure aggregation quantizes float32 itself)."""
+    compact = cfg.wire_dtype == "float16" or (cfg.wire_dtype == "auto" and not cfg.secure_aggregation)
+    return compact_wire(noisy) if compact else wire_dtype(noisy)
+
+
 Metrics = Callable[[], dict[str, float]]  # NodeData.evaluate of this round: computed only if released
 
 

@@ -25,7 +25,7 @@ import secrets
 import numpy as np
 
 from client.privacy.ledger import PrivacyRefusal
-from client.privacy.plan import UserLevelPlan, compact_wire, wire_dtype
+from client.privacy.plan import UserLevelPlan, noisy_release_wire, wire_dtype
 from client.solvers.als import ALSSolver
 from shared.accounting import Release, calibrate_noise_multiplier
 from shared.als import add_noise, round_budget_shares
@@ -69,9 +69,7 @@ class PrivateALS(UserLevelPlan[ALSSolver]):
         stds = {key: std * share_std for key, std in solver.noise_stds(sigma).items()}
         # float32 or float16 on the wire: rounding the noisy release is post-processing, and its
         # error is 4e-4 of the noise in float16 (float32: a millionth); float64 would double the bytes
-        noisy = add_noise(stats, stds, np.random.default_rng(secrets.randbits(128)))
-        compact = self.cfg.wire_dtype == "float16" or (self.cfg.wire_dtype == "auto" and not self.cfg.secure_aggregation)
-        noisy = compact_wire(noisy) if compact else wire_dtype(noisy)
+        noisy = noisy_release_wire(self.cfg, add_noise(stats, stds, np.random.default_rng(secrets.randbits(128))))
         # written before the reply leaves: a crash after this point over-counts, never under-counts
         self.ledger.record([release], trained_round=True)
         # no count of users leaves: the server sums statistics, it does not weigh them; the noise

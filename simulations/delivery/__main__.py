@@ -16,13 +16,12 @@ import logging
 import shutil
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from shared.app_log import FLOWER_LOGGER, logger_level
 from shared.config import RunConfig
 from shared.data.sources import synthetic_spec
 from shared.data.synthetic import generate
@@ -88,18 +87,6 @@ def run_delivery(experiment_path: Path, output: Path) -> dict[str, list[dict[str
     return {"policies": policies, "uplifts": uplifts, "rounds": rounds}
 
 
-@contextmanager
-def _quiet_flower() -> Iterator[None]:
-    """Flower's logger at ERROR while the loop runs, as it was after (a caller's logging is its own)."""
-    flower = logging.getLogger("flwr")
-    level = flower.level
-    flower.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        flower.setLevel(level)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", type=Path)
@@ -108,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         name = load_experiment(args.experiment).name
         output = (args.output or PROJECT_ROOT / "outputs" / "delivery" / name).resolve()
-        with _quiet_flower():  # the loop's many in-process rounds would each log Flower's aggregation lines
+        with logger_level(FLOWER_LOGGER, logging.ERROR):  # the loop's in-process rounds would each log Flower's aggregation lines
             run_delivery(args.experiment, output)
     except ExperimentError as exc:
         print(exc, file=sys.stderr)

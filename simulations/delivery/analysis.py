@@ -48,7 +48,7 @@ def policy_records(result: DeliveryResult, epsilon: float | None, catalog: AdCat
     brands, num_brands = advertisers(catalog)
     records = []
     for policy, served in result.served.items():
-        shown = np.concatenate(served.shown_ads) if served.shown_ads else np.zeros(0, dtype=np.int64)
+        shown = served.impression_ads()
         by_ad = exposure_shares(shown, np.arange(len(catalog)), len(catalog))
         by_brand = exposure_shares(shown, brands, num_brands)
         records.append({"policy": policy, "epsilon": epsilon, "merchant": None, **_rates(served, list(served.impressions)),
@@ -113,5 +113,4 @@ def _per(total: float, impressions: int) -> float | None:
 
 def exposure_curves(result: DeliveryResult, catalog: AdCatalog) -> dict[str, np.ndarray]:
     """Per policy, impressions per catalog ad (never-shown ads 0), for the Lorenz curve."""
-    return {policy: np.bincount(np.concatenate(served.shown_ads) if served.shown_ads else np.zeros(0, dtype=np.int64),
-                                minlength=len(catalog)) for policy, served in result.served.items()}
+    return {policy: np.bincount(served.impression_ads(), minlength=len(catalog)) for policy, served in result.served.items()}

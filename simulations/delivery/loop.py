@@ -43,7 +43,7 @@ from shared.wire import Arrays, from_array_record
 from simulations.delivery.ab_test import assign_policy, unit_interval
 from simulations.delivery.policies import ScoreFn, choose_slate, model_scores, popularity_scores, random_scores
 from simulations.delivery.settings import DeliverySettings
-from simulations.delivery.world import SimulatedUsers
+from simulations.delivery.world import Responses, SimulatedUsers
 
 log = logging.getLogger("fedads.delivery")
 TREATMENT = "federated"
@@ -65,12 +65,16 @@ class Served:
     revenue: dict[str, float] = field(default_factory=dict)
     shown_ads: list[np.ndarray] = field(default_factory=list)
 
-    def add(self, user: str, ads: np.ndarray, clicked: np.ndarray, purchased: np.ndarray, revenue: np.ndarray) -> None:
-        self.impressions[user] = self.impressions.get(user, 0) + len(ads)
-        self.clicks[user] = self.clicks.get(user, 0) + int(clicked.sum())
-        self.purchases[user] = self.purchases.get(user, 0) + int(purchased.sum())
-        self.revenue[user] = self.revenue.get(user, 0.0) + float(revenue.sum())
-        self.shown_ads.append(ads)
+    def add(self, user: str, answer: Responses) -> None:
+        self.impressions[user] = self.impressions.get(user, 0) + len(answer.ads)
+        self.clicks[user] = self.clicks.get(user, 0) + int(answer.clicked.sum())
+        self.purchases[user] = self.purchases.get(user, 0) + int(answer.purchased.sum())
+        self.revenue[user] = self.revenue.get(user, 0.0) + float(answer.revenue.sum())
+        self.shown_ads.append(answer.ads)
+
+    def impression_ads(self) -> np.ndarray:
+        """Every impression's catalog row, in the order served."""
+        return np.concatenate(self.shown_ads) if self.shown_ads else np.zeros(0, dtype=np.int64)
 
 
 @dataclass
@@ -84,12 +88,20 @@ class RoundRecord:
     purchases: int
     revenue: float
 
+    def add(self, answer: Responses) -> None:
+        """One more user served in this round, merchant and arm."""
+        self.users += 1
+        self.impressions += len(answer.ads)
+        self.clicks += int(answer.clicked.sum())
+        self.purchases += int(answer.purchased.sum())
+        self.revenue += float(answer.revenue.sum())
+
 
 @dataclass
 class DeliveryResult:
     arms_of: dict[str, str]  # user -> arm
     merchant_of: dict[str, str]  # user -> merchant
-    served: dict[str, Served]  # arm -> totals over every round (rounds before `from_round` left out)
+    served: dict[str, Served]  # arm -> per-user totals over the rounds this run delivered
     rounds: list[RoundRecord]
     epsilon: dict[str, float]  # merchant -> epsilon spent by its ledger
 
@@ -190,7 +202,7 @@ class DeliveryLoop:
         if "local-only" in self.settings.arms:
             scorers["local-only"] = model_scores(*self._local_only(name, data, server_round))
         if "popularity" in self.settings.arms:
-            scorers["popularity"] = popularity_scores(split.pos_ads, np.ones(len(split.pos_ads)), len(self.catalog))
+            scorers["popularity"] = popularity_scores(split.pos_ads, len(self.catalog))
         if "random" in self.settings.arms:
             scorers["random"] = random_scores(len(self.catalog))
         rows: list[LogRow] = []
@@ -206,13 +218,8 @@ class DeliveryLoop:
             user_rng = np.random.default_rng([self.cfg.seed, server_round, int(unit_interval(user, "slate") * 2**63)])
             slate = choose_slate(scorers[arm](np.array([index]))[0], excluded, self.settings.slate_size, self.settings.exploration, user_rng)
             answer = self.users.respond(user, slate, server_round)
-            served[arm].add(user, slate, answer.clicked, answer.purchased, answer.revenue)
-            total = totals[arm]
-            total.users += 1
-            total.impressions += len(slate)
-            total.clicks += int(answer.clicked.sum())
-            total.purchases += int(answer.purchased.sum())
-            total.revenue += float(answer.revenue.sum())
+            served[arm].add(user, answer)
+            totals[arm].add(answer)
             for ad, clicked, purchased in zip(slate.tolist(), answer.clicked.tolist(), answer.purchased.tolist()):
                 event = Event.PURCHASE if purchased else Event.CLICK if clicked else Event.IMPRESSION
                 rows.append(LogRow(user, self.catalog.ad_ids[ad], timestamp, event))

@@ -28,9 +28,9 @@ def model_scores(arrays: Arrays, user_factors: np.ndarray) -> ScoreFn:
     return lambda users: score_all(user_factors[users], arrays)
 
 
-def popularity_scores(ads: np.ndarray, events_weight: np.ndarray, num_ads: int) -> ScoreFn:
-    """Every user gets the merchant's own positive counts (`events_weight` 1 per click or purchase row)."""
-    counts = np.bincount(ads, weights=events_weight, minlength=num_ads).astype(np.float64)
+def popularity_scores(positive_ads: np.ndarray, num_ads: int) -> ScoreFn:
+    """Every user gets the merchant's own counts of users who clicked or bought each ad."""
+    counts = np.bincount(positive_ads, minlength=num_ads).astype(np.float64)
     return lambda users: np.broadcast_to(counts, (len(users), num_ads))
 
 

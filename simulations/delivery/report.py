@@ -102,13 +102,14 @@ POLICY_COLUMNS = ("policy", "epsilon", "users", "ctr", "cvr", "rpm", "exposure_g
 UPLIFT_COLUMNS = ("epsilon", "merchant", "users", "uplift_vs", "metric", "uplift", "ci_low", "ci_high", "p_value")
 
 
-def _fmt(value: Any) -> str:
+def format_cell(value: Any) -> str:
+    """A table cell: floats to 4 places, None as a dash."""
     return "-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def _table(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> str:
     head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(k)))}</td>" for k in keys) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(format_cell(r.get(k)))}</td>" for k in keys) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 

@@ -37,7 +37,22 @@ LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 os.environ.update(LOOPBACK_ONLY)
 
 
-class RayCluster:
+class _RayDriver:
+    """This process as a Ray cluster's driver: joined by `connect`, left by `leave`."""
+
+    def driver_connected(self) -> bool:
+        import ray
+
+        return bool(ray.is_initialized())
+
+    def leave(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+class RayCluster(_RayDriver):
     """A private single-machine Ray cluster the runtime starts, and kills at its end."""
 
     def __init__(self, work_dir: Path, num_cpus: int, mark: tuple[str, str]) -> None:
@@ -86,20 +101,12 @@ class RayCluster:
             )
         ray.init(address=f"127.0.0.1:{self._port}", logging_level=logging.WARNING, log_to_driver=False, configure_logging=False)
 
-    def driver_connected(self) -> bool:
-        import ray
-
-        return bool(ray.is_initialized())
-
     def shut_down(self) -> None:
         """Leave the cluster and kill every process of it."""
         if self._head is None:
             return  # never booted
-        import ray
-
         try:
-            if ray.is_initialized():
-                ray.shutdown()
+            self.leave()
         finally:
             stop_tree(self._head, signals=(signal.SIGKILL,))
             if self._sweeper is not None:
@@ -108,7 +115,7 @@ class RayCluster:
                 shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-class ExistingRayCluster:
+class ExistingRayCluster(_RayDriver):
     """A Ray cluster someone else runs (RAY_ADDRESS or an address given to the runtime): this
     process joins it as a driver and leaves it at the end; its nodes and their processes stay.
     Ray destroys the actors a driver started when the driver leaves, so the runtime's pool goes
@@ -116,7 +123,6 @@ class ExistingRayCluster:
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self.log_path = Path(os.devnull)  # the cluster's logs are its own
         self.temp_dir = f"the session directories of the nodes of {address}"
 
     def boot(self) -> None:
@@ -127,14 +133,6 @@ class ExistingRayCluster:
 
         ray.init(address=self.address, logging_level=logging.WARNING, log_to_driver=False, configure_logging=False)
 
-    def driver_connected(self) -> bool:
-        import ray
-
-        return bool(ray.is_initialized())
-
     def shut_down(self) -> None:
         """Leave the cluster (its nodes keep running)."""
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
+        self.leave()
