@@ -16,7 +16,10 @@ is only the first evaluation and carries start-up). Bytes: computed from the Arr
 round sends each client the model twice, train and evaluate, and receives one train reply: the
 ALS statistics, or the model with mf-solver = "sgd"), and checked against the network traffic the SuperLink counted for the
 deployed run (`flwr ls --format json`, network-traffic), which adds message framing and metrics.
-The deployment's SuperExecs poll for work every 0.1 s (FLWR_SUPEREXEC_TASK_POLL_INTERVAL) instead of every second.
+The floor: before round 0 each run sends 5 empty exchanges (probe-messages, server/probes.py), one
+message to every merchant each, timed by the ServerApp: the record of mode "noop". The deployed
+SuperNodes run as deploy.merchant starts them (deploy/supernode.py: no idle waits, a warm
+ClientApp start).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import numpy as np
 
 from client.privacy.plan import noisy_release_wire
 from deploy.local import local_deployment, write_merchant_data
+from server.probes import PROBES_FILE
 from shared.als import ALSSettings
 from shared.config import RunConfig
 from shared.data.sources import load_catalog
@@ -47,7 +51,7 @@ from shared.wire import to_array_record
 from simulations import PROJECT_ROOT
 from simulations.runtime import run_simulation
 
-POLL_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+PROBES = 5  # empty exchanges before round 0 (probe-messages): the runtime's per-message floor
 
 
 DATA = {
@@ -62,6 +66,7 @@ def _run_config(output: Path, merchants: int, rounds: int, privacy: str, secure:
     return RunConfig.from_flower({
         "num-rounds": rounds, "min-nodes": merchants, "synthetic-merchants": merchants, "privacy": privacy,
         "output-dir": str(output / "out"), "state-dir": str(output / "out" / "state"), "secure-aggregation": secure, **DATA[data],
+        "probe-messages": PROBES,
     })
 
 
@@ -72,6 +77,9 @@ def _write_records(path: Path, data: str, privacy: str, merchants: int, results:
     for mode in ("simulation", "deployment"):
         records.append({"mode": mode, "privacy": privacy, "merchants": merchants, "round_seconds": results[mode]["median_round_seconds"],
                         "bytes_per_client": results["bytes"]["per_client_per_round_sent"], "data": data})
+    # the floor: one exchange of empty messages with every merchant, in the deployment
+    records.append({"mode": "noop", "privacy": privacy, "merchants": merchants, "round_seconds": results["deployment"]["probe_median_seconds"],
+                    "bytes_per_client": 0, "data": data})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(records, indent=2) + "\n")
 
@@ -79,8 +87,10 @@ def _write_records(path: Path, data: str, privacy: str, merchants: int, results:
 def _round_times(cfg: RunConfig) -> dict[str, float]:
     history = json.loads((Path(cfg.output_dir) / "history.json").read_text())
     later = [h["round_seconds"] for h in history[1:]]
+    probes = json.loads((Path(cfg.output_dir) / PROBES_FILE).read_text())
     return {"round0_seconds": history[0]["round_seconds"], "median_round_seconds": statistics.median(later),
-            "min_round_seconds": min(later), "max_round_seconds": max(later)}
+            "min_round_seconds": min(later), "max_round_seconds": max(later), "probe_median_seconds": probes["median_seconds"],
+            "probe_seconds": probes["exchange_seconds"]}
 
 
 def _model_bytes(cfg: RunConfig) -> dict[str, int]:
@@ -128,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                                     privacy_mode="user" if args.privacy == "user" else "none",
                                     secure_aggregation="allow" if args.secure else "refuse")
     started = time.perf_counter()
-    with local_deployment(output / "deployment" / "flower", merchants, extra_env=POLL_ENV) as deployed:
+    with local_deployment(output / "deployment" / "flower", merchants) as deployed:
         up = time.perf_counter() - started
         reply = deployed.submit(dep_cfg.to_flower())
         if not reply.get("success"):
@@ -158,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{results['date']}  {results['machine']}  {n} merchants, {r} rounds, privacy={args.privacy}, secure={args.secure}, "
           f"mf-solver={dep_cfg.mf_solver}")
     print(f"median round: simulation {sim['median_round_seconds']:.2f}s, deployment (TLS, 3 SuperNodes) {dep['median_round_seconds']:.2f}s"
-          f"  (round 0: {sim['round0_seconds']:.2f}s vs {dep['round0_seconds']:.2f}s)")
+          f"  (round 0: {sim['round0_seconds']:.2f}s vs {dep['round0_seconds']:.2f}s); ratio {dep['median_round_seconds'] / sim['median_round_seconds']:.1f}x")
+    print(f"empty exchange with every merchant (median of {PROBES}): simulation {sim['probe_median_seconds']:.3f}s, "
+          f"deployment {dep['probe_median_seconds']:.3f}s")
     print(f"model ArrayRecord {b['model_array_record']} B (raw arrays {b['model_raw']} B): per client per round "
           f"receives {b['per_client_per_round_received']} B, sends {b['per_client_per_round_sent']} B")
     print(f"SuperLink counted: outbound {b['superlink_outbound']} B = {b['superlink_outbound_per_model_message']:.0f} B per model message; "

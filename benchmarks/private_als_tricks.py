@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/private_als_tricks.py --data ml100k --epsilon 8 --seeds 3
     .venv/bin/python benchmarks/private_als_tricks.py --data beauty --epsilon 8 --seeds 2
+    .venv/bin/python benchmarks/private_als_tricks.py --data ml100k --epsilon 1 --seeds 3 --positives-share 0.4 0.6 0.8
 
 Runs federated private ALS in-process with the very code of a Flower run (each shard's
 the ALS solver computes its statistics, they are noised as client/privacy/private_als.py does, with the
@@ -10,6 +11,11 @@ server/als_aggregation.ALSAggregation), 5 IID shards of ../shared/data. A "plain
 (per-ad Gramians, equal budget per round, no count averaging, no shrinkage, no noise-aware
 ridge, random start) and the experiment's setting are compared with one trick toggled at a
 time. Reports the median over seeds of NDCG@10 / HR@10 (sampled) and NDCG@10 (full).
+
+`--positives-share S ...`: instead, the experiment's setting with the release's budget split
+moved towards the positive counts (the ads' popularity, what the bias rests on): each S is the
+positives' share of the squared noise budget, the target's share shrinking to make room (the
+shipped split: shared/als.py BUDGET_SHARES), next to the DP-popularity floor at the same epsilon.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from flwr.app import Message, RecordDict
 from client.node_data import NodeData
 from client.solvers.als import ALSSolver
 from server.als_aggregation import ALSAggregation
+from shared import als
 from shared.accounting import calibrate_noise_multiplier
 from shared.als import ALSSettings, add_noise, round_budget_shares
 from shared.catalog_features import informative_tags
@@ -43,8 +50,8 @@ from shared.flower_internals import server_identity
 from shared.metrics import NUM_TEST_USERS
 from shared.params import initial_arrays
 from shared.privacy_policy import PrivacyPolicy
-from shared.wire import PrivacyReport, TrainReply, from_array_record
-from simulations.baselines import shard_data
+from shared.wire import ALS_COUNT, ALS_POSITIVES, ALS_TARGET, ALS_USER_GRAM, PrivacyReport, TrainReply, from_array_record
+from simulations.baselines import dp_popularity, shard_data
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = {
@@ -103,12 +110,15 @@ def _main() -> int:
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--factors", type=int, default=32)
+    parser.add_argument("--positives-share", type=float, nargs="+", help="budget shares of the positive counts to compare")
     args = parser.parse_args()
 
     setting = {"partitioning": "iid", "factors": args.factors, "num-rounds": 2, "privacy": "user", **DATASETS[args.data]}
     tuned = RunConfig.from_flower(setting)
     dataset = load_dataset(tuned)
     shards = [data for _, data in shard_data(tuned, dataset, 5)]
+    if args.positives_share:
+        return _positives_shares(tuned, dataset, shards, args.epsilon, args.seeds, args.positives_share)
     plain = {"als-gram": "per-ad", "als-budget-growth": 1.0, "als-count-shrinkage": 0.0, "als-noise-ridge": 0.0,
              "als-catalog-prior": False, "init": "random"}
     variants: list[tuple[str, dict[str, Any], bool] | tuple[str, dict[str, Any], bool, bool]] = [
@@ -142,6 +152,27 @@ def _main() -> int:
         seconds = (time.perf_counter() - started) / args.seeds
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         print(f"| {name} | {med['ndcg10_sampled']:.4f} | {med['hr10_sampled']:.4f} | {med['ndcg10_full']:.4f} | {seconds:.1f} |", flush=True)
+    return 0
+
+
+def _positives_shares(cfg: RunConfig, dataset: Any, shards: list[NodeData], epsilon: float, seeds: int, wanted: list[float]) -> int:
+    floor = dp_popularity(cfg, dataset, len(shards), [epsilon])[f"{epsilon:g}"]
+    shipped = dict(als.BUDGET_SHARES["shared"])
+    print(f"{date.today()} on {platform.node()}: {cfg.dataset}, 5 IID shards, each adding its full noise, epsilon {epsilon:g}, "
+          f"median of {seeds} noise seeds; dp-popularity: {floor['ndcg10_sampled']:.4f} sampled, {floor['ndcg10_full']:.4f} full")
+    print("| positives' share | target's share | NDCG@10 sampled | NDCG@10 full |")
+    print("|---|---|---|---|")
+    try:
+        for share in [shipped[ALS_POSITIVES], *wanted]:
+            split = {**shipped, ALS_POSITIVES: share, ALS_TARGET: 1.0 - share - shipped[ALS_COUNT] - shipped[ALS_USER_GRAM]}
+            if split[ALS_TARGET] <= 0:
+                raise SystemExit(f"a positives' share of {share} leaves the target no budget")
+            als.BUDGET_SHARES["shared"] = split  # read by the clients' noise and the server's solve alike
+            runs = [run(cfg, shards, dataset.catalog, epsilon, seed) for seed in range(seeds)]
+            med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            print(f"| {share:.2f} | {split[ALS_TARGET]:.2f} | {med['ndcg10_sampled']:.4f} | {med['ndcg10_full']:.4f} |", flush=True)
+    finally:
+        als.BUDGET_SHARES["shared"] = shipped
     return 0
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 
@@ -28,6 +28,12 @@ def train(msg: Message, context: Context) -> Message:
     from client import handlers
 
     return handlers.train(msg, context)
+
+
+@app.query()
+def probe(msg: Message, context: Context) -> Message:
+    """A probe of the message floor (server/probes.py): an empty reply, no data, no privacy spent."""
+    return Message(RecordDict(), reply_to=msg)
 
 
 @app.evaluate()

@@ -55,7 +55,8 @@ def supernode_command(
 ) -> list[str]:
     """`root_certificates=None` gives a plain-HTTP SuperNode (only to show it is refused);
     `trusted_entities`: the publishers whose signed FABs alone it runs (module docstring)."""
-    command = [str(bin_dir / "flower-supernode"), "--superlink", superlink]
+    # Flower's flower-supernode, run by deploy.supernode: no idle waits, a warm ClientApp start
+    command = [str(bin_dir / "python"), "-m", "deploy.supernode", "--superlink", superlink]
     command += ["--insecure"] if root_certificates is None else ["--root-certificates", str(root_certificates)]
     if private_key is not None:
         command += ["--auth-supernode-private-key", str(private_key)]

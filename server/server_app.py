@@ -16,6 +16,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from server import report
 from server.checkpoint import Checkpointer, RunStatus, check_resume_config
+from server.probes import probe, write_probes
+from server.prompt_grid import PromptGrid
 from server.round_loop import RoundLog, RoundLoop, RunEndedShort, one_line
 from server.secure_round import SecureTraining
 from server.strategies import build_strategy
@@ -24,6 +26,7 @@ from shared.app_log import log
 from shared.config import RunConfig
 from shared.data.schema import AdCatalog
 from shared.data.sources import load_catalog
+from shared.flower_internals import CheckedGrid, prompt_object_pulls
 from shared.params import check_global_arrays, global_shapes, initial_model
 from shared.wire import Arrays, from_array_record, to_array_record
 
@@ -32,6 +35,9 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    # the simulation runtime's grid (CheckedGrid) already looks every 0.1 s, and checks its actors
+    grid = grid if isinstance(grid, CheckedGrid) else PromptGrid(grid)
+    prompt_object_pulls()  # replies pulled as soon as they are in (shared/flower_internals.py)
     cfg = RunConfig.from_flower(context.run_config)
     catalog = load_catalog(cfg)
     checkpointer = Checkpointer(cfg.output_path)
@@ -67,6 +73,10 @@ def _run(cfg: RunConfig, grid: Grid, context: Context, checkpointer: Checkpointe
                                 cfg.secure_threshold, cfg.reply_timeout, context)
     loop = RoundLoop(strategy, grid, global_shapes(cfg, len(catalog)),
                      timeout=cfg.reply_timeout, min_replies=cfg.quorum, retries=cfg.round_retries, secure=secure)
+    if cfg.probe_messages:
+        probes = probe(grid, cfg.probe_messages, cfg.reply_timeout)
+        log.info("fedads: %d probe exchanges with %d nodes, median %.3f s (%s)", cfg.probe_messages, probes["nodes"],
+                 probes["median_seconds"], write_probes(checkpointer.root, probes))
     if not cfg.resume:
         round_log = RoundLog()
         started = time.perf_counter()

@@ -137,6 +137,8 @@ class RunConfig(BaseModel):
         "none | median (ALS: each merchant's per-ad statistics clipped to robust-clip-factor x the median over merchants; "
         "SGD: Flower's FedMedian)"))
     robust_clip_factor: float = Field(3.0, gt=0, description="robust-aggregation = median: a merchant's block norm, at most this x the median")
+    probe_messages: int = Field(0, ge=0, description=(
+        "empty messages sent to every node before round 0, each exchange timed (probes.json in output-dir): the per-message floor"))
     reply_timeout: float = Field(600.0, gt=0, description="seconds the server waits for the replies of one round's messages")
     dataset: Literal["synthetic", "movielens-100k", "amazon-seq", "logs"] = Field(
         "synthetic", description="synthetic | movielens-100k | amazon-seq | logs (a log table or user-item pairs: docs/DATA.md)")

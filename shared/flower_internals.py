@@ -9,6 +9,11 @@ Written for flwr FLOWER_VERSION: on any other, `supported()` is False and the ru
 Flower's public path instead (simulations/runtime/public_path.py). Nothing private is imported
 at module level, so this module loads on any Flower version.
 
+A deployed merchant's SuperNode is the third (deploy/supernode.py, deploy/warm_clientapp.py): its
+idle waits shortened (`prompt_supernode_polling`), Flower's CLI entry points run in a process of
+ours (`run_supernode`, `run_clientapp`), and the name SuperExec starts a ClientApp by
+(`CLIENTAPP_COMMAND`).
+
 Secure aggregation is the other user: Flower 1.42's SecAgg+ exists only in its legacy API
 (`flwr.server.workflow.SecAggPlusWorkflow` over a LegacyContext and a legacy Strategy,
 `flwr.client.mod.secaggplus_mod` reading a legacy FitRes), so the server's exchange
@@ -61,6 +66,9 @@ _GRID = "flwr.superlink.grid.inmemory_grid"
 _WORKFLOW_CONSTANT = "flwr.server.workflow.constant"
 _COMPAT = "flwr.compat.common.recorddict_compat"
 _SECAGG_CONSTANTS = "flwr.common.secure_aggregation.secaggplus_constants"
+_SUPERNODE = "flwr.supernode.start_client_internal"
+_INFLATABLE = "flwr.supercore.inflatable.inflatable_utils"
+_RUN_CLIENTAPP = "flwr.supernode.runtime.run_clientapp"
 
 PINNED: tuple[Pinned, ...] = (
     # the engine, run as `flwr-simulation` runs it (`run_engine`)
@@ -130,6 +138,25 @@ PINNED: tuple[Pinned, ...] = (
     Pinned(_SECAGG_CONSTANTS, "Key", attributes=("STAGE", "THRESHOLD", "SAMPLE_NUMBER", "MASKED_PARAMETERS")),
     Pinned("flwr.common", "bytes_to_ndarray"),
     Pinned(_SECAGG_CONSTANTS, "Stage", attributes=("SETUP", "COLLECT_MASKED_VECTORS")),
+    # a deployed SuperNode without idle waits (`prompt_supernode_polling`, `run_supernode`): Flower
+    # waits 3 s after every empty pull and 0.5 s between looks for the ClientApp's reply
+    Pinned(_SUPERNODE, "time", attributes=("sleep",)),
+    Pinned(_SUPERNODE, "start_client_internal", source=("time.sleep(3)", '"flower-superexec"')),
+    Pinned(_SUPERNODE, "_push_messages", source=("time.sleep(0.5)",)),
+    Pinned("flwr.supernode.cli", "flower_supernode"),
+    # the warm ClientApp (deploy/warm_clientapp.py): SuperExec starts `flwr-clientapp` by name, with
+    # its arguments; a process forked from a warm one runs Flower's own entry point with them
+    Pinned("flwr.supercore.constant", "TASK_TYPE_TO_COMMAND"),
+    Pinned("flwr.supercore.superexec.executor.subprocess_executor", "SubprocessExecutor.launch",
+           source=("TASK_TYPE_TO_COMMAND[spec.task_type]", "subprocess.Popen(")),
+    Pinned("flwr.supernode.cli", "flwr_clientapp"),
+    # object pulls retried sooner (`prompt_object_pulls`): a message announced before its objects
+    # have arrived is pulled again after 1 s, then 2 s, 4 s, ...
+    Pinned(_INFLATABLE, "pull_objects", parameters=("initial_backoff", "backoff_cap")),
+    Pinned(_INFLATABLE, "pull_and_inflate_object_from_tree", parameters=("initial_backoff", "backoff_cap")),
+    # the ClientApp process unpacks the FAB again for every message (`install_each_fab_once`)
+    Pinned(_RUN_CLIENTAPP, "install_from_fab", parameters=("fab_file", "install_dir", "skip_prompt")),
+    Pinned(_RUN_CLIENTAPP, "run_clientapp", source=("install_from_fab(fab.content, skip_prompt=True)",)),
 )
 
 
@@ -561,3 +588,100 @@ def add_fit_result(content: Any, vectors: list[Any]) -> None:
         content.metric_records[name] = metric_record
     for name, config_record in legacy.config_records.items():
         content.config_records[name] = config_record
+
+
+# --- a deployed SuperNode: prompt polling, Flower's entry points run in our processes ---
+
+CLIENTAPP_COMMAND = "flwr-clientapp"  # the program SuperExec starts, by name on PATH, for each message
+# what every ClientApp process imports before it reads its message: Flower's runtime and the
+# scientific stack; the app's own modules are not among them, they load from the received FAB
+CLIENTAPP_PRELOAD = ("flwr.supernode.cli", "flwr.supernode.runtime.run_clientapp", "httpx", "httpcore", "numpy", "scipy.sparse",
+                     "scipy.linalg", "scipy.special", "scipy.stats", "pydantic", "yaml")
+
+
+class _PromptSleep:
+    """Stands in for the `time` module in Flower's SuperNode loop: its 3 s wait after an empty pull
+    becomes a wait that starts at `first` and grows by `growth` per empty pull in a row, up to the
+    3 s; its 0.5 s waits for the ClientApp's reply become `first`. Every other name is time's."""
+
+    def __init__(self, first: float, growth: float) -> None:
+        self.first, self.growth = first, growth
+        self.idle_streak, self.woke = 0, 0.0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        if seconds < 3.0:
+            time.sleep(min(seconds, self.first))
+            return
+        # a message handled since the last wait (more than a second of work) starts a new streak
+        if time.monotonic() - self.woke > 1.0:
+            self.idle_streak = 0
+        time.sleep(min(seconds, self.first * self.growth**self.idle_streak))
+        self.idle_streak += 1
+        self.woke = time.monotonic()
+
+
+def prompt_supernode_polling(first: float = 0.05, growth: float = 1.15) -> None:
+    """Shorten the idle waits of the SuperNode loop in this process (before `run_supernode`)."""
+    module = importlib.import_module(_SUPERNODE)
+    module.time = _PromptSleep(first, growth)  # type: ignore[attr-defined]
+
+
+def prompt_object_pulls(first: float = 0.01, longest: float = 1.0) -> None:
+    """In this process, Flower's pulls of a message's objects retry an object not there yet after
+    `first` seconds, doubling up to `longest` (Flower: 1 s doubling up to 10 s). A ClientApp
+    started promptly asks for its message while the SuperNode is still fetching it, and lost
+    1 + 2 s to the backoff; a ServerApp pulling replies the same."""
+    module = importlib.import_module(_INFLATABLE)
+    for function in (module.pull_objects, module.pull_and_inflate_object_from_tree):
+        defaults = dict(function.__kwdefaults__ or {})
+        defaults.update(initial_backoff=first, backoff_cap=longest)
+        function.__kwdefaults__ = defaults
+
+
+def install_each_fab_once(record_dir: Path) -> None:
+    """In this process (and the ClientApps forked from it), a FAB whose exact bytes were installed
+    and verified before is not unpacked again: Flower unzips and re-verifies the FAB for every
+    message (0.2-0.3 s, and the app's modules then recompile). Keyed by the SHA-256 of the FAB's
+    bytes; the record holds the path Flower installed it to, used only while that path exists."""
+    import hashlib
+
+    module = importlib.import_module(_RUN_CLIENTAPP)
+    install = module.install_from_fab
+
+    def install_once(fab_file: Path | bytes, install_dir: Path | None = None, skip_prompt: bool = False) -> Path:
+        content = fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes()
+        record = record_dir / hashlib.sha256(content).hexdigest()
+        if install_dir is None and record.is_file():
+            installed = Path(record.read_text())
+            if installed.is_dir():
+                return installed
+        installed = Path(install(fab_file, install_dir, skip_prompt))
+        if install_dir is None:
+            record_dir.mkdir(parents=True, exist_ok=True)
+            record.write_text(str(installed))
+        return installed
+
+    module.install_from_fab = install_once  # type: ignore[attr-defined]
+
+
+def run_supernode(argv: list[str]) -> None:
+    """Flower's `flower-supernode` command, in this process, with `argv` as its arguments."""
+    import sys
+
+    from flwr.supernode.cli import flower_supernode
+
+    sys.argv = ["flower-supernode", *argv]
+    flower_supernode()
+
+
+def run_clientapp(argv: list[str]) -> None:
+    """Flower's `flwr-clientapp` command, in this process, with `argv` as its arguments."""
+    import sys
+
+    from flwr.supernode.cli import flwr_clientapp
+
+    sys.argv = [CLIENTAPP_COMMAND, *argv]
+    flwr_clientapp()

@@ -1,0 +1,69 @@
+"""A merchant's SuperNode process: Flower's `flower-supernode`, without its idle waits and with a
+warm ClientApp start.
+
+    python -m deploy.supernode [flower-supernode arguments]
+
+deploy.merchant starts the SuperNode this way. Flower 1.42's SuperNode waits 3 s after every
+empty pull and 0.5 s between looks for the ClientApp's reply, its SuperExec looks for work once a
+second, and every message starts a `flwr-clientapp` process that imports Flower and the
+scientific stack first: about 13 s of a deployed round's 23-26 s on MovieLens-100K
+(docs/BENCHMARKS.md, "Deployment"), none of it work. Here, in this process:
+
+- the SuperNode's waits start at 50 ms and grow by 1.15x per empty pull in a row, back to Flower's
+  3 s after about 20 s idle, so an idle merchant does not hammer the SuperLink
+  (shared.flower_internals.prompt_supernode_polling);
+- its SuperExec looks for work every 50 ms (FLWR_SUPEREXEC_TASK_POLL_INTERVAL, Flower's own
+  setting; an operator's value wins);
+- `flwr-clientapp` resolves to deploy.warm_clientapp's shim, which forks the run from a process
+  that has Flower's runtime imported (each message still gets its own process; the app's code
+  still comes from the received FAB, unpacked once per FAB rather than once per message).
+
+The warm process stops with this one, however it stops (it watches this process's id).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from deploy.warm_clientapp import SOCKET_ENV, write_shim
+from shared.flower_internals import prompt_object_pulls, prompt_supernode_polling, run_supernode
+
+POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+SUPEREXEC_POLL_SECONDS = "0.05"
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = sys.argv[1:] if argv is None else argv
+    # a short private path: a Unix socket's path must stay under 108 bytes
+    work = Path(tempfile.mkdtemp(prefix="fedads-supernode-"))
+    socket_path = work / "warm.sock"
+    shim_dir = work / "bin"
+    write_shim(shim_dir)
+    os.environ[SOCKET_ENV] = str(socket_path)
+    os.environ["PATH"] = f"{shim_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    os.environ.setdefault(POLL_ENV, SUPEREXEC_POLL_SECONDS)
+    warm = subprocess.Popen(
+        [sys.executable, "-m", "deploy.warm_clientapp", "--socket", str(socket_path), "--parent-pid", str(os.getpid())],
+        stdin=subprocess.DEVNULL,
+    )
+    prompt_supernode_polling()
+    prompt_object_pulls()
+    try:
+        run_supernode(arguments)
+    finally:
+        warm.terminate()
+        try:
+            warm.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            warm.kill()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,227 @@
+"""A warm start for the ClientApp process Flower's SuperNode starts for every message.
+
+Flower 1.42's SuperExec runs each message in a fresh `flwr-clientapp` process, which spends
+1.5-2 s importing Flower's runtime and the scientific stack before it reads the message: on a
+2-core machine with three merchants that import, not the training, is most of a deployed round.
+This module keeps one process per SuperNode with those imports done (shared.flower_internals
+CLIENTAPP_PRELOAD) and forks it once per message:
+
+- `write_shim(folder, socket_path)` writes an executable `flwr-clientapp` into `folder`, which
+  the SuperNode puts first on its PATH. SuperExec starts it as it would start Flower's; the shim
+  (Python without site-packages: about 20 ms) hands its arguments and its stdin, stdout and
+  stderr to the warm process over a Unix socket and exits with the status of the ClientApp run
+  for it. If the warm process is not there, it becomes Flower's own `flwr-clientapp`.
+- `serve(socket_path, parent_pid)` is the warm process: for each shim it forks a child that
+  runs Flower's `flwr-clientapp` entry point with the shim's arguments and descriptors. A child
+  is stopped when its shim goes away (SuperExec stopped it), and every child and the warm
+  process itself stop when the SuperNode process that started them is gone, SIGKILL included.
+
+Each message still runs in its own process with fresh state, as Flower's isolation asks; the
+app's own code is not preloaded, so it is still imported from the FAB the SuperLink sent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import selectors
+import signal
+import socket
+import stat
+import sys
+import traceback
+from pathlib import Path
+
+from shared.flower_internals import CLIENTAPP_COMMAND, CLIENTAPP_PRELOAD, install_each_fab_once, prompt_object_pulls, run_clientapp
+
+SOCKET_ENV = "FEDADS_WARM_CLIENTAPP"  # the shim finds the warm process's socket here
+MAX_REQUEST_BYTES = 65536
+PARENT_CHECK_SECONDS = 0.2
+
+SHIM = '''#!{python} -S
+# fedads: hands this ClientApp run to the SuperNode's warm process (deploy/warm_clientapp.py)
+import json, os, socket, sys
+path = os.environ.get("{env}", "")
+try:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+except OSError:
+    os.execv("{fallback}", ["{fallback}", *sys.argv[1:]])
+request = json.dumps({{"argv": sys.argv[1:], "cwd": os.getcwd()}}).encode()
+socket.send_fds(sock, [request], [0, 1, 2])
+status = b""
+while chunk := sock.recv(64):
+    status += chunk
+sys.exit(int(status) if status.strip() else 1)
+'''
+
+
+def write_shim(folder: Path, python: str = sys.executable) -> Path:
+    """An executable `flwr-clientapp` in `folder` (put `folder` first on the SuperNode's PATH)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fallback = Path(python).parent / CLIENTAPP_COMMAND
+    shim = folder / CLIENTAPP_COMMAND
+    shim.write_text(SHIM.format(python=python, env=SOCKET_ENV, fallback=fallback))
+    shim.chmod(stat.S_IRWXU)
+    return shim
+
+
+def preload(install_records: Path) -> None:
+    for module in CLIENTAPP_PRELOAD:
+        importlib.import_module(module)
+    install_each_fab_once(install_records)
+    # started as soon as its message is announced, a ClientApp may ask before the objects are in
+    prompt_object_pulls()
+
+
+def _run_child(request: dict[str, object], fds: list[int]) -> None:
+    """In the forked child: become the shim's process (its descriptors and working directory) and
+    run Flower's ClientApp entry point; never returns."""
+    code = 1
+    try:
+        for target, fd in enumerate(fds[:3]):
+            os.dup2(fd, target)
+        for fd in fds:
+            if fd > 2:
+                os.close(fd)
+        sys.stdin = open(0, closefd=False)
+        sys.stdout = open(1, "w", closefd=False)
+        sys.stderr = open(2, "w", closefd=False)
+        os.chdir(str(request["cwd"]))
+        argv = request["argv"]
+        assert isinstance(argv, list)
+        run_clientapp([str(arg) for arg in argv])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+
+class WarmServer:
+    """The warm process's loop: accept shims, fork a child per shim, report each child's exit."""
+
+    def __init__(self, socket_path: Path, parent_pid: int) -> None:
+        self.parent_pid, self.socket_path = parent_pid, socket_path
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if socket_path.exists():
+            socket_path.unlink()
+        old_umask = os.umask(0o177)  # the socket hands out the merchant's ClientApp: its owner only
+        try:
+            self.listener.bind(str(socket_path))
+        finally:
+            os.umask(old_umask)
+        self.listener.listen(16)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ)
+        # a child's exit wakes the loop at once: SIGCHLD writes a byte into this pair
+        self.wakeup, wakeup_writer = socket.socketpair()
+        self.wakeup.setblocking(False)
+        wakeup_writer.setblocking(False)
+        self._wakeup_writer = wakeup_writer
+        signal.set_wakeup_fd(wakeup_writer.fileno())
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        self.selector.register(self.wakeup, selectors.EVENT_READ)
+        self.children: dict[int, socket.socket] = {}
+
+    def _accept(self) -> None:
+        conn, _ = self.listener.accept()
+        try:
+            data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST_BYTES, 3)
+            request = json.loads(data)
+        except (OSError, ValueError):
+            conn.close()
+            return
+        pid = os.fork()
+        if pid == 0:
+            signal.set_wakeup_fd(-1)
+            for handled in (signal.SIGTERM, signal.SIGCHLD):
+                signal.signal(handled, signal.SIG_DFL)
+            self.selector.close()
+            for own in (self.listener, self.wakeup, self._wakeup_writer, conn, *self.children.values()):
+                own.close()
+            _run_child(request, fds)
+        for fd in fds:
+            os.close(fd)
+        self.children[pid] = conn
+        self.selector.register(conn, selectors.EVENT_READ, pid)
+
+    def _reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            conn = self.children.pop(pid, None)
+            if conn is not None:
+                self.selector.unregister(conn)
+                try:
+                    conn.sendall(str(os.waitstatus_to_exitcode(status)).encode())
+                except OSError:
+                    pass
+                conn.close()
+
+    def _shim_gone(self, pid: int, conn: socket.socket) -> None:
+        """A shim's socket became readable: it only ever closes, when SuperExec stopped the shim."""
+        self.selector.unregister(conn)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    def serve_forever(self) -> None:
+        try:
+            while os.getppid() == self.parent_pid:
+                for key, _ in self.selector.select(timeout=PARENT_CHECK_SECONDS):
+                    if key.fileobj is self.listener:
+                        self._accept()
+                    elif key.fileobj is self.wakeup:
+                        while True:
+                            try:
+                                if not self.wakeup.recv(512):
+                                    break
+                            except BlockingIOError:
+                                break
+                    elif isinstance(key.fileobj, socket.socket):
+                        self._shim_gone(key.data, key.fileobj)
+                self._reap()
+        finally:
+            for pid in list(self.children):
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            self.listener.close()
+            self.socket_path.unlink(missing_ok=True)
+
+
+def serve(socket_path: Path, parent_pid: int) -> None:
+    # SIGTERM (the deployment stopping this SuperNode's group) ends the loop through its finally
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    server = WarmServer(socket_path, parent_pid)  # listening before the imports: shims queue up, none falls back
+    preload(socket_path.parent / "installed-fabs")
+    server.serve_forever()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--socket", type=Path, required=True)
+    parser.add_argument("--parent-pid", type=int, required=True, help="stop when this process is gone")
+    args = parser.parse_args(argv)
+    serve(args.socket, args.parent_pid)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,196 @@
+"""The deployed SuperNode without idle waits (issue 19): the warm ClientApp start
+(deploy/warm_clientapp.py), the SuperNode's shortened waits (shared.flower_internals) and the
+ServerApp's prompt grid (server/prompt_grid.py). End to end they run in tests/test_deployment.py,
+whose SuperNodes are started this way."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from deploy.processes import _alive, _process_tree
+from deploy.warm_clientapp import SOCKET_ENV, write_shim
+from server import prompt_grid
+from server.prompt_grid import PromptGrid
+from shared import flower_internals
+from shared.flower_internals import CLIENTAPP_COMMAND, resolve
+
+DEADLINE = 60.0
+
+
+def _wait_until(condition: Any, what: str) -> None:
+    end = time.monotonic() + DEADLINE
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError(f"not within {DEADLINE} s: {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture()
+def warm(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str], subprocess.Popen]]:
+    socket_path = tmp_path / "warm.sock"
+    shim = write_shim(tmp_path / "bin")
+    env = {**os.environ, SOCKET_ENV: str(socket_path)}
+    server = subprocess.Popen([sys.executable, "-m", "deploy.warm_clientapp", "--socket", str(socket_path), "--parent-pid", str(os.getpid())],
+                              stdin=subprocess.DEVNULL)
+    _wait_until(socket_path.exists, "the warm process listens")
+    yield shim, env, server
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def test_superexec_starts_the_clientapp_by_the_name_the_shim_takes() -> None:
+    commands = resolve(flower_internals.Pinned("flwr.supercore.constant", "TASK_TYPE_TO_COMMAND"))
+    assert CLIENTAPP_COMMAND in commands.values()
+
+
+def test_the_shim_runs_flowers_clientapp_in_a_forked_child(warm) -> None:
+    shim, env, server = warm
+    shown = subprocess.run([str(shim), "--help"], env=env, capture_output=True, text=True, timeout=DEADLINE)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith(f"usage: {CLIENTAPP_COMMAND}")  # Flower's own argument parser, on the shim's stdout
+    refused = subprocess.run([str(shim), "--no-such-flag"], env=env, capture_output=True, text=True, timeout=DEADLINE)
+    assert refused.returncode == 2  # argparse's exit status, passed back through the warm process
+    assert "one of the arguments --token --token-file is required" in refused.stderr
+    assert server.poll() is None  # one child per run: the warm process itself carries on
+
+
+def test_without_the_warm_process_the_shim_is_flowers_clientapp(tmp_path: Path) -> None:
+    shim = write_shim(tmp_path / "bin")
+    env = {**os.environ, SOCKET_ENV: str(tmp_path / "nobody-listens.sock")}
+    shown = subprocess.run([str(shim), "--help"], env=env, capture_output=True, text=True, timeout=DEADLINE)
+    assert shown.returncode == 0 and shown.stdout.startswith(f"usage: {CLIENTAPP_COMMAND}")
+
+
+def test_a_stopped_shim_stops_its_child(warm) -> None:
+    shim, env, server = warm
+    # a ClientApp whose SuperNode never answers keeps retrying: a run that does not end by itself
+    hanging = subprocess.Popen([str(shim), "--runtime-api-address", "127.0.0.1:9", "--token", "abc", "--insecure"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_until(lambda: len(_process_tree(server.pid)) > 1, "the warm process forked a child")
+    child = max(_process_tree(server.pid) - {server.pid})
+    hanging.kill()  # as SuperExec stops a ClientApp: the shim goes, the run must go with it
+    hanging.wait()
+    _wait_until(lambda: not _alive(child), "the orphaned run stopped")
+    assert server.poll() is None
+
+
+def test_the_warm_process_ends_with_its_supernode_even_on_sigkill(tmp_path: Path) -> None:
+    socket_path = tmp_path / "warm.sock"
+    # a stand-in SuperNode: starts the warm process as deploy.supernode does, then waits
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import os, subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-m', 'deploy.warm_clientapp', '--socket', {str(socket_path)!r}, '--parent-pid', str(os.getpid())])\n"
+        "time.sleep(600)\n")])
+    _wait_until(socket_path.exists, "the warm process listens")
+    warm_pids = _process_tree(parent.pid) - {parent.pid}
+    assert warm_pids
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    _wait_until(lambda: not any(_alive(pid) for pid in warm_pids), "the warm process outlived its SuperNode")
+    assert not socket_path.exists()
+
+
+def test_supernode_waits_start_short_and_grow_back_to_flowers(monkeypatch) -> None:
+    slept: list[float] = []
+    clock = [100.0]
+    monkeypatch.setattr(flower_internals.time, "sleep", slept.append)
+    monkeypatch.setattr(flower_internals.time, "monotonic", lambda: clock[0])
+    waits = flower_internals._PromptSleep(first=0.05, growth=1.3)
+    for _ in range(30):
+        waits.sleep(3)  # Flower's wait after an empty pull
+    assert slept[0] == pytest.approx(0.05)
+    assert slept[1] == pytest.approx(0.065)
+    assert all(later >= earlier for earlier, later in zip(slept, slept[1:]))
+    assert slept[-1] == 3  # long idle: Flower's own 3 s, no more
+    clock[0] += 5.0  # a message handled in between
+    waits.sleep(3)
+    assert slept[-1] == pytest.approx(0.05)
+    waits.sleep(0.5)  # Flower's look for the ClientApp's reply
+    assert slept[-1] == pytest.approx(0.05)
+    assert waits.monotonic is flower_internals.time.monotonic  # every other name is time's
+
+
+class _SlowGrid:
+    """Replies to each pushed message after `after` pulls; records the pulls."""
+
+    def __init__(self, after: dict[str, int]) -> None:
+        self.after, self.pulls = after, 0
+
+    def push_messages(self, messages: Any) -> list[str]:
+        return [m for m in messages]
+
+    def pull_messages(self, ids: Any) -> list[Any]:
+        self.pulls += 1
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in ids if self.after[i] <= self.pulls]
+
+
+def test_prompt_grid_collects_every_reply_looking_sooner_than_flower(monkeypatch) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(prompt_grid.time, "sleep", slept.append)
+    grid = _SlowGrid({"a": 1, "b": 4, "c": 9})
+    replies = PromptGrid(grid).send_and_receive(["a", "b", "c"])  # type: ignore[arg-type,list-item]
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["a", "b", "c"]
+    assert grid.pulls == 9
+    assert max(slept) <= prompt_grid.LONGEST_WAIT < 3.0  # Flower's deployed grid waits 3 s between pulls
+    assert slept[0] == prompt_grid.FIRST_WAIT  # after a reply, the next look comes soon
+
+
+def test_prompt_grid_gives_up_at_the_timeout(monkeypatch) -> None:
+    clock = [0.0]
+    monkeypatch.setattr(prompt_grid.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(prompt_grid.time, "sleep", lambda seconds: clock.__setitem__(0, clock[0] + seconds))
+    grid = _SlowGrid({"a": 1, "never": 10**9})
+    replies = PromptGrid(grid).send_and_receive(["a", "never"], timeout=5.0)  # type: ignore[arg-type,list-item]
+    assert [r.metadata.reply_to_message_id for r in replies] == ["a"]
+    assert clock[0] == pytest.approx(5.0)
+
+
+def test_a_fab_is_unpacked_once_per_content(monkeypatch, tmp_path: Path) -> None:
+    module = __import__("flwr.supernode.runtime.run_clientapp", fromlist=["install_from_fab"])
+    unpacked: list[bytes] = []
+
+    def fake_install(fab_file: Any, install_dir: Any = None, skip_prompt: bool = False) -> Path:
+        unpacked.append(fab_file)
+        target = tmp_path / "apps" / f"app-{len(unpacked)}"
+        target.mkdir(parents=True)
+        return target
+
+    monkeypatch.setattr(module, "install_from_fab", fake_install)
+    flower_internals.install_each_fab_once(tmp_path / "records")
+    first = module.install_from_fab(b"fab one", skip_prompt=True)
+    assert module.install_from_fab(b"fab one", skip_prompt=True) == first  # the same bytes: not unpacked again
+    other = module.install_from_fab(b"fab two", skip_prompt=True)
+    assert other != first and unpacked == [b"fab one", b"fab two"]
+    first.rmdir()  # an installation that is gone is installed again
+    assert module.install_from_fab(b"fab one", skip_prompt=True) != first
+    assert len(unpacked) == 3
+
+
+def test_object_pulls_retry_sooner(monkeypatch) -> None:
+    module = __import__(flower_internals._INFLATABLE, fromlist=["pull_objects"])
+    for function in (module.pull_objects, module.pull_and_inflate_object_from_tree):
+        monkeypatch.setattr(function, "__kwdefaults__", dict(function.__kwdefaults__))
+    flower_internals.prompt_object_pulls(first=0.01, longest=1.0)
+    for function in (module.pull_objects, module.pull_and_inflate_object_from_tree):
+        assert function.__kwdefaults__["initial_backoff"] == 0.01 and function.__kwdefaults__["backoff_cap"] == 1.0
+    # an object that is not there yet is asked for again after 10 ms, not Flower's 1 s
+    asked: list[float] = []
+
+    def not_yet(object_id: str) -> bytes:
+        asked.append(time.monotonic())
+        if len(asked) < 3:
+            raise module.ObjectUnavailableError(object_id)
+        return b"content"
+
+    assert module.pull_objects(["x"], not_yet) == {"x": b"content"}
+    assert asked[-1] - asked[0] < 0.7  # Flower waits at least 0.8 s (1 s, jittered by 20%) before the second look
