@@ -135,10 +135,13 @@ class WarmServer:
 
     def _accept(self) -> None:
         conn, _ = self.listener.accept()
+        fds: list[int] = []
         try:
             data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST_BYTES, 3)
             request = json.loads(data)
         except (OSError, ValueError):
+            for fd in fds:
+                os.close(fd)
             conn.close()
             return
         pid = os.fork()
@@ -165,7 +168,8 @@ class WarmServer:
                 return
             conn = self.children.pop(pid, None)
             if conn is not None:
-                self.selector.unregister(conn)
+                if conn in (key.fileobj for key in self.selector.get_map().values()):
+                    self.selector.unregister(conn)  # not when its shim is gone (_shim_gone did)
                 try:
                     conn.sendall(str(os.waitstatus_to_exitcode(status)).encode())
                 except OSError:

@@ -81,7 +81,9 @@ def test_a_stopped_shim_stops_its_child(warm) -> None:
     hanging.kill()  # as SuperExec stops a ClientApp: the shim goes, the run must go with it
     hanging.wait()
     _wait_until(lambda: not _alive(child), "the orphaned run stopped")
-    assert server.poll() is None
+    _wait_until(lambda: len(_process_tree(server.pid)) == 1, "the warm process reaped its child")
+    shown = subprocess.run([str(shim), "--help"], env=env, capture_output=True, text=True, timeout=DEADLINE)
+    assert shown.returncode == 0 and server.poll() is None  # and it carries on serving
 
 
 def test_the_warm_process_ends_with_its_supernode_even_on_sigkill(tmp_path: Path) -> None:
