@@ -18,7 +18,7 @@ scientific stack first: about 13 s of a deployed round's 23-26 s on MovieLens-10
   that has Flower's runtime imported (each message still gets its own process; the app's code
   still comes from the received FAB, unpacked once per FAB rather than once per message).
 
-The warm process stops with this one, however it stops (it watches this process's id).
+Its log lines carry the time of day. The warm process stops with this one, however it stops (it watches this process's id).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 from deploy.warm_clientapp import SOCKET_ENV, write_shim
-from shared.flower_internals import prompt_object_pulls, prompt_supernode_polling, run_supernode
+from shared.flower_internals import prompt_object_pulls, prompt_supernode_polling, run_supernode, timestamp_flower_logs
 
 POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 SUPEREXEC_POLL_SECONDS = "0.05"
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     prompt_supernode_polling()
     prompt_object_pulls()
+    timestamp_flower_logs()
     try:
         run_supernode(arguments)
     finally:

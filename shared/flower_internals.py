@@ -157,6 +157,8 @@ PINNED: tuple[Pinned, ...] = (
     # the ClientApp process unpacks the FAB again for every message (`install_each_fab_once`)
     Pinned(_RUN_CLIENTAPP, "install_from_fab", parameters=("fab_file", "install_dir", "skip_prompt")),
     Pinned(_RUN_CLIENTAPP, "run_clientapp", source=("install_from_fab(fab.content, skip_prompt=True)",)),
+    # the time of day on every line of a SuperNode's log (`timestamp_flower_logs`)
+    Pinned("flwr.supercore.logger", "ConsoleHandler", attributes=("timestamps",)),
 )
 
 
@@ -665,6 +667,14 @@ def install_each_fab_once(record_dir: Path) -> None:
         return installed
 
     module.install_from_fab = install_once  # type: ignore[attr-defined]
+
+
+def timestamp_flower_logs() -> None:
+    """Flower's console log lines in this process carry the time of day (Flower shows it only at
+    DEBUG level): a merchant's SuperNode log then says when each message came and went."""
+    for handler in logging.getLogger("flwr").handlers:
+        if hasattr(handler, "timestamps"):
+            handler.timestamps = True
 
 
 def run_supernode(argv: list[str]) -> None:

@@ -196,3 +196,16 @@ def test_object_pulls_retry_sooner(monkeypatch) -> None:
 
     assert module.pull_objects(["x"], not_yet) == {"x": b"content"}
     assert asked[-1] - asked[0] < 0.7  # Flower waits at least 0.8 s (1 s, jittered by 20%) before the second look
+
+
+def test_supernode_log_lines_carry_the_time(monkeypatch) -> None:
+    import logging
+
+    handlers = [h for h in logging.getLogger("flwr").handlers if hasattr(h, "timestamps")]
+    assert handlers  # Flower's console handler
+    for handler in handlers:
+        monkeypatch.setattr(handler, "timestamps", False)
+    flower_internals.timestamp_flower_logs()
+    record = logging.LogRecord("flwr", logging.INFO, __file__, 1, "Sending: train message", None, None)
+    line = handlers[0].format(record)
+    assert "Sending: train message" in line and time.strftime("%Y-%m-%d") in line
