@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+import simulations.runtime  # noqa: F401  (before the pinned names import Ray: the runtime must configure Ray first)
 from shared import flower_internals
 from shared.flower_internals import PINNED, Pinned, resolve
 from tests.conftest import is_loopback, listening_addresses, processes_mentioning, small_run_config
