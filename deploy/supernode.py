@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PATH"] = f"{shim_dir}{os.pathsep}{os.environ.get('PATH', '')}"
     os.environ.setdefault(POLL_ENV, SUPEREXEC_POLL_SECONDS)
     warm = subprocess.Popen(
-        [sys.executable, "-m", "deploy.warm_clientapp", "--socket", str(socket_path), "--parent-pid", str(os.getpid())],
+        [sys.executable, "-m", "deploy.warm_clientapp", "--socket", str(socket_path), "--parent-pid", str(os.getpid()),
+         "--remove-folder"],  # the folder goes with the warm process, also when this one is killed
         stdin=subprocess.DEVNULL,
     )
     prompt_supernode_polling()

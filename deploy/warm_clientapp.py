@@ -27,6 +27,7 @@ import importlib
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import stat
@@ -210,20 +211,28 @@ class WarmServer:
             self.socket_path.unlink(missing_ok=True)
 
 
-def serve(socket_path: Path, parent_pid: int) -> None:
+def serve(socket_path: Path, parent_pid: int, remove_folder: bool = False) -> None:
+    """Serve until the parent is gone or SIGTERM; `remove_folder`: then remove the socket's folder
+    too (the SuperNode's private folder: it cannot clean up after itself when it is killed)."""
     # SIGTERM (the deployment stopping this SuperNode's group) ends the loop through its finally
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    server = WarmServer(socket_path, parent_pid)  # listening before the imports: shims queue up, none falls back
-    preload(socket_path.parent / "installed-fabs")
-    server.serve_forever()
+    try:
+        server = WarmServer(socket_path, parent_pid)  # listening before the imports: shims queue up, none falls back
+        preload(socket_path.parent / "installed-fabs")
+        server.serve_forever()
+    finally:  # also when stopped during the imports
+        socket_path.unlink(missing_ok=True)
+        if remove_folder:
+            shutil.rmtree(socket_path.parent, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--socket", type=Path, required=True)
     parser.add_argument("--parent-pid", type=int, required=True, help="stop when this process is gone")
+    parser.add_argument("--remove-folder", action="store_true", help="on the way out, remove the socket's folder")
     args = parser.parse_args(argv)
-    serve(args.socket, args.parent_pid)
+    serve(args.socket, args.parent_pid, args.remove_folder)
     return 0
 
 

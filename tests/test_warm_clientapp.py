@@ -102,6 +102,19 @@ def test_the_warm_process_ends_with_its_supernode_even_on_sigkill(tmp_path: Path
     assert not socket_path.exists()
 
 
+def test_a_warm_process_stopped_at_once_leaves_nothing_behind(tmp_path: Path) -> None:
+    folder = tmp_path / "supernode"
+    folder.mkdir()
+    socket_path = folder / "warm.sock"
+    # stopped while it may still be importing (a SuperNode refused at once stops its group so)
+    server = subprocess.Popen([sys.executable, "-m", "deploy.warm_clientapp", "--socket", str(socket_path),
+                               "--parent-pid", str(os.getpid()), "--remove-folder"])
+    _wait_until(socket_path.exists, "the warm process listens")
+    server.terminate()
+    assert server.wait(timeout=DEADLINE) == 0
+    assert not folder.exists()
+
+
 def test_supernode_waits_start_short_and_grow_back_to_flowers(monkeypatch) -> None:
     slept: list[float] = []
     clock = [100.0]
