@@ -31,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 from deploy.warm_clientapp import SOCKET_ENV, write_shim
-from shared.flower_internals import prompt_object_pulls, prompt_supernode_polling, run_supernode, timestamp_flower_logs
+from shared.flower_internals import prompt_object_pulls, prompt_supernode_polling, run_flower_command, timestamp_flower_logs
 
 POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 SUPEREXEC_POLL_SECONDS = "0.05"
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt_object_pulls()
     timestamp_flower_logs()
     try:
-        run_supernode(arguments)
+        run_flower_command("flower-supernode", arguments)
     finally:
         warm.terminate()
         try:

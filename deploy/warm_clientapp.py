@@ -6,7 +6,7 @@ Flower 1.42's SuperExec runs each message in a fresh `flwr-clientapp` process, w
 This module keeps one process per SuperNode with those imports done (shared.flower_internals
 CLIENTAPP_PRELOAD) and forks it once per message:
 
-- `write_shim(folder, socket_path)` writes an executable `flwr-clientapp` into `folder`, which
+- `write_shim(folder)` writes an executable `flwr-clientapp` into `folder`, which
   the SuperNode puts first on its PATH. SuperExec starts it as it would start Flower's; the shim
   (Python without site-packages: about 20 ms) hands its arguments and its stdin, stdout and
   stderr to the warm process over a Unix socket and exits with the status of the ClientApp run
@@ -35,7 +35,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from shared.flower_internals import CLIENTAPP_COMMAND, CLIENTAPP_PRELOAD, install_each_fab_once, prompt_object_pulls, run_clientapp
+from shared.flower_internals import CLIENTAPP_COMMAND, CLIENTAPP_PRELOAD, install_each_fab_once, prompt_object_pulls, run_flower_command
 
 SOCKET_ENV = "FEDADS_WARM_CLIENTAPP"  # the shim finds the warm process's socket here
 MAX_REQUEST_BYTES = 65536
@@ -93,7 +93,7 @@ def _run_child(request: dict[str, object], fds: list[int]) -> None:
         os.chdir(str(request["cwd"]))
         argv = request["argv"]
         assert isinstance(argv, list)
-        run_clientapp([str(arg) for arg in argv])
+        run_flower_command(CLIENTAPP_COMMAND, [str(arg) for arg in argv])
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -112,7 +112,7 @@ class WarmServer:
     """The warm process's loop: accept shims, fork a child per shim, report each child's exit."""
 
     def __init__(self, socket_path: Path, parent_pid: int) -> None:
-        self.parent_pid, self.socket_path = parent_pid, socket_path
+        self.parent_pid = parent_pid
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         if socket_path.exists():
             socket_path.unlink()
@@ -169,8 +169,10 @@ class WarmServer:
                 return
             conn = self.children.pop(pid, None)
             if conn is not None:
-                if conn in (key.fileobj for key in self.selector.get_map().values()):
-                    self.selector.unregister(conn)  # not when its shim is gone (_shim_gone did)
+                try:
+                    self.selector.unregister(conn)
+                except KeyError:
+                    pass  # its shim is gone: _shim_gone unregistered it
                 try:
                     conn.sendall(str(os.waitstatus_to_exitcode(status)).encode())
                 except OSError:
@@ -185,6 +187,14 @@ class WarmServer:
         except ProcessLookupError:
             pass
 
+    def _drain_wakeup(self) -> None:
+        """Read away the SIGCHLD bytes (the reaping that follows each select does the work)."""
+        try:
+            while self.wakeup.recv(512):
+                pass
+        except BlockingIOError:
+            pass
+
     def serve_forever(self) -> None:
         try:
             while os.getppid() == self.parent_pid:
@@ -192,12 +202,7 @@ class WarmServer:
                     if key.fileobj is self.listener:
                         self._accept()
                     elif key.fileobj is self.wakeup:
-                        while True:
-                            try:
-                                if not self.wakeup.recv(512):
-                                    break
-                            except BlockingIOError:
-                                break
+                        self._drain_wakeup()
                     elif isinstance(key.fileobj, socket.socket):
                         self._shim_gone(key.data, key.fileobj)
                 self._reap()
@@ -208,7 +213,6 @@ class WarmServer:
                 except ProcessLookupError:
                     pass
             self.listener.close()
-            self.socket_path.unlink(missing_ok=True)
 
 
 def serve(socket_path: Path, parent_pid: int, remove_folder: bool = False) -> None:

@@ -9,12 +9,13 @@ Written for flwr FLOWER_VERSION: on any other, `supported()` is False and the ru
 Flower's public path instead (simulations/runtime/public_path.py). Nothing private is imported
 at module level, so this module loads on any Flower version.
 
-A deployed merchant's SuperNode is the third (deploy/supernode.py, deploy/warm_clientapp.py): its
-idle waits shortened (`prompt_supernode_polling`), Flower's CLI entry points run in a process of
-ours (`run_supernode`, `run_clientapp`), and the name SuperExec starts a ClientApp by
-(`CLIENTAPP_COMMAND`).
+A deployed merchant's SuperNode is another user (deploy/supernode.py, deploy/warm_clientapp.py):
+its idle waits and object-pull backoff shortened (`prompt_supernode_polling`,
+`prompt_object_pulls`), a FAB unpacked once (`install_each_fab_once`), its log lines timestamped
+(`timestamp_flower_logs`), Flower's commands run in processes of ours (`run_flower_command`), and
+the name SuperExec starts a ClientApp by (`CLIENTAPP_COMMAND`).
 
-Secure aggregation is the other user: Flower 1.42's SecAgg+ exists only in its legacy API
+Secure aggregation is another: Flower 1.42's SecAgg+ exists only in its legacy API
 (`flwr.server.workflow.SecAggPlusWorkflow` over a LegacyContext and a legacy Strategy,
 `flwr.client.mod.secaggplus_mod` reading a legacy FitRes), so the server's exchange
 (`secure_mean`) and the client's adapters (`secaggplus`, `secure_threshold`, `fit_instruction`,
@@ -24,9 +25,11 @@ shared/) uses only Flower's public `flwr.app`, `flwr.clientapp` and `flwr.server
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -38,7 +41,7 @@ from typing import Any
 
 from flwr.app import Message
 
-from shared.app_log import logger_level
+from shared.app_log import FLOWER_LOGGER, logger_level
 
 FLOWER_VERSION = "1.42.0"
 
@@ -138,7 +141,7 @@ PINNED: tuple[Pinned, ...] = (
     Pinned(_SECAGG_CONSTANTS, "Key", attributes=("STAGE", "THRESHOLD", "SAMPLE_NUMBER", "MASKED_PARAMETERS")),
     Pinned("flwr.common", "bytes_to_ndarray"),
     Pinned(_SECAGG_CONSTANTS, "Stage", attributes=("SETUP", "COLLECT_MASKED_VECTORS")),
-    # a deployed SuperNode without idle waits (`prompt_supernode_polling`, `run_supernode`): Flower
+    # a deployed SuperNode without idle waits (`prompt_supernode_polling`, `run_flower_command`): Flower
     # waits 3 s after every empty pull and 0.5 s between looks for the ClientApp's reply
     Pinned(_SUPERNODE, "time", attributes=("sleep",)),
     Pinned(_SUPERNODE, "start_client_internal", source=("time.sleep(3)", '"flower-superexec"')),
@@ -626,7 +629,7 @@ class _PromptSleep:
 
 
 def prompt_supernode_polling(first: float = 0.05, growth: float = 1.15) -> None:
-    """Shorten the idle waits of the SuperNode loop in this process (before `run_supernode`)."""
+    """Shorten the idle waits of the SuperNode loop in this process (before `run_flower_command`)."""
     module = importlib.import_module(_SUPERNODE)
     module.time = _PromptSleep(first, growth)  # type: ignore[attr-defined]
 
@@ -648,8 +651,6 @@ def install_each_fab_once(record_dir: Path) -> None:
     and verified before is not unpacked again: Flower unzips and re-verifies the FAB for every
     message (0.2-0.3 s, and the app's modules then recompile). Keyed by the SHA-256 of the FAB's
     bytes; the record holds the path Flower installed it to, used only while that path exists."""
-    import hashlib
-
     module = importlib.import_module(_RUN_CLIENTAPP)
     install = module.install_from_fab
 
@@ -672,26 +673,17 @@ def install_each_fab_once(record_dir: Path) -> None:
 def timestamp_flower_logs() -> None:
     """Flower's console log lines in this process carry the time of day (Flower shows it only at
     DEBUG level): a merchant's SuperNode log then says when each message came and went."""
-    for handler in logging.getLogger("flwr").handlers:
+    for handler in logging.getLogger(FLOWER_LOGGER).handlers:
         if hasattr(handler, "timestamps"):
             handler.timestamps = True
 
 
-def run_supernode(argv: list[str]) -> None:
-    """Flower's `flower-supernode` command, in this process, with `argv` as its arguments."""
-    import sys
-
-    from flwr.supernode.cli import flower_supernode
-
-    sys.argv = ["flower-supernode", *argv]
-    flower_supernode()
+# Flower's commands that run in processes of ours: command name -> its entry point in flwr.supernode.cli
+FLOWER_COMMANDS = {"flower-supernode": "flower_supernode", CLIENTAPP_COMMAND: "flwr_clientapp"}
 
 
-def run_clientapp(argv: list[str]) -> None:
-    """Flower's `flwr-clientapp` command, in this process, with `argv` as its arguments."""
-    import sys
-
-    from flwr.supernode.cli import flwr_clientapp
-
-    sys.argv = [CLIENTAPP_COMMAND, *argv]
-    flwr_clientapp()
+def run_flower_command(command: str, argv: list[str]) -> None:
+    """Flower's `command` (a key of FLOWER_COMMANDS), in this process, with `argv` as its arguments."""
+    entry_point = getattr(importlib.import_module("flwr.supernode.cli"), FLOWER_COMMANDS[command])
+    sys.argv = [command, *argv]
+    entry_point()
