@@ -22,13 +22,14 @@ from client.solvers.als import ALSSolver
 from server.als_aggregation import ALSAggregation
 from server.strategies import build_strategy
 from shared.accounting import calibrate_noise_multiplier
-from shared.als import add_noise, round_budget_shares
+from shared.als import release_budget_shares
 from shared.config import RunConfig
 from shared.data.schema import AdCatalog
 from shared.params import initial_arrays
 from shared.privacy_policy import PrivacyPolicy
 from shared.wire import Arrays, PrivacyReport, TrainReply, from_array_record
 from simulations.experiment import expand_cells, load_experiment
+from simulations.in_process import private_als_round
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = {"ml100k": ROOT / "experiments" / "ml100k.toml", "beauty": ROOT / "experiments" / "beauty.toml"}
@@ -63,18 +64,16 @@ def train(cfg: RunConfig, catalog: AdCatalog, shards: list[NodeData]) -> tuple[A
     if private:
         delta = PrivacyPolicy.for_simulation(cfg).delta_for(cfg)  # public, as the merchants' own
         sigma = calibrate_noise_multiplier(cfg.target_epsilon, delta, 1.0, steps=1)
-    shares = round_budget_shares(cfg.num_rounds, cfg.als_budget_growth)
+    shares = release_budget_shares(cfg.num_rounds, cfg.als_budget_growth)
     for server_round in range(1, cfg.num_rounds + 1):
+        if private:  # the round's share of the budget: Gaussian releases compose as sum of 1 / sigma^2
+            round_sigma = sigma / float(np.sqrt(shares[server_round - 1]))
+            arrays = private_als_round(strategy, solvers, arrays, server_round, round_sigma, noise_rng)
+            continue
         replies = []
         for pid, solver in enumerate(solvers):
             stats = solver.local_update(arrays, solver.fit_users(arrays, rng, None), rng).arrays
-            report = WITHOUT_DP
-            if private:
-                # the round's share of the budget: Gaussian releases compose as sum of 1 / sigma^2
-                round_sigma = sigma / float(np.sqrt(shares[server_round - 1]))
-                stats = add_noise(stats, solver.noise_stds(round_sigma), noise_rng)
-                report = PrivacyReport(cfg.target_epsilon, round_sigma)
-            reply = _reply(f"partition-{pid}", stats, report)
+            reply = _reply(f"partition-{pid}", stats, WITHOUT_DP)
             received = TrainReply.from_message(reply)
             strategy.check_reply(received.arrays, received.metric_record())  # what the round loop checks first
             replies.append(reply)

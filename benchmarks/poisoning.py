@@ -42,14 +42,26 @@ from client.solvers.als import ALSSolver
 from server.round_loop import RoundLog, RoundLoop
 from server.strategies import build_strategy
 from shared.accounting import calibrate_noise_multiplier
-from shared.als import ALSSettings, add_noise, round_budget_shares
+from shared.als import ALSSettings, add_noise, popularity_statistics, release_budget_shares
 from shared.config import RunConfig
 from shared.data.sources import load_catalog, load_dataset
 from shared.flower_internals import server_identity
 from shared.metrics import NUM_TEST_USERS
 from shared.params import global_shapes, initial_arrays
 from shared.privacy_policy import PrivacyPolicy
-from shared.wire import AD_BIAS, AD_FACTORS, ALS_POSITIVES, ALS_TARGET, CONFIG, SERVER_ROUND, Arrays, PrivacyReport, TrainReply, from_array_record
+from shared.wire import (
+    AD_BIAS,
+    AD_FACTORS,
+    ALS_POSITIVES,
+    ALS_TARGET,
+    CONFIG,
+    POPULARITY,
+    SERVER_ROUND,
+    Arrays,
+    PrivacyReport,
+    TrainReply,
+    from_array_record,
+)
 from simulations.baselines import shard_data
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -62,15 +74,17 @@ def _promote(stats: Arrays, ad: int) -> Arrays:
     """One ad made to look loved by many users like everyone: its positives and its target
     (along the merchant's mean target direction) inflated to 20x the largest ad's."""
     out = {k: v.copy() for k, v in stats.items()}
-    direction = stats[ALS_TARGET].sum(axis=0)
-    direction /= max(float(np.linalg.norm(direction)), 1e-12)
-    out[ALS_TARGET][ad] = 20 * float(np.linalg.norm(stats[ALS_TARGET], axis=1).max()) * direction
-    out[ALS_POSITIVES][ad] = 20 * float(stats[ALS_POSITIVES].max())
+    if ALS_TARGET in stats:  # a private run's statistics rounds; its popularity rounds carry the positives alone
+        direction = stats[ALS_TARGET].sum(axis=0)
+        direction /= max(float(np.linalg.norm(direction)), 1e-12)
+        out[ALS_TARGET][ad] = 20 * float(np.linalg.norm(stats[ALS_TARGET], axis=1).max()) * direction
+    if ALS_POSITIVES in stats:
+        out[ALS_POSITIVES][ad] = 20 * float(stats[ALS_POSITIVES].max())
     return out
 
 
 ATTACKS: dict[str, Attack] = {
-    "target-x1e6": lambda s, ad: {**s, ALS_TARGET: s[ALS_TARGET] * np.float32(1e6)},
+    "target-x1e6": lambda s, ad: {**s, ALS_TARGET: s[ALS_TARGET] * np.float32(1e6)} if ALS_TARGET in s else s,
     "all-x-50": lambda s, ad: {k: v * np.float32(-50) for k, v in s.items()},
     "all-x100": lambda s, ad: {k: v * np.float32(100) for k, v in s.items()},
     "promote-ad": _promote,
@@ -86,7 +100,7 @@ def run(cfg: RunConfig, shards: list[NodeData], catalog: Any, attack: Attack | N
     settings = ALSSettings.from_config(cfg)
     solvers = [ALSSolver(cfg, data) for data in shards]
     private = cfg.privacy == "user"
-    shares = round_budget_shares(cfg.num_rounds, cfg.als_budget_growth)
+    shares = release_budget_shares(cfg.num_rounds, cfg.als_budget_growth)
     sigma = calibrate_noise_multiplier(cfg.target_epsilon, PrivacyPolicy.for_simulation(cfg).delta_for(cfg), 1.0, steps=1) if private else 0.0
     strategy, _ = build_strategy(cfg, MERCHANTS, catalog)
     loop = RoundLoop(strategy, grid=None, shapes=global_shapes(cfg, len(catalog)))  # type: ignore[arg-type]
@@ -96,10 +110,15 @@ def run(cfg: RunConfig, shards: list[NodeData], catalog: Any, attack: Attack | N
     for server_round in range(1, cfg.num_rounds + 1):
         sigma_r = sigma / math.sqrt(shares[server_round - 1]) if private else 0.0
         replies = []
+        release = strategy.begin_round(server_round, arrays)  # type: ignore[attr-defined]  # ALSAggregation
         for node, solver in enumerate(solvers):
-            stats = solver.local_update(arrays, solver.fit_users(arrays, rng, None), rng).arrays
+            if release == POPULARITY:
+                stats = popularity_statistics(solver.data.rows, solver.data.num_ads, settings)
+            else:
+                stats = solver.local_update(arrays, solver.fit_users(arrays, rng, None), rng).arrays
+                stats = {key: stats[key] for key in settings.release_keys(release)}
             if private:
-                stats = add_noise(stats, settings.noise_stds(sigma_r), rng)
+                stats = add_noise(stats, settings.noise_stds(sigma_r, release), rng)
             if node == 0 and attack is not None:
                 stats = attack(stats, promoted)
             replies.append(_reply(stats, sigma_r, server_round, node + 1))
@@ -136,7 +155,7 @@ def _main() -> int:
             "max-users-per-merchant": 100_000}  # private ALS with the shipped defaults
     settings = {
         "none": {**base, "privacy": "none", "num-rounds": args.rounds},
-        "user": {**base, "privacy": "user", "num-rounds": 2, "target-epsilon": args.epsilon},
+        "user": {**base, "privacy": "user", "num-rounds": 3, "target-epsilon": args.epsilon},
     }
     first = RunConfig.from_flower(settings["none"])
     catalog = load_catalog(first)

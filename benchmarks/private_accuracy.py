@@ -5,7 +5,7 @@
 For each data set (its shipped experiment file, experiments/<name>.toml, which carries no
 `als-*` override: every private-ALS setting is the package default's rule), 5 IID merchants:
 - `private-als` at each epsilon, plain (each merchant adds the full noise of its release) and
-  with secure aggregation (Flower's SecAgg+, threshold 0.8: each adds 1/4 of it), 2 releases,
+  with secure aggregation (Flower's SecAgg+, threshold 0.8: each adds 1/4 of it), 3 releases (popularity, then 2 of statistics),
   through Flower's simulation runtime, evaluated exactly by the harness;
 - `dp-popularity` at each epsilon (noisy summed counts: the floor) and `toppop` (exact global
   popularity, no DP);

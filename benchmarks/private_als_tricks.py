@@ -35,14 +35,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a site-packages `benchmarks` shadows this folder
 
-from flwr.app import Message, RecordDict
-
 from client.node_data import NodeData
 from client.solvers.als import ALSSolver
 from server.als_aggregation import ALSAggregation
-from shared import als
 from shared.accounting import calibrate_noise_multiplier
-from shared.als import ALSSettings, add_noise, round_budget_shares
+from shared.als import ALSSettings, release_budget_shares
 from shared.catalog_features import informative_tags
 from shared.config import RunConfig
 from shared.data.sources import load_dataset
@@ -50,8 +47,8 @@ from shared.flower_internals import server_identity
 from shared.metrics import NUM_TEST_USERS
 from shared.params import initial_arrays
 from shared.privacy_policy import PrivacyPolicy
-from shared.wire import ALS_COUNT, ALS_POSITIVES, ALS_TARGET, ALS_USER_GRAM, PrivacyReport, TrainReply, from_array_record
 from simulations.baselines import dp_popularity, shard_data
+from simulations.in_process import private_als_round
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = {
@@ -63,39 +60,34 @@ DATASETS = {
 }
 
 
-def _reply(stats: dict[str, np.ndarray], sigma: float) -> Message:
-    request = Message(content=RecordDict(), dst_node_id=1, message_type="train")
-    return TrainReply("benchmark", stats, 1.0, privacy=PrivacyReport(0.0, sigma)).to_message(request)
-
-
 def run(cfg: RunConfig, shards: list[NodeData], catalog: Any, epsilon: float, seed: int, average_counts: bool = True,
-        category_only: bool = False) -> dict[str, float]:
+        category_only: bool = False, noise_share: float = 1.0, min_signal: float | None = None, lean: float | None = None) -> dict[str, float]:
+    """One private run of 5 merchants in this process; `noise_share` 0.25: secure aggregation's
+    (each merchant adds a quarter of the variance, t = 4 of 5); `min_signal` and `lean`: the
+    popularity rule's constants instead of the shipped ones (shared/als.py)."""
     settings = ALSSettings.from_config(cfg)
     solvers = [ALSSolver(cfg, data) for data in shards]
-    shares = round_budget_shares(cfg.num_rounds, cfg.als_budget_growth)
+    shares = release_budget_shares(cfg.num_rounds, cfg.als_budget_growth)
     delta = PrivacyPolicy.for_simulation(cfg).delta_for(cfg)  # public, as the merchants' own
-    sigmas = [calibrate_noise_multiplier(epsilon, delta, 1.0, steps=1) for _ in shards]
+    sigma = calibrate_noise_multiplier(epsilon, delta, 1.0, steps=1)
     codes = catalog.category_codes()[0]
     tags = None
     if cfg.als_catalog_prior:  # all the ads' public tags, or (for comparison) one category each
         tags = np.eye(int(codes.max()) + 1)[codes] if category_only else informative_tags(catalog, "catalog prior")
     arrays = initial_arrays(cfg.init, catalog, cfg.factors, cfg.seed)
     rng = np.random.default_rng(seed)
-    strategy = ALSAggregation(settings, len(catalog), cfg.factors, tags=tags)
+    strategy = ALSAggregation(settings, len(catalog), cfg.factors, tags=tags, num_rounds=cfg.num_rounds)
+    strategy.min_signal = strategy.min_signal if min_signal is None else min_signal
+    strategy.lean = strategy.lean if lean is None else lean
     for server_round in range(1, cfg.num_rounds + 1):
-        replies = []
-        for solver, sigma in zip(solvers, sigmas):
-            sigma_r = sigma / math.sqrt(shares[server_round - 1])
-            stats = solver.local_update(arrays, solver.fit_users(arrays, rng, None), rng).arrays
-            replies.append(_reply(add_noise(stats, settings.noise_stds(sigma_r), rng), sigma_r))
-        if not average_counts:
-            strategy = ALSAggregation(settings, len(catalog), cfg.factors, tags=tags)  # no memory of earlier rounds
-        aggregated, _ = strategy.aggregate_train(server_round, replies)
-        assert aggregated is not None, "every reply is valid here"
-        arrays = from_array_record(aggregated)
+        if not average_counts and server_round > 2:  # no memory of earlier statistics rounds' counts
+            strategy.forget_counts()
+        arrays = private_als_round(strategy, solvers, arrays, server_round, sigma / math.sqrt(shares[server_round - 1]), rng, noise_share)
     results = [solver.data.evaluate(arrays, solver.fit_users(arrays, rng, None)) for solver in solvers]
     weights = np.array([r[NUM_TEST_USERS] for r in results])
-    return {k: float(np.dot([r[k] for r in results], weights) / weights.sum()) for k in ("hr10_sampled", "ndcg10_sampled", "ndcg10_full")}
+    out = {k: float(np.dot([r[k] for r in results], weights) / weights.sum()) for k in ("hr10_sampled", "ndcg10_sampled", "ndcg10_full")}
+    out["signal"] = strategy.signal if strategy.signal is not None else math.nan
+    return out
 
 
 def main() -> int:
@@ -110,15 +102,18 @@ def _main() -> int:
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--factors", type=int, default=32)
-    parser.add_argument("--positives-share", type=float, nargs="+", help="budget shares of the positive counts to compare")
+    parser.add_argument("--popularity-rule", type=float, nargs="+", metavar="EPSILON",
+                        help="instead: the popularity rule at these epsilons, plain and secure, against the floor")
+    parser.add_argument("--leans", type=float, nargs="+", default=[0.0, 2.5], help="with --popularity-rule: the leans to force")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (the first is the popularity release)")
     args = parser.parse_args()
 
-    setting = {"partitioning": "iid", "factors": args.factors, "num-rounds": 2, "privacy": "user", **DATASETS[args.data]}
+    setting = {"partitioning": "iid", "factors": args.factors, "num-rounds": args.rounds, "privacy": "user", **DATASETS[args.data]}
     tuned = RunConfig.from_flower(setting)
     dataset = load_dataset(tuned)
     shards = [data for _, data in shard_data(tuned, dataset, 5)]
-    if args.positives_share:
-        return _positives_shares(tuned, dataset, shards, args.epsilon, args.seeds, args.positives_share)
+    if args.popularity_rule:
+        return _popularity_rule(tuned, dataset, shards, args.popularity_rule, args.seeds, args.leans)
     plain = {"als-gram": "per-ad", "als-budget-growth": 1.0, "als-count-shrinkage": 0.0, "als-noise-ridge": 0.0,
              "als-catalog-prior": False, "init": "random"}
     variants: list[tuple[str, dict[str, Any], bool] | tuple[str, dict[str, Any], bool, bool]] = [
@@ -155,24 +150,30 @@ def _main() -> int:
     return 0
 
 
-def _positives_shares(cfg: RunConfig, dataset: Any, shards: list[NodeData], epsilon: float, seeds: int, wanted: list[float]) -> int:
-    floor = dp_popularity(cfg, dataset, len(shards), [epsilon])[f"{epsilon:g}"]
-    shipped = dict(als.BUDGET_SHARES["shared"])
-    print(f"{date.today()} on {platform.node()}: {cfg.dataset}, 5 IID shards, each adding its full noise, epsilon {epsilon:g}, "
-          f"median of {seeds} noise seeds; dp-popularity: {floor['ndcg10_sampled']:.4f} sampled, {floor['ndcg10_full']:.4f} full")
-    print("| positives' share | target's share | NDCG@10 sampled | NDCG@10 full |")
-    print("|---|---|---|---|")
-    try:
-        for share in [shipped[ALS_POSITIVES], *wanted]:
-            split = {**shipped, ALS_POSITIVES: share, ALS_TARGET: 1.0 - share - shipped[ALS_COUNT] - shipped[ALS_USER_GRAM]}
-            if split[ALS_TARGET] <= 0:
-                raise SystemExit(f"a positives' share of {share} leaves the target no budget")
-            als.BUDGET_SHARES["shared"] = split  # read by the clients' noise and the server's solve alike
-            runs = [run(cfg, shards, dataset.catalog, epsilon, seed) for seed in range(seeds)]
-            med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-            print(f"| {share:.2f} | {split[ALS_TARGET]:.2f} | {med['ndcg10_sampled']:.4f} | {med['ndcg10_full']:.4f} |", flush=True)
-    finally:
-        als.BUDGET_SHARES["shared"] = shipped
+def _popularity_rule(cfg: RunConfig, dataset: Any, shards: list[NodeData], epsilons: list[float], seeds: int, leans: list[float]) -> int:
+    """At each epsilon, plain and secure: the popularity rule's signal, the personal model forced
+    (min-signal 0) at each lean, the rule's own choice, and the DP-popularity floor."""
+    print(f"{date.today()} on {platform.node()}: {cfg.dataset}, 5 IID shards, {cfg.num_rounds} rounds (a popularity release "
+          f"and {cfg.num_rounds - 1} of statistics), median of {seeds} noise seeds; secure: each merchant adds a quarter of the "
+          "variance (t = 4 of 5); dp-popularity: each merchant adds its full noise, the whole budget on counts")
+    print("| epsilon | mode | signal | model, lean " + " | model, lean ".join(f"{lean:g}" for lean in leans)
+          + " | the rule's choice | dp-popularity |")
+    print("|---" * (5 + len(leans)) + "|")
+    for epsilon in epsilons:
+        floors = [dp_popularity(cfg, dataset, len(shards), [epsilon])[f"{epsilon:g}"] for _ in range(seeds)]
+        floor = {k: statistics.median(f[k] for f in floors) for k in ("ndcg10_sampled", "ndcg10_full")}
+        for mode, share in (("plain", 1.0), ("secure", 0.25)):
+            cells = []
+            signal = math.nan
+            for lean in [*leans, None]:
+                # a lean: the personal model forced (min-signal 0) with it; None: the shipped rule
+                runs = [run(cfg, shards, dataset.catalog, epsilon, seed, noise_share=share, min_signal=None if lean is None else 0.0,
+                            lean=lean) for seed in range(seeds)]
+                signal = statistics.median(r["signal"] for r in runs)
+                med = {k: statistics.median(r[k] for r in runs) for k in ("ndcg10_sampled", "ndcg10_full")}
+                cells.append(f"{med['ndcg10_sampled']:.4f} / {med['ndcg10_full']:.4f}")
+            print(f"| {epsilon:g} | {mode} | {signal:.1f} | " + " | ".join(cells)
+                  + f" | {floor['ndcg10_sampled']:.4f} / {floor['ndcg10_full']:.4f} |", flush=True)
     return 0
 
 

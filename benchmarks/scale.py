@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))  # a site-packages `benchmarks` shadows this folde
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 RESULTS = ROOT / "benchmarks" / "results" / "scale.json"
-EPSILON, DELTA, RELEASES = 8.0, 1e-6, 2
+EPSILON, DELTA, RELEASES = 8.0, 1e-6, 3  # the popularity release, then two of statistics: the last one is measured
 KEYS = ("ads", "merchants", "factors", "privacy", "round_seconds", "client_seconds", "server_seconds", "bytes_per_client",
         "peak_rss_server_mb", "peak_rss_client_mb", "serialize_seconds", "note")
 
@@ -95,7 +95,7 @@ def run_client(ads: int, factors: int, privacy: str, users: int, rows: int, seed
 
     from client.privacy.plan import noisy_release_wire, wire_dtype
     from shared.accounting import calibrate_noise_multiplier
-    from shared.als import ALSSettings, ad_statistics, add_noise, round_budget_shares, solve_users
+    from shared.als import ALSSettings, ad_statistics, add_noise, release_budget_shares, solve_users
     from shared.flower_internals import server_identity, wire_bytes
     from shared.wire import AD_BIAS, AD_FACTORS, PrivacyReport, TrainReply
 
@@ -103,11 +103,12 @@ def run_client(ads: int, factors: int, privacy: str, users: int, rows: int, seed
     settings = ALSSettings.from_config(cfg, ads)
     data, model = _rows(ads, users, rows, seed), _model(ads, factors)
     # the noise multiplier is calibrated once per merchant (its ledger's first release), not per round
-    sigma = calibrate_noise_multiplier(EPSILON, DELTA, 1.0, steps=1) / math.sqrt(round_budget_shares(RELEASES, cfg.als_budget_growth)[-1])
+    sigma = calibrate_noise_multiplier(EPSILON, DELTA, 1.0, steps=1) / math.sqrt(release_budget_shares(RELEASES, cfg.als_budget_growth)[-1])
     started = time.perf_counter()
     alpha0 = settings.alpha0 if settings.alpha0 is not None else 0.5
     user_factors = solve_users(data, model[AD_FACTORS], model[AD_BIAS], alpha0, settings.user_l2)
-    stats = wire_dtype(ad_statistics(data, user_factors, ads, settings))
+    stats = ad_statistics(data, user_factors, ads, settings)
+    stats = wire_dtype({key: stats[key] for key in settings.release_keys()})  # under DP the positives are the popularity release's
     report, rounding = None, {}
     if privacy == "user":
         stds = settings.noise_stds(sigma)
@@ -149,11 +150,13 @@ def run_server(ads: int, factors: int, privacy: str, merchants: int, replies: li
     from server.als_aggregation import ALSAggregation
     from shared.als import ALSSettings
     from shared.flower_internals import server_identity
-    from shared.wire import PrivacyReport, TrainReply
+    from shared.wire import ALS_POSITIVES, PrivacyReport, TrainReply
 
     cfg = _config(ads, factors, privacy)
-    strategy = ALSAggregation(ALSSettings.from_config(cfg, ads), ads, factors)
+    strategy = ALSAggregation(ALSSettings.from_config(cfg, ads), ads, factors, num_rounds=RELEASES)
     report = PrivacyReport(EPSILON, noise_multiplier) if privacy == "user" else None
+    if privacy == "user":  # a statistics round: the popularity release's pooled counts are in memory
+        strategy.restore({ALS_POSITIVES: np.zeros(ads), "variance/" + ALS_POSITIVES: np.array(1.0), "signal": np.array(10.0)})
     with server_identity():
         stats = [dict(np.load(path)) for path in replies]
         messages = [TrainReply(f"merchant-{i}", stats[i % len(stats)], None, {}, report).to_message(

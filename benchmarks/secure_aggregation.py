@@ -4,7 +4,7 @@
 
 For each data set (its experiment file, experiments/<name>.toml: the same overrides as the
 privacy-utility sweep), 5 IID merchants, each epsilon:
-- `plain`: private ALS (2 releases), every merchant adding the full noise of its release;
+- `plain`: private ALS (3 releases: popularity, then 2 of statistics), every merchant adding the full noise of its release;
 - `secure`: the same with `secure-aggregation = true` (Flower's SecAgg+; each merchant adds
   1 / (threshold) of the noise variance, threshold = round(--threshold x 5));
 - `dp-popularity`: ranking by noisy summed counts at the same epsilon (simulations/baselines.py);
@@ -37,8 +37,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # a site-packages `benchmarks` shadows this folder
 
+import numpy as np  # noqa: E402
 from flwr.app import ConfigRecord, Context, RecordDict  # noqa: E402
 
+from server.als_aggregation import ALSAggregation  # noqa: E402
 from server.secure_round import SecureTraining  # noqa: E402
 from server.strategies import build_strategy  # noqa: E402
 from shared.als import ALSSettings  # noqa: E402
@@ -46,7 +48,7 @@ from shared.config import RunConfig  # noqa: E402
 from shared.data.sources import load_catalog, load_dataset  # noqa: E402
 from shared.flower_internals import server_identity  # noqa: E402
 from shared.params import initial_arrays  # noqa: E402
-from shared.wire import to_array_record  # noqa: E402
+from shared.wire import ALS_POSITIVES, to_array_record  # noqa: E402
 from simulations.baselines import dp_popularity  # noqa: E402
 from simulations.evaluator import write_exact_history  # noqa: E402
 from simulations.experiment import load_experiment, simulated_merchants  # noqa: E402
@@ -93,11 +95,12 @@ def _upload_bytes(cfg: RunConfig, work: Path) -> float:
         if cfg.secure_aggregation:
             settings = ALSSettings.from_config(cfg)
             context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_flower())
-            training = SecureTraining(settings, list(settings.stat_shapes(len(catalog), cfg.factors)), cfg.max_users_per_merchant,
-                                      cfg.secure_threshold, 600.0, context)
-            training.exchange(grid, 1, arrays, grid.get_node_ids())  # type: ignore[arg-type]  # the in-process grid
+            training = SecureTraining(settings, cfg.max_users_per_merchant, cfg.secure_threshold, 600.0, context)
+            training.exchange(grid, 1, arrays, grid.get_node_ids())  # type: ignore[arg-type]  # the in-process grid (a statistics round)
         else:
             strategy, _ = build_strategy(cfg, MERCHANTS, catalog)
+            if isinstance(strategy, ALSAggregation) and cfg.privacy == "user":  # a statistics round, after the popularity release
+                strategy.restore({ALS_POSITIVES: np.zeros(len(catalog)), "variance/" + ALS_POSITIVES: np.array(1.0), "signal": np.array(10.0)})
             messages = list(strategy.configure_train(1, to_array_record(arrays), ConfigRecord(), grid))  # type: ignore[arg-type]
             grid.send_and_receive(messages)
     return statistics.median(grid.bytes_sent.values())

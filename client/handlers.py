@@ -31,9 +31,21 @@ from shared.config import RunConfig
 from shared.node_config import NodeConfig
 from shared.params import check_global_arrays, global_shapes, user_dim
 from shared.privacy_policy import PolicyViolation
-from shared.wire import Arrays, EvaluateReply, TrainReply, failure, read_instruction, recorded_reply, refusal
+from shared.wire import (
+    POPULARITY,
+    RELEASES,
+    STATISTICS,
+    Arrays,
+    EvaluateReply,
+    TrainReply,
+    failure,
+    read_instruction,
+    recorded_reply,
+    refusal,
+    requested_release,
+)
 
-Step = Callable[[RunConfig, Node, Solver, "PrivacyPlan[Any]", Arrays, int], "TrainReply | EvaluateReply"]
+Step = Callable[[RunConfig, Node, Solver, "PrivacyPlan[Any]", Arrays, int, str], "TrainReply | EvaluateReply"]
 
 
 def train(msg: Message, context: Context) -> Message:
@@ -56,12 +68,13 @@ def _handle(msg: Message, context: Context, step: Step) -> Message:
     try:
         node = load_node(cfg, node_config)
         arrays, server_round = read_instruction(msg)
+        release = requested_release(msg)
         check_global_arrays(arrays, global_shapes(cfg, node.data.num_ads))
         threshold = secure_threshold(context)  # set by the node's own SecAgg+ mod, never by a message
         # read, check, release and record as one: the SuperNode may run this node's messages at once
         with PrivacyLedger.lock(node.state.directory):
             record = ReleaseRecord(node.state.directory, msg.metadata.message_type)
-            key = release_key(msg.metadata.message_type, context.run_config, arrays, server_round)
+            key = release_key(f"{msg.metadata.message_type}/{release}", context.run_config, arrays, server_round)
             # a secure release carries a share of the noise: sent again into another sum, the
             # difference of the two sums would show it. Each secure collect is a new release
             if threshold is None and (recorded := record.load(key)) is not None:
@@ -70,7 +83,7 @@ def _handle(msg: Message, context: Context, step: Step) -> Message:
             plan = open_plan(cfg, policy, node.data.num_users, node.state.directory)
             if threshold is not None:
                 plan.share_noise(policy.secure_noise_share(threshold))
-            reply = step(cfg, node, solver_for(cfg, node.data), plan, arrays, server_round)
+            reply = step(cfg, node, solver_for(cfg, node.data), plan, arrays, server_round, release)
             if threshold is None:
                 record.save(key, reply.metric_record(), reply.arrays if isinstance(reply, TrainReply) else None)
     except PrivacyRefusal as refused:  # its reason is written from public values only
@@ -93,14 +106,20 @@ def _fit_and_store_users(cfg: RunConfig, node: Node, solver: Solver, arrays: Arr
     return factors
 
 
-def _train(cfg: RunConfig, node: Node, solver: Solver, plan: PrivacyPlan[Any], arrays: Arrays, server_round: int) -> TrainReply:
+def _train(cfg: RunConfig, node: Node, solver: Solver, plan: PrivacyPlan[Any], arrays: Arrays, server_round: int,
+           release: str) -> TrainReply:
     rng = _rng(cfg, node, server_round, purpose=0)
     node.state.save_global_model(arrays, server_round - 1, solver.user_step())
+    if release == POPULARITY:  # counts only: no user step, no model needed
+        return plan.release_popularity(node.name, solver, server_round)
+    if release != STATISTICS:
+        raise ValueError(f"unknown release {release!r}: a training message asks for one of {RELEASES}")
     user_factors = _fit_and_store_users(cfg, node, solver, arrays, rng)
     return plan.release_update(node.name, solver, arrays, user_factors, rng, server_round)
 
 
-def _evaluate(cfg: RunConfig, node: Node, solver: Solver, plan: PrivacyPlan[Any], arrays: Arrays, server_round: int) -> EvaluateReply:
+def _evaluate(cfg: RunConfig, node: Node, solver: Solver, plan: PrivacyPlan[Any], arrays: Arrays, server_round: int,
+              release: str) -> EvaluateReply:
     node.state.save_global_model(arrays, server_round, solver.user_step())
     user_factors = _fit_and_store_users(cfg, node, solver, arrays, _rng(cfg, node, server_round, purpose=1))
     return plan.release_metrics(node.name, node.data, lambda: node.data.evaluate(arrays, user_factors), server_round)

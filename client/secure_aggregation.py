@@ -28,7 +28,7 @@ from shared.als import ALSSettings
 from shared.app_log import log
 from shared.config import RunConfig
 from shared.secure_sum import ARRAY_KEYS, SecureScales
-from shared.wire import ARRAYS, CONFIG, SERVER_ROUND, from_array_record, to_array_record
+from shared.wire import ALS_RELEASE, ARRAYS, CONFIG, SERVER_ROUND, from_array_record, to_array_record
 
 SECURE_RELEASE = "fedads.secure-release"  # the node context's record of the release under way (never from a message)
 
@@ -65,7 +65,10 @@ def _release(msg: Message, context: Context, handler: Callable[[Message, Context
     vectors, config = flower_internals.fit_instruction(msg)
     keys = str(config[ARRAY_KEYS]).split(",")
     msg.content.array_records[ARRAYS] = to_array_record(dict(zip(keys, vectors, strict=True)))
-    msg.content.config_records[CONFIG] = ConfigRecord({SERVER_ROUND: int(config[SERVER_ROUND])})
+    instruction = ConfigRecord({SERVER_ROUND: int(config[SERVER_ROUND])})
+    if ALS_RELEASE in config:
+        instruction[ALS_RELEASE] = str(config[ALS_RELEASE])
+    msg.content.config_records[CONFIG] = instruction
     threshold, _ = flower_internals.secure_threshold(context)
     context.state.config_records[SECURE_RELEASE] = ConfigRecord({"threshold": threshold})
     try:

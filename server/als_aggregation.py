@@ -6,12 +6,21 @@ evaluation rounds stay FedAvg's. Under DP the clients' statistics arrive noised;
 each one carries is public (its noise multiplier, in its reply, times the public
 sensitivities), so the solve knows the summed noise level and regularizes against it.
 
-Two free gains from post-processing, both only reading released values:
+Under DP a run starts with a popularity release (the ads' noisy positive counts alone,
+shared/als.py): the strategy asks for it in round 1 (the `als-release` of its training
+config), and from it decides once whether the data carry signal enough for a personal model
+(the popularity rule, POPULARITY_MIN_SIGNAL). If not, every later round asks for popularity
+again and the model ranks by the pooled counts: the run ends at the DP-popularity floor, and its
+round records say so (`als-ranks-by-popularity`, `als-popularity-signal`).
+
+Free gains from post-processing, only reading released values:
 - ad counts (weighted positives and rows) do not depend on the round's user factors, so
   every round's noisy release of them is averaged with the earlier ones by inverse variance
-  (kept in memory: a resumed run starts averaging afresh, which costs accuracy, not privacy);
+  (the strategy's state, checkpointed every round: a resume keeps it);
 - the noisy counts shrink the factors of rarely seen ads (ALSSettings.count_shrinkage),
-  towards zero or (als-catalog-prior) towards the mean factors of their public catalog tags.
+  towards zero or (als-catalog-prior) towards the mean factors of their public catalog tags;
+- each ad's score leans on its pooled noisy popularity, the more the lower the signal
+  (POPULARITY_LEAN / signal spreads of the personal scores).
 """
 
 from __future__ import annotations
@@ -20,17 +29,45 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from server.reply_bounds import als_violations, median_clip
-from shared.als import ALSSettings, ads_statistics_counts, check_statistics, own_factor_weights, solve_ads
+from shared.als import (
+    POPULARITY_LEAN,
+    POPULARITY_MIN_SIGNAL,
+    POPULARITY_SHARE,
+    ALSSettings,
+    ads_statistics_counts,
+    check_statistics,
+    lean_on_popularity,
+    own_factor_weights,
+    popularity_model,
+    popularity_signal,
+    solve_ads,
+)
 from shared.app_log import log
 from shared.privacy_policy import DEFAULT_MAX_USERS
-from shared.wire import ALS_COUNT, ALS_POSITIVES, Arrays, PrivacyReport, TrainReply, to_array_record
+from shared.wire import (
+    ALS_COUNT,
+    ALS_POSITIVES,
+    ALS_RELEASE,
+    ALS_USER_GRAM,
+    POPULARITY,
+    STATISTICS,
+    Arrays,
+    PrivacyReport,
+    TrainReply,
+    from_array_record,
+    to_array_record,
+)
 
 ROUND_INVARIANT = (ALS_POSITIVES, ALS_COUNT)
 ADS_ON_PRIOR = "als-ads-on-prior"  # share of ads whose own factors weigh under half (count shrinkage)
+RANKS_BY_POPULARITY = "als-ranks-by-popularity"  # 1: the popularity rule chose popularity (or a one-round run)
+POPULARITY_SIGNAL = "als-popularity-signal"  # the rule's signal, in noise stds (shared/als.py popularity_signal)
+_STATE_VARIANCE = "variance/"  # server state keys: "<statistic>" and "variance/<statistic>", "signal"
 
 
 class ALSAggregation(FedAvg):
@@ -38,21 +75,71 @@ class ALSAggregation(FedAvg):
 
     def __init__(
         self, settings: ALSSettings, num_ads: int, dim: int, tags: np.ndarray | None = None,
-        max_users: int = DEFAULT_MAX_USERS, robust_factor: float | None = None, **fedavg_args: Any,
+        max_users: int = DEFAULT_MAX_USERS, robust_factor: float | None = None, num_rounds: int = 2, **fedavg_args: Any,
     ) -> None:
         super().__init__(**fedavg_args)
         self.settings, self.num_ads, self.dim, self.tags = settings, num_ads, dim, tags
         self.max_users, self.robust_factor = max_users, robust_factor
         # running inverse-variance average of the round-invariant statistics: (value, variance)
         self._counts: dict[str, tuple[np.ndarray, float]] = {}
+        # the popularity rule's signal (None: not decided yet) and the planned number of releases
+        self.signal: float | None = None
+        self.num_rounds = num_rounds
+        # the rule's constants (shared/als.py; benchmarks vary them)
+        self.min_signal, self.lean = POPULARITY_MIN_SIGNAL, POPULARITY_LEAN
+        self.release = STATISTICS  # what the round under way asks for
+        self._sent: Arrays = {}
+
+    @property
+    def ranks_by_popularity(self) -> bool:
+        return self.settings.private and (self.num_rounds == 1 or (self.signal is not None and self.signal < self.min_signal))
+
+    def release_for(self, server_round: int) -> str:
+        """What a round asks for: without DP, statistics; under DP, popularity until the rule has
+        its counts (round 1, or after a resume that lost them) and whenever it chose popularity."""
+        if not self.settings.private:
+            return STATISTICS
+        if self.signal is None or ALS_POSITIVES not in self._counts or self.ranks_by_popularity:
+            return POPULARITY
+        return STATISTICS
+
+    def begin_round(self, server_round: int, arrays: Arrays) -> str:
+        """Fix what the round asks for (and the model it sends): configure_train's first step."""
+        self.release = self.release_for(server_round)
+        self._sent = arrays
+        return self.release
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self.begin_round(server_round, from_array_record(arrays))
+        asked = ConfigRecord(dict(config))
+        asked[ALS_RELEASE] = self.release
+        return super().configure_train(server_round, arrays, asked, grid)
 
     def check_reply(self, arrays: Arrays, metrics: dict[str, float]) -> None:
         """The keys, shapes and finiteness, then the protocol's bounds (server/reply_bounds.py)."""
-        check_statistics(arrays, self.settings, self.num_ads, self.dim)
+        check_statistics(arrays, self.settings, self.num_ads, self.dim, self.release)
         privacy = PrivacyReport.from_metrics(metrics)
-        problems = als_violations(arrays, self.settings, self.max_users, privacy.noise_multiplier if privacy else 0.0)
+        problems = als_violations(arrays, self.settings, self.max_users, privacy.noise_multiplier if privacy else 0.0, self.release)
         if problems:
             raise ValueError("; ".join(problems))
+
+    def forget_counts(self) -> None:
+        """Drop the pooled row counts (benchmarks: the gain of pooling them), never the positives."""
+        self._counts.pop(ALS_COUNT, None)
+
+    def state(self) -> Arrays:
+        """What a resume needs (server/checkpoint.py): the pooled counts and the rule's signal."""
+        state: Arrays = {}
+        for key, (value, variance) in self._counts.items():
+            state[key], state[_STATE_VARIANCE + key] = value, np.array(variance)
+        if self.signal is not None:
+            state["signal"] = np.array(self.signal)
+        return state
+
+    def restore(self, state: Arrays) -> None:
+        self._counts = {key: (value, float(state[_STATE_VARIANCE + key])) for key, value in state.items()
+                        if key in ROUND_INVARIANT and _STATE_VARIANCE + key in state}
+        self.signal = float(state["signal"]) if "signal" in state else None
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Replies reach here validated (server/round_loop.py); error replies are left out."""
@@ -83,14 +170,24 @@ class ALSAggregation(FedAvg):
         plain path's sum, or the secure path's unmasked one: server/secure_round.py)."""
         # each release's noise multiplier is public (a function of its merchant's budget plan)
         reports = [PrivacyReport.from_metrics(record) for record in metrics]
-        stds = self.settings.summed_noise_stds([report.noise_multiplier for report in reports if report])
+        stds = self.settings.summed_noise_stds([report.noise_multiplier for report in reports if report], self.release)
         variances = {key: stds[key] ** 2 for key in total}
         for key in ROUND_INVARIANT:
             if key in total:
                 total[key], variances[key] = self._average_counts(key, total[key], variances[key])
+        record = _mean_metrics(metrics)
+        if self.release == POPULARITY:
+            return to_array_record(self._after_popularity(total[ALS_POSITIVES], variances[ALS_POSITIVES], record)), record
+        if self.settings.private and ALS_POSITIVES not in total:  # the popularity releases' counts, pooled
+            if ALS_POSITIVES not in self._counts:
+                raise ValueError("private ALS solves the ads with the popularity releases' counts, and none has come yet")
+            total[ALS_POSITIVES], variances[ALS_POSITIVES] = self._counts[ALS_POSITIVES]
         stds = {key: float(np.sqrt(v)) for key, v in variances.items()}
         arrays = solve_ads(total, self.settings, stds, self.tags)
-        record = _mean_metrics(metrics)
+        if self.settings.private and self.signal:
+            arrays = lean_on_popularity(arrays, total[ALS_POSITIVES], total[ALS_USER_GRAM], self.settings.user_clip,
+                                        self.lean / self.signal)
+            record[POPULARITY_SIGNAL], record[RANKS_BY_POPULARITY] = self.signal, 0.0
         weights = own_factor_weights(ads_statistics_counts(total, self.settings), self.settings, stds)
         if weights is not None:
             # how much of the model is popularity: an ad whose noisy count is below kappa noise
@@ -102,6 +199,29 @@ class ALSAggregation(FedAvg):
                             "for them the model ranks by (noisy) popularity%s", 100 * on_prior,
                             " and their catalog tags" if self.tags is not None else "")
         return to_array_record(arrays), record
+
+    def _after_popularity(self, positives: np.ndarray, variance: float, record: MetricRecord) -> Arrays:
+        """The model after a popularity round: ranking by the pooled counts if the rule chose
+        popularity, else the model sent (its first statistics round starts from it)."""
+        if self.signal is None:
+            # the first popularity release took POPULARITY_SHARE of the budget (all of it in one round)
+            share = 1.0 if self.num_rounds == 1 else POPULARITY_SHARE
+            self.signal = popularity_signal(positives, float(np.sqrt(variance)), float(np.sqrt(variance * share)))
+            if self.ranks_by_popularity:
+                log.warning("private ALS ranks by popularity: %s", "a run of one round releases popularity only"
+                            if self.num_rounds == 1 else
+                            f"the ads' counts carry a signal of {self.signal:.1f} noise stds, under the "
+                            f"{self.min_signal:g} a personal model needs to beat popularity at this noise "
+                            "(more users, more epsilon or secure aggregation lower the noise): every round "
+                            "releases counts, and the model is the DP-popularity ranking")
+            else:
+                log.info("private ALS: the ads' counts carry a signal of %.1f noise stds (a personal model "
+                         "needs %g): the next rounds release statistics", self.signal, self.min_signal)
+        record[POPULARITY_SIGNAL] = self.signal
+        record[RANKS_BY_POPULARITY] = float(self.ranks_by_popularity)
+        if self.ranks_by_popularity:
+            return popularity_model(positives, self.dim)
+        return self._sent
 
     def _average_counts(self, key: str, value: np.ndarray, variance: float) -> tuple[np.ndarray, float]:
         if key not in self._counts or variance == 0.0:

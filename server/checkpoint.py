@@ -2,6 +2,8 @@
 
 output-dir/
   checkpoints/round-NNNN.npz   global ad parameters after round N (0 = initial)
+  checkpoints/server-state-NNNN.npz  what the strategy remembers after round N (private ALS:
+                               the pooled noisy counts and the popularity rule's decision)
   checkpoints/latest.json      the last complete round, its file, and the run config
   checkpoints/config.json      the run config alone (resume reads it if latest.json is damaged)
   history.json                 every round's aggregated and per-client metrics
@@ -47,9 +49,12 @@ class Checkpointer:
         self.checkpoints = self.root / "checkpoints"
         self._config_saved = False  # config.json: a run's config is the same every round
 
-    def save_round(self, server_round: int, arrays: dict[str, np.ndarray], history: list[dict[str, Any]], config: dict[str, Any]) -> None:
+    def save_round(self, server_round: int, arrays: dict[str, np.ndarray], history: list[dict[str, Any]], config: dict[str, Any],
+                   server_state: dict[str, np.ndarray] | None = None) -> None:
         name = f"round-{server_round:04d}.npz"
         atomic_save_npz(self.checkpoints / name, **arrays)
+        if server_state:
+            atomic_save_npz(self._server_state_path(server_round), **server_state)
         atomic_write_json(self.root / "history.json", history)
         atomic_write_bytes(self.root / "metrics.csv", history_to_csv(history).encode())
         if not self._config_saved:
@@ -79,6 +84,21 @@ class Checkpointer:
             return server_round, arrays, history, config
         raise CheckpointError(f"cannot resume from {self.checkpoints}: no checkpoint loads"
                               + (": " + "; ".join(skipped) if skipped else ""))
+
+    def server_state(self, server_round: int) -> dict[str, np.ndarray] | None:
+        """What the strategy remembered after `server_round`, if it kept anything (None when not,
+        or when the file is damaged: named in the log, and the strategy starts afresh)."""
+        path = self._server_state_path(server_round)
+        if not path.is_file():
+            return None
+        try:
+            return load_npz(path)
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+            log.warning("fedads: %s is damaged (%s: %s); the strategy resumes without it", path, type(exc).__name__, exc)
+            return None
+
+    def _server_state_path(self, server_round: int) -> Path:
+        return self.checkpoints / f"server-state-{server_round:04d}.npz"
 
     def _read_pointer(self, pointer: Path) -> tuple[int | None, dict[str, Any]]:
         """latest.json's round and config; if it is damaged, no round limit and config.json's."""

@@ -31,7 +31,7 @@ import math
 import numpy as np
 
 from shared.als import ALSSettings
-from shared.wire import ALS_COUNT, ALS_GRAM, ALS_POSITIVES, ALS_TARGET, ALS_USER_GRAM, Arrays
+from shared.wire import ALS_COUNT, ALS_GRAM, ALS_POSITIVES, ALS_TARGET, ALS_USER_GRAM, STATISTICS, Arrays
 
 FAILURE_PROBABILITY = 1e-9  # of an honest reply's noise exceeding its allowance
 NON_NEGATIVE = (ALS_COUNT, ALS_POSITIVES)
@@ -45,10 +45,10 @@ def _z(coordinates: int) -> float:
     return math.sqrt(2.0 * math.log(2.0 * max(coordinates, 1) / FAILURE_PROBABILITY))
 
 
-def als_violations(stats: Arrays, settings: ALSSettings, max_users: int, noise_multiplier: float) -> list[str]:
-    """Why these statistics cannot come from at most `max_users` users under the protocol
-    (empty: they can)."""
-    stds = settings.noise_stds(noise_multiplier) if noise_multiplier > 0 and settings.max_rows is not None else {}
+def als_violations(stats: Arrays, settings: ALSSettings, max_users: int, noise_multiplier: float, release: str = STATISTICS) -> list[str]:
+    """Why these statistics (a `release` of them) cannot come from at most `max_users` users
+    under the protocol (empty: they can)."""
+    stds = settings.noise_stds(noise_multiplier, release) if noise_multiplier > 0 and settings.max_rows is not None else {}
     problems: list[str] = []
     for key, value in stats.items():
         value = value.astype(np.float64)

@@ -19,6 +19,8 @@ COLUMNS: tuple[Column, ...] = (
     # each merchant ranking by its own shard's popularity (the global TopPop is a sweep baseline)
     (MERCHANT_POP_PREFIX + "ndcg10_sampled", "merchant-pop NDCG@10s", "{:>21.4f}"),
     (TRAIN_LOSS, "loss", "{:>7.4f}"),
+    # private ALS: its popularity rule's signal (under 7: the model ranks by noisy popularity)
+    ("als-popularity-signal", "pop signal", "{:>10.1f}"),
     ("epsilon_max", "eps max", "{:>7.3f}"),
     ("round_seconds", "sec", "{:>6.1f}"),
 )

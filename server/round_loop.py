@@ -40,6 +40,7 @@ from shared.wire import (
     METRICS,
     NUM_EXAMPLES,
     PRIVACY_REFUSED,
+    STATISTICS,
     Arrays,
     answered_round,
     client_name,
@@ -222,7 +223,8 @@ class RoundLoop:
         for attempt in range(self.retries + 1):
             round_log = RoundLog()
             sampled = [msg.metadata.dst_node_id for msg in self.strategy.configure_train(server_round, arrays, config, self.grid)]
-            outcome = self.secure.exchange(self.grid, server_round, from_array_record(arrays), sampled)
+            release = getattr(self.strategy, "release", STATISTICS)  # set by configure_train (ALSAggregation)
+            outcome = self.secure.exchange(self.grid, server_round, from_array_record(arrays), sampled, release)
             round_log.asked = [self._name(node) for node in sampled]
             for stage, msg in outcome.errors:
                 self._learn_name(msg)

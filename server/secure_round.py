@@ -28,7 +28,7 @@ from shared import flower_internals
 from shared.als import ALSSettings
 from shared.flower_internals import SecureSumSettings
 from shared.secure_sum import ARRAY_KEYS, CLIPPING_RANGE, MAX_MERCHANTS, MODULUS_RANGE, QUANTIZATION_RANGE, SecureScales
-from shared.wire import DP_NOISE_MULTIPLIER, METRICS, SERVER_ROUND, Arrays, plain_metrics
+from shared.wire import ALS_RELEASE, DP_NOISE_MULTIPLIER, METRICS, SERVER_ROUND, STATISTICS, Arrays, plain_metrics
 
 STAGES = ("setup", "share-keys", "collect", "unmask")
 
@@ -46,21 +46,26 @@ class SecureOutcome:
 
 
 class SecureTraining:
-    def __init__(self, settings: ALSSettings, stat_keys: list[str], max_users: int, threshold: float, timeout: float,
-                 context: Context) -> None:
+    def __init__(self, settings: ALSSettings, max_users: int, threshold: float, timeout: float, context: Context) -> None:
         self.settings, self.max_users = settings, max_users
-        self.scales = SecureScales.for_release(settings, stat_keys, max_users)
+        self.release = STATISTICS  # what the exchange under way asks for (shared/als.py)
         self.protocol = SecureSumSettings(threshold=threshold, clipping_range=CLIPPING_RANGE, quantization_range=QUANTIZATION_RANGE,
                                           modulus_range=MODULUS_RANGE, timeout=timeout)
         self.context = context
 
-    def exchange(self, grid: Grid, server_round: int, arrays: Arrays, node_ids: list[int]) -> SecureOutcome:
+    @property
+    def scales(self) -> SecureScales:
+        """The public scales of the release under way's statistics."""
+        return SecureScales.for_release(self.settings, list(self.settings.release_keys(self.release)), self.max_users)
+
+    def exchange(self, grid: Grid, server_round: int, arrays: Arrays, node_ids: list[int], release: str = STATISTICS) -> SecureOutcome:
         if len(node_ids) > MAX_MERCHANTS:
             raise ValueError(f"secure aggregation sums at most {MAX_MERCHANTS} merchants without overflow, not {len(node_ids)}")
+        self.release = release
         keys = sorted(arrays)
         result = flower_internals.secure_mean(
             grid, self.context, server_round, node_ids, [arrays[key] for key in keys],
-            {SERVER_ROUND: server_round, ARRAY_KEYS: ",".join(keys)}, self.protocol,
+            {SERVER_ROUND: server_round, ARRAY_KEYS: ",".join(keys), ALS_RELEASE: release}, self.protocol,
         )
         errors = [(stage, msg) for stage, replies in zip(STAGES, result.stage_replies) for msg in replies if msg.has_error()]
         collected = result.stage_replies[2] if len(result.stage_replies) > 2 else []
@@ -74,11 +79,11 @@ class SecureTraining:
         a sum is all there is to check."""
         not_finite = [f"{key} is not finite" for key, value in total.items() if not np.all(np.isfinite(value))]
         return not_finite or als_violations(total, self.settings, self.max_users * max(int(guarantee["contributors"]), 1),
-                                            float(guarantee["sum_noise_multiplier"]))
+                                            float(guarantee["sum_noise_multiplier"]), self.release)
 
     def sum_noise(self, outcome: SecureOutcome) -> dict[str, float]:
         """Per statistic, the noise std of the unmasked sum: the contributors' shares added up."""
-        return self.settings.summed_noise_stds(_noise_shares(outcome))
+        return self.settings.summed_noise_stds(_noise_shares(outcome), self.release)
 
     def guarantee(self, outcome: SecureOutcome) -> dict[str, Any]:
         """What the round's sum carries, for its history record."""

@@ -15,6 +15,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from server import report
+from server.als_aggregation import ALSAggregation
 from server.checkpoint import Checkpointer, RunStatus, check_resume_config
 from server.probes import probe, write_probes
 from server.prompt_grid import PromptGrid
@@ -66,11 +67,14 @@ def _run(cfg: RunConfig, grid: Grid, context: Context, checkpointer: Checkpointe
          status: RunStatus, done: int, arrays: Arrays, history: list[dict[str, Any]]) -> None:
     num_nodes = max(len(list(grid.get_node_ids())), cfg.min_nodes)
     strategy, privacy_spent = build_strategy(cfg, num_nodes, catalog, rounds_done=done)
+    # private ALS remembers the pooled noisy counts and its popularity rule's decision across rounds
+    remembering = strategy if isinstance(strategy, ALSAggregation) else None
+    if remembering is not None and done and (state := checkpointer.server_state(done)) is not None:
+        remembering.restore(state)
     secure = None
     if cfg.secure_aggregation:
         settings = ALSSettings.from_config(cfg, len(catalog))
-        secure = SecureTraining(settings, list(settings.stat_shapes(len(catalog), cfg.factors)), cfg.max_users_per_merchant,
-                                cfg.secure_threshold, cfg.reply_timeout, context)
+        secure = SecureTraining(settings, cfg.max_users_per_merchant, cfg.secure_threshold, cfg.reply_timeout, context)
     loop = RoundLoop(strategy, grid, global_shapes(cfg, len(catalog)),
                      timeout=cfg.reply_timeout, min_replies=cfg.quorum, retries=cfg.round_retries, secure=secure)
     if cfg.probe_messages:
@@ -90,7 +94,7 @@ def _run(cfg: RunConfig, grid: Grid, context: Context, checkpointer: Checkpointe
 
     def on_round_end(server_round: int, new_arrays: Arrays, record: dict[str, Any]) -> None:
         history.append(record)
-        checkpointer.save_round(server_round, new_arrays, history, config_dump)
+        checkpointer.save_round(server_round, new_arrays, history, config_dump, remembering.state() if remembering else None)
         status.update(rounds_completed=server_round)
         log.info("fedads %s\n%s", report.header(), "fedads " + report.row(record))
 

@@ -96,7 +96,7 @@ def build_strategy(cfg: RunConfig, num_nodes: int, catalog: AdCatalog, rounds_do
         tags = tags if tags is not None and tags.shape[1] else None  # nothing to lean on: shrink toward zero
         robust = cfg.robust_clip_factor if cfg.robust_aggregation == "median" else None
         return ALSAggregation(ALSSettings.from_config(cfg, len(catalog)), len(catalog), cfg.factors, tags=tags, max_users=cfg.max_users_per_merchant,
-                              robust_factor=robust, **sampling, **wire), lambda: None
+                              robust_factor=robust, num_rounds=cfg.num_rounds, **sampling, **wire), lambda: None
     averaging = FedMedian if cfg.robust_aggregation == "median" else FedAvg
     fedavg = averaging(**sampling, **wire)  # type: ignore[arg-type]
     if cfg.privacy != "client":

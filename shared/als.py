@@ -38,14 +38,44 @@ import scipy.sparse as sp
 
 from shared.config import RunConfig
 from shared.data.split import UserSplit
-from shared.wire import AD_BIAS, AD_FACTORS, ALS_COUNT, ALS_GRAM, ALS_POSITIVES, ALS_TARGET, ALS_USER_GRAM, Arrays
+from shared.wire import (
+    AD_BIAS,
+    AD_FACTORS,
+    ALS_COUNT,
+    ALS_GRAM,
+    ALS_POSITIVES,
+    ALS_TARGET,
+    ALS_USER_GRAM,
+    POPULARITY,
+    RELEASES,
+    STATISTICS,
+    Arrays,
+)
 
-# share of the release's squared noise budget each statistic gets (sums to 1 per mode)
+# What a private release holds. A private run's first release is the ads' positive counts alone
+# (their popularity, POPULARITY_SHARE of the merchant's budget): they do not depend on the model,
+# so releasing them once costs what releasing them every round does, and they come before any
+# model is trained: the server reads from them whether the data carry enough signal above the
+# noise for a personal model, and when they do not, every later release is popularity too, so the
+# run ends exactly at the DP-popularity floor (its budget all spent on counts) instead of below it.
+POPULARITY_SHARE = 0.17  # of a private run's budget (in 1 / sigma^2): its first release
+# share of a release's squared noise budget each statistic gets (sums to 1 per release)
 BUDGET_SHARES = {
-    "per-ad": {ALS_GRAM: 0.45, ALS_TARGET: 0.40, ALS_POSITIVES: 0.12, ALS_USER_GRAM: 0.03},
-    "shared": {ALS_COUNT: 0.05, ALS_TARGET: 0.75, ALS_POSITIVES: 0.17, ALS_USER_GRAM: 0.03},
+    "per-ad": {ALS_GRAM: 0.45 / 0.88, ALS_TARGET: 0.40 / 0.88, ALS_USER_GRAM: 0.03 / 0.88},
+    "shared": {ALS_COUNT: 0.05 / 0.83, ALS_TARGET: 0.75 / 0.83, ALS_USER_GRAM: 0.03 / 0.83},
 }
-STAT_KEYS = {mode: tuple(shares) for mode, shares in BUDGET_SHARES.items()}
+POPULARITY_SHARES = {ALS_POSITIVES: 1.0}
+# the statistics an exact (non-private) round holds: everything, the positive counts included
+STAT_KEYS = {mode: (*shares, ALS_POSITIVES) for mode, shares in BUDGET_SHARES.items()}
+# The popularity rule (docs/PRIVACY.md "Settings"): the signal is the interaction-weighted mean
+# of the ads' counts, sum n_a^2 / sum n_a (the count of the ad a typical interaction is on), in
+# noise stds of a popularity release made with the whole budget. Below POPULARITY_MIN_SIGNAL the
+# personal model ranks worse than popularity at the same noise (break-even measured at 6.5 on
+# MovieLens-100K, 7.6 on Amazon Beauty, docs/BENCHMARKS.md): the run ranks by popularity.
+POPULARITY_MIN_SIGNAL = 7.0
+# Above it, each ad's score leans on its noisy popularity by POPULARITY_LEAN / signal spreads of
+# the personal scores: the noisier the statistics, the more the ranking rests on counts.
+POPULARITY_LEAN = 10.0
 CHUNK_USERS = 8192  # bounds the per-user temporaries: [8192, 33 * 34 / 2] float64 is 37 MB
 # als-alpha0 = "auto": the unobserved pairs of a user weigh together ALPHA0_PER_DENSITY times
 # their observed rows (alpha0 x ads = 8 x rows per user), whatever the catalog's size and the
@@ -84,12 +114,29 @@ class ALSSettings:
             count_shrinkage=cfg.als_count_shrinkage if private else 0.0, noise_ridge=cfg.als_noise_ridge, clip=private,
         )
 
-    def stat_shapes(self, num_ads: int, dim: int) -> dict[str, tuple[int, ...]]:
+    @property
+    def private(self) -> bool:
+        return self.max_rows is not None
+
+    def release_keys(self, release: str = STATISTICS) -> tuple[str, ...]:
+        """The statistics a release holds: every one without DP; under DP the positive counts
+        alone (popularity) or everything else (statistics: the positives come from the
+        popularity releases, POPULARITY_SHARE of the budget)."""
+        if release not in RELEASES:
+            raise ValueError(f"an ALS release is one of {RELEASES}, not {release!r}")
+        if not self.private:
+            return STAT_KEYS[self.gram_mode]
+        return tuple(self.budget_shares(release))
+
+    def budget_shares(self, release: str = STATISTICS) -> dict[str, float]:
+        return POPULARITY_SHARES if release == POPULARITY else BUDGET_SHARES[self.gram_mode]
+
+    def stat_shapes(self, num_ads: int, dim: int, release: str = STATISTICS) -> dict[str, tuple[int, ...]]:
         """The released statistics' shapes for a model of `dim` factors (D = dim + 1)."""
         aug = dim + 1
         shapes = {ALS_GRAM: (num_ads, aug, aug), ALS_COUNT: (num_ads,), ALS_TARGET: (num_ads, dim),
                   ALS_POSITIVES: (num_ads,), ALS_USER_GRAM: (aug, aug)}
-        return {key: shapes[key] for key in STAT_KEYS[self.gram_mode]}
+        return {key: shapes[key] for key in self.release_keys(release)}
 
     def sensitivities(self) -> dict[str, float]:
         """L2 sensitivity of each statistic to adding or removing one user."""
@@ -100,17 +147,17 @@ class ALSSettings:
         return {ALS_GRAM: root_k * aug, ALS_TARGET: root_k * self.user_clip, ALS_POSITIVES: root_k, ALS_COUNT: root_k,
                 ALS_USER_GRAM: aug}
 
-    def noise_stds(self, noise_multiplier: float) -> dict[str, float]:
+    def noise_stds(self, noise_multiplier: float, release: str = STATISTICS) -> dict[str, float]:
         """Gaussian noise std per coordinate of each statistic: together one Gaussian release of
         sensitivity 1 at `noise_multiplier` (each block scaled by its sensitivity / sqrt(share))."""
         sens = self.sensitivities()
-        return {key: noise_multiplier * sens[key] / math.sqrt(share) for key, share in BUDGET_SHARES[self.gram_mode].items()}
+        return {key: noise_multiplier * sens[key] / math.sqrt(share) for key, share in self.budget_shares(release).items()}
 
-    def summed_noise_stds(self, noise_multipliers: list[float]) -> dict[str, float]:
+    def summed_noise_stds(self, noise_multipliers: list[float], release: str = STATISTICS) -> dict[str, float]:
         """The noise std per coordinate of each statistic in a sum of releases, each made at one
         of `noise_multipliers`: Gaussian variances add, and noise_stds is linear in the multiplier."""
         total = math.sqrt(sum(sigma**2 for sigma in noise_multipliers))
-        return self.noise_stds(total) if total > 0 else dict.fromkeys(STAT_KEYS[self.gram_mode], 0.0)
+        return self.noise_stds(total, release) if total > 0 else dict.fromkeys(self.release_keys(release), 0.0)
 
 
 def fixed_alpha0(cfg: RunConfig) -> float | None:
@@ -237,6 +284,12 @@ def ad_statistics(rows: Rows, user_factors: np.ndarray, num_ads: int, settings: 
     return stats
 
 
+def popularity_statistics(rows: Rows, num_ads: int, settings: ALSSettings) -> dict[str, np.ndarray]:
+    """A popularity release before noise: each ad's positives weighted as in ad_statistics."""
+    weight = rows.user_weights(settings.max_rows)[rows.user]
+    return {ALS_POSITIVES: np.bincount(rows.ad, weights=weight * rows.label, minlength=num_ads)}
+
+
 def symmetric_noise(rng: np.random.Generator, shape: tuple[int, ...], std: float) -> np.ndarray:
     """Gaussian noise on the upper triangle (diagonal included) of the last two axes, mirrored:
     releasing a symmetric statistic's upper triangle is enough, and its sensitivity is no larger."""
@@ -342,9 +395,9 @@ def _symmetrize(matrix: np.ndarray) -> np.ndarray:
     return 0.5 * (matrix + np.swapaxes(matrix, -1, -2))
 
 
-def check_statistics(stats: dict[str, np.ndarray], settings: ALSSettings, num_ads: int, dim: int) -> None:
-    """Exactly this mode's statistics, the catalog's shapes, finite values (a client's reply)."""
-    expected = settings.stat_shapes(num_ads, dim)
+def check_statistics(stats: dict[str, np.ndarray], settings: ALSSettings, num_ads: int, dim: int, release: str = STATISTICS) -> None:
+    """Exactly this release's statistics, the catalog's shapes, finite values (a client's reply)."""
+    expected = settings.stat_shapes(num_ads, dim, release)
     if set(stats) != set(expected):
         raise ValueError(f"ALS statistics must be exactly {sorted(expected)}, got {sorted(stats)}")
     for key, shape in expected.items():
@@ -359,6 +412,52 @@ def round_budget_shares(rounds: int, growth: float) -> np.ndarray:
     spent in each of `rounds` rounds: later rounds, which start from better ad factors, get more."""
     weights = growth ** np.arange(rounds, dtype=np.float64)
     return weights / weights.sum()
+
+
+def release_budget_shares(rounds: int, growth: float) -> np.ndarray:
+    """A private ALS run's plan: the popularity release first (POPULARITY_SHARE; all of the
+    budget in a run of one round), then rounds - 1 releases of statistics (round_budget_shares)."""
+    if rounds == 1:
+        return np.ones(1)
+    return np.concatenate([[POPULARITY_SHARE], (1.0 - POPULARITY_SHARE) * round_budget_shares(rounds - 1, growth)])
+
+
+def popularity_signal(positives: np.ndarray, std: float, whole_budget_std: float) -> float:
+    """The popularity rule's signal (POPULARITY_MIN_SIGNAL) from noisy summed positive counts
+    with noise `std` per ad: sum n^2 / sum n, each sum corrected for the noise (E[x^2] = n^2 +
+    std^2), in units of `whole_budget_std` (the noise of counts released with the whole budget)."""
+    total = float(positives.sum())
+    energy = float(np.square(positives).sum()) - len(positives) * std**2
+    if total <= 0 or energy <= 0 or whole_budget_std <= 0:
+        return 0.0 if whole_budget_std > 0 else math.inf
+    return energy / total / whole_budget_std
+
+
+def popularity_model(positives: np.ndarray, dim: int) -> dict[str, np.ndarray]:
+    """Ranking by popularity: no factors, each ad's bias its (noisy) count over the largest."""
+    scale = max(float(np.max(np.abs(positives), initial=0.0)), 1e-12)
+    return {AD_FACTORS: np.zeros((len(positives), dim), dtype=np.float32), AD_BIAS: (positives / scale).astype(np.float32)}
+
+
+def lean_on_popularity(
+    arrays: dict[str, np.ndarray], positives: np.ndarray, user_gram: np.ndarray, user_clip: float, lean: float
+) -> dict[str, np.ndarray]:
+    """Each ad's bias plus `lean` spreads of the scores times its standardized noisy popularity.
+    The spread: the scores' std over users and ads, sqrt(mean over ads of q_a' P q_a + the
+    biases' variance), P the users' average (weighted) second moment of their clipped factors,
+    read from the summed user Gramian."""
+    if lean <= 0 or float(np.std(positives)) == 0.0:
+        return arrays
+    gram = _symmetrize(user_gram)
+    dim = gram.shape[0] - 1
+    users = max(float(gram[-1, -1]) / user_clip**2, 1e-12)  # sum of c_u: the bias feature is C
+    moment = gram[:dim, :dim] / users
+    factors = arrays[AD_FACTORS].astype(np.float64)
+    personal = max(float(np.mean(np.einsum("ai,ij,aj->a", factors, moment, factors))), 0.0)
+    spread = math.sqrt(personal + float(np.var(arrays[AD_BIAS].astype(np.float64))))
+    standardized = (positives - positives.mean()) / positives.std()
+    bias = arrays[AD_BIAS].astype(np.float64) + lean * spread * standardized
+    return {**arrays, AD_BIAS: bias.astype(np.float32)}
 
 
 def _ridge(lhs: np.ndarray, target: np.ndarray, floor: float) -> np.ndarray:

@@ -35,6 +35,9 @@ METRICS = "metrics"
 CLIENT = "client"
 # keys of the "config" and "client" records
 SERVER_ROUND = "server-round"  # set by Flower's FedAvg
+ALS_RELEASE = "als-release"  # in an ALS training message's config: what it asks for (shared/als.py)
+STATISTICS, POPULARITY = "statistics", "popularity"  # the ad step's statistics | the ads' positive counts alone
+RELEASES = (STATISTICS, POPULARITY)
 CLIENT_NAME = "name"
 # metric keys
 NUM_EXAMPLES = "num-examples"
@@ -91,6 +94,14 @@ def read_instruction(msg: Message) -> tuple[Arrays, int]:
     if not isinstance(server_round, int):
         raise ValueError(f"'{SERVER_ROUND}' must be an integer, got {server_round!r}")
     return from_array_record(msg.content.array_records[ARRAYS]), server_round
+
+
+def requested_release(msg: Message) -> str:
+    """What an ALS training message asks for (ALS_RELEASE): "statistics" unless it says otherwise."""
+    value = msg.content.config_records[CONFIG].get(ALS_RELEASE, STATISTICS)
+    if not isinstance(value, str):
+        raise ValueError(f"'{ALS_RELEASE}' must be a string, got {value!r}")
+    return value
 
 
 def client_name(msg: Message) -> str:

@@ -44,7 +44,8 @@ class SweepSpec(BaseModel):
         "a cell per alpha of partitioning = dirichlet (default: the run config's dirichlet-alpha)"))
     epsilons: list[float] = Field(default_factory=list, description="each adds a privacy = user cell per solver")
     solvers: list[Literal["als", "sgd", "neumf"]] = Field(default_factory=list, description="solvers of the DP cells (default: mf-solver)")
-    private_als_rounds: int = Field(2, ge=1, description="rounds (= releases) of private-ALS cells; DP-SGD cells run num-rounds")
+    private_als_rounds: int = Field(3, ge=1, description=(
+        "rounds (= releases: the popularity release, then statistics) of private-ALS cells; DP-SGD cells run num-rounds"))
 
     @field_validator("clients", "epsilons", "dirichlet_alphas")
     @classmethod

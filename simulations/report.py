@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from shared.als import POPULARITY_MIN_SIGNAL
 from shared.privacy_policy import DEFAULT_DELTA
 from simulations.audit.figures import AUDIT_DIR, EXPLANATION, HEADERS, RECORDS, audit_records_ok, plot_audit, table_rows
 from simulations.experiment import Experiment
@@ -130,6 +131,18 @@ def _guarantee(cell: dict[str, Any]) -> str:
     return "none: exact ad parameters and metrics leave the merchants (no user id or user factor does)"
 
 
+def _model(cell: dict[str, Any]) -> str:
+    """Private ALS: the model its popularity rule chose, and why (server/als_aggregation.py)."""
+    signal = cell.get("popularity_signal")
+    if signal is None:
+        return "-"
+    if cell.get("ranks_by_popularity") and signal < POPULARITY_MIN_SIGNAL:
+        return f"noisy popularity (signal {signal:.1f} < {POPULARITY_MIN_SIGNAL:g}: a personal model would rank worse)"
+    if cell.get("ranks_by_popularity"):
+        return "noisy popularity (a run of one round releases popularity only)"
+    return f"personal (signal {signal:.1f})"
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -210,8 +223,8 @@ def write_report(experiment: Experiment, output: Path, rows: list[dict[str, Any]
         for row in sorted(_final(rows, method, by=by), key=lambda r: (r.get("epsilon_target") or 0, r["cell"])):
             final_rows.append([method, row["cell"], fmt(row.get("epsilon_target")), fmt(row["round"])]
                               + [fmt(row.get(m)) for m in SHOWN] + [fmt(row.get("epsilon_spent"))])
-    cells = [[c["cell"], str(c["clients"]), str(c["seed"]), _guarantee(c), fmt(c.get("epsilon_spent")), str(c.get("refused", 0)),
-              f"{c['wall_seconds']:.0f}"] for c in summary["cells"]]
+    cells = [[c["cell"], str(c["clients"]), str(c["seed"]), _guarantee(c), _model(c), fmt(c.get("epsilon_spent")),
+              str(c.get("refused", 0)), f"{c['wall_seconds']:.0f}"] for c in summary["cells"]]
     environment = json.loads((output / "environment.json").read_text()) if (output / "environment.json").is_file() else {}
     base = experiment.base
     page = f"""<!doctype html>
@@ -232,7 +245,7 @@ Metrics: leave-last-out; sampled = 99 fixed negatives per user, full = every ad 
 <h2>Figures</h2>
 <div class="figs">{"".join(_figure(name, title) for name, (title, _) in figures.items())}</div>
 {_audit_section(output, plots)}{_delivery_section(output)}<h2>Runs and their guarantees</h2>
-{_table(["cell", "clients", "seed", "privacy guarantee", "eps spent (max)", "refused replies", "wall s"], cells)}
+{_table(["cell", "clients", "seed", "privacy guarantee", "model", "eps spent (max)", "refused replies", "wall s"], cells)}
 <p>Full results: <a href="results.csv">results.csv</a>, <a href="results.json">results.json</a>;
 experiment: <a href="experiment.toml">experiment.toml</a>; environment: {html.escape(json.dumps(environment.get("packages", {})))}.</p>
 </body></html>

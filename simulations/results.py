@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from server.als_aggregation import POPULARITY_SIGNAL, RANKS_BY_POPULARITY
 from server.round_loop import TEST_USERS, TRAIN_USERS
 from shared.config import RunConfig
 from shared.metrics import METRIC_NAMES, NUM_TEST_USERS
@@ -53,7 +54,10 @@ def collect(experiment: Experiment, output: Path) -> tuple[list[dict[str, Any]],
                              "test_users": metrics.get(TEST_USERS)})
         summary["cells"].append({**json.loads(done.read_text()), "method": base["method"], "epsilon_target": cell.epsilon,
                                  "final": history[-1].get("evaluate", {}), "epsilon_spent": history[-1].get("privacy", {}).get("epsilon_max"),
-                                 "refused": sum(len(h.get("refused", {})) for h in history)})
+                                 "refused": sum(len(h.get("refused", {})) for h in history),
+                                 # private ALS: what its popularity rule chose (server/als_aggregation.py)
+                                 "popularity_signal": history[-1].get("train", {}).get(POPULARITY_SIGNAL),
+                                 "ranks_by_popularity": history[-1].get("train", {}).get(RANKS_BY_POPULARITY)})
     for done in sorted((output / "baselines").glob("*/done.json")):
         result = json.loads(done.read_text())
         base = {"cell": result["group"], "clients": result["clients"], "seed": result["seed"], "alpha": None, "epsilon_target": None}

@@ -20,7 +20,7 @@ from deploy.processes import processes_mentioning
 from shared.config import RunConfig
 from shared.flower_internals import server_identity
 from shared.node_config import NodeConfig
-from shared.wire import ARRAYS, CONFIG, SERVER_ROUND, to_array_record
+from shared.wire import ALS_RELEASE, ARRAYS, CONFIG, SERVER_ROUND, to_array_record
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -52,18 +52,22 @@ def simulated_node(cfg: RunConfig, partition: int = 0, count: int = 3) -> Node:
 
 def client_call(
     kind: str, cfg: RunConfig, arrays: dict[str, np.ndarray], server_round: int = 1, partition: int = 0,
-    node_config: dict[str, Any] | None = None,
+    node_config: dict[str, Any] | None = None, release: str | None = None,
 ) -> Message:
     """The ClientApp's reply to a `kind` ("train" | "evaluate") message, called in-process as
-    Flower's runtime calls it: simulated node `partition` of 3, or a deployed `node_config`.
+    Flower's runtime calls it: simulated node `partition` of 3, or a deployed `node_config`;
+    `release`: what an ALS training message asks for (none: the client's default, statistics).
     Needs the `as_server` fixture (messages are stamped with the server side's identity)."""
     node_id = 10 + partition
     context = Context(
         run_id=1, node_id=node_id, node_config=node_config or {"partition-id": partition, "num-partitions": 3},
         state=RecordDict(), run_config=cfg.to_flower(),
     )
+    config = ConfigRecord({SERVER_ROUND: server_round})
+    if release is not None:
+        config[ALS_RELEASE] = release
     msg = Message(
-        content=RecordDict({ARRAYS: to_array_record(arrays), CONFIG: ConfigRecord({SERVER_ROUND: server_round})}),
+        content=RecordDict({ARRAYS: to_array_record(arrays), CONFIG: config}),
         dst_node_id=node_id, message_type=kind,
     )
     return client_app(msg, context)

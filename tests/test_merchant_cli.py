@@ -57,13 +57,14 @@ def _train(tmp: Path, log_csv: Path, catalog_csv: Path, privacy: str, rounds: in
         "output-dir": str(tmp / "out"), "state-dir": str(tmp / "unused"), "num-rounds": rounds,
         "local-epochs": 3, "learning-rate": 0.05, "privacy": privacy, "mf-solver": solver,
     })
-    server = ALSAggregation(ALSSettings.from_config(cfg), NUM_ADS, cfg.factors, min_train_nodes=1)
+    server = ALSAggregation(ALSSettings.from_config(cfg), NUM_ADS, cfg.factors, num_rounds=rounds, min_train_nodes=1)
     node_config = {"data-path": str(log_csv), "catalog-path": str(catalog_csv), "state-dir": str(state_dir),
                    "privacy-mode": "user" if privacy == "user" else "none"}  # the merchant opts out of DP for the plain runs
     arrays = init_global_arrays(NUM_ADS, cfg.factors, seed=1)
     with server_identity():
         for server_round in range(1, rounds + 1):
-            reply = client_call("train", cfg, arrays, server_round, node_config=node_config)
+            release = server.begin_round(server_round, arrays)  # what configure_train would ask for
+            reply = client_call("train", cfg, arrays, server_round, node_config=node_config, release=release)
             assert not reply.has_error(), reply.error
             arrays = from_array_record(server.aggregate_train(server_round, [reply])[0] if solver == "als" else reply.content[ARRAYS])
     step = NodeState(state_dir).load_user_step()  # the one the merchant trained with (alpha0 "auto": its density)

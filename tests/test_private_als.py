@@ -87,10 +87,12 @@ def test_noise_is_calibrated_per_block_to_one_unit_sensitivity():
     # each block's sensitivity in units of its noise std, squared, sums to (1 / sigma)^2
     total = sum((sens[key] / std) ** 2 for key, std in stds.items())
     assert total == pytest.approx(1 / 2.0**2)
+    # a popularity release: the positive counts alone carry the whole release
+    popularity = settings.noise_stds(2.0, "popularity")
+    assert set(popularity) == {"als_positives"} and (sens["als_positives"] / popularity["als_positives"]) ** 2 == pytest.approx(1 / 2.0**2)
     # and noise reaches every coordinate, also of ads nobody touched
     rng = np.random.default_rng(1)
-    zeros = {"als_target": np.zeros((50, 4)), "als_positives": np.zeros(50), "als_count": np.zeros(50),
-             "als_user_gram": np.zeros((5, 5))}
+    zeros = {"als_target": np.zeros((50, 4)), "als_count": np.zeros(50), "als_user_gram": np.zeros((5, 5))}
     noisy = add_noise(zeros, stds, rng)
     assert all(np.all(noisy[key] != 0) for key in noisy)
     assert np.allclose(noisy["als_user_gram"], noisy["als_user_gram"].T)
@@ -282,11 +284,12 @@ def test_the_round_log_says_how_much_of_the_model_rests_on_popularity(caplog):
     settings = _settings("shared", user_clip=0.2, count_shrinkage=1.0)
     num_ads, dim = 40, 3
     counts = rng.uniform(0, 30, num_ads)
-    total = {"als_target": rng.normal(size=(num_ads, dim)), "als_positives": counts / 2, "als_count": counts,
-             "als_user_gram": np.eye(dim + 1) * 4.0}
+    total = {"als_target": rng.normal(size=(num_ads, dim)), "als_count": counts, "als_user_gram": np.eye(dim + 1) * 4.0}
 
     def on_prior(noise_multiplier: float) -> float | None:
         strategy = ALSAggregation(settings, num_ads, dim)
+        # the pooled popularity releases (round 1), which the statistics rounds' solve reads
+        strategy.restore({"als_positives": counts / 2, "variance/als_positives": np.array(noise_multiplier**2), "signal": np.array(20.0)})
         _, metrics = strategy.solve({k: v.copy() for k, v in total.items()}, [PrivacyReport(1.0, noise_multiplier).metrics()])
         return metrics.get("als-ads-on-prior")
 

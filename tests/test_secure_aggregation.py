@@ -37,8 +37,7 @@ def _secure_cfg(tmp_path: Path, **overrides: Any) -> RunConfig:
 def _training(cfg: RunConfig) -> SecureTraining:
     settings = ALSSettings.from_config(cfg)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_flower())
-    return SecureTraining(settings, list(settings.stat_shapes(cfg.synthetic_ads, cfg.factors)), cfg.max_users_per_merchant,
-                          cfg.secure_threshold, 60.0, context)
+    return SecureTraining(settings, cfg.max_users_per_merchant, cfg.secure_threshold, 60.0, context)
 
 
 @pytest.fixture
@@ -186,9 +185,9 @@ def test_a_plain_message_never_gets_the_smaller_noise(tmp_path):
 
 
 def _first_share(cfg: RunConfig) -> float:
-    from shared.als import round_budget_shares
+    from shared.als import release_budget_shares
 
-    return float(round_budget_shares(cfg.num_rounds, cfg.als_budget_growth)[0])
+    return float(release_budget_shares(cfg.num_rounds, cfg.als_budget_growth)[0])
 
 
 def test_secure_aggregation_needs_private_als():

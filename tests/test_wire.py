@@ -83,6 +83,14 @@ def test_flowers_fedavg_sends_what_the_clients_read():
 def test_als_statistic_keys_are_the_contracts():
     shared = ALSSettings(alpha0=0.5, user_l2=1.0, ad_l2=1.0, max_rows=5, user_clip=0.3, gram_mode="shared")
     per_ad = ALSSettings(alpha0=0.5, user_l2=1.0, ad_l2=1.0, max_rows=5, user_clip=0.3, gram_mode="per-ad")
-    assert set(shared.stat_shapes(10, 4)) == {ALS_COUNT, ALS_TARGET, ALS_POSITIVES, ALS_USER_GRAM}
-    assert set(per_ad.stat_shapes(10, 4)) == {ALS_GRAM, ALS_TARGET, ALS_POSITIVES, ALS_USER_GRAM}
+    # under DP (max_rows set) the positive counts travel alone, in the popularity releases
+    assert set(shared.stat_shapes(10, 4)) == {ALS_COUNT, ALS_TARGET, ALS_USER_GRAM}
+    assert set(per_ad.stat_shapes(10, 4)) == {ALS_GRAM, ALS_TARGET, ALS_USER_GRAM}
+    assert set(shared.stat_shapes(10, 4, "popularity")) == set(per_ad.stat_shapes(10, 4, "popularity")) == {ALS_POSITIVES}
     assert set(shared.noise_stds(1.0)) == set(shared.stat_shapes(10, 4))
+    assert set(shared.noise_stds(1.0, "popularity")) == {ALS_POSITIVES}
+    # exact statistics hold everything in every round
+    exact = ALSSettings(alpha0=0.5, user_l2=1.0, ad_l2=1.0, max_rows=None, user_clip=0.3, gram_mode="shared", clip=False)
+    assert set(exact.stat_shapes(10, 4)) == {ALS_COUNT, ALS_TARGET, ALS_POSITIVES, ALS_USER_GRAM}
+    with pytest.raises(ValueError, match="one of"):
+        shared.stat_shapes(10, 4, "everything")

@@ -83,6 +83,10 @@ class PrivacyPlan(ABC, Generic[SolverT]):
     ) -> TrainReply:
         """The training reply of this round: the solver's update as this plan lets it leave."""
 
+    def release_popularity(self, client: str, solver: SolverT, server_round: int) -> TrainReply:
+        """The ads' noisy positive counts alone (private ALS's first release, shared/als.py)."""
+        raise PrivacyRefusal(f"the {self.name} plan makes no popularity release: only private ALS does")
+
     @abstractmethod
     def release_metrics(self, client: str, data: NodeData, metrics: Metrics, server_round: int) -> EvaluateReply:
         """The evaluation reply: the round's metrics as this plan lets them leave."""

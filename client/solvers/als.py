@@ -13,7 +13,7 @@ import numpy as np
 from client.node_data import NodeData
 from client.solvers.base import LocalUpdate, Solver
 from client.user_step import ALSUserStep
-from shared.als import ALSSettings, ad_statistics, solve_ads
+from shared.als import STATISTICS, ALSSettings, ad_statistics, solve_ads
 from shared.config import RunConfig
 from shared.wire import Arrays
 
@@ -35,9 +35,9 @@ class ALSSolver(Solver):
     def local_update(self, arrays: Arrays, user_factors: np.ndarray, rng: np.random.Generator) -> LocalUpdate:
         return LocalUpdate(ad_statistics(self.data.rows, user_factors, self.data.num_ads, self.settings))
 
-    def noise_stds(self, noise_multiplier: float) -> dict[str, float]:
+    def noise_stds(self, noise_multiplier: float, release: str = STATISTICS) -> dict[str, float]:
         """Per-coordinate noise of each statistic for one Gaussian release of sensitivity 1."""
-        return self.settings.noise_stds(noise_multiplier)
+        return self.settings.noise_stds(noise_multiplier, release)
 
     def solve_alone(self, update: LocalUpdate) -> Arrays:
         return solve_ads(update.arrays, self.settings)

@@ -1,0 +1,185 @@
+"""Private ALS's popularity release and rule (shared/als.py, server/als_aggregation.py): the
+first release is the ads' noisy positive counts alone; from it the server decides once whether
+a personal model can beat popularity at this noise, and if not every later round releases
+counts and the model ranks by them: the run then ends exactly at the DP-popularity floor."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
+
+from server.als_aggregation import POPULARITY_SIGNAL, RANKS_BY_POPULARITY, ALSAggregation
+from server.checkpoint import Checkpointer
+from shared.als import (
+    POPULARITY_MIN_SIGNAL,
+    POPULARITY_SHARE,
+    ALSSettings,
+    lean_on_popularity,
+    popularity_model,
+    popularity_signal,
+    release_budget_shares,
+)
+from shared.params import init_global_arrays
+from shared.wire import (
+    AD_BIAS,
+    AD_FACTORS,
+    ALS_POSITIVES,
+    ALS_RELEASE,
+    ARRAYS,
+    DP_NOISE_MULTIPLIER,
+    METRICS,
+    POPULARITY,
+    PRIVACY_REFUSED,
+    STATISTICS,
+    PrivacyReport,
+    TrainReply,
+    from_array_record,
+    plain_metrics,
+    to_array_record,
+)
+from tests.conftest import client_call, small_run_config
+
+pytestmark = pytest.mark.usefixtures("as_server")
+
+
+def _settings() -> ALSSettings:
+    return ALSSettings(alpha0=0.5, user_l2=1.0, ad_l2=1.0, max_rows=5, user_clip=0.2, gram_mode="shared", count_shrinkage=1.0)
+
+
+def test_the_plan_spends_the_popularity_share_first_and_exactly_the_budget():
+    shares = release_budget_shares(4, 2.0)
+    assert shares[0] == pytest.approx(POPULARITY_SHARE) and shares.sum() == pytest.approx(1.0)
+    assert np.all(np.diff(shares[1:]) > 0)  # later statistics rounds get more, as before
+    assert release_budget_shares(1, 2.0).tolist() == [1.0]  # one round: popularity with the whole budget
+
+
+def test_the_signal_reads_the_typical_count_through_the_noise():
+    rng = np.random.default_rng(3)
+    counts = rng.pareto(1.5, 5000) * 10  # skewed, as ad popularity is
+    truth = float(np.square(counts).sum() / counts.sum())
+    std = 20.0
+    estimates = [popularity_signal(counts + rng.normal(0, std, counts.size), std, 4.0) for _ in range(20)]
+    assert np.median(estimates) == pytest.approx(truth / 4.0, rel=0.1)
+    # pure noise carries no signal; exact counts (no noise) are always signal enough
+    assert popularity_signal(rng.normal(0, std, 5000), std, 4.0) < 1.0
+    assert popularity_signal(counts, 0.0, 0.0) == math.inf
+
+
+def _popularity_replies(positives: list[np.ndarray], noise_multiplier: float) -> list[Message]:
+    replies = []
+    for values in positives:
+        request = Message(content=RecordDict(), dst_node_id=1, message_type="train")
+        replies.append(TrainReply("m", {ALS_POSITIVES: values}, None, privacy=PrivacyReport(1.0, noise_multiplier)).to_message(request))
+    return replies
+
+
+@pytest.mark.parametrize(("scale", "chooses_popularity"), [(1000.0, False), (0.01, True)])
+def test_round_one_asks_for_popularity_and_the_rule_decides_once(scale: float, chooses_popularity: bool, caplog):
+    settings, num_ads, dim = _settings(), 300, 4
+    strategy = ALSAggregation(settings, num_ads, dim, num_rounds=3)
+    sent = init_global_arrays(num_ads, dim, seed=0)
+    assert strategy.begin_round(1, sent) == POPULARITY
+    rng = np.random.default_rng(0)
+    counts = [scale * rng.pareto(1.5, num_ads) for _ in range(3)]
+    arrays, metrics = strategy.aggregate_train(1, _popularity_replies(counts, 1.0))
+    assert arrays is not None and metrics is not None
+    signal = strategy.signal
+    assert signal is not None and metrics[POPULARITY_SIGNAL] == pytest.approx(signal)
+    assert (signal < POPULARITY_MIN_SIGNAL) is chooses_popularity and metrics[RANKS_BY_POPULARITY] == float(chooses_popularity)
+    model = from_array_record(arrays)
+    if chooses_popularity:
+        assert "ranks by popularity" in caplog.text
+        # the model is the pooled counts' ranking: no factors, biases in the counts' order
+        assert not model[AD_FACTORS].any()
+        pooled = strategy.state()[ALS_POSITIVES]  # the noisy summed counts
+        assert np.array_equal(np.argsort(-model[AD_BIAS], kind="stable"), np.argsort(-pooled.astype(np.float32), kind="stable"))
+        assert strategy.begin_round(2, model) == POPULARITY and strategy.begin_round(3, model) == POPULARITY
+    else:
+        # the model sent goes on to the first statistics round unchanged
+        assert all(np.array_equal(model[key], sent[key]) for key in sent)
+        assert strategy.begin_round(2, model) == STATISTICS
+    assert strategy.signal == signal  # decided once
+
+
+def test_after_the_rule_chose_popularity_the_pooled_counts_carry_the_floor_noise():
+    """Every release on counts: their inverse-variance pool has the noise of one release of the
+    whole budget, the DP-popularity floor's (the rule's fallback costs nothing against it)."""
+    settings, num_ads, rounds, sigma = _settings(), 200, 4, 3.0
+    strategy = ALSAggregation(settings, num_ads, 4, num_rounds=rounds)
+    shares = release_budget_shares(rounds, 2.0)
+    zeros = [np.zeros(num_ads)] * 5
+    for server_round in range(1, rounds + 1):
+        assert strategy.begin_round(server_round, init_global_arrays(num_ads, 4, seed=0)) == POPULARITY
+        strategy.aggregate_train(server_round, _popularity_replies(zeros, sigma / math.sqrt(shares[server_round - 1])))
+    pooled_variance = float(strategy.state()["variance/" + ALS_POSITIVES])
+    floor_variance = 5 * (sigma * math.sqrt(settings.max_rows or 0)) ** 2  # five merchants, each its full noise
+    assert pooled_variance == pytest.approx(floor_variance)
+
+
+def test_the_lean_on_popularity_orders_equal_personal_scores_by_count():
+    num_ads, dim = 6, 3
+    arrays = {AD_FACTORS: np.tile(np.array([[0.5, 0.0, 0.1]], dtype=np.float32), (num_ads, 1)), AD_BIAS: np.zeros(num_ads, np.float32)}
+    positives = np.array([5.0, 50.0, 1.0, 20.0, 0.0, 9.0])
+    gram = np.diag([2.0, 1.0, 1.0, 0.04 * 10])  # ten users' worth at C = 0.2
+    leaned = lean_on_popularity(arrays, positives, gram, 0.2, 1.0)
+    assert np.array_equal(np.argsort(-leaned[AD_BIAS]), np.argsort(-positives))
+    assert lean_on_popularity(arrays, positives, gram, 0.2, 0.0) is arrays
+    assert popularity_model(positives, dim)[AD_BIAS].argmax() == 1
+
+
+def test_state_survives_a_checkpoint(tmp_path: Path):
+    strategy = ALSAggregation(_settings(), 50, 4, num_rounds=3)
+    strategy.begin_round(1, init_global_arrays(50, 4, seed=0))
+    strategy.aggregate_train(1, _popularity_replies([np.full(50, 100.0)] * 2, 0.5))
+    checkpointer = Checkpointer(tmp_path)
+    checkpointer.save_round(1, init_global_arrays(50, 4, seed=0), [{"round": 1}], {}, strategy.state())
+    resumed = ALSAggregation(_settings(), 50, 4, num_rounds=3)
+    state = checkpointer.server_state(1)
+    assert state is not None
+    resumed.restore(state)
+    assert resumed.signal == strategy.signal
+    assert resumed.begin_round(2, init_global_arrays(50, 4, seed=0)) == strategy.begin_round(2, init_global_arrays(50, 4, seed=0))
+    assert np.array_equal(resumed.state()[ALS_POSITIVES], strategy.state()[ALS_POSITIVES])
+    # a resume that lost the state asks for popularity again rather than solving without counts
+    assert ALSAggregation(_settings(), 50, 4, num_rounds=3).begin_round(2, {}) == POPULARITY
+    assert checkpointer.server_state(2) is None
+
+
+def test_a_merchant_releases_its_counts_alone_at_the_planned_share(tmp_path: Path):
+    cfg = small_run_config(tmp_path, privacy="user", **{"num-rounds": 3})
+    arrays = init_global_arrays(cfg.synthetic_ads, cfg.factors, seed=0)
+    reply = client_call("train", cfg, arrays, 1, release=POPULARITY)
+    assert not reply.has_error(), reply.error
+    sent = from_array_record(reply.content.array_records[ARRAYS])
+    assert set(sent) == {ALS_POSITIVES} and sent[ALS_POSITIVES].shape == (cfg.synthetic_ads,)
+    ledger = json.loads((Path(cfg.state_dir) / "partition-0" / "privacy_ledger.json").read_text())["ledger"]
+    sigma = plain_metrics(reply.content.metric_records[METRICS])[DP_NOISE_MULTIPLIER]
+    assert sigma == pytest.approx(ledger["noise_multiplier"] / math.sqrt(POPULARITY_SHARE))
+    # the next release is the statistics, without the counts
+    stats = client_call("train", cfg, arrays, 2, release=STATISTICS)
+    assert not stats.has_error() and ALS_POSITIVES not in from_array_record(stats.content.array_records[ARRAYS])
+
+
+def test_only_private_als_makes_a_popularity_release(tmp_path: Path):
+    cfg = small_run_config(tmp_path, privacy="user", **{"mf-solver": "sgd"})
+    reply = client_call("train", cfg, init_global_arrays(cfg.synthetic_ads, cfg.factors, seed=0), 1, release=POPULARITY)
+    assert reply.has_error() and reply.error.code == PRIVACY_REFUSED and "popularity" in reply.error.reason
+
+
+def test_configure_train_asks_what_the_rule_says():
+    strategy = ALSAggregation(_settings(), 20, 4, num_rounds=3, min_train_nodes=1, min_available_nodes=1)
+
+    class OneNode:
+        def get_node_ids(self) -> list[int]:
+            return [7]
+
+        def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str) -> Message:
+            return Message(content=content, message_type=message_type, dst_node_id=dst_node_id, group_id=group_id)
+
+    messages = list(strategy.configure_train(1, to_array_record(init_global_arrays(20, 4, seed=0)), ConfigRecord(), OneNode()))  # type: ignore[arg-type]
+    assert messages and all(msg.content.config_records["config"][ALS_RELEASE] == POPULARITY for msg in messages)
