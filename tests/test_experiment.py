@@ -86,7 +86,7 @@ def test_an_experiment_is_run_config_overrides_named_after_its_file(tmp_path):
         "synthetic-merchants": 2, "min-nodes": 2, "seed": 3,
     })
     assert federated == expected
-    assert private == expected.with_values(privacy="user", target_epsilon=4.0, num_rounds=2)
+    assert private == expected.with_values(privacy="user", target_epsilon=4.0, num_rounds=3)  # private-als-rounds
     # where a cell writes does not change what it computes, so not its cache key either
     moved = cells[0].model_copy(update={"config": federated.with_values(output_dir=str(tmp_path / "elsewhere"))})
     assert moved.key == cells[0].key
@@ -137,7 +137,7 @@ def test_sweep_is_cached_resumes_after_an_interruption_and_reports(tmp_path, mon
     assert [re.sub(r" \((baselines|cell) \d+\.\ds\)$", "", line) for line in lines] == [
         "baselines for federated-c2-s3: started", "baselines for federated-c2-s3: done",
         "cell federated-c2-s3: started (2 rounds)", "cell federated-c2-s3: round 1/2", "cell federated-c2-s3: round 2/2",
-        "cell federated-c2-s3: done", "cell user-als-eps4-c2-s3: started (2 rounds)",
+        "cell federated-c2-s3: done", "cell user-als-eps4-c2-s3: started (3 rounds)",
     ]
     cell_seconds = [float(m[1]) for m in (re.search(r"\(cell (\d+\.\d)s\)$", line) for line in lines) if m]
     assert len(cell_seconds) == 3 and cell_seconds == sorted(cell_seconds) and cell_seconds[-1] > 0
@@ -154,8 +154,9 @@ def test_sweep_is_cached_resumes_after_an_interruption_and_reports(tmp_path, mon
     assert first.stat().st_mtime_ns == stamp
     lines = _progress_lines(capsys.readouterr().out)
     assert [re.sub(r" \(cell \d+\.\ds\)$", "", line) for line in lines] == [
-        "cached: federated-c2-s3", "cached: baselines for federated-c2-s3", "cell user-als-eps4-c2-s3: started (2 rounds)",
-        "cell user-als-eps4-c2-s3: round 1/2", "cell user-als-eps4-c2-s3: round 2/2", "cell user-als-eps4-c2-s3: done",
+        "cached: federated-c2-s3", "cached: baselines for federated-c2-s3", "cell user-als-eps4-c2-s3: started (3 rounds)",
+        "cell user-als-eps4-c2-s3: round 1/3", "cell user-als-eps4-c2-s3: round 2/3", "cell user-als-eps4-c2-s3: round 3/3",
+        "cell user-als-eps4-c2-s3: done",
     ]
 
     rows = json.loads((output / "results.json").read_text())

@@ -31,6 +31,7 @@ from client.node_data import NodeData
 from client.privacy.registry import open_plan
 from client.serving import serving_split
 from client.solvers.registry import solver_for
+from server.als_aggregation import ALSAggregation
 from server.strategies import build_strategy
 from shared.config import RunConfig
 from shared.data.loaders import load_log_file, write_log_csv
@@ -39,7 +40,7 @@ from shared.data.synthetic import GroundTruth
 from shared.flower_internals import server_identity
 from shared.params import initial_model, with_public_constants
 from shared.privacy_policy import PrivacyPolicy
-from shared.wire import Arrays, from_array_record
+from shared.wire import POPULARITY, STATISTICS, Arrays, from_array_record
 from simulations.delivery.ab_test import assign_policy, unit_interval
 from simulations.delivery.policies import ScoreFn, choose_slate, model_scores, popularity_scores, random_scores
 from simulations.delivery.settings import DeliverySettings
@@ -164,13 +165,17 @@ class DeliveryLoop:
         return DeliveryResult(arms_of, merchant_of, served, records, epsilon)
 
     def _federated_round(self, server_round: int, arrays: Arrays, data: dict[str, NodeData], strategy: Strategy) -> Arrays:
+        # what the release asks for (private ALS: its popularity release first, shared/als.py)
+        asked = strategy.begin_round(server_round, arrays) if isinstance(strategy, ALSAggregation) else STATISTICS
         replies = []
         for name in self.merchants:
             solver = solver_for(self.cfg, data[name])
             rng = np.random.default_rng([self.cfg.seed, server_round, self.merchants.index(name)])
-            users = solver.fit_users(arrays, rng, None)
             plan = open_plan(self.cfg, self.policy, data[name].num_users, self.work / name / "state")
-            reply = plan.release_update(name, solver, arrays, users, rng, server_round)
+            if asked == POPULARITY:
+                reply = plan.release_popularity(name, solver, server_round)
+            else:
+                reply = plan.release_update(name, solver, arrays, solver.fit_users(arrays, rng, None), rng, server_round)
             replies.append(reply.to_message(Message(content=RecordDict(), dst_node_id=1, message_type="train")))
         aggregated, _ = strategy.aggregate_train(server_round, replies)
         if aggregated is None:
