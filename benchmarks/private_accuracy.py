@@ -28,6 +28,7 @@ import argparse
 import json
 import logging
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -68,8 +69,15 @@ def _peer_records(datasets: list[str]) -> list[dict[str, Any]]:
     return [{k: r[k] for k in KEYS} for r in peers if r["method"] == "implicit-als" and r["dataset"] in datasets]
 
 
-def _verdicts(records: list[dict[str, Any]]) -> list[str]:
-    """The issue's targets, read off the records."""
+def _median_floors(cfg: RunConfig, dataset: Any, epsilons: list[float], repeats: int) -> dict[str, dict[str, float]]:
+    """dp_popularity's metrics per epsilon, the median of `repeats` noise draws."""
+    draws = [dp_popularity(cfg, dataset, MERCHANTS, epsilons) for _ in range(repeats)]
+    return {eps: {key: statistics.median(d[eps][key] for d in draws) for key in draws[0][eps]} for eps in draws[0]}
+
+
+def _verdicts(records: list[dict[str, Any]], ranked_by_popularity: set[tuple[str, float | None, bool]]) -> list[str]:
+    """The issue's targets, read off the records (a cell whose popularity rule chose popularity
+    is the floor's own mechanism: at the floor in distribution, whatever one draw says)."""
     lines = []
     index = {(r["dataset"], r["epsilon"], r["method"], r["secure_aggregation"]): r for r in records}
     for (dataset, epsilon, method, secure), r in sorted(index.items(), key=lambda kv: str(kv[0])):
@@ -77,7 +85,8 @@ def _verdicts(records: list[dict[str, Any]]) -> list[str]:
             continue
         floor = index[(dataset, epsilon, "dp-popularity", False)]
         ok = all(r[k] >= floor[k] for k in ("ndcg10_sampled", "ndcg10_full"))
-        lines.append(f"{dataset} eps {epsilon:g} {'secure' if secure else 'plain'}: "
+        rule = " [the popularity rule chose popularity]" if (dataset, epsilon, secure) in ranked_by_popularity else ""
+        lines.append(f"{dataset} eps {epsilon:g} {'secure' if secure else 'plain'}{rule}: "
                      f"{'at or above' if ok else 'BELOW'} dp-popularity (sampled {r['ndcg10_sampled']:.4f} vs {floor['ndcg10_sampled']:.4f}, "
                      f"full {r['ndcg10_full']:.4f} vs {floor['ndcg10_full']:.4f})")
     for dataset in sorted({r["dataset"] for r in records}):
@@ -98,6 +107,9 @@ def main() -> int:
     parser.add_argument("--threshold", type=float, default=RunConfig().secure_threshold)
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--secure-results", action="store_true", help=f"also write {SECURE_RESULTS.name} (issue 15's table)")
+    parser.add_argument("--repeats", type=int, default=1, help=(
+        "noise draws of each private cell and floor; records hold the medians (a cell whose popularity rule chose "
+        "popularity is the floor's mechanism: only noise tells the two apart)"))
     parser.add_argument("--only-federated", action="store_true", help=(
         "rerun only the federated (no DP) cells and replace just their records in --results (after a change of the "
         "non-private defaults; the private cells, the floors and the peers keep their records)"))
@@ -109,6 +121,7 @@ def main() -> int:
           f"secure threshold {args.threshold}", flush=True)
     records: list[dict[str, Any]] = []
     secure_records: list[dict[str, Any]] = []
+    ranked_by_popularity: set[tuple[str, float | None, bool]] = set()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedads-accuracy-") as folder:
         work = Path(folder)
@@ -124,7 +137,7 @@ def main() -> int:
             for name, plan in plans.items():
                 base = plan[("none", None)]
                 dataset = load_dataset(base)
-                floors = {} if args.only_federated else dp_popularity(base, dataset, MERCHANTS, args.epsilons)
+                floors = {} if args.only_federated else _median_floors(base, dataset, args.epsilons, args.repeats)
                 if not args.only_federated:
                     records.append(_record(name, None, "toppop", False, toppop(base, dataset)))
                 upload: dict[str, float] = {}
@@ -133,12 +146,21 @@ def main() -> int:
                     upload["none"] = _upload_bytes(base, work / name / "bytes-none")
                 for (mode, epsilon), cfg in plan.items():
                     cell_started = time.perf_counter()
-                    outcome = _run(cfg, runtime)
+                    # each draw its own merchants (own state dirs, own ledgers: a second run on one would be refused)
+                    draws = [_run(cfg.with_values(output_dir=f"{cfg.output_dir}-{draw}", state_dir=f"{cfg.output_dir}-{draw}/state"), runtime)
+                             for draw in range(1 if mode == "none" else args.repeats)]
+                    outcome = {key: statistics.median(d[key] for d in draws) for key in (*METRICS, "round_seconds")}
+                    chose_popularity = sum(d["ranks_by_popularity"] for d in draws)
+                    spread = {key: (min(d[key] for d in draws), max(d[key] for d in draws)) for key in ("ndcg10_sampled", "ndcg10_full")}
                     method = "federated" if mode == "none" else "private-als"
                     records.append(_record(name, epsilon, method, mode == "secure", outcome))
                     secure_records.append({"dataset": name, "epsilon": epsilon, "mode": mode, **outcome, "bytes_per_client": upload.get(mode)})
-                    print(f"  {name} {mode} eps={epsilon}: NDCG@10 sampled {outcome['ndcg10_sampled']:.4f} full {outcome['ndcg10_full']:.4f} "
-                          f"({time.perf_counter() - cell_started:.0f} s)", flush=True)
+                    if chose_popularity:
+                        ranked_by_popularity.add((name, epsilon, mode == "secure"))
+                    print(f"  {name} {mode} eps={epsilon}: NDCG@10 sampled {outcome['ndcg10_sampled']:.4f} "
+                          f"[{spread['ndcg10_sampled'][0]:.4f}, {spread['ndcg10_sampled'][1]:.4f}] full {outcome['ndcg10_full']:.4f} "
+                          f"[{spread['ndcg10_full'][0]:.4f}, {spread['ndcg10_full'][1]:.4f}] (median of {len(draws)}; "
+                          f"popularity rule chose popularity in {chose_popularity}; {time.perf_counter() - cell_started:.0f} s)", flush=True)
                 for epsilon in args.epsilons if floors else []:
                     floor = floors[f"{epsilon:g}"]
                     records.append(_record(name, epsilon, "dp-popularity", False, floor))
@@ -156,7 +178,7 @@ def main() -> int:
     for record in records:
         print("| " + " | ".join("-" if record[k] is None else (f"{record[k]:.4f}" if isinstance(record[k], float) else str(record[k]))
                                 for k in KEYS) + " |")
-    print("\n" + "\n".join(_verdicts(records)))
+    print("\n" + "\n".join(_verdicts(records, ranked_by_popularity)))
     write_records(args.results, records)
     print(f"\nrecords: {args.results}")
     if args.secure_results:

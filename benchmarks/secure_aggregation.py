@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))  # a site-packages `benchmarks` shadows this folde
 import numpy as np  # noqa: E402
 from flwr.app import ConfigRecord, Context, RecordDict  # noqa: E402
 
-from server.als_aggregation import ALSAggregation  # noqa: E402
+from server.als_aggregation import RANKS_BY_POPULARITY, ALSAggregation  # noqa: E402
 from server.secure_round import SecureTraining  # noqa: E402
 from server.strategies import build_strategy  # noqa: E402
 from shared.als import ALSSettings  # noqa: E402
@@ -82,7 +82,9 @@ def _run(cfg: RunConfig, runtime: SimulationRuntime) -> dict[str, Any]:
     final = history[-1]["evaluate"]
     return {"ndcg10_sampled": final["ndcg10_sampled"], "hr10_sampled": final["hr10_sampled"], "ndcg10_full": final["ndcg10_full"],
             "hr10_full": final["hr10_full"],
-            "round_seconds": statistics.median(timings)}
+            "round_seconds": statistics.median(timings),
+            # private ALS: whether its popularity rule chose popularity (server/als_aggregation.py)
+            "ranks_by_popularity": bool(history[-1].get("train", {}).get(RANKS_BY_POPULARITY))}
 
 
 def _upload_bytes(cfg: RunConfig, work: Path) -> float:
