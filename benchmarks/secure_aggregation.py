@@ -78,13 +78,14 @@ def _run(cfg: RunConfig, runtime: SimulationRuntime) -> dict[str, Any]:
     output = Path(cfg.output_dir)
     run_simulation(cfg.to_flower(), MERCHANTS, output / "flower", runtime=runtime, timeout=7200)
     history = write_exact_history(cfg, MERCHANTS, output) if cfg.privacy == "user" else json.loads((output / "history.json").read_text())
-    timings = [h["round_seconds"] for h in json.loads((output / "history.json").read_text())[1:]]
+    served = json.loads((output / "history.json").read_text())  # the server's own records (the exact history has no train metrics)
+    timings = [h["round_seconds"] for h in served[1:]]
     final = history[-1]["evaluate"]
     return {"ndcg10_sampled": final["ndcg10_sampled"], "hr10_sampled": final["hr10_sampled"], "ndcg10_full": final["ndcg10_full"],
             "hr10_full": final["hr10_full"],
             "round_seconds": statistics.median(timings),
             # private ALS: whether its popularity rule chose popularity (server/als_aggregation.py)
-            "ranks_by_popularity": bool(history[-1].get("train", {}).get(RANKS_BY_POPULARITY))}
+            "ranks_by_popularity": bool(served[-1].get("train", {}).get(RANKS_BY_POPULARITY))}
 
 
 def _upload_bytes(cfg: RunConfig, work: Path) -> float:
