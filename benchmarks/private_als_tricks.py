@@ -1,21 +1,23 @@
-"""Private ALS utility tricks, each measured on its own, at one epsilon.
+"""Private ALS utility tricks, each measured on its own, at one epsilon; and the popularity rule.
 
     .venv/bin/python benchmarks/private_als_tricks.py --data ml100k --epsilon 8 --seeds 3
     .venv/bin/python benchmarks/private_als_tricks.py --data beauty --epsilon 8 --seeds 2
-    .venv/bin/python benchmarks/private_als_tricks.py --data ml100k --epsilon 1 --seeds 3 --positives-share 0.4 0.6 0.8
+    .venv/bin/python benchmarks/private_als_tricks.py --data ml100k --popularity-rule 1 2 4 8 16 --seeds 3 --leans 0 10 20
 
-Runs federated private ALS in-process with the very code of a Flower run (each shard's
-the ALS solver computes its statistics, they are noised as client/privacy/private_als.py does, with the
-noise multiplier calibrated by shared/accounting.py per shard, and summed and solved by
-server/als_aggregation.ALSAggregation), 5 IID shards of ../shared/data. A "plain" private ALS
-(per-ad Gramians, equal budget per round, no count averaging, no shrinkage, no noise-aware
-ridge, random start) and the experiment's setting are compared with one trick toggled at a
-time. Reports the median over seeds of NDCG@10 / HR@10 (sampled) and NDCG@10 (full).
+Runs federated private ALS in-process with the very code of a Flower run (simulations/in_process.py
+private_als_round: each merchant's release as client/privacy/private_als.py makes it, popularity
+first, then statistics, with the noise multiplier calibrated by shared/accounting.py per shard,
+summed and solved by server/als_aggregation.ALSAggregation), 5 IID shards of ../shared/data,
+3 rounds by default (a popularity release and 2 of statistics). A "plain" private ALS (per-ad
+Gramians, equal budget per statistics round, no pooling of the row counts, no shrinkage, no
+noise-aware ridge, random start) and the experiment's setting are compared with one trick
+toggled at a time. Reports the median over seeds of NDCG@10 / HR@10 (sampled) and NDCG@10 (full).
 
-`--positives-share S ...`: instead, the experiment's setting with the release's budget split
-moved towards the positive counts (the ads' popularity, what the bias rests on): each S is the
-positives' share of the squared noise budget, the target's share shrinking to make room (the
-shipped split: shared/als.py BUDGET_SHARES), next to the DP-popularity floor at the same epsilon.
+`--popularity-rule EPSILON ...`: instead, at each epsilon, plain (each merchant adds its full
+noise) and secure (a quarter of the variance each, t = 4 of 5): the popularity rule's signal,
+the personal model forced (min-signal 0) at each of `--leans`, the shipped rule's own choice,
+and the DP-popularity floor: the measurements behind shared/als.py POPULARITY_MIN_SIGNAL and
+POPULARITY_LEAN.
 """
 
 from __future__ import annotations
@@ -117,16 +119,16 @@ def _main() -> int:
     plain = {"als-gram": "per-ad", "als-budget-growth": 1.0, "als-count-shrinkage": 0.0, "als-noise-ridge": 0.0,
              "als-catalog-prior": False, "init": "random"}
     variants: list[tuple[str, dict[str, Any], bool] | tuple[str, dict[str, Any], bool, bool]] = [
-        ("plain private ALS (per-ad Gramians, equal rounds, no count averaging, no shrinkage)", plain, False),
+        ("plain private ALS (per-ad Gramians, equal statistics rounds, no shrinkage)", plain, False),
         ("plain + shared Gramian (count x average user)", {**plain, "als-gram": "shared"}, False),
-        ("plain + counts averaged over rounds", plain, True),
         ("plain + later rounds get more budget (growth 2.33)", {**plain, "als-budget-growth": 2.33}, False),
         ("plain + noise-aware ridge (20 per unit of noise std)", {**plain, "als-noise-ridge": 20.0}, False),
         ("plain + count shrinkage", {**plain, "als-count-shrinkage": tuned.als_count_shrinkage}, False),
         ("plain + catalog warm start", {**plain, "init": "catalog"}, False),
         ("the experiment's setting", {}, True),
-        ("setting, 1 round", {"num-rounds": 1}, True),
-        ("setting, 3 rounds", {"num-rounds": 3}, True),
+        ("setting, 1 round (the popularity release alone)", {"num-rounds": 1}, True),
+        ("setting, 2 rounds (popularity, 1 of statistics)", {"num-rounds": 2}, True),
+        ("setting, 4 rounds (popularity, 3 of statistics)", {"num-rounds": 4}, True),
         ("setting, clip 0.1", {"als-user-clip": 0.1}, True),
         ("setting, clip 0.5", {"als-user-clip": 0.5}, True),
         ("setting, catalog prior " + ("off" if tuned.als_catalog_prior else "on (all tags)"),
