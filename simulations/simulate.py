@@ -26,6 +26,8 @@ from typing import Any
 from client.handlers import first_message_imports
 from deploy.processes import terminate_as_exit
 from server import report
+from server.als_aggregation import POPULARITY_SIGNAL, RANKS_BY_POPULARITY
+from shared.als import POPULARITY_MIN_SIGNAL
 from shared.config import ConfigError, RunConfig, parse_override
 from shared.wire import MERCHANT_POP_PREFIX
 from simulations import PROJECT_ROOT
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"simulation failed: {exc}", file=sys.stderr)
         return 1
     history = json.loads((output / "history.json").read_text())
+    choice = _popularity_choice(history[-1].get("train", {}))
     if cfg.privacy != "none":  # the merchants' own metrics are noised or withheld: evaluate in the harness
         history = with_exact_metrics(history, write_exact_history(cfg, args.clients, output))
     if len(runs) > 1:
@@ -92,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"fedads: {args.clients} merchants, {history[-1]['round']} rounds, {cfg.dataset} data, wall time {wall:.1f}s")
     print(_describe(cfg) + (" (metrics: the harness's exact evaluator); beside it, the same run without DP" if len(runs) > 1 else ""))
+    if choice:
+        print(choice)
     print(report.table(history, COMPARED if len(runs) > 1 else report.COLUMNS))
     print(f"\nresults: {output / 'history.json'} and {output / 'metrics.csv'}"
           + (f"; exact evaluation: {output / 'exact_history.json'}" if cfg.privacy != "none" else ""))
@@ -119,6 +124,18 @@ def _describe(cfg: RunConfig) -> str:
         mechanism = "private ALS" if cfg.mf_solver == "als" else "DP-SGD"
         return f"privacy: user-level DP per merchant ({mechanism}, epsilon {cfg.target_epsilon:g})"
     return {"none": "privacy: none (no DP)", "client": f"privacy: Flower's client-level DP (epsilon {cfg.target_epsilon:g})"}[cfg.privacy]
+
+
+def _popularity_choice(train: dict[str, float]) -> str | None:
+    """Private ALS: what its popularity rule chose, in a line (server/als_aggregation.py)."""
+    signal = train.get(POPULARITY_SIGNAL)
+    if signal is None:
+        return None
+    if train.get(RANKS_BY_POPULARITY):
+        return (f"private ALS ranks by noisy popularity: the counts' signal is {signal:.1f} noise stds, under the "
+                f"{POPULARITY_MIN_SIGNAL:g} a personal model needs to beat popularity at this noise")
+    return (f"private ALS: a personal model (the counts' signal is {signal:.1f} noise stds; "
+            f"under {POPULARITY_MIN_SIGNAL:g} it would rank by popularity)")
 
 
 def _merge_comparison(history: list[dict], no_dp: list[dict]) -> None:

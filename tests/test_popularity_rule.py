@@ -183,3 +183,15 @@ def test_configure_train_asks_what_the_rule_says():
 
     messages = list(strategy.configure_train(1, to_array_record(init_global_arrays(20, 4, seed=0)), ConfigRecord(), OneNode()))  # type: ignore[arg-type]
     assert messages and all(msg.content.config_records["config"][ALS_RELEASE] == POPULARITY for msg in messages)
+
+
+def test_the_harness_says_what_the_rule_chose():
+    from simulations.report import _model
+    from simulations.simulate import _popularity_choice
+
+    assert _popularity_choice({}) is None and _model({"popularity_signal": None}) == "-"
+    assert "ranks by noisy popularity" in (_popularity_choice({POPULARITY_SIGNAL: 3.2, RANKS_BY_POPULARITY: 1.0}) or "")
+    assert "a personal model" in (_popularity_choice({POPULARITY_SIGNAL: 12.0, RANKS_BY_POPULARITY: 0.0}) or "")
+    assert _model({"popularity_signal": 3.2, "ranks_by_popularity": 1.0}).startswith("noisy popularity (signal 3.2 < 7")
+    assert _model({"popularity_signal": 30.0, "ranks_by_popularity": 1.0}) == "noisy popularity (a run of one round releases popularity only)"
+    assert _model({"popularity_signal": 12.0, "ranks_by_popularity": 0.0}) == "personal (signal 12.0)"
