@@ -58,12 +58,15 @@ def _ledger(cfg: RunConfig, partition: int) -> dict[str, Any]:
     return json.loads((Path(cfg.state_dir) / f"partition-{partition}" / "privacy_ledger.json").read_text())["ledger"]
 
 
-def test_the_server_gets_the_plain_sum_within_the_quantization_error(tmp_path, released):
+@pytest.mark.parametrize("release", ["statistics", "popularity"])
+def test_the_server_gets_the_plain_sum_within_the_quantization_error(tmp_path, released, release):
     cfg = _secure_cfg(tmp_path)
     training = _training(cfg)
     arrays = init_global_arrays(cfg.synthetic_ads, cfg.factors, seed=0)
-    outcome = training.exchange(InProcessGrid(cfg, MERCHANTS), 1, arrays, list(range(10, 10 + MERCHANTS)))
+    outcome = training.exchange(InProcessGrid(cfg, MERCHANTS), 1, arrays, list(range(10, 10 + MERCHANTS)), release)
     assert outcome.total is not None and len(outcome.contributions) == MERCHANTS and len(released) == MERCHANTS
+    # what the round asked for, and nothing else: the popularity release is the positive counts alone
+    assert set(outcome.total) == set(training.settings.release_keys(release))
     assert outcome.threshold == 2  # round(0.6 x 3)
     error = training.scales.quantization_error(MERCHANTS)
     for key, total in outcome.total.items():
