@@ -245,7 +245,7 @@ def _federated_only(name: str, cfg: RunConfig, catalog: Any, shards: list[NodeDa
 
 def federated_label(cfg: RunConfig) -> str:
     alpha0 = cfg.als_alpha0 if isinstance(cfg.als_alpha0, str) else f"{cfg.als_alpha0:g}"
-    return f"als-alpha0 {alpha0}, als-user-l2 {cfg.als_user_l2:g}, als-ad-l2 {cfg.als_ad_l2:g}, {cfg.num_rounds} rounds"
+    return f"als-alpha0 {alpha0}, als-user-l2 {cfg.als_user_l2}, als-ad-l2 {cfg.als_ad_l2}, {cfg.num_rounds} rounds"
 
 
 def main() -> int:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from shared.als import PRIVATE_ALPHA0, Rows, density_alpha0, fixed_alpha0, solve_users
+from shared.als import PRIVATE_ALPHA0, PRIVATE_L2, Rows, als_l2, density_alpha0, fixed_alpha0, solve_users
 from shared.config import RunConfig
 from shared.data.split import UserSplit
 from shared.wire import AD_BIAS, AD_FACTORS, Arrays
@@ -30,7 +30,7 @@ class ALSUserStep(BaseModel):
     model_config = _RECORD
     solver: Literal["als"] = "als"
     alpha0: float = Field(PRIVATE_ALPHA0, gt=0)
-    user_l2: float = Field(_DEFAULTS["als_user_l2"].default, gt=0)
+    user_l2: float = Field(PRIVATE_L2, gt=0)
 
     @classmethod
     def from_config(cls, cfg: RunConfig, rows: Rows, num_ads: int) -> ALSUserStep:
@@ -39,7 +39,7 @@ class ALSUserStep(BaseModel):
         alpha0 = fixed_alpha0(cfg)
         if alpha0 is None:
             alpha0 = density_alpha0(float(len(rows.ad)), float(rows.num_users), num_ads)
-        return cls(alpha0=alpha0, user_l2=cfg.als_user_l2)
+        return cls(alpha0=alpha0, user_l2=als_l2(cfg.als_user_l2, cfg))
 
     def fit(self, split: UserSplit, arrays: Arrays, rng: np.random.Generator, init: np.ndarray | None = None) -> np.ndarray:
         return self.fit_rows(Rows.from_split(split), arrays)

@@ -83,6 +83,11 @@ CHUNK_USERS = 8192  # bounds the per-user temporaries: [8192, 33 * 34 / 2] float
 # 0.00065 gives 0.0052, where implicit's validated optimum lies (confidence alpha ~ 1 / 0.003)
 ALPHA0_PER_DENSITY = 8.0
 PRIVATE_ALPHA0 = 0.5  # "auto" under DP: the density is private, this constant is not
+# als-user-l2 and als-ad-l2 "auto": without DP 3 (Beauty's validated optimum; MovieLens-100K is
+# flat from 1 to 3: federated / implicit 1.006 -> 1.016 sampled, 1.025 -> 1.014 full), under DP 1
+# (the noise-aware ridge regularizes the ad step; 3 costs 0.01-0.02 NDCG@10 sampled on
+# MovieLens at epsilon 4-16): docs/BENCHMARKS.md "Federated ALS against implicit's ALS"
+EXACT_L2, PRIVATE_L2 = 3.0, 1.0
 # als-gram "auto" without DP: exact per-ad Gramians up to 2^25 floats per reply (134 MB float32:
 # 30,812 ads at d = 32; Beauty's 12,101 ads take 13.2M), beyond it the shared Gramian, d + 2
 # floats per ad (its accuracy cost: docs/BENCHMARKS.md, "Scale")
@@ -108,7 +113,7 @@ class ALSSettings:
         private = cfg.privacy == "user"
         per_ad_fits = num_ads is None or num_ads * (cfg.factors + 1) ** 2 <= PER_AD_GRAM_MAX_FLOATS
         return cls(
-            alpha0=fixed_alpha0(cfg), user_l2=cfg.als_user_l2, ad_l2=cfg.als_ad_l2,
+            alpha0=fixed_alpha0(cfg), user_l2=als_l2(cfg.als_user_l2, cfg), ad_l2=als_l2(cfg.als_ad_l2, cfg),
             max_rows=cfg.als_max_rows if private else None, user_clip=cfg.als_user_clip,
             gram_mode=cfg.als_gram if cfg.als_gram != "auto" else ("shared" if private or not per_ad_fits else "per-ad"),
             count_shrinkage=cfg.als_count_shrinkage if private else 0.0, noise_ridge=cfg.als_noise_ridge, clip=private,
@@ -158,6 +163,13 @@ class ALSSettings:
         of `noise_multipliers`: Gaussian variances add, and noise_stds is linear in the multiplier."""
         total = math.sqrt(sum(sigma**2 for sigma in noise_multipliers))
         return self.noise_stds(total, release) if total > 0 else dict.fromkeys(self.release_keys(release), 0.0)
+
+
+def als_l2(value: float | str, cfg: RunConfig) -> float:
+    """An ALS L2 setting's value: a number asked for, or "auto" (EXACT_L2, PRIVATE_L2 under DP)."""
+    if value != "auto":
+        return float(value)
+    return PRIVATE_L2 if cfg.privacy == "user" else EXACT_L2
 
 
 def fixed_alpha0(cfg: RunConfig) -> float | None:

@@ -178,8 +178,10 @@ class RunConfig(BaseModel):
     als_alpha0: Annotated[float, Field(gt=0)] | Literal["auto"] = Field("auto", description=(
         "weight of every unobserved (user, ad) pair; auto: 8 x the density (rows / (users x ads)) of the data "
         "each party holds without DP, 0.5 under DP (the density is private)"))
-    als_user_l2: float = Field(1.0, gt=0, description="L2 of the ALS user step")
-    als_ad_l2: float = Field(1.0, gt=0, description="L2 of the ALS ad step")
+    als_user_l2: Annotated[float, Field(gt=0)] | Literal["auto"] = Field("auto", description=(
+        "L2 of the ALS user step; auto: 3 without DP, 1 under DP (the noise-aware ridge regularizes there)"))
+    als_ad_l2: Annotated[float, Field(gt=0)] | Literal["auto"] = Field("auto", description=(
+        "L2 of the ALS ad step; auto: 3 without DP, 1 under DP (the noise-aware ridge regularizes there)"))
     als_noise_ridge: float = Field(20.0, ge=0, description="DP: ridge added per unit of noise std of the summed statistics")
     als_max_rows: int = Field(5, ge=1, description="DP: a user's rows weigh min(1, sqrt(k / rows)): bounded contribution")
     als_user_clip: float = Field(0.2, gt=0, description="DP: user factor norm bound in the released statistics")
