@@ -43,7 +43,7 @@ from server.als_aggregation import ALSAggregation
 from shared.accounting import calibrate_noise_multiplier
 from shared.als import ALSSettings, release_budget_shares
 from shared.catalog_features import informative_tags
-from shared.config import RunConfig
+from shared.config import RunConfig, parse_override
 from shared.data.sources import load_dataset
 from shared.flower_internals import server_identity
 from shared.metrics import NUM_TEST_USERS
@@ -108,9 +108,11 @@ def _main() -> int:
                         help="instead: the popularity rule at these epsilons, plain and secure, against the floor")
     parser.add_argument("--leans", type=float, nargs="+", default=[0.0, 2.5], help="with --popularity-rule: the leans to force")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (the first is the popularity release)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a run-config change for every variant")
     args = parser.parse_args()
 
-    setting = {"partitioning": "iid", "factors": args.factors, "num-rounds": args.rounds, "privacy": "user", **DATASETS[args.data]}
+    setting = {"partitioning": "iid", "factors": args.factors, "num-rounds": args.rounds, "privacy": "user", **DATASETS[args.data],
+               **dict(parse_override(item) for item in args.set)}
     tuned = RunConfig.from_flower(setting)
     dataset = load_dataset(tuned)
     shards = [data for _, data in shard_data(tuned, dataset, 5)]
