@@ -50,7 +50,7 @@ def _main() -> int:
     parser.add_argument("--search-seed", type=int, default=7)
     args = parser.parse_args()
 
-    setting = {"partitioning": "iid", "factors": 32, "num-rounds": 2, "privacy": "user", **DATASETS[args.data]}
+    setting = {"partitioning": "iid", "factors": 32, "num-rounds": 3, "privacy": "user", **DATASETS[args.data]}  # popularity, then 2 of statistics
     tuned = RunConfig.from_flower(setting)
     dataset = load_dataset(tuned)
     shards = [data for _, data in shard_data(tuned, dataset, 5)]
