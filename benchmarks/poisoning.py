@@ -148,7 +148,7 @@ def _main() -> int:
     logging.getLogger("flwr").setLevel(logging.ERROR)  # the strategy's per-round lines and the screen's warnings
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5, help="rounds of federated ALS without DP")
-    parser.add_argument("--epsilon", type=float, default=8.0, help="private ALS (2 releases) at this epsilon")
+    parser.add_argument("--epsilon", type=float, default=8.0, help="private ALS (3 releases: popularity, then 2 of statistics) at this epsilon")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
     base = {"dataset": "movielens-100k", "data-path": str(DATA / "movielens" / "ml-100k"), "partitioning": "iid", "factors": 32,

@@ -171,7 +171,8 @@ class ALSAggregation(FedAvg):
         # each release's noise multiplier is public (a function of its merchant's budget plan)
         reports = [PrivacyReport.from_metrics(record) for record in metrics]
         stds = self.settings.summed_noise_stds([report.noise_multiplier for report in reports if report], self.release)
-        variances = {key: stds[key] ** 2 for key in total}
+        # a key outside the release's (exact statistics handed to solve directly) carries no noise
+        variances = {key: stds.get(key, 0.0) ** 2 for key in total}
         for key in ROUND_INVARIANT:
             if key in total:
                 total[key], variances[key] = self._average_counts(key, total[key], variances[key])
