@@ -11,7 +11,7 @@ n-grams; MovieLens: titles and genres, Beauty: brand and category attributes, no
 a ridge map fitted on the warm ads' trained parameters. Every merchant ranks, for each of its
 users with a positive on a held-out ad, the earliest such ad among all held-out ads, by
 "content", by "category-popularity" and at random. Means weigh each merchant by its test users.
-With `--epsilon E`, the experiment's private-ALS cell at E instead (2 releases, every merchant
+With `--epsilon E`, the experiment's private-ALS cell at E instead (3 releases: popularity, then 2 of statistics; every merchant
 adding the full Gaussian noise of its release, plain aggregation: the conservative path, as
 benchmarks/private_als_tricks.py noises); the content map reads only the private model's global
 parameters, so the cold ads' placement costs no more privacy.

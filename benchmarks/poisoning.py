@@ -163,7 +163,8 @@ def _main() -> int:
     positives = sum(np.bincount(data.split.pos_ads, minlength=len(catalog)) for data in shards)
     promoted = int(np.argsort(positives)[len(catalog) // 2])  # a middling ad, not already a top-1
     print(f"{date.today()} on {platform.node()} ({platform.machine()}): MovieLens-100K, {MERCHANTS} IID shards, merchant 0 poisons; "
-          f"no DP {args.rounds} rounds; private ALS epsilon {args.epsilon:g}, 2 rounds; promoted ad index {promoted}")
+          f"no DP {args.rounds} rounds; private ALS epsilon {args.epsilon:g}, 3 rounds (popularity, then 2 of statistics); "
+          f"promoted ad index {promoted}")
     print("| dp | attack | aggregation | NDCG@10 sampled (clean) | NDCG@10 full (clean) | replies dropped | promoted ad top-1 share | finite | s |")
     print("|---|---|---|---|---|---|---|---|---|")
     records: list[dict[str, Any]] = []
