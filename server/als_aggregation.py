@@ -54,6 +54,7 @@ from shared.wire import (
     ALS_POSITIVES,
     ALS_RELEASE,
     ALS_USER_GRAM,
+    DP_RELEASE_SHARE,
     POPULARITY,
     STATISTICS,
     Arrays,
@@ -128,8 +129,11 @@ class ALSAggregation(FedAvg):
         self._counts.pop(ALS_COUNT, None)
 
     def state(self) -> Arrays:
-        """What a resume needs (server/checkpoint.py): the pooled counts and the rule's signal."""
+        """What a resume needs (server/checkpoint.py): the pooled counts and the rule's signal
+        (without DP nothing: every round's statistics are exact)."""
         state: Arrays = {}
+        if not self.settings.private:
+            return state
         for key, (value, variance) in self._counts.items():
             state[key], state[_STATE_VARIANCE + key] = value, np.array(variance)
         if self.signal is not None:
@@ -178,7 +182,8 @@ class ALSAggregation(FedAvg):
                 total[key], variances[key] = self._average_counts(key, total[key], variances[key])
         record = _mean_metrics(metrics)
         if self.release == POPULARITY:
-            return to_array_record(self._after_popularity(total[ALS_POSITIVES], variances[ALS_POSITIVES], record)), record
+            arrays = self._after_popularity(total[ALS_POSITIVES], variances[ALS_POSITIVES], metrics, record)
+            return to_array_record(arrays), record
         if self.settings.private and ALS_POSITIVES not in total:  # the popularity releases' counts, pooled
             if ALS_POSITIVES not in self._counts:
                 raise ValueError("private ALS solves the ads with the popularity releases' counts, and none has come yet")
@@ -201,13 +206,12 @@ class ALSAggregation(FedAvg):
                             " and their catalog tags" if self.tags is not None else "")
         return to_array_record(arrays), record
 
-    def _after_popularity(self, positives: np.ndarray, variance: float, record: MetricRecord) -> Arrays:
+    def _after_popularity(self, positives: np.ndarray, variance: float, metrics: list[dict[str, float]], record: MetricRecord) -> Arrays:
         """The model after a popularity round: ranking by the pooled counts if the rule chose
         popularity, else the model sent (its first statistics round starts from it)."""
         if self.signal is None:
-            # the first popularity release took POPULARITY_SHARE of the budget (all of it in one round)
-            share = 1.0 if self.num_rounds == 1 else POPULARITY_SHARE
-            self.signal = popularity_signal(positives, float(np.sqrt(variance)), float(np.sqrt(variance * share)))
+            noise, whole_budget = self._popularity_noise(metrics)
+            self.signal = popularity_signal(positives, noise, whole_budget)
             if self.ranks_by_popularity:
                 log.warning("private ALS ranks by popularity: %s", "a run of one round releases popularity only"
                             if self.num_rounds == 1 else
@@ -223,6 +227,29 @@ class ALSAggregation(FedAvg):
         if self.ranks_by_popularity:
             return popularity_model(positives, self.dim)
         return self._sent
+
+    def _popularity_noise(self, metrics: list[dict[str, float]]) -> tuple[float, float]:
+        """The noise std per ad of this popularity sum, and of one made with each merchant's whole
+        budget, from the replies' public reports: a release's share (DP_RELEASE_SHARE, its plan's;
+        absent: the first release's) scales its multiplier to the whole budget's. Each from the
+        median merchant times sqrt(merchants): one merchant misreporting its noise cannot move
+        the rule's decision for everyone."""
+        carried, whole = [], []
+        for record in metrics:
+            report = PrivacyReport.from_metrics(record)
+            if report is None:
+                continue
+            share = record.get(DP_RELEASE_SHARE, 1.0 if self.num_rounds == 1 else POPULARITY_SHARE)
+            carried.append(report.noise_multiplier)
+            whole.append(report.noise_multiplier * float(np.sqrt(share)))
+        if not carried:
+            return 0.0, 0.0
+
+        def summed(multipliers: list[float]) -> float:
+            typical = float(np.median(multipliers)) * float(np.sqrt(len(multipliers)))
+            return self.settings.summed_noise_stds([typical], POPULARITY)[ALS_POSITIVES]
+
+        return summed(carried), summed(whole)
 
     def _average_counts(self, key: str, value: np.ndarray, variance: float) -> tuple[np.ndarray, float]:
         if key not in self._counts or variance == 0.0:

@@ -462,7 +462,7 @@ def lean_on_popularity(
         return arrays
     gram = _symmetrize(user_gram)
     dim = gram.shape[0] - 1
-    users = max(float(gram[-1, -1]) / user_clip**2, 1e-12)  # sum of c_u: the bias feature is C
+    users = max(float(gram[-1, -1]) / user_clip**2, 1.0)  # sum of c_u (the bias feature is C), floored as solve_ads does
     moment = gram[:dim, :dim] / users
     factors = arrays[AD_FACTORS].astype(np.float64)
     personal = max(float(np.mean(np.einsum("ai,ij,aj->a", factors, moment, factors))), 0.0)

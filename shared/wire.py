@@ -43,6 +43,9 @@ CLIENT_NAME = "name"
 NUM_EXAMPLES = "num-examples"
 DP_EPSILON = "dp-epsilon"
 DP_NOISE_MULTIPLIER = "dp-noise-multiplier"
+# a private-ALS release's share of its merchant's budget (public: its plan's, shared/als.py
+# release_budget_shares): with the noise multiplier, what one whole-budget release would carry
+DP_RELEASE_SHARE = "dp-release-share"
 DP_STEPS = "dp-steps"
 TRAIN_LOSS = "train-loss"
 TRAIN_ROWS = "train-rows"

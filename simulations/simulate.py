@@ -131,9 +131,11 @@ def _popularity_choice(train: dict[str, float]) -> str | None:
     signal = train.get(POPULARITY_SIGNAL)
     if signal is None:
         return None
-    if train.get(RANKS_BY_POPULARITY):
+    if train.get(RANKS_BY_POPULARITY) and signal < POPULARITY_MIN_SIGNAL:
         return (f"private ALS ranks by noisy popularity: the counts' signal is {signal:.1f} noise stds, under the "
                 f"{POPULARITY_MIN_SIGNAL:g} a personal model needs to beat popularity at this noise")
+    if train.get(RANKS_BY_POPULARITY):
+        return "private ALS ranks by noisy popularity: a run of one round releases popularity only"
     return (f"private ALS: a personal model (the counts' signal is {signal:.1f} noise stds; "
             f"under {POPULARITY_MIN_SIGNAL:g} it would rank by popularity)")
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
+from client.node_data import load_node
 from server.als_aggregation import POPULARITY_SIGNAL, RANKS_BY_POPULARITY, ALSAggregation
 from server.checkpoint import Checkpointer
 from shared.als import (
@@ -22,8 +23,10 @@ from shared.als import (
     lean_on_popularity,
     popularity_model,
     popularity_signal,
+    popularity_statistics,
     release_budget_shares,
 )
+from shared.node_config import NodeConfig
 from shared.params import init_global_arrays
 from shared.wire import (
     AD_BIAS,
@@ -32,6 +35,7 @@ from shared.wire import (
     ALS_RELEASE,
     ARRAYS,
     DP_NOISE_MULTIPLIER,
+    DP_RELEASE_SHARE,
     METRICS,
     POPULARITY,
     PRIVACY_REFUSED,
@@ -106,6 +110,33 @@ def test_round_one_asks_for_popularity_and_the_rule_decides_once(scale: float, c
     assert strategy.signal == signal  # decided once
 
 
+def test_the_rule_reads_each_release_at_its_share_and_one_liar_cannot_move_it():
+    """The signal is the same whichever release of the plan carried the counts (a retry, a
+    resumed run: each reply says its share), and one merchant reporting a huge noise multiplier
+    (which would make the counts look like noise) does not flip the decision for everyone."""
+    rng = np.random.default_rng(5)
+    counts = [30 * rng.pareto(1.5, 400) for _ in range(5)]
+    plan_sigma = 2.0
+
+    def signal(shares: list[float], multipliers: list[float]) -> float:
+        strategy = ALSAggregation(_settings(), 400, 4, num_rounds=3)
+        strategy.begin_round(1, init_global_arrays(400, 4, seed=0))
+        replies = []
+        for values, share, sigma in zip(counts, shares, multipliers, strict=True):
+            request = Message(content=RecordDict(), dst_node_id=1, message_type="train")
+            reply = TrainReply("m", {ALS_POSITIVES: values}, None, {DP_RELEASE_SHARE: share}, PrivacyReport(1.0, sigma))
+            replies.append(reply.to_message(request))
+        strategy.aggregate_train(1, replies)
+        assert strategy.signal is not None
+        return strategy.signal
+
+    first = signal([0.17] * 5, [plan_sigma / math.sqrt(0.17)] * 5)
+    later = signal([0.25] * 5, [plan_sigma / math.sqrt(0.25)] * 5)  # less noise, and a larger share of the budget
+    assert later == pytest.approx(first, rel=0.1)
+    liar = signal([0.17] * 5, [plan_sigma / math.sqrt(0.17)] * 4 + [1e6])
+    assert liar == pytest.approx(first, rel=0.1)
+
+
 def test_after_the_rule_chose_popularity_the_pooled_counts_carry_the_floor_noise():
     """Every release on counts: their inverse-variance pool has the noise of one release of the
     whole budget, the DP-popularity floor's (the rule's fallback costs nothing against it)."""
@@ -158,8 +189,17 @@ def test_a_merchant_releases_its_counts_alone_at_the_planned_share(tmp_path: Pat
     sent = from_array_record(reply.content.array_records[ARRAYS])
     assert set(sent) == {ALS_POSITIVES} and sent[ALS_POSITIVES].shape == (cfg.synthetic_ads,)
     ledger = json.loads((Path(cfg.state_dir) / "partition-0" / "privacy_ledger.json").read_text())["ledger"]
-    sigma = plain_metrics(reply.content.metric_records[METRICS])[DP_NOISE_MULTIPLIER]
+    reported = plain_metrics(reply.content.metric_records[METRICS])
+    sigma = reported[DP_NOISE_MULTIPLIER]
     assert sigma == pytest.approx(ledger["noise_multiplier"] / math.sqrt(POPULARITY_SHARE))
+    assert reported[DP_RELEASE_SHARE] == pytest.approx(POPULARITY_SHARE)
+    # noised on every ad, at the popularity release's std (the counts carry the whole release)
+    node = load_node(cfg, NodeConfig.from_flower({"partition-id": 0, "num-partitions": 3}))
+    settings = ALSSettings.from_config(cfg)
+    exact = popularity_statistics(node.data.rows, node.data.num_ads, settings)[ALS_POSITIVES]
+    noise = sent[ALS_POSITIVES].astype(np.float64) - exact
+    assert np.all(noise != 0)
+    assert np.std(noise) == pytest.approx(settings.noise_stds(sigma, POPULARITY)[ALS_POSITIVES], rel=0.25)
     # the next release is the statistics, without the counts
     stats = client_call("train", cfg, arrays, 2, release=STATISTICS)
     assert not stats.has_error() and ALS_POSITIVES not in from_array_record(stats.content.array_records[ARRAYS])

@@ -478,8 +478,10 @@ def test_dp_replies_carry_no_user_id_no_user_factor_and_no_unaccounted_metric(tm
         content = reply.content
         assert set(content.metric_records) == {"metrics"}
         metrics = dict(content["metrics"])
-        # ALS: one release, no steps, and no weight (the server sums statistics)
-        allowed = DP_ALLOWED_METRICS[kind] - (STEP_KEYS | {"num-examples"} if solver == "als" and kind == "train" else set())
+        # ALS: one release, no steps, and no weight (the server sums statistics); its budget share, public
+        allowed = DP_ALLOWED_METRICS[kind]
+        if solver == "als" and kind == "train":
+            allowed = allowed - STEP_KEYS - {"num-examples"} | {"dp-release-share"}
         assert set(metrics) == allowed
         assert not any(key.startswith("merchant-pop-") for key in metrics)
         assert "train-loss" not in metrics and "train-rows" not in metrics

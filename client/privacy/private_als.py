@@ -30,7 +30,7 @@ from client.privacy.plan import UserLevelPlan, noisy_release_wire, wire_dtype
 from client.solvers.als import ALSSolver
 from shared.accounting import Release, calibrate_noise_multiplier
 from shared.als import POPULARITY, STATISTICS, add_noise, popularity_statistics, release_budget_shares
-from shared.wire import Arrays, TrainReply
+from shared.wire import DP_RELEASE_SHARE, Arrays, TrainReply
 
 
 class PrivateALS(UserLevelPlan[ALSSolver]):
@@ -47,15 +47,19 @@ class PrivateALS(UserLevelPlan[ALSSolver]):
     def calibrate(self, target_epsilon: float, delta: float) -> float:
         return calibrate_noise_multiplier(target_epsilon, delta, 1.0, steps=1, fixed=self.planned_metric_releases())
 
-    def round_noise_multiplier(self) -> float:
-        """sigma_r of this client's next release (r = releases made so far)."""
+    def round_share(self) -> float:
+        """The budget share of this client's next release (r = releases made so far)."""
         shares = release_budget_shares(self.cfg.num_rounds, self.cfg.als_budget_growth)
         release = self.ledger.state.rounds_trained
         if release >= len(shares):
             raise PrivacyRefusal(
                 f"privacy budget exhausted: all {len(shares)} planned ALS releases are spent (epsilon {self.ledger.epsilon():.3f})"
             )
-        return self.noise_multiplier / math.sqrt(shares[release])
+        return float(shares[release])
+
+    def round_noise_multiplier(self) -> float:
+        """sigma_r of this client's next release."""
+        return self.noise_multiplier / math.sqrt(self.round_share())
 
     def release_update(
         self, client: str, solver: ALSSolver, arrays: Arrays, user_factors: np.ndarray, rng: np.random.Generator, server_round: int
@@ -72,7 +76,8 @@ class PrivateALS(UserLevelPlan[ALSSolver]):
 
     def _release(self, client: str, solver: ALSSolver, stats: Arrays, release: str, server_round: int) -> TrainReply:
         stats = wire_dtype(stats)
-        sigma = self.round_noise_multiplier()
+        share = self.round_share()
+        sigma = self.noise_multiplier / math.sqrt(share)
         planned: Release = (sigma, 1.0, 1)
         self.ledger.require([planned], f"the ALS {release} release of round {server_round}")
         # under secure aggregation only a share of the noise: the sum the server can unmask holds
@@ -86,4 +91,6 @@ class PrivateALS(UserLevelPlan[ALSSolver]):
         self.ledger.record([planned], trained_round=True)
         # no count of users leaves: the server sums statistics, it does not weigh them; the noise
         # multiplier reported is that of the noise this reply carries, which the server adds up
-        return TrainReply(client, noisy, None, privacy=self.report(sigma * share_std))
+        # the release's budget share (public, the plan's) lets the server read what a release of
+        # the whole budget would carry, whichever release this is (a retry, a resumed run)
+        return TrainReply(client, noisy, None, {DP_RELEASE_SHARE: share}, privacy=self.report(sigma * share_std))
