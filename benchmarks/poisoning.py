@@ -113,7 +113,7 @@ def run(cfg: RunConfig, shards: list[NodeData], catalog: Any, attack: Attack | N
         release = strategy.begin_round(server_round, arrays)  # type: ignore[attr-defined]  # ALSAggregation
         for node, solver in enumerate(solvers):
             if release == POPULARITY:
-                stats = popularity_statistics(solver.data.rows, solver.data.num_ads, settings)
+                stats = popularity_statistics(solver.data.rows, solver.data.num_ads, settings.max_rows)
             else:
                 stats = solver.local_update(arrays, solver.fit_users(arrays, rng, None), rng).arrays
                 stats = {key: stats[key] for key in settings.release_keys(release)}

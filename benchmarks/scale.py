@@ -150,13 +150,13 @@ def run_server(ads: int, factors: int, privacy: str, merchants: int, replies: li
     from server.als_aggregation import ALSAggregation
     from shared.als import ALSSettings
     from shared.flower_internals import server_identity
-    from shared.wire import ALS_POSITIVES, PrivacyReport, TrainReply
+    from shared.wire import PrivacyReport, TrainReply
 
     cfg = _config(ads, factors, privacy)
     strategy = ALSAggregation(ALSSettings.from_config(cfg, ads), ads, factors, num_rounds=RELEASES)
     report = PrivacyReport(EPSILON, noise_multiplier) if privacy == "user" else None
     if privacy == "user":  # a statistics round: the popularity release's pooled counts are in memory
-        strategy.restore({ALS_POSITIVES: np.zeros(ads), "variance/" + ALS_POSITIVES: np.array(1.0), "signal": np.array(10.0)})
+        strategy.after_popularity(np.zeros(ads), 1.0, 10.0)
     with server_identity():
         stats = [dict(np.load(path)) for path in replies]
         messages = [TrainReply(f"merchant-{i}", stats[i % len(stats)], None, {}, report).to_message(

@@ -48,7 +48,7 @@ from shared.config import RunConfig  # noqa: E402
 from shared.data.sources import load_catalog, load_dataset  # noqa: E402
 from shared.flower_internals import server_identity  # noqa: E402
 from shared.params import initial_arrays  # noqa: E402
-from shared.wire import ALS_POSITIVES, to_array_record  # noqa: E402
+from shared.wire import to_array_record  # noqa: E402
 from simulations.baselines import dp_popularity  # noqa: E402
 from simulations.evaluator import write_exact_history  # noqa: E402
 from simulations.experiment import load_experiment, simulated_merchants  # noqa: E402
@@ -103,7 +103,7 @@ def _upload_bytes(cfg: RunConfig, work: Path) -> float:
         else:
             strategy, _ = build_strategy(cfg, MERCHANTS, catalog)
             if isinstance(strategy, ALSAggregation) and cfg.privacy == "user":  # a statistics round, after the popularity release
-                strategy.restore({ALS_POSITIVES: np.zeros(len(catalog)), "variance/" + ALS_POSITIVES: np.array(1.0), "signal": np.array(10.0)})
+                strategy.after_popularity(np.zeros(len(catalog)), 1.0, 10.0)
             messages = list(strategy.configure_train(1, to_array_record(arrays), ConfigRecord(), grid))  # type: ignore[arg-type]
             grid.send_and_receive(messages)
     return statistics.median(grid.bytes_sent.values())

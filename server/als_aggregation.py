@@ -56,6 +56,8 @@ from shared.wire import (
     ALS_USER_GRAM,
     DP_RELEASE_SHARE,
     POPULARITY,
+    POPULARITY_SIGNAL,
+    RANKS_BY_POPULARITY,
     STATISTICS,
     Arrays,
     PrivacyReport,
@@ -66,8 +68,6 @@ from shared.wire import (
 
 ROUND_INVARIANT = (ALS_POSITIVES, ALS_COUNT)
 ADS_ON_PRIOR = "als-ads-on-prior"  # share of ads whose own factors weigh under half (count shrinkage)
-RANKS_BY_POPULARITY = "als-ranks-by-popularity"  # 1: the popularity rule chose popularity (or a one-round run)
-POPULARITY_SIGNAL = "als-popularity-signal"  # the rule's signal, in noise stds (shared/als.py popularity_signal)
 _STATE_VARIANCE = "variance/"  # server state keys: "<statistic>" and "variance/<statistic>", "signal"
 
 
@@ -140,6 +140,12 @@ class ALSAggregation(FedAvg):
             state["signal"] = np.array(self.signal)
         return state
 
+    def after_popularity(self, positives: np.ndarray, variance: float, signal: float) -> None:
+        """Start as if a popularity round had pooled `positives` (noise `variance` per ad) and the
+        rule had read `signal` (benchmarks that time one statistics round)."""
+        self._counts[ALS_POSITIVES] = (positives, variance)
+        self.signal = signal
+
     def restore(self, state: Arrays) -> None:
         self._counts = {key: (value, float(state[_STATE_VARIANCE + key])) for key, value in state.items()
                         if key in ROUND_INVARIANT and _STATE_VARIANCE + key in state}
@@ -182,7 +188,7 @@ class ALSAggregation(FedAvg):
                 total[key], variances[key] = self._average_counts(key, total[key], variances[key])
         record = _mean_metrics(metrics)
         if self.release == POPULARITY:
-            arrays = self._after_popularity(total[ALS_POSITIVES], variances[ALS_POSITIVES], metrics, record)
+            arrays = self._after_popularity(total[ALS_POSITIVES], metrics, record)
             return to_array_record(arrays), record
         if self.settings.private and ALS_POSITIVES not in total:  # the popularity releases' counts, pooled
             if ALS_POSITIVES not in self._counts:
@@ -206,7 +212,7 @@ class ALSAggregation(FedAvg):
                             " and their catalog tags" if self.tags is not None else "")
         return to_array_record(arrays), record
 
-    def _after_popularity(self, positives: np.ndarray, variance: float, metrics: list[dict[str, float]], record: MetricRecord) -> Arrays:
+    def _after_popularity(self, positives: np.ndarray, metrics: list[dict[str, float]], record: MetricRecord) -> Arrays:
         """The model after a popularity round: ranking by the pooled counts if the rule chose
         popularity, else the model sent (its first statistics round starts from it)."""
         if self.signal is None:

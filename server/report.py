@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.wire import MERCHANT_POP_PREFIX, TRAIN_LOSS
+from shared.wire import MERCHANT_POP_PREFIX, POPULARITY_SIGNAL, TRAIN_LOSS
 
 Column = tuple[str, str, str]  # key of the round's flattened record, title, format
 
@@ -20,7 +20,7 @@ COLUMNS: tuple[Column, ...] = (
     (MERCHANT_POP_PREFIX + "ndcg10_sampled", "merchant-pop NDCG@10s", "{:>21.4f}"),
     (TRAIN_LOSS, "loss", "{:>7.4f}"),
     # private ALS: its popularity rule's signal (under 7: the model ranks by noisy popularity)
-    ("als-popularity-signal", "pop signal", "{:>10.1f}"),
+    (POPULARITY_SIGNAL, "pop signal", "{:>10.1f}"),
     ("epsilon_max", "eps max", "{:>7.3f}"),
     ("round_seconds", "sec", "{:>6.1f}"),
 )

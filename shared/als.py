@@ -296,9 +296,10 @@ def ad_statistics(rows: Rows, user_factors: np.ndarray, num_ads: int, settings: 
     return stats
 
 
-def popularity_statistics(rows: Rows, num_ads: int, settings: ALSSettings) -> dict[str, np.ndarray]:
-    """A popularity release before noise: each ad's positives weighted as in ad_statistics."""
-    weight = rows.user_weights(settings.max_rows)[rows.user]
+def popularity_statistics(rows: Rows, num_ads: int, max_rows: int | None) -> dict[str, np.ndarray]:
+    """A popularity release before noise: each ad's positives, a user's rows weighing
+    min(1, sqrt(max_rows / rows)) as in ad_statistics (the DP-popularity floor counts the same)."""
+    weight = rows.user_weights(max_rows)[rows.user]
     return {ALS_POSITIVES: np.bincount(rows.ad, weights=weight * rows.label, minlength=num_ads)}
 
 
@@ -343,7 +344,7 @@ def solve_ads(
         per_ad = _symmetrize(stats[ALS_GRAM])
         bias_entries = per_ad[:, -1, -1]
     else:
-        users = max(float(user_gram[-1, -1]) / settings.user_clip**2, 1.0)  # sum of c_u: the bias feature is C
+        users = weighted_users(user_gram, settings.user_clip)
         counts = np.maximum(stats[ALS_COUNT], 0.0)
         # ad a's Gramian is n_a x the average user Gramian G / users: never built ([ads, D, D]
         # float64 is 8.7 GB at a million ads), every ad's system is a multiple of G (_ridge_scaled)
@@ -376,6 +377,12 @@ def solve_ads(
             prior = (tags / np.where(tag_mass > 0, tag_mass, 1.0)) @ tag_coef
         coef[:, :-1] = weight[:, None] * coef[:, :-1] + (1.0 - weight[:, None]) * prior[:, :-1]
     return {AD_FACTORS: coef[:, :-1].astype(np.float32), AD_BIAS: (coef[:, -1] * settings.user_clip).astype(np.float32)}
+
+
+def weighted_users(user_gram: np.ndarray, user_clip: float) -> float:
+    """The summed user Gramian's sum of user weights c_u (its bias entry over C^2: the bias
+    feature is C), at least 1 (a noisy entry can be tiny or negative)."""
+    return max(float(user_gram[-1, -1]) / user_clip**2, 1.0)
 
 
 def own_factor_weights(counts: np.ndarray, settings: ALSSettings, noise_stds: dict[str, float]) -> np.ndarray | None:
@@ -462,8 +469,7 @@ def lean_on_popularity(
         return arrays
     gram = _symmetrize(user_gram)
     dim = gram.shape[0] - 1
-    users = max(float(gram[-1, -1]) / user_clip**2, 1.0)  # sum of c_u (the bias feature is C), floored as solve_ads does
-    moment = gram[:dim, :dim] / users
+    moment = gram[:dim, :dim] / weighted_users(gram, user_clip)
     factors = arrays[AD_FACTORS].astype(np.float64)
     personal = max(float(np.mean(np.einsum("ai,ij,aj->a", factors, moment, factors))), 0.0)
     spread = math.sqrt(personal + float(np.var(arrays[AD_BIAS].astype(np.float64))))

@@ -46,6 +46,9 @@ DP_NOISE_MULTIPLIER = "dp-noise-multiplier"
 # a private-ALS release's share of its merchant's budget (public: its plan's, shared/als.py
 # release_budget_shares): with the noise multiplier, what one whole-budget release would carry
 DP_RELEASE_SHARE = "dp-release-share"
+# private ALS's popularity rule in a round's train metrics (server/als_aggregation.py)
+POPULARITY_SIGNAL = "als-popularity-signal"  # the rule's signal, in noise stds (shared/als.py popularity_signal)
+RANKS_BY_POPULARITY = "als-ranks-by-popularity"  # 1: the rule chose popularity (or a one-round run)
 DP_STEPS = "dp-steps"
 TRAIN_LOSS = "train-loss"
 TRAIN_ROWS = "train-rows"

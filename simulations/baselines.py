@@ -25,6 +25,7 @@ import numpy as np
 from client.node_data import NodeData
 from client.solvers.registry import solver_for
 from shared.accounting import calibrate_noise_multiplier
+from shared.als import popularity_statistics
 from shared.config import RunConfig
 from shared.data.schema import AdCatalog, Dataset
 from shared.data.sources import simulated_shards
@@ -32,6 +33,7 @@ from shared.metrics import METRIC_NAMES, NUM_TEST_USERS, toppop_score_fn
 from shared.metrics import evaluate as evaluate_ranking
 from shared.params import initial_model
 from shared.privacy_policy import PrivacyPolicy
+from shared.wire import ALS_POSITIVES
 
 
 def pooled_data(cfg: RunConfig, dataset: Dataset) -> NodeData:
@@ -88,11 +90,8 @@ def train_alone(
 def dp_popularity(cfg: RunConfig, dataset: Dataset, num_clients: int, epsilons: list[float]) -> dict[str, dict[str, float]]:
     """Metrics (weighted by test users) of ranking by noisy summed counts, per target epsilon."""
     shards = [data for _, data in shard_data(cfg, dataset, num_clients)]
-    counts = []
-    for data in shards:
-        rows = data.rows
-        weight = rows.user_weights(cfg.als_max_rows)[rows.user] * rows.label
-        counts.append(np.bincount(rows.ad, weights=weight, minlength=data.num_ads))
+    # the counts private ALS's popularity release makes (its fallback is this floor's mechanism)
+    counts = [popularity_statistics(data.rows, data.num_ads, cfg.als_max_rows)[ALS_POSITIVES] for data in shards]
     rng = np.random.default_rng(secrets.randbits(128))  # DP noise: never from the public run seed
     delta = PrivacyPolicy.for_simulation(cfg).delta_for(cfg)  # public, as the merchants' own
     results = {}

@@ -59,7 +59,7 @@ def private_als_round(strategy: ALSAggregation, solvers: list[ALSSolver], arrays
     replies = []
     for solver in solvers:
         if release == POPULARITY:
-            stats = popularity_statistics(solver.data.rows, solver.data.num_ads, solver.settings)
+            stats = popularity_statistics(solver.data.rows, solver.data.num_ads, solver.settings.max_rows)
         else:
             full = solver.local_update(arrays, solver.fit_users(arrays, rng, None), rng).arrays
             stats = {key: full[key] for key in solver.settings.release_keys(release)}

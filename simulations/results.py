@@ -13,11 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from server.als_aggregation import POPULARITY_SIGNAL, RANKS_BY_POPULARITY
 from server.round_loop import TEST_USERS, TRAIN_USERS
 from shared.config import RunConfig
 from shared.metrics import METRIC_NAMES, NUM_TEST_USERS
-from shared.wire import DP_EPSILON
+from shared.wire import DP_EPSILON, POPULARITY_SIGNAL, RANKS_BY_POPULARITY
 from simulations.evaluator import EXACT_HISTORY, with_exact_metrics
 from simulations.experiment import Experiment, expand_cells
 

@@ -26,10 +26,9 @@ from typing import Any
 from client.handlers import first_message_imports
 from deploy.processes import terminate_as_exit
 from server import report
-from server.als_aggregation import POPULARITY_SIGNAL, RANKS_BY_POPULARITY
 from shared.als import POPULARITY_MIN_SIGNAL
 from shared.config import ConfigError, RunConfig, parse_override
-from shared.wire import MERCHANT_POP_PREFIX
+from shared.wire import MERCHANT_POP_PREFIX, POPULARITY_SIGNAL, RANKS_BY_POPULARITY
 from simulations import PROJECT_ROOT
 from simulations.evaluator import with_exact_metrics, write_exact_history
 from simulations.experiment import simulated_merchants

@@ -196,7 +196,7 @@ def test_a_merchant_releases_its_counts_alone_at_the_planned_share(tmp_path: Pat
     # noised on every ad, at the popularity release's std (the counts carry the whole release)
     node = load_node(cfg, NodeConfig.from_flower({"partition-id": 0, "num-partitions": 3}))
     settings = ALSSettings.from_config(cfg)
-    exact = popularity_statistics(node.data.rows, node.data.num_ads, settings)[ALS_POSITIVES]
+    exact = popularity_statistics(node.data.rows, node.data.num_ads, settings.max_rows)[ALS_POSITIVES]
     noise = sent[ALS_POSITIVES].astype(np.float64) - exact
     assert np.all(noise != 0)
     assert np.std(noise) == pytest.approx(settings.noise_stds(sigma, POPULARITY)[ALS_POSITIVES], rel=0.25)

@@ -57,10 +57,6 @@ class PrivateALS(UserLevelPlan[ALSSolver]):
             )
         return float(shares[release])
 
-    def round_noise_multiplier(self) -> float:
-        """sigma_r of this client's next release."""
-        return self.noise_multiplier / math.sqrt(self.round_share())
-
     def release_update(
         self, client: str, solver: ALSSolver, arrays: Arrays, user_factors: np.ndarray, rng: np.random.Generator, server_round: int
     ) -> TrainReply:
@@ -71,7 +67,7 @@ class PrivateALS(UserLevelPlan[ALSSolver]):
 
     def release_popularity(self, client: str, solver: ALSSolver, server_round: int) -> TrainReply:
         """The ads' positive counts alone, with this release's whole budget (no user step needed)."""
-        return self._release(client, solver, popularity_statistics(solver.data.rows, solver.data.num_ads, solver.settings),
+        return self._release(client, solver, popularity_statistics(solver.data.rows, solver.data.num_ads, solver.settings.max_rows),
                              POPULARITY, server_round)
 
     def _release(self, client: str, solver: ALSSolver, stats: Arrays, release: str, server_round: int) -> TrainReply:
