@@ -100,7 +100,7 @@ def _model_bytes(cfg: RunConfig) -> dict[str, int]:
     arrays = init_global_arrays(num_ads, cfg.factors, cfg.seed)
     record = to_array_record(arrays)
     if cfg.mf_solver == "als":
-        shapes = ALSSettings.from_config(cfg, num_ads).stat_shapes(num_ads, cfg.factors)
+        shapes = ALSSettings.from_config(cfg).stat_shapes(num_ads, cfg.factors)
         stats = {key: np.zeros(shape, dtype=np.float32) for key, shape in shapes.items()}
         # under DP in the dtype the private plan sends (client/privacy/private_als.py)
         reply = to_array_record(noisy_release_wire(cfg, stats) if cfg.privacy == "user" else stats)

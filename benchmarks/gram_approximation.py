@@ -1,15 +1,16 @@
-"""What the shared Gramian costs without DP: exact per-ad Gramians against count x the average
-user Gramian, federated ALS on MovieLens-100K and Beauty (issue 19).
+"""What the Gramian modes cost without DP, in accuracy and in what a merchant sends: exact
+per-ad Gramians for every ad ("per-ad"), for the ads the merchant's rows touch ("sparse", the
+default without DP), and count x the average user Gramian ("shared"); federated ALS on
+MovieLens-100K and Beauty (issue 19).
 
     .venv/bin/python benchmarks/gram_approximation.py [--datasets ml100k beauty]
 
-Without DP, als-gram "auto" sends exact per-ad Gramians ((d + 1)^2 floats per ad) while a reply of
-them holds at most 2^25 floats (30,812 ads at d = 32) and the shared Gramian (d + 2 floats per ad:
-each ad's Gramian approximated by its count times the merchant's average user Gramian) beyond.
-Both catalogs here are below the threshold, so both modes run on them: each data set's shipped
-experiment cell without DP (5 IID merchants, d = 32, its rounds), in-process with the code of a
-Flower run (benchmarks/federated_als.py), every merchant's test users evaluated (NDCG@10 and HR@10
-sampled against 99 negatives, NDCG@10 among all ads), and the bytes a merchant sends per round.
+"per-ad" sends (d + 1)^2 floats per catalog ad, "sparse" an index and the packed upper triangle,
+target and positives of each touched ad ((d + 1)(d + 2) / 2 + d + 2 values), "shared" d + 2 floats
+per catalog ad. Each data set's shipped experiment cell without DP (5 IID merchants, d = 32, its
+rounds), in-process with the code of a Flower run (benchmarks/federated_als.py), every merchant's
+test users evaluated (NDCG@10 and HR@10 sampled against 99 negatives, NDCG@10 among all ads), and
+the values a merchant sends per round (its mean over merchants; the index counts one value per ad).
 
 Writes benchmarks/results/gram_approximation.json: records with dataset, gram, ndcg10_sampled,
 hr10_sampled, ndcg10_full, floats_per_merchant.
@@ -25,6 +26,8 @@ import time
 from datetime import date
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # a site-packages `benchmarks` shadows this folder
@@ -55,15 +58,16 @@ def main() -> int:
             print(f"{name}: not found at {base.data_path}: skipped")
             continue
         dataset = load_dataset(base)
-        for gram in ("per-ad", "shared"):
+        for gram in ("per-ad", "sparse", "shared"):
             cfg = base.with_values(f"gram {gram}", als_gram=gram)
             shards = [data for _, data in shard_data(cfg, dataset, federated_als.CLIENTS)]
             started = time.perf_counter()
             with server_identity():  # the replies are Flower messages, as a runtime stamps them
                 arrays, users = federated_als.train(cfg, dataset.catalog, shards)
             metrics = weighted([data.evaluate(arrays, factors) for data, factors in zip(shards, users)])
-            shapes = ALSSettings.from_config(cfg, len(dataset.catalog)).stat_shapes(len(dataset.catalog), cfg.factors)
-            floats = sum(math.prod(shape) for shape in shapes.values())
+            settings = ALSSettings.from_config(cfg)
+            floats = round(sum(sum(math.prod(shape) for shape in settings.stat_shapes(
+                len(dataset.catalog), cfg.factors, touched=len(np.unique(data.rows.ad))).values()) for data in shards) / len(shards))
             record = {"dataset": name, "gram": gram, "ndcg10_sampled": metrics["ndcg10_sampled"], "hr10_sampled": metrics["hr10_sampled"],
                       "ndcg10_full": metrics["ndcg10_full"], "floats_per_merchant": floats}
             records.append(record)

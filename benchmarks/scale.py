@@ -18,9 +18,9 @@ each role in its own fresh process so its peak RSS is its own:
   ALSAggregation.aggregate_train: the float64 sum and the ad solve.
 round_seconds = the slowest distinct client (merchants compute in parallel, each on its own
 machine) + its serialization + the server's aggregation; transfer over a network is not
-modelled (bytes_per_client is what it would carry). Without DP the statistics are per-ad
-Gramians (d + 1)^2 floats per ad where the catalog is small enough (als-gram "auto"), else the
-shared Gramian (the low-rank approximation of section "Scale" in docs/BENCHMARKS.md).
+modelled (bytes_per_client is what it would carry). Without DP the statistics are exact per-ad
+Gramians of the ads the merchant's rows touch (als-gram "auto" = "sparse": an index and a packed
+upper triangle per touched ad, float32), summed over the union of the touched ads.
 A cell whose replies would not fit in this machine's memory (merchants x bytes per client over
 --memory-gb) is skipped and says so.
 
@@ -100,7 +100,7 @@ def run_client(ads: int, factors: int, privacy: str, users: int, rows: int, seed
     from shared.wire import AD_BIAS, AD_FACTORS, PrivacyReport, TrainReply
 
     cfg = _config(ads, factors, privacy)
-    settings = ALSSettings.from_config(cfg, ads)
+    settings = ALSSettings.from_config(cfg)
     data, model = _rows(ads, users, rows, seed), _model(ads, factors)
     # the noise multiplier is calibrated once per merchant (its ledger's first release), not per round
     sigma = calibrate_noise_multiplier(EPSILON, DELTA, 1.0, steps=1) / math.sqrt(release_budget_shares(RELEASES, cfg.als_budget_growth)[-1])
@@ -153,7 +153,7 @@ def run_server(ads: int, factors: int, privacy: str, merchants: int, replies: li
     from shared.wire import PrivacyReport, TrainReply
 
     cfg = _config(ads, factors, privacy)
-    strategy = ALSAggregation(ALSSettings.from_config(cfg, ads), ads, factors, num_rounds=RELEASES)
+    strategy = ALSAggregation(ALSSettings.from_config(cfg), ads, factors, num_rounds=RELEASES)
     report = PrivacyReport(EPSILON, noise_multiplier) if privacy == "user" else None
     if privacy == "user":  # a statistics round: the popularity release's pooled counts are in memory
         strategy.after_popularity(np.zeros(ads), 1.0, 10.0)

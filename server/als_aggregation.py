@@ -39,6 +39,7 @@ from shared.als import (
     POPULARITY_MIN_SIGNAL,
     POPULARITY_SHARE,
     ALSSettings,
+    TouchedSum,
     ads_statistics_counts,
     check_statistics,
     lean_on_popularity,
@@ -162,18 +163,20 @@ class ALSAggregation(FedAvg):
         if not valid:
             return None, None
         total: Arrays = {}
+        touched = TouchedSum(self.num_ads) if self.settings.sparse else None
+        add = touched.add if touched is not None else (lambda arrays: _accumulate(total, arrays))
         metrics = []
         if self.robust_factor is not None:  # the median needs every reply at once
             replies_in = [TrainReply.from_message(msg) for msg in valid]
             metrics = [reply.metric_record() for reply in replies_in]
             for arrays in median_clip([reply.arrays for reply in replies_in], self.robust_factor):
-                _accumulate(total, arrays)
+                add(arrays)
         else:  # one reply's arrays at a time: no copy of every reply beside the messages
             for msg in valid:
                 reply = TrainReply.from_message(msg)
                 metrics.append(reply.metric_record())
-                _accumulate(total, reply.arrays)
-        return self.solve(total, metrics)
+                add(reply.arrays)
+        return self.solve(touched.total() if touched is not None else total, metrics)
 
     def solve(self, total: Arrays, metrics: list[dict[str, float]]) -> tuple[ArrayRecord, MetricRecord]:
         """The ads from the summed statistics of the releases whose metrics are `metrics` (the
@@ -195,12 +198,12 @@ class ALSAggregation(FedAvg):
                 raise ValueError("private ALS solves the ads with the popularity releases' counts, and none has come yet")
             total[ALS_POSITIVES], variances[ALS_POSITIVES] = self._counts[ALS_POSITIVES]
         stds = {key: float(np.sqrt(v)) for key, v in variances.items()}
-        arrays = solve_ads(total, self.settings, stds, self.tags)
+        arrays = solve_ads(total, self.settings, stds, self.tags, self.num_ads)
         if self.settings.private and self.signal:
             arrays = lean_on_popularity(arrays, total[ALS_POSITIVES], total[ALS_USER_GRAM], self.settings.user_clip,
                                         self.lean / self.signal)
             record[POPULARITY_SIGNAL], record[RANKS_BY_POPULARITY] = self.signal, 0.0
-        weights = own_factor_weights(ads_statistics_counts(total, self.settings), self.settings, stds)
+        weights = own_factor_weights(ads_statistics_counts(total, self.settings), self.settings, stds) if self.settings.private else None
         if weights is not None:
             # how much of the model is popularity: an ad whose noisy count is below kappa noise
             # stds keeps under half its own factors, and its score is mostly its bias (or prior)

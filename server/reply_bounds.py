@@ -18,8 +18,8 @@ Robust sum (`robust-aggregation = "median"`): the bounds stop what no honest mer
 send, not a large merchant's plausible but poisoned statistics. The median clip scales each
 merchant's block (one ad's slice of a statistic, or the whole user Gramian) down to at most
 `robust-clip-factor` x the median over merchants of that block's norm, or for an ad's slice,
-if larger, x the median over merchants of their mean ad norm (an ad only one merchant saw
-has median 0; it keeps a typical ad's weight). With m >= 3 merchants one merchant cannot move
+if larger, x the median over merchants of their mean ad norm over the ads any merchant has a
+value on (an ad only one merchant saw has median 0; it keeps a typical ad's weight). With m >= 3 merchants one merchant cannot move
 a median beyond the honest merchants' range, so whatever it sends it adds at most factor x
 max(the largest honest norm of that block, the largest honest mean ad norm) to any block.
 """
@@ -30,12 +30,12 @@ import math
 
 import numpy as np
 
-from shared.als import ALSSettings
-from shared.wire import ALS_COUNT, ALS_GRAM, ALS_POSITIVES, ALS_TARGET, ALS_USER_GRAM, STATISTICS, Arrays
+from shared.als import ALSSettings, over_union, packed_gram_traces, packed_norm_weights, unpacked_chunks
+from shared.wire import ALS_ADS, ALS_COUNT, ALS_GRAM, ALS_GRAM_UPPER, ALS_POSITIVES, ALS_TARGET, ALS_USER_GRAM, STATISTICS, Arrays
 
 FAILURE_PROBABILITY = 1e-9  # of an honest reply's noise exceeding its allowance
 NON_NEGATIVE = (ALS_COUNT, ALS_POSITIVES)
-PER_AD_PSD = (ALS_GRAM,)
+PER_AD_PSD = (ALS_GRAM, ALS_GRAM_UPPER)  # the latter packed (als-gram "sparse")
 PSD = (ALS_USER_GRAM,)
 SCALE_TOLERANCE = 1e-6  # float rounding of exact sums, relative to their scale
 
@@ -51,6 +51,8 @@ def als_violations(stats: Arrays, settings: ALSSettings, max_users: int, noise_m
     stds = settings.noise_stds(noise_multiplier, release) if noise_multiplier > 0 and settings.max_rows is not None else {}
     problems: list[str] = []
     for key, value in stats.items():
+        if key == ALS_ADS:  # indices, checked by shared/als.check_statistics
+            continue
         value = value.astype(np.float64)
         std = stds.get(key, 0.0)
         z = _z(value.size)
@@ -59,12 +61,17 @@ def als_violations(stats: Arrays, settings: ALSSettings, max_users: int, noise_m
         if key in NON_NEGATIVE and (lowest := float(value.min(initial=0.0))) < -(z * std + slack):
             problems.append(f"{key} has a negative value {lowest:.4g} (allowance {z * std:.3g})")
         if key in PER_AD_PSD or key in PSD:
-            dim = value.shape[-1]
-            eigen = np.linalg.eigvalsh(value if key in PER_AD_PSD else value[None])
-            if (lowest := float(eigen.min())) < -((2.0 * math.sqrt(dim) + z) * std + slack):
+            dim = value.shape[-1] if key != ALS_GRAM_UPPER else stats[ALS_TARGET].shape[1] + 1
+            lowest = _lowest_eigenvalue(value, key, dim)
+            if lowest < -((2.0 * math.sqrt(dim) + z) * std + slack):
                 problems.append(f"{key} is not positive semi-definite (eigenvalue {lowest:.4g})")
-        if key == ALS_TARGET and not stds and ALS_GRAM in stats and ALS_POSITIVES in stats:
-            problems += _target_consistency(value, stats[ALS_GRAM].astype(np.float64), stats[ALS_POSITIVES].astype(np.float64))
+        gram_key = ALS_GRAM if ALS_GRAM in stats else ALS_GRAM_UPPER
+        if key == ALS_TARGET and not stds and gram_key in stats and ALS_POSITIVES in stats:
+            gram = stats[gram_key].astype(np.float64)
+            dim = value.shape[1]
+            traces = np.trace(gram[:, :dim, :dim], axis1=1, axis2=2) if gram_key == ALS_GRAM else packed_gram_traces(gram, dim)
+            problems += _target_consistency(value, traces, stats[ALS_POSITIVES].astype(np.float64), gram_key,
+                                          stats.get(ALS_ADS))
         if settings.max_rows is not None:  # clipped users: each one's term has norm <= the sensitivity
             limit = max_users * settings.sensitivities()[key] + (math.sqrt(value.size) + z) * std
             if (norm := float(np.linalg.norm(value))) > limit:
@@ -72,32 +79,50 @@ def als_violations(stats: Arrays, settings: ALSSettings, max_users: int, noise_m
     return problems
 
 
-def _target_consistency(target: np.ndarray, gram: np.ndarray, positives: np.ndarray) -> list[str]:
+def _lowest_eigenvalue(value: np.ndarray, key: str, dim: int) -> float:
+    """The lowest eigenvalue over a PSD statistic's matrices (packed ones unpacked a chunk at a time)."""
+    if key == ALS_GRAM_UPPER:
+        return min((float(np.linalg.eigvalsh(chunk).min()) for chunk in unpacked_chunks(value, dim)), default=0.0)
+    return float(np.linalg.eigvalsh(value if key in PER_AD_PSD else value[None]).min())
+
+
+def _target_consistency(
+    target: np.ndarray, traces: np.ndarray, positives: np.ndarray, gram_key: str, ads: np.ndarray | None = None
+) -> list[str]:
     """Exact per-ad statistics are sums over the same users: by Cauchy-Schwarz,
     ||t_a||^2 = max_v (sum_u c_u r_ua v.p_u)^2 <= m_a * tr(A_a's factor block), with r in {0, 1}.
-    A target inflated on its own (the probe's x1e6) breaks it; scaling everything does not."""
-    dim = target.shape[1]
-    bound = positives * np.trace(gram[:, :dim, :dim], axis1=1, axis2=2)
+    A target inflated on its own (the probe's x1e6) breaks it; scaling everything does not.
+    `traces`: each row's tr(A_a's factor block); `ads`: a sparse release's ad per row."""
+    bound = positives * traces
     squared = (target**2).sum(axis=1)
     bad = np.flatnonzero(squared > bound * (1 + 1e-4) + SCALE_TOLERANCE * max(float(squared.max(initial=0.0)), 1.0))
     if not len(bad):
         return []
-    return [f"{ALS_TARGET} is inconsistent with {ALS_GRAM} and {ALS_POSITIVES} for {len(bad)} ads (Cauchy-Schwarz; ad {int(bad[0])})"]
+    first = int(bad[0] if ads is None else ads[bad[0]])
+    return [f"{ALS_TARGET} is inconsistent with {gram_key} and {ALS_POSITIVES} for {len(bad)} ads (Cauchy-Schwarz; ad {first})"]
 
 
 def median_clip(contributions: list[Arrays], factor: float) -> list[Arrays]:
     """Each merchant's blocks scaled down to at most `factor` x the median norm of that block
-    over merchants (per ad for per-ad statistics; the whole array otherwise)."""
+    over merchants (per ad for per-ad statistics; the whole array otherwise); sparse releases
+    come back over the union of their ads (shared/als.over_union)."""
     if len(contributions) < 3:
         return contributions  # no median to trust: one of two merchants could set it
+    if ALS_ADS in contributions[0]:  # sparse releases: compared ad by ad over the union of their ads
+        contributions = over_union(contributions)
     clipped: list[Arrays] = [dict(c) for c in contributions]
     for key in contributions[0]:
+        if key == ALS_ADS:  # a sparse release's indices (over_union: the same for every merchant)
+            continue
         stack = np.stack([c[key].astype(np.float64) for c in contributions])
         per_ad = key != ALS_USER_GRAM
-        norms = _block_norms(stack, per_ad)
+        norms = _block_norms(stack if key != ALS_GRAM_UPPER else stack * packed_norm_weights(stack.shape[-1]), per_ad)
         bound = factor * np.median(norms, axis=0)
         if per_ad:  # an ad most merchants never saw has median 0: its floor is a typical ad's norm
-            bound = np.maximum(bound, factor * np.median(norms.mean(axis=1)))
+            # (the mean over the ads some merchant has a value on: a catalog's untouched ads, which a
+            # sparse release leaves out, must not dilute it)
+            active = (norms > 0).any(axis=0)
+            bound = np.maximum(bound, factor * np.median(norms[:, active].mean(axis=1) if active.any() else 0.0))
         scale = np.ones_like(norms)
         np.divide(bound, norms, out=scale, where=norms > bound)
         scaled = stack * scale.reshape(scale.shape + (1,) * (stack.ndim - scale.ndim))

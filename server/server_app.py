@@ -73,7 +73,7 @@ def _run(cfg: RunConfig, grid: Grid, context: Context, checkpointer: Checkpointe
         remembering.restore(state)
     secure = None
     if cfg.secure_aggregation:
-        settings = ALSSettings.from_config(cfg, len(catalog))
+        settings = ALSSettings.from_config(cfg)
         secure = SecureTraining(settings, cfg.max_users_per_merchant, cfg.secure_threshold, cfg.reply_timeout, context)
     loop = RoundLoop(strategy, grid, global_shapes(cfg, len(catalog)),
                      timeout=cfg.reply_timeout, min_replies=cfg.quorum, retries=cfg.round_retries, secure=secure)

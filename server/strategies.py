@@ -95,7 +95,7 @@ def build_strategy(cfg: RunConfig, num_nodes: int, catalog: AdCatalog, rounds_do
         tags = informative_tags(catalog, "catalog prior") if cfg.als_catalog_prior else None
         tags = tags if tags is not None and tags.shape[1] else None  # nothing to lean on: shrink toward zero
         robust = cfg.robust_clip_factor if cfg.robust_aggregation == "median" else None
-        return ALSAggregation(ALSSettings.from_config(cfg, len(catalog)), len(catalog), cfg.factors, tags=tags, max_users=cfg.max_users_per_merchant,
+        return ALSAggregation(ALSSettings.from_config(cfg), len(catalog), cfg.factors, tags=tags, max_users=cfg.max_users_per_merchant,
                               robust_factor=robust, num_rounds=cfg.num_rounds, **sampling, **wire), lambda: None
     averaging = FedMedian if cfg.robust_aggregation == "median" else FedAvg
     fedavg = averaging(**sampling, **wire)  # type: ignore[arg-type]

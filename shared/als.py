@@ -14,7 +14,11 @@ every other pair counts as a weak zero through one Gramian.
   t_a's last coordinate is C m_a with m_a = sum_{u: a in O_u} c_u r_ua (weighted positives),
   which are sums over users: clients release them (noised under DP) and the server adds and
   solves. `A_a` per ad ("per-ad" Gramians), or approximated by n_a G / N ("shared": the
-  per-ad Gramian replaced by the ad's count times the average user's, far less noise).
+  per-ad Gramian replaced by the ad's count times the average user's, far less noise). Without
+  DP, "sparse" is "per-ad" sent for the ads the shard's rows touch only (ALS_ADS, each Gramian's
+  packed upper triangle): exact, and it grows with the shard, not the catalog; an untouched ad
+  has A_a = 0 and t_a = 0, so its solve is 0. Under DP the release stays dense: which ads a
+  merchant's users touched is itself private.
   Sums over a shard's rows are products with its sparse [users, ads] matrix of row counts (or
   labels): a user seen twice on an ad counts twice, as a sum over rows does.
 
@@ -41,8 +45,10 @@ from shared.data.split import UserSplit
 from shared.wire import (
     AD_BIAS,
     AD_FACTORS,
+    ALS_ADS,
     ALS_COUNT,
     ALS_GRAM,
+    ALS_GRAM_UPPER,
     ALS_POSITIVES,
     ALS_TARGET,
     ALS_USER_GRAM,
@@ -67,6 +73,8 @@ BUDGET_SHARES = {
 POPULARITY_SHARES = {ALS_POSITIVES: 1.0}
 # the statistics an exact (non-private) round holds: everything, the positive counts included
 STAT_KEYS = {mode: (*shares, ALS_POSITIVES) for mode, shares in BUDGET_SHARES.items()}
+STAT_KEYS["sparse"] = (ALS_ADS, ALS_GRAM_UPPER, ALS_TARGET, ALS_USER_GRAM, ALS_POSITIVES)
+SPARSE_PER_AD = (ALS_GRAM_UPPER, ALS_TARGET, ALS_POSITIVES)  # a sparse release's rows, one per touched ad
 # The popularity rule (docs/PRIVACY.md "Settings"): the signal is the interaction-weighted mean
 # of the ads' counts, sum n_a^2 / sum n_a (the count of the ad a typical interaction is on), in
 # noise stds of a popularity release made with the whole budget. Below POPULARITY_MIN_SIGNAL the
@@ -77,6 +85,7 @@ POPULARITY_MIN_SIGNAL = 7.0
 # the personal scores: the noisier the statistics, the more the ranking rests on counts.
 POPULARITY_LEAN = 10.0
 CHUNK_USERS = 8192  # bounds the per-user temporaries: [8192, 33 * 34 / 2] float64 is 37 MB
+CHUNK_ADS = 8192  # bounds a sparse solve's per-ad [8192, 33, 33] float64 temporaries (71 MB)
 # als-alpha0 = "auto": the unobserved pairs of a user weigh together ALPHA0_PER_DENSITY times
 # their observed rows (alpha0 x ads = 8 x rows per user), whatever the catalog's size and the
 # users' activity: MovieLens-100K's density 0.062 gives 0.5, the earlier fixed default; Beauty's
@@ -88,10 +97,6 @@ PRIVATE_ALPHA0 = 0.5  # "auto" under DP: the density is private, this constant i
 # (the noise-aware ridge regularizes the ad step; 3 costs 0.01-0.02 NDCG@10 sampled on
 # MovieLens at epsilon 4-16): docs/BENCHMARKS.md "Federated ALS against implicit's ALS"
 EXACT_L2, PRIVATE_L2 = 3.0, 1.0
-# als-gram "auto" without DP: exact per-ad Gramians up to 2^25 floats per reply (134 MB float32:
-# 30,812 ads at d = 32; Beauty's 12,101 ads take 13.2M), beyond it the shared Gramian, d + 2
-# floats per ad (its accuracy cost: docs/BENCHMARKS.md, "Scale")
-PER_AD_GRAM_MAX_FLOATS = 2**25
 
 
 @dataclass(frozen=True)
@@ -101,23 +106,30 @@ class ALSSettings:
     ad_l2: float
     max_rows: int | None  # k: a user's rows weigh c_u = min(1, sqrt(k / rows)); None: unbounded (no DP)
     user_clip: float  # C: user factors are clipped to this norm in the statistics (and the bias feature)
-    gram_mode: str  # "per-ad" | "shared"
+    gram_mode: str  # "per-ad" | "shared" | "sparse" (per-ad, for the touched ads only: without DP)
     clip: bool = True  # False without DP: the statistics then use the exact user factors
     count_shrinkage: float = 0.0  # ad factors scaled by n_a / (n_a + this x the noise std of n_a)
     noise_ridge: float = 0.0  # ridge added per unit of noise std of the summed target
 
+    def __post_init__(self) -> None:
+        if self.gram_mode == "sparse" and self.private:
+            raise ValueError("als-gram 'sparse' names the ads a merchant's users touched, which is private: under DP "
+                             "the release is dense ('shared' or 'per-ad')")
+
     @classmethod
-    def from_config(cls, cfg: RunConfig, num_ads: int | None = None) -> ALSSettings:
-        """The run's settings; `num_ads` (the catalog's size) lets als-gram "auto" keep exact per-ad
-        Gramians without DP only while a merchant's reply of them stays under PER_AD_GRAM_MAX_FLOATS."""
+    def from_config(cls, cfg: RunConfig) -> ALSSettings:
+        """The run's settings; als-gram "auto" is "shared" under DP, else "sparse" (exact)."""
         private = cfg.privacy == "user"
-        per_ad_fits = num_ads is None or num_ads * (cfg.factors + 1) ** 2 <= PER_AD_GRAM_MAX_FLOATS
         return cls(
             alpha0=fixed_alpha0(cfg), user_l2=als_l2(cfg.als_user_l2, cfg), ad_l2=als_l2(cfg.als_ad_l2, cfg),
             max_rows=cfg.als_max_rows if private else None, user_clip=cfg.als_user_clip,
-            gram_mode=cfg.als_gram if cfg.als_gram != "auto" else ("shared" if private or not per_ad_fits else "per-ad"),
+            gram_mode=cfg.als_gram if cfg.als_gram != "auto" else ("shared" if private else "sparse"),
             count_shrinkage=cfg.als_count_shrinkage if private else 0.0, noise_ridge=cfg.als_noise_ridge, clip=private,
         )
+
+    @property
+    def sparse(self) -> bool:
+        return self.gram_mode == "sparse"
 
     @property
     def private(self) -> bool:
@@ -136,11 +148,13 @@ class ALSSettings:
     def budget_shares(self, release: str = STATISTICS) -> dict[str, float]:
         return POPULARITY_SHARES if release == POPULARITY else BUDGET_SHARES[self.gram_mode]
 
-    def stat_shapes(self, num_ads: int, dim: int, release: str = STATISTICS) -> dict[str, tuple[int, ...]]:
-        """The released statistics' shapes for a model of `dim` factors (D = dim + 1)."""
+    def stat_shapes(self, num_ads: int, dim: int, release: str = STATISTICS, touched: int | None = None) -> dict[str, tuple[int, ...]]:
+        """The released statistics' shapes for a model of `dim` factors (D = dim + 1); a sparse
+        release's for `touched` ads (None: all of them, its largest)."""
         aug = dim + 1
-        shapes = {ALS_GRAM: (num_ads, aug, aug), ALS_COUNT: (num_ads,), ALS_TARGET: (num_ads, dim),
-                  ALS_POSITIVES: (num_ads,), ALS_USER_GRAM: (aug, aug)}
+        rows = touched if self.sparse and touched is not None else num_ads
+        shapes = {ALS_GRAM: (num_ads, aug, aug), ALS_COUNT: (num_ads,), ALS_TARGET: (rows, dim), ALS_POSITIVES: (rows,),
+                  ALS_USER_GRAM: (aug, aug), ALS_ADS: (rows,), ALS_GRAM_UPPER: (rows, aug * (aug + 1) // 2)}
         return {key: shapes[key] for key in self.release_keys(release)}
 
     def sensitivities(self) -> dict[str, float]:
@@ -274,7 +288,12 @@ def augmented(user_factors: np.ndarray, max_norm: float, clip: bool = True) -> n
 
 
 def ad_statistics(rows: Rows, user_factors: np.ndarray, num_ads: int, settings: ALSSettings) -> dict[str, np.ndarray]:
-    """The shard's sufficient statistics for the ad step (before any noise), as in the module docstring."""
+    """The shard's sufficient statistics for the ad step (before any noise), as in the module
+    docstring; "sparse": those of the ads the rows touch (ALS_ADS, ascending), Gramians packed."""
+    touched = None
+    if settings.sparse:
+        touched, column = np.unique(rows.ad, return_inverse=True)
+        rows, num_ads = Rows(rows.user, column.reshape(-1), rows.label, rows.num_users), len(touched)
     p_aug = augmented(user_factors, settings.user_clip, settings.clip)
     weight = rows.user_weights(settings.max_rows)
     dim = p_aug.shape[1]
@@ -284,13 +303,16 @@ def ad_statistics(rows: Rows, user_factors: np.ndarray, num_ads: int, settings: 
     stats: Arrays = {ALS_USER_GRAM: weighted.T @ p_aug, ALS_TARGET: _row_sums(rows, rows.label, num_ads).T @ weighted[:, :-1]}
     row_weight = weight[rows.user]
     stats[ALS_POSITIVES] = np.bincount(rows.ad, weights=row_weight * rows.label, minlength=num_ads)
-    if settings.gram_mode == "per-ad":
+    if settings.gram_mode in ("per-ad", "sparse"):
         # A_a = sum_u (rows of u on a) c_u p~ p~^T: one sparse product per chunk of users
         row_counts = _row_sums(rows, np.ones(len(rows.ad)), num_ads)
         packed = np.zeros((num_ads, dim * (dim + 1) // 2))
         for users in _user_chunks(rows.num_users):
             packed += row_counts[users].T @ _upper_outer(weighted[users], p_aug[users])
-        stats[ALS_GRAM] = _from_upper(packed, dim)
+        if touched is not None:
+            stats[ALS_ADS], stats[ALS_GRAM_UPPER] = touched, packed
+        else:
+            stats[ALS_GRAM] = _from_upper(packed, dim)
     else:
         stats[ALS_COUNT] = np.bincount(rows.ad, weights=row_weight, minlength=num_ads)
     return stats
@@ -322,7 +344,8 @@ def add_noise(stats: dict[str, np.ndarray], stds: dict[str, float], rng: np.rand
 
 
 def solve_ads(
-    stats: dict[str, np.ndarray], settings: ALSSettings, noise_stds: dict[str, float] | None = None, tags: np.ndarray | None = None
+    stats: dict[str, np.ndarray], settings: ALSSettings, noise_stds: dict[str, float] | None = None, tags: np.ndarray | None = None,
+    num_ads: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Ad step from summed (possibly noisy) statistics: ridge per ad, made positive definite.
 
@@ -336,7 +359,12 @@ def solve_ads(
     stds of the summed count n_a (public: the releases' noise multipliers): an ad seen by no more
     users than the noise in its count has factors made mostly of noise, and the rule holds at
     every epsilon and for every catalog without tuning (docs/PRIVACY.md, "Settings").
+    `num_ads`: the catalog's size, which a sparse release's statistics do not tell.
     """
+    if settings.sparse:
+        if num_ads is None:
+            raise ValueError("solving a sparse release needs the catalog's size (num_ads)")
+        return _solve_touched(stats, settings, num_ads)
     noise_stds = noise_stds or {}
     user_gram = _symmetrize(stats[ALS_USER_GRAM])
     dim = user_gram.shape[0]
@@ -379,6 +407,110 @@ def solve_ads(
     return {AD_FACTORS: coef[:, :-1].astype(np.float32), AD_BIAS: (coef[:, -1] * settings.user_clip).astype(np.float32)}
 
 
+def _solve_touched(stats: dict[str, np.ndarray], settings: ALSSettings, num_ads: int) -> dict[str, np.ndarray]:
+    """solve_ads of exact statistics for the touched ads (ALS_ADS, any order), in chunks of
+    CHUNK_ADS: every other ad's system has A_a = 0 and t_a = 0, so its factors and bias are 0,
+    as the dense per-ad solve gives them."""
+    user_gram = _symmetrize(stats[ALS_USER_GRAM])
+    dim = user_gram.shape[0]
+    ads, upper = stats[ALS_ADS].astype(np.intp), stats[ALS_GRAM_UPPER]
+    alpha0 = settings.alpha0 if settings.alpha0 is not None else density_alpha0(
+        float(np.maximum(upper[:, -1], 0.0).sum()), float(user_gram[-1, -1]), num_ads)  # packed's last: the bias entry
+    coef = np.zeros((num_ads, dim))
+    for start in range(0, len(ads), CHUNK_ADS):
+        part = slice(start, start + CHUNK_ADS)
+        target = np.hstack([stats[ALS_TARGET][part], settings.user_clip * stats[ALS_POSITIVES][part, None]])
+        lhs = _from_upper(upper[part].astype(np.float64), dim) + alpha0 * user_gram[None]
+        coef[ads[part]] = _ridge(lhs, target.astype(np.float64), settings.ad_l2)
+    return {AD_FACTORS: coef[:, :-1].astype(np.float32), AD_BIAS: (coef[:, -1] * settings.user_clip).astype(np.float32)}
+
+
+class TouchedSum:
+    """The running float64 sum of sparse releases: each ad's row is kept once, in the order the ads
+    first arrive, in buffers that double as the union of touched ads grows (one reply's ads are
+    distinct, so a fancy-indexed add is exact); memory: the union's rows, not the catalog's."""
+
+    def __init__(self, num_ads: int) -> None:
+        self.num_ads = num_ads
+        self._slot = np.full(num_ads, -1, dtype=np.int64)  # each ad's row in the buffers, -1: none yet
+        self._ads = np.zeros(0, dtype=np.int64)
+        self._size = 0
+        self._rows: dict[str, np.ndarray] = {}
+        self._whole: dict[str, np.ndarray] = {}
+
+    def add(self, arrays: dict[str, np.ndarray]) -> None:
+        ads = arrays[ALS_ADS].astype(np.int64)
+        new = ads[self._slot[ads] < 0]
+        self._grow(self._size + len(new))
+        self._slot[new] = np.arange(self._size, self._size + len(new))
+        self._ads[self._size:self._size + len(new)] = new
+        self._size += len(new)
+        where = self._slot[ads]
+        for key, value in arrays.items():
+            if key in SPARSE_PER_AD:
+                if key not in self._rows:
+                    self._rows[key] = np.zeros((len(self._ads), *value.shape[1:]))
+                self._rows[key][where] += value
+            elif key != ALS_ADS:
+                if key in self._whole:
+                    self._whole[key] += value
+                else:
+                    self._whole[key] = value.astype(np.float64)
+
+    def _grow(self, needed: int) -> None:
+        if needed <= len(self._ads):
+            return
+        capacity = max(needed, 2 * len(self._ads), 1024)
+        self._ads = np.concatenate([self._ads, np.zeros(capacity - len(self._ads), dtype=np.int64)])
+        for key, rows in self._rows.items():
+            grown = np.zeros((capacity, *rows.shape[1:]))
+            grown[:len(rows)] = rows
+            self._rows[key] = grown
+
+    def total(self) -> dict[str, np.ndarray]:
+        """The summed sparse statistics (views of the buffers: the ads in arrival order)."""
+        rows = {key: value[:self._size] for key, value in self._rows.items()}
+        return {ALS_ADS: self._ads[:self._size], **rows, **self._whole}
+
+
+def over_union(releases: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Sparse releases with their rows over the union of the ads any of them touched (zero where
+    one did not): what the median clip compares merchant by merchant, ad by ad."""
+    union = np.unique(np.concatenate([release[ALS_ADS] for release in releases])).astype(np.int64)
+    spread = []
+    for release in releases:
+        where = np.searchsorted(union, release[ALS_ADS])
+        out = {ALS_ADS: union}
+        for key, value in release.items():
+            if key in SPARSE_PER_AD:
+                out[key] = np.zeros((len(union), *value.shape[1:]), dtype=value.dtype)
+                out[key][where] = value
+            elif key != ALS_ADS:
+                out[key] = value
+        spread.append(out)
+    return spread
+
+
+def packed_gram_traces(upper: np.ndarray, dim: int) -> np.ndarray:
+    """Each packed Gramian's trace of its factor block (the first `dim` diagonal entries)."""
+    first, second = np.triu_indices(dim + 1)
+    return upper[:, np.flatnonzero((first == second) & (first < dim))].sum(axis=1)
+
+
+def packed_norm_weights(packed: int) -> np.ndarray:
+    """Per packed entry, sqrt(how often it appears in the full symmetric matrix): 1 on the
+    diagonal, sqrt(2) off it, so a packed Gramian's norm is the dense one's (Frobenius)."""
+    dim = int(round((math.sqrt(8 * packed + 1) - 1) / 2))
+    first, second = np.triu_indices(dim)
+    return np.where(first == second, 1.0, math.sqrt(2.0))
+
+
+def unpacked_chunks(upper: np.ndarray, dim: int) -> Iterator[np.ndarray]:
+    """[<= CHUNK_ADS, D, D] symmetric matrices from packed upper triangles, a chunk at a time."""
+    for start in range(0, len(upper), CHUNK_ADS):
+        yield _from_upper(upper[start:start + CHUNK_ADS].astype(np.float64), dim)
+
+
 def weighted_users(user_gram: np.ndarray, user_clip: float) -> float:
     """The summed user Gramian's sum of user weights c_u (its bias entry over C^2: the bias
     feature is C), at least 1 (a noisy entry can be tiny or negative)."""
@@ -415,8 +547,17 @@ def _symmetrize(matrix: np.ndarray) -> np.ndarray:
 
 
 def check_statistics(stats: dict[str, np.ndarray], settings: ALSSettings, num_ads: int, dim: int, release: str = STATISTICS) -> None:
-    """Exactly this release's statistics, the catalog's shapes, finite values (a client's reply)."""
-    expected = settings.stat_shapes(num_ads, dim, release)
+    """Exactly this release's statistics, the catalog's shapes, finite values (a client's reply);
+    a sparse release's ads distinct, ascending catalog indices."""
+    touched = None
+    if settings.sparse and ALS_ADS in stats:
+        ads = stats[ALS_ADS]
+        if ads.ndim != 1 or not np.issubdtype(ads.dtype, np.integer):
+            raise ValueError(f"ALS statistic {ALS_ADS} must be a vector of ad indices, got {ads.dtype} of shape {ads.shape}")
+        if len(ads) and (ads[0] < 0 or ads[-1] >= num_ads or np.any(np.diff(ads) <= 0)):
+            raise ValueError(f"ALS statistic {ALS_ADS} must hold distinct ascending ad indices in [0, {num_ads})")
+        touched = len(ads)
+    expected = settings.stat_shapes(num_ads, dim, release, touched)
     if set(stats) != set(expected):
         raise ValueError(f"ALS statistics must be exactly {sorted(expected)}, got {sorted(stats)}")
     for key, shape in expected.items():

@@ -185,9 +185,9 @@ class RunConfig(BaseModel):
     als_noise_ridge: float = Field(20.0, ge=0, description="DP: ridge added per unit of noise std of the summed statistics")
     als_max_rows: int = Field(5, ge=1, description="DP: a user's rows weigh min(1, sqrt(k / rows)): bounded contribution")
     als_user_clip: float = Field(0.2, gt=0, description="DP: user factor norm bound in the released statistics")
-    als_gram: Literal["auto", "shared", "per-ad"] = Field("auto", description=(
-        "auto (per-ad without DP while a reply holds at most 2^25 Gramian floats, e.g. 30,812 ads at 32 factors; shared under DP "
-        "and beyond) | shared (count x average user Gramian) | per-ad"))
+    als_gram: Literal["auto", "shared", "per-ad", "sparse"] = Field("auto", description=(
+        "auto (sparse without DP, shared under DP) | shared (count x average user Gramian) | per-ad (exact, every ad) | "
+        "sparse (exact, without DP only: the ads a merchant's rows touch, each Gramian's upper triangle)"))
     als_count_shrinkage: float = Field(1.0, ge=0, description=(
         "DP: ad factors scaled by noisy count / (count + this x the noise std of the summed count)"))
     als_budget_growth: float = Field(2.33, gt=0, description="DP: round r's share of the budget grows as growth^r")
@@ -254,6 +254,9 @@ class RunConfig(BaseModel):
         if self.mf_solver == "neumf" and self.dp_grad_sample_mode == "fused":
             raise ValueError("dp-grad-sample-mode 'fused' is MF's closed form; NeuMF's per-user clipping is Opacus' "
                              "(auto, opacus, hooks or ghost)")
+        if self.als_gram == "sparse" and self.privacy == "user":
+            raise ValueError("als-gram 'sparse' sends which ads a merchant's users touched, itself private: under privacy "
+                             "'user' use 'shared' or 'per-ad' (dense releases)")
         if self.secure_aggregation and (self.privacy != "user" or self.mf_solver != "als"):
             raise ValueError("secure-aggregation carries the private-ALS release (privacy 'user', mf-solver 'als'): one Gaussian "
                              "sum per round, which several merchants can noise in shares; a DP-SGD update is many noisy steps")

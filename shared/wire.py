@@ -76,6 +76,9 @@ ALS_COUNT = "als_count"
 ALS_TARGET = "als_target"
 ALS_POSITIVES = "als_positives"
 ALS_USER_GRAM = "als_user_gram"
+# als-gram "sparse" (exact, without DP only): the ads a merchant's rows touch, and their Gramians' packed upper triangles
+ALS_ADS = "als_ads"
+ALS_GRAM_UPPER = "als_gram_upper"
 
 Arrays = dict[str, np.ndarray]
 

@@ -36,17 +36,17 @@ def test_server_and_merchant_read_the_same_density_from_what_each_holds(tmp_path
     # the merchant's user step: its own rows
     solver = ALSSolver(cfg, data)
     assert solver.user_step().alpha0 == pytest.approx(ALPHA0_PER_DENSITY * density)
-    # the server's ad step: the summed exact statistics (per-ad Gramians' and the user Gramian's bias entries)
+    # the server's ad step: the summed exact statistics (per-ad Gramians' and the user Gramian's bias entries; sparse)
     settings = ALSSettings.from_config(cfg)
     rng = np.random.default_rng(0)
     users = rng.normal(scale=0.1, size=(rows.num_users, cfg.factors))
     stats = ad_statistics(rows, users, num_ads, settings)
     explicit = dataclasses.replace(settings, alpha0=ALPHA0_PER_DENSITY * density)
-    auto, fixed = solve_ads(stats, settings), solve_ads(stats, explicit)
+    auto, fixed = solve_ads(stats, settings, num_ads=num_ads), solve_ads(stats, explicit, num_ads=num_ads)
     for key in fixed:
         np.testing.assert_allclose(auto[key], fixed[key], rtol=1e-5, atol=1e-7)
     # and the rule moves the model: a tenth of the density is another solution
-    other = solve_ads(stats, dataclasses.replace(settings, alpha0=0.1 * ALPHA0_PER_DENSITY * density))
+    other = solve_ads(stats, dataclasses.replace(settings, alpha0=0.1 * ALPHA0_PER_DENSITY * density), num_ads=num_ads)
     assert not np.allclose(other["ad_factors"], auto["ad_factors"])
 
 

@@ -175,14 +175,3 @@ def test_the_user_step_reads_only_the_ads_a_shard_has_rows_on() -> None:
         lhs = q_rows.T @ q_rows + 0.3 * ad_factors.T @ ad_factors + 0.7 * np.eye(DIM)
         reference[u] = np.linalg.solve(lhs, q_rows.T @ (rows.label[mine] - ad_bias[rows.ad[mine]]) - 0.3 * ad_factors.T @ ad_bias)
     np.testing.assert_allclose(solve_users(rows, ad_factors, ad_bias, alpha0=0.3, user_l2=0.7), reference, rtol=1e-9, atol=1e-12)
-
-
-def test_exact_per_ad_gramians_only_while_a_reply_of_them_stays_small() -> None:
-    from shared.config import RunConfig
-
-    exact = RunConfig.from_flower({"privacy": "none", "factors": 32})
-    assert ALSSettings.from_config(exact, 12_101).gram_mode == "per-ad"  # Beauty
-    assert ALSSettings.from_config(exact, 30_812).gram_mode == "per-ad"  # 30,812 x 33^2 <= 2^25
-    assert ALSSettings.from_config(exact, 30_813).gram_mode == "shared"
-    assert ALSSettings.from_config(exact.with_values("t", als_gram="per-ad"), 10**6).gram_mode == "per-ad"  # asked for: kept
-    assert ALSSettings.from_config(RunConfig.from_flower({"privacy": "user"}), 100).gram_mode == "shared"

@@ -47,8 +47,8 @@ SolverT = TypeVar("SolverT", bound="Solver")
 
 def wire_dtype(arrays: Arrays) -> Arrays:
     """The solver's update as float32, the dtype of a release before any noise (noise drawn in
-    float64 makes a noised release float64)."""
-    return {key: value.astype(np.float32) for key, value in arrays.items()}
+    float64 makes a noised release float64); integer arrays (a sparse release's ads) as they are."""
+    return {key: value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) else value for key, value in arrays.items()}
 
 
 FLOAT16_LIMIT = 0.5 * float(np.finfo(np.float16).max)  # headroom: rounding near the top must not overflow

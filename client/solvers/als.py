@@ -24,7 +24,7 @@ class ALSSolver(Solver):
 
     def __init__(self, cfg: RunConfig, data: NodeData) -> None:
         super().__init__(cfg, data)
-        self.settings = ALSSettings.from_config(cfg, data.num_ads)
+        self.settings = ALSSettings.from_config(cfg)
 
     def user_step(self) -> ALSUserStep:
         return ALSUserStep.from_config(self.cfg, self.data.rows, self.data.num_ads)
@@ -40,4 +40,4 @@ class ALSSolver(Solver):
         return self.settings.noise_stds(noise_multiplier, release)
 
     def solve_alone(self, update: LocalUpdate) -> Arrays:
-        return solve_ads(update.arrays, self.settings)
+        return solve_ads(update.arrays, self.settings, num_ads=self.data.num_ads)
