@@ -187,7 +187,7 @@ def main() -> int:
     parser.add_argument("--merchants", type=int, nargs="+", default=[10, 50, 100])
     parser.add_argument("--privacy", nargs="+", default=["user", "none"], choices=("user", "none"))
     parser.add_argument("--users", type=int, default=1000, help="users per merchant")
-    parser.add_argument("--rows", type=int, default=20, help="clicks per user (as many impressions again)")
+    parser.add_argument("--rows", type=int, default=20, help="rows per user (each a click or an impression, even odds)")
     parser.add_argument("--factors", type=int, default=32)
     parser.add_argument("--distinct", type=int, default=3, help="merchants computed (their replies stand in for the rest)")
     parser.add_argument("--memory-gb", type=float, default=16.0, help="skip cells whose replies alone would need more")

@@ -394,7 +394,7 @@ def solve_ads(
         # solved from the summed statistics of every ad with that tag, so from many users and
         # little noise (public tags: post-processing, no extra privacy cost); without tags, on
         # nothing: its score is then its bias, the ad's (noisy) popularity
-        prior = np.zeros_like(coef)
+        coef[:, :-1] *= weight[:, None]
         if tags is not None:
             if settings.gram_mode == "per-ad":
                 tag_lhs = (tags.T @ per_ad.reshape(len(per_ad), -1)).reshape(-1, dim, dim)
@@ -402,8 +402,8 @@ def solve_ads(
             else:
                 tag_coef = _ridge_scaled(tags.T @ counts / users + alpha0, user_gram, tags.T @ target, floor)
             tag_mass = tags.sum(axis=1, keepdims=True)
-            prior = (tags / np.where(tag_mass > 0, tag_mass, 1.0)) @ tag_coef
-        coef[:, :-1] = weight[:, None] * coef[:, :-1] + (1.0 - weight[:, None]) * prior[:, :-1]
+            prior = (tags / np.where(tag_mass > 0, tag_mass, 1.0)) @ tag_coef[:, :-1]
+            coef[:, :-1] += (1.0 - weight[:, None]) * prior
     return {AD_FACTORS: coef[:, :-1].astype(np.float32), AD_BIAS: (coef[:, -1] * settings.user_clip).astype(np.float32)}
 
 
@@ -629,7 +629,13 @@ def _ridge(lhs: np.ndarray, target: np.ndarray, floor: float) -> np.ndarray:
 def _ridge_scaled(scale: np.ndarray, gram: np.ndarray, target: np.ndarray, floor: float) -> np.ndarray:
     """_ridge for lhs_a = scale_a x gram (scale_a >= 0): every lhs_a has gram's eigenvectors and
     scale_a x its eigenvalues, so one eigendecomposition serves every row, in O(rows x D^2) time
-    and memory instead of O(rows x D^3) and O(rows x D^2) per-row matrices."""
+    and memory instead of O(rows x D^3) and O(rows x D^2) per-row matrices. Rows go CHUNK_ADS at
+    a time: the temporaries then stay in the CPU's cache (a million ads: 0.25 s instead of 1-2 s,
+    docs/BENCHMARKS.md "Scale")."""
     values, vectors = np.linalg.eigh(gram)
-    floored = np.maximum(scale[:, None] * values[None, :], 0.0) + floor
-    return ((target @ vectors) / floored) @ vectors.T
+    solved = np.empty(target.shape)
+    for start in range(0, len(target), CHUNK_ADS):
+        part = slice(start, start + CHUNK_ADS)
+        floored = np.maximum(scale[part, None] * values[None, :], 0.0) + floor
+        solved[part] = ((target[part] @ vectors) / floored) @ vectors.T
+    return solved
