@@ -1,7 +1,7 @@
 """Scale: one ALS round at 10k to 1M ads and 10 to 100 merchants, private and not (issue 19).
 
     OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/scale.py [--ads 10000 100000 1000000] [--merchants 10 50 100]
-        [--privacy user none] [--users 1000] [--rows 20] [--factors 32] [--distinct 3]
+        [--privacy user none] [--users 1000] [--rows 20] [--factors 32] [--distinct 3] [--repeats 3]
 
 A synthetic catalog of `ads` ads (Zipf popularity, exponent 0.9) and merchants of `users` users with
 `rows` interactions each (drawn by popularity; as many impressions as clicks), d = 32. One round,
@@ -21,6 +21,8 @@ machine) + its serialization + the server's aggregation; transfer over a network
 modelled (bytes_per_client is what it would carry). Without DP the statistics are exact per-ad
 Gramians of the ads the merchant's rows touch (als-gram "auto" = "sparse": an index and a packed
 upper triangle per touched ad, float32), summed over the union of the touched ads.
+Every role runs `repeats` times, each in a fresh process; a cell's seconds and peak RSS are the
+medians (this machine's timings vary up to 3x run to run).
 A cell whose replies would not fit in this machine's memory (merchants x bytes per client over
 --memory-gb) is skipped and says so.
 
@@ -37,6 +39,7 @@ import math
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -169,6 +172,12 @@ def run_server(ads: int, factors: int, privacy: str, merchants: int, replies: li
     return {"server_seconds": server_seconds, "peak_rss_server_mb": _peak_rss_mb()}
 
 
+def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each numeric field's median over repeated runs of one role (the others as the first run's)."""
+    return {key: statistics.median(run[key] for run in runs) if isinstance(value, (int, float)) else value
+            for key, value in runs[0].items()}
+
+
 def _in_process(role: str, **kwargs: Any) -> dict[str, Any]:
     """`role` in a fresh Python process (its own peak RSS), its result as JSON on its last line."""
     code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); "
@@ -190,19 +199,21 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=20, help="rows per user (each a click or an impression, even odds)")
     parser.add_argument("--factors", type=int, default=32)
     parser.add_argument("--distinct", type=int, default=3, help="merchants computed (their replies stand in for the rest)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each role per cell (fresh processes): medians reported")
     parser.add_argument("--memory-gb", type=float, default=16.0, help="skip cells whose replies alone would need more")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
-    print(f"{date.today()} on {platform.node()} ({platform.machine()}), {args.users} users x {args.rows} clicks per merchant, "
-          f"d = {args.factors}, {args.distinct} distinct merchants per cell", flush=True)
+    print(f"{date.today()} on {platform.node()} ({platform.machine()}), {args.users} users x {args.rows} rows per merchant, "
+          f"d = {args.factors}, {args.distinct} distinct merchants per cell, medians of {args.repeats} runs", flush=True)
     print("| " + " | ".join(KEYS) + " |\n|" + "---|" * len(KEYS), flush=True)
     records: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fedads-scale-") as scratch:
         for privacy in args.privacy:
             for ads in args.ads:
                 paths = [Path(scratch) / f"{privacy}-{ads}-{k}.npz" for k in range(args.distinct)]
-                clients = [_in_process("client", ads=ads, factors=args.factors, privacy=privacy, users=args.users, rows=args.rows,
-                                       seed=k, out=str(path)) for k, path in enumerate(paths)]
+                clients = [_median_of([_in_process("client", ads=ads, factors=args.factors, privacy=privacy, users=args.users,
+                                                   rows=args.rows, seed=k, out=str(path)) for _ in range(args.repeats)])
+                           for k, path in enumerate(paths)]
                 slowest = max(clients, key=lambda c: c["client_seconds"])
                 if privacy == "user":
                     print(f"({ads} ads: a float16 wire would add {max(c['float16_error_over_noise'] for c in clients):.2e} and bfloat16 "
@@ -217,8 +228,9 @@ def main() -> int:
                         record.update(round_seconds=None, server_seconds=None, peak_rss_server_mb=None,
                                       note=f"skipped: {merchants} replies hold {need_gb:.1f} GB at once (over --memory-gb {args.memory_gb:g})")
                     else:
-                        server = _in_process("server", ads=ads, factors=args.factors, privacy=privacy, merchants=merchants,
-                                             replies=[str(p) for p in paths], noise_multiplier=slowest["noise_multiplier"])
+                        server = _median_of([_in_process("server", ads=ads, factors=args.factors, privacy=privacy, merchants=merchants,
+                                                         replies=[str(p) for p in paths], noise_multiplier=slowest["noise_multiplier"])
+                                             for _ in range(args.repeats)])
                         record.update(server, note=None, round_seconds=slowest["client_seconds"] + slowest["serialize_seconds"]
                                       + server["server_seconds"])
                     records.append(record)
