@@ -190,7 +190,8 @@ def main() -> None:
     ads: Arrays = {"ad_factors": rng.normal(0.0, 0.1, size=(args.ads, args.factors)).astype(np.float32),
                    "ad_bias": rng.normal(0.0, 0.1, size=args.ads).astype(np.float32)}
     # a fixed alpha0 (the default "auto" reads the density): both code paths then solve the same system
-    exact = ALSSettings.from_config(RunConfig.from_flower({"privacy": "none", "factors": args.factors, "als-alpha0": PRIVATE_ALPHA0}))
+    exact = ALSSettings.from_config(RunConfig.from_flower({"privacy": "none", "factors": args.factors, "als-alpha0": PRIVATE_ALPHA0,
+                                                           "als-gram": "per-ad"}))  # dense: the old code's layout
     private = ALSSettings.from_config(RunConfig.from_flower({"privacy": "user", "factors": args.factors}))
     assert exact.gram_mode == "per-ad" and private.gram_mode == "shared"
     pairs = rows.user * args.ads + rows.ad

@@ -47,7 +47,7 @@ from shared.als import ALSSettings
 from shared.config import RunConfig
 from shared.data.sources import load_catalog
 from shared.params import init_global_arrays
-from shared.wire import to_array_record
+from shared.wire import ALS_ADS, to_array_record
 from simulations import PROJECT_ROOT
 from simulations.runtime import run_simulation
 
@@ -100,8 +100,9 @@ def _model_bytes(cfg: RunConfig) -> dict[str, int]:
     arrays = init_global_arrays(num_ads, cfg.factors, cfg.seed)
     record = to_array_record(arrays)
     if cfg.mf_solver == "als":
+        # without DP a sparse release's shapes for every ad touched: an upper bound (the SuperLink's count is the measure)
         shapes = ALSSettings.from_config(cfg).stat_shapes(num_ads, cfg.factors)
-        stats = {key: np.zeros(shape, dtype=np.float32) for key, shape in shapes.items()}
+        stats = {key: np.zeros(shape, dtype=np.int64 if key == ALS_ADS else np.float32) for key, shape in shapes.items()}
         # under DP in the dtype the private plan sends (client/privacy/private_als.py)
         reply = to_array_record(noisy_release_wire(cfg, stats) if cfg.privacy == "user" else stats)
     else:

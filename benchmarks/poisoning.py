@@ -42,7 +42,7 @@ from client.solvers.als import ALSSolver
 from server.round_loop import RoundLog, RoundLoop
 from server.strategies import build_strategy
 from shared.accounting import calibrate_noise_multiplier
-from shared.als import ALSSettings, add_noise, popularity_statistics, release_budget_shares
+from shared.als import SPARSE_PER_AD, ALSSettings, add_noise, popularity_statistics, release_budget_shares
 from shared.config import RunConfig
 from shared.data.sources import load_catalog, load_dataset
 from shared.flower_internals import server_identity
@@ -52,6 +52,7 @@ from shared.privacy_policy import PrivacyPolicy
 from shared.wire import (
     AD_BIAS,
     AD_FACTORS,
+    ALS_ADS,
     ALS_POSITIVES,
     ALS_TARGET,
     CONFIG,
@@ -74,19 +75,30 @@ def _promote(stats: Arrays, ad: int) -> Arrays:
     """One ad made to look loved by many users like everyone: its positives and its target
     (along the merchant's mean target direction) inflated to 20x the largest ad's."""
     out = {k: v.copy() for k, v in stats.items()}
+    row = ad
+    if ALS_ADS in out:  # a sparse release (no DP): the ad's row, added if the merchant's rows never touched it
+        row = int(np.searchsorted(out[ALS_ADS], ad))
+        if row == len(out[ALS_ADS]) or out[ALS_ADS][row] != ad:
+            out = {k: np.insert(v, row, 0, axis=0) if k in SPARSE_PER_AD else v for k, v in out.items()}
+            out[ALS_ADS] = np.insert(stats[ALS_ADS], row, ad)
     if ALS_TARGET in stats:  # a private run's statistics rounds; its popularity rounds carry the positives alone
         direction = stats[ALS_TARGET].sum(axis=0)
         direction /= max(float(np.linalg.norm(direction)), 1e-12)
-        out[ALS_TARGET][ad] = 20 * float(np.linalg.norm(stats[ALS_TARGET], axis=1).max()) * direction
+        out[ALS_TARGET][row] = 20 * float(np.linalg.norm(stats[ALS_TARGET], axis=1).max()) * direction
     if ALS_POSITIVES in stats:
-        out[ALS_POSITIVES][ad] = 20 * float(stats[ALS_POSITIVES].max())
+        out[ALS_POSITIVES][row] = 20 * float(stats[ALS_POSITIVES].max())
     return out
+
+
+def _scaled(stats: Arrays, factor: float) -> Arrays:
+    """Every statistic times `factor`; a sparse release's ad indices kept (they are not statistics)."""
+    return {k: v if k == ALS_ADS else v * np.float32(factor) for k, v in stats.items()}
 
 
 ATTACKS: dict[str, Attack] = {
     "target-x1e6": lambda s, ad: {**s, ALS_TARGET: s[ALS_TARGET] * np.float32(1e6)} if ALS_TARGET in s else s,
-    "all-x-50": lambda s, ad: {k: v * np.float32(-50) for k, v in s.items()},
-    "all-x100": lambda s, ad: {k: v * np.float32(100) for k, v in s.items()},
+    "all-x-50": lambda s, ad: _scaled(s, -50),
+    "all-x100": lambda s, ad: _scaled(s, 100),
     "promote-ad": _promote,
 }
 

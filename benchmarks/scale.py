@@ -13,9 +13,11 @@ each role in its own fresh process so its peak RSS is its own:
   (shared.flower_internals.wire_bytes: every byte the wire carries); `distinct` merchants are
   computed, each with its own users and rows;
 - server: the round's replies as Flower's grid hands them to the strategy (every reply a Message
-  in memory at once; the `distinct` merchants' statistics stand in for the others in turn: the
-  server's cost depends on their number and size, not their values), then
-  ALSAggregation.aggregate_train: the float64 sum and the ad solve.
+  in memory at once), then ALSAggregation.aggregate_train: the float64 sum and the ad solve.
+  Under DP the `distinct` merchants' statistics stand in for the others in turn (a dense
+  release's cost depends on the number and size of the replies, not their values); without DP
+  every merchant of the cell is its own (the sparse sum holds the union of the ads they touch),
+  the ones past `distinct` computed untimed, several in one process.
 round_seconds = the slowest distinct client (merchants compute in parallel, each on its own
 machine) + its serialization + the server's aggregation; transfer over a network is not
 modelled (bytes_per_client is what it would carry). Without DP the statistics are exact per-ad
@@ -161,15 +163,21 @@ def run_server(ads: int, factors: int, privacy: str, merchants: int, replies: li
     if privacy == "user":  # a statistics round: the popularity release's pooled counts are in memory
         strategy.after_popularity(np.zeros(ads), 1.0, 10.0)
     with server_identity():
-        stats = [dict(np.load(path)) for path in replies]
-        messages = [TrainReply(f"merchant-{i}", stats[i % len(stats)], None, {}, report).to_message(
+        # each reply read when its message is built: only the messages stay in memory, as in a round
+        messages = [TrainReply(f"merchant-{i}", dict(np.load(replies[i % len(replies)])), None, {}, report).to_message(
             Message(content=RecordDict(), dst_node_id=1, message_type="train")) for i in range(merchants)]
-        del stats
         started = time.perf_counter()
         aggregated, _ = strategy.aggregate_train(1, messages)
         server_seconds = time.perf_counter() - started
     assert aggregated is not None
     return {"server_seconds": server_seconds, "peak_rss_server_mb": _peak_rss_mb()}
+
+
+def run_clients(ads: int, factors: int, privacy: str, users: int, rows: int, seeds: list[int], outs: list[str]) -> dict[str, Any]:
+    """More merchants' replies (untimed): each seed's run_client, in this one process."""
+    for seed, out in zip(seeds, outs, strict=True):
+        run_client(ads, factors, privacy, users, rows, seed, Path(out))
+    return {"merchants": len(seeds)}
 
 
 def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -215,6 +223,12 @@ def main() -> int:
                                                    rows=args.rows, seed=k, out=str(path)) for _ in range(args.repeats)])
                            for k, path in enumerate(paths)]
                 slowest = max(clients, key=lambda c: c["client_seconds"])
+                if privacy == "none":  # the sparse sum's union grows with the merchants: each one its own
+                    more = [Path(scratch) / f"{privacy}-{ads}-{k}.npz" for k in range(args.distinct, max(args.merchants))]
+                    if more:
+                        _in_process("clients", ads=ads, factors=args.factors, privacy=privacy, users=args.users, rows=args.rows,
+                                    seeds=list(range(args.distinct, max(args.merchants))), outs=[str(p) for p in more])
+                    paths += more
                 if privacy == "user":
                     print(f"({ads} ads: a float16 wire would add {max(c['float16_error_over_noise'] for c in clients):.2e} and bfloat16 "
                           f"{max(c['bfloat16_error_over_noise'] for c in clients):.2e} of the DP noise std, rms, worst statistic)", flush=True)
@@ -229,7 +243,8 @@ def main() -> int:
                                       note=f"skipped: {merchants} replies hold {need_gb:.1f} GB at once (over --memory-gb {args.memory_gb:g})")
                     else:
                         server = _median_of([_in_process("server", ads=ads, factors=args.factors, privacy=privacy, merchants=merchants,
-                                                         replies=[str(p) for p in paths], noise_multiplier=slowest["noise_multiplier"])
+                                                         replies=[str(p) for p in paths[:merchants]],
+                                                         noise_multiplier=slowest["noise_multiplier"])
                                              for _ in range(args.repeats)])
                         record.update(server, note=None, round_seconds=slowest["client_seconds"] + slowest["serialize_seconds"]
                                       + server["server_seconds"])

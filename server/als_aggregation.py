@@ -183,7 +183,9 @@ class ALSAggregation(FedAvg):
         plain path's sum, or the secure path's unmasked one: server/secure_round.py)."""
         # each release's noise multiplier is public (a function of its merchant's budget plan)
         reports = [PrivacyReport.from_metrics(record) for record in metrics]
-        stds = self.settings.summed_noise_stds([report.noise_multiplier for report in reports if report], self.release)
+        # without DP the statistics are exact: a reply's claim of noise is ignored (no sensitivities to scale it)
+        stds = (self.settings.summed_noise_stds([report.noise_multiplier for report in reports if report], self.release)
+                if self.settings.private else {})
         # a key outside the release's (exact statistics handed to solve directly) carries no noise
         variances = {key: stds.get(key, 0.0) ** 2 for key in total}
         for key in ROUND_INVARIANT:

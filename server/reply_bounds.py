@@ -62,8 +62,8 @@ def als_violations(stats: Arrays, settings: ALSSettings, max_users: int, noise_m
             problems.append(f"{key} has a negative value {lowest:.4g} (allowance {z * std:.3g})")
         if key in PER_AD_PSD or key in PSD:
             dim = value.shape[-1] if key != ALS_GRAM_UPPER else stats[ALS_TARGET].shape[1] + 1
-            lowest = _lowest_eigenvalue(value, key, dim)
-            if lowest < -((2.0 * math.sqrt(dim) + z) * std + slack):
+            shortfall, lowest = _psd_shortfall(value, key, dim)
+            if shortfall < -(2.0 * math.sqrt(dim) + z) * std:
                 problems.append(f"{key} is not positive semi-definite (eigenvalue {lowest:.4g})")
         gram_key = ALS_GRAM if ALS_GRAM in stats else ALS_GRAM_UPPER
         if key == ALS_TARGET and not stds and gram_key in stats and ALS_POSITIVES in stats:
@@ -79,11 +79,19 @@ def als_violations(stats: Arrays, settings: ALSSettings, max_users: int, noise_m
     return problems
 
 
-def _lowest_eigenvalue(value: np.ndarray, key: str, dim: int) -> float:
-    """The lowest eigenvalue over a PSD statistic's matrices (packed ones unpacked a chunk at a time)."""
-    if key == ALS_GRAM_UPPER:
-        return min((float(np.linalg.eigvalsh(chunk).min()) for chunk in unpacked_chunks(value, dim)), default=0.0)
-    return float(np.linalg.eigvalsh(value if key in PER_AD_PSD else value[None]).min())
+def _psd_shortfall(value: np.ndarray, key: str, dim: int) -> tuple[float, float]:
+    """Over a PSD statistic's matrices (packed ones unpacked a chunk at a time), the lowest of
+    (a matrix's lowest eigenvalue + its own float-rounding slack, SCALE_TOLERANCE x its largest
+    entry), and that eigenvalue. The slack is each matrix's own: one inflated ad must not widen
+    every other ad's."""
+    def worst(matrices: np.ndarray) -> tuple[float, float]:
+        lowest = np.linalg.eigvalsh(matrices).min(axis=1)
+        margin = lowest + SCALE_TOLERANCE * np.abs(matrices).max(axis=(1, 2))
+        at = int(np.argmin(margin))
+        return float(margin[at]), float(lowest[at])
+
+    chunks = unpacked_chunks(value, dim) if key == ALS_GRAM_UPPER else iter([value if key in PER_AD_PSD else value[None]])
+    return min((worst(chunk) for chunk in chunks if len(chunk)), default=(0.0, 0.0))
 
 
 def _target_consistency(
@@ -133,6 +141,6 @@ def median_clip(contributions: list[Arrays], factor: float) -> list[Arrays]:
 
 def _block_norms(stack: np.ndarray, per_ad: bool) -> np.ndarray:
     """(merchants,) norms of whole arrays, or (merchants, ads) norms of each ad's slice."""
-    if per_ad:
-        return np.sqrt((stack.reshape(stack.shape[0], stack.shape[1], -1) ** 2).sum(axis=2))
+    if per_ad:  # explicit sizes: a reshape with -1 fails on zero ads
+        return np.sqrt((stack.reshape(stack.shape[0], stack.shape[1], math.prod(stack.shape[2:])) ** 2).sum(axis=2))
     return np.sqrt((stack.reshape(stack.shape[0], -1) ** 2).sum(axis=1))

@@ -409,8 +409,8 @@ def solve_ads(
 
 def _solve_touched(stats: dict[str, np.ndarray], settings: ALSSettings, num_ads: int) -> dict[str, np.ndarray]:
     """solve_ads of exact statistics for the touched ads (ALS_ADS, any order), in chunks of
-    CHUNK_ADS (an LU solve each: no noise to floor eigenvalues against): every other ad's system has A_a = 0 and t_a = 0, so its factors and bias are 0,
-    as the dense per-ad solve gives them."""
+    CHUNK_ADS (an LU solve each: no noise to floor eigenvalues against). Every other ad's system
+    has A_a = 0 and t_a = 0, so its factors and bias are 0, as the dense per-ad solve gives them."""
     user_gram = _symmetrize(stats[ALS_USER_GRAM])
     dim = user_gram.shape[0]
     ads, upper = stats[ALS_ADS].astype(np.intp), stats[ALS_GRAM_UPPER]
@@ -421,16 +421,23 @@ def _solve_touched(stats: dict[str, np.ndarray], settings: ALSSettings, num_ads:
         part = slice(start, start + CHUNK_ADS)
         target = np.hstack([stats[ALS_TARGET][part], settings.user_clip * stats[ALS_POSITIVES][part, None]])
         # exact statistics: A_a + alpha0 G is positive semi-definite, so with the ridge an LU solve
-        # gives _ridge's answer (to 1e-14) at a fifth of an eigendecomposition's time
-        lhs = _from_upper(upper[part].astype(np.float64), dim) + alpha0 * user_gram[None] + settings.ad_l2 * np.eye(dim)
-        coef[ads[part]] = np.linalg.solve(lhs, target.astype(np.float64)[:, :, None])[:, :, 0]
+        # gives _ridge's answer (to 1e-14) at a fifth of an eigendecomposition's time; a chunk whose
+        # systems are not all positive definite (the replies were checked PSD, so float rounding at
+        # worst) is solved as _ridge solves it, its eigenvalues floored
+        lhs = _from_upper(upper[part].astype(np.float64), dim) + alpha0 * user_gram[None]
+        try:
+            np.linalg.cholesky(lhs + settings.ad_l2 * np.eye(dim))
+            coef[ads[part]] = np.linalg.solve(lhs + settings.ad_l2 * np.eye(dim), target.astype(np.float64)[:, :, None])[:, :, 0]
+        except np.linalg.LinAlgError:
+            coef[ads[part]] = _ridge(lhs, target.astype(np.float64), settings.ad_l2)
     return {AD_FACTORS: coef[:, :-1].astype(np.float32), AD_BIAS: (coef[:, -1] * settings.user_clip).astype(np.float32)}
 
 
 class TouchedSum:
     """The running float64 sum of sparse releases: each ad's row is kept once, in the order the ads
-    first arrive, in buffers that double as the union of touched ads grows (one reply's ads are
-    distinct, so a fancy-indexed add is exact); memory: the union's rows, not the catalog's."""
+    first arrive, in buffers that double as the union of touched ads grows, up to the catalog
+    (one reply's ads are distinct, so a fancy-indexed add is exact); memory: the union's rows,
+    not the catalog's (and a copy while a buffer grows)."""
 
     def __init__(self, num_ads: int) -> None:
         self.num_ads = num_ads
@@ -462,7 +469,7 @@ class TouchedSum:
     def _grow(self, needed: int) -> None:
         if needed <= len(self._ads):
             return
-        capacity = max(needed, 2 * len(self._ads), 1024)
+        capacity = min(max(needed, 2 * len(self._ads), 1024), self.num_ads)
         self._ads = np.concatenate([self._ads, np.zeros(capacity - len(self._ads), dtype=np.int64)])
         for key, rows in self._rows.items():
             grown = np.zeros((capacity, *rows.shape[1:]))
@@ -554,9 +561,10 @@ def check_statistics(stats: dict[str, np.ndarray], settings: ALSSettings, num_ad
     touched = None
     if settings.sparse and ALS_ADS in stats:
         ads = stats[ALS_ADS]
-        if ads.ndim != 1 or not np.issubdtype(ads.dtype, np.integer):
+        if ads.ndim != 1 or ads.dtype.kind not in "iu":
             raise ValueError(f"ALS statistic {ALS_ADS} must be a vector of ad indices, got {ads.dtype} of shape {ads.shape}")
-        if len(ads) and (ads[0] < 0 or ads[-1] >= num_ads or np.any(np.diff(ads) <= 0)):
+        # comparisons, not np.diff: a difference of two indices can wrap around in their dtype
+        if len(ads) and (int(ads.min()) < 0 or int(ads.max()) >= num_ads or not np.all(ads[1:] > ads[:-1])):
             raise ValueError(f"ALS statistic {ALS_ADS} must hold distinct ascending ad indices in [0, {num_ads})")
         touched = len(ads)
     expected = settings.stat_shapes(num_ads, dim, release, touched)

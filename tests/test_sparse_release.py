@@ -15,7 +15,17 @@ from server.reply_bounds import als_violations, median_clip
 from shared.als import STAT_KEYS, ALSSettings, Rows, TouchedSum, ad_statistics, check_statistics, over_union, solve_ads
 from shared.config import ConfigError, RunConfig
 from shared.flower_internals import server_identity
-from shared.wire import ALS_ADS, ALS_GRAM, ALS_GRAM_UPPER, ALS_POSITIVES, ALS_TARGET, ALS_USER_GRAM, TrainReply, to_array_record
+from shared.wire import (
+    ALS_ADS,
+    ALS_GRAM,
+    ALS_GRAM_UPPER,
+    ALS_POSITIVES,
+    ALS_TARGET,
+    ALS_USER_GRAM,
+    PrivacyReport,
+    TrainReply,
+    to_array_record,
+)
 
 NUM_ADS, DIM, MERCHANTS = 400, 6, 4
 
@@ -74,10 +84,23 @@ def test_the_release_grows_with_the_shard_not_the_catalog() -> None:
     assert sizes[0] < 0.25 * sizes[1]  # 150 of 400 ads, each Gramian's upper triangle: 28 of 49 entries
 
 
-def _messages(releases: list[dict[str, np.ndarray]]) -> list[Message]:
+def _messages(releases: list[dict[str, np.ndarray]], report: PrivacyReport | None = None) -> list[Message]:
     return [TrainReply(f"merchant-{k}", {key: v.astype(np.float32) if v.dtype.kind == "f" else v for key, v in release.items()},
-                       None, {}, None).to_message(Message(content=RecordDict(), dst_node_id=1, message_type="train"))
+                       None, {}, report).to_message(Message(content=RecordDict(), dst_node_id=1, message_type="train"))
             for k, release in enumerate(releases)]
+
+
+def test_a_claim_of_noise_without_dp_is_ignored() -> None:
+    """A merchant of a run without DP that reports a noise multiplier neither crashes the round
+    nor changes the solve: exact statistics have no sensitivities to scale a noise level by."""
+    releases = [ad_statistics(rows, users, NUM_ADS, _settings("sparse")) for rows, users in _shards()]
+    models = []
+    for report in (None, PrivacyReport(8.0, 1.5)):
+        with server_identity():
+            record, _ = ALSAggregation(_settings("sparse"), NUM_ADS, DIM).aggregate_train(1, _messages(releases, report))
+        assert record is not None
+        models.append(record["ad_factors"].numpy())
+    np.testing.assert_array_equal(models[0], models[1])
 
 
 @pytest.mark.parametrize("robust", [None, 3.0])
@@ -141,7 +164,12 @@ def test_malformed_sparse_releases_are_refused() -> None:
     settings = _settings("sparse")
     rows, users = _shards()[2]
     release = ad_statistics(rows, users, NUM_ADS, settings)
+    rows_ = len(release[ALS_ADS])
+    wrapping = np.array([0, 5 * 10**18, -5 * 10**18, *range(3, rows_)], dtype=np.int64)  # np.diff would wrap to "ascending"
+    small = np.array([0, 100, -100, *range(3, rows_)], dtype=np.int64).astype(np.int8)
     for ads, reason in ((release[ALS_ADS][::-1].copy(), "ascending"), (release[ALS_ADS] + NUM_ADS, "ascending"),
+                        (wrapping, "ascending"), (small, "ascending"), (wrapping.astype(np.uint64), "ascending"),
+                        (np.concatenate([release[ALS_ADS][:1], release[ALS_ADS][:-1]]), "ascending"),
                         (release[ALS_ADS].astype(np.float32), "vector of ad indices")):
         with pytest.raises(ValueError, match=reason):
             check_statistics({**release, ALS_ADS: ads}, settings, NUM_ADS, DIM)
@@ -152,6 +180,67 @@ def test_malformed_sparse_releases_are_refused() -> None:
     assert any("positive semi-definite" in problem for problem in als_violations(negated, settings, 1000, 0.0))
     inflated = {**release, ALS_TARGET: release[ALS_TARGET] * 1e3}
     assert any("Cauchy-Schwarz" in problem for problem in als_violations(inflated, settings, 1000, 0.0))
+    # one ad inflated 1e9 (consistent: all of its statistics) does not widen another ad's rounding slack
+    huge = {key: value.copy() for key, value in release.items()}
+    for key in (ALS_GRAM_UPPER, ALS_TARGET, ALS_POSITIVES):
+        huge[key][0] *= 1e9
+    assert als_violations(huge, settings, 1000, 0.0) == []
+    first, second = np.triu_indices(DIM + 1)
+    lowest = float(np.linalg.eigvalsh(_unpack(huge[ALS_GRAM_UPPER][1])).min())
+    huge[ALS_GRAM_UPPER][1] -= (lowest + 3.0) * (first == second)  # eigenvalue -3: ad 1 indefinite
+    assert any("positive semi-definite" in problem for problem in als_violations(huge, settings, 1000, 0.0))
+
+
+def _unpack(packed: np.ndarray) -> np.ndarray:
+    first, second = np.triu_indices(DIM + 1)
+    full = np.zeros((DIM + 1, DIM + 1))
+    full[first, second] = full[second, first] = packed
+    return full
+
+
+def test_an_indefinite_system_is_floored_not_amplified() -> None:
+    """Float rounding can leave a summed Gramian slightly indefinite: its chunk is solved with
+    floored eigenvalues as the dense solve does, not by an LU solve that would amplify it."""
+    settings = dataclasses.replace(_settings("sparse"), alpha0=0.5)  # fixed: the other ads' systems stay as they are
+    rows, users = _shards()[0]
+    release = ad_statistics(rows, users, NUM_ADS, settings)
+    exact = solve_ads(release, settings, num_ads=NUM_ADS)
+    broken = {key: value.copy() for key, value in release.items()}
+    first, second = np.triu_indices(DIM + 1)
+    system = _unpack(broken[ALS_GRAM_UPPER][0]) + 0.5 * release[ALS_USER_GRAM] + settings.ad_l2 * np.eye(DIM + 1)
+    broken[ALS_GRAM_UPPER][0] -= (float(np.linalg.eigvalsh(system).min()) + 1.0) * (first == second)  # ad 0's system: eigenvalue -1
+    with pytest.raises(np.linalg.LinAlgError):  # what the LU path would have solved without a word
+        np.linalg.cholesky(_unpack(broken[ALS_GRAM_UPPER][0]) + 0.5 * release[ALS_USER_GRAM] + settings.ad_l2 * np.eye(DIM + 1))
+    solved = solve_ads(broken, settings, num_ads=NUM_ADS)
+    assert np.all(np.isfinite(solved["ad_factors"]))
+    assert np.abs(solved["ad_factors"]).max() < 10 * np.abs(exact["ad_factors"]).max()
+    others = np.ones(NUM_ADS, dtype=bool)
+    others[release[ALS_ADS][0]] = False
+    np.testing.assert_allclose(solved["ad_factors"][others], exact["ad_factors"][others], rtol=1e-6, atol=1e-8)
+
+
+def test_empty_releases_sum_and_clip() -> None:
+    """A merchant without rows sends no ads; a round of such replies still sums, clips and solves."""
+    settings = _settings("sparse")
+    empty = ad_statistics(Rows(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0), 5), np.zeros((5, DIM)), NUM_ADS,
+                          settings)
+    assert len(empty[ALS_ADS]) == 0
+    check_statistics(empty, settings, NUM_ADS, DIM)
+    summed = TouchedSum(NUM_ADS)
+    for release in median_clip([empty] * 3, 3.0):
+        summed.add(release)
+    solved = solve_ads(summed.total(), settings, num_ads=NUM_ADS)
+    assert not solved["ad_factors"].any() and not solved["ad_bias"].any()
+
+
+def test_the_running_sum_never_holds_more_rows_than_the_catalog() -> None:
+    summed = TouchedSum(1500)
+    every = {ALS_ADS: np.arange(1500), ALS_TARGET: np.ones((1500, DIM)), ALS_POSITIVES: np.ones(1500),
+             ALS_GRAM_UPPER: np.ones((1500, (DIM + 1) * (DIM + 2) // 2)), ALS_USER_GRAM: np.eye(DIM + 1)}
+    summed.add({key: value[:1000] if key not in (ALS_USER_GRAM,) else value for key, value in every.items()})
+    summed.add(every)
+    total = summed.total()
+    assert len(total[ALS_ADS]) == 1500 and total[ALS_TARGET].base is not None and total[ALS_TARGET].base.shape[0] == 1500
 
 
 def test_a_merchant_sends_it_through_flower_as_it_is() -> None:

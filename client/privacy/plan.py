@@ -35,7 +35,7 @@ from shared.app_log import log
 from shared.config import RunConfig
 from shared.metrics import METRIC_NAMES, NUM_TEST_USERS
 from shared.privacy_policy import PrivacyPolicy
-from shared.wire import Arrays, EvaluateReply, PrivacyReport, TrainReply
+from shared.wire import ALS_ADS, Arrays, EvaluateReply, PrivacyReport, TrainReply
 
 if TYPE_CHECKING:
     from client.node_data import NodeData
@@ -47,8 +47,8 @@ SolverT = TypeVar("SolverT", bound="Solver")
 
 def wire_dtype(arrays: Arrays) -> Arrays:
     """The solver's update as float32, the dtype of a release before any noise (noise drawn in
-    float64 makes a noised release float64); integer arrays (a sparse release's ads) as they are."""
-    return {key: value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) else value for key, value in arrays.items()}
+    float64 makes a noised release float64); a sparse release's ad indices (ALS_ADS) as they are."""
+    return {key: value if key == ALS_ADS else value.astype(np.float32) for key, value in arrays.items()}
 
 
 FLOAT16_LIMIT = 0.5 * float(np.finfo(np.float16).max)  # headroom: rounding near the top must not overflow
