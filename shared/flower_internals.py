@@ -618,6 +618,9 @@ class _PromptSleep:
 
     def sleep(self, seconds: float) -> None:
         if seconds < 3.0:
+            # Flower waits this way only with a message in hand (its ClientApp's reply, the
+            # objects to push): the next empty pulls start a new streak, however fast the message went
+            self.idle_streak = 0
             time.sleep(min(seconds, self.first))
             return
         # a message handled since the last wait (more than a second of work) starts a new streak

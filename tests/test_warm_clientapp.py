@@ -133,6 +133,14 @@ def test_supernode_waits_start_short_and_grow_back_to_flowers(monkeypatch) -> No
     waits.sleep(0.5)  # Flower's look for the ClientApp's reply
     assert slept[-1] == pytest.approx(0.05)
     assert waits.monotonic is flower_internals.time.monotonic  # every other name is time's
+    # a message handled in well under a second (no time passes on this clock) still ends the streak:
+    # Flower's short waits come only with a message in hand
+    for _ in range(30):
+        waits.sleep(3)
+    assert slept[-1] == 3
+    waits.sleep(0.5)
+    waits.sleep(3)
+    assert slept[-1] == pytest.approx(0.05)
 
 
 class _SlowGrid:
