@@ -131,7 +131,7 @@ def terminate_as_exit() -> Iterator[None]:
 # processes, whatever parent they were re-parented to. In its own session, so that Ctrl-C at a
 # terminal leaves it to do its work.
 _SWEEPER = """
-import os, signal, sys, time
+import os, shutil, signal, sys, time
 sys.stdin.buffer.read()
 needle, deadline = b"\\0" + os.fsencode(sys.argv[1]) + b"\\0", time.monotonic() + 10
 def holds_needle(pid):
@@ -150,18 +150,21 @@ while time.monotonic() < deadline:
         except OSError:
             pass
     time.sleep(0.05)
+for folder in sys.argv[2:]:
+    shutil.rmtree(folder, ignore_errors=True)
 """
 
 
 class Sweeper:
     """Kills every process marked `name=value` in its environment on `close`, or as soon as this
-    process dies, SIGKILL included: what the `finally` blocks cannot do then. Start it before
-    the processes it guards; give each of them the mark."""
+    process dies, SIGKILL included: what the `finally` blocks cannot do then; then removes the
+    `folders` those processes used. Start it before the processes it guards; give each of them
+    the mark."""
 
-    def __init__(self, name: str, value: str) -> None:
+    def __init__(self, name: str, value: str, folders: tuple[str, ...] = ()) -> None:
         self.mark = {name: value}
         self._process = subprocess.Popen(
-            [sys.executable, "-c", _SWEEPER, f"{name}={value}"], stdin=subprocess.PIPE, start_new_session=True,
+            [sys.executable, "-c", _SWEEPER, f"{name}={value}", *folders], stdin=subprocess.PIPE, start_new_session=True,
         )
 
     def close(self) -> None:

@@ -167,12 +167,17 @@ def test_sigkill_mid_run_leaves_no_process(tmp_path):
     output = tmp_path / "out"
     process = _main_job_running(output)
     assert any("raylet" in p for p in processes_mentioning(str(output / "runtime")))  # the cluster the sweeper must stop
+    ray_temp = Path((output / "runtime" / "ray-temp-dir").read_text())  # Ray's session folder, outside the output
+    assert ray_temp.is_dir()
     process.kill()
     assert process.wait(timeout=60) == -signal.SIGKILL
     deadline = time.monotonic() + 30
     while (left := processes_mentioning(str(output / "runtime"))) and time.monotonic() < deadline:
         time.sleep(0.1)  # the sweeper works on its own: poll until it is done, within a bound
     assert left == []
+    while ray_temp.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)  # removed by the sweeper once the cluster's processes are gone
+    assert not ray_temp.exists()
 
 
 def test_a_run_whose_server_app_fails_raises_with_its_log(tmp_path):

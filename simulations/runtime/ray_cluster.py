@@ -71,7 +71,8 @@ class RayCluster(_RayDriver):
         self.temp_dir = tempfile.mkdtemp(prefix="fedads-ray-")
         (self.work_dir / "ray-temp-dir").write_text(self.temp_dir)
         self._port = free_port()
-        self._sweeper = Sweeper(*self.mark)  # stops the cluster even if this process is killed outright
+        # stops the cluster and removes its session folder even if this process is killed outright
+        self._sweeper = Sweeper(*self.mark, folders=(self.temp_dir,))
         # Ray's processes get this environment: its workers import this checkout's packages
         # whether or not it is installed, and without a runtime env (which would make Ray start
         # every worker through a second interpreter)
