@@ -417,19 +417,20 @@ def _solve_touched(stats: dict[str, np.ndarray], settings: ALSSettings, num_ads:
     alpha0 = settings.alpha0 if settings.alpha0 is not None else density_alpha0(
         float(np.maximum(upper[:, -1], 0.0).sum()), float(user_gram[-1, -1]), num_ads)  # packed's last: the bias entry
     coef = np.zeros((num_ads, dim))
-    for start in range(0, len(ads), CHUNK_ADS):
+    for start, grams in zip(range(0, len(ads), CHUNK_ADS), unpacked_chunks(upper, dim), strict=True):
         part = slice(start, start + CHUNK_ADS)
-        target = np.hstack([stats[ALS_TARGET][part], settings.user_clip * stats[ALS_POSITIVES][part, None]])
+        target = np.hstack([stats[ALS_TARGET][part], settings.user_clip * stats[ALS_POSITIVES][part, None]]).astype(np.float64)
         # exact statistics: A_a + alpha0 G is positive semi-definite, so with the ridge an LU solve
         # gives _ridge's answer (to 1e-14) at a fifth of an eigendecomposition's time; a chunk whose
         # systems are not all positive definite (the replies were checked PSD, so float rounding at
         # worst) is solved as _ridge solves it, its eigenvalues floored
-        lhs = _from_upper(upper[part].astype(np.float64), dim) + alpha0 * user_gram[None]
+        lhs = grams + alpha0 * user_gram[None]
+        system = lhs + settings.ad_l2 * np.eye(dim)
         try:
-            np.linalg.cholesky(lhs + settings.ad_l2 * np.eye(dim))
-            coef[ads[part]] = np.linalg.solve(lhs + settings.ad_l2 * np.eye(dim), target.astype(np.float64)[:, :, None])[:, :, 0]
+            np.linalg.cholesky(system)
+            coef[ads[part]] = np.linalg.solve(system, target[:, :, None])[:, :, 0]
         except np.linalg.LinAlgError:
-            coef[ads[part]] = _ridge(lhs, target.astype(np.float64), settings.ad_l2)
+            coef[ads[part]] = _ridge(lhs, target, settings.ad_l2)
     return {AD_FACTORS: coef[:, :-1].astype(np.float32), AD_BIAS: (coef[:, -1] * settings.user_clip).astype(np.float32)}
 
 
