@@ -15,6 +15,9 @@ its idle waits and object-pull backoff shortened (`prompt_supernode_polling`,
 (`timestamp_flower_logs`), Flower's commands run in processes of ours (`run_flower_command`), and
 the name SuperExec starts a ClientApp by (`CLIENTAPP_COMMAND`).
 
+A local two-node Ray cluster is another (`ray_worker_node_on_loopback`: Ray's `ray start` for a
+second node on this machine's loopback, which Ray's public switches cannot give).
+
 Secure aggregation is another: Flower 1.42's SecAgg+ exists only in its legacy API
 (`flwr.server.workflow.SecAggPlusWorkflow` over a LegacyContext and a legacy Strategy,
 `flwr.client.mod.secaggplus_mod` reading a legacy FitRes), so the server's exchange
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import logging
 import secrets
 import sys
@@ -110,6 +114,12 @@ PINNED: tuple[Pinned, ...] = (
     Pinned("ray.actor", "_modify_class", source=("def __ray_ready__",)),
     Pinned("ray._private.worker", "logger"),
     Pinned("ray._private.worker", "init", source=("SIGTERM handler is not set",)),
+    # Ray: a worker node on this machine's loopback (`ray_worker_node_on_loopback`): `ray start`
+    # swaps 127.0.0.1 for the outward address, and then its raylet listens on every interface
+    Pinned("ray._private.services", "resolve_ip_for_localhost", source=('host == "127.0.0.1"',)),
+    Pinned("ray.scripts.scripts", "main"),
+    Pinned("ray.scripts.scripts", "start.callback", source=("services.resolve_ip_for_localhost(node_ip_address)",
+                                                   "if not ray_constants.ENABLE_RAY_CLUSTER:")),
     # Flower's SecAgg+ (`secure_mean` on the server, `secaggplus`, `secure_threshold`,
     # `fit_instruction`, `add_fit_result` on the client): its workflow speaks the legacy
     # Strategy/FitIns/FitRes API through a LegacyContext; its mod reads a legacy FitRes
@@ -392,6 +402,30 @@ def run_engine(
         backend_config={"client_resources": dict(client_resources)},
         app_dir=str(app_dir), run=run, server_app_context=context, is_app=True,
     )
+
+
+# Ray's `ray start`, run with its swap of 127.0.0.1 for the outward address left out
+_RAY_START_ON_LOOPBACK = ("import ray._private.services as services; services.resolve_ip_for_localhost = lambda host: host; "
+                          "from ray.scripts.scripts import main; main()")
+RAY_LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def ray_worker_node_on_loopback(
+    head_address: str, temp_dir: str, num_cpus: int, resources: Mapping[str, float], env: Mapping[str, str],
+) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of `ray start --block` for a worker node that joins the head at
+    `head_address` (127.0.0.1:PORT) on this machine, every socket of it on 127.0.0.1: a second node
+    of a local cluster (tests/test_simulation.py). Ray binds loopback only when its node address
+    is literally 127.0.0.1; the switch that keeps it so (RAY_LOOPBACK_SWITCH = 0, which the head
+    and its drivers use) also makes `ray start` refuse to add a node, so this node runs without
+    the switch and with `ray start`'s own swap of 127.0.0.1 left out. On separate hosts none of
+    this is needed: each node's address is a real one."""
+    argv = [
+        sys.executable, "-c", _RAY_START_ON_LOOPBACK, "start", "--block", f"--address={head_address}",
+        "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", f"--resources={json.dumps(dict(resources))}",
+        "--disable-usage-stats", f"--temp-dir={temp_dir}", "--min-worker-port=0", "--max-worker-port=0",
+    ]
+    return argv, {key: value for key, value in env.items() if key != RAY_LOOPBACK_SWITCH}
 
 
 # ---------------------------------------------------------------- Flower's SecAgg+

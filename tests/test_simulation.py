@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -282,32 +283,63 @@ def test_an_actor_that_died_is_replaced_before_the_next_run(tmp_path):
     assert all(len(h["clients"]) == NUM_CLIENTS and "refused" not in h for h in history)
 
 
-def test_the_harness_joins_a_ray_cluster_it_did_not_start_and_leaves_it_running(tmp_path, monkeypatch):
-    """RAY_ADDRESS (or `ray_address`): the runtime joins that cluster as a driver, runs there and
-    leaves; the cluster's nodes keep running. Here a one-node cluster on loopback, started as a
-    cluster operator would (Ray 2.55 cannot start a second node on loopback: docs/DEPLOYMENT.md)."""
+def test_the_harness_joins_a_two_node_ray_cluster_it_did_not_start_and_leaves_it_running(tmp_path, monkeypatch):
+    """RAY_ADDRESS (or `ray_address`): the runtime joins that cluster as a driver, places its
+    ClientApp actors on every node, runs there and leaves; the cluster's nodes keep running.
+    Here a head and a worker node on loopback, started as a cluster operator would (the worker
+    as shared.flower_internals starts one on this machine's loopback), one CPU each: the pool's
+    two actors can only be one per node."""
+    import ray
+
     from deploy.processes import free_port, stop_tree, wait_for_port
+    from shared.flower_internals import pool_size, ray_worker_node_on_loopback
     from simulations import PROJECT_ROOT
     from simulations.runtime import RAY_ADDRESS_VARIABLE, SimulationRuntime
     from simulations.runtime.ray_cluster import BIN, LOOPBACK_ONLY
 
     port = free_port()
     temp = tempfile.mkdtemp(prefix="fedads-ray-ext-")
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "RAY_USAGE_STATS_ENABLED": "0", **LOOPBACK_ONLY}
-    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-                             "--disable-usage-stats", f"--temp-dir={temp}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    mark = {"FEDADS_TEST_RAY_CLUSTER": temp}  # finds every process of the cluster, the nodes' and their workers'
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "RAY_USAGE_STATS_ENABLED": "0", **LOOPBACK_ONLY, **mark}
+    quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "stdin": subprocess.DEVNULL,
+                             "start_new_session": True}
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
+                             "--disable-usage-stats", f"--temp-dir={temp}", "--min-worker-port=0", "--max-worker-port=0",
+                             f"--ray-client-server-port={free_port()}"], env=env, **quiet)
+    worker: subprocess.Popen | None = None
     try:
         wait_for_port(port, head, tmp_path / "no-log")
+        argv, worker_env = ray_worker_node_on_loopback(f"127.0.0.1:{port}", temp, 1, {"worker-node": 1.0}, env)
+        worker = subprocess.Popen(argv, env=worker_env, **quiet)
+        ray.init(address=f"127.0.0.1:{port}", logging_level="WARNING", log_to_driver=False)
+        try:  # the pool is sized by the nodes there when the runtime joins: wait for the worker's
+            deadline = time.monotonic() + 120
+            while sum(node["Alive"] for node in ray.nodes()) < 2:
+                assert worker.poll() is None and time.monotonic() < deadline, "the worker node did not join"
+                time.sleep(0.2)
+        finally:
+            ray.shutdown()
         monkeypatch.setenv(RAY_ADDRESS_VARIABLE, f"127.0.0.1:{port}")
         cfg = small_run_config(tmp_path, **{"num-rounds": 1})
         with SimulationRuntime(tmp_path / "runtime", simulations=[(cfg, NUM_CLIENTS)]) as runtime:
             assert runtime.ray_address == f"127.0.0.1:{port}"
             run_simulation(cfg.to_flower(), NUM_CLIENTS, tmp_path / "flower", timeout=300, runtime=runtime)
+            nodes = [node for node in ray.nodes() if node["Alive"]]
+            assert len(nodes) == 2 and {node["NodeManagerAddress"] for node in nodes} == {"127.0.0.1"}
+            assert sum(node["Resources"].get("worker-node", 0.0) for node in nodes) == 1.0
+            # one CPU per node, one per actor: two actors holding every CPU are one on each node
+            assert pool_size(runtime._pool) == 2 and ray.available_resources().get("CPU", 0.0) == 0.0
+            # every process of both nodes, their workers and this driver listen on loopback only
+            listening = listening_addresses(temp)
+            assert len(listening) >= 5  # the GCS, two raylets, the actors' workers, this driver
+            assert {pid: a for pid, a in listening.items() if not all(map(is_loopback, a))} == {}
         history = json.loads((tmp_path / "out" / "history.json").read_text())
-        assert [h["round"] for h in history] == [0, 1]
+        assert [h["round"] for h in history] == [0, 1] and len(history[1]["clients"]) == NUM_CLIENTS
         assert not (tmp_path / "runtime" / "ray.log").exists()  # no cluster of its own was started
-        assert head.poll() is None  # the cluster outlives the harness's runtime
+        assert head.poll() is None and worker.poll() is None  # the cluster outlives the harness's runtime
     finally:
-        stop_tree(head, signals=(signal.SIGKILL,))
+        for node in (worker, head):
+            if node is not None:
+                stop_tree(node, signals=(signal.SIGKILL,))
         shutil.rmtree(temp, ignore_errors=True)
+    assert processes_mentioning(temp) == []
