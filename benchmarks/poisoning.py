@@ -122,7 +122,7 @@ def run(cfg: RunConfig, shards: list[NodeData], catalog: Any, attack: Attack | N
     for server_round in range(1, cfg.num_rounds + 1):
         sigma_r = sigma / math.sqrt(shares[server_round - 1]) if private else 0.0
         replies = []
-        release = strategy.begin_round(server_round, arrays)  # type: ignore[attr-defined]  # ALSAggregation
+        release, arrays = strategy.begin_round(server_round, arrays)  # type: ignore[attr-defined]  # ALSAggregation
         for node, solver in enumerate(solvers):
             if release == POPULARITY:
                 stats = popularity_statistics(solver.data.rows, solver.data.num_ads, settings.max_rows)

@@ -11,7 +11,10 @@ shared/als.py): the strategy asks for it in round 1 (the `als-release` of its tr
 config), and from it decides once whether the data carry signal enough for a personal model
 (the popularity rule, POPULARITY_MIN_SIGNAL). If not, every later round asks for popularity
 again and the model ranks by the pooled counts: the run ends at the DP-popularity floor, and its
-round records say so (`als-ranks-by-popularity`, `als-popularity-signal`).
+round records say so (`als-ranks-by-popularity`, `als-popularity-signal`). If so, the model
+serves the pooled counts (its bias, on the warm start's factors) until the first statistics
+release, which trains from the warm start itself (`begin_round` hands out the model a round
+trains from).
 
 Free gains from post-processing, only reading released values:
 - ad counts (weighted positives and rows) do not depend on the round's user factors, so
@@ -51,6 +54,7 @@ from shared.als import (
 from shared.app_log import log
 from shared.privacy_policy import DEFAULT_MAX_USERS
 from shared.wire import (
+    AD_BIAS,
     ALS_COUNT,
     ALS_POSITIVES,
     ALS_RELEASE,
@@ -70,6 +74,7 @@ from shared.wire import (
 ROUND_INVARIANT = (ALS_POSITIVES, ALS_COUNT)
 ADS_ON_PRIOR = "als-ads-on-prior"  # share of ads whose own factors weigh under half (count shrinkage)
 _STATE_VARIANCE = "variance/"  # server state keys: "<statistic>" and "variance/<statistic>", "signal"
+_COUNTS_AS_BIAS = "counts-as-bias"  # server state key: present while the model serves the counts
 
 
 class ALSAggregation(FedAvg):
@@ -90,7 +95,10 @@ class ALSAggregation(FedAvg):
         # the rule's constants (shared/als.py; benchmarks vary them)
         self.min_signal, self.lean = POPULARITY_MIN_SIGNAL, POPULARITY_LEAN
         self.release = STATISTICS  # what the round under way asks for
-        self._sent: Arrays = {}
+        self._sent: Arrays = {}  # the model the round under way trains from
+        # the model's bias is the popularity release's counts on a warm start: it serves them until
+        # the first statistics release, which trains from the warm start itself (bias 0)
+        self._counts_as_bias = False
 
     @property
     def ranks_by_popularity(self) -> bool:
@@ -105,17 +113,28 @@ class ALSAggregation(FedAvg):
             return POPULARITY
         return STATISTICS
 
-    def begin_round(self, server_round: int, arrays: Arrays) -> str:
-        """Fix what the round asks for (and the model it sends): configure_train's first step."""
+    def begin_round(self, server_round: int, arrays: Arrays) -> tuple[str, Arrays]:
+        """Fix what the round asks for and the model it trains from (`arrays`, or the warm start
+        under the popularity counts it served: its bias 0 again): configure_train's first step."""
         self.release = self.release_for(server_round)
         self._sent = arrays
-        return self.release
+        if self.release == STATISTICS and self._counts_as_bias:
+            # the counts are a ranking to serve, not a bias to fit the users' residuals to (as
+            # they would be in the user step: it cost Beauty a tenth of its NDCG@10)
+            self._sent = {**arrays, AD_BIAS: np.zeros_like(arrays[AD_BIAS])}
+        return self.release, self._sent
+
+    @property
+    def sent(self) -> Arrays:
+        """The model the round under way trains from (set by begin_round)."""
+        return self._sent
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        self.begin_round(server_round, from_array_record(arrays))
+        model = from_array_record(arrays)
+        _, trains_from = self.begin_round(server_round, model)
         asked = ConfigRecord(dict(config))
         asked[ALS_RELEASE] = self.release
-        return super().configure_train(server_round, arrays, asked, grid)
+        return super().configure_train(server_round, arrays if trains_from is model else to_array_record(trains_from), asked, grid)
 
     def check_reply(self, arrays: Arrays, metrics: dict[str, float]) -> None:
         """The keys, shapes and finiteness, then the protocol's bounds (server/reply_bounds.py)."""
@@ -139,6 +158,8 @@ class ALSAggregation(FedAvg):
             state[key], state[_STATE_VARIANCE + key] = value, np.array(variance)
         if self.signal is not None:
             state["signal"] = np.array(self.signal)
+        if self._counts_as_bias:
+            state[_COUNTS_AS_BIAS] = np.array(1.0)
         return state
 
     def after_popularity(self, positives: np.ndarray, variance: float, signal: float) -> None:
@@ -151,6 +172,7 @@ class ALSAggregation(FedAvg):
         self._counts = {key: (value, float(state[_STATE_VARIANCE + key])) for key, value in state.items()
                         if key in ROUND_INVARIANT and _STATE_VARIANCE + key in state}
         self.signal = float(state["signal"]) if "signal" in state else None
+        self._counts_as_bias = _COUNTS_AS_BIAS in state
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Replies reach here validated (server/round_loop.py); error replies are left out."""
@@ -201,6 +223,7 @@ class ALSAggregation(FedAvg):
             total[ALS_POSITIVES], variances[ALS_POSITIVES] = self._counts[ALS_POSITIVES]
         stds = {key: float(np.sqrt(v)) for key, v in variances.items()}
         arrays = solve_ads(total, self.settings, stds, self.tags, self.num_ads)
+        self._counts_as_bias = False  # the model has its own bias now
         if self.settings.private and self.signal:
             arrays = lean_on_popularity(arrays, total[ALS_POSITIVES], total[ALS_USER_GRAM], self.settings.user_clip,
                                         self.lean / self.signal)
@@ -219,7 +242,8 @@ class ALSAggregation(FedAvg):
 
     def _after_popularity(self, positives: np.ndarray, metrics: list[dict[str, float]], record: MetricRecord) -> Arrays:
         """The model after a popularity round: ranking by the pooled counts if the rule chose
-        popularity, else the model sent (its first statistics round starts from it)."""
+        popularity, else the model sent (its first statistics round starts from it), with the
+        counts as its bias if it had none (a warm start)."""
         if self.signal is None:
             noise, whole_budget = self._popularity_noise(metrics)
             self.signal = popularity_signal(positives, noise, whole_budget)
@@ -235,8 +259,15 @@ class ALSAggregation(FedAvg):
                          "needs %g): the next rounds release statistics", self.signal, self.min_signal)
         record[POPULARITY_SIGNAL] = self.signal
         record[RANKS_BY_POPULARITY] = float(self.ranks_by_popularity)
+        ranking = popularity_model(positives, self.dim)
         if self.ranks_by_popularity:
-            return popularity_model(positives, self.dim)
+            return ranking
+        if not np.any(self._sent[AD_BIAS]):
+            # a warm start (its bias 0) ranks at random: until the first statistics release the
+            # model serves the released counts' ranking, as the popularity model does (that
+            # release trains from the warm start: begin_round)
+            self._counts_as_bias = True
+            return {**self._sent, AD_BIAS: ranking[AD_BIAS]}
         return self._sent
 
     def _popularity_noise(self, metrics: list[dict[str, float]]) -> tuple[float, float]:

@@ -223,8 +223,10 @@ class RoundLoop:
         for attempt in range(self.retries + 1):
             round_log = RoundLog()
             sampled = [msg.metadata.dst_node_id for msg in self.strategy.configure_train(server_round, arrays, config, self.grid)]
-            release = getattr(self.strategy, "release", STATISTICS)  # set by configure_train (ALSAggregation)
-            outcome = self.secure.exchange(self.grid, server_round, from_array_record(arrays), sampled, release)
+            # what the round asks for and the model it trains from: set by configure_train (ALSAggregation)
+            release = getattr(self.strategy, "release", STATISTICS)
+            trains_from = getattr(self.strategy, "sent", None) or from_array_record(arrays)
+            outcome = self.secure.exchange(self.grid, server_round, trains_from, sampled, release)
             round_log.asked = [self._name(node) for node in sampled]
             for stage, msg in outcome.errors:
                 self._learn_name(msg)

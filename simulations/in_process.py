@@ -54,7 +54,7 @@ def private_als_round(strategy: ALSAggregation, solvers: list[ALSSolver], arrays
     (client/privacy/private_als.py: its statistics or popularity, noised at `noise_multiplier`, a
     `noise_share` of the variance under secure aggregation) and the strategy's aggregation.
     Returns the round's global model. Noise draws from `rng`, seeded by the caller."""
-    release = strategy.begin_round(server_round, arrays)
+    release, arrays = strategy.begin_round(server_round, arrays)
     share_std = float(np.sqrt(noise_share))
     replies = []
     for solver in solvers:

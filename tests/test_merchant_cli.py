@@ -63,7 +63,7 @@ def _train(tmp: Path, log_csv: Path, catalog_csv: Path, privacy: str, rounds: in
     arrays = init_global_arrays(NUM_ADS, cfg.factors, seed=1)
     with server_identity():
         for server_round in range(1, rounds + 1):
-            release = server.begin_round(server_round, arrays)  # what configure_train would ask for
+            release, arrays = server.begin_round(server_round, arrays)  # what configure_train would ask for and send
             reply = client_call("train", cfg, arrays, server_round, node_config=node_config, release=release)
             assert not reply.has_error(), reply.error
             arrays = from_array_record(server.aggregate_train(server_round, [reply])[0] if solver == "als" else reply.content[ARRAYS])

@@ -87,7 +87,7 @@ def test_round_one_asks_for_popularity_and_the_rule_decides_once(scale: float, c
     settings, num_ads, dim = _settings(), 300, 4
     strategy = ALSAggregation(settings, num_ads, dim, num_rounds=3)
     sent = init_global_arrays(num_ads, dim, seed=0)
-    assert strategy.begin_round(1, sent) == POPULARITY
+    assert strategy.begin_round(1, sent) == (POPULARITY, sent)
     rng = np.random.default_rng(0)
     counts = [scale * rng.pareto(1.5, num_ads) for _ in range(3)]
     arrays, metrics = strategy.aggregate_train(1, _popularity_replies(counts, 1.0))
@@ -96,18 +96,65 @@ def test_round_one_asks_for_popularity_and_the_rule_decides_once(scale: float, c
     assert signal is not None and metrics[POPULARITY_SIGNAL] == pytest.approx(signal)
     assert (signal < POPULARITY_MIN_SIGNAL) is chooses_popularity and metrics[RANKS_BY_POPULARITY] == float(chooses_popularity)
     model = from_array_record(arrays)
+    pooled = strategy.state()[ALS_POSITIVES]  # the noisy summed counts
+    counts_order = np.argsort(-pooled.astype(np.float32), kind="stable")
+    assert np.array_equal(np.argsort(-model[AD_BIAS], kind="stable"), counts_order)
     if chooses_popularity:
         assert "ranks by popularity" in caplog.text
         # the model is the pooled counts' ranking: no factors, biases in the counts' order
         assert not model[AD_FACTORS].any()
-        pooled = strategy.state()[ALS_POSITIVES]  # the noisy summed counts
-        assert np.array_equal(np.argsort(-model[AD_BIAS], kind="stable"), np.argsort(-pooled.astype(np.float32), kind="stable"))
-        assert strategy.begin_round(2, model) == POPULARITY and strategy.begin_round(3, model) == POPULARITY
+        assert strategy.begin_round(2, model)[0] == POPULARITY and strategy.begin_round(3, model)[0] == POPULARITY
     else:
-        # the model sent goes on to the first statistics round unchanged
-        assert all(np.array_equal(model[key], sent[key]) for key in sent)
-        assert strategy.begin_round(2, model) == STATISTICS
+        # until the first statistics release the model serves the released counts (the warm
+        # start's own bias, 0, ranks at random); that release trains from the warm start itself
+        assert np.array_equal(model[AD_FACTORS], sent[AD_FACTORS]) and not sent[AD_BIAS].any()
+        release, trains_from = strategy.begin_round(2, model)
+        assert release == STATISTICS and all(np.array_equal(trains_from[key], sent[key]) for key in sent)
+        assert strategy.sent is trains_from
     assert strategy.signal == signal  # decided once
+
+
+def test_a_popularity_round_leaves_a_trained_model_as_it_was():
+    """A popularity round after the model has learned (a resumed run whose counts were lost)
+    keeps the model: only a warm start, whose bias is 0, takes the counts as its bias."""
+    num_ads, dim = 300, 4
+    strategy = ALSAggregation(_settings(), num_ads, dim, num_rounds=3)
+    trained = init_global_arrays(num_ads, dim, seed=1)
+    trained[AD_BIAS] = np.random.default_rng(1).normal(size=num_ads).astype(np.float32)
+    assert strategy.begin_round(4, trained)[0] == POPULARITY
+    rng = np.random.default_rng(0)
+    arrays, _ = strategy.aggregate_train(4, _popularity_replies([1000 * rng.pareto(1.5, num_ads) for _ in range(3)], 1.0))
+    assert arrays is not None and strategy.signal is not None and strategy.signal >= POPULARITY_MIN_SIGNAL
+    model = from_array_record(arrays)
+    assert all(np.array_equal(model[key], trained[key]) for key in trained)
+
+
+def test_the_warm_start_serves_the_counts_and_the_first_statistics_release_trains_without_them(tmp_path: Path):
+    """Private ALS in-process: after the popularity release the model ranks by the released
+    counts (its bias) on the warm start's factors; the first statistics release trains from the
+    warm start itself (bias 0: the counts are a ranking to serve, not residuals for the users to
+    fit), and from then on every round trains from the model as it is."""
+    from client.solvers.als import ALSSolver
+    from simulations.in_process import private_als_round
+    from tests.conftest import simulated_node
+
+    cfg = small_run_config(tmp_path, privacy="user", **{"num-rounds": 3})
+    nodes = [simulated_node(cfg, pid) for pid in range(3)]
+    num_ads = nodes[0].data.split.num_ads
+    strategy = ALSAggregation(ALSSettings.from_config(cfg), num_ads, cfg.factors, num_rounds=3)
+    strategy.min_signal = 0.0  # a personal model whatever the noise of this small market
+    solvers = [ALSSolver(cfg, node.data) for node in nodes]
+    warm = init_global_arrays(num_ads, cfg.factors, cfg.seed)
+    rng = np.random.default_rng(0)
+    served = private_als_round(strategy, solvers, warm, 1, 1.0, rng)
+    pooled = strategy.state()[ALS_POSITIVES]
+    assert np.array_equal(served[AD_FACTORS], warm[AD_FACTORS])
+    assert np.array_equal(np.argsort(-served[AD_BIAS], kind="stable"), np.argsort(-pooled.astype(np.float32), kind="stable"))
+    trained = private_als_round(strategy, solvers, served, 2, 1.0, rng)
+    assert not strategy.sent[AD_BIAS].any() and np.array_equal(strategy.sent[AD_FACTORS], warm[AD_FACTORS])
+    assert trained[AD_BIAS].any() and not np.array_equal(trained[AD_FACTORS], warm[AD_FACTORS])
+    private_als_round(strategy, solvers, trained, 3, 1.0, rng)
+    assert all(np.array_equal(strategy.sent[key], trained[key]) for key in trained)  # its own bias now
 
 
 def test_the_rule_reads_each_release_at_its_share_and_one_liar_cannot_move_it():
@@ -145,7 +192,7 @@ def test_after_the_rule_chose_popularity_the_pooled_counts_carry_the_floor_noise
     shares = release_budget_shares(rounds, 2.0)
     zeros = [np.zeros(num_ads)] * 5
     for server_round in range(1, rounds + 1):
-        assert strategy.begin_round(server_round, init_global_arrays(num_ads, 4, seed=0)) == POPULARITY
+        assert strategy.begin_round(server_round, init_global_arrays(num_ads, 4, seed=0))[0] == POPULARITY
         strategy.aggregate_train(server_round, _popularity_replies(zeros, sigma / math.sqrt(shares[server_round - 1])))
     pooled_variance = float(strategy.state()["variance/" + ALS_POSITIVES])
     floor_variance = 5 * (sigma * math.sqrt(settings.max_rows or 0)) ** 2  # five merchants, each its full noise
@@ -165,19 +212,26 @@ def test_the_lean_on_popularity_orders_equal_personal_scores_by_count():
 
 def test_state_survives_a_checkpoint(tmp_path: Path):
     strategy = ALSAggregation(_settings(), 50, 4, num_rounds=3)
-    strategy.begin_round(1, init_global_arrays(50, 4, seed=0))
-    strategy.aggregate_train(1, _popularity_replies([np.full(50, 100.0)] * 2, 0.5))
+    warm = init_global_arrays(50, 4, seed=0)
+    strategy.begin_round(1, warm)
+    counts = np.random.default_rng(2).pareto(1.5, 50) * 100
+    aggregated, _ = strategy.aggregate_train(1, _popularity_replies([counts] * 2, 0.5))
+    assert aggregated is not None
+    model = from_array_record(aggregated)  # the warm start serving the counts
+    assert model[AD_BIAS].any()
     checkpointer = Checkpointer(tmp_path)
-    checkpointer.save_round(1, init_global_arrays(50, 4, seed=0), [{"round": 1}], {}, strategy.state())
+    checkpointer.save_round(1, model, [{"round": 1}], {}, strategy.state())
     resumed = ALSAggregation(_settings(), 50, 4, num_rounds=3)
     state = checkpointer.server_state(1)
     assert state is not None
     resumed.restore(state)
     assert resumed.signal == strategy.signal
-    assert resumed.begin_round(2, init_global_arrays(50, 4, seed=0)) == strategy.begin_round(2, init_global_arrays(50, 4, seed=0))
+    # both train the first statistics release from the warm start, not from the served counts
+    for release, trains_from in (resumed.begin_round(2, model), strategy.begin_round(2, model)):
+        assert release == STATISTICS and all(np.array_equal(trains_from[key], warm[key]) for key in warm)
     assert np.array_equal(resumed.state()[ALS_POSITIVES], strategy.state()[ALS_POSITIVES])
     # a resume that lost the state asks for popularity again rather than solving without counts
-    assert ALSAggregation(_settings(), 50, 4, num_rounds=3).begin_round(2, {}) == POPULARITY
+    assert ALSAggregation(_settings(), 50, 4, num_rounds=3).begin_round(2, {})[0] == POPULARITY
     assert checkpointer.server_state(2) is None
 
 

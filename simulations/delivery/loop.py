@@ -166,7 +166,9 @@ class DeliveryLoop:
 
     def _federated_round(self, server_round: int, arrays: Arrays, data: dict[str, NodeData], strategy: Strategy) -> Arrays:
         # what the release asks for (private ALS: its popularity release first, shared/als.py)
-        asked = strategy.begin_round(server_round, arrays) if isinstance(strategy, ALSAggregation) else STATISTICS
+        asked = STATISTICS
+        if isinstance(strategy, ALSAggregation):
+            asked, arrays = strategy.begin_round(server_round, arrays)
         replies = []
         for name in self.merchants:
             solver = solver_for(self.cfg, data[name])
