@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     sim, dep, b = results["simulation"], results["deployment"], results["bytes"]
     print(f"{results['date']}  {results['machine']}  {n} merchants, {r} rounds, privacy={args.privacy}, secure={args.secure}, "
           f"mf-solver={dep_cfg.mf_solver}")
-    print(f"median round: simulation {sim['median_round_seconds']:.2f}s, deployment (TLS, 3 SuperNodes) {dep['median_round_seconds']:.2f}s"
+    print(f"median round: simulation {sim['median_round_seconds']:.2f}s, deployment (TLS, {n} SuperNodes) {dep['median_round_seconds']:.2f}s"
           f"  (round 0: {sim['round0_seconds']:.2f}s vs {dep['round0_seconds']:.2f}s); "
           f"ratio {dep['median_round_seconds'] / sim['median_round_seconds']:.1f}x")
     print(f"empty exchange with every merchant (median of {PROBES}): simulation {sim['probe_median_seconds']:.3f}s, "

@@ -17,7 +17,10 @@ CLIENTAPP_PRELOAD) and forks it once per message:
   process itself stop when the SuperNode process that started them is gone, SIGKILL included.
 
 Each message still runs in its own process with fresh state, as Flower's isolation asks; the
-app's own code is not preloaded, so it is still imported from the FAB the SuperLink sent.
+app's own code is not preloaded, so it is still imported from the FAB the SuperLink sent: the
+child forgets the modules of this project the warm process itself runs on (this module and
+shared.flower_internals, from the merchant's installed fedads) before Flower loads the app, or
+the FAB's `shared` package would resolve to the installed one (`forget_project_modules`).
 """
 
 from __future__ import annotations
@@ -69,6 +72,25 @@ def write_shim(folder: Path, python: str = sys.executable) -> Path:
     return shim
 
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def forget_project_modules(root: Path = PROJECT_ROOT) -> list[str]:
+    """Drop from sys.modules every module of this project's packages (the folders of `root` with
+    an __init__.py) loaded from `root`, as the merchant installed them, so that the app's imports
+    resolve in the FAB Flower puts first on sys.path. The functions already running keep their
+    modules alive. Returns the names dropped."""
+    packages = {folder.name: folder for folder in root.iterdir() if (folder / "__init__.py").is_file()}
+    dropped = []
+    for name, module in list(sys.modules.items()):
+        folder = packages.get(name.partition(".")[0])
+        location = getattr(module, "__file__", None)
+        if folder is not None and location is not None and Path(location).resolve().is_relative_to(folder):
+            del sys.modules[name]
+            dropped.append(name)
+    return dropped
+
+
 def preload(install_records: Path) -> None:
     for module in CLIENTAPP_PRELOAD:
         importlib.import_module(module)
@@ -93,6 +115,7 @@ def _run_child(request: dict[str, object], fds: list[int]) -> None:
         os.chdir(str(request["cwd"]))
         argv = request["argv"]
         assert isinstance(argv, list)
+        forget_project_modules()
         run_flower_command(CLIENTAPP_COMMAND, [str(arg) for arg in argv])
         code = 0
     except SystemExit as exc:

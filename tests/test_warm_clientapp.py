@@ -5,6 +5,7 @@ whose SuperNodes are started this way."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -62,6 +63,30 @@ def test_the_shim_runs_flowers_clientapp_in_a_forked_child(warm) -> None:
     assert refused.returncode == 2  # argparse's exit status, passed back through the warm process
     assert "one of the arguments --token --token-file is required" in refused.stderr
     assert server.poll() is None  # one child per run: the warm process itself carries on
+
+
+@pytest.mark.parametrize("forget", [True, False])
+def test_a_forked_clientapp_imports_the_projects_packages_from_the_fab(tmp_path: Path, forget: bool) -> None:
+    """The warm process runs on the installed fedads (deploy, shared); a child that forgot those
+    modules imports `shared` from the FAB Flower puts first on sys.path, as a fresh process
+    would; without forgetting, the FAB's client code would run on the installed `shared`."""
+    fab = tmp_path / "fab"
+    (fab / "shared").mkdir(parents=True)
+    (fab / "shared" / "__init__.py").write_text("")
+    (fab / "shared" / "app_log.py").write_text("FROM_THE_FAB = True\n")
+    code = (f"import json, sys, deploy.warm_clientapp as warm\n"
+            f"assert 'shared.app_log' in sys.modules\n"
+            f"dropped = warm.forget_project_modules() if {forget} else []\n"
+            f"sys.path.insert(0, {str(fab)!r})\n"
+            f"import shared.app_log\n"
+            f"print(json.dumps([getattr(shared.app_log, 'FROM_THE_FAB', False), dropped]))")
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=DEADLINE, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    from_fab, dropped = json.loads(shown.stdout)
+    assert from_fab is forget
+    if forget:  # the project's own modules only, not Flower's or numpy's
+        assert {"deploy.warm_clientapp", "shared.flower_internals"} <= set(dropped)
+        assert all(name.partition(".")[0] in ("deploy", "shared") for name in dropped)
 
 
 def test_without_the_warm_process_the_shim_is_flowers_clientapp(tmp_path: Path) -> None:
