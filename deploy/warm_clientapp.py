@@ -72,22 +72,18 @@ def write_shim(folder: Path, python: str = sys.executable) -> Path:
     return shim
 
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# this project's packages (pyproject's packages.find): the ones a FAB carries its own copy of
+PROJECT_PACKAGES = ("shared", "server", "client", "simulations", "deploy")
 
 
-def forget_project_modules(root: Path = PROJECT_ROOT) -> list[str]:
-    """Drop from sys.modules every module of this project's packages (the folders of `root` with
-    an __init__.py) loaded from `root`, as the merchant installed them, so that the app's imports
-    resolve in the FAB Flower puts first on sys.path. The functions already running keep their
-    modules alive. Returns the names dropped."""
-    packages = {folder.name: folder for folder in root.iterdir() if (folder / "__init__.py").is_file()}
-    dropped = []
-    for name, module in list(sys.modules.items()):
-        folder = packages.get(name.partition(".")[0])
-        location = getattr(module, "__file__", None)
-        if folder is not None and location is not None and Path(location).resolve().is_relative_to(folder):
-            del sys.modules[name]
-            dropped.append(name)
+def forget_project_modules(packages: tuple[str, ...] = PROJECT_PACKAGES) -> list[str]:
+    """Drop from sys.modules every module of this project's `packages` (as the merchant installed
+    them: the warm process runs on them), so that the app's imports resolve in the FAB Flower
+    puts first on sys.path. The functions already running keep their modules alive. Returns the
+    names dropped."""
+    dropped = [name for name in sys.modules if name.partition(".")[0] in packages]
+    for name in dropped:
+        del sys.modules[name]
     return dropped
 
 

@@ -55,6 +55,7 @@ from shared.app_log import log
 from shared.privacy_policy import DEFAULT_MAX_USERS
 from shared.wire import (
     AD_BIAS,
+    AD_FACTORS,
     ALS_COUNT,
     ALS_POSITIVES,
     ALS_RELEASE,
@@ -99,6 +100,9 @@ class ALSAggregation(FedAvg):
         # the model's bias is the popularity release's counts on a warm start: it serves them until
         # the first statistics release, which trains from the warm start itself (bias 0)
         self._counts_as_bias = False
+        # the run's warm-start factors, where known (the ServerApp's): a model with these factors has
+        # had no statistics release yet, also after a resume that lost the server state
+        self.warm_factors: np.ndarray | None = None
 
     @property
     def ranks_by_popularity(self) -> bool:
@@ -118,11 +122,15 @@ class ALSAggregation(FedAvg):
         under the popularity counts it served: its bias 0 again): configure_train's first step."""
         self.release = self.release_for(server_round)
         self._sent = arrays
-        if self.release == STATISTICS and self._counts_as_bias:
+        if self.release == STATISTICS and (self._counts_as_bias or self._is_warm_start(arrays)):
             # the counts are a ranking to serve, not a bias to fit the users' residuals to (as
             # they would be in the user step: it cost Beauty a tenth of its NDCG@10)
             self._sent = {**arrays, AD_BIAS: np.zeros_like(arrays[AD_BIAS])}
         return self.release, self._sent
+
+    def _is_warm_start(self, arrays: Arrays) -> bool:
+        factors = arrays.get(AD_FACTORS)
+        return self.warm_factors is not None and factors is not None and np.array_equal(factors, self.warm_factors)
 
     @property
     def sent(self) -> Arrays:
@@ -243,7 +251,7 @@ class ALSAggregation(FedAvg):
     def _after_popularity(self, positives: np.ndarray, metrics: list[dict[str, float]], record: MetricRecord) -> Arrays:
         """The model after a popularity round: ranking by the pooled counts if the rule chose
         popularity, else the model sent (its first statistics round starts from it), with the
-        counts as its bias if it had none (a warm start)."""
+        counts as its bias if it is a warm start."""
         if self.signal is None:
             noise, whole_budget = self._popularity_noise(metrics)
             self.signal = popularity_signal(positives, noise, whole_budget)
@@ -262,10 +270,10 @@ class ALSAggregation(FedAvg):
         ranking = popularity_model(positives, self.dim)
         if self.ranks_by_popularity:
             return ranking
-        if not np.any(self._sent[AD_BIAS]):
-            # a warm start (its bias 0) ranks at random: until the first statistics release the
-            # model serves the released counts' ranking, as the popularity model does (that
-            # release trains from the warm start: begin_round)
+        if self._is_warm_start(self._sent) or not np.any(self._sent[AD_BIAS]):
+            # a warm start (its bias 0, or an earlier popularity release's counts) ranks at random:
+            # until the first statistics release the model serves the released counts' ranking,
+            # as the popularity model does (that release trains from the warm start: begin_round)
             self._counts_as_bias = True
             return {**self._sent, AD_BIAS: ranking[AD_BIAS]}
         return self._sent

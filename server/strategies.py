@@ -36,7 +36,8 @@ from shared.als import ALSSettings
 from shared.catalog_features import informative_tags
 from shared.config import RunConfig
 from shared.data.schema import AdCatalog
-from shared.wire import ARRAYS, CONFIG, NUM_EXAMPLES
+from shared.params import initial_model
+from shared.wire import AD_FACTORS, ARRAYS, CONFIG, NUM_EXAMPLES
 
 ServerEpsilon = Callable[[], "float | None"]
 
@@ -95,8 +96,12 @@ def build_strategy(cfg: RunConfig, num_nodes: int, catalog: AdCatalog, rounds_do
         tags = informative_tags(catalog, "catalog prior") if cfg.als_catalog_prior else None
         tags = tags if tags is not None and tags.shape[1] else None  # nothing to lean on: shrink toward zero
         robust = cfg.robust_clip_factor if cfg.robust_aggregation == "median" else None
-        return ALSAggregation(ALSSettings.from_config(cfg), len(catalog), cfg.factors, tags=tags, max_users=cfg.max_users_per_merchant,
-                              robust_factor=robust, num_rounds=cfg.num_rounds, **sampling, **wire), lambda: None
+        settings = ALSSettings.from_config(cfg)
+        strategy = ALSAggregation(settings, len(catalog), cfg.factors, tags=tags, max_users=cfg.max_users_per_merchant,
+                                  robust_factor=robust, num_rounds=cfg.num_rounds, **sampling, **wire)
+        if settings.private:  # a resumed run knows its warm start even when its server state was lost
+            strategy.warm_factors = initial_model(cfg, catalog)[AD_FACTORS]
+        return strategy, lambda: None
     averaging = FedMedian if cfg.robust_aggregation == "median" else FedAvg
     fedavg = averaging(**sampling, **wire)  # type: ignore[arg-type]
     if cfg.privacy != "client":

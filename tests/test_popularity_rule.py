@@ -235,6 +235,34 @@ def test_state_survives_a_checkpoint(tmp_path: Path):
     assert checkpointer.server_state(2) is None
 
 
+def test_a_resume_that_lost_the_state_still_trains_the_first_statistics_release_from_the_warm_start(tmp_path: Path):
+    """The round-1 checkpoint's model carries the counts as its bias; a resume without the server
+    state asks for popularity again. Knowing the run's warm-start factors (the ServerApp's
+    strategy does), the strategy serves the new counts and still trains from the warm start."""
+    warm = init_global_arrays(50, 4, seed=0)
+    rng = np.random.default_rng(3)
+    first = ALSAggregation(_settings(), 50, 4, num_rounds=4)
+    first.begin_round(1, warm)
+    aggregated, _ = first.aggregate_train(1, _popularity_replies([rng.pareto(1.5, 50) * 100] * 2, 0.5))
+    assert aggregated is not None
+    served = from_array_record(aggregated)
+    resumed = ALSAggregation(_settings(), 50, 4, num_rounds=4)  # no state restored
+    resumed.warm_factors = warm[AD_FACTORS]
+    assert resumed.begin_round(2, served)[0] == POPULARITY
+    again, _ = resumed.aggregate_train(2, _popularity_replies([rng.pareto(1.5, 50) * 100] * 2, 0.5))
+    assert again is not None
+    reserved = from_array_record(again)
+    pooled = resumed.state()[ALS_POSITIVES]
+    assert np.array_equal(np.argsort(-reserved[AD_BIAS], kind="stable"), np.argsort(-pooled.astype(np.float32), kind="stable"))
+    release, trains_from = ALSAggregation(_settings(), 50, 4, num_rounds=4).begin_round(3, reserved)
+    assert release == POPULARITY  # a strategy that knows neither the state nor the warm start
+    resumed_again = ALSAggregation(_settings(), 50, 4, num_rounds=4)
+    resumed_again.restore({key: value for key, value in resumed.state().items() if key != "counts-as-bias"})
+    resumed_again.warm_factors = warm[AD_FACTORS]
+    release, trains_from = resumed_again.begin_round(3, reserved)
+    assert release == STATISTICS and all(np.array_equal(trains_from[key], warm[key]) for key in warm)
+
+
 def test_a_merchant_releases_its_counts_alone_at_the_planned_share(tmp_path: Path):
     cfg = small_run_config(tmp_path, privacy="user", **{"num-rounds": 3})
     arrays = init_global_arrays(cfg.synthetic_ads, cfg.factors, seed=0)

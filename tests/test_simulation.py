@@ -309,14 +309,19 @@ def test_the_harness_joins_a_two_node_ray_cluster_it_did_not_start_and_leaves_it
     worker: subprocess.Popen | None = None
     try:
         wait_for_port(port, head, tmp_path / "no-log")
-        argv, worker_env = ray_worker_node_on_loopback(f"127.0.0.1:{port}", temp, 1, {"worker-node": 1.0}, env)
-        worker = subprocess.Popen(argv, env=worker_env, **quiet)
         ray.init(address=f"127.0.0.1:{port}", logging_level="WARNING", log_to_driver=False)
-        try:  # the pool is sized by the nodes there when the runtime joins: wait for the worker's
-            deadline = time.monotonic() + 120
-            while sum(node["Alive"] for node in ray.nodes()) < 2:
-                assert worker.poll() is None and time.monotonic() < deadline, "the worker node did not join"
-                time.sleep(0.2)
+        try:
+            def wait_for_nodes(count: int, what: str) -> None:
+                deadline = time.monotonic() + 120
+                while sum(node["Alive"] for node in ray.nodes()) < count:
+                    assert head.poll() is None and (worker is None or worker.poll() is None) and time.monotonic() < deadline, what
+                    time.sleep(0.2)
+
+            # the head's raylet first: both nodes name their sockets in the one session folder
+            wait_for_nodes(1, "the head node did not start")
+            argv, worker_env = ray_worker_node_on_loopback(f"127.0.0.1:{port}", temp, 1, {"worker-node": 1.0}, env)
+            worker = subprocess.Popen(argv, env=worker_env, **quiet)
+            wait_for_nodes(2, "the worker node did not join")  # the pool is sized by the nodes there when the runtime joins
         finally:
             ray.shutdown()
         monkeypatch.setenv(RAY_ADDRESS_VARIABLE, f"127.0.0.1:{port}")
@@ -342,4 +347,7 @@ def test_the_harness_joins_a_two_node_ray_cluster_it_did_not_start_and_leaves_it
             if node is not None:
                 stop_tree(node, signals=(signal.SIGKILL,))
         shutil.rmtree(temp, ignore_errors=True)
+    deadline = time.monotonic() + 30  # a worker forked as the nodes were killed goes a moment later
+    while processes_mentioning(temp) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert processes_mentioning(temp) == []

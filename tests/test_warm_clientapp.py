@@ -89,6 +89,15 @@ def test_a_forked_clientapp_imports_the_projects_packages_from_the_fab(tmp_path:
         assert all(name.partition(".")[0] in ("deploy", "shared") for name in dropped)
 
 
+def test_the_packages_forgotten_are_the_ones_the_project_installs() -> None:
+    import tomllib
+
+    from deploy.warm_clientapp import PROJECT_PACKAGES
+
+    found = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    assert sorted(f"{name}*" for name in PROJECT_PACKAGES) == sorted(found["include"])
+
+
 def test_without_the_warm_process_the_shim_is_flowers_clientapp(tmp_path: Path) -> None:
     shim = write_shim(tmp_path / "bin")
     env = {**os.environ, SOCKET_ENV: str(tmp_path / "nobody-listens.sock")}
