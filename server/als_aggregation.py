@@ -23,11 +23,14 @@ Free gains from post-processing, only reading released values:
 - the noisy counts shrink the factors of rarely seen ads (ALSSettings.count_shrinkage),
   towards zero or (als-catalog-prior) towards the mean factors of their public catalog tags;
 - each ad's score leans on its pooled noisy popularity, the more the lower the signal
-  (POPULARITY_LEAN / signal spreads of the personal scores).
+  (POPULARITY_LEAN / signal spreads of the personal scores), and the model a statistics release
+  before the plan's last serves leans further, by how much noisier that release is than the
+  last (`serving_lean`); the next round trains from the model as solved.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -76,6 +79,7 @@ ROUND_INVARIANT = (ALS_POSITIVES, ALS_COUNT)
 ADS_ON_PRIOR = "als-ads-on-prior"  # share of ads whose own factors weigh under half (count shrinkage)
 _STATE_VARIANCE = "variance/"  # server state keys: "<statistic>" and "variance/<statistic>", "signal"
 _COUNTS_AS_BIAS = "counts-as-bias"  # server state key: present while the model serves the counts
+_TRAIN_BIAS = "train-bias"  # server state key: the bias the next round trains from, when the served one leans more
 
 
 class ALSAggregation(FedAvg):
@@ -103,6 +107,12 @@ class ALSAggregation(FedAvg):
         # the run's warm-start factors, where known (the ServerApp's): a model with these factors has
         # had no statistics release yet, also after a resume that lost the server state
         self.warm_factors: np.ndarray | None = None
+        # the run's planned budget share per release (shared/als.py release_budget_shares, public),
+        # where known: an earlier statistics release is noisier than the last, and the model it
+        # serves leans on popularity the more (`serving_lean`); the next round trains without that
+        self.release_shares: np.ndarray | None = None
+        self._round = 0
+        self._train_bias: np.ndarray | None = None
 
     @property
     def ranks_by_popularity(self) -> bool:
@@ -120,13 +130,25 @@ class ALSAggregation(FedAvg):
     def begin_round(self, server_round: int, arrays: Arrays) -> tuple[str, Arrays]:
         """Fix what the round asks for and the model it trains from (`arrays`, or the warm start
         under the popularity counts it served: its bias 0 again): configure_train's first step."""
-        self.release = self.release_for(server_round)
+        self.release, self._round = self.release_for(server_round), server_round
         self._sent = arrays
         if self.release == STATISTICS and (self._counts_as_bias or self._is_warm_start(arrays)):
             # the counts are a ranking to serve, not a bias to fit the users' residuals to (as
             # they would be in the user step: it cost Beauty a tenth of its NDCG@10)
             self._sent = {**arrays, AD_BIAS: np.zeros_like(arrays[AD_BIAS])}
+        elif self.release == STATISTICS and self._train_bias is not None and len(self._train_bias) == len(arrays[AD_BIAS]):
+            self._sent = {**arrays, AD_BIAS: self._train_bias}  # the model as solved, without the serving lean
         return self.release, self._sent
+
+    def serving_lean(self, server_round: int) -> float:
+        """How much more than the solved model the served one leans on popularity after statistics
+        release `server_round`: the popularity lean (lean / signal spreads) times how much noisier
+        this release is than the plan's last one, sqrt(last share / its share) - 1, so 0 for the
+        last release (the final model is the solved one)."""
+        shares = self.release_shares
+        if shares is None or not self.signal or not 1 <= server_round <= len(shares):
+            return 0.0
+        return self.lean / self.signal * (math.sqrt(float(shares[-1]) / float(shares[server_round - 1])) - 1.0)
 
     def _is_warm_start(self, arrays: Arrays) -> bool:
         factors = arrays.get(AD_FACTORS)
@@ -168,6 +190,8 @@ class ALSAggregation(FedAvg):
             state["signal"] = np.array(self.signal)
         if self._counts_as_bias:
             state[_COUNTS_AS_BIAS] = np.array(1.0)
+        if self._train_bias is not None:
+            state[_TRAIN_BIAS] = self._train_bias
         return state
 
     def after_popularity(self, positives: np.ndarray, variance: float, signal: float) -> None:
@@ -181,6 +205,7 @@ class ALSAggregation(FedAvg):
                         if key in ROUND_INVARIANT and _STATE_VARIANCE + key in state}
         self.signal = float(state["signal"]) if "signal" in state else None
         self._counts_as_bias = _COUNTS_AS_BIAS in state
+        self._train_bias = state.get(_TRAIN_BIAS)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Replies reach here validated (server/round_loop.py); error replies are left out."""
@@ -232,9 +257,14 @@ class ALSAggregation(FedAvg):
         stds = {key: float(np.sqrt(v)) for key, v in variances.items()}
         arrays = solve_ads(total, self.settings, stds, self.tags, self.num_ads)
         self._counts_as_bias = False  # the model has its own bias now
+        served, self._train_bias = arrays, None
         if self.settings.private and self.signal:
             arrays = lean_on_popularity(arrays, total[ALS_POSITIVES], total[ALS_USER_GRAM], self.settings.user_clip,
                                         self.lean / self.signal)
+            served = arrays
+            if (extra := self.serving_lean(self._round)) > 0:
+                served = lean_on_popularity(arrays, total[ALS_POSITIVES], total[ALS_USER_GRAM], self.settings.user_clip, extra)
+                self._train_bias = arrays[AD_BIAS]
             record[POPULARITY_SIGNAL], record[RANKS_BY_POPULARITY] = self.signal, 0.0
         weights = own_factor_weights(ads_statistics_counts(total, self.settings), self.settings, stds) if self.settings.private else None
         if weights is not None:
@@ -246,7 +276,7 @@ class ALSAggregation(FedAvg):
                 log.warning("private ALS: %.0f%% of the ads are seen by fewer users than the noise in their counts: "
                             "for them the model ranks by (noisy) popularity%s", 100 * on_prior,
                             " and their catalog tags" if self.tags is not None else "")
-        return to_array_record(arrays), record
+        return to_array_record(served), record
 
     def _after_popularity(self, positives: np.ndarray, metrics: list[dict[str, float]], record: MetricRecord) -> Arrays:
         """The model after a popularity round: ranking by the pooled counts if the rule chose

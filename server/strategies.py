@@ -32,7 +32,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 
 from server.als_aggregation import ALSAggregation
 from shared.accounting import default_delta
-from shared.als import ALSSettings
+from shared.als import ALSSettings, release_budget_shares
 from shared.catalog_features import informative_tags
 from shared.config import RunConfig
 from shared.data.schema import AdCatalog
@@ -101,6 +101,8 @@ def build_strategy(cfg: RunConfig, num_nodes: int, catalog: AdCatalog, rounds_do
                                   robust_factor=robust, num_rounds=cfg.num_rounds, **sampling, **wire)
         if settings.private:  # a resumed run knows its warm start even when its server state was lost
             strategy.warm_factors = initial_model(cfg, catalog)[AD_FACTORS]
+            # the merchants' plans spread their budgets by the run config's (client/privacy/private_als.py)
+            strategy.release_shares = release_budget_shares(cfg.num_rounds, cfg.als_budget_growth)
         return strategy, lambda: None
     averaging = FedMedian if cfg.robust_aggregation == "median" else FedAvg
     fedavg = averaging(**sampling, **wire)  # type: ignore[arg-type]

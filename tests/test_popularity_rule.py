@@ -235,6 +235,47 @@ def test_state_survives_a_checkpoint(tmp_path: Path):
     assert checkpointer.server_state(2) is None
 
 
+def test_an_earlier_statistics_release_serves_more_popularity_and_trains_as_solved(tmp_path: Path):
+    """With the run's budget plan known (the ServerApp's strategy), a statistics release before the
+    plan's last is noisier, so the model it serves leans further on the pooled counts (by
+    lean / signal x (sqrt(last share / its share) - 1) spreads); the next round trains from the
+    model as solved, and the last release serves exactly what it solved."""
+    from client.solvers.als import ALSSolver
+    from shared.als import release_budget_shares
+    from simulations.in_process import private_als_round
+    from tests.conftest import simulated_node
+
+    rounds = 4
+    cfg = small_run_config(tmp_path, privacy="user", **{"num-rounds": rounds})
+    nodes = [simulated_node(cfg, pid) for pid in range(3)]
+    num_ads = nodes[0].data.split.num_ads
+    strategy = ALSAggregation(ALSSettings.from_config(cfg), num_ads, cfg.factors, num_rounds=rounds)
+    strategy.min_signal = 0.0
+    strategy.release_shares = release_budget_shares(rounds, cfg.als_budget_growth)
+    solvers = [ALSSolver(cfg, node.data) for node in nodes]
+    rng = np.random.default_rng(1)
+    served = private_als_round(strategy, solvers, init_global_arrays(num_ads, cfg.factors, cfg.seed), 1, 1.0, rng)
+    assert strategy.serving_lean(1) == pytest.approx(strategy.lean / strategy.signal * (math.sqrt(
+        strategy.release_shares[-1] / strategy.release_shares[0]) - 1))
+    leans = [strategy.serving_lean(r) for r in range(2, rounds + 1)]
+    assert leans[0] > leans[1] > leans[2] == 0.0  # the noisier the release, the more it leans
+    pooled = strategy.state()[ALS_POSITIVES].astype(np.float64)
+    for server_round in range(2, rounds + 1):
+        served = private_als_round(strategy, solvers, served, server_round, 1.0, rng)
+        solved = strategy.state().get("train-bias")
+        if server_round < rounds:  # served: the solved bias plus more of the counts' standardized order
+            assert solved is not None and served[AD_BIAS].shape == solved.shape
+            extra = served[AD_BIAS].astype(np.float64) - solved
+            assert np.corrcoef(extra, pooled)[0, 1] > 0.999 and np.all(extra[np.argsort(pooled)[-5:]] > 0)
+            _, trains_from = strategy.begin_round(server_round + 1, served)
+            assert np.array_equal(trains_from[AD_BIAS], solved) and np.array_equal(trains_from[AD_FACTORS], served[AD_FACTORS])
+            resumed = ALSAggregation(ALSSettings.from_config(cfg), num_ads, cfg.factors, num_rounds=rounds)
+            resumed.restore(strategy.state())  # the checkpoint's server state keeps it
+            assert np.array_equal(resumed.begin_round(server_round + 1, served)[1][AD_BIAS], solved)
+        else:
+            assert solved is None  # the last release serves what it solved
+
+
 def test_a_resume_that_lost_the_state_still_trains_the_first_statistics_release_from_the_warm_start(tmp_path: Path):
     """The round-1 checkpoint's model carries the counts as its bias; a resume without the server
     state asks for popularity again. Knowing the run's warm-start factors (the ServerApp's
