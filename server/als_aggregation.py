@@ -136,19 +136,29 @@ class ALSAggregation(FedAvg):
             # the counts are a ranking to serve, not a bias to fit the users' residuals to (as
             # they would be in the user step: it cost Beauty a tenth of its NDCG@10)
             self._sent = {**arrays, AD_BIAS: np.zeros_like(arrays[AD_BIAS])}
-        elif self.release == STATISTICS and self._train_bias is not None and len(self._train_bias) == len(arrays[AD_BIAS]):
-            self._sent = {**arrays, AD_BIAS: self._train_bias}  # the model as solved, without the serving lean
+        elif self.release == STATISTICS and self._train_bias is not None:
+            if len(self._train_bias) == len(arrays[AD_BIAS]):
+                self._sent = {**arrays, AD_BIAS: self._train_bias}  # the model as solved, without the serving lean
+            else:
+                log.warning("private ALS: the solved bias in the server state has %d ads, the model %d: training "
+                            "from the model as served", len(self._train_bias), len(arrays[AD_BIAS]))
         return self.release, self._sent
 
-    def serving_lean(self, server_round: int) -> float:
+    def serving_lean(self, server_round: int, share: float | None = None) -> float:
         """How much more than the solved model the served one leans on popularity after statistics
-        release `server_round`: the popularity lean (lean / signal spreads) times how much noisier
-        this release is than the plan's last one, sqrt(last share / its share) - 1, so 0 for the
-        last release (the final model is the solved one)."""
+        release `server_round` of budget share `share` (the replies' public report; absent: the
+        plan's for that round): the popularity lean (lean / signal spreads of the leaned model's
+        scores) times how much noisier this release is than the plan's last one, sqrt(last share
+        / its share) - 1, so 0 for the last release: a run that completes its plan ends on the
+        solved model (one that stops short exports the model it serves)."""
         shares = self.release_shares
-        if shares is None or not self.signal or not 1 <= server_round <= len(shares):
+        if shares is None or not self.signal:
             return 0.0
-        return self.lean / self.signal * (math.sqrt(float(shares[-1]) / float(shares[server_round - 1])) - 1.0)
+        if share is None:
+            if not 1 <= server_round <= len(shares):
+                return 0.0
+            share = float(shares[server_round - 1])
+        return self.lean / self.signal * max(math.sqrt(float(shares[-1]) / share) - 1.0, 0.0)
 
     def _is_warm_start(self, arrays: Arrays) -> bool:
         factors = arrays.get(AD_FACTORS)
@@ -201,6 +211,9 @@ class ALSAggregation(FedAvg):
         self.signal = signal
 
     def restore(self, state: Arrays) -> None:
+        """The state of `state()`. (A resume that lost its state file asks for popularity again; the
+        warm-start strip still applies through warm_factors, but a serving lean then stays in the
+        bias the next statistics release trains from: accuracy, not privacy.)"""
         self._counts = {key: (value, float(state[_STATE_VARIANCE + key])) for key, value in state.items()
                         if key in ROUND_INVARIANT and _STATE_VARIANCE + key in state}
         self.signal = float(state["signal"]) if "signal" in state else None
@@ -262,7 +275,8 @@ class ALSAggregation(FedAvg):
             arrays = lean_on_popularity(arrays, total[ALS_POSITIVES], total[ALS_USER_GRAM], self.settings.user_clip,
                                         self.lean / self.signal)
             served = arrays
-            if (extra := self.serving_lean(self._round)) > 0:
+            reported = [float(m[DP_RELEASE_SHARE]) for m in metrics if DP_RELEASE_SHARE in m]  # each merchant's own release count
+            if (extra := self.serving_lean(self._round, float(np.median(reported)) if reported else None)) > 0:
                 served = lean_on_popularity(arrays, total[ALS_POSITIVES], total[ALS_USER_GRAM], self.settings.user_clip, extra)
                 self._train_bias = arrays[AD_BIAS]
             record[POPULARITY_SIGNAL], record[RANKS_BY_POPULARITY] = self.signal, 0.0

@@ -276,6 +276,28 @@ def test_an_earlier_statistics_release_serves_more_popularity_and_trains_as_solv
             assert solved is None  # the last release serves what it solved
 
 
+def test_the_serving_lean_reads_each_release_at_its_reported_share(tmp_path: Path):
+    from server.strategies import build_strategy
+    from shared.als import release_budget_shares
+    from shared.data.sources import load_catalog
+
+    cfg = small_run_config(tmp_path, privacy="user", **{"num-rounds": 5})
+    strategy, _ = build_strategy(cfg, 3, load_catalog(cfg))
+    assert isinstance(strategy, ALSAggregation) and strategy.warm_factors is not None
+    shares = release_budget_shares(5, cfg.als_budget_growth)
+    assert strategy.release_shares is not None and np.allclose(strategy.release_shares, shares)
+    assert strategy.serving_lean(3) == 0.0  # no signal yet: nothing to lean on
+    strategy.signal = 20.0
+    base = strategy.lean / 20.0
+    assert strategy.serving_lean(5) == 0.0 and strategy.serving_lean(2, float(shares[-1])) == 0.0
+    assert strategy.serving_lean(2) == pytest.approx(base * (math.sqrt(shares[-1] / shares[1]) - 1))
+    # a merchant whose release count ran ahead (a retry) reports its own share: that one is read
+    assert strategy.serving_lean(2, float(shares[3])) == pytest.approx(base * (math.sqrt(shares[-1] / shares[3]) - 1))
+    assert strategy.serving_lean(9) == 0.0  # past the plan
+    none, _ = build_strategy(small_run_config(tmp_path / "plain", **{"num-rounds": 5}), 3, load_catalog(cfg))
+    assert isinstance(none, ALSAggregation) and none.release_shares is None
+
+
 def test_a_resume_that_lost_the_state_still_trains_the_first_statistics_release_from_the_warm_start(tmp_path: Path):
     """The round-1 checkpoint's model carries the counts as its bias; a resume without the server
     state asks for popularity again. Knowing the run's warm-start factors (the ServerApp's
