@@ -78,8 +78,7 @@ from shared.wire import (
 ROUND_INVARIANT = (ALS_POSITIVES, ALS_COUNT)
 ADS_ON_PRIOR = "als-ads-on-prior"  # share of ads whose own factors weigh under half (count shrinkage)
 _STATE_VARIANCE = "variance/"  # server state keys: "<statistic>" and "variance/<statistic>", "signal"
-_COUNTS_AS_BIAS = "counts-as-bias"  # server state key: present while the model serves the counts
-_TRAIN_BIAS = "train-bias"  # server state key: the bias the next round trains from, when the served one leans more
+_TRAIN_BIAS = "train-bias"  # server state key: the bias the next round trains from, when it is not the one served
 
 
 class ALSAggregation(FedAvg):
@@ -101,9 +100,9 @@ class ALSAggregation(FedAvg):
         self.min_signal, self.lean = POPULARITY_MIN_SIGNAL, POPULARITY_LEAN
         self.release = STATISTICS  # what the round under way asks for
         self._sent: Arrays = {}  # the model the round under way trains from
-        # the model's bias is the popularity release's counts on a warm start: it serves them until
-        # the first statistics release, which trains from the warm start itself (bias 0)
-        self._counts_as_bias = False
+        # the bias the next statistics release trains from when the model serves another: 0 under
+        # the popularity counts a warm start serves, the solved bias under a serving lean
+        self._train_bias: np.ndarray | None = None
         # the run's warm-start factors, where known (the ServerApp's): a model with these factors has
         # had no statistics release yet, also after a resume that lost the server state
         self.warm_factors: np.ndarray | None = None
@@ -112,7 +111,6 @@ class ALSAggregation(FedAvg):
         # serves leans on popularity the more (`serving_lean`); the next round trains without that
         self.release_shares: np.ndarray | None = None
         self._round = 0
-        self._train_bias: np.ndarray | None = None
 
     @property
     def ranks_by_popularity(self) -> bool:
@@ -128,20 +126,23 @@ class ALSAggregation(FedAvg):
         return STATISTICS
 
     def begin_round(self, server_round: int, arrays: Arrays) -> tuple[str, Arrays]:
-        """Fix what the round asks for and the model it trains from (`arrays`, or the warm start
-        under the popularity counts it served: its bias 0 again): configure_train's first step."""
+        """Fix what the round asks for and the model it trains from (`arrays`, with the bias it was
+        solved with where it serves another: 0 under the popularity counts a warm start serves, the
+        solved bias under a serving lean): configure_train's first step."""
         self.release, self._round = self.release_for(server_round), server_round
         self._sent = arrays
-        if self.release == STATISTICS and (self._counts_as_bias or self._is_warm_start(arrays)):
-            # the counts are a ranking to serve, not a bias to fit the users' residuals to (as
-            # they would be in the user step: it cost Beauty a tenth of its NDCG@10)
-            self._sent = {**arrays, AD_BIAS: np.zeros_like(arrays[AD_BIAS])}
-        elif self.release == STATISTICS and self._train_bias is not None:
-            if len(self._train_bias) == len(arrays[AD_BIAS]):
-                self._sent = {**arrays, AD_BIAS: self._train_bias}  # the model as solved, without the serving lean
-            else:
-                log.warning("private ALS: the solved bias in the server state has %d ads, the model %d: training "
-                            "from the model as served", len(self._train_bias), len(arrays[AD_BIAS]))
+        if self.release != STATISTICS:
+            return self.release, self._sent
+        # served counts are a ranking, not a bias to fit the users' residuals to (as they would be
+        # in the user step: it cost Beauty a tenth of its NDCG@10); a serving lean the same
+        train_bias = self._train_bias
+        if train_bias is None and self._is_warm_start(arrays):  # a resume that lost the state
+            train_bias = np.zeros_like(arrays[AD_BIAS])
+        if train_bias is not None and len(train_bias) == len(arrays[AD_BIAS]):
+            self._sent = {**arrays, AD_BIAS: train_bias}
+        elif train_bias is not None:
+            log.warning("private ALS: the bias to train from in the server state has %d ads, the model %d: training "
+                        "from the model as served", len(train_bias), len(arrays[AD_BIAS]))
         return self.release, self._sent
 
     def serving_lean(self, server_round: int, share: float | None = None) -> float:
@@ -198,8 +199,6 @@ class ALSAggregation(FedAvg):
             state[key], state[_STATE_VARIANCE + key] = value, np.array(variance)
         if self.signal is not None:
             state["signal"] = np.array(self.signal)
-        if self._counts_as_bias:
-            state[_COUNTS_AS_BIAS] = np.array(1.0)
         if self._train_bias is not None:
             state[_TRAIN_BIAS] = self._train_bias
         return state
@@ -217,7 +216,6 @@ class ALSAggregation(FedAvg):
         self._counts = {key: (value, float(state[_STATE_VARIANCE + key])) for key, value in state.items()
                         if key in ROUND_INVARIANT and _STATE_VARIANCE + key in state}
         self.signal = float(state["signal"]) if "signal" in state else None
-        self._counts_as_bias = _COUNTS_AS_BIAS in state
         self._train_bias = state.get(_TRAIN_BIAS)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -269,17 +267,15 @@ class ALSAggregation(FedAvg):
             total[ALS_POSITIVES], variances[ALS_POSITIVES] = self._counts[ALS_POSITIVES]
         stds = {key: float(np.sqrt(v)) for key, v in variances.items()}
         arrays = solve_ads(total, self.settings, stds, self.tags, self.num_ads)
-        self._counts_as_bias = False  # the model has its own bias now
-        served, self._train_bias = arrays, None
         if self.settings.private and self.signal:
             arrays = lean_on_popularity(arrays, total[ALS_POSITIVES], total[ALS_USER_GRAM], self.settings.user_clip,
                                         self.lean / self.signal)
-            served = arrays
-            reported = [float(m[DP_RELEASE_SHARE]) for m in metrics if DP_RELEASE_SHARE in m]  # each merchant's own release count
-            if (extra := self.serving_lean(self._round, float(np.median(reported)) if reported else None)) > 0:
-                served = lean_on_popularity(arrays, total[ALS_POSITIVES], total[ALS_USER_GRAM], self.settings.user_clip, extra)
-                self._train_bias = arrays[AD_BIAS]
             record[POPULARITY_SIGNAL], record[RANKS_BY_POPULARITY] = self.signal, 0.0
+        served, self._train_bias = arrays, None  # the model has its own bias now
+        reported = [float(m[DP_RELEASE_SHARE]) for m in metrics if DP_RELEASE_SHARE in m]  # each merchant's own release count
+        if (extra := self.serving_lean(self._round, float(np.median(reported)) if reported else None)) > 0:
+            served = lean_on_popularity(arrays, total[ALS_POSITIVES], total[ALS_USER_GRAM], self.settings.user_clip, extra)
+            self._train_bias = arrays[AD_BIAS]
         weights = own_factor_weights(ads_statistics_counts(total, self.settings), self.settings, stds) if self.settings.private else None
         if weights is not None:
             # how much of the model is popularity: an ad whose noisy count is below kappa noise
@@ -318,7 +314,7 @@ class ALSAggregation(FedAvg):
             # a warm start (its bias 0, or an earlier popularity release's counts) ranks at random:
             # until the first statistics release the model serves the released counts' ranking,
             # as the popularity model does (that release trains from the warm start: begin_round)
-            self._counts_as_bias = True
+            self._train_bias = np.zeros_like(self._sent[AD_BIAS])
             return {**self._sent, AD_BIAS: ranking[AD_BIAS]}
         return self._sent
 

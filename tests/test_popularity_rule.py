@@ -320,7 +320,7 @@ def test_a_resume_that_lost_the_state_still_trains_the_first_statistics_release_
     release, trains_from = ALSAggregation(_settings(), 50, 4, num_rounds=4).begin_round(3, reserved)
     assert release == POPULARITY  # a strategy that knows neither the state nor the warm start
     resumed_again = ALSAggregation(_settings(), 50, 4, num_rounds=4)
-    resumed_again.restore({key: value for key, value in resumed.state().items() if key != "counts-as-bias"})
+    resumed_again.restore({key: value for key, value in resumed.state().items() if key != "train-bias"})
     resumed_again.warm_factors = warm[AD_FACTORS]
     release, trains_from = resumed_again.begin_round(3, reserved)
     assert release == STATISTICS and all(np.array_equal(trains_from[key], warm[key]) for key in warm)
