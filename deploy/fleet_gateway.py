@@ -14,10 +14,17 @@ terminates TLS with the SuperLink's own certificate and forwards a request to th
 SuperLink only if it is `POST /v1/fleet/<name>` (flwr/superlink/routers/fleet/router.py); every
 other request (`/v1/control/...`, `/v1/runtime/...`, `/docs`, ...) is answered 403 here.
 
-One request per client connection, re-framed: the gateway parses each request head, checks the
-target, and sends the upstream exactly one request with an unambiguous body length and
-`Connection: close`, then relays the response until the SuperLink closes. A second request
-smuggled after the body never reaches the SuperLink; clients (httpx in Flower) reconnect.
+Every request re-framed, one at a time: the gateway parses each request head, checks the
+target, and sends the SuperLink exactly that request with an unambiguous body length. Whatever
+follows a request's body on the client's connection (its next request on a kept-alive connection,
+or one pipelined or smuggled behind it) is parsed and checked as a request of its own, so nothing
+reaches the SuperLink that the gateway did not frame itself. Responses are re-framed as well (the
+SuperLink's status and end-to-end headers, the gateway's own body length), which lets both
+connections stay open across requests: a TLS handshake and a TCP connection per request on each
+side cost a deployed round about a third of its time (docs/BENCHMARKS.md, "Deployment"). Each
+client connection has its own connection to the SuperLink, never shared with another client's, and
+kept only while it is clean: a response the gateway could not frame, or one that came before the
+request's body was through, closes both.
 """
 
 from __future__ import annotations
@@ -26,18 +33,25 @@ import asyncio
 import re
 import ssl
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 FLEET_TARGET = re.compile(rb"/v1/fleet/[a-z][a-z0-9-]{0,63}")  # a Fleet route, no query, no dots, no escapes
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110 token)
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9]{2})(?: [\t -~\x80-\xff]*)?")
 # not forwarded: the gateway sets the framing and the connection handling itself
 _HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"content-length", b"te",
                b"trailer", b"upgrade", b"expect", b"http2-settings"}
 MAX_HEAD = 64 * 1024
-HEAD_TIMEOUT = 30.0  # a client that does not finish its request head in time is dropped (slowloris)
+# a client that does not send a whole request head in time, its first or the next on a kept-alive
+# connection, is dropped (slowloris; httpx lets its own idle connections go after 5 s)
+HEAD_TIMEOUT = 30.0
 IDLE_TIMEOUT = 300.0  # no byte in either stream for this long: the exchange is abandoned
-MAX_CONNECTIONS = 256
+# a connection to the SuperLink idle for longer is not reused: uvicorn closes its own after 5 s,
+# and a request sent on one it is closing would be lost
+UPSTREAM_REUSE_SECONDS = 2.0
+MAX_CONNECTIONS = 256  # client connections (each with its own to the SuperLink); idle ones make room for new ones
 
 
 class _Refused(Exception):
@@ -59,48 +73,117 @@ class Request:
     headers: list[tuple[bytes, bytes]]
     content_length: int | None  # None: chunked
     expect_continue: bool
+    close: bool = False  # the client's last on this connection: `Connection: close`, or HTTP/1.0
 
 
-def parse_head(head: bytes) -> Request:
-    """The request head (up to and including the blank line), checked: only `POST` to a Fleet
-    route, HTTP/1.x, well-formed headers, one unambiguous body length."""
-    lines = head[:-4].split(b"\r\n") if head.endswith(b"\r\n\r\n") else []
-    parts = lines[0].split(b" ") if lines else []
-    if len(parts) != 3 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
-        raise _Refused(400, "malformed request line")
-    method, target, _ = parts
-    if method != b"POST" or FLEET_TARGET.fullmatch(target) is None:
-        raise _Refused(403, f"{method[:16]!r} {target[:120]!r} is not a Fleet API call")
-    headers: list[tuple[bytes, bytes]] = []
+@dataclass(frozen=True)
+class Response:
+    status_line: bytes
+    headers: list[tuple[bytes, bytes]]
+    content_length: int | None  # None: chunked, or (until_close) as long as the SuperLink sends
+    until_close: bool  # no length and no chunks: the body ends when the SuperLink closes
+    close: bool  # the SuperLink closes its connection after this response
+
+
+@dataclass(frozen=True)
+class _Fields:
+    """A message head's header lines, checked: those forwarded, and the ones the gateway acts on."""
+
+    forwarded: list[tuple[bytes, bytes]]
+    lengths: list[bytes]
+    encodings: list[bytes]
+    connection: set[bytes]
+    expect_continue: bool
+
+
+def _fields(lines: list[bytes], status: int) -> _Fields:
+    forwarded: list[tuple[bytes, bytes]] = []
     lengths: list[bytes] = []
     encodings: list[bytes] = []
+    connection: set[bytes] = set()
     expect_continue = False
-    for line in lines[1:]:
+    for line in lines:
         name, colon, value = line.partition(b":")
         if not colon or _TOKEN.fullmatch(name) is None:  # also refuses obsolete line folding
-            raise _Refused(400, "malformed header")
+            raise _Refused(status, "malformed header")
         key, value = name.lower(), value.strip(b" \t")
         if key == b"content-length":
             lengths.append(value)
         elif key == b"transfer-encoding":
             encodings.append(value.lower())
+        elif key == b"connection":
+            connection.update(token.strip(b" \t").lower() for token in value.split(b","))
         elif key == b"expect":
             expect_continue = value.lower() == b"100-continue"
         if key not in _HOP_BY_HOP:
-            headers.append((name, value))
-    if encodings:
-        if lengths or encodings != [b"chunked"]:  # both, or an encoding the gateway does not re-frame
-            raise _Refused(400, "ambiguous or unsupported body framing")
-        return Request(target, headers, None, expect_continue)
-    if len(set(lengths)) > 1 or any(not v.isdigit() or len(v) > 12 for v in lengths):
-        raise _Refused(400, "bad Content-Length")
-    return Request(target, headers, int(lengths[0]) if lengths else 0, expect_continue)
+            forwarded.append((name, value))
+    return _Fields(forwarded, lengths, encodings, connection, expect_continue)
+
+
+def _body_length(fields: _Fields, status: int) -> int | None:
+    """The one unambiguous body length of a message: bytes, or None for chunked; -1: neither."""
+    if fields.encodings:
+        if fields.lengths or fields.encodings != [b"chunked"]:  # both, or an encoding the gateway does not re-frame
+            raise _Refused(status, "ambiguous or unsupported body framing")
+        return None
+    if len(set(fields.lengths)) > 1 or any(not v.isdigit() or len(v) > 12 for v in fields.lengths):
+        raise _Refused(status, "bad Content-Length")
+    return int(fields.lengths[0]) if fields.lengths else -1
+
+
+def _lines(head: bytes) -> list[bytes]:
+    return head[:-4].split(b"\r\n") if head.endswith(b"\r\n\r\n") else []
+
+
+def parse_head(head: bytes) -> Request:
+    """The request head (up to and including the blank line), checked: only `POST` to a Fleet
+    route, HTTP/1.x, well-formed headers, one unambiguous body length."""
+    lines = _lines(head)
+    parts = lines[0].split(b" ") if lines else []
+    if len(parts) != 3 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise _Refused(400, "malformed request line")
+    method, target, version = parts
+    if method != b"POST" or FLEET_TARGET.fullmatch(target) is None:
+        raise _Refused(403, f"{method[:16]!r} {target[:120]!r} is not a Fleet API call")
+    fields = _fields(lines[1:], 400)
+    length = _body_length(fields, 400)
+    close = version == b"HTTP/1.0" or b"close" in fields.connection
+    return Request(target, fields.forwarded, 0 if length == -1 else length, fields.expect_continue, close)
+
+
+def parse_response_head(head: bytes) -> Response:
+    """The SuperLink's response head, checked as strictly as a request's: a final status
+    (the gateway never asks for an interim one), well-formed headers, one body length."""
+    lines = _lines(head)
+    match = _STATUS_LINE.fullmatch(lines[0]) if lines else None
+    if match is None:
+        raise _Refused(502, "malformed response from the SuperLink")
+    status = int(match.group(2))
+    if status < 200:
+        raise _Refused(502, f"an interim response ({status}) from the SuperLink")
+    fields = _fields(lines[1:], 502)
+    length = _body_length(fields, 502)
+    if status in (204, 304):
+        length = 0  # no body, whatever the headers say (RFC 9112 6.3)
+    until_close = length == -1
+    close = until_close or match.group(1) == b"0" or b"close" in fields.connection
+    return Response(lines[0], fields.forwarded, None if until_close else length, until_close, close)
 
 
 def upstream_head(request: Request) -> bytes:
     framing = b"Transfer-Encoding: chunked" if request.content_length is None else b"Content-Length: %d" % request.content_length
-    lines = [b"POST " + request.target + b" HTTP/1.1", *(name + b": " + value for name, value in request.headers),
-             framing, b"Connection: close"]
+    lines = [b"POST " + request.target + b" HTTP/1.1", *(name + b": " + value for name, value in request.headers), framing]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def client_head(response: Response, close: bool) -> bytes:
+    """The response head the client gets: the SuperLink's status and end-to-end headers, the
+    gateway's framing, and `Connection: close` when this is the connection's last response."""
+    lines = [response.status_line, *(name + b": " + value for name, value in response.headers)]
+    if not response.until_close:
+        lines.append(b"Transfer-Encoding: chunked" if response.content_length is None else b"Content-Length: %d" % response.content_length)
+    if close or response.until_close:
+        lines.append(b"Connection: close")
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
@@ -115,11 +198,11 @@ async def _read(reader: asyncio.StreamReader, size: int) -> bytes:
     return await asyncio.wait_for(reader.readexactly(size), IDLE_TIMEOUT)
 
 
-async def _copy_body(request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """The request body, from the client to the SuperLink: exactly Content-Length bytes, or
-    the chunks re-emitted canonically (extensions and trailers dropped)."""
-    if request.content_length is not None:
-        remaining = request.content_length
+async def _copy_body(length: int | None, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: int) -> None:
+    """A body, from one side to the other: exactly `length` bytes, or (None) the chunks
+    re-emitted canonically (extensions and trailers dropped); bad chunks are refused `status`."""
+    if length is not None:
+        remaining = length
         while remaining:
             chunk = await asyncio.wait_for(reader.read(min(remaining, 1 << 16)), IDLE_TIMEOUT)
             if not chunk:
@@ -131,7 +214,7 @@ async def _copy_body(request: Request, reader: asyncio.StreamReader, writer: asy
     while True:
         size_line = (await asyncio.wait_for(reader.readuntil(b"\r\n"), IDLE_TIMEOUT))[:-2].split(b";", 1)[0].strip()
         if not size_line or len(size_line) > 12 or any(c not in b"0123456789abcdefABCDEF" for c in size_line):
-            raise _Refused(400, "bad chunk size")
+            raise _Refused(status, "bad chunk size")
         size = int(size_line, 16)
         if size == 0:
             while (await asyncio.wait_for(reader.readuntil(b"\r\n"), IDLE_TIMEOUT)) != b"\r\n":
@@ -141,9 +224,23 @@ async def _copy_body(request: Request, reader: asyncio.StreamReader, writer: asy
             return
         data = await _read(reader, size + 2)
         if data[-2:] != b"\r\n":
-            raise _Refused(400, "bad chunk")
+            raise _Refused(status, "bad chunk")
         writer.write(b"%x\r\n" % size + data)
         await writer.drain()
+
+
+async def _copy_until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while chunk := await asyncio.wait_for(reader.read(1 << 16), IDLE_TIMEOUT):
+        writer.write(chunk)
+        await writer.drain()
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    try:
+        await asyncio.wait_for(writer.wait_closed(), 5.0)
+    except OSError:
+        pass
 
 
 class FleetGateway:
@@ -159,7 +256,9 @@ class FleetGateway:
         self._upstream_ssl = ssl.create_default_context(cafile=str(tls.ca_cert))
         self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
         self._server: asyncio.Server | None = None
-        self._exchanges: set[asyncio.Task] = set()  # in flight: finished or cancelled on close
+        self._connections: set[asyncio.Task] = set()  # open client connections: finished or cancelled on close
+        self._idle: set[asyncio.Task] = set()  # those waiting for a request head: nothing in flight
+        self.upstream_connections = 0  # opened to the SuperLink since start (tests, logs)
 
     def _say(self, text: str) -> None:
         if self.log:
@@ -172,11 +271,14 @@ class FleetGateway:
         self._say(f"forwarding POST /v1/fleet/* on {self.host}:{self.port} to 127.0.0.1:{self.upstream_port}; refusing all else")
 
     async def close(self, grace: float = 5.0) -> None:
-        """Stop listening; let exchanges in flight finish for `grace` seconds, then cancel them."""
+        """Stop listening; close the connections waiting for a request, let exchanges in flight
+        finish for `grace` seconds, then cancel them."""
         if self._server is not None:
             self._server.close()
-        if self._exchanges:
-            _, pending = await asyncio.wait(set(self._exchanges), timeout=grace)
+        for task in list(self._idle):
+            task.cancel()
+        if self._connections:
+            _, pending = await asyncio.wait(set(self._connections), timeout=grace)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -185,78 +287,131 @@ class FleetGateway:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._slots.locked():
-            writer.close()  # at capacity: a flood of connections does not exhaust file descriptors
-            return
+            if not self._idle:
+                writer.close()  # every slot busy with an exchange: a flood of connections does not exhaust file descriptors
+                return
+            next(iter(self._idle)).cancel()  # a connection waiting for a request makes room for this one
         task = asyncio.current_task()
-        if task is not None:
-            self._exchanges.add(task)
-            task.add_done_callback(self._exchanges.discard)
+        assert task is not None
+        self._connections.add(task)
+        task.add_done_callback(self._connections.discard)
         async with self._slots:
-            peer = writer.get_extra_info("peername")
+            connection = _ClientConnection(self, reader, writer)
             try:
-                await self._exchange(reader, writer)
+                await connection.serve(task)
             except _Refused as refused:
-                self._say(f"refused {peer}: {refused}")
-                writer.write(_response(refused.status, str(refused)))
+                self._say(f"refused {writer.get_extra_info('peername')}: {refused}")
+                if not connection.answering:
+                    writer.write(_response(refused.status, str(refused)))
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):  # OSError: also SSLError, TimeoutError
                 pass  # a client or the SuperLink went away or stalled mid-exchange: nothing to answer
             finally:
+                self._idle.discard(task)
+                await connection.close_upstream()
                 try:
                     await asyncio.wait_for(writer.drain(), 5.0)
-                    writer.close()
-                    await asyncio.wait_for(writer.wait_closed(), 5.0)
                 except OSError:
                     pass
+                await _close(writer)
 
-    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def connect_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
-        except asyncio.LimitOverrunError:
-            raise _Refused(400, "request head too large") from None
-        request = parse_head(head)
-        try:
-            up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(
-                "127.0.0.1", self.upstream_port, ssl=self._upstream_ssl, server_hostname="127.0.0.1",
+            connection = await asyncio.wait_for(asyncio.open_connection(
+                "127.0.0.1", self.upstream_port, ssl=self._upstream_ssl, server_hostname="127.0.0.1", limit=MAX_HEAD,
             ), 10.0)
         except OSError as exc:
             raise _Refused(502, f"SuperLink unreachable ({type(exc).__name__})") from None
-        relayed = 0
-        response: asyncio.Task | None = None
+        self.upstream_connections += 1
+        return connection
 
-        async def relay_response() -> None:
-            nonlocal relayed
-            while chunk := await asyncio.wait_for(up_reader.read(1 << 16), IDLE_TIMEOUT):
-                writer.write(chunk)
-                relayed += len(chunk)
-                await writer.drain()
 
-        try:
-            up_writer.write(upstream_head(request))
-            if request.expect_continue:
-                writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # the gateway reads the body now
-                await writer.drain()
-            # relayed while the body is still being sent: a SuperLink that answers early (an error
-            # before it read the whole body) and closes is still heard by the client
-            response = asyncio.create_task(relay_response())
+class _ClientConnection:
+    """One client's connection: its requests in turn, each forwarded on this connection's own
+    connection to the SuperLink, opened when needed and kept while it is clean."""
+
+    def __init__(self, gateway: FleetGateway, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.gateway, self.reader, self.writer = gateway, reader, writer
+        self.upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+        self.upstream_used = 0.0  # when the upstream connection last finished an exchange (monotonic)
+        self.answering = False  # a response to the current request has begun: no other answer can follow
+
+    async def serve(self, task: asyncio.Task) -> None:
+        while True:
+            self.gateway._idle.add(task)
             try:
-                await _copy_body(request, reader, up_writer)
+                head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
+            except asyncio.IncompleteReadError as exc:
+                if exc.partial:
+                    raise
+                return  # the client closed between requests
+            except asyncio.LimitOverrunError:
+                raise _Refused(400, "request head too large") from None
+            finally:
+                self.gateway._idle.discard(task)
+            self.answering = False
+            if not await self._exchange(parse_head(head)):
+                return
+
+    async def close_upstream(self) -> None:
+        if self.upstream is not None:
+            await _close(self.upstream[1])
+            self.upstream = None
+
+    async def _upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.upstream is not None and (self.upstream[0].at_eof() or time.monotonic() - self.upstream_used > UPSTREAM_REUSE_SECONDS):
+            await self.close_upstream()
+        if self.upstream is None:
+            self.upstream = await self.gateway.connect_upstream()
+        return self.upstream
+
+    async def _exchange(self, request: Request) -> bool:
+        """Forward one request and relay its response; True when both sides can go on."""
+        up_reader, up_writer = await self._upstream()
+        body_sent = False
+        early = False  # the response began before the request's body was through
+
+        async def relay_response() -> Response:
+            nonlocal early
+            try:
+                head = await asyncio.wait_for(up_reader.readuntil(b"\r\n\r\n"), IDLE_TIMEOUT)
+            except asyncio.LimitOverrunError:
+                raise _Refused(502, "response head too large") from None
+            response = parse_response_head(head)
+            early = not body_sent
+            self.writer.write(client_head(response, close=request.close or early))
+            self.answering = True
+            if response.until_close:
+                await _copy_until_close(up_reader, self.writer)
+            else:
+                await _copy_body(response.content_length, up_reader, self.writer, 502)
+            return response
+
+        up_writer.write(upstream_head(request))
+        if request.expect_continue:
+            self.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # the gateway reads the body now
+            await self.writer.drain()
+        # relayed while the body is still being sent: a SuperLink that answers early (an error
+        # before it read the whole body) and closes is still heard by the client
+        relay = asyncio.create_task(relay_response())
+        try:
+            try:
+                await _copy_body(request.content_length, self.reader, up_writer, 400)
+                body_sent = True
             except _Refused:
-                response.cancel()
-                await asyncio.gather(response, return_exceptions=True)
-                if relayed:
-                    return  # the client has part of an answer already: closing is all that is left
-                raise
+                relay.cancel()
+                await asyncio.gather(relay, return_exceptions=True)
+                raise  # _serve answers it unless part of an answer went out already
             except (OSError, asyncio.IncompleteReadError):
                 # the SuperLink stopped reading (it answered early) or the client went away:
                 # relay what the SuperLink says, but do not wait for a body that will not come
-                await asyncio.wait_for(response, 10.0)
-                return
-            await response
+                await asyncio.wait_for(relay, 10.0)
+                return False
+            response = await relay
         finally:
-            if response is not None and not response.done():
-                response.cancel()  # this exchange was cancelled or failed: the relay goes with it
-            up_writer.close()
-            try:
-                await asyncio.wait_for(up_writer.wait_closed(), 5.0)
-            except OSError:
-                pass
+            if not relay.done():
+                relay.cancel()  # this exchange was cancelled or failed: the relay goes with it
+                await asyncio.gather(relay, return_exceptions=True)
+        if response.close or early:
+            await self.close_upstream()
+        self.upstream_used = time.monotonic()
+        return not (request.close or early or response.until_close)

@@ -2,19 +2,17 @@
 loopback, the Fleet API through a gateway that forwards nothing else, a merchant's SuperNode
 that runs only FABs signed by a publisher it pinned, and a state database its owner alone reads.
 
-The gateway's parser and re-framing are checked in-process against a recording upstream; the
-rest on a real deployment started as deploy.superlink starts it, with the Fleet gateway on this
+The gateway's parser and re-framing are checked in process in tests/test_fleet_gateway.py; here,
+on a real deployment started as deploy.superlink starts it, with the Fleet gateway on this
 host's non-loopback address where it has one, and a stranger's `flwr` holding only the CA
 certificate.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import os
 import socket
-import ssl
 import stat
 import time
 from pathlib import Path
@@ -27,7 +25,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from deploy.dev_certs import create_merchant_keys, create_tls_files
-from deploy.fleet_gateway import FleetGateway, GatewayTls, _Refused, parse_head, upstream_head
 from deploy.local import Merchant, local_deployment, write_merchant_data
 from deploy.merchant import load_trusted_entities, supernode_command, write_trusted_entities
 from deploy.superlink import (
@@ -80,105 +77,6 @@ def non_loopback_address() -> str | None:
 
 
 HOST_ADDRESS = non_loopback_address()
-
-
-# -- the gateway's request check, no network ----------------------------------------------
-
-
-def head(request_line: bytes, *headers: bytes) -> bytes:
-    return b"\r\n".join([request_line, *headers]) + b"\r\n\r\n"
-
-
-def test_gateway_passes_fleet_calls_and_refuses_everything_else():
-    ok = parse_head(head(b"POST /v1/fleet/pull-messages HTTP/1.1", b"Host: x", b"Content-Length: 12"))
-    assert ok.target == b"/v1/fleet/pull-messages" and ok.content_length == 12
-    forwarded = upstream_head(ok)
-    assert forwarded.startswith(b"POST /v1/fleet/pull-messages HTTP/1.1\r\n")
-    assert b"Content-Length: 12\r\n" in forwarded and forwarded.endswith(b"Connection: close\r\n\r\n")
-    for line in (b"POST /v1/control/list-runs HTTP/1.1", b"POST /v1/runtime/pull-task-input HTTP/1.1",
-                 b"POST /v1/fleet/../control/list-runs HTTP/1.1", b"POST /v1/fleet/%2e%2e/control/start-run HTTP/1.1",
-                 b"POST /v1/fleet/pull-messages?x=1 HTTP/1.1", b"POST https://h/v1/control/start-run HTTP/1.1",
-                 b"GET /v1/fleet/get-run HTTP/1.1", b"GET /docs HTTP/1.1", b"CONNECT 127.0.0.1:9093 HTTP/1.1"):
-        with pytest.raises(_Refused) as refused:
-            parse_head(head(line, b"Host: x"))
-        assert refused.value.status == 403, line
-
-
-@pytest.mark.parametrize("headers", [
-    (b"Content-Length: 5", b"Transfer-Encoding: chunked"),  # which one frames the body? refused, not guessed
-    (b"Content-Length: 5", b"Content-Length: 6"),
-    (b"Content-Length: -1",),
-    (b"Transfer-Encoding: gzip, chunked",),
-    (b"Host: x", b" folded: continuation"),
-    (b"Bad Header: x",),
-])
-def test_gateway_refuses_ambiguous_requests(headers):
-    with pytest.raises(_Refused) as refused:
-        parse_head(head(b"POST /v1/fleet/push-messages HTTP/1.1", *headers))
-    assert refused.value.status == 400
-
-
-def _exchange_through_gateway(tmp_path: Path, raw_request: bytes) -> tuple[bytes, list[bytes]]:
-    """Send raw bytes to a gateway in front of a recording TLS upstream; returns (the client's
-    response, what the upstream received per connection)."""
-    files = create_tls_files(tmp_path / "certs")
-    received: list[bytes] = []
-
-    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        request = await reader.readuntil(b"\r\n\r\n")  # the gateway sends one request, then waits
-        if b"Transfer-Encoding: chunked" in request:
-            request += await reader.readuntil(b"0\r\n\r\n")
-        elif b"Content-Length: " in request:
-            request += await reader.readexactly(int(request.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
-        received.append(request)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-        await writer.drain()
-        writer.close()
-
-    async def scenario() -> bytes:
-        server_ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        server_ssl.load_cert_chain(files.server_cert, files.server_key)
-        upstream_server = await asyncio.start_server(upstream, "127.0.0.1", 0, ssl=server_ssl)
-        upstream_port = upstream_server.sockets[0].getsockname()[1]
-        gateway = FleetGateway("127.0.0.1", 0, upstream_port, GatewayTls(files.server_cert, files.server_key, files.ca_cert), log=False)
-        await gateway.start()
-        assert gateway._server is not None
-        port = gateway._server.sockets[0].getsockname()[1]
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ssl.create_default_context(cafile=str(files.ca_cert)),
-                                                       server_hostname="127.0.0.1")
-        writer.write(raw_request)
-        await writer.drain()
-        response = await asyncio.wait_for(reader.read(), 10)
-        writer.close()
-        await gateway.close()
-        upstream_server.close()
-        await upstream_server.wait_closed()
-        return response
-
-    return asyncio.run(scenario()), received
-
-
-def test_gateway_forwards_one_request_per_connection(tmp_path):
-    """A request pipelined (smuggled) after a Fleet call's body never reaches the SuperLink."""
-    smuggled = b"POST /v1/control/start-run HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
-    response, received = _exchange_through_gateway(
-        tmp_path, b"POST /v1/fleet/pull-messages HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello" + smuggled)
-    assert response.endswith(b"\r\n\r\nok")
-    assert len(received) == 1 and received[0].endswith(b"Connection: close\r\n\r\nhello")
-    assert b"/v1/control" not in received[0]
-
-
-def test_gateway_reframes_chunked_bodies(tmp_path):
-    response, received = _exchange_through_gateway(
-        tmp_path, b"POST /v1/fleet/push-object HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-                  b"3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nTrailer: t\r\n\r\n")
-    assert response.endswith(b"ok")
-    assert received[0].endswith(b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
-
-
-def test_gateway_answers_control_calls_itself(tmp_path):
-    response, received = _exchange_through_gateway(tmp_path, b"POST /v1/control/list-runs HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
-    assert response.startswith(b"HTTP/1.1 403 ") and received == []
 
 
 # -- commands and files, no network ---------------------------------------------------------
