@@ -21,7 +21,7 @@ or one pipelined or smuggled behind it) is parsed and checked as a request of it
 reaches the SuperLink that the gateway did not frame itself. Responses are re-framed as well (the
 SuperLink's status and end-to-end headers, the gateway's own body length), which lets both
 connections stay open across requests: a TLS handshake and a TCP connection per request on each
-side cost a deployed round about a third of its time (docs/BENCHMARKS.md, "Deployment"). Each
+side cost a 1-merchant deployed round about a third of its time (docs/BENCHMARKS.md, "Deployment"). Each
 client connection has its own connection to the SuperLink, never shared with another client's, and
 kept only while it is clean: a response the gateway could not frame, or one that came before the
 request's body was through, closes both.
@@ -290,7 +290,11 @@ class FleetGateway:
             if not self._idle:
                 writer.close()  # every slot busy with an exchange: a flood of connections does not exhaust file descriptors
                 return
-            next(iter(self._idle)).cancel()  # a connection waiting for a request makes room for this one
+            # a connection waiting for a request makes room for this one (each for one only: a
+            # flood waits on no more slots than there were idle connections)
+            evicted = next(iter(self._idle))
+            self._idle.discard(evicted)
+            evicted.cancel()
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)

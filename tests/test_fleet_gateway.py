@@ -301,24 +301,24 @@ def test_gateway_answers_control_calls_itself(tmp_path):
     assert got[0][0].startswith(b"HTTP/1.1 403 ") and rest == b"" and upstream.requests == []
 
 
-def test_gateway_at_capacity_closes_an_idle_connection_for_a_new_one(tmp_path, monkeypatch):
+def test_gateway_at_capacity_closes_an_idle_connection_for_each_new_one(tmp_path, monkeypatch):
     monkeypatch.setattr(fleet_gateway, "MAX_CONNECTIONS", 2)
 
-    async def client(connect):
-        kept = []
-        for _ in range(2):  # two kept-alive connections fill the gateway
-            reader, writer = await connect()
-            writer.write(fleet())
-            await writer.drain()
-            await read_response(reader)
-            kept.append((reader, writer))
-        reader, writer = await connect()  # a third: one idle connection makes room
+    async def request_on(connection):
+        reader, writer = connection
         writer.write(fleet())
         await writer.drain()
-        third = await read_response(reader)
-        closed = [await asyncio.wait_for(r.read(), 10) == b"" for r, _ in kept[:1]]
-        for _, w in [*kept, (reader, writer)]:
-            w.close()
-        return third, closed
-    (third, closed), upstream, _ = through_gateway(tmp_path, client)
-    assert third[1] == b"answer 3" and closed == [True] and len(upstream.requests) == 3
+        return await read_response(reader)
+
+    async def client(connect):
+        kept = [await connect() for _ in range(2)]  # two kept-alive connections fill the gateway
+        for connection in kept:
+            await request_on(connection)
+        new = [await connect() for _ in range(2)]  # two more at once: each makes an idle one give way
+        answers = await asyncio.gather(*(request_on(connection) for connection in new))
+        closed = [await asyncio.wait_for(reader.read(), 10) == b"" for reader, _ in kept]
+        for _, writer in [*kept, *new]:
+            writer.close()
+        return [body for _, body in answers], closed
+    (answers, closed), upstream, _ = through_gateway(tmp_path, client)
+    assert sorted(answers) == [b"answer 3", b"answer 4"] and closed == [True, True] and len(upstream.requests) == 4
