@@ -66,7 +66,7 @@ def main(grid: Grid, context: Context) -> None:
 def _run(cfg: RunConfig, grid: Grid, context: Context, checkpointer: Checkpointer, catalog: AdCatalog, config_dump: dict[str, Any],
          status: RunStatus, done: int, arrays: Arrays, history: list[dict[str, Any]]) -> None:
     num_nodes = max(len(list(grid.get_node_ids())), cfg.min_nodes)
-    strategy, privacy_spent = build_strategy(cfg, num_nodes, catalog, rounds_done=done)
+    strategy, privacy_spent = build_strategy(cfg, num_nodes, catalog, rounds_done=done, initial=None if done else arrays)
     # private ALS remembers the pooled noisy counts and its popularity rule's decision across rounds
     remembering = strategy if isinstance(strategy, ALSAggregation) else None
     if remembering is not None and done and (state := checkpointer.server_state(done)) is not None:

@@ -37,7 +37,7 @@ from shared.catalog_features import informative_tags
 from shared.config import RunConfig
 from shared.data.schema import AdCatalog
 from shared.params import initial_model
-from shared.wire import AD_FACTORS, ARRAYS, CONFIG, NUM_EXAMPLES
+from shared.wire import AD_FACTORS, ARRAYS, CONFIG, NUM_EXAMPLES, Arrays
 
 ServerEpsilon = Callable[[], "float | None"]
 
@@ -83,10 +83,14 @@ class ReplaceOneAccountant:
         self.inner.load_state_dict(state)
 
 
-def build_strategy(cfg: RunConfig, num_nodes: int, catalog: AdCatalog, rounds_done: int = 0) -> tuple[Strategy, ServerEpsilon]:
+def build_strategy(
+    cfg: RunConfig, num_nodes: int, catalog: AdCatalog, rounds_done: int = 0, initial: Arrays | None = None,
+) -> tuple[Strategy, ServerEpsilon]:
     """The strategy, and how to read the server-side epsilon (client-level DP only).
 
-    On resume, the client-level accountant is replayed with the releases of the finished rounds."""
+    On resume, the client-level accountant is replayed with the releases of the finished rounds.
+    `initial`: the run's initial model where the caller has built it already (shared/params.py
+    initial_model; built here otherwise, where private ALS needs its warm start)."""
     sampling = dict(
         fraction_train=cfg.fraction_train, fraction_evaluate=1.0,
         min_train_nodes=cfg.min_nodes, min_evaluate_nodes=cfg.min_nodes, min_available_nodes=cfg.min_nodes,
@@ -100,7 +104,7 @@ def build_strategy(cfg: RunConfig, num_nodes: int, catalog: AdCatalog, rounds_do
         strategy = ALSAggregation(settings, len(catalog), cfg.factors, tags=tags, max_users=cfg.max_users_per_merchant,
                                   robust_factor=robust, num_rounds=cfg.num_rounds, **sampling, **wire)
         if settings.private:  # a resumed run knows its warm start even when its server state was lost
-            strategy.warm_factors = initial_model(cfg, catalog)[AD_FACTORS]
+            strategy.warm_factors = (initial if initial is not None else initial_model(cfg, catalog))[AD_FACTORS]
             # the merchants' plans spread their budgets by the run config's (client/privacy/private_als.py)
             strategy.release_shares = release_budget_shares(cfg.num_rounds, cfg.als_budget_growth)
         return strategy, lambda: None

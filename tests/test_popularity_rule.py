@@ -298,6 +298,23 @@ def test_the_serving_lean_reads_each_release_at_its_reported_share(tmp_path: Pat
     assert isinstance(none, ALSAggregation) and none.release_shares is None
 
 
+def test_the_strategy_takes_the_warm_start_the_server_app_built(tmp_path: Path):
+    """A fresh run builds its initial model once (the ServerApp's, handed over); without one the
+    strategy builds the same model from the run config (a resume)."""
+    from server.strategies import build_strategy
+    from shared.data.sources import load_catalog
+    from shared.params import initial_model
+
+    cfg = small_run_config(tmp_path, privacy="user")
+    catalog = load_catalog(cfg)
+    built, _ = build_strategy(cfg, 3, catalog)
+    assert isinstance(built, ALSAggregation) and built.warm_factors is not None
+    assert np.array_equal(built.warm_factors, initial_model(cfg, catalog)[AD_FACTORS])
+    handed = {**initial_model(cfg, catalog), AD_FACTORS: np.full_like(built.warm_factors, 0.5)}
+    taken, _ = build_strategy(cfg, 3, catalog, initial=handed)
+    assert isinstance(taken, ALSAggregation) and taken.warm_factors is handed[AD_FACTORS]
+
+
 def test_a_resume_that_lost_the_state_still_trains_the_first_statistics_release_from_the_warm_start(tmp_path: Path):
     """The round-1 checkpoint's model carries the counts as its bias; a resume without the server
     state asks for popularity again. Knowing the run's warm-start factors (the ServerApp's

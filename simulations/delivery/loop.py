@@ -146,7 +146,7 @@ class DeliveryLoop:
             return self._run(first_round, arrays)
 
     def _run(self, first_round: int, arrays: Arrays) -> DeliveryResult:
-        strategy, _ = build_strategy(self.cfg, len(self.merchants), self.catalog)
+        strategy, _ = build_strategy(self.cfg, len(self.merchants), self.catalog, initial=arrays if first_round == 1 else None)
         served: dict[str, Served] = {arm: Served() for arm in self.settings.arms}
         records: list[RoundRecord] = []
         arms_of: dict[str, str] = {}
