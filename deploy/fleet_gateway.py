@@ -16,15 +16,17 @@ other request (`/v1/control/...`, `/v1/runtime/...`, `/docs`, ...) is answered 4
 
 Every request re-framed, one at a time: the gateway parses each request head, checks the
 target, and sends the SuperLink exactly that request with an unambiguous body length. Whatever
-follows a request's body on the client's connection (its next request on a kept-alive connection,
-or one pipelined or smuggled behind it) is parsed and checked as a request of its own, so nothing
-reaches the SuperLink that the gateway did not frame itself. Responses are re-framed as well (the
-SuperLink's status and end-to-end headers, the gateway's own body length), which lets both
-connections stay open across requests: a TLS handshake and a TCP connection per request on each
-side cost a 1-merchant deployed round about a third of its time (docs/BENCHMARKS.md, "Deployment"). Each
-client connection has its own connection to the SuperLink, never shared with another client's, and
-kept only while it is clean: a response the gateway could not frame, or one that came before the
-request's body was through, closes both.
+follows a request's body on the client's connection (its next request on a kept-alive
+connection, or one pipelined or smuggled behind it) is parsed and checked as a request of its
+own, so nothing reaches the SuperLink that the gateway did not frame itself; nor does a header
+value with a control character in it (h11, one parser uvicorn may use, ends a line at a bare
+LF). Responses are re-framed as well (the SuperLink's status and end-to-end headers, the
+gateway's own body length), which lets both connections stay open across requests: a TLS
+handshake and a TCP connection per request on each side cost a 1-merchant deployed round about
+a third of its time (docs/BENCHMARKS.md, "Deployment"). Each client connection has its own
+connection to the SuperLink, never shared with another client's, and reused only while it is
+clean: a response the gateway could not frame, or one that came before the request's body was
+through, closes both; bytes past a response close the SuperLink's.
 """
 
 from __future__ import annotations
@@ -39,15 +41,22 @@ from pathlib import Path
 
 FLEET_TARGET = re.compile(rb"/v1/fleet/[a-z][a-z0-9-]{0,63}")  # a Fleet route, no query, no dots, no escapes
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110 token)
+# a header value (RFC 9110 field-value): no CR, LF, NUL or other control, which a parser behind
+# the gateway could read as the end of a line (h11 takes a bare LF for one)
+_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9]{2})(?: [\t -~\x80-\xff]*)?")
-# not forwarded: the gateway sets the framing and the connection handling itself
+# not forwarded: the gateway sets the framing and the connection handling itself; and who the
+# client is, which uvicorn believes from a loopback proxy (X-Forwarded-For from 127.0.0.1)
 _HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"content-length", b"te",
-               b"trailer", b"upgrade", b"expect", b"http2-settings"}
+               b"trailer", b"upgrade", b"expect", b"http2-settings",
+               b"forwarded", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port",
+               b"x-real-ip"}
 MAX_HEAD = 64 * 1024
 # a client that does not send a whole request head in time, its first or the next on a kept-alive
 # connection, is dropped (slowloris; httpx lets its own idle connections go after 5 s)
 HEAD_TIMEOUT = 30.0
-IDLE_TIMEOUT = 300.0  # no byte in either stream for this long: the exchange is abandoned
+IDLE_TIMEOUT = 300.0  # no byte in either stream for this long, or a body not through in this long: abandoned
+WRITE_TIMEOUT = 30.0  # a peer that does not take what is written to it in this long (e.g. pipelines and never reads) is dropped
 # a connection to the SuperLink idle for longer is not reused: uvicorn closes its own after 5 s,
 # and a request sent on one it is closing would be lost
 UPSTREAM_REUSE_SECONDS = 2.0
@@ -74,6 +83,7 @@ class Request:
     content_length: int | None  # None: chunked
     expect_continue: bool
     close: bool = False  # the client's last on this connection: `Connection: close`, or HTTP/1.0
+    http10: bool = False  # an HTTP/1.0 client: no chunked response, no interim one
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,7 @@ class Response:
     content_length: int | None  # None: chunked, or (until_close) as long as the SuperLink sends
     until_close: bool  # no length and no chunks: the body ends when the SuperLink closes
     close: bool  # the SuperLink closes its connection after this response
+    bodiless: bool = False  # 204 or 304: no body and no framing header
 
 
 @dataclass(frozen=True)
@@ -104,7 +115,7 @@ def _fields(lines: list[bytes], status: int) -> _Fields:
     expect_continue = False
     for line in lines:
         name, colon, value = line.partition(b":")
-        if not colon or _TOKEN.fullmatch(name) is None:  # also refuses obsolete line folding
+        if not colon or _TOKEN.fullmatch(name) is None or _VALUE.fullmatch(value) is None:  # also refuses obsolete line folding
             raise _Refused(status, "malformed header")
         key, value = name.lower(), value.strip(b" \t")
         if key == b"content-length":
@@ -117,6 +128,7 @@ def _fields(lines: list[bytes], status: int) -> _Fields:
             expect_continue = value.lower() == b"100-continue"
         if key not in _HOP_BY_HOP:
             forwarded.append((name, value))
+    forwarded = [(name, value) for name, value in forwarded if name.lower() not in connection]  # named hop-by-hop
     return _Fields(forwarded, lengths, encodings, connection, expect_continue)
 
 
@@ -147,8 +159,9 @@ def parse_head(head: bytes) -> Request:
         raise _Refused(403, f"{method[:16]!r} {target[:120]!r} is not a Fleet API call")
     fields = _fields(lines[1:], 400)
     length = _body_length(fields, 400)
-    close = version == b"HTTP/1.0" or b"close" in fields.connection
-    return Request(target, fields.forwarded, 0 if length == -1 else length, fields.expect_continue, close)
+    http10 = version == b"HTTP/1.0"
+    close = http10 or b"close" in fields.connection
+    return Request(target, fields.forwarded, 0 if length == -1 else length, fields.expect_continue and not http10, close, http10)
 
 
 def parse_response_head(head: bytes) -> Response:
@@ -163,11 +176,12 @@ def parse_response_head(head: bytes) -> Response:
         raise _Refused(502, f"an interim response ({status}) from the SuperLink")
     fields = _fields(lines[1:], 502)
     length = _body_length(fields, 502)
-    if status in (204, 304):
+    bodiless = status in (204, 304)
+    if bodiless:
         length = 0  # no body, whatever the headers say (RFC 9112 6.3)
     until_close = length == -1
     close = until_close or match.group(1) == b"0" or b"close" in fields.connection
-    return Response(lines[0], fields.forwarded, None if until_close else length, until_close, close)
+    return Response(lines[0], fields.forwarded, None if until_close else length, until_close, close, bodiless)
 
 
 def upstream_head(request: Request) -> bytes:
@@ -176,13 +190,15 @@ def upstream_head(request: Request) -> bytes:
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
-def client_head(response: Response, close: bool) -> bytes:
+def client_head(response: Response, close: bool, http10: bool = False) -> bytes:
     """The response head the client gets: the SuperLink's status and end-to-end headers, the
-    gateway's framing, and `Connection: close` when this is the connection's last response."""
+    gateway's framing (none for a 204 or 304; an HTTP/1.0 client gets a chunked body unframed,
+    ended by the close), and `Connection: close` when this is the connection's last response."""
     lines = [response.status_line, *(name + b": " + value for name, value in response.headers)]
-    if not response.until_close:
+    unframed = response.until_close or (http10 and response.content_length is None)
+    if not (unframed or response.bodiless):
         lines.append(b"Transfer-Encoding: chunked" if response.content_length is None else b"Content-Length: %d" % response.content_length)
-    if close or response.until_close:
+    if close or unframed:
         lines.append(b"Connection: close")
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
@@ -198,9 +214,21 @@ async def _read(reader: asyncio.StreamReader, size: int) -> bytes:
     return await asyncio.wait_for(reader.readexactly(size), IDLE_TIMEOUT)
 
 
-async def _copy_body(length: int | None, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: int) -> None:
+async def _drain(writer: asyncio.StreamWriter) -> None:
+    await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+
+
+def _buffered(reader: asyncio.StreamReader) -> int:
+    """Bytes the reader holds unread. StreamReader has no public accessor; `_buffer` is CPython's
+    buffer since 3.4 (a connection with bytes past a response is not reused)."""
+    return len(reader._buffer)  # type: ignore[attr-defined]
+
+
+async def _copy_body(length: int | None, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: int,
+                     rechunk: bool = True) -> None:
     """A body, from one side to the other: exactly `length` bytes, or (None) the chunks
-    re-emitted canonically (extensions and trailers dropped); bad chunks are refused `status`."""
+    re-emitted canonically (extensions and trailers dropped; without `rechunk`, their data
+    alone, for a body that ends with the connection); bad chunks are refused `status`."""
     if length is not None:
         remaining = length
         while remaining:
@@ -208,7 +236,7 @@ async def _copy_body(length: int | None, reader: asyncio.StreamReader, writer: a
             if not chunk:
                 raise asyncio.IncompleteReadError(b"", remaining)
             writer.write(chunk)
-            await writer.drain()
+            await _drain(writer)
             remaining -= len(chunk)
         return
     while True:
@@ -219,20 +247,21 @@ async def _copy_body(length: int | None, reader: asyncio.StreamReader, writer: a
         if size == 0:
             while (await asyncio.wait_for(reader.readuntil(b"\r\n"), IDLE_TIMEOUT)) != b"\r\n":
                 pass  # trailers: not forwarded
-            writer.write(b"0\r\n\r\n")
-            await writer.drain()
+            if rechunk:
+                writer.write(b"0\r\n\r\n")
+                await _drain(writer)
             return
         data = await _read(reader, size + 2)
         if data[-2:] != b"\r\n":
             raise _Refused(status, "bad chunk")
-        writer.write(b"%x\r\n" % size + data)
-        await writer.drain()
+        writer.write(b"%x\r\n" % size + data if rechunk else data[:-2])
+        await _drain(writer)
 
 
 async def _copy_until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     while chunk := await asyncio.wait_for(reader.read(1 << 16), IDLE_TIMEOUT):
         writer.write(chunk)
-        await writer.drain()
+        await _drain(writer)
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:
@@ -240,7 +269,7 @@ async def _close(writer: asyncio.StreamWriter) -> None:
     try:
         await asyncio.wait_for(writer.wait_closed(), 5.0)
     except OSError:
-        pass
+        writer.transport.abort()  # a peer that does not finish TLS's close does not keep the socket
 
 
 class FleetGateway:
@@ -257,8 +286,11 @@ class FleetGateway:
         self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task] = set()  # open client connections: finished or cancelled on close
-        self._idle: set[asyncio.Task] = set()  # those waiting for a request head: nothing in flight
+        # those waiting for a request head, nothing in flight: closed by aborting their transport
+        # (a cancelled connection task logs an error on Python 3.11)
+        self._idle: dict[asyncio.Task, _ClientConnection] = {}
         self.upstream_connections = 0  # opened to the SuperLink since start (tests, logs)
+        self.closing = False  # set by close(): a connection whose exchange ends waits for no other
 
     def _say(self, text: str) -> None:
         if self.log:
@@ -273,10 +305,11 @@ class FleetGateway:
     async def close(self, grace: float = 5.0) -> None:
         """Stop listening; close the connections waiting for a request, let exchanges in flight
         finish for `grace` seconds, then cancel them."""
+        self.closing = True
         if self._server is not None:
             self._server.close()
-        for task in list(self._idle):
-            task.cancel()
+        for connection in list(self._idle.values()):
+            connection.writer.transport.abort()
         if self._connections:
             _, pending = await asyncio.wait(set(self._connections), timeout=grace)
             for task in pending:
@@ -287,14 +320,13 @@ class FleetGateway:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._slots.locked():
-            if not self._idle:
+            # a connection waiting for a request, none sent yet, makes room for this one (each for
+            # one only: a flood waits on no more slots than there were idle connections)
+            evictable = [task for task, idle in self._idle.items() if not _buffered(idle.reader)]
+            if not evictable:
                 writer.close()  # every slot busy with an exchange: a flood of connections does not exhaust file descriptors
                 return
-            # a connection waiting for a request makes room for this one (each for one only: a
-            # flood waits on no more slots than there were idle connections)
-            evicted = next(iter(self._idle))
-            self._idle.discard(evicted)
-            evicted.cancel()
+            self._idle.pop(evictable[0]).writer.transport.abort()
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
@@ -310,7 +342,7 @@ class FleetGateway:
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):  # OSError: also SSLError, TimeoutError
                 pass  # a client or the SuperLink went away or stalled mid-exchange: nothing to answer
             finally:
-                self._idle.discard(task)
+                self._idle.pop(task, None)
                 await connection.close_upstream()
                 try:
                     await asyncio.wait_for(writer.drain(), 5.0)
@@ -340,8 +372,8 @@ class _ClientConnection:
         self.answering = False  # a response to the current request has begun: no other answer can follow
 
     async def serve(self, task: asyncio.Task) -> None:
-        while True:
-            self.gateway._idle.add(task)
+        while not self.gateway.closing:
+            self.gateway._idle[task] = self
             try:
                 head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
             except asyncio.IncompleteReadError as exc:
@@ -351,7 +383,7 @@ class _ClientConnection:
             except asyncio.LimitOverrunError:
                 raise _Refused(400, "request head too large") from None
             finally:
-                self.gateway._idle.discard(task)
+                self.gateway._idle.pop(task, None)
             self.answering = False
             if not await self._exchange(parse_head(head)):
                 return
@@ -362,8 +394,9 @@ class _ClientConnection:
             self.upstream = None
 
     async def _upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        if self.upstream is not None and (self.upstream[0].at_eof() or time.monotonic() - self.upstream_used > UPSTREAM_REUSE_SECONDS):
-            await self.close_upstream()
+        if self.upstream is not None and (self.upstream[0].at_eof() or _buffered(self.upstream[0])
+                                          or time.monotonic() - self.upstream_used > UPSTREAM_REUSE_SECONDS):
+            await self.close_upstream()  # closed, out of step (bytes past the last response) or about to be closed
         if self.upstream is None:
             self.upstream = await self.gateway.connect_upstream()
         return self.upstream
@@ -382,24 +415,25 @@ class _ClientConnection:
                 raise _Refused(502, "response head too large") from None
             response = parse_response_head(head)
             early = not body_sent
-            self.writer.write(client_head(response, close=request.close or early))
+            self.writer.write(client_head(response, close=request.close or early, http10=request.http10))
             self.answering = True
             if response.until_close:
                 await _copy_until_close(up_reader, self.writer)
-            else:
-                await _copy_body(response.content_length, up_reader, self.writer, 502)
+            elif not response.bodiless:
+                await _copy_body(response.content_length, up_reader, self.writer, 502, rechunk=not request.http10)
             return response
 
         up_writer.write(upstream_head(request))
         if request.expect_continue:
             self.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # the gateway reads the body now
-            await self.writer.drain()
+            await _drain(self.writer)
         # relayed while the body is still being sent: a SuperLink that answers early (an error
         # before it read the whole body) and closes is still heard by the client
         relay = asyncio.create_task(relay_response())
         try:
             try:
-                await _copy_body(request.content_length, self.reader, up_writer, 400)
+                # a total deadline: a body trickled a byte at a time does not hold a slot for ever
+                await asyncio.wait_for(_copy_body(request.content_length, self.reader, up_writer, 400), IDLE_TIMEOUT)
                 body_sent = True
             except _Refused:
                 relay.cancel()
@@ -415,7 +449,7 @@ class _ClientConnection:
             if not relay.done():
                 relay.cancel()  # this exchange was cancelled or failed: the relay goes with it
                 await asyncio.gather(relay, return_exceptions=True)
-        if response.close or early:
+        if response.close or early or _buffered(up_reader):
             await self.close_upstream()
         self.upstream_used = time.monotonic()
         return not (request.close or early or response.until_close)

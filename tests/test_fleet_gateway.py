@@ -63,14 +63,34 @@ def test_gateway_reads_when_a_client_closes():
     (b"Content-Length: 5", b"Transfer-Encoding: chunked"),  # which one frames the body? refused, not guessed
     (b"Content-Length: 5", b"Content-Length: 6"),
     (b"Content-Length: -1",),
+    (b"Content-Length: +5",),
     (b"Transfer-Encoding: gzip, chunked",),
     (b"Host: x", b" folded: continuation"),
     (b"Bad Header: x",),
+    # a bare LF, a lone CR or a NUL in a value: a parser behind the gateway (h11) may end the line there
+    (b"X: a\nContent-Length: 0\n\nPOST /v1/control/start-run HTTP/1.1",),
+    (b"X: a\nTransfer-Encoding: chunked", b"Content-Length: 5"),
+    (b"X: a\rb",),
+    (b"X: a\x00b",),
 ])
 def test_gateway_refuses_ambiguous_requests(headers):
     with pytest.raises(_Refused) as refused:
         parse_head(head(b"POST /v1/fleet/push-messages HTTP/1.1", *headers))
     assert refused.value.status == 400
+
+
+def test_gateway_forwards_end_to_end_headers_only():
+    request = parse_head(head(b"POST /v1/fleet/pull-messages HTTP/1.1", b"Host: x", b"Content-Length: 0", b"X-Forwarded-For: 6.6.6.6",
+                              b"Forwarded: for=6.6.6.6", b"X-Real-IP: 6.6.6.6", b"X-Forwarded-Proto: http", b"Connection: x-secret",
+                              b"X-Secret: hop", b"Authorization-Signature: kept"))
+    assert request.headers == [(b"Host", b"x"), (b"Authorization-Signature", b"kept")]
+
+
+def test_gateway_answers_http10_clients_in_http10():
+    request = parse_head(head(b"POST /v1/fleet/pull-messages HTTP/1.0", b"Content-Length: 0", b"Expect: 100-continue"))
+    assert request.close and request.http10 and not request.expect_continue
+    chunked = parse_response_head(head(b"HTTP/1.1 200 OK", b"Transfer-Encoding: chunked"))
+    assert client_head(chunked, close=True, http10=True) == b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"
 
 
 def test_gateway_reframes_responses_with_its_own_length_and_connection_headers():
@@ -85,7 +105,9 @@ def test_gateway_reframes_responses_with_its_own_length_and_connection_headers()
     until_close = parse_response_head(head(b"HTTP/1.1 200 OK", b"Content-Type: text/plain"))
     assert until_close.until_close and until_close.close
     assert client_head(until_close, close=False).endswith(b"Content-Type: text/plain\r\nConnection: close\r\n\r\n")
-    assert parse_response_head(head(b"HTTP/1.1 204 No Content", b"Content-Length: 9")).content_length == 0
+    no_content = parse_response_head(head(b"HTTP/1.1 204 No Content", b"Content-Length: 9"))
+    assert no_content.content_length == 0 and no_content.bodiless
+    assert client_head(no_content, close=False) == b"HTTP/1.1 204 No Content\r\n\r\n"
     assert parse_response_head(head(b"HTTP/1.1 200 OK", b"Content-Length: 0", b"Connection: close")).close
     assert parse_response_head(head(b"HTTP/1.0 200 OK", b"Content-Length: 0")).close
 
@@ -96,6 +118,7 @@ def test_gateway_reframes_responses_with_its_own_length_and_connection_headers()
     head(b"HTTP/1.1 100 Continue"),
     head(b"HTTP/2 200 OK", b"Content-Length: 0"),
     head(b"HTTP/1.1 200 OK", b" folded: continuation"),
+    head(b"HTTP/1.1 200 OK", b"X: a\nContent-Length: 0"),
     b"garbage\r\n\r\n",
 ])
 def test_gateway_refuses_responses_it_cannot_frame(response):
@@ -129,11 +152,11 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
 
 
 def through_gateway(tmp_path: Path, client: Callable[[Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]], Awaitable[object]],
-                    answer: Answer = numbered) -> tuple[object, Upstream, FleetGateway]:
+                    answer: Answer = numbered, ended: asyncio.Event | None = None) -> tuple[object, Upstream, FleetGateway]:
     """Runs `client` (given a function that connects to the gateway) against a gateway in
     front of a TLS upstream that answers each request with `answer` and keeps its connection
-    open unless the answer closes it; returns what `client` returned, the upstream's record
-    and the gateway."""
+    open unless the answer closes it (`ended` is set when the gateway closes one); returns what
+    `client` returned, the upstream's record and the gateway."""
     files = create_tls_files(tmp_path / "certs")
     upstream = Upstream()
     count = 0
@@ -158,7 +181,8 @@ def through_gateway(tmp_path: Path, client: Callable[[Callable[[], Awaitable[tup
                 if not (b"Content-Length" in response_head or b"chunked" in response_head):
                     break  # a body that ends with the connection; after `Connection: close` it stays open, to see the gateway not reuse it
         except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # the gateway closed its connection
+            if ended is not None:
+                ended.set()  # the gateway closed its connection
         writer.close()
 
     async def scenario() -> tuple[object, FleetGateway]:
@@ -295,13 +319,49 @@ def test_gateway_closes_idle_connections_at_once_when_it_stops(tmp_path):
     assert got[1] == b"answer 1" and not gateway._connections
 
 
+def test_gateway_does_not_reuse_a_superlink_connection_with_bytes_past_its_response(tmp_path):
+    """Bytes the SuperLink sent past a response are never read as the next request's answer."""
+    def overlong(index: int, request: bytes) -> bytes:
+        return numbered(index, request) + (b"STALE!!!" if index == 1 else b"")
+    (got, _), upstream, gateway = through_gateway(tmp_path, send(fleet(), fleet(), responses=2), overlong)
+    assert [body for _, body in got] == [b"answer 1", b"answer 2"]
+    assert gateway.upstream_connections == 2 and [len(c) for c in upstream.connections] == [1, 1]
+
+
+def test_gateway_drops_a_client_that_does_not_read_its_answers(tmp_path, monkeypatch):
+    """Pipelined requests whose answers the client never reads do not hold the connection (and
+    its slot) for ever: the gateway gives up writing after WRITE_TIMEOUT."""
+    monkeypatch.setattr(fleet_gateway, "WRITE_TIMEOUT", 0.5)
+    big = b"x" * (1 << 20)
+    upstream_closed = asyncio.Event()
+
+    def large(index: int, request: bytes) -> bytes:
+        return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(big) + big
+
+    async def client(connect):
+        reader, writer = await connect()
+        writer.write(b"".join(fleet() for _ in range(40)))
+        await writer.drain()
+        await asyncio.wait_for(upstream_closed.wait(), 30)  # reading nothing until the gateway gives up
+        received = 0
+        try:
+            while chunk := await asyncio.wait_for(reader.read(1 << 20), 30):  # ends once the gateway gives up
+                received += len(chunk)
+        except ConnectionError:
+            pass
+        writer.close()
+        return received
+    received, upstream, _ = through_gateway(tmp_path, client, large, ended=upstream_closed)
+    assert len(upstream.requests) < 40 and received < 40 * len(big)
+
+
 def test_gateway_answers_control_calls_itself(tmp_path):
     (got, rest), upstream, _ = through_gateway(
         tmp_path, send(b"POST /v1/control/list-runs HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", responses=1, then_eof=True))
     assert got[0][0].startswith(b"HTTP/1.1 403 ") and rest == b"" and upstream.requests == []
 
 
-def test_gateway_at_capacity_closes_an_idle_connection_for_each_new_one(tmp_path, monkeypatch):
+def test_gateway_at_capacity_closes_an_idle_connection_for_each_new_one(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(fleet_gateway, "MAX_CONNECTIONS", 2)
 
     async def request_on(connection):
@@ -322,3 +382,4 @@ def test_gateway_at_capacity_closes_an_idle_connection_for_each_new_one(tmp_path
         return [body for _, body in answers], closed
     (answers, closed), upstream, _ = through_gateway(tmp_path, client)
     assert sorted(answers) == [b"answer 3", b"answer 4"] and closed == [True, True] and len(upstream.requests) == 4
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]  # an eviction is no error (asyncio logs a cancelled handler's)
