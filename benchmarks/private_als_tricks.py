@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/private_als_tricks.py --data ml100k --epsilon 8 --seeds 3
     .venv/bin/python benchmarks/private_als_tricks.py --data beauty --epsilon 8 --seeds 2
     .venv/bin/python benchmarks/private_als_tricks.py --data ml100k --popularity-rule 1 2 4 8 16 --seeds 3 --leans 0 10 20
+    .venv/bin/python benchmarks/private_als_tricks.py --data beauty --epsilon 8 --seeds 5 --prior-weights 0.005 0.01 0.02 1
 
 Runs federated private ALS in-process with the very code of a Flower run (simulations/in_process.py
 private_als_round: each merchant's release as client/privacy/private_als.py makes it, popularity
@@ -12,6 +13,10 @@ summed and solved by server/als_aggregation.ALSAggregation), 5 IID shards of ../
 Gramians, equal budget per statistics round, no pooling of the row counts, no shrinkage, no
 noise-aware ridge, random start) and the experiment's setting are compared with one trick
 toggled at a time. Reports the median over seeds of NDCG@10 / HR@10 (sampled) and NDCG@10 (full).
+
+`--prior-weights W ...`: instead, at `--epsilon`, plain and secure: the catalog prior off and on at
+each weight (als-catalog-prior-weight: the share of its tags' mean factors a rarely seen ad takes),
+the measurements behind its default.
 
 `--popularity-rule EPSILON ...`: instead, at each epsilon, plain (each merchant adds its full
 noise) and secure (a quarter of the variance each, t = 4 of 5): the popularity rule's signal,
@@ -107,6 +112,8 @@ def _main() -> int:
     parser.add_argument("--popularity-rule", type=float, nargs="+", metavar="EPSILON",
                         help="instead: the popularity rule at these epsilons, plain and secure, against the floor")
     parser.add_argument("--leans", type=float, nargs="+", default=[0.0, 2.5], help="with --popularity-rule: the leans to force")
+    parser.add_argument("--prior-weights", type=float, nargs="+", metavar="W",
+                        help="instead: the catalog prior off and at these weights, plain and secure, at --epsilon")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (the first is the popularity release)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a run-config change for every variant")
     args = parser.parse_args()
@@ -118,6 +125,8 @@ def _main() -> int:
     shards = [data for _, data in shard_data(tuned, dataset, 5)]
     if args.popularity_rule:
         return _popularity_rule(tuned, dataset, shards, args.popularity_rule, args.seeds, args.leans)
+    if args.prior_weights:
+        return _prior_weights(setting, dataset, shards, args.epsilon, args.seeds, args.prior_weights)
     plain = {"als-gram": "per-ad", "als-budget-growth": 1.0, "als-count-shrinkage": 0.0, "als-noise-ridge": 0.0,
              "als-catalog-prior": False, "init": "random"}
     variants: list[tuple[str, dict[str, Any], bool] | tuple[str, dict[str, Any], bool, bool]] = [
@@ -151,6 +160,23 @@ def _main() -> int:
         seconds = (time.perf_counter() - started) / args.seeds
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         print(f"| {name} | {med['ndcg10_sampled']:.4f} | {med['hr10_sampled']:.4f} | {med['ndcg10_full']:.4f} | {seconds:.1f} |", flush=True)
+    return 0
+
+
+def _prior_weights(setting: dict[str, Any], dataset: Any, shards: list[NodeData], epsilon: float, seeds: int, weights: list[float]) -> int:
+    """Plain and secure at `epsilon`: the catalog prior off, then on at each weight."""
+    print(f"{date.today()} on {platform.node()}: {setting['dataset']}, 5 IID shards, epsilon {epsilon:g}, median of {seeds} noise "
+          "seeds; secure: each merchant adds a quarter of the variance (t = 4 of 5)")
+    print("| epsilon | mode | catalog prior | NDCG@10 sampled | HR@10 sampled | NDCG@10 full |")
+    print("|---|---|---|---|---|---|")
+    for mode, share in (("plain", 1.0), ("secure", 0.25)):
+        for weight in [None, *weights]:
+            overrides = {"als-catalog-prior": False} if weight is None else {"als-catalog-prior": True, "als-catalog-prior-weight": weight}
+            cfg = RunConfig.from_flower({**setting, **overrides})
+            runs = [run(cfg, shards, dataset.catalog, epsilon, seed, noise_share=share) for seed in range(seeds)]
+            med = {k: statistics.median(r[k] for r in runs) for k in ("ndcg10_sampled", "hr10_sampled", "ndcg10_full")}
+            print(f"| {epsilon:g} | {mode} | {'off' if weight is None else f'weight {weight:g}'} | {med['ndcg10_sampled']:.4f} | "
+                  f"{med['hr10_sampled']:.4f} | {med['ndcg10_full']:.4f} |", flush=True)
     return 0
 
 

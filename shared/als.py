@@ -110,6 +110,7 @@ class ALSSettings:
     clip: bool = True  # False without DP: the statistics then use the exact user factors
     count_shrinkage: float = 0.0  # ad factors scaled by n_a / (n_a + this x the noise std of n_a)
     noise_ridge: float = 0.0  # ridge added per unit of noise std of the summed target
+    prior_weight: float = 1.0  # with catalog tags: the share of its tags' mean factors a rarely seen ad takes
 
     def __post_init__(self) -> None:
         if self.gram_mode == "sparse" and self.private:
@@ -125,6 +126,7 @@ class ALSSettings:
             max_rows=cfg.als_max_rows if private else None, user_clip=cfg.als_user_clip,
             gram_mode=cfg.als_gram if cfg.als_gram != "auto" else ("shared" if private else "sparse"),
             count_shrinkage=cfg.als_count_shrinkage if private else 0.0, noise_ridge=cfg.als_noise_ridge, clip=private,
+            prior_weight=cfg.als_catalog_prior_weight,
         )
 
     @property
@@ -403,7 +405,9 @@ def solve_ads(
                 tag_coef = _ridge_scaled(tags.T @ counts / users + alpha0, user_gram, tags.T @ target, floor)
             tag_mass = tags.sum(axis=1, keepdims=True)
             prior = (tags / np.where(tag_mass > 0, tag_mass, 1.0)) @ tag_coef[:, :-1]
-            coef[:, :-1] += (1.0 - weight[:, None]) * prior
+            # at full weight a rare ad scores like a popular one with its tags, and crowds the top
+            # of a full ranking; a small share orders rare ads among themselves (prior_weight)
+            coef[:, :-1] += settings.prior_weight * (1.0 - weight[:, None]) * prior
     return {AD_FACTORS: coef[:, :-1].astype(np.float32), AD_BIAS: (coef[:, -1] * settings.user_clip).astype(np.float32)}
 
 

@@ -193,6 +193,9 @@ class RunConfig(BaseModel):
     als_budget_growth: float = Field(2.33, gt=0, description="DP: round r's share of the budget grows as growth^r")
     als_catalog_prior: bool = Field(False, description=(
         "DP: rarely seen ads lean on the mean factors of their public catalog tags (attributes, genres, category)"))
+    als_catalog_prior_weight: float = Field(0.01, ge=0, le=1, description=(
+        "DP, with als-catalog-prior: the share of its tags' mean factors a rarely seen ad takes (at 1 their scores reach "
+        "popular ads' and full-ranking NDCG halves; 0.01 orders rare ads among themselves: docs/BENCHMARKS.md)"))
     init: Literal["random", "catalog"] = Field("random", description=(
         "initial ad factors: random | catalog (an embedding of the public category)"))
     privacy: Literal["none", "user", "client"] = Field("user", description=(

@@ -22,6 +22,7 @@ from client.solvers.als import ALSSolver
 from server.als_aggregation import ALSAggregation
 from shared.accounting import epsilon_of
 from shared.als import ALSSettings, Rows, ad_statistics, add_noise, augmented, round_budget_shares, solve_ads, solve_users
+from shared.config import ConfigError
 from shared.data.sources import load_dataset
 from shared.data.split import leave_last_out
 from shared.params import init_global_arrays
@@ -298,3 +299,30 @@ def test_the_round_log_says_how_much_of_the_model_rests_on_popularity(caplog):
     assert "ranks by (noisy) popularity" in caplog.text
     assert 0.0 <= on_prior(0.01) < 0.2
     assert on_prior(0.0) is None
+
+
+def test_the_prior_weight_scales_only_what_the_tags_lend():
+    """`prior_weight` w: an ad nobody counted takes w x its tags' mean factors (the tags' solve
+    itself unchanged); an ad's own share of its factors is untouched; biases are the ads' own."""
+    rng = np.random.default_rng(8)
+    dim = 3
+    tags = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
+    counts = np.array([80.0, 120.0, 0.0, 40.0])
+    stats = {"als_target": rng.normal(size=(4, dim)) * counts[:, None] / 10, "als_positives": counts / 2, "als_count": counts,
+             "als_user_gram": np.eye(dim + 1) * 4.0}
+    stds = {"als_count": 20.0}
+    full = solve_ads(stats, _settings("shared", user_clip=0.2, count_shrinkage=1.0), stds, tags=tags)
+    none = solve_ads(stats, _settings("shared", user_clip=0.2, count_shrinkage=1.0), stds)
+    small = solve_ads(stats, _settings("shared", user_clip=0.2, count_shrinkage=1.0, prior_weight=0.01), stds, tags=tags)
+    lent = full["ad_factors"] - none["ad_factors"]  # what the tags lend each ad at full weight
+    np.testing.assert_allclose(small["ad_factors"], none["ad_factors"] + 0.01 * lent, rtol=1e-5, atol=1e-7)
+    assert np.linalg.norm(small["ad_factors"][2]) == pytest.approx(0.01 * np.linalg.norm(full["ad_factors"][2]), rel=1e-5)
+    np.testing.assert_allclose(small["ad_bias"], full["ad_bias"])
+
+
+def test_the_run_config_sets_the_prior_weight(tmp_path):
+    cfg = small_run_config(tmp_path, privacy="user", **{"als-catalog-prior": True, "als-catalog-prior-weight": 0.25})
+    assert ALSSettings.from_config(cfg).prior_weight == 0.25
+    assert ALSSettings.from_config(small_run_config(tmp_path / "default", privacy="user")).prior_weight == 0.01
+    with pytest.raises(ConfigError):
+        small_run_config(tmp_path / "bad", privacy="user", **{"als-catalog-prior-weight": 2.0})
