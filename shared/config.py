@@ -191,8 +191,9 @@ class RunConfig(BaseModel):
     als_count_shrinkage: float = Field(1.0, ge=0, description=(
         "DP: ad factors scaled by noisy count / (count + this x the noise std of the summed count)"))
     als_budget_growth: float = Field(2.33, gt=0, description="DP: round r's share of the budget grows as growth^r")
-    als_catalog_prior: bool = Field(False, description=(
-        "DP: rarely seen ads lean on the mean factors of their public catalog tags (attributes, genres, category)"))
+    als_catalog_prior: bool = Field(True, description=(
+        "DP: rarely seen ads lean on the mean factors of their public catalog tags (attributes, genres, category), "
+        "at als-catalog-prior-weight"))
     als_catalog_prior_weight: float = Field(0.01, ge=0, le=1, description=(
         "DP, with als-catalog-prior: the share of its tags' mean factors a rarely seen ad takes (at 1 their scores reach "
         "popular ads' and full-ranking NDCG halves; 0.01 orders rare ads among themselves: docs/BENCHMARKS.md)"))
