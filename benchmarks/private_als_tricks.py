@@ -142,9 +142,10 @@ def _main() -> int:
         ("setting, 4 rounds (popularity, 3 of statistics)", {"num-rounds": 4}, True),
         ("setting, clip 0.1", {"als-user-clip": 0.1}, True),
         ("setting, clip 0.5", {"als-user-clip": 0.5}, True),
-        ("setting, catalog prior " + ("off" if tuned.als_catalog_prior else "on (all tags)"),
+        ("setting, catalog prior " + ("off" if tuned.als_catalog_prior else f"on (all tags, weight {tuned.als_catalog_prior_weight:g})"),
          {"als-catalog-prior": not tuned.als_catalog_prior}, True),
-        ("setting, catalog prior on, one category per ad instead of all tags", {"als-catalog-prior": True}, True, True),
+        (f"setting, catalog prior on (weight {tuned.als_catalog_prior_weight:g}), one category per ad instead of all tags",
+         {"als-catalog-prior": True}, True, True),
         ("setting, warm start " + ("random" if tuned.init == "catalog" else "catalog"),
          {"init": "random" if tuned.init == "catalog" else "catalog"}, True),
     ]

@@ -21,7 +21,8 @@ Free gains from post-processing, only reading released values:
   every round's noisy release of them is averaged with the earlier ones by inverse variance
   (the strategy's state, checkpointed every round: a resume keeps it);
 - the noisy counts shrink the factors of rarely seen ads (ALSSettings.count_shrinkage),
-  towards zero or (als-catalog-prior) towards the mean factors of their public catalog tags;
+  towards zero or (als-catalog-prior, on by default) towards als-catalog-prior-weight x the mean
+  factors of their public catalog tags;
 - each ad's score leans on its pooled noisy popularity, the more the lower the signal
   (POPULARITY_LEAN / signal spreads of the personal scores), and the model a statistics release
   before the plan's last serves leans further, by how much noisier that release is than the

@@ -36,6 +36,9 @@ from shared.storage import atomic_save_npz, atomic_write_bytes, atomic_write_jso
 
 # keys a resume may change without saying so: extending the plan, moving the folder
 RESUMABLE_KEYS = SERVER_BOOKKEEPING_KEYS | {"num-rounds"}
+# keys added after runs were checkpointed, with the value such a run had: a checkpoint without
+# the key compares as that value (the catalog prior lent its tags' factors at full weight)
+KEYS_ADDED_LATER = {"als-catalog-prior-weight": 1.0}
 _ROUND_FILE = re.compile(r"^round-(\d{4,})\.npz$")
 
 
@@ -168,6 +171,7 @@ def check_resume_config(stored: dict[str, Any], current: dict[str, Any], accepte
     config (other than extending the plan) is refused by name, unless the resume accepts it."""
     if not stored:
         raise CheckpointError("cannot resume: the checkpoint holds no run config to compare with")
+    stored = {**{key: value for key, value in KEYS_ADDED_LATER.items() if key in current}, **stored}
     differing = sorted(
         key for key in set(stored) | set(current)
         if key not in RESUMABLE_KEYS and stored.get(key) != current.get(key)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
+import numpy as np
 from flwr.serverapp import (
     GaussianPrivacyEvent,
     NeighboringRelation,
@@ -33,6 +34,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 from server.als_aggregation import ALSAggregation
 from shared.accounting import default_delta
 from shared.als import ALSSettings, release_budget_shares
+from shared.app_log import log
 from shared.catalog_features import informative_tags
 from shared.config import RunConfig
 from shared.data.schema import AdCatalog
@@ -83,6 +85,27 @@ class ReplaceOneAccountant:
         self.inner.load_state_dict(state)
 
 
+# the catalog prior's [ads, tags] float64 matrix, held a few times over in the solve: above this
+# many entries (200 MB a copy) the prior is not applied, and the run says so
+PRIOR_MAX_ENTRIES = 25_000_000
+
+
+def catalog_prior_tags(cfg: RunConfig, settings: ALSSettings, catalog: AdCatalog) -> np.ndarray | None:
+    """The catalog prior's tag features, where it acts: under DP with count shrinkage and a
+    weight (without DP no ad's factors are shrunk, so nothing would take from its tags);
+    None where it does not act, the catalog has no informative tag, or the matrix is too large."""
+    if not (cfg.als_catalog_prior and settings.private and settings.count_shrinkage > 0 and settings.prior_weight > 0):
+        return None
+    entries = len(catalog) * len({tag for ad_tags in catalog.tags for tag in ad_tags})
+    if entries > PRIOR_MAX_ENTRIES:
+        log.warning("catalog prior: not applied: %d ads x their distinct tags make %d entries, over %d (rarely seen ads "
+                    "rank by their noisy popularity alone); als-catalog-prior = false says so without this warning",
+                    len(catalog), entries, PRIOR_MAX_ENTRIES)
+        return None
+    tags = informative_tags(catalog, "catalog prior")
+    return tags if tags.shape[1] else None  # nothing to lean on: shrink toward zero
+
+
 def build_strategy(
     cfg: RunConfig, num_nodes: int, catalog: AdCatalog, rounds_done: int = 0, initial: Arrays | None = None,
 ) -> tuple[Strategy, ServerEpsilon]:
@@ -97,10 +120,9 @@ def build_strategy(
     )
     wire = dict(weighted_by_key=NUM_EXAMPLES, arrayrecord_key=ARRAYS, configrecord_key=CONFIG)
     if cfg.mf_solver == "als":
-        tags = informative_tags(catalog, "catalog prior") if cfg.als_catalog_prior else None
-        tags = tags if tags is not None and tags.shape[1] else None  # nothing to lean on: shrink toward zero
-        robust = cfg.robust_clip_factor if cfg.robust_aggregation == "median" else None
         settings = ALSSettings.from_config(cfg)
+        tags = catalog_prior_tags(cfg, settings, catalog)
+        robust = cfg.robust_clip_factor if cfg.robust_aggregation == "median" else None
         strategy = ALSAggregation(settings, len(catalog), cfg.factors, tags=tags, max_users=cfg.max_users_per_merchant,
                                   robust_factor=robust, num_rounds=cfg.num_rounds, **sampling, **wire)
         if settings.private:  # a resumed run knows its warm start even when its server state was lost

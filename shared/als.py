@@ -110,7 +110,7 @@ class ALSSettings:
     clip: bool = True  # False without DP: the statistics then use the exact user factors
     count_shrinkage: float = 0.0  # ad factors scaled by n_a / (n_a + this x the noise std of n_a)
     noise_ridge: float = 0.0  # ridge added per unit of noise std of the summed target
-    prior_weight: float = 1.0  # with catalog tags: the share of its tags' mean factors a rarely seen ad takes
+    prior_weight: float = 0.01  # with catalog tags: the share of its tags' mean factors a rarely seen ad takes (als-catalog-prior-weight)
 
     def __post_init__(self) -> None:
         if self.gram_mode == "sparse" and self.private:
@@ -356,7 +356,8 @@ def solve_ads(
     floored at the per-ad Gramians' noise level (a symmetric Gaussian D x D matrix has spectral
     norm about 2 sqrt(D) std): the solve never amplifies noise beyond what the ridge allows.
     `tags`: the catalog's public [ads, tags] features (shared/catalog_features.py: membership
-    weighted by how informative each tag is), for the content prior of count shrinkage.
+    weighted by how informative each tag is), for the content prior of count shrinkage: an ad
+    takes `prior_weight` x the mean factors of its tags where its own count cannot place it.
     Count shrinkage: an ad's factors weigh n_a / (n_a + kappa), kappa = `count_shrinkage` noise
     stds of the summed count n_a (public: the releases' noise multipliers): an ad seen by no more
     users than the noise in its count has factors made mostly of noise, and the rule holds at
@@ -392,7 +393,7 @@ def solve_ads(
     weight = own_factor_weights(bias_entries / settings.user_clip**2, settings, noise_stds)
     if weight is not None:
         # noisy counts as a prior: an ad seen by few users has factors mostly made of noise;
-        # it leans on the mean of its catalog tags' factors (attributes, genres, category), each
+        # it leans on prior_weight x the mean of its catalog tags' factors (attributes, genres, category), each
         # solved from the summed statistics of every ad with that tag, so from many users and
         # little noise (public tags: post-processing, no extra privacy cost); without tags, on
         # nothing: its score is then its bias, the ad's (noisy) popularity

@@ -96,6 +96,15 @@ def test_resume_refuses_a_changed_config_naming_the_keys():
         check_resume_config({}, changed, frozenset())
 
 
+def test_a_checkpoint_older_than_a_key_resumes_with_the_value_its_run_had():
+    """A run checkpointed before als-catalog-prior-weight existed lent its tags' factors at full
+    weight: its config compares as 1.0, so the resume asks for that, not for None."""
+    stored = {"num-rounds": 5, "seed": 42, "als-catalog-prior": True}
+    check_resume_config(stored, {**stored, "als-catalog-prior-weight": 1.0}, frozenset())
+    with pytest.raises(CheckpointError, match="als-catalog-prior-weight: 1.0 -> 0.01"):
+        check_resume_config(stored, {**stored, "als-catalog-prior-weight": 0.01}, frozenset())
+
+
 def test_resume_accept_changes_names_real_keys():
     from shared.config import ConfigError, RunConfig
 

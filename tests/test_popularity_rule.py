@@ -298,6 +298,29 @@ def test_the_serving_lean_reads_each_release_at_its_reported_share(tmp_path: Pat
     assert isinstance(none, ALSAggregation) and none.release_shares is None
 
 
+def test_the_catalog_prior_is_built_where_it_acts_and_bounded(tmp_path: Path, monkeypatch, caplog):
+    """Under DP the strategy holds the catalog's tags and the prior's weight (0.01 by default);
+    without DP, where no ad's factors are shrunk, no tag matrix is built; a catalog whose
+    [ads, tags] matrix would be too large gets no prior, and the run says so."""
+    import server.strategies as strategies
+    from shared.data.sources import load_catalog
+
+    private = small_run_config(tmp_path, privacy="user")
+    catalog = load_catalog(private)
+    strategy, _ = strategies.build_strategy(private, 3, catalog)
+    assert isinstance(strategy, ALSAggregation) and strategy.tags is not None and strategy.tags.shape[0] == len(catalog)
+    assert strategy.settings.prior_weight == 0.01
+    exact, _ = strategies.build_strategy(small_run_config(tmp_path / "exact", privacy="none"), 3, catalog)
+    assert isinstance(exact, ALSAggregation) and exact.tags is None
+    off, _ = strategies.build_strategy(small_run_config(tmp_path / "off", privacy="user", **{"als-catalog-prior": False}), 3, catalog)
+    assert isinstance(off, ALSAggregation) and off.tags is None
+    monkeypatch.setattr(strategies, "PRIOR_MAX_ENTRIES", len(catalog))
+    with caplog.at_level("WARNING"):
+        bounded, _ = strategies.build_strategy(private, 3, catalog)
+    assert isinstance(bounded, ALSAggregation) and bounded.tags is None
+    assert "catalog prior: not applied" in caplog.text
+
+
 def test_the_strategy_takes_the_warm_start_the_server_app_built(tmp_path: Path):
     """A fresh run builds its initial model once (the ServerApp's, handed over); without one the
     strategy builds the same model from the run config (a resume)."""

@@ -20,8 +20,8 @@ per-merchant guarantee's adjacency says. (Partitioning the augmented log afresh,
 The augmented dataset is written as a generic "logs" dataset (log CSV + catalog CSV) for the
 federated runs to read (dataset = "logs", data-path, catalog-path). That format keeps an ad's
 category and brand but not a public set's richer tags (all MovieLens genres, all Amazon
-attributes): those matter only to `als-catalog-prior` (public tags: post-processing, no bearing
-on what the audit measures).
+attributes): those matter only to `als-catalog-prior` (public tags: post-processing, which
+cannot weaken the guarantee the audit tests).
 """
 
 from __future__ import annotations

@@ -141,12 +141,13 @@ class DeliveryLoop:
 
     def run(self, first_round: int = 1, arrays: Arrays | None = None) -> DeliveryResult:
         """Rounds first_round..rounds; a restart passes the round to resume at and the global model it had."""
-        arrays = arrays if arrays is not None else initial_model(self.cfg, self.catalog)
+        built = arrays is None
+        arrays = initial_model(self.cfg, self.catalog) if arrays is None else arrays
         with server_identity():  # the replies are Flower messages, as a runtime stamps them
-            return self._run(first_round, arrays)
+            return self._run(first_round, arrays, arrays if built else None)
 
-    def _run(self, first_round: int, arrays: Arrays) -> DeliveryResult:
-        strategy, _ = build_strategy(self.cfg, len(self.merchants), self.catalog, initial=arrays if first_round == 1 else None)
+    def _run(self, first_round: int, arrays: Arrays, initial: Arrays | None) -> DeliveryResult:
+        strategy, _ = build_strategy(self.cfg, len(self.merchants), self.catalog, initial=initial)
         served: dict[str, Served] = {arm: Served() for arm in self.settings.arms}
         records: list[RoundRecord] = []
         arms_of: dict[str, str] = {}
