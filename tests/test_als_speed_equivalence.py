@@ -141,14 +141,14 @@ def _reference_shared_solve(stats: dict[str, np.ndarray], settings: ALSSettings,
     tag_lhs = np.einsum("at,aij->tij", tags, per_ad) + settings.alpha0 * gram[None]
     tag_coef = ridge(tag_lhs, tags.T @ target)
     prior = (tags / tags.sum(axis=1, keepdims=True).clip(min=1e-300)) @ tag_coef
-    coef[:, :-1] = weight[:, None] * coef[:, :-1] + (1 - weight[:, None]) * prior[:, :-1]
+    coef[:, :-1] = weight[:, None] * coef[:, :-1] + settings.prior_weight * (1 - weight[:, None]) * prior[:, :-1]
     return np.hstack([coef[:, :-1], (coef[:, -1] * settings.user_clip)[:, None]])
 
 
 def test_the_shared_solve_never_builds_per_ad_gramians_and_equals_building_them() -> None:
     rows = _rows_with_duplicates(3)
     settings = ALSSettings(alpha0=0.3, user_l2=0.7, ad_l2=1.0, max_rows=6, user_clip=0.8, gram_mode="shared", clip=True,
-                           noise_ridge=20.0, count_shrinkage=1.0)
+                           noise_ridge=20.0, count_shrinkage=1.0, prior_weight=0.5)
     user_factors = np.random.default_rng(4).normal(size=(NUM_USERS, DIM))
     stats = ad_statistics(rows, user_factors, NUM_ADS, settings)
     rng = np.random.default_rng(5)
