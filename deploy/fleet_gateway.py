@@ -432,13 +432,10 @@ class _ClientConnection:
         relay = asyncio.create_task(relay_response())
         try:
             try:
-                # a total deadline: a body trickled a byte at a time does not hold a slot for ever
+                # a total deadline: a body trickled a byte at a time does not hold a slot for ever;
+                # a malformed one (_Refused) is answered by _serve unless part of an answer went out
                 await asyncio.wait_for(_copy_body(request.content_length, self.reader, up_writer, 400), IDLE_TIMEOUT)
                 body_sent = True
-            except _Refused:
-                relay.cancel()
-                await asyncio.gather(relay, return_exceptions=True)
-                raise  # _serve answers it unless part of an answer went out already
             except (OSError, asyncio.IncompleteReadError):
                 # the SuperLink stopped reading (it answered early) or the client went away:
                 # relay what the SuperLink says, but do not wait for a body that will not come
@@ -449,7 +446,7 @@ class _ClientConnection:
             if not relay.done():
                 relay.cancel()  # this exchange was cancelled or failed: the relay goes with it
                 await asyncio.gather(relay, return_exceptions=True)
-        if response.close or early or _buffered(up_reader):
-            await self.close_upstream()
+        if response.close or early:
+            await self.close_upstream()  # (bytes past the response: _upstream does not reuse it)
         self.upstream_used = time.monotonic()
         return not (request.close or early or response.until_close)
