@@ -64,7 +64,7 @@ def main() -> int:
             started = time.perf_counter()
             with server_identity():  # the replies are Flower messages, as a runtime stamps them
                 arrays, users = federated_als.train(cfg, dataset.catalog, shards)
-            metrics = weighted([data.evaluate(arrays, factors) for data, factors in zip(shards, users)])
+            metrics = weighted([data.evaluate(arrays, factors, None) for data, factors in zip(shards, users)])  # the model alone
             settings = ALSSettings.from_config(cfg)
             floats = round(sum(sum(math.prod(shape) for shape in settings.stat_shapes(
                 len(dataset.catalog), cfg.factors, touched=len(np.unique(data.rows.ad))).values()) for data in shards) / len(shards))

@@ -121,7 +121,7 @@ def validation_split(split: UserSplit) -> UserSplit:
 def validation_data(data: NodeData, seed: int) -> NodeData:
     # a user's test ad may be drawn among the validation negatives: no model here has seen it
     split = validation_split(data.split)
-    return NodeData(split, sample_eval_negatives(split, EVAL_NEGATIVES, seed))
+    return NodeData(split, sample_eval_negatives(split, EVAL_NEGATIVES, seed), data.ad_features)
 
 
 # ------------------------------------------------------------------------------- federated
@@ -129,7 +129,7 @@ def federated(cfg: RunConfig, catalog: AdCatalog, shards: list[NodeData]) -> dic
     """The Flower run's computation, in-process (benchmarks/federated_als.py), then every
     merchant's evaluation of the final model."""
     arrays, users = federated_als.train(cfg, catalog, shards)
-    return weighted([data.evaluate(arrays, factors) for data, factors in zip(shards, users)])
+    return weighted([data.evaluate(arrays, factors, None) for data, factors in zip(shards, users)])  # the models alone, as implicit's
 
 
 # -------------------------------------------------------------------------------- implicit
@@ -155,7 +155,7 @@ def implicit_als(shards: list[NodeData], factors: int, setting: ImplicitSetting,
     model.fit(pooled_positives(shards), show_progress=False)
     arrays = {AD_FACTORS: np.asarray(model.item_factors, dtype=np.float32), AD_BIAS: np.zeros(shards[0].num_ads, dtype=np.float32)}
     users = np.asarray(model.user_factors, dtype=np.float32)
-    return weighted([data.evaluate(arrays, users[offset : offset + data.num_users]) for data, offset in zip(shards, _offsets(shards))])
+    return weighted([data.evaluate(arrays, users[offset : offset + data.num_users], None) for data, offset in zip(shards, _offsets(shards))])
 
 
 # ------------------------------------------------------------------------------------- run

@@ -101,7 +101,7 @@ def train_sgd_family(cfg: RunConfig, catalog: AdCatalog, shards: list[NodeData],
             fitted = solver.fit_users(arrays, rng, users[pid])
             users[pid] = fitted
             if TRACE and server_round > 1:
-                traced.append(data.evaluate(arrays, fitted))
+                traced.append(data.evaluate(arrays, fitted, None))  # the models alone
             plan = open_plan(cfg, policy, data.num_users, state_root / f"partition-{pid}")
             started = time.perf_counter()
             reply = plan.release_update(f"partition-{pid}", solver, arrays, fitted, rng, server_round)
@@ -160,7 +160,7 @@ def run_cell(dataset_name: str, dataset: Dataset, model: str, epsilon: float | N
     epoch = statistics.median(seconds)
     records = []
     if cold is None:
-        mean = weighted([data.evaluate(arrays, factors) for data, factors in zip(shards, users)], NUM_TEST_USERS,
+        mean = weighted([data.evaluate(arrays, factors, None) for data, factors in zip(shards, users)], NUM_TEST_USERS,
                         ("ndcg10_sampled", "hr10_sampled", "ndcg10_full"))
         records.append(record(dataset_name, model, epsilon, split, mean["ndcg10_sampled"], mean["hr10_sampled"], mean["ndcg10_full"], epoch))
         if model == "mf-als" and epsilon is None:

@@ -142,7 +142,7 @@ def run(cfg: RunConfig, shards: list[NodeData], catalog: Any, attack: Attack | N
     results, top1, users = [], 0, 0
     for solver in solvers:
         factors = solver.fit_users(arrays, rng, None)
-        results.append(solver.data.evaluate(arrays, factors))
+        results.append(solver.data.evaluate(arrays, factors, None))  # the model alone: what poisoning moves
         scores = factors @ arrays[AD_FACTORS].T + arrays[AD_BIAS]
         top1 += int((scores.argmax(axis=1) == promoted).sum())
         users += len(factors)

@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/private_als_tricks.py --data beauty --epsilon 8 --seeds 2
     .venv/bin/python benchmarks/private_als_tricks.py --data ml100k --popularity-rule 1 2 4 8 16 --seeds 3 --leans 0 10 20
     .venv/bin/python benchmarks/private_als_tricks.py --data beauty --epsilon 8 --seeds 5 --prior-weights 0.005 0.01 0.02 1
+    .venv/bin/python benchmarks/private_als_tricks.py --data ml100k --seeds 3 --content-weights 0.8 1.2 1.6 --halflives 3 5 10
 
 Runs federated private ALS in-process with the very code of a Flower run (simulations/in_process.py
 private_als_round: each merchant's release as client/privacy/private_als.py makes it, popularity
@@ -17,6 +18,11 @@ toggled at a time. Reports the median over seeds of NDCG@10 / HR@10 (sampled) an
 `--prior-weights W ...`: instead, at `--epsilon`, plain and secure: the catalog prior off and on at
 each weight (als-catalog-prior-weight: the share of its tags' mean factors a rarely seen ad takes),
 the measurements behind its default.
+
+`--content-weights W ...`: instead, federated ALS without DP (`--exact-rounds`) and private ALS at each
+of `--epsilons`, plain and secure, every model ranked by the model alone and blended with content
+affinity at each weight and `--halflives` (shared/content_affinity.py), beside the DP-popularity
+floor: the measurements behind content-affinity's default.
 
 `--popularity-rule EPSILON ...`: instead, at each epsilon, plain (each merchant adds its full
 noise) and secure (a quarter of the variance each, t = 4 of 5): the popularity rule's signal,
@@ -46,14 +52,16 @@ from client.node_data import NodeData
 from client.solvers.als import ALSSolver
 from server.als_aggregation import ALSAggregation
 from shared.accounting import calibrate_noise_multiplier
-from shared.als import ALSSettings, release_budget_shares
+from shared.als import ALSSettings, release_budget_shares, solve_ads
 from shared.catalog_features import informative_tags
 from shared.config import RunConfig, parse_override
+from shared.content_affinity import ContentBlend
 from shared.data.sources import load_dataset
 from shared.flower_internals import server_identity
 from shared.metrics import NUM_TEST_USERS
 from shared.params import initial_arrays
 from shared.privacy_policy import PrivacyPolicy
+from shared.wire import Arrays
 from simulations.baselines import dp_popularity, shard_data
 from simulations.in_process import private_als_round
 
@@ -67,11 +75,13 @@ DATASETS = {
 }
 
 
-def run(cfg: RunConfig, shards: list[NodeData], catalog: Any, epsilon: float, seed: int, average_counts: bool = True,
-        category_only: bool = False, noise_share: float = 1.0, min_signal: float | None = None, lean: float | None = None) -> dict[str, float]:
+def train(cfg: RunConfig, shards: list[NodeData], catalog: Any, epsilon: float, seed: int, average_counts: bool = True,
+          category_only: bool = False, noise_share: float = 1.0, min_signal: float | None = None,
+          lean: float | None = None) -> tuple[Arrays, list[ALSSolver], np.random.Generator, ALSAggregation]:
     """One private run of 5 merchants in this process; `noise_share` 0.25: secure aggregation's
     (each merchant adds a quarter of the variance, t = 4 of 5); `min_signal` and `lean`: the
-    popularity rule's constants instead of the shipped ones (shared/als.py)."""
+    popularity rule's constants instead of the shipped ones (shared/als.py). Returns the final
+    model, the merchants' solvers, the noise stream and the strategy."""
     settings = ALSSettings.from_config(cfg)
     solvers = [ALSSolver(cfg, data) for data in shards]
     shares = release_budget_shares(cfg.num_rounds, cfg.als_budget_growth)
@@ -90,9 +100,38 @@ def run(cfg: RunConfig, shards: list[NodeData], catalog: Any, epsilon: float, se
         if not average_counts and server_round > 2:  # no memory of earlier statistics rounds' counts
             strategy.forget_counts()
         arrays = private_als_round(strategy, solvers, arrays, server_round, sigma / math.sqrt(shares[server_round - 1]), rng, noise_share)
-    results = [solver.data.evaluate(arrays, solver.fit_users(arrays, rng, None)) for solver in solvers]
+    return arrays, solvers, rng, strategy
+
+
+def exact_train(cfg: RunConfig, shards: list[NodeData], catalog: Any, rounds: int) -> tuple[Arrays, list[ALSSolver], np.random.Generator]:
+    """Federated ALS without DP in this process: `rounds` of every merchant's exact statistics
+    (per-ad Gramians, dense), summed and solved as the server solves them."""
+    cfg = cfg.with_values("content sweep, no DP", privacy="none", als_gram="per-ad")
+    settings = ALSSettings.from_config(cfg)
+    solvers = [ALSSolver(cfg, data) for data in shards]
+    arrays = initial_arrays(cfg.init, catalog, cfg.factors, cfg.seed)
+    rng = np.random.default_rng(0)
+    for _ in range(rounds):
+        summed: dict[str, np.ndarray] = {}
+        for solver in solvers:
+            for key, value in solver.local_update(arrays, solver.fit_users(arrays, rng, None), rng).arrays.items():
+                summed[key] = summed[key] + value if key in summed else value
+        arrays = {**arrays, **solve_ads(summed, settings)}
+    return arrays, solvers, rng
+
+
+def evaluate(arrays: Arrays, solvers: list[ALSSolver], rng: np.random.Generator, blend: ContentBlend | None) -> dict[str, float]:
+    """Every merchant's metrics of the model, ranked with `blend`, weighted by test users."""
+    results = [solver.data.evaluate(arrays, solver.fit_users(arrays, rng, None), blend) for solver in solvers]
     weights = np.array([r[NUM_TEST_USERS] for r in results])
-    out = {k: float(np.dot([r[k] for r in results], weights) / weights.sum()) for k in ("hr10_sampled", "ndcg10_sampled", "ndcg10_full")}
+    return {k: float(np.dot([r[k] for r in results], weights) / weights.sum()) for k in ("hr10_sampled", "ndcg10_sampled", "ndcg10_full")}
+
+
+def run(cfg: RunConfig, shards: list[NodeData], catalog: Any, epsilon: float, seed: int, average_counts: bool = True,
+        category_only: bool = False, noise_share: float = 1.0, min_signal: float | None = None, lean: float | None = None) -> dict[str, float]:
+    """`train`, then each merchant's metrics, ranked as the run config says (its content affinity)."""
+    arrays, solvers, rng, strategy = train(cfg, shards, catalog, epsilon, seed, average_counts, category_only, noise_share, min_signal, lean)
+    out = evaluate(arrays, solvers, rng, ContentBlend.from_config(cfg))
     out["signal"] = strategy.signal if strategy.signal is not None else math.nan
     return out
 
@@ -114,6 +153,12 @@ def _main() -> int:
     parser.add_argument("--leans", type=float, nargs="+", default=[0.0, 2.5], help="with --popularity-rule: the leans to force")
     parser.add_argument("--prior-weights", type=float, nargs="+", metavar="W",
                         help="instead: the catalog prior off and at these weights, plain and secure, at --epsilon")
+    parser.add_argument("--content-weights", type=float, nargs="+", metavar="W",
+                        help="instead: without DP and at each --epsilons, plain and secure, the merchants' ranking by the model "
+                             "alone and blended with content affinity at these weights (and --halflives)")
+    parser.add_argument("--halflives", type=float, nargs="+", default=[5.0], help="with --content-weights: the profiles' half-lives")
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 8.0], help="with --content-weights: the epsilons")
+    parser.add_argument("--exact-rounds", type=int, default=10, help="with --content-weights: rounds of ALS without DP")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (the first is the popularity release)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a run-config change for every variant")
     args = parser.parse_args()
@@ -127,6 +172,9 @@ def _main() -> int:
         return _popularity_rule(tuned, dataset, shards, args.popularity_rule, args.seeds, args.leans)
     if args.prior_weights:
         return _prior_weights(setting, dataset, shards, args.epsilon, args.seeds, args.prior_weights)
+    if args.content_weights:
+        blends = [None] + [ContentBlend(weight=w, halflife=h) for h in args.halflives for w in args.content_weights]
+        return _content_weights(tuned, dataset, shards, args.epsilons, args.seeds, blends, args.exact_rounds)
     plain = {"als-gram": "per-ad", "als-budget-growth": 1.0, "als-count-shrinkage": 0.0, "als-noise-ridge": 0.0,
              "als-catalog-prior": False, "init": "random"}
     variants: list[tuple[str, dict[str, Any], bool] | tuple[str, dict[str, Any], bool, bool]] = [
@@ -178,6 +226,38 @@ def _prior_weights(setting: dict[str, Any], dataset: Any, shards: list[NodeData]
             med = {k: statistics.median(r[k] for r in runs) for k in ("ndcg10_sampled", "hr10_sampled", "ndcg10_full")}
             print(f"| {epsilon:g} | {mode} | {'off' if weight is None else f'weight {weight:g}'} | {med['ndcg10_sampled']:.4f} | "
                   f"{med['hr10_sampled']:.4f} | {med['ndcg10_full']:.4f} |", flush=True)
+    return 0
+
+
+def _content_weights(cfg: RunConfig, dataset: Any, shards: list[NodeData], epsilons: list[float], seeds: int,
+                     blends: list[ContentBlend | None], exact_rounds: int) -> int:
+    """The same trained models (without DP; at each epsilon plain and secure, `seeds` noise draws),
+    each ranked by the model alone and with each blend of content affinity; and the DP-popularity
+    floor. Medians over the draws."""
+    print(f"{date.today()} on {platform.node()}: {cfg.dataset}, 5 IID shards; private: {cfg.num_rounds} releases, median of {seeds} "
+          f"noise seeds, secure: each merchant adds a quarter of the variance (t = 4 of 5); no DP: {exact_rounds} rounds of exact ALS")
+    print("| epsilon | mode | ranking | NDCG@10 sampled | HR@10 sampled | NDCG@10 full |")
+    print("|---|---|---|---|---|---|")
+    keys = ("ndcg10_sampled", "hr10_sampled", "ndcg10_full")
+
+    def show(epsilon: str, mode: str, runs: list[dict[ContentBlend | None, dict[str, float]]]) -> None:
+        for blend in blends:
+            med = {k: statistics.median(r[blend][k] for r in runs) for k in keys}
+            name = "model alone" if blend is None else f"content affinity {blend.weight:g}, half-life {blend.halflife:g}"
+            print(f"| {epsilon} | {mode} | {name} | {med['ndcg10_sampled']:.4f} | {med['hr10_sampled']:.4f} | {med['ndcg10_full']:.4f} |", flush=True)
+
+    arrays, solvers, rng = exact_train(cfg, shards, dataset.catalog, exact_rounds)
+    show("-", "none", [{blend: evaluate(arrays, solvers, rng, blend) for blend in blends}])
+    for epsilon in epsilons:
+        for mode, share in (("plain", 1.0), ("secure", 0.25)):
+            runs = []
+            for seed in range(seeds):
+                arrays, solvers, rng, _ = train(cfg, shards, dataset.catalog, epsilon, seed, noise_share=share)
+                runs.append({blend: evaluate(arrays, solvers, rng, blend) for blend in blends})
+            show(f"{epsilon:g}", mode, runs)
+        floors = [dp_popularity(cfg, dataset, len(shards), [epsilon])[f"{epsilon:g}"] for _ in range(seeds)]
+        print(f"| {epsilon:g} | dp-popularity | popularity | {statistics.median(f['ndcg10_sampled'] for f in floors):.4f} | "
+              f"{statistics.median(f['hr10_sampled'] for f in floors):.4f} | {statistics.median(f['ndcg10_full'] for f in floors):.4f} |", flush=True)
     return 0
 
 

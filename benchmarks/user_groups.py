@@ -107,7 +107,7 @@ def model_scores(cfg: RunConfig, dataset: Dataset, shards: list[NodeData], check
     score_fns = [_score_fn(factors, arrays) for factors in users]
     user_ids, values = _per_user(shards, score_fns)
     if check:  # the per-user path must be the harness's evaluation, split by user
-        expected = [data.evaluate(arrays, factors) for data, factors in zip(shards, users)]
+        expected = [data.evaluate(arrays, factors, None) for data, factors in zip(shards, users)]
         weights = np.array([e["num-test-users"] for e in expected])
         for m in METRICS:
             pooled = float(np.dot([e[m] for e in expected], weights) / weights.sum())

@@ -10,8 +10,10 @@ For each recommended (user, ad):
                (cosine of the ad vectors; bare impressions only for a user without positives);
   category     how many of those ads share its category, and its brand;
   popularity   its ad bias b_a ranked in the catalog: the popularity the model learned;
-  score        MF: score = b_a + p_u . q_a exactly. NeuMF: b_a and the remainder, which is a
-               non-linear function of user and ad and is not a sum of separable parts.
+  score        MF: the model's score = b_a + p_u . q_a exactly. NeuMF: b_a and the remainder, which
+               is a non-linear function of user and ad and is not a sum of separable parts.
+  affinity     with content affinity (shared/content_affinity.py): its term of the ranking score,
+               from the ad's public tags against those of the user's own recent positives.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class Explanation:
     ad_id: str
     score: float  # the score the ad was ranked by
     bias: float  # b_a
-    match: float  # MF: p_u . q_a; NeuMF: score - b_a
+    match: float  # MF: p_u . q_a; NeuMF: model_score - b_a
     additive: bool  # True: score == bias + match is the model's own decomposition (MF); False: match is a non-linear remainder
     because: tuple[BecauseAd, ...]
     category: str
@@ -60,6 +62,8 @@ class Explanation:
     popularity_rank: int  # 1: the largest ad bias in the catalog
     popularity_percentile: float  # share of the other ads with a smaller bias, ties counted half: 100 = the most popular
     text: str  # one line for a merchant to show
+    model_score: float | None = None  # with content affinity: the model's own score (= bias + match for MF); None: `score` is it
+    affinity: float = 0.0  # with content affinity: its term of `score`
 
 
 @dataclass(frozen=True)
@@ -160,12 +164,17 @@ def _sentence(e: Explanation, catalog: AdCatalog, num_ads: int, flat_bias: bool)
         parts.append("popularity: the model gives every ad the same bias")
     else:
         parts.append(f"popularity: rank {e.popularity_rank} of {num_ads} by the model's ad bias (percentile {e.popularity_percentile:.0f})")
+    model = e.score if e.model_score is None else e.model_score
+    named = "score" if e.model_score is None else "model score"
     if e.additive:
         leader = "personal match" if abs(e.match) >= abs(e.bias) else "popularity (ad bias)"
-        parts.append(f"score {e.score:.3f} = match {e.match:.3f} + bias {e.bias:.3f}, mostly {leader}")
+        parts.append(f"{named} {model:.3f} = match {e.match:.3f} + bias {e.bias:.3f}, mostly {leader}")
     else:
-        parts.append(f"score {e.score:.3f}: ad bias {e.bias:.3f}, the other {e.match:.3f} from NeuMF's non-linear "
+        parts.append(f"{named} {model:.3f}: ad bias {e.bias:.3f}, the other {e.match:.3f} from NeuMF's non-linear "
                      "user-ad interaction (not a sum of separable parts)")
+    if e.model_score is not None:
+        parts.append(f"ranked by {e.score:.3f}: the model score standardized over the catalog, {e.affinity:+.3f} from "
+                     "content affinity (its tags against those of your recent clicks and purchases)")
     return "; ".join(parts)
 
 
@@ -193,7 +202,7 @@ def explain(
         others = history.ads[history.ads != ad]
         if neumf:
             # NeuMF's score has no additive user-ad part: everything that is not b_a is the remainder
-            match = rec.score - float(bias[ad])
+            match = (rec.score if rec.model_score is None else rec.model_score) - float(bias[ad])
         else:
             match = float(np.asarray(factors[rec.user_id], dtype=np.float64) @ np.asarray(arrays[AD_FACTORS][ad], dtype=np.float64))
         brand = catalog.brands[ad]
@@ -211,6 +220,7 @@ def explain(
             history=len(others),
             history_kind="clicked or purchased" if history.positive else "viewed",
             popularity_rank=int(rank[ad]), popularity_percentile=float(percentile[ad]), text="",
+            model_score=rec.model_score, affinity=rec.affinity,
         )
         # the sentence is written from the finished numbers, so text and fields cannot disagree
         out.append(replace(draft, text=_sentence(draft, catalog, len(catalog), flat_bias)))

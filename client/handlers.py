@@ -28,6 +28,7 @@ from client.solvers.base import Solver
 from client.solvers.registry import SOLVERS, solver_for
 from shared.app_log import log
 from shared.config import RunConfig
+from shared.content_affinity import ContentBlend
 from shared.node_config import NodeConfig
 from shared.params import check_global_arrays, global_shapes, user_dim
 from shared.privacy_policy import PolicyViolation
@@ -109,7 +110,7 @@ def _fit_and_store_users(cfg: RunConfig, node: Node, solver: Solver, arrays: Arr
 def _train(cfg: RunConfig, node: Node, solver: Solver, plan: PrivacyPlan[Any], arrays: Arrays, server_round: int,
            release: str) -> TrainReply:
     rng = _rng(cfg, node, server_round, purpose=0)
-    node.state.save_global_model(arrays, server_round - 1, solver.user_step())
+    node.state.save_global_model(arrays, server_round - 1, solver.user_step(), ContentBlend.from_config(cfg))
     if release == POPULARITY:  # counts only: no user step, no model needed
         return plan.release_popularity(node.name, solver, server_round)
     if release != STATISTICS:
@@ -120,9 +121,10 @@ def _train(cfg: RunConfig, node: Node, solver: Solver, plan: PrivacyPlan[Any], a
 
 def _evaluate(cfg: RunConfig, node: Node, solver: Solver, plan: PrivacyPlan[Any], arrays: Arrays, server_round: int,
               release: str) -> EvaluateReply:
-    node.state.save_global_model(arrays, server_round, solver.user_step())
+    blend = ContentBlend.from_config(cfg)
+    node.state.save_global_model(arrays, server_round, solver.user_step(), blend)
     user_factors = _fit_and_store_users(cfg, node, solver, arrays, _rng(cfg, node, server_round, purpose=1))
-    return plan.release_metrics(node.name, node.data, lambda: node.data.evaluate(arrays, user_factors), server_round)
+    return plan.release_metrics(node.name, node.data, lambda: node.data.evaluate(arrays, user_factors, blend), server_round)
 
 
 def first_message_imports(cfg: RunConfig) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ from client.merchant_files import (
     CliError,
     load_budget,
     load_catalog,
+    load_content_blend,
     load_global_model,
     load_log,
     load_log_alone,
@@ -143,7 +144,7 @@ def _users_to_serve(requested: list[str] | None, log: InteractionLog, factors: d
 
 CSV_COLUMNS = ["user_id", "rank", "ad_id", "score"]
 # --explain's columns after those: the reasons a program can use, and the line a person reads
-EXPLAIN_COLUMNS = ["bias", "match", "because_ads", "category_matches", "brand_matches", "popularity_percentile", "why"]
+EXPLAIN_COLUMNS = ["bias", "match", "because_ads", "category_matches", "brand_matches", "popularity_percentile", "content_affinity", "why"]
 
 
 def _write_csv(path: str, recommendations: list[Recommendation], explanations: list[Explanation] | None = None) -> None:
@@ -155,7 +156,7 @@ def _write_csv(path: str, recommendations: list[Recommendation], explanations: l
             if explanations is not None:
                 e = explanations[i]
                 row += [format(e.bias, ".9g"), format(e.match, ".9g"), ";".join(b.ad_id for b in e.because),
-                        e.category_matches, e.brand_matches, format(e.popularity_percentile, ".4g"), e.text]
+                        e.category_matches, e.brand_matches, format(e.popularity_percentile, ".4g"), format(e.affinity, ".9g"), e.text]
             writer.writerow(row)
 
 
@@ -193,7 +194,8 @@ def cmd_recommend(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     not_in_log = sorted(set(users) - {str(u) for u in log.user.tolist()})
     if not_in_log:
         print(f"note: {len(not_in_log)} user(s) have no rows in {args.log}: nothing is excluded for them", file=err)
-    recommendations = recommend(users, factors, arrays, catalog, seen_ads(log, args.exclude == "positives"), args.k)
+    blend = load_content_blend(state)  # as the run's evaluation ranked (recorded with the model)
+    recommendations = recommend(users, factors, arrays, catalog, seen_ads(log, args.exclude == "positives"), args.k, blend, log)
     explanations = explain(recommendations, factors, arrays, catalog, log, args.because) if args.explain else None
     if args.output:
         _write_csv(args.output, recommendations, explanations)

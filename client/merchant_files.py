@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from client.node_state import GLOBAL_MODEL_FILE, NodeState
 from client.privacy.ledger import LEDGER_FILE, PrivacyLedger, PrivacyRefusal
 from client.user_step import AnyUserStep, SGDUserStep
+from shared.content_affinity import ContentBlend
 from shared.data.loaders import load_catalog_file, load_log_file, load_log_with_own_catalog
 from shared.data.log_formats import accepted_formats_text
 from shared.data.schema import AdCatalog, DataValidationError, FileFormatError, InteractionLog
@@ -128,6 +129,14 @@ def load_budget(state_dir: str) -> dict[str, Any]:
     except PrivacyRefusal as exc:
         raise CliError(str(exc)) from None
     return {"state_dir": str(directory), **ledger.summary()}
+
+
+def load_content_blend(state: NodeState) -> ContentBlend | None:
+    """How the run ranked with content affinity, recorded with the model (None: by the model alone)."""
+    try:
+        return state.load_content_blend()
+    except ValueError as exc:
+        raise CliError(f"{state.directory / GLOBAL_MODEL_FILE}: unreadable content blend ({exc})") from None
 
 
 def load_user_step(state: NodeState, args: argparse.Namespace) -> AnyUserStep:

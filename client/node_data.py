@@ -17,17 +17,20 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 
 from client.node_state import NodeState
 from shared.als import Rows
 from shared.app_log import log
+from shared.catalog_features import normalized_tag_features
 from shared.config import RunConfig
+from shared.content_affinity import ContentBlend
 from shared.data.loaders import load_catalog_file, load_log_file
 from shared.data.schema import AdCatalog, InteractionLog
 from shared.data.sources import load_catalog, load_dataset, simulated_shards
 from shared.data.split import UserSplit, leave_last_out, sample_eval_negatives
+from shared.metrics import ScoreFn, toppop_score_fn
 from shared.metrics import evaluate as evaluate_ranking
-from shared.metrics import toppop_score_fn
 from shared.node_config import NodeConfig
 from shared.params import score_all
 from shared.storage import atomic_save_npz, load_npz
@@ -35,20 +38,24 @@ from shared.wire import Arrays
 
 EVAL_NEGATIVES = 99  # the NCF protocol
 SHARD_CACHE_DIR = "shard-cache"  # in the merchant's state directory: its prepared shard, binary
-SHARD_CACHE_FORMAT = 1  # raised whenever what the cache holds, or how the shard is prepared, changes
+SHARD_CACHE_FORMAT = 2  # raised whenever what the cache holds, or how the shard is prepared, changes
 
 
 @dataclass(frozen=True, eq=False)
 class NodeData:
-    """One shard, prepared: its leave-last-out split and fixed evaluation negatives."""
+    """One shard, prepared: its leave-last-out split, fixed evaluation negatives, and the
+    catalog's public tags as content affinity reads them."""
 
     split: UserSplit
     eval_negatives: np.ndarray
+    ad_features: sp.csr_array  # [ads, tags]: shared/catalog_features.normalized_tag_features
 
     @classmethod
-    def prepare(cls, log: InteractionLog, num_ads: int, seed: int) -> NodeData:
-        split = leave_last_out(log, num_ads)
-        return cls(split, sample_eval_negatives(split, EVAL_NEGATIVES, seed))
+    def prepare(cls, log: InteractionLog, catalog: AdCatalog, seed: int, ad_features: sp.csr_array | None = None) -> NodeData:
+        """`ad_features`: the catalog's, when the caller already has them (many shards, one catalog)."""
+        split = leave_last_out(log, len(catalog))
+        features = normalized_tag_features(catalog) if ad_features is None else ad_features
+        return cls(split, sample_eval_negatives(split, EVAL_NEGATIVES, seed), features)
 
     @property
     def num_users(self) -> int:
@@ -67,9 +74,21 @@ class NodeData:
         """The observed (user, ad, label) rows, grouped by user (ALS and its statistics)."""
         return Rows.from_split(self.split)
 
-    def evaluate(self, arrays: Arrays, user_factors: np.ndarray) -> dict[str, float]:
-        """Ranking metrics of the held-out interactions (shared/metrics.py), with their number of test users."""
-        return evaluate_ranking(lambda users: score_all(user_factors[users], arrays), self.split, self.eval_negatives)
+    def score_fn(self, arrays: Arrays, user_factors: np.ndarray, blend: ContentBlend | None) -> ScoreFn:
+        """How this merchant ranks ads for its users: the model's scores, blended with content
+        affinity from each user's own training positives when `blend` is set."""
+        split, features = self.split, self.ad_features
+
+        def scores(users: np.ndarray) -> np.ndarray:
+            model = score_all(user_factors[users], arrays)
+            return model if blend is None else blend.scores(model, split.pos_offsets, split.pos_ads, users, features)
+
+        return scores
+
+    def evaluate(self, arrays: Arrays, user_factors: np.ndarray, blend: ContentBlend | None) -> dict[str, float]:
+        """Ranking metrics of the held-out interactions (shared/metrics.py), with their number of
+        test users, ranked as `score_fn` ranks (`blend`: the run's ContentBlend.from_config)."""
+        return evaluate_ranking(self.score_fn(arrays, user_factors, blend), self.split, self.eval_negatives)
 
     @cached_property
     def _popularity(self) -> dict[str, float]:
@@ -126,7 +145,7 @@ def _deployed_data(
     if cached is not None:
         return cached
     catalog = load_catalog_file(catalog_path) if catalog_path else load_catalog(data)
-    node_data = NodeData.prepare(load_log_file(data_path, catalog), len(catalog), data.seed)
+    node_data = NodeData.prepare(load_log_file(data_path, catalog), catalog, data.seed)
     _log_shard(name, node_data)
     _write_shard_cache(path, node_data)
     return node_data
@@ -139,7 +158,9 @@ def _read_shard_cache(path: Path) -> NodeData | None:
         arrays = load_npz(path)
         split = UserSplit(user_ids=arrays["user_ids"].astype(object), num_ads=int(arrays["num_ads"]), pos_offsets=arrays["pos_offsets"],
                           pos_ads=arrays["pos_ads"], imp_offsets=arrays["imp_offsets"], imp_ads=arrays["imp_ads"], test_ad=arrays["test_ad"])
-        return NodeData(split, arrays["eval_negatives"])
+        features = sp.csr_array((arrays["feature_data"], arrays["feature_indices"], arrays["feature_indptr"]),
+                                shape=tuple(int(n) for n in arrays["feature_shape"]))
+        return NodeData(split, arrays["eval_negatives"], features)
     except (OSError, ValueError, KeyError) as exc:  # a damaged cache is rebuilt from the log
         log.warning("shard cache %s unreadable (%s): reading the log again", path, exc)
         return None
@@ -151,7 +172,9 @@ def _write_shard_cache(path: Path, data: NodeData) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save_npz(path, user_ids=split.user_ids.astype(str), num_ads=np.asarray(split.num_ads), pos_offsets=split.pos_offsets,
                         pos_ads=split.pos_ads, imp_offsets=split.imp_offsets, imp_ads=split.imp_ads, test_ad=split.test_ad,
-                        eval_negatives=data.eval_negatives)
+                        eval_negatives=data.eval_negatives, feature_data=data.ad_features.data,
+                        feature_indices=data.ad_features.indices, feature_indptr=data.ad_features.indptr,
+                        feature_shape=np.asarray(data.ad_features.shape))
         for stale in path.parent.glob("shard-*.npz"):  # one cache: the log it was made from has changed
             if stale != path:
                 stale.unlink(missing_ok=True)
@@ -160,20 +183,21 @@ def _write_shard_cache(path: Path, data: NodeData) -> None:
 
 
 @lru_cache(maxsize=4)
-def _simulated_shards(data: RunConfig, count: int) -> tuple[AdCatalog, list[tuple[str, InteractionLog]]]:
-    """The run's dataset and all its shards, built once per process and data (`data`: the
-    run's `data_config()`): Flower's simulation does not pin a virtual node to an actor (each
-    actor builds most of the nodes), and the harness's actors serve many runs of one dataset."""
+def _simulated_shards(data: RunConfig, count: int) -> tuple[AdCatalog, sp.csr_array, list[tuple[str, InteractionLog]]]:
+    """The run's dataset, its catalog's tag features and all its shards, built once per process
+    and data (`data`: the run's `data_config()`): Flower's simulation does not pin a virtual
+    node to an actor (each actor builds most of the nodes), and the harness's actors serve many
+    runs of one dataset."""
     dataset = load_dataset(data)
-    return dataset.catalog, simulated_shards(data, dataset, count)
+    return dataset.catalog, normalized_tag_features(dataset.catalog), simulated_shards(data, dataset, count)
 
 
 @lru_cache(maxsize=64)
 def _simulated_node(data: RunConfig, count: int, pid: int) -> tuple[str, NodeData]:
     """A simulated node's name and prepared data: they depend on the data's config only."""
-    catalog, shards = _simulated_shards(data, count)
+    catalog, features, shards = _simulated_shards(data, count)
     name, shard = shards[pid]
-    node_data = NodeData.prepare(shard, len(catalog), data.seed)
+    node_data = NodeData.prepare(shard, catalog, data.seed, features)
     _log_shard(name, node_data)
     return name, node_data
 

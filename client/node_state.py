@@ -3,7 +3,8 @@
 - `user_factors.npz`: the user id -> factor rows of this merchant's users. Created, trained
   and read only here; never sent anywhere.
 - `global_model.npz`: the latest global ad parameters received, with the round they belong to
-  and the run's user step (for serving and folding in users without the server).
+  the run's user step and its content-affinity blend (for serving and folding in users without
+  the server).
 Every write is atomic.
 """
 
@@ -15,12 +16,14 @@ import numpy as np
 
 from client.user_step import AnyUserStep, parse_user_step
 from shared.app_log import log
+from shared.content_affinity import ContentBlend
 from shared.storage import atomic_save_npz, load_npz
 from shared.wire import Arrays
 
 USER_FACTORS_FILE = "user_factors.npz"
 GLOBAL_MODEL_FILE = "global_model.npz"
 USER_STEP_KEY = "user_step"
+CONTENT_BLEND_KEY = "content_blend"  # JSON of the ContentBlend, or "null": the run ranked by the model alone
 
 
 class NodeState:
@@ -51,10 +54,15 @@ class NodeState:
                 out[i] = stored["factors"][j]
         return out
 
-    def save_global_model(self, arrays: Arrays, server_round: int, user_step: AnyUserStep | None = None) -> None:
+    def save_global_model(self, arrays: Arrays, server_round: int, user_step: AnyUserStep | None = None,
+                          blend: ContentBlend | None = None) -> None:
         """`user_step`: how this run solves a user's factors from the model (client/user_step.py),
-        so serving folds new users in exactly as training would."""
-        extra = {USER_STEP_KEY: np.array(user_step.model_dump_json())} if user_step is not None else {}
+        and `blend`, how it ranks with content affinity (None: by the model alone), recorded with
+        the user step, so serving folds new users in and ranks exactly as the run did."""
+        extra = {}
+        if user_step is not None:
+            extra = {USER_STEP_KEY: np.array(user_step.model_dump_json()),
+                     CONTENT_BLEND_KEY: np.array(blend.model_dump_json() if blend is not None else "null")}
         atomic_save_npz(self.directory / GLOBAL_MODEL_FILE, server_round=np.array(server_round), **extra, **arrays)
 
     def load_global_model(self) -> tuple[Arrays, int] | None:
@@ -64,6 +72,7 @@ class NodeState:
         stored = load_npz(path)
         server_round = int(stored.pop("server_round"))
         stored.pop(USER_STEP_KEY, None)
+        stored.pop(CONTENT_BLEND_KEY, None)
         return stored, server_round
 
     def load_user_step(self) -> AnyUserStep | None:
@@ -74,3 +83,14 @@ class NodeState:
             return None
         stored = load_npz(path)
         return parse_user_step(str(stored[USER_STEP_KEY])) if USER_STEP_KEY in stored else None
+
+    def load_content_blend(self) -> ContentBlend | None:
+        """The content-affinity blend recorded with the latest global model (None: the model
+        alone, or a model saved before the blend was recorded). Raises ValueError when the record
+        is not a valid one."""
+        path = self.directory / GLOBAL_MODEL_FILE
+        if not path.is_file():
+            return None
+        stored = load_npz(path)
+        text = str(stored[CONTENT_BLEND_KEY]) if CONTENT_BLEND_KEY in stored else "null"
+        return None if text == "null" else ContentBlend.model_validate_json(text)

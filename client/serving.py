@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from client.user_step import AnyUserStep
+from shared.catalog_features import normalized_tag_features
+from shared.content_affinity import ContentBlend, standardized
 from shared.data.schema import AdCatalog, Event, InteractionLog
 from shared.data.split import NO_TEST, UserSplit, leave_last_out
 from shared.params import score_all
@@ -25,7 +27,9 @@ class Recommendation:
     user_id: str
     rank: int  # 1-based
     ad_id: str
-    score: float
+    score: float  # what the ad was ranked by: the model's score, or its blend with content affinity
+    model_score: float | None = None  # with content affinity: the model's own score (MF: p_u . q_a + b_a); None: `score` is it
+    affinity: float = 0.0  # with content affinity: its term of `score` (weight x concentration x standardized affinity)
 
 
 def seen_ads(log: InteractionLog, positives_only: bool = False) -> dict[str, set[int]]:
@@ -46,17 +50,39 @@ def top_k(scores: np.ndarray, excluded: set[int], k: int) -> np.ndarray:
 
 def recommend(
     user_ids: Sequence[str], factors: dict[str, np.ndarray], arrays: Arrays,
-    catalog: AdCatalog, seen: dict[str, set[int]], k: int,
+    catalog: AdCatalog, seen: dict[str, set[int]], k: int, blend: ContentBlend | None = None, log: InteractionLog | None = None,
 ) -> list[Recommendation]:
-    """Top-k ads per user by the model's score (MF: p_u . q_a + b_a; NeuMF: shared/neumf_arrays.py), leaving out the ads in `seen`."""
+    """Top-k ads per user by the model's score (MF: p_u . q_a + b_a; NeuMF: shared/neumf_arrays.py),
+    leaving out the ads in `seen`; with `blend` (the run's, recorded with the model), blended with
+    content affinity to each user's own positives in `log`, as the run's evaluation ranked."""
     if not user_ids:
         return []
-    scores = score_all(np.stack([factors[u] for u in user_ids]), arrays)
+    model = score_all(np.stack([factors[u] for u in user_ids]), arrays)
+    scores, affinity = model, np.zeros_like(model)
+    if blend is not None:
+        if log is None:
+            raise ValueError("ranking with content affinity needs the users' log")
+        offsets, history = user_positives(log, user_ids, len(catalog))
+        scores = blend.scores(model, offsets, history, np.arange(len(user_ids)), normalized_tag_features(catalog))
+        affinity = scores - standardized(model)
     out: list[Recommendation] = []
-    for user, row in zip(user_ids, scores):
+    for i, (user, row) in enumerate(zip(user_ids, scores)):
         for rank, ad in enumerate(top_k(row, seen.get(user, set()), k), start=1):
-            out.append(Recommendation(user, rank, catalog.ad_ids[ad], float(row[ad])))
+            own = float(model[i, ad]) if blend is not None else None
+            out.append(Recommendation(user, rank, catalog.ad_ids[ad], float(row[ad]), own, float(affinity[i, ad])))
     return out
+
+
+def user_positives(log: InteractionLog, user_ids: Sequence[str], num_ads: int) -> tuple[np.ndarray, np.ndarray]:
+    """CSR (offsets, ads) of each of `user_ids`' distinct positive ads in `log`, in the order of
+    their first click or purchase, the latest last (as training reads them: serving_split); a user
+    without rows in `log` has none."""
+    split = serving_split(log, num_ads)
+    row_of = {str(uid): row for row, uid in enumerate(split.user_ids.tolist())}
+    groups = [split.positives(row_of[user]) if user in row_of else np.zeros(0, dtype=np.int64) for user in user_ids]
+    offsets = np.zeros(len(groups) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(g) for g in groups])
+    return offsets, (np.concatenate(groups).astype(np.int64) if groups else np.zeros(0, dtype=np.int64))
 
 
 def serving_split(log: InteractionLog, num_ads: int) -> UserSplit:

@@ -37,8 +37,9 @@ from shared.storage import atomic_save_npz, atomic_write_bytes, atomic_write_jso
 # keys a resume may change without saying so: extending the plan, moving the folder
 RESUMABLE_KEYS = SERVER_BOOKKEEPING_KEYS | {"num-rounds"}
 # keys added after runs were checkpointed, with the value such a run had: a checkpoint without
-# the key compares as that value (the catalog prior lent its tags' factors at full weight)
-KEYS_ADDED_LATER = {"als-catalog-prior-weight": 1.0}
+# the key compares as that value (the catalog prior lent its tags' factors at full weight; merchants
+# ranked by the model alone, without content affinity)
+KEYS_ADDED_LATER = {"als-catalog-prior-weight": 1.0, "content-affinity": 0.0, "content-affinity-halflife": 3.0}
 _ROUND_FILE = re.compile(r"^round-(\d{4,})\.npz$")
 
 

@@ -13,18 +13,19 @@ other.
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 
 from shared.app_log import log
 from shared.data.schema import AdCatalog
 
 
-def tag_weights(membership: np.ndarray) -> np.ndarray:
-    """Inverse document frequency per tag column of a [ads, tags] 0/1 matrix; 0 for a tag that
-    every ad carries or only one ad does (neither relates one ad to another)."""
-    carriers = membership.sum(axis=0)
-    shared_by_some = (carriers >= 2) & (carriers < len(membership))
+def tag_weights(membership: np.ndarray | sp.csr_array) -> np.ndarray:
+    """Inverse document frequency per tag column of a [ads, tags] 0/1 matrix (dense or sparse); 0
+    for a tag that every ad carries or only one ad does (neither relates one ad to another)."""
+    carriers = np.asarray(membership.sum(axis=0)).ravel()
+    shared_by_some = (carriers >= 2) & (carriers < membership.shape[0])
     weights = np.zeros(membership.shape[1])
-    weights[shared_by_some] = np.log(len(membership) / carriers[shared_by_some])
+    weights[shared_by_some] = np.log(membership.shape[0] / carriers[shared_by_some])
     return weights
 
 
@@ -44,3 +45,19 @@ def informative_tags(catalog: AdCatalog, purpose: str) -> np.ndarray:
         log.warning("%s: %d of %d ads in %s carry no informative tag: the %s cannot place them",
                     purpose, bare, len(catalog), catalog.source, purpose)
     return features
+
+
+def normalized_tag_features(catalog: AdCatalog) -> sp.csr_array:
+    """[ads, tags] sparse: each ad's informative tags (weighted as in `informative_tags`), its row
+    scaled to unit L2 norm (an ad with many tags weighs no more than one with few); an ad without
+    an informative tag has an empty row. Sparse: a million-ad catalog has a few tags per ad."""
+    names = sorted({tag for tags in catalog.tags for tag in tags})
+    lookup = {name: column for column, name in enumerate(names)}
+    columns = [lookup[tag] for tags in catalog.tags for tag in sorted(set(tags))]
+    offsets = np.cumsum([0, *(len(set(tags)) for tags in catalog.tags)])
+    membership = sp.csr_array((np.ones(len(columns)), np.asarray(columns, dtype=np.int64), offsets), shape=(len(catalog), len(names)))
+    weights = tag_weights(membership)
+    keep = np.flatnonzero(weights > 0)
+    features = sp.csr_array(membership[:, keep] @ sp.diags_array(weights[keep]))
+    norms = np.sqrt(np.asarray(features.multiply(features).sum(axis=1)).ravel())
+    return sp.csr_array(sp.diags_array(1.0 / np.where(norms > 0, norms, 1.0)) @ features)

@@ -197,6 +197,11 @@ class RunConfig(BaseModel):
     als_catalog_prior_weight: float = Field(0.01, ge=0, le=1, description=(
         "DP, with als-catalog-prior: the share of its tags' mean factors a rarely seen ad takes (at 1 their scores reach "
         "popular ads' and full-ranking NDCG halves; 0.01 orders rare ads among themselves: docs/BENCHMARKS.md)"))
+    content_affinity: float = Field(1.6, ge=0, description=(
+        "weight of content affinity in a merchant's ranking: the ads' public tags against those of the user's own recent "
+        "positives, weighed by how concentrated they are (shared/content_affinity.py; local, no privacy cost; 0: the model alone)"))
+    content_affinity_halflife: float = Field(3.0, gt=0, description=(
+        "content affinity: a positive's weight in the user's profile halves every this many later positives"))
     init: Literal["random", "catalog"] = Field("random", description=(
         "initial ad factors: random | catalog (an embedding of the public category)"))
     privacy: Literal["none", "user", "client"] = Field("user", description=(

@@ -26,7 +26,9 @@ from client.node_data import NodeData
 from client.solvers.registry import solver_for
 from shared.accounting import calibrate_noise_multiplier
 from shared.als import popularity_statistics
+from shared.catalog_features import normalized_tag_features
 from shared.config import RunConfig
+from shared.content_affinity import ContentBlend
 from shared.data.schema import AdCatalog, Dataset
 from shared.data.sources import simulated_shards
 from shared.metrics import METRIC_NAMES, NUM_TEST_USERS, toppop_score_fn
@@ -37,12 +39,13 @@ from shared.wire import ALS_POSITIVES
 
 
 def pooled_data(cfg: RunConfig, dataset: Dataset) -> NodeData:
-    return NodeData.prepare(dataset.log, len(dataset.catalog), cfg.seed)
+    return NodeData.prepare(dataset.log, dataset.catalog, cfg.seed)
 
 
 def shard_data(cfg: RunConfig, dataset: Dataset, num_clients: int) -> list[tuple[str, NodeData]]:
     """Every simulated merchant's data, cut exactly as the federated run cuts it."""
-    return [(name, NodeData.prepare(shard, len(dataset.catalog), cfg.seed)) for name, shard in simulated_shards(cfg, dataset, num_clients)]
+    features = normalized_tag_features(dataset.catalog)
+    return [(name, NodeData.prepare(shard, dataset.catalog, cfg.seed, features)) for name, shard in simulated_shards(cfg, dataset, num_clients)]
 
 
 def toppop(cfg: RunConfig, dataset: Dataset) -> dict[str, float]:
@@ -79,7 +82,7 @@ def train_alone(
             arrays, stats = solver.solve_alone(update), update.metrics
         rng = np.random.default_rng([cfg.seed, server_round, 1])
         user_factors = solver.fit_users(arrays, rng, user_factors if solver.warm_starts_users else None)
-        record = {"round": server_round, "train": stats, "evaluate": data.evaluate(arrays, user_factors),
+        record = {"round": server_round, "train": stats, "evaluate": data.evaluate(arrays, user_factors, ContentBlend.from_config(cfg)),
                   "round_seconds": time.perf_counter() - started}
         history.append(record)
         if on_round:

@@ -25,6 +25,7 @@ from client.solvers.registry import solver_for
 from server.checkpoint import Checkpointer
 from server.round_loop import TEST_USERS
 from shared.config import RunConfig
+from shared.content_affinity import ContentBlend
 from shared.data.sources import load_dataset
 from shared.metrics import METRIC_NAMES, NUM_TEST_USERS
 from shared.storage import atomic_write_json, load_npz
@@ -45,6 +46,7 @@ def exact_history(cfg: RunConfig, clients: int, output_dir: Path) -> list[dict[s
     rounds = sorted(int(path.stem.removeprefix("round-")) for path in checkpoints.glob("round-*.npz"))
     shards = shard_data(cfg, load_dataset(cfg), clients)
     solvers = [solver_for(cfg, data) for _, data in shards]
+    blend = ContentBlend.from_config(cfg)  # each merchant ranks as its evaluate handler does
     merchant_popularity = _weighted([data.evaluate_popularity() for _, data in shards])
     stored: list[np.ndarray | None] = [None] * len(shards)  # each merchant's user factors on its disk
     received: dict[str, np.ndarray] | None = None  # the model the merchants trained from this round
@@ -58,7 +60,7 @@ def exact_history(cfg: RunConfig, clients: int, output_dir: Path) -> list[dict[s
                 stored[index] = solver.fit_users(received, _rng(cfg, server_round, 0, name), stored[index])
             factors = solver.fit_users(arrays, _rng(cfg, server_round, 1, name), stored[index] if solver.warm_starts_users else None)
             stored[index] = factors
-            per_merchant[name] = data.evaluate(arrays, factors)
+            per_merchant[name] = data.evaluate(arrays, factors, blend)
         aggregate = {**_weighted(list(per_merchant.values())), **{MERCHANT_POP_PREFIX + k: v for k, v in merchant_popularity.items()}}
         clients_metrics = {name: {**{k: m[k] for k in METRIC_NAMES}, TEST_USERS: m[NUM_TEST_USERS]} for name, m in per_merchant.items()}
         history.append({"round": server_round, "evaluate": aggregate, "clients": clients_metrics})

@@ -30,7 +30,7 @@ def test_auto_reads_the_density_without_dp_and_is_a_constant_under_dp() -> None:
 def test_server_and_merchant_read_the_same_density_from_what_each_holds(tmp_path) -> None:
     cfg = small_run_config(tmp_path).with_values("test", privacy="none")
     dataset = load_dataset(cfg)
-    data = NodeData.prepare(dataset.log, len(dataset.catalog), cfg.seed)
+    data = NodeData.prepare(dataset.log, dataset.catalog, cfg.seed)
     rows, num_ads = data.rows, data.num_ads
     density = len(rows.ad) / (rows.num_users * num_ads)
     # the merchant's user step: its own rows

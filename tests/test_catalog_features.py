@@ -71,9 +71,9 @@ def test_round_zero_on_a_one_category_catalog_scores_chance_not_below_it():
     like a random one among its 100 sampled candidates (HR@10 about 0.1)."""
     dataset, _ = generate(SyntheticSpec(users=600, ads=300, seed=4))
     degenerate = _catalog(["everything"] * len(dataset.catalog), [None] * len(dataset.catalog))
-    data = NodeData.prepare(dataset.log, len(degenerate), seed=4)
+    data = NodeData.prepare(dataset.log, degenerate, seed=4)
     arrays = initial_arrays("catalog", degenerate, 16, seed=4)
     rows = Rows.from_split(data.split)
     users = solve_users(rows, arrays["ad_factors"], arrays["ad_bias"], alpha0=0.5, user_l2=1.0)
-    hit_rate = data.evaluate(arrays, users)["hr10_sampled"]
+    hit_rate = data.evaluate(arrays, users, None)["hr10_sampled"]  # the model alone
     assert 0.05 < hit_rate < 0.2

@@ -103,6 +103,11 @@ def test_a_checkpoint_older_than_a_key_resumes_with_the_value_its_run_had():
     check_resume_config(stored, {**stored, "als-catalog-prior-weight": 1.0}, frozenset())
     with pytest.raises(CheckpointError, match="als-catalog-prior-weight: 1.0 -> 0.01"):
         check_resume_config(stored, {**stored, "als-catalog-prior-weight": 0.01}, frozenset())
+    # before content affinity, merchants ranked by the model alone
+    check_resume_config(stored, {**stored, "content-affinity": 0.0, "content-affinity-halflife": 3.0}, frozenset())
+    with pytest.raises(CheckpointError, match="content-affinity: 0.0 -> 1.6"):
+        check_resume_config(stored, {**stored, "content-affinity": 1.6}, frozenset())
+    check_resume_config(stored, {**stored, "content-affinity": 1.6}, frozenset({"content-affinity"}))
 
 
 def test_resume_accept_changes_names_real_keys():

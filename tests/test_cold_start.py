@@ -35,7 +35,7 @@ def test_content_ranks_cold_ads_above_category_popularity_and_random() -> None:
     dataset, _ = generate(SPEC)
     split = cold_split(dataset.log, len(dataset.catalog), seed=0)
     cfg = RunConfig.from_flower({"privacy": "none", "factors": 16})
-    data = NodeData.prepare(split.warm_log, len(dataset.catalog), cfg.seed)
+    data = NodeData.prepare(split.warm_log, dataset.catalog, cfg.seed)
     solver = solver_for(cfg, data)
     arrays = initial_arrays("random", dataset.catalog, cfg.factors, cfg.seed)
     rng = np.random.default_rng(0)

@@ -395,10 +395,24 @@ def test_fake_movielens_folder_loads(tmp_path):
     dataset = load_movielens_100k(folder)
     assert dataset.catalog.ad_ids == ("1", "2", "3")
     assert dataset.catalog.categories == ("Animation", "Action", "unknown")
+    assert dataset.catalog.tags[0] == ("Animation", "year-1995", "decade-1990s")  # genres, then the release's year and decade
+    assert dataset.catalog.tags[2] == ("unknown", "year-1995", "decade-1990s")
     assert list(dataset.log.user) == ["10", "10", "20"]
     assert list(dataset.log.ad) == [0, 2, 1]
     assert list(dataset.log.timestamp) == [881250949, 881250950, 881250951]
     assert set(dataset.log.event) == {Event.CLICK}
+
+
+def test_movielens_release_date_is_optional_and_checked(tmp_path):
+    folder = fake_movielens(tmp_path / "ml-a", ["10\t1\t5\t881250949"])
+    item = folder / "u.item"
+    lines = item.read_text(encoding="latin-1").splitlines()
+    item.write_text("\n".join([lines[0], lines[1].replace("01-Jan-1995", ""), lines[2]]) + "\n", encoding="latin-1")
+    assert load_movielens_100k(folder).catalog.tags[1] == ("Action",)  # no date given: no release tags
+    item.write_text("\n".join([lines[0], lines[1].replace("01-Jan-1995", "1995-01-01"), lines[2]]) + "\n", encoding="latin-1")
+    with pytest.raises(DataValidationError) as info:
+        load_movielens_100k(folder)
+    check_error(info.value, item, 2, "release_date")
 
 
 @pytest.mark.parametrize("rating", ["7", "0", "4.5", "", "five"])

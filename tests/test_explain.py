@@ -245,7 +245,7 @@ def test_cli_explain_adds_csv_columns(capsys, node, market, tmp_path):
     plain, rows = read_rows(tmp_path / "plain.csv"), read_rows(tmp_path / "why.csv")
     assert list(plain[0]) == ["user_id", "rank", "ad_id", "score"]
     assert list(rows[0]) == ["user_id", "rank", "ad_id", "score", "bias", "match", "because_ads", "category_matches",
-                             "brand_matches", "popularity_percentile", "why"]
+                             "brand_matches", "popularity_percentile", "content_affinity", "why"]
     assert [{k: r[k] for k in plain[0]} for r in rows] == plain
     for row in rows:
         own = own_ads(dataset.log, row["user_id"])

@@ -54,6 +54,7 @@ from shared.accounting import (
     unsampled_gaussian_epsilon,
 )
 from shared.als import ALSSettings, ad_statistics
+from shared.content_affinity import ContentBlend
 from shared.flower_internals import wire_bytes as _wire_bytes
 from shared.metrics import METRIC_NAMES
 from shared.params import GLOBAL_KEYS, init_global_arrays
@@ -505,7 +506,7 @@ def test_dp_replies_carry_no_user_id_no_user_factor_and_no_unaccounted_metric(tm
         factors = NodeState(_state_dir(tmp_path)).load_user_factors(node.data.user_ids, cfg.factors)
         assert factors is not None and np.abs(factors).sum() > 0
         if kind == "evaluate":  # the released metrics are noised, not the exact ones
-            exact = node.data.evaluate(arrays, factors)
+            exact = node.data.evaluate(arrays, factors, ContentBlend.from_config(cfg))
             assert any(metrics[name] != exact[name] for name in METRIC_NAMES)
             assert metrics["num-examples"] != exact["num-test-users"]
         wire = _wire_bytes(reply)

@@ -199,7 +199,7 @@ def test_noise_free_federated_als_learns_beyond_popularity(tmp_path):
         arrays = from_array_record(strategy.aggregate_train(server_round, replies)[0])
     ndcg, popularity = [], []
     for node, solver in zip(nodes, solvers):
-        ndcg.append(node.data.evaluate(arrays, solver.fit_users(arrays, rng, None))["ndcg10_sampled"])
+        ndcg.append(node.data.evaluate(arrays, solver.fit_users(arrays, rng, None), None)["ndcg10_sampled"])
         popularity.append(node.data.evaluate_popularity()["ndcg10_sampled"])
     assert np.mean(ndcg) > np.mean(popularity) + 0.05
 

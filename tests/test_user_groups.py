@@ -107,7 +107,7 @@ def test_age_band_names_in_order_and_negative_age_refused():
 @pytest.fixture(scope="module")
 def scored_shard():
     dataset = generate(SyntheticSpec(users=300, ads=150, merchants=2, seed=11))[0]
-    data = NodeData.prepare(dataset.log, len(dataset.catalog), seed=3)
+    data = NodeData.prepare(dataset.log, dataset.catalog, seed=3)
     arrays = init_global_arrays(len(dataset.catalog), 8, seed=5)
     factors = np.random.default_rng(7).standard_normal((data.num_users, 8))
     return data, arrays, factors
@@ -123,7 +123,7 @@ def test_per_user_means_equal_evaluate_exactly(scored_shard):
     for name in METRIC_NAMES:
         assert len(per_user[name]) == len(data.split.test_users)
         assert float(per_user[name].mean()) == means[name], name  # one chunk: the very same sum
-    assert data.evaluate(arrays, factors) == {**{n: float(per_user[n].mean()) for n in METRIC_NAMES}, NUM_TEST_USERS: means[NUM_TEST_USERS]}
+    assert data.evaluate(arrays, factors, None) == {**{n: float(per_user[n].mean()) for n in METRIC_NAMES}, NUM_TEST_USERS: means[NUM_TEST_USERS]}
 
 
 def test_per_user_metrics_do_not_depend_on_the_chunk(scored_shard):

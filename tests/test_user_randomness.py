@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from client.node_data import EVAL_NEGATIVES, NodeData
 from client.solvers.sgd import SGDSolver
@@ -132,7 +133,8 @@ def test_removing_a_user_leaves_the_others_epoch_rows(shard: Shard) -> None:
     pairs = _others(shard.split, reduced)
     epochs: dict[int, list[UserRows]] = {}
     for split in (shard.split, reduced):
-        solver = SGDSolver(shard.cfg, NodeData(split, np.zeros((split.num_users, 0), dtype=np.int64)))  # rows need no eval negatives
+        # rows need no eval negatives, nor tags
+        solver = SGDSolver(shard.cfg, NodeData(split, np.zeros((split.num_users, 0), dtype=np.int64), sp.csr_array((split.num_ads, 0))))
         rng = np.random.default_rng(13)
         rng.integers(1 << 30)  # what the user step before it draws
         next_rows = solver.epoch_rows(rng)

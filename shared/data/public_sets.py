@@ -2,7 +2,7 @@
 never copied into the repository).
 
 - MovieLens-100K: `u.data` (user, item, rating, timestamp; tab separated) with `u.item` as the
-  catalog (title; first genre as category; all genres as tags).
+  catalog (title; first genre as category; all genres, and the release's year and decade, as tags).
 - Amazon sequence format (S3Rec): `user item item ...` per line in time order, with an item ->
   attribute-ids JSON as the catalog.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 
 from shared.data.fields import LogBuilder, first_undecodable_line, parse_timestamp, require_text, utf8_lines
@@ -24,8 +25,21 @@ MOVIELENS_GENRES = (
 
 
 # ------------------------------------------------------------------ MovieLens-100K
+def _release_tags(path: str, line: int, text: str) -> tuple[str, ...]:
+    """("year-1995", "decade-1990s") from u.item's release date; () where it gives none."""
+    if not text.strip():
+        return ()
+    try:
+        year = datetime.strptime(text.strip(), "%d-%b-%Y").year
+    except ValueError:
+        raise DataValidationError(path, line, "release_date", f"{text.strip()!r} is not a date like 01-Jan-1995") from None
+    return f"year-{year}", f"decade-{year // 10 * 10}s"
+
+
 def load_movielens_catalog(folder: str | Path) -> AdCatalog:
-    """`u.item`: movie id, title, and the first of its genres as the category."""
+    """`u.item`: movie id, title, the first of its genres as the category, and as tags its genres
+    and, where `u.item` gives a release date (dd-Mon-yyyy), its year and decade (public, as a
+    product's launch date is: what was new when a user chose is part of their taste)."""
     item_path = Path(folder) / "u.item"
     if not item_path.is_file():
         raise DataValidationError(str(item_path), None, None, "MovieLens-100K file does not exist")
@@ -44,7 +58,7 @@ def load_movielens_catalog(folder: str | Path) -> AdCatalog:
                 raise DataValidationError(str(item_path), line, "genre", "genre flags must be 0 or 1")
             genres = [g for g, f in zip(MOVIELENS_GENRES, flags) if f == "1"]
             categories.append(genres[0] if genres else "unknown")
-            tags.append(tuple(genres) or ("unknown",))
+            tags.append((*(genres or ["unknown"]), *_release_tags(str(item_path), line, fields[2])))
     return AdCatalog(tuple(ids), tuple(categories), (None,) * len(ids), tuple(titles), source=str(item_path), tags=tuple(tags))
 
 

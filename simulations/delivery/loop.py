@@ -33,7 +33,9 @@ from client.serving import serving_split
 from client.solvers.registry import solver_for
 from server.als_aggregation import ALSAggregation
 from server.strategies import build_strategy
+from shared.catalog_features import normalized_tag_features
 from shared.config import RunConfig
+from shared.content_affinity import ContentBlend
 from shared.data.loaders import load_log_file, write_log_csv
 from shared.data.schema import AdCatalog, Dataset, Event, InteractionLog
 from shared.data.synthetic import GroundTruth
@@ -42,7 +44,7 @@ from shared.params import initial_model, with_public_constants
 from shared.privacy_policy import PrivacyPolicy
 from shared.wire import POPULARITY, STATISTICS, Arrays, from_array_record
 from simulations.delivery.ab_test import assign_policy, unit_interval
-from simulations.delivery.policies import ScoreFn, choose_slate, model_scores, popularity_scores, random_scores
+from simulations.delivery.policies import ScoreFn, choose_slate, popularity_scores, random_scores
 from simulations.delivery.settings import DeliverySettings
 from simulations.delivery.world import Responses, SimulatedUsers
 
@@ -116,6 +118,8 @@ class DeliveryLoop:
         self.local_cfg = self.cfg.with_values("delivery, local-only", privacy="none")
         self.settings = settings
         self.catalog: AdCatalog = dataset.catalog
+        self.ad_features = normalized_tag_features(self.catalog)
+        self.blend = ContentBlend.from_config(self.cfg)  # the model arms rank as a merchant serves (client/serving.py)
         self.users = SimulatedUsers(truth, settings.responses, cfg.seed)
         self.work = work
         self.policy = PrivacyPolicy.for_simulation(self.cfg)
@@ -153,8 +157,8 @@ class DeliveryLoop:
         arms_of: dict[str, str] = {}
         merchant_of: dict[str, str] = {}
         for server_round in range(first_round, self.settings.rounds + 1):
-            data = {name: NodeData(serving_split(self.merchant_log(name), len(self.catalog)), np.zeros((0, 0), dtype=np.int64))
-                    for name in self.merchants}
+            data = {name: NodeData(serving_split(self.merchant_log(name), len(self.catalog)), np.zeros((0, 0), dtype=np.int64),
+                                   self.ad_features) for name in self.merchants}
             release = self.settings.release_of(server_round)
             if release is not None:
                 arrays = self._federated_round(release, arrays, data, strategy)
@@ -206,9 +210,9 @@ class DeliveryLoop:
         scorers: dict[str, ScoreFn] = {}
         if TREATMENT in self.settings.arms:
             solver = solver_for(self.cfg, data)
-            scorers[TREATMENT] = model_scores(arrays, solver.fit_users(arrays, rng, None))
+            scorers[TREATMENT] = data.score_fn(arrays, solver.fit_users(arrays, rng, None), self.blend)
         if "local-only" in self.settings.arms:
-            scorers["local-only"] = model_scores(*self._local_only(name, data, server_round))
+            scorers["local-only"] = data.score_fn(*self._local_only(name, data, server_round), self.blend)
         if "popularity" in self.settings.arms:
             scorers["popularity"] = popularity_scores(split.pos_ads, len(self.catalog))
         if "random" in self.settings.arms:

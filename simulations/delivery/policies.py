@@ -5,8 +5,9 @@ scores into a slate of K ads: the best K the user has not already clicked or bou
 share of positions given to exploration (epsilon-greedy: each position is, with probability
 epsilon, a uniformly drawn ad instead), so that a model also sees what it would not have shown.
 
-- federated: the global ad parameters and the merchant's own user factors (the model under test);
-- local-only: the same solver trained by the merchant alone on its own logs, never federated;
+- federated: the global ad parameters and the merchant's own user factors (the model under test),
+  ranked as a merchant serves them (client/node_data.NodeData.score_fn: with the run's content affinity);
+- local-only: the same solver trained by the merchant alone on its own logs, never federated, ranked alike;
 - popularity: the merchant's own click and purchase counts;
 - random: a uniform draw.
 """
@@ -17,15 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from shared.params import score_all
-from shared.wire import Arrays
-
 ScoreFn = Callable[[np.ndarray], np.ndarray]  # user rows of the merchant -> [users, ads] scores
-
-
-def model_scores(arrays: Arrays, user_factors: np.ndarray) -> ScoreFn:
-    """A trained model's scores (MF: p_u . q_a + b_a; NeuMF: its network) for the merchant's users."""
-    return lambda users: score_all(user_factors[users], arrays)
 
 
 def popularity_scores(positive_ads: np.ndarray, num_ads: int) -> ScoreFn:
