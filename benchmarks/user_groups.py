@@ -97,7 +97,7 @@ def _per_user(shards: list[NodeData], score_fns: list[ScoreFn]) -> tuple[np.ndar
 
 
 def _score_fn(user_factors: np.ndarray, arrays: Arrays) -> ScoreFn:
-    """As NodeData.evaluate scores a merchant's users."""
+    """The model alone, as NodeData.evaluate scores a merchant's users without content affinity."""
     return lambda rows: score_all(user_factors[rows], arrays)
 
 

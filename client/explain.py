@@ -51,7 +51,7 @@ class Explanation:
     score: float  # the score the ad was ranked by
     bias: float  # b_a
     match: float  # MF: p_u . q_a; NeuMF: model_score - b_a
-    additive: bool  # True: score == bias + match is the model's own decomposition (MF); False: match is a non-linear remainder
+    additive: bool  # True: the model's score (model_score, or score without a blend) == bias + match (MF); False: match is a non-linear remainder
     because: tuple[BecauseAd, ...]
     category: str
     category_matches: int  # of the user's `history` ads (the recommended one aside), those in its category
@@ -172,9 +172,12 @@ def _sentence(e: Explanation, catalog: AdCatalog, num_ads: int, flat_bias: bool)
     else:
         parts.append(f"{named} {model:.3f}: ad bias {e.bias:.3f}, the other {e.match:.3f} from NeuMF's non-linear "
                      "user-ad interaction (not a sum of separable parts)")
-    if e.model_score is not None:
+    if e.model_score is not None and e.history_kind != "viewed" and e.history:
         parts.append(f"ranked by {e.score:.3f}: the model score standardized over the catalog, {e.affinity:+.3f} from "
                      "content affinity (its tags against those of your recent clicks and purchases)")
+    elif e.model_score is not None:
+        parts.append(f"ranked by {e.score:.3f}: the model score standardized over the catalog (no clicks or purchases "
+                     "of yours for content affinity)")
     return "; ".join(parts)
 
 

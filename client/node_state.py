@@ -61,8 +61,9 @@ class NodeState:
         the user step, so serving folds new users in and ranks exactly as the run did."""
         extra = {}
         if user_step is not None:
-            extra = {USER_STEP_KEY: np.array(user_step.model_dump_json()),
-                     CONTENT_BLEND_KEY: np.array(blend.model_dump_json() if blend is not None else "null")}
+            extra[USER_STEP_KEY] = np.array(user_step.model_dump_json())
+        if user_step is not None or blend is not None:
+            extra[CONTENT_BLEND_KEY] = np.array(blend.model_dump_json() if blend is not None else "null")
         atomic_save_npz(self.directory / GLOBAL_MODEL_FILE, server_round=np.array(server_round), **extra, **arrays)
 
     def load_global_model(self) -> tuple[Arrays, int] | None:

@@ -64,7 +64,7 @@ def recommend(
             raise ValueError("ranking with content affinity needs the users' log")
         offsets, history = user_positives(log, user_ids, len(catalog))
         scores = blend.scores(model, offsets, history, np.arange(len(user_ids)), normalized_tag_features(catalog))
-        affinity = scores - standardized(model)
+        affinity = scores - standardized(model.astype(np.float64))  # as the blend standardizes: exactly 0 without a history
     out: list[Recommendation] = []
     for i, (user, row) in enumerate(zip(user_ids, scores)):
         for rank, ad in enumerate(top_k(row, seen.get(user, set()), k), start=1):

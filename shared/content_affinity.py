@@ -13,8 +13,10 @@ A merchant ranks ads for one of its users by
   total: 1 for a user whose every choice carries the same tags (one brand, one category), near
   0 for one whose choices share none, or carry no informative tag. A user's own history says
   how much to trust it: a loyal buyer of one brand is ranked by it, an eclectic one by the model;
-- z_u: standardized over the catalog for that user (mean 0, std 1), so the weight means the same
-  for every model (a noisy private model, popularity alone, NeuMF) and every catalog.
+- z_u: standardized over the catalog for that user (mean 0, std 1), so the weight is in units of
+  each score's spread over the catalog, whatever the model's scale (a noisy private model,
+  popularity alone, NeuMF). The affinity's distribution is skewed (most ads share no tag with
+  the profile): an ad sharing a rare tag with it can stand many spreads above the rest.
 
 Privacy: h_u and c_u are computed at the merchant from user u's own rows and the public catalog,
 and only rank ads for user u: the ranking of u depends on the released (DP) model, public data and

@@ -143,6 +143,8 @@ def test_the_blend_is_recorded_with_the_model(tmp_path):
     assert state.load_content_blend() is None
     state.save_global_model(arrays, 3)  # a model saved without its user step (older states): the model alone
     assert state.load_content_blend() is None
+    state.save_global_model(arrays, 4, None, ContentBlend(weight=0.5, halflife=1.0))  # the blend is never dropped
+    assert state.load_content_blend() == ContentBlend(weight=0.5, halflife=1.0)
 
 
 def test_serving_ranks_as_evaluation_does_and_explains_the_blend():
@@ -170,5 +172,10 @@ def test_serving_ranks_as_evaluation_does_and_explains_the_blend():
         assert "content affinity" in e.text and "model score" in e.text
     with pytest.raises(ValueError, match="log"):
         recommend(users, factors, arrays, catalog, seen_ads(log), 5, blend, None)
+    # a user without rows in the log: ranked by the model alone, and told so
+    newcomer = recommend(["nobody"], {"nobody": vectors[0]}, arrays, catalog, {}, 3, blend, log)
+    assert all(r.affinity == 0.0 for r in newcomer)
+    (e, *_) = explain(newcomer, {"nobody": vectors[0]}, arrays, catalog, log)
+    assert "no clicks or purchases of yours for content affinity" in e.text
     plain = recommend(users, factors, arrays, catalog, seen_ads(log), 5)
     assert all(r.model_score is None and r.affinity == 0.0 for r in plain)

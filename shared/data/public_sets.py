@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from datetime import datetime
 from pathlib import Path
 
 from shared.data.fields import LogBuilder, first_undecodable_line, parse_timestamp, require_text, utf8_lines
@@ -23,16 +22,19 @@ MOVIELENS_GENRES = (
     "Thriller", "War", "Western",
 )
 
+MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+
 
 # ------------------------------------------------------------------ MovieLens-100K
 def _release_tags(path: str, line: int, text: str) -> tuple[str, ...]:
     """("year-1995", "decade-1990s") from u.item's release date; () where it gives none."""
     if not text.strip():
         return ()
-    try:
-        year = datetime.strptime(text.strip(), "%d-%b-%Y").year
-    except ValueError:
-        raise DataValidationError(path, line, "release_date", f"{text.strip()!r} is not a date like 01-Jan-1995") from None
+    parts = text.strip().split("-")
+    # the English month names u.item uses, whatever the machine's locale (strptime's %b follows it)
+    if len(parts) != 3 or not parts[0].isdigit() or parts[1].lower() not in MONTHS or not (parts[2].isdigit() and len(parts[2]) == 4):
+        raise DataValidationError(path, line, "release_date", f"{text.strip()!r} is not a date like 01-Jan-1995")
+    year = int(parts[2])
     return f"year-{year}", f"decade-{year // 10 * 10}s"
 
 
