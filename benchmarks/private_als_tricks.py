@@ -47,12 +47,15 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a site-packages `benchmarks` shadows this folder
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import federated_als
 
 from client.node_data import NodeData
 from client.solvers.als import ALSSolver
 from server.als_aggregation import ALSAggregation
 from shared.accounting import calibrate_noise_multiplier
-from shared.als import ALSSettings, release_budget_shares, solve_ads
+from shared.als import ALSSettings, release_budget_shares
 from shared.catalog_features import informative_tags
 from shared.config import RunConfig, parse_override
 from shared.content_affinity import ContentBlend
@@ -101,23 +104,6 @@ def train(cfg: RunConfig, shards: list[NodeData], catalog: Any, epsilon: float, 
             strategy.forget_counts()
         arrays = private_als_round(strategy, solvers, arrays, server_round, sigma / math.sqrt(shares[server_round - 1]), rng, noise_share)
     return arrays, solvers, rng, strategy
-
-
-def exact_train(cfg: RunConfig, shards: list[NodeData], catalog: Any, rounds: int) -> tuple[Arrays, list[ALSSolver], np.random.Generator]:
-    """Federated ALS without DP in this process: `rounds` of every merchant's exact statistics
-    (per-ad Gramians, dense), summed and solved as the server solves them."""
-    cfg = cfg.with_values("content sweep, no DP", privacy="none", als_gram="per-ad")
-    settings = ALSSettings.from_config(cfg)
-    solvers = [ALSSolver(cfg, data) for data in shards]
-    arrays = initial_arrays(cfg.init, catalog, cfg.factors, cfg.seed)
-    rng = np.random.default_rng(0)
-    for _ in range(rounds):
-        summed: dict[str, np.ndarray] = {}
-        for solver in solvers:
-            for key, value in solver.local_update(arrays, solver.fit_users(arrays, rng, None), rng).arrays.items():
-                summed[key] = summed[key] + value if key in summed else value
-        arrays = {**arrays, **solve_ads(summed, settings)}
-    return arrays, solvers, rng
 
 
 def evaluate(arrays: Arrays, solvers: list[ALSSolver], rng: np.random.Generator, blend: ContentBlend | None) -> dict[str, float]:
@@ -246,7 +232,9 @@ def _content_weights(cfg: RunConfig, dataset: Any, shards: list[NodeData], epsil
             name = "model alone" if blend is None else f"content affinity {blend.weight:g}, half-life {blend.halflife:g}"
             print(f"| {epsilon} | {mode} | {name} | {med['ndcg10_sampled']:.4f} | {med['hr10_sampled']:.4f} | {med['ndcg10_full']:.4f} |", flush=True)
 
-    arrays, solvers, rng = exact_train(cfg, shards, dataset.catalog, exact_rounds)
+    exact = cfg.with_values("content sweep, no DP", privacy="none", num_rounds=exact_rounds)
+    arrays, _ = federated_als.train(exact, dataset.catalog, shards)
+    solvers, rng = [ALSSolver(exact, data) for data in shards], np.random.default_rng(exact.seed)
     show("-", "none", [{blend: evaluate(arrays, solvers, rng, blend) for blend in blends}])
     for epsilon in epsilons:
         for mode, share in (("plain", 1.0), ("secure", 0.25)):

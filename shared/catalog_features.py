@@ -51,11 +51,7 @@ def normalized_tag_features(catalog: AdCatalog) -> sp.csr_array:
     """[ads, tags] sparse: each ad's informative tags (weighted as in `informative_tags`), its row
     scaled to unit L2 norm (an ad with many tags weighs no more than one with few); an ad without
     an informative tag has an empty row. Sparse: a million-ad catalog has a few tags per ad."""
-    names = sorted({tag for tags in catalog.tags for tag in tags})
-    lookup = {name: column for column, name in enumerate(names)}
-    columns = [lookup[tag] for tags in catalog.tags for tag in sorted(set(tags))]
-    offsets = np.cumsum([0, *(len(set(tags)) for tags in catalog.tags)])
-    membership = sp.csr_array((np.ones(len(columns)), np.asarray(columns, dtype=np.int64), offsets), shape=(len(catalog), len(names)))
+    membership = catalog.sparse_tag_membership()
     weights = tag_weights(membership)
     keep = np.flatnonzero(weights > 0)
     features = sp.csr_array(membership[:, keep] @ sp.diags_array(weights[keep]))

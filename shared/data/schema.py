@@ -14,6 +14,7 @@ from enum import IntEnum
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 
 class DataValidationError(ValueError):
@@ -110,12 +111,16 @@ class AdCatalog:
 
     def tag_membership(self) -> np.ndarray:
         """[ads, distinct tags] 0/1 matrix: which public tags each ad carries."""
+        return self.sparse_tag_membership().toarray()
+
+    def sparse_tag_membership(self) -> sp.csr_array:
+        """`tag_membership` as a sparse matrix (a million-ad catalog has a few tags per ad)."""
         names = sorted({tag for tags in self.tags for tag in tags})
         lookup = {name: column for column, name in enumerate(names)}
-        membership = np.zeros((len(self.ad_ids), len(names)))
-        for row, tags in enumerate(self.tags):
-            membership[row, [lookup[tag] for tag in tags]] = 1.0
-        return membership
+        distinct = [sorted({lookup[tag] for tag in tags}) for tags in self.tags]
+        offsets = np.cumsum([0, *(len(columns) for columns in distinct)])
+        columns = np.fromiter((column for row in distinct for column in row), dtype=np.int64, count=int(offsets[-1]))
+        return sp.csr_array((np.ones(len(columns)), columns, offsets), shape=(len(self.ad_ids), len(names)))
 
     def category_codes(self) -> tuple[np.ndarray, list[str]]:
         """Integer category per ad, and the category names in code order."""
