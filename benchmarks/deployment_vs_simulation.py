@@ -2,7 +2,10 @@
 Flower's simulation runtime, and the bytes each client sends and receives per round.
 
     python benchmarks/deployment_vs_simulation.py [--merchants 3] [--rounds 5] [--privacy none] [--secure] [--data synthetic|ml100k]
-        [--output DIR]
+        [--superlink-state database|memory] [--output DIR]
+
+`--superlink-state memory`: the SuperLink keeps its state in memory (`deploy.superlink start
+--in-memory`) instead of its SQLite file (the default, which survives a restart).
 
 `--secure` (with --privacy user): secure aggregation (Flower's SecAgg+, four training messages
 per merchant per round), the deployed merchants' policies allowing it.
@@ -70,16 +73,18 @@ def _run_config(output: Path, merchants: int, rounds: int, privacy: str, secure:
     })
 
 
-def _write_records(path: Path, data: str, privacy: str, merchants: int, results: dict[str, Any]) -> None:
-    """benchmarks/results/deployment.json: this run's two records replace those of the same data, privacy and merchants."""
+def _write_records(path: Path, data: str, privacy: str, merchants: int, state: str, results: dict[str, Any]) -> None:
+    """benchmarks/results/deployment.json: this run's three records replace those of the same data,
+    privacy, merchants and SuperLink state (records without a state were measured with the database)."""
     records = json.loads(path.read_text()) if path.is_file() else []
-    records = [r for r in records if (r.get("data"), r["privacy"], r["merchants"]) != (data, privacy, merchants)]
+    records = [r for r in records if (r.get("data"), r["privacy"], r["merchants"], r.get("superlink_state", "database"))
+               != (data, privacy, merchants, state)]
     for mode in ("simulation", "deployment"):
         records.append({"mode": mode, "privacy": privacy, "merchants": merchants, "round_seconds": results[mode]["median_round_seconds"],
-                        "bytes_per_client": results["bytes"]["per_client_per_round_sent"], "data": data})
+                        "bytes_per_client": results["bytes"]["per_client_per_round_sent"], "data": data, "superlink_state": state})
     # the floor: one exchange of empty messages with every merchant, in the deployment
     records.append({"mode": "noop", "privacy": privacy, "merchants": merchants, "round_seconds": results["deployment"]["probe_median_seconds"],
-                    "bytes_per_client": 0, "data": data})
+                    "bytes_per_client": 0, "data": data, "superlink_state": state})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(records, indent=2) + "\n")
 
@@ -120,12 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=PROJECT_ROOT / "outputs" / "bench-deployment")
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--data", choices=tuple(DATA), default="synthetic", help="ml100k: MovieLens-100K from ../shared/data, IID shards")
+    parser.add_argument("--superlink-state", choices=("database", "memory"), default="database",
+                        help="the SuperLink's state: its SQLite file (survives a restart) or its memory")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the records file (mode, privacy, merchants, round_seconds, bytes_per_client)")
     args = parser.parse_args(argv)
     output = args.output.resolve()
     results: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "merchants": args.merchants, "rounds": args.rounds, "privacy": args.privacy, "secure": args.secure,
+        "superlink_state": args.superlink_state,
     }
 
     sim_cfg = _run_config(output / "simulation", args.merchants, args.rounds, args.privacy, args.secure, args.data)
@@ -139,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                                     privacy_mode="user" if args.privacy == "user" else "none",
                                     secure_aggregation="allow" if args.secure else "refuse")
     started = time.perf_counter()
-    with local_deployment(output / "deployment" / "flower", merchants) as deployed:
+    with local_deployment(output / "deployment" / "flower", merchants, in_memory_state=args.superlink_state == "memory") as deployed:
         up = time.perf_counter() - started
         reply = deployed.submit(dep_cfg.to_flower())
         if not reply.get("success"):
@@ -164,10 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         "superlink_inbound_per_client_per_round": traffic.get("inbound-bytes", 0) / (n * r),
     }
     (output / "results.json").write_text(json.dumps(results, indent=2))
-    _write_records(args.results, args.data, args.privacy, args.merchants, results)
+    _write_records(args.results, args.data, args.privacy, args.merchants, args.superlink_state, results)
     sim, dep, b = results["simulation"], results["deployment"], results["bytes"]
     print(f"{results['date']}  {results['machine']}  {n} merchants, {r} rounds, privacy={args.privacy}, secure={args.secure}, "
-          f"mf-solver={dep_cfg.mf_solver}")
+          f"mf-solver={dep_cfg.mf_solver}, SuperLink state: {args.superlink_state}")
     print(f"median round: simulation {sim['median_round_seconds']:.2f}s, deployment (TLS, {n} SuperNodes) {dep['median_round_seconds']:.2f}s"
           f"  (round 0: {sim['round0_seconds']:.2f}s vs {dep['round0_seconds']:.2f}s); "
           f"ratio {dep['median_round_seconds'] / sim['median_round_seconds']:.1f}x")

@@ -1,5 +1,5 @@
 """A whole deployment on one machine, for tests and measurements: dev certificates, a TLS
-SuperLink with SuperNode authentication and a state database, started as an operator starts it
+SuperLink with SuperNode authentication and a state database (or its state in memory), started as an operator starts it
 (`python -m deploy.superlink start`: the SuperLink on 127.0.0.1, the Fleet gateway on
 `fleet_host`), the merchants' keys registered, one SuperNode per merchant connected through the
 gateway; every process is stopped on the way out, also on failure, and by a sweeper
@@ -65,7 +65,10 @@ class LocalDeployment:
     tls: ServerTls
     operator_env: dict[str, str]  # FLWR_HOME with a TLS connection named CONNECTION
     extra_env: dict[str, str]
+    database: Path | None = None  # the SuperLink's SQLite state; None: in its memory
     keys: dict[str, MerchantKeys] = field(default_factory=dict)
+    registered: list[str] = field(default_factory=list)  # merchant ids whose keys the SuperLink knows
+    supernodes: dict[str, Merchant] = field(default_factory=dict)  # the merchants whose SuperNodes this started, by process name
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     _stack: ExitStack = field(default_factory=ExitStack)
 
@@ -94,6 +97,7 @@ class LocalDeployment:
         }).write(node_dir / "node-config.toml")
         command = supernode_command(self.fleet_address, self.tls.ca_cert if tls else None, key, config, free_port(), max_retries,
                                     trusted_entities=merchant.trusted_entities)
+        self.supernodes[f"supernode-{merchant.merchant_id}"] = merchant
         return self.start(f"supernode-{merchant.merchant_id}", command, node_dir / "flwr-home")
 
     def flwr(self, *args: str, env: Mapping[str, str] | None = None, timeout: float = 120.0) -> subprocess.CompletedProcess:
@@ -126,16 +130,29 @@ class LocalDeployment:
         (self.work_dir / "logs" / f"run-{run_id}.log").write_text(output)
         return status, output
 
+    def register(self, merchant_id: str) -> None:
+        register_merchant(self.keys[merchant_id].public_key, self.operator_env)
+        if merchant_id not in self.registered:
+            self.registered.append(merchant_id)
+
     def restart_superlink(self) -> subprocess.Popen:
-        """The SuperLink again, on its database, port and Fleet address (after it was stopped)."""
+        """The SuperLink again, on its database (or in memory), port and Fleet address (after it
+        was stopped). In memory it forgot the merchants: they are registered again, and their
+        SuperNodes, whose node ids it no longer knows (Flower's SuperNode then exits), are
+        started again, as each merchant would restart theirs."""
         port = int(self.address.rsplit(":", 1)[1])
         name = f"superlink-{sum(1 for key in self.processes if key.startswith('superlink'))}"
-        superlink = self.start(name, start_command(self.tls, self.work_dir / "superlink" / "state.db", port, self.fleet_address),
-                               self.work_dir / "superlink" / "flwr-home")
+        superlink = self.start(name, start_command(self.tls, self.database, port, self.fleet_address), self.work_dir / "superlink" / "flwr-home")
         try:
             wait_for_port(port, superlink, self.work_dir / "logs" / f"{name}.log")
         except Exception as exc:
             raise DeploymentError(str(exc)) from exc
+        if self.database is None:
+            for merchant_id in self.registered:
+                self.register(merchant_id)
+            for name, merchant in self.supernodes.items():
+                stop_process(self.processes[name])
+                self.start_supernode(merchant, self.keys[merchant.merchant_id].private_key)
         return superlink
 
 
@@ -147,10 +164,13 @@ def local_deployment(
     extra_env: Mapping[str, str] | None = None,
     start_supernodes: bool = True,
     fleet_host: str = "127.0.0.1",
+    in_memory_state: bool = False,
 ) -> Iterator[LocalDeployment]:
     """Certificates, SuperLink, registration, SuperNodes; yields when all merchants are online.
     `unregistered`: ids to create key pairs for without registering them. `fleet_host`: the
-    interface the Fleet gateway listens on (the server certificate names it, too)."""
+    interface the Fleet gateway listens on (the server certificate names it, too).
+    `in_memory_state`: the SuperLink keeps its state in memory (`--in-memory`) instead of its
+    SQLite file: faster rounds, nothing kept across a restart of it."""
     work_dir = Path(work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     hosts = ("localhost", "127.0.0.1", "::1") + (() if fleet_host in ("127.0.0.1", "localhost") else (fleet_host,))
@@ -161,13 +181,12 @@ def local_deployment(
     operator_home = work_dir / "operator-flwr-home"
     write_cli_config(operator_home, address, tls.ca_cert)
     sweeper = Sweeper(DEPLOYMENT_MARK, str(work_dir))  # stops them all even if this process is killed outright
-    deployment = LocalDeployment(work_dir, address, fleet_address, tls, tool_env(operator_home), {**(extra_env or {}), **sweeper.mark})
+    database = None if in_memory_state else work_dir / "superlink" / "state.db"
+    deployment = LocalDeployment(work_dir, address, fleet_address, tls, tool_env(operator_home), {**(extra_env or {}), **sweeper.mark},
+                                 database)
     with deployment._stack:
         deployment._stack.callback(sweeper.close)  # last, after each process was stopped
-        superlink = deployment.start(
-            "superlink", start_command(tls, work_dir / "superlink" / "state.db", port, fleet_address),
-            work_dir / "superlink" / "flwr-home",
-        )
+        superlink = deployment.start("superlink", start_command(tls, database, port, fleet_address), work_dir / "superlink" / "flwr-home")
         try:
             wait_for_port(port, superlink, work_dir / "logs" / "superlink.log")
             wait_for_port(fleet_port, superlink, work_dir / "logs" / "superlink.log", host=fleet_host)
@@ -176,7 +195,7 @@ def local_deployment(
         for merchant_id in [m.merchant_id for m in merchants] + list(unregistered):
             deployment.keys[merchant_id] = create_merchant_keys(work_dir / "certs" / "merchants", merchant_id)
         for merchant in merchants:
-            register_merchant(deployment.keys[merchant.merchant_id].public_key, deployment.operator_env)
+            deployment.register(merchant.merchant_id)
         if start_supernodes:
             for merchant in merchants:
                 deployment.start_supernode(merchant, deployment.keys[merchant.merchant_id].private_key)

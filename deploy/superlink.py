@@ -4,6 +4,7 @@ with a Fleet-only gateway where merchants reach it; point the `flwr` CLI at it; 
 merchants' public keys; reach it from another machine through SSH.
 
     python -m deploy.superlink start --tls-dir certs --database state/superlink.db --port 9093 --fleet-address 0.0.0.0:9092
+    python -m deploy.superlink start --tls-dir certs --in-memory --port 9093 --fleet-address 0.0.0.0:9092
     python -m deploy.superlink configure-cli --flwr-home ~/.flwr --address 127.0.0.1:9093 --root-certificates certs/ca.crt
     python -m deploy.superlink register --flwr-home ~/.flwr certs/merchants/*.pub
     python -m deploy.superlink tunnel --ssh operator@superlink.example --port 9093     # from the operator's laptop
@@ -18,6 +19,14 @@ through deploy.fleet_gateway on `--fleet-address`, which forwards Fleet calls on
 `--enable-supernode-auth` refuses SuperNodes whose public key was not registered through the
 Control API (`flwr supernode register`, flwr/cli/supernode/register.py); the old
 `--auth-list-public-keys` CSV is rejected by 1.42.
+
+The state: `--database FILE` (SQLite) keeps registered merchants, runs and messages across a
+restart; `--in-memory` (Flower's own default, `:flwr-in-memory:`) keeps them in the SuperLink's
+memory: a restart forgets them (register the merchants again; `deploy.runs resume` resumes from
+the run's checkpoints as before). What it buys: every Fleet and Runtime API request (a model
+message is 8 objects, each pulled and pushed on its own) updates the SQLite file through
+SQLAlchemy, which made the SuperLink the busiest process of a deployed round; in memory, a
+3-merchant MovieLens round is about 40% shorter (docs/BENCHMARKS.md, "Deployment").
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ DEFAULT_PORT = 9093  # the SuperLink's own port, on 127.0.0.1: Control, Runtime 
 DEFAULT_FLEET_PORT = 9092  # the Fleet gateway's port, on the interface the operator names
 LOOPBACK = "127.0.0.1"
 SECRET_UMASK = 0o077  # the SuperLink's files (database, WAL, outputs): its owner only
+IN_MEMORY = ":flwr-in-memory:"  # flower-superlink's --database value for its in-memory state (flwr.supercore.constant)
 
 
 @dataclass(frozen=True)
@@ -61,16 +71,17 @@ class ServerTls:
         return cls(folder / "ca.crt", folder / "server.crt", folder / "server.key")
 
 
-def superlink_command(tls: ServerTls, database: str | Path, host: str = LOOPBACK, port: int = DEFAULT_PORT, bin_dir: Path = BIN) -> list[str]:
-    """The flower-superlink command line. `host` stays loopback: this port is also the
-    unauthenticated Control API (see the module docstring)."""
+def superlink_command(tls: ServerTls, database: Path | None, host: str = LOOPBACK, port: int = DEFAULT_PORT, bin_dir: Path = BIN) -> list[str]:
+    """The flower-superlink command line; `database` None: the state in memory. `host` stays
+    loopback: this port is also the unauthenticated Control API (see the module docstring)."""
     return [
         str(bin_dir / "flower-superlink"),
         "--ssl-ca-certfile", str(tls.ca_cert),
         "--ssl-certfile", str(tls.server_cert),
         "--ssl-keyfile", str(tls.server_key),
         "--enable-supernode-auth",
-        "--database", str(database),  # SQLite file: runs, registered nodes and messages survive a restart
+        # SQLite file: runs, registered nodes and messages survive a restart; or in memory, faster and forgotten by one
+        "--database", IN_MEMORY if database is None else str(database),
         # the ServerApp runs from the FAB with this venv's packages; nothing is `uv sync`ed at run time
         "--disable-runtime-dependency-installation",
         "--host", host, "--port", str(port),
@@ -103,11 +114,13 @@ def prepare_database(database: str | Path) -> Path:
 
 
 def start_command(
-    tls: ServerTls, database: str | Path, port: int = DEFAULT_PORT, fleet_address: str | None = None,
+    tls: ServerTls, database: Path | None, port: int = DEFAULT_PORT, fleet_address: str | None = None,
 ) -> list[str]:
-    """`python -m deploy.superlink start ...`: how deploy.local starts the SuperLink, as an operator does."""
+    """`python -m deploy.superlink start ...`: how deploy.local starts the SuperLink, as an operator
+    does; `database` None: `--in-memory`."""
+    state = ["--in-memory"] if database is None else ["--database", str(database)]
     command = [sys.executable, "-m", "deploy.superlink", "start", "--ca-cert", str(tls.ca_cert), "--server-cert", str(tls.server_cert),
-               "--server-key", str(tls.server_key), "--database", str(database), "--port", str(port)]
+               "--server-key", str(tls.server_key), *state, "--port", str(port)]
     return command + (["--fleet-address", fleet_address] if fleet_address else [])
 
 
@@ -118,13 +131,12 @@ def tunnel_command(ssh_target: str, port: int = DEFAULT_PORT, local_port: int | 
     return [ssh, "-N", "-o", "ExitOnForwardFailure=yes", "-L", f"{LOOPBACK}:{local_port or port}:{LOOPBACK}:{port}", ssh_target]
 
 
-def run_superlink(tls: ServerTls, database: Path, port: int, fleet_address: str | None) -> int:
-    """Start flower-superlink on loopback (umask 077, database 0600) and, given a fleet address,
+def run_superlink(tls: ServerTls, database: Path | None, port: int, fleet_address: str | None) -> int:
+    """Start flower-superlink on loopback (umask 077, database 0600; None: in memory) and, given a fleet address,
     the Fleet gateway in this process; return when the SuperLink exits or on SIGTERM/SIGINT,
     stopping the SuperLink and everything it started."""
     os.umask(SECRET_UMASK)  # inherited by flower-superlink, its SuperExec and ServerApp processes
-    database = prepare_database(database)
-    command = superlink_command(tls, database, LOOPBACK, port)
+    command = superlink_command(tls, None if database is None else prepare_database(database), LOOPBACK, port)
     print(" ".join(command), flush=True)
     if fleet_address is None:
         os.execve(command[0], command, tool_env())
@@ -224,7 +236,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     start.add_argument("--ca-cert", type=Path)
     start.add_argument("--server-cert", type=Path)
     start.add_argument("--server-key", type=Path)
-    start.add_argument("--database", type=Path, required=True, help="SQLite state file (created with mode 0600)")
+    state = start.add_mutually_exclusive_group(required=True)
+    state.add_argument("--database", type=Path, help="SQLite state file (created with mode 0600): registered merchants and runs survive a restart")
+    state.add_argument("--in-memory", action="store_true",
+                       help="keep the state in memory: faster rounds; a restart forgets registered merchants and runs")
     start.add_argument("--port", type=int, default=DEFAULT_PORT,
                        help="the SuperLink's port on 127.0.0.1 (Control, Runtime and Fleet API; the `flwr` CLI connects here)")
     start.add_argument("--fleet-address", metavar="HOST:PORT",

@@ -33,11 +33,13 @@ from deploy.superlink import (
     parse_cli_json,
     prepare_database,
     register_command,
+    start_command,
     superlink_command,
     tool_env,
     tunnel_command,
     write_cli_config,
 )
+from deploy.superlink import main as superlink_main
 from shared.config import ConfigError
 from tests.conftest import is_loopback, listening_addresses, processes_mentioning, small_run_config
 
@@ -88,6 +90,18 @@ def test_superlink_binds_loopback_by_default(tmp_path):
     assert command[command.index("--host") + 1] == "127.0.0.1"
     assert tunnel_command("op@link.example", 9093, 19093) == [
         "ssh", "-N", "-o", "ExitOnForwardFailure=yes", "-L", "127.0.0.1:19093:127.0.0.1:9093", "op@link.example"]
+
+
+def test_superlink_state_in_memory_or_in_its_database(tmp_path):
+    files = create_tls_files(tmp_path / "certs")
+    tls = ServerTls(files.ca_cert, files.server_cert, files.server_key)
+    in_memory, on_disk = superlink_command(tls, None), superlink_command(tls, tmp_path / "db")
+    assert in_memory[in_memory.index("--database") + 1] == ":flwr-in-memory:"  # Flower's InMemoryLinkState
+    assert on_disk[on_disk.index("--database") + 1] == str(tmp_path / "db")
+    assert "--in-memory" in start_command(tls, None) and "--database" not in start_command(tls, None)
+    for both_or_neither in (["--in-memory", "--database", str(tmp_path / "db")], []):
+        with pytest.raises(SystemExit):
+            superlink_main(["start", "--tls-dir", str(tmp_path / "certs"), *both_or_neither])
 
 
 def test_database_is_created_owner_only(tmp_path):

@@ -175,6 +175,30 @@ def test_a_superlink_restart_mid_run_is_resumed_with_one_command(tmp_path):
     assert processes_mentioning(str(tmp_path / "flower")) == []
 
 
+def test_superlink_with_its_state_in_memory_runs_and_comes_back_with_its_merchants(tmp_path):
+    """`deploy.superlink start --in-memory`: no database file; a run completes; a restart forgets
+    the registered merchants, the deployment registers them again and their SuperNodes
+    reconnect by themselves, and the next run completes too."""
+    merchants_count = 2
+    cfg = small_run_config(tmp_path, **{"num-rounds": 1, "min-nodes": merchants_count, "synthetic-merchants": merchants_count,
+                                        "privacy": "user", "local-epochs": 1})
+    merchants = write_merchant_data(tmp_path / "merchants", cfg.to_flower(), merchants_count)
+    with local_deployment(tmp_path / "flower", merchants, in_memory_state=True) as deployed:
+        for attempt in range(2):
+            if attempt:
+                stop_process(deployed.processes["superlink"])
+                deployed.restart_superlink()
+                deployed.wait_online(merchants_count, timeout=300)
+            run_cfg = cfg.to_flower() | {"output-dir": str(tmp_path / f"out-{attempt}")}
+            reply = deployed.submit(run_cfg)
+            assert reply.get("success"), reply
+            status, log = deployed.wait_for_run(int(reply["run-id"]), RUN_TIMEOUT)
+            assert status["status"] == "finished:completed", log[-3000:]
+            assert [h["round"] for h in json.loads((tmp_path / f"out-{attempt}" / "history.json").read_text())] == [0, 1]
+        assert not list((tmp_path / "flower" / "superlink").glob("*.db*"))
+    assert processes_mentioning(str(tmp_path / "flower")) == []
+
+
 def test_secure_aggregation_across_supernodes(tmp_path):
     """SecAgg+ over the TLS deployment: each SuperNode keeps the protocol's state in its context
     across the round's four messages (a new ClientApp process each). Two merchants allow secure

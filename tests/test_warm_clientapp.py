@@ -233,6 +233,26 @@ def test_a_fab_is_unpacked_once_per_content(monkeypatch, tmp_path: Path) -> None
     assert len(unpacked) == 3
 
 
+def test_an_installed_fab_is_compiled_to_bytecode_once(monkeypatch, tmp_path: Path) -> None:
+    """Where Python writes no bytecode (PYTHONDONTWRITEBYTECODE), every ClientApp would compile
+    the app's modules from source again: the installation compiles them once."""
+    module = __import__("flwr.supernode.runtime.run_clientapp", fromlist=["install_from_fab"])
+
+    def fake_install(fab_file: Any, install_dir: Any = None, skip_prompt: bool = False) -> Path:
+        target = tmp_path / "apps" / "app"
+        (target / "pkg").mkdir(parents=True)
+        (target / "pkg" / "__init__.py").write_text("")
+        (target / "pkg" / "task.py").write_text("VALUE = 42\n")
+        return target
+
+    monkeypatch.setattr(module, "install_from_fab", fake_install)
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    flower_internals.install_each_fab_once(tmp_path / "records")
+    installed = module.install_from_fab(b"fab", skip_prompt=True)
+    compiled = sorted(p.name.split(".")[0] for p in (installed / "pkg" / "__pycache__").glob("*.pyc"))
+    assert compiled == ["__init__", "task"]
+
+
 def test_object_pulls_retry_sooner(monkeypatch) -> None:
     module = __import__(flower_internals._INFLATABLE, fromlist=["pull_objects"])
     for function in (module.pull_objects, module.pull_and_inflate_object_from_tree):
