@@ -19,7 +19,7 @@ sends, with this venv's packages: `flower-supernode` installs nothing unless giv
 Which apps it runs: `--trusted-entities FILE` (YAML, `key-id: ssh-ed25519 AAAA...`) is handed
 to `flower-supernode --trusted-entities`; the SuperNode then executes only a FAB carrying a valid
 Ed25519 signature by one of those keys and answers every other run with an error reply, without
-starting its ClientApp (flwr/supernode/start_client_internal.py `_pull_and_store_message`,
+starting its ClientApp (flwr/supernode/start_client_internal.py, where a message is pulled and stored;
 `_verify_fab`). In Flower 1.42 a FAB carries signatures only when the SuperLink fetched it from
 the Flower platform (`flwr run @publisher/app==version`); a FAB shipped with `flwr run .` has
 none, so a pinned SuperNode refuses it (docs/DEPLOYMENT.md, "Which code a merchant runs").

@@ -12,8 +12,9 @@ scientific stack first: about 13 s of a deployed round's 23-26 s on MovieLens-10
 - the SuperNode's waits start at 50 ms and grow by 1.15x per empty pull in a row, back to Flower's
   3 s after about 20 s idle, so an idle merchant does not hammer the SuperLink
   (shared.flower_internals.prompt_supernode_polling);
-- its SuperExec looks for work every 50 ms (FLWR_SUPEREXEC_TASK_POLL_INTERVAL, Flower's own
-  setting; an operator's value wins);
+- its SuperExec (deploy.superexec, through a `flower-superexec` shim first on PATH) is woken
+  by this process the moment a message is stored, instead of looking for work every
+  FLWR_SUPEREXEC_TASK_POLL_INTERVAL (Flower's setting, 1 s by default, still the fallback);
 - `flwr-clientapp` resolves to deploy.warm_clientapp's shim, which forks the run from a process
   that has Flower's runtime imported (each message still gets its own process; the app's code
   still comes from the received FAB, unpacked once per FAB rather than once per message).
@@ -30,11 +31,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+from deploy import superexec
 from deploy.warm_clientapp import SOCKET_ENV, write_shim
-from shared.flower_internals import prompt_object_pulls, prompt_supernode_polling, run_flower_command, timestamp_flower_logs
-
-POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
-SUPEREXEC_POLL_SECONDS = "0.05"
+from shared.flower_internals import (
+    notify_stored_messages,
+    prompt_object_pulls,
+    prompt_supernode_polling,
+    run_flower_command,
+    timestamp_flower_logs,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,11 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     # a short private path: a Unix socket's path must stay under 108 bytes
     work = Path(tempfile.mkdtemp(prefix="fedads-supernode-"))
     socket_path = work / "warm.sock"
+    wakeup_path = work / "superexec.sock"
     shim_dir = work / "bin"
     write_shim(shim_dir)
+    superexec.write_shim(shim_dir)
     os.environ[SOCKET_ENV] = str(socket_path)
+    os.environ[superexec.WAKEUP_ENV] = str(wakeup_path)
     os.environ["PATH"] = f"{shim_dir}{os.pathsep}{os.environ.get('PATH', '')}"
-    os.environ.setdefault(POLL_ENV, SUPEREXEC_POLL_SECONDS)
     warm = subprocess.Popen(
         [sys.executable, "-m", "deploy.warm_clientapp", "--socket", str(socket_path), "--parent-pid", str(os.getpid()),
          "--remove-folder"],  # the folder goes with the warm process, also when this one is killed
@@ -54,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     prompt_supernode_polling()
     prompt_object_pulls()
+    notify_stored_messages(superexec.notifier(wakeup_path))
     timestamp_flower_logs()
     try:
         run_flower_command("flower-supernode", arguments)

@@ -77,6 +77,7 @@ _SECAGG_CONSTANTS = "flwr.common.secure_aggregation.secaggplus_constants"
 _SUPERNODE = "flwr.supernode.start_client_internal"
 _INFLATABLE = "flwr.supercore.inflatable.inflatable_utils"
 _RUN_CLIENTAPP = "flwr.supernode.runtime.run_clientapp"
+_SUPEREXEC_LOOP = "flwr.supercore.superexec.run_superexec"
 
 PINNED: tuple[Pinned, ...] = (
     # the engine, run as `flwr-simulation` runs it (`run_engine`)
@@ -155,7 +156,14 @@ PINNED: tuple[Pinned, ...] = (
     # a deployed SuperNode without idle waits (`prompt_supernode_polling`, `run_flower_command`): Flower
     # waits 3 s after every empty pull and 0.5 s between looks for the ClientApp's reply
     Pinned(_SUPERNODE, "time", attributes=("sleep",)),
-    Pinned(_SUPERNODE, "start_client_internal", source=("time.sleep(3)", '"flower-superexec"')),
+    Pinned(_SUPERNODE, "start_client_internal", source=("time.sleep(3)", '"flower-superexec"', "run_id = _pull_and_store_message(")),
+    # the SuperExec woken by its SuperNode when a message is stored (`notify_stored_messages`,
+    # `superexec_waits_with`, deploy/superexec.py): Flower's SuperExec asks its SuperNode for work
+    # after every FLWR_SUPEREXEC_TASK_POLL_INTERVAL (1 s by default)
+    Pinned(_SUPERNODE, "_pull_and_store_message", source=("return run_id",)),
+    Pinned(_SUPEREXEC_LOOP, "time", attributes=("sleep",)),
+    Pinned(_SUPEREXEC_LOOP, "run_superexec", source=("client.AcquireTask(", "time.sleep(task_poll_interval)")),
+    Pinned("flwr.supercore.cli", "flower_superexec"),
     Pinned(_SUPERNODE, "_push_messages", source=("time.sleep(0.5)",)),
     Pinned("flwr.supernode.cli", "flower_supernode"),
     # the warm ClientApp (deploy/warm_clientapp.py): SuperExec starts `flwr-clientapp` by name, with
@@ -633,6 +641,7 @@ def add_fit_result(content: Any, vectors: list[Any]) -> None:
 # --- a deployed SuperNode: prompt polling, Flower's entry points run in our processes ---
 
 CLIENTAPP_COMMAND = "flwr-clientapp"  # the program SuperExec starts, by name on PATH, for each message
+SUPEREXEC_COMMAND = "flower-superexec"  # the program a SuperNode starts, by name on PATH, once
 # what every ClientApp process imports before it reads its message: Flower's runtime and the
 # scientific stack; the app's own modules are not among them, they load from the received FAB
 CLIENTAPP_PRELOAD = ("flwr.supernode.cli", "flwr.supernode.runtime.run_clientapp", "httpx", "httpcore", "numpy", "scipy.sparse",
@@ -670,6 +679,39 @@ def prompt_supernode_polling(first: float = 0.05, growth: float = 1.15) -> None:
     """Shorten the idle waits of the SuperNode loop in this process (before `run_flower_command`)."""
     module = importlib.import_module(_SUPERNODE)
     module.time = _PromptSleep(first, growth)  # type: ignore[attr-defined]
+
+
+class _ReplacedSleep:
+    """Stands in for the `time` module in one of Flower's loops: its `sleep` is `wait`; every
+    other name is time's."""
+
+    def __init__(self, wait: Callable[[float], None]) -> None:
+        self.sleep = wait
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def notify_stored_messages(notify: Callable[[], None]) -> None:
+    """In this (SuperNode) process, `notify()` each time Flower's SuperNode loop has pulled a
+    message and stored it with its task, objects and all (before `run_flower_command`)."""
+    module = importlib.import_module(_SUPERNODE)
+    pull_and_store = module._pull_and_store_message
+
+    def pull_store_and_notify(*args: Any, **kwargs: Any) -> int | None:
+        run_id: int | None = pull_and_store(*args, **kwargs)
+        if run_id is not None:
+            notify()
+        return run_id
+
+    module._pull_and_store_message = pull_store_and_notify  # type: ignore[attr-defined]
+
+
+def superexec_waits_with(wait: Callable[[float], None]) -> None:
+    """In this (SuperExec) process, the SuperExec loop's pause between two looks for work
+    (FLWR_SUPEREXEC_TASK_POLL_INTERVAL) is `wait(seconds)`, which may end it early."""
+    module = importlib.import_module(_SUPEREXEC_LOOP)
+    module.time = _ReplacedSleep(wait)  # type: ignore[attr-defined]
 
 
 def prompt_object_pulls(first: float = 0.01, longest: float = 1.0) -> None:
@@ -721,12 +763,15 @@ def timestamp_flower_logs() -> None:
             handler.timestamps = True
 
 
-# Flower's commands that run in processes of ours: command name -> its entry point in flwr.supernode.cli
-FLOWER_COMMANDS = {"flower-supernode": "flower_supernode", CLIENTAPP_COMMAND: "flwr_clientapp"}
+# Flower's commands that run in processes of ours: command name -> (module, its entry point there)
+FLOWER_COMMANDS = {"flower-supernode": ("flwr.supernode.cli", "flower_supernode"),
+                   CLIENTAPP_COMMAND: ("flwr.supernode.cli", "flwr_clientapp"),
+                   SUPEREXEC_COMMAND: ("flwr.supercore.cli", "flower_superexec")}
 
 
 def run_flower_command(command: str, argv: list[str]) -> None:
     """Flower's `command` (a key of FLOWER_COMMANDS), in this process, with `argv` as its arguments."""
-    entry_point = getattr(importlib.import_module("flwr.supernode.cli"), FLOWER_COMMANDS[command])
+    module, name = FLOWER_COMMANDS[command]
+    entry_point = getattr(importlib.import_module(module), name)
     sys.argv = [command, *argv]
     entry_point()

@@ -1,0 +1,113 @@
+"""A merchant's SuperExec: Flower's `flower-superexec`, woken by its SuperNode when a message
+arrives instead of asking for work on a timer.
+
+    python -m deploy.superexec [flower-superexec arguments]
+
+Flower 1.42's SuperNode starts `flower-superexec` by name; deploy.supernode puts a shim of that
+name (`write_shim`) first on its PATH, which runs this module. Flower's SuperExec asks the
+SuperNode for a task, then sleeps FLWR_SUPEREXEC_TASK_POLL_INTERVAL and asks again: every
+message waits up to that interval before its ClientApp starts, and a short interval makes three
+SuperExecs and their SuperNodes answer 60 empty asks a second between messages, CPU that a
+deployed round on a small machine lacks (docs/BENCHMARKS.md, "Deployment"). Here:
+
+- the SuperNode sends a datagram to a Unix socket in its private folder each time it has stored
+  a message and its task (`notifier`, shared.flower_internals.notify_stored_messages);
+- the SuperExec's pause between asks ends at the first datagram (`Wakeups.wait`,
+  shared.flower_internals.superexec_waits_with), so it asks at once, and otherwise after the
+  poll interval as before: a lost datagram costs at most one interval, never the message.
+
+Without FEDADS_SUPEREXEC_WAKEUP in its environment it is Flower's SuperExec unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import stat
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from shared.flower_internals import SUPEREXEC_COMMAND, run_flower_command, superexec_waits_with
+
+WAKEUP_ENV = "FEDADS_SUPEREXEC_WAKEUP"  # the socket the SuperNode wakes its SuperExec through
+
+SHIM = '''#!{python}
+# fedads: Flower's flower-superexec, woken by its SuperNode (deploy/superexec.py)
+import sys
+from deploy.superexec import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def write_shim(folder: Path, python: str = sys.executable) -> Path:
+    """An executable `flower-superexec` in `folder` (put `folder` first on the SuperNode's PATH)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shim = folder / SUPEREXEC_COMMAND
+    shim.write_text(SHIM.format(python=python))
+    shim.chmod(stat.S_IRWXU)
+    return shim
+
+
+class Wakeups:
+    """The SuperExec's end: a datagram socket at `path` (owner-only); `wait(seconds)` returns at
+    the first datagram or after `seconds`, and drains what came meanwhile."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.socket.setblocking(False)
+        path.unlink(missing_ok=True)
+        old_umask = os.umask(0o177)
+        try:
+            self.socket.bind(str(path))
+        finally:
+            os.umask(old_umask)
+
+    def wait(self, seconds: float) -> None:
+        readable, _, _ = select.select([self.socket], [], [], max(seconds, 0.0))
+        if readable:
+            try:
+                while self.socket.recv(64):
+                    pass
+            except BlockingIOError:
+                pass
+
+    def close(self) -> None:
+        self.socket.close()
+        self.path.unlink(missing_ok=True)
+
+
+def notifier(path: Path) -> Callable[[], None]:
+    """The SuperNode's end: a function that wakes the SuperExec listening at `path`. It never
+    blocks or fails: with no SuperExec there yet, or datagrams already queued, the wake-up is
+    dropped and the SuperExec finds the task at its next ask anyway."""
+    sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sender.setblocking(False)
+
+    def notify() -> None:
+        try:
+            sender.sendto(b"!", str(path))
+        except OSError:
+            pass
+
+    return notify
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = sys.argv[1:] if argv is None else argv
+    wakeup_path = os.environ.get(WAKEUP_ENV)
+    wakeups = Wakeups(Path(wakeup_path)) if wakeup_path else None
+    if wakeups is not None:
+        superexec_waits_with(wakeups.wait)
+    try:
+        run_flower_command(SUPEREXEC_COMMAND, arguments)
+    finally:
+        if wakeups is not None:
+            wakeups.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
