@@ -68,16 +68,18 @@ class LocalDeployment:
     database: Path | None = None  # the SuperLink's SQLite state; None: in its memory
     keys: dict[str, MerchantKeys] = field(default_factory=dict)
     registered: list[str] = field(default_factory=list)  # merchant ids whose keys the SuperLink knows
-    supernodes: dict[str, Merchant] = field(default_factory=dict)  # the merchants whose SuperNodes this started, by process name
+    # how each merchant's SuperNode was last started (merchant, key, tls, max_retries) and its process name
+    supernodes: dict[str, tuple[tuple[Merchant, Path | None, bool, int | None], str]] = field(default_factory=dict)
+    supernode_env: dict[str, str] = field(default_factory=dict)  # extra environment of the SuperNodes (and what they start) only
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     _stack: ExitStack = field(default_factory=ExitStack)
 
-    def start(self, name: str, command: Sequence[str], flwr_home: Path) -> subprocess.Popen:
+    def start(self, name: str, command: Sequence[str], flwr_home: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen:
         log_path = self.work_dir / "logs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("w") as log_file:
             process = subprocess.Popen(
-                list(command), cwd=self.work_dir, env={**tool_env(flwr_home), **self.extra_env},
+                list(command), cwd=self.work_dir, env={**tool_env(flwr_home), **(env or {}), **self.extra_env},
                 stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,  # its own group: stop_process reaches its SuperExec and apps
             )
@@ -97,8 +99,12 @@ class LocalDeployment:
         }).write(node_dir / "node-config.toml")
         command = supernode_command(self.fleet_address, self.tls.ca_cert if tls else None, key, config, free_port(), max_retries,
                                     trusted_entities=merchant.trusted_entities)
-        self.supernodes[f"supernode-{merchant.merchant_id}"] = merchant
-        return self.start(f"supernode-{merchant.merchant_id}", command, node_dir / "flwr-home")
+        name = f"supernode-{merchant.merchant_id}"
+        log_path = self.work_dir / "logs" / f"{name}.log"
+        if name in self.processes and log_path.exists():  # started again: the earlier log kept beside the new one
+            log_path.rename(log_path.with_suffix(f".{sum(1 for _ in log_path.parent.glob(f'{name}.*'))}.log"))
+        self.supernodes[merchant.merchant_id] = ((merchant, key, tls, max_retries), name)
+        return self.start(name, command, node_dir / "flwr-home", self.supernode_env)
 
     def flwr(self, *args: str, env: Mapping[str, str] | None = None, timeout: float = 120.0) -> subprocess.CompletedProcess:
         return runs.flwr(args, env or self.operator_env, cwd=PROJECT_ROOT, timeout=timeout)
@@ -137,9 +143,9 @@ class LocalDeployment:
 
     def restart_superlink(self) -> subprocess.Popen:
         """The SuperLink again, on its database (or in memory), port and Fleet address (after it
-        was stopped). In memory it forgot the merchants: they are registered again, and their
-        SuperNodes, whose node ids it no longer knows (Flower's SuperNode then exits), are
-        started again, as each merchant would restart theirs."""
+        was stopped). In memory it forgot the merchants: they are registered again, and every
+        SuperNode this deployment started, whose node id it no longer knows (Flower's SuperNode
+        then exits), is started again as it was, as each merchant would restart theirs."""
         port = int(self.address.rsplit(":", 1)[1])
         name = f"superlink-{sum(1 for key in self.processes if key.startswith('superlink'))}"
         superlink = self.start(name, start_command(self.tls, self.database, port, self.fleet_address), self.work_dir / "superlink" / "flwr-home")
@@ -150,9 +156,9 @@ class LocalDeployment:
         if self.database is None:
             for merchant_id in self.registered:
                 self.register(merchant_id)
-            for name, merchant in self.supernodes.items():
+            for arguments, name in list(self.supernodes.values()):
                 stop_process(self.processes[name])
-                self.start_supernode(merchant, self.keys[merchant.merchant_id].private_key)
+                self.start_supernode(*arguments)
         return superlink
 
 
@@ -165,12 +171,14 @@ def local_deployment(
     start_supernodes: bool = True,
     fleet_host: str = "127.0.0.1",
     in_memory_state: bool = False,
+    supernode_env: Mapping[str, str] | None = None,
 ) -> Iterator[LocalDeployment]:
     """Certificates, SuperLink, registration, SuperNodes; yields when all merchants are online.
     `unregistered`: ids to create key pairs for without registering them. `fleet_host`: the
     interface the Fleet gateway listens on (the server certificate names it, too).
     `in_memory_state`: the SuperLink keeps its state in memory (`--in-memory`) instead of its
-    SQLite file: faster rounds, nothing kept across a restart of it."""
+    SQLite file: faster rounds, nothing kept across a restart of it. `supernode_env`: extra
+    environment of the SuperNodes (and their SuperExecs and ClientApps) only."""
     work_dir = Path(work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     hosts = ("localhost", "127.0.0.1", "::1") + (() if fleet_host in ("127.0.0.1", "localhost") else (fleet_host,))
@@ -183,7 +191,7 @@ def local_deployment(
     sweeper = Sweeper(DEPLOYMENT_MARK, str(work_dir))  # stops them all even if this process is killed outright
     database = None if in_memory_state else work_dir / "superlink" / "state.db"
     deployment = LocalDeployment(work_dir, address, fleet_address, tls, tool_env(operator_home), {**(extra_env or {}), **sweeper.mark},
-                                 database)
+                                 database, supernode_env=dict(supernode_env or {}))
     with deployment._stack:
         deployment._stack.callback(sweeper.close)  # last, after each process was stopped
         superlink = deployment.start("superlink", start_command(tls, database, port, fleet_address), work_dir / "superlink" / "flwr-home")

@@ -35,8 +35,11 @@ WAKEUP_ENV = "FEDADS_SUPEREXEC_WAKEUP"  # the socket the SuperNode wakes its Sup
 
 SHIM = '''#!{python}
 # fedads: Flower's flower-superexec, woken by its SuperNode (deploy/superexec.py)
-import sys
-from deploy.superexec import main
+import os, sys
+try:
+    from deploy.superexec import main
+except Exception:  # this module unusable here: Flower's own SuperExec, polling, rather than none
+    os.execv("{fallback}", ["{fallback}", *sys.argv[1:]])
 sys.exit(main(sys.argv[1:]))
 '''
 
@@ -45,14 +48,15 @@ def write_shim(folder: Path, python: str = sys.executable) -> Path:
     """An executable `flower-superexec` in `folder` (put `folder` first on the SuperNode's PATH)."""
     folder.mkdir(parents=True, exist_ok=True)
     shim = folder / SUPEREXEC_COMMAND
-    shim.write_text(SHIM.format(python=python))
+    shim.write_text(SHIM.format(python=python, fallback=Path(python).parent / SUPEREXEC_COMMAND))
     shim.chmod(stat.S_IRWXU)
     return shim
 
 
 class Wakeups:
     """The SuperExec's end: a datagram socket at `path` (owner-only); `wait(seconds)` returns at
-    the first datagram or after `seconds`, and drains what came meanwhile."""
+    the next datagram, taking that one only (one announced message, one ask for work), or after
+    `seconds`."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -69,8 +73,7 @@ class Wakeups:
         readable, _, _ = select.select([self.socket], [], [], max(seconds, 0.0))
         if readable:
             try:
-                while self.socket.recv(64):
-                    pass
+                self.socket.recv(64)
             except BlockingIOError:
                 pass
 
@@ -98,7 +101,13 @@ def notifier(path: Path) -> Callable[[], None]:
 def main(argv: list[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else argv
     wakeup_path = os.environ.get(WAKEUP_ENV)
-    wakeups = Wakeups(Path(wakeup_path)) if wakeup_path else None
+    wakeups = None
+    if wakeup_path:
+        try:
+            wakeups = Wakeups(Path(wakeup_path))
+        except OSError as exc:  # e.g. a path past the 108 bytes of a Unix socket's: poll, as Flower does
+            print(f"fedads: SuperExec wake-ups off ({wakeup_path}: {exc}); looking for work on Flower's timer",
+                  file=sys.stderr, flush=True)
     if wakeups is not None:
         superexec_waits_with(wakeups.wait)
     try:

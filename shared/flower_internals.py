@@ -160,10 +160,12 @@ PINNED: tuple[Pinned, ...] = (
     # the SuperExec woken by its SuperNode when a message is stored (`notify_stored_messages`,
     # `superexec_waits_with`, deploy/superexec.py): Flower's SuperExec asks its SuperNode for work
     # after every FLWR_SUPEREXEC_TASK_POLL_INTERVAL (1 s by default)
-    Pinned(_SUPERNODE, "_pull_and_store_message", source=("return run_id",)),
+    Pinned(_SUPERNODE, "_pull_and_store_message", source=("state.create_task(", "return run_id")),
     Pinned(_SUPEREXEC_LOOP, "time", attributes=("sleep",)),
     Pinned(_SUPEREXEC_LOOP, "run_superexec", source=("client.AcquireTask(", "time.sleep(task_poll_interval)")),
     Pinned("flwr.supercore.cli", "flower_superexec"),
+    # `deploy.superlink start --in-memory` passes this value as flower-superlink's --database
+    Pinned("flwr.supercore.constant", "FLWR_IN_MEMORY_DB_NAME"),
     Pinned(_SUPERNODE, "_push_messages", source=("time.sleep(0.5)",)),
     Pinned("flwr.supernode.cli", "flower_supernode"),
     # the warm ClientApp (deploy/warm_clientapp.py): SuperExec starts `flwr-clientapp` by name, with

@@ -29,6 +29,7 @@ from deploy.local import Merchant, local_deployment, write_merchant_data
 from deploy.merchant import load_trusted_entities, supernode_command, write_trusted_entities
 from deploy.superlink import (
     CONNECTION,
+    IN_MEMORY,
     ServerTls,
     parse_cli_json,
     prepare_database,
@@ -41,6 +42,7 @@ from deploy.superlink import (
 )
 from deploy.superlink import main as superlink_main
 from shared.config import ConfigError
+from shared.flower_internals import Pinned, resolve
 from tests.conftest import is_loopback, listening_addresses, processes_mentioning, small_run_config
 
 RUN_TIMEOUT = 300.0
@@ -96,7 +98,7 @@ def test_superlink_state_in_memory_or_in_its_database(tmp_path):
     files = create_tls_files(tmp_path / "certs")
     tls = ServerTls(files.ca_cert, files.server_cert, files.server_key)
     in_memory, on_disk = superlink_command(tls, None), superlink_command(tls, tmp_path / "db")
-    assert in_memory[in_memory.index("--database") + 1] == ":flwr-in-memory:"  # Flower's InMemoryLinkState
+    assert in_memory[in_memory.index("--database") + 1] == IN_MEMORY == resolve(Pinned("flwr.supercore.constant", "FLWR_IN_MEMORY_DB_NAME"))
     assert on_disk[on_disk.index("--database") + 1] == str(tmp_path / "db")
     assert "--in-memory" in start_command(tls, None) and "--database" not in start_command(tls, None)
     for both_or_neither in (["--in-memory", "--database", str(tmp_path / "db")], []):

@@ -177,13 +177,16 @@ def test_a_superlink_restart_mid_run_is_resumed_with_one_command(tmp_path):
 
 def test_superlink_with_its_state_in_memory_runs_and_comes_back_with_its_merchants(tmp_path):
     """`deploy.superlink start --in-memory`: no database file; a run completes; a restart forgets
-    the registered merchants, the deployment registers them again and their SuperNodes
-    reconnect by themselves, and the next run completes too."""
+    the registered merchants, the deployment registers them again and restarts their
+    SuperNodes, and the next run completes too."""
     merchants_count = 2
     cfg = small_run_config(tmp_path, **{"num-rounds": 1, "min-nodes": merchants_count, "synthetic-merchants": merchants_count,
-                                        "privacy": "user", "local-epochs": 1})
+                                        "privacy": "user", "local-epochs": 1, "probe-messages": 3})
     merchants = write_merchant_data(tmp_path / "merchants", cfg.to_flower(), merchants_count)
-    with local_deployment(tmp_path / "flower", merchants, in_memory_state=True) as deployed:
+    # the merchants' SuperExecs would look for work once a minute: the runs complete in time only
+    # if each SuperNode wakes its SuperExec when a message arrives (deploy/superexec.py)
+    with local_deployment(tmp_path / "flower", merchants, in_memory_state=True,
+                          supernode_env={"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "60"}) as deployed:
         for attempt in range(2):
             if attempt:
                 stop_process(deployed.processes["superlink"])
@@ -192,10 +195,12 @@ def test_superlink_with_its_state_in_memory_runs_and_comes_back_with_its_merchan
             run_cfg = cfg.to_flower() | {"output-dir": str(tmp_path / f"out-{attempt}")}
             reply = deployed.submit(run_cfg)
             assert reply.get("success"), reply
-            status, log = deployed.wait_for_run(int(reply["run-id"]), RUN_TIMEOUT)
+            # six exchanges (three probes, round 0's evaluation, round 1): left to the 60 s poll, minutes
+            status, log = deployed.wait_for_run(int(reply["run-id"]), 120.0)
             assert status["status"] == "finished:completed", log[-3000:]
             assert [h["round"] for h in json.loads((tmp_path / f"out-{attempt}" / "history.json").read_text())] == [0, 1]
         assert not list((tmp_path / "flower" / "superlink").glob("*.db*"))
+        assert not [p for p in tmp_path.rglob("*") if "flwr-in-memory" in p.name]  # not a SQLite file named after the flag
     assert processes_mentioning(str(tmp_path / "flower")) == []
 
 

@@ -25,12 +25,13 @@ def test_an_announced_message_ends_the_superexecs_pause(tmp_path: Path) -> None:
     try:
         assert stat.S_IMODE((tmp_path / "superexec.sock").stat().st_mode) == 0o600  # the SuperNode's own
         notify = superexec.notifier(tmp_path / "superexec.sock")
-        for _ in range(3):  # several announcements while it was busy: one wake-up, all drained
+        for _ in range(2):  # two messages announced while it was busy: two asks for work, at once
             notify()
         started = time.monotonic()
         wakeups.wait(DEADLINE)
+        wakeups.wait(DEADLINE)
         assert time.monotonic() - started < DEADLINE / 2
-        with pytest.raises(BlockingIOError):  # drained: nothing left to wake it again
+        with pytest.raises(BlockingIOError):  # nothing left to wake it a third time
             wakeups.socket.recv(64)
     finally:
         wakeups.close()
@@ -73,3 +74,21 @@ def test_the_supernode_starts_the_superexec_by_the_name_the_shim_takes(tmp_path:
     assert "--runtime-api-address" in shown.stdout  # Flower's SuperExec, through this project's module
     assert not (tmp_path / "superexec.sock").exists()  # its socket went with it
     assert sys.executable in shim.read_text().splitlines()[0]
+
+
+def test_a_superexec_that_cannot_be_woken_still_runs(tmp_path: Path) -> None:
+    """No socket (a path past a Unix socket's 108 bytes), or this module not importable by the
+    shim's Python: Flower's SuperExec, polling on its timer, rather than no SuperExec at all (a
+    SuperNode whose messages nothing would run)."""
+    shim = superexec.write_shim(tmp_path / "bin")
+    too_long = tmp_path / ("x" * 120) / "superexec.sock"
+    shown = subprocess.run([str(shim), "--help"], capture_output=True, text=True, timeout=DEADLINE, stdin=subprocess.DEVNULL,
+                           env={**os.environ, superexec.WAKEUP_ENV: str(too_long)})
+    assert shown.returncode == 0 and "--runtime-api-address" in shown.stdout, shown.stderr
+    assert "wake-ups off" in shown.stderr
+    broken = tmp_path / "broken"
+    (broken / "deploy").mkdir(parents=True)
+    (broken / "deploy" / "__init__.py").write_text("raise ImportError('not this project')\n")
+    shown = subprocess.run([str(shim), "--help"], capture_output=True, text=True, timeout=DEADLINE, stdin=subprocess.DEVNULL,
+                           env={**os.environ, "PYTHONPATH": str(broken)})
+    assert shown.returncode == 0 and "--runtime-api-address" in shown.stdout, shown.stderr
