@@ -75,8 +75,12 @@ class LocalDeployment:
     _stack: ExitStack = field(default_factory=ExitStack)
 
     def start(self, name: str, command: Sequence[str], flwr_home: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen:
+        """Start `command` as process `name`, logging to logs/NAME.log; a name started again keeps
+        its earlier log beside the new one (NAME.1.log, ...)."""
         log_path = self.work_dir / "logs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        if log_path.exists():
+            log_path.rename(log_path.with_suffix(f".{sum(1 for _ in log_path.parent.glob(f'{name}.*'))}.log"))
         with log_path.open("w") as log_file:
             process = subprocess.Popen(
                 list(command), cwd=self.work_dir, env={**tool_env(flwr_home), **(env or {}), **self.extra_env},
@@ -100,9 +104,6 @@ class LocalDeployment:
         command = supernode_command(self.fleet_address, self.tls.ca_cert if tls else None, key, config, free_port(), max_retries,
                                     trusted_entities=merchant.trusted_entities)
         name = f"supernode-{merchant.merchant_id}"
-        log_path = self.work_dir / "logs" / f"{name}.log"
-        if name in self.processes and log_path.exists():  # started again: the earlier log kept beside the new one
-            log_path.rename(log_path.with_suffix(f".{sum(1 for _ in log_path.parent.glob(f'{name}.*'))}.log"))
         self.supernodes[merchant.merchant_id] = ((merchant, key, tls, max_retries), name)
         return self.start(name, command, node_dir / "flwr-home", self.supernode_env)
 
