@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import PrivacyBudgetExhausted
@@ -43,6 +44,7 @@ from shared.wire import (
     STATISTICS,
     Arrays,
     answered_round,
+    array_names,
     client_name,
     error_sender,
     from_array_record,
@@ -103,9 +105,18 @@ class RunOutcome:
 
 def _adopt(aggregated: ArrayRecord, sent: ArrayRecord) -> ArrayRecord:
     """The round's new global parameters: the aggregate, with the public constants as sent."""
-    if not any(key in sent for key in PUBLIC_CONSTANT_KEYS):
+    if not any(key in array_names(sent) for key in PUBLIC_CONSTANT_KEYS):
         return aggregated
     return to_array_record(with_public_constants(from_array_record(aggregated), from_array_record(sent)))
+
+
+def _check_parameters(arrays: Arrays, shapes: Shapes) -> None:
+    """A FedAvg reply: the global parameters' keys and shapes, finite, and float32, as every
+    merchant sends them (shared/wire.py packs a record by dtype, and Flower's FedAvg aggregates
+    nothing when the replies' keys differ: one float64 reply would cost the round)."""
+    check_global_arrays(arrays, shapes)
+    if wrong := sorted(key for key, value in arrays.items() if value.dtype != np.float32):
+        raise ValueError(f"global parameters travel as float32, {wrong[0]} is {arrays[wrong[0]].dtype}")
 
 
 class RoundLoop:
@@ -123,7 +134,7 @@ class RoundLoop:
         self.needs_weights: bool = getattr(strategy, "needs_weights", True)
         # (arrays, metrics) -> None, or ValueError naming what the protocol does not allow
         self.check_reply: Callable[[Arrays, dict[str, float]], None] = getattr(
-            strategy, "check_reply", lambda arrays, metrics: check_global_arrays(arrays, shapes)
+            strategy, "check_reply", lambda arrays, metrics: _check_parameters(arrays, shapes)
         )
 
     def _name(self, node_id: int) -> str:

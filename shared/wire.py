@@ -20,6 +20,8 @@ numpy-only code that names its keys (and the merchant agent's start-up) does not
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -83,14 +85,100 @@ ALS_GRAM_UPPER = "als_gram_upper"
 Arrays = dict[str, np.ndarray]
 
 
+# An ArrayRecord travels packed: the arrays of one dtype concatenated into one flat Array, its key
+# naming each array and its shape (PACKED_PREFIX + dtype + ":" + "name=AxB;name=C", names sorted).
+# Flower moves a message as one object per record and per array (and per 5 MB chunk of it), each
+# a request at every hop (ServerApp -> SuperLink -> SuperNode -> ClientApp and back): a model
+# message of two arrays is 6 objects instead of 8, a private ALS release 7-9 instead of 13. A
+# FedAvg or FedMedian of packed records is the same elementwise as of the arrays one by one, and
+# the canonical key (sorted names, shapes, dtype) is the same in every reply of the same arrays,
+# as Flower's consistency check of the replies' keys asks.
+PACKED_PREFIX = "packed."
+_PACKABLE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _packed_key(dtype: np.dtype, layout: list[tuple[str, tuple[int, ...]]]) -> str:
+    entries = ";".join(f"{name}={'x'.join(str(n) for n in shape)}" for name, shape in sorted(layout))
+    return f"{PACKED_PREFIX}{dtype.str}:{entries}"
+
+
+def packed(arrays: Arrays) -> dict[str, np.ndarray]:
+    """`arrays` as they travel: one flat array per dtype under its packed key (names that are not
+    plain identifiers, and object arrays, stay as they are)."""
+    groups: dict[np.dtype, list[str]] = {}
+    plain: dict[str, np.ndarray] = {}
+    for key, value in arrays.items():
+        if key.startswith(PACKED_PREFIX):
+            raise ValueError(f"an array's name must not start with {PACKED_PREFIX!r}: {key!r}")
+        if _PACKABLE_NAME.fullmatch(key) and value.dtype != object:
+            groups.setdefault(value.dtype, []).append(key)
+        else:
+            plain[key] = value
+    out: dict[str, np.ndarray] = {}
+    for dtype, names in sorted(groups.items(), key=lambda item: item[0].str):
+        names.sort()
+        layout = [(name, tuple(int(n) for n in arrays[name].shape)) for name in names]
+        flat = np.concatenate([np.asarray(arrays[name]).ravel() for name in names]) if names else np.zeros(0, dtype)
+        out[_packed_key(dtype, layout)] = flat.astype(dtype, copy=False)
+    return {**out, **plain}
+
+
+def unpacked(key: str, flat: np.ndarray) -> Arrays:
+    """The arrays of one packed entry (views of `flat`), or ValueError if the key does not describe
+    `flat` exactly in the canonical form `packed` writes (a reply is dropped for it)."""
+    dtype_str, sep, entries = key[len(PACKED_PREFIX):].partition(":")
+    if not sep or flat.ndim != 1 or flat.dtype.str != dtype_str:
+        raise ValueError(f"packed array {key[:80]!r}: a flat {flat.dtype.str} array of shape {flat.shape} does not match its key")
+    layout: list[tuple[str, tuple[int, ...]]] = []
+    for entry in entries.split(";") if entries else []:
+        name, _, dims = entry.partition("=")
+        try:
+            shape = tuple(int(n) for n in dims.split("x")) if dims else ()
+        except ValueError:
+            raise ValueError(f"packed array {key[:80]!r}: malformed shape {dims[:40]!r}") from None
+        if not _PACKABLE_NAME.fullmatch(name) or any(n < 0 for n in shape):
+            raise ValueError(f"packed array {key[:80]!r}: malformed entry {entry[:40]!r}")
+        layout.append((name, shape))
+    if _packed_key(flat.dtype, layout) != key or len({name for name, _ in layout}) != len(layout):
+        raise ValueError(f"packed array {key[:80]!r}: not in canonical form (sorted, unique names)")
+    sizes = [math.prod(shape) for _, shape in layout]
+    if sum(sizes) != flat.size:
+        raise ValueError(f"packed array {key[:80]!r}: its shapes hold {sum(sizes)} values, the array {flat.size}")
+    out: Arrays = {}
+    offset = 0
+    for (name, shape), size in zip(layout, sizes, strict=True):
+        out[name] = flat[offset:offset + size].reshape(shape)
+        offset += size
+    return out
+
+
+def array_names(record: ArrayRecord) -> set[str]:
+    """The names of the arrays a record holds, packed or not, read from its keys alone."""
+    names: set[str] = set()
+    for key in record:
+        if key.startswith(PACKED_PREFIX):
+            entries = key.partition(":")[2]
+            names.update(entry.partition("=")[0] for entry in entries.split(";") if entry)
+        else:
+            names.add(key)
+    return names
+
+
 def to_array_record(arrays: Arrays) -> ArrayRecord:
     from flwr.app import Array, ArrayRecord
 
-    return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in arrays.items()})
+    return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in packed(arrays).items()})
 
 
 def from_array_record(record: ArrayRecord) -> Arrays:
-    return {key: value.numpy() for key, value in record.items()}
+    """The arrays of a record, packed or not; ValueError for a malformed one (or a name twice)."""
+    out: Arrays = {}
+    for key, value in record.items():
+        arrays = unpacked(key, value.numpy()) if key.startswith(PACKED_PREFIX) else {key: value.numpy()}
+        if not out.keys().isdisjoint(arrays):
+            raise ValueError(f"array {sorted(out.keys() & arrays.keys())[0]!r} appears twice in one record")
+        out.update(arrays)
+    return out
 
 
 def plain_metrics(record: MetricRecord | None) -> dict[str, float]:

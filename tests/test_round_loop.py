@@ -13,7 +13,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from server.round_loop import TRAIN_USERS, RoundLog, RoundLoop, one_line
 from shared.params import init_global_arrays, mf_shapes
-from shared.wire import CONFIG, METRICS, SERVER_ROUND, TrainReply, refusal, to_array_record
+from shared.wire import ARRAYS, CONFIG, METRICS, SERVER_ROUND, TrainReply, from_array_record, refusal, to_array_record
 
 pytestmark = pytest.mark.usefixtures("as_server")
 
@@ -48,6 +48,26 @@ def test_invalid_replies_are_dropped_and_refusals_recorded():
     assert list(round_log.refused.values()) == ["e refused: privacy budget exhausted"]
     assert set(round_log.failed) == {"b", "c", "d"} and round_log.replied == ["a"]
     assert all(reason.startswith("reply dropped: ") for reason in round_log.failed.values())
+
+
+def test_a_reply_that_would_pack_apart_or_cannot_unpack_is_dropped_and_fedavg_aggregates_the_rest():
+    """Records travel packed by dtype (shared/wire.py): a float64 reply would carry other keys than
+    the float32 ones, and Flower's FedAvg aggregates nothing when the replies' keys differ."""
+    loop = RoundLoop(FedAvg(), grid=None, shapes=mf_shapes(NUM_ADS, DIM))  # type: ignore[arg-type]
+    as_float64 = {key: value.astype(np.float64) for key, value in init_global_arrays(NUM_ADS, DIM, seed=1).items()}
+    wide = TrainReply("b", as_float64, 10.0).to_message(_request(4))
+    malformed = _good("c", 10.0, node=5)
+    (key,) = malformed.content[ARRAYS].keys()
+    flat = malformed.content[ARRAYS].pop(key)
+    malformed.content[ARRAYS][key.replace(f"ad_bias={NUM_ADS}", f"ad_bias={NUM_ADS + 1}")] = flat
+    replies = [_good("a", 30.0), wide, malformed, _good("d", 10.0, node=6)]
+    round_log = RoundLog()
+    kept = loop._train_replies(1, replies, round_log)
+    assert kept == [replies[0], replies[3]]
+    assert "float32" in round_log.failed["b"] and "hold 21 values" in round_log.failed["c"]
+    aggregated, _ = FedAvg().aggregate_train(1, kept)
+    assert aggregated is not None
+    np.testing.assert_allclose(from_array_record(aggregated)["ad_factors"], init_global_arrays(NUM_ADS, DIM, seed=1)["ad_factors"], rtol=1e-6)
 
 
 def test_stale_and_duplicate_replies_are_dropped():

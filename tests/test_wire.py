@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from shared.als import ALSSettings
@@ -25,6 +25,8 @@ from shared.wire import (
     EvaluateReply,
     PrivacyReport,
     TrainReply,
+    array_names,
+    from_array_record,
     read_instruction,
     refusal,
     to_array_record,
@@ -94,3 +96,78 @@ def test_als_statistic_keys_are_the_contracts():
     assert set(exact.stat_shapes(10, 4)) == {ALS_COUNT, ALS_TARGET, ALS_POSITIVES, ALS_USER_GRAM}
     with pytest.raises(ValueError, match="one of"):
         shared.stat_shapes(10, 4, "everything")
+
+
+def _objects(obj: object) -> int:
+    """How many objects Flower moves for `obj` (a message and everything under it), one request each per hop."""
+    return 1 + sum(_objects(child) for child in (getattr(obj, "children", None) or {}).values())
+
+
+def test_an_array_record_travels_packed_one_array_per_dtype():
+    arrays = {
+        "ad_factors": np.arange(12, dtype=np.float32).reshape(4, 3), "ad_bias": np.linspace(0, 1, 4, dtype=np.float32),
+        "als_ads": np.array([0, 2**24 + 1, 10**7 - 1], dtype=np.int64), "half": np.float16([1.5, -2.0]),
+        "scalar": np.array(3.25), "empty": np.zeros((0, 3), dtype=np.float32),
+    }
+    record = to_array_record(arrays)
+    assert sorted(record) == ["packed.<f2:half=2", "packed.<f4:ad_bias=4;ad_factors=4x3;empty=0x3", "packed.<f8:scalar=",
+                              "packed.<i8:als_ads=3"]
+    assert array_names(record) == set(arrays)
+    received = from_array_record(record)
+    assert set(received) == set(arrays)
+    for key, value in arrays.items():
+        assert received[key].dtype == value.dtype and received[key].shape == value.shape
+        np.testing.assert_array_equal(received[key], value)
+    # the same arrays in another order pack under the same keys (Flower's FedAvg compares the replies' keys)
+    assert list(to_array_record(dict(reversed(list(arrays.items()))))) == list(record)
+
+
+def test_packing_cuts_the_objects_of_a_model_message_and_of_a_private_release():
+    model = {"ad_factors": np.ones((50, 8), dtype=np.float32), "ad_bias": np.zeros(50, dtype=np.float32)}
+    plain = ArrayRecord({key: Array(value) for key, value in model.items()})
+    sent = Message(content=RecordDict({ARRAYS: to_array_record(model), CONFIG: ConfigRecord({SERVER_ROUND: 1})}),
+                   dst_node_id=7, message_type="train")
+    before = Message(content=RecordDict({ARRAYS: plain, CONFIG: ConfigRecord({SERVER_ROUND: 1})}), dst_node_id=7, message_type="train")
+    assert (_objects(before), _objects(sent)) == (8, 6)
+    release = {ALS_COUNT: np.ones(50, np.float16), ALS_TARGET: np.ones((50, 8), np.float16), ALS_USER_GRAM: np.eye(8, dtype=np.float32)}
+    reply = TrainReply("m", release, None, {}, PrivacyReport(1.0, 2.0)).to_message(_request())
+    assert _objects(reply) == 9  # message, records (arrays, metrics, client), a float16 and a float32 array of one chunk each
+
+
+@pytest.mark.parametrize(("key", "flat", "problem"), [
+    ("packed.<f4:b=2;a=2", np.zeros(4, np.float32), "canonical"),  # names out of order
+    ("packed.<f4:a=2;a=2", np.zeros(4, np.float32), "canonical"),  # a name twice
+    ("packed.<f4:a=3", np.zeros(4, np.float32), "hold 3 values"),
+    ("packed.<f8:a=4", np.zeros(4, np.float32), "does not match"),  # the key's dtype is not the array's
+    ("packed.<f4:a=2x2", np.zeros((2, 2), np.float32), "does not match"),  # not flat
+    ("packed.<f4:a=-1", np.zeros(4, np.float32), "malformed"),
+    ("packed.<f4:a=two", np.zeros(4, np.float32), "malformed"),
+    ("packed.<f4:a b=4", np.zeros(4, np.float32), "malformed"),
+    ("packed.<f4", np.zeros(4, np.float32), "does not match"),
+    ("packed.<f4:a=04", np.zeros(4, np.float32), "canonical"),
+])
+def test_a_malformed_packed_array_is_refused(key: str, flat: np.ndarray, problem: str):
+    with pytest.raises(ValueError, match=problem):
+        from_array_record(ArrayRecord({key: Array(flat)}))
+
+
+def test_a_name_packed_and_plain_at_once_is_refused():
+    record = ArrayRecord({"packed.<f4:a=2": Array(np.zeros(2, np.float32)), "a": Array(np.zeros(2, np.float32))})
+    with pytest.raises(ValueError, match="twice"):
+        from_array_record(record)
+    with pytest.raises(ValueError, match="must not start"):
+        to_array_record({"packed.<f4:a=2": np.zeros(2, np.float32)})
+
+
+def test_flowers_fedavg_of_packed_replies_is_the_average_of_each_array():
+    rng = np.random.default_rng(0)
+    replies = [{"ad_factors": rng.standard_normal((6, 3)).astype(np.float32), "ad_bias": rng.standard_normal(6).astype(np.float32)}
+               for _ in range(3)]
+    weights = [1.0, 2.0, 5.0]
+    messages = [TrainReply(f"m{i}", arrays, weight).to_message(_request()) for i, (arrays, weight) in enumerate(zip(replies, weights))]
+    aggregated, _ = FedAvg(arrayrecord_key=ARRAYS, configrecord_key=CONFIG).aggregate_train(1, messages)
+    assert aggregated is not None
+    averaged = from_array_record(aggregated)
+    for key in ("ad_factors", "ad_bias"):
+        expected = sum(w * r[key] for w, r in zip(weights, replies)) / sum(weights)
+        np.testing.assert_allclose(averaged[key], expected, rtol=1e-6, atol=1e-6)
