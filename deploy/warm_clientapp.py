@@ -16,11 +16,17 @@ CLIENTAPP_PRELOAD) and forks it once per message:
   is stopped when its shim goes away (SuperExec stopped it), and every child and the warm
   process itself stop when the SuperNode process that started them is gone, SIGKILL included.
 
-Each message still runs in its own process with fresh state, as Flower's isolation asks; the
-app's own code is not preloaded, so it is still imported from the FAB the SuperLink sent: the
-child forgets the modules of this project the warm process itself runs on (this module and
-shared.flower_internals, from the merchant's installed fedads) before Flower loads the app, or
-the FAB's `shared` package would resolve to the installed one (`forget_project_modules`).
+Each message still runs in its own process with fresh state, as Flower's isolation asks, and
+the app's code comes from the FAB the SuperLink sent, never from the merchant's installed
+fedads: a child forgets the modules of this project the warm process itself runs on (this
+module and shared.flower_internals) before Flower loads the app, or the FAB's `shared` package
+would resolve to the installed one (`forget_project_modules`). Once a ClientApp of a FAB has
+run, the warm process imports what it imported of the app, from the FAB's installation
+(`preload_app`; each child adds to the FAB's list in the install records what it imported that
+the list lacked), so that later children start with the app loaded: the app's import cost a
+ClientApp 50-100 ms of CPU per message, torch and Opacus on the DP-SGD path seconds. A child
+whose message is of another FAB forgets those modules and imports its own (`_fab_in_use`).
+Importing runs only the app's module-level code, the same in every process.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import socket
 import stat
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 from shared.flower_internals import CLIENTAPP_COMMAND, CLIENTAPP_PRELOAD, install_each_fab_once, prompt_object_pulls, run_flower_command
@@ -87,12 +94,112 @@ def forget_project_modules(packages: tuple[str, ...] = PROJECT_PACKAGES) -> list
     return dropped
 
 
+MODULES_SUFFIX = ".modules"  # beside a FAB's install record: the app's modules its first ClientApp imported
+
+
+@dataclass
+class _AppModules:
+    """Which FAB's modules this process holds in sys.modules (the warm process: none, or the
+    latest FAB a ClientApp ran), and, in a child, the FAB its message runs."""
+
+    records: Path | None = None  # the install records (shared.flower_internals.install_each_fab_once)
+    preloaded: tuple[str, Path] | None = None  # (sha256 of the FAB, where it is installed)
+    imported: frozenset[str] = frozenset()  # the preloaded FAB's modules this process imported
+    in_use: tuple[str, Path] | None = None
+
+
+_app = _AppModules()
+
+
+def _drop_from_path(folder: Path) -> None:
+    sys.path[:] = [entry for entry in sys.path if entry != str(folder)]
+
+
+def _modules_under(folder: Path) -> set[str]:
+    """The modules in sys.modules loaded from `folder` (a FAB's installation, on sys.path as
+    Flower puts it there)."""
+    prefix = os.path.join(str(folder), "")
+    return {name for name, module in list(sys.modules.items())
+            if isinstance(origin := getattr(module, "__file__", None), str) and origin.startswith(prefix)}
+
+
+def _parents_first(names: set[str]) -> list[str]:
+    return sorted(names, key=lambda name: (name.count("."), name))
+
+
+def _fab_in_use(sha: str, installed: Path) -> None:
+    """In a child, before Flower loads the app: the FAB of its message. Modules of another FAB
+    than the one preloaded are forgotten, so that the app is imported from its own."""
+    _app.in_use = (sha, installed)
+    if _app.preloaded is not None and _app.preloaded[0] != sha:
+        forget_project_modules()
+        _drop_from_path(_app.preloaded[1])
+        _app.preloaded = None
+
+
+def _report_app_modules() -> None:
+    """In a child, after its run: the app modules it imported that the FAB's report does not list
+    yet (a probe imports less than a training message), added to it for the warm process to
+    import (`preload_app`). The report is replaced whole, never left half written."""
+    if _app.in_use is None or _app.records is None:
+        return
+    sha, installed = _app.in_use
+    target = _app.records / f"{sha}{MODULES_SUFFIX}"
+    imported = _modules_under(installed)
+    listed = set(target.read_text().split()) if target.is_file() else set()
+    if imported <= listed:
+        return
+    partial = target.with_name(f".{target.name}.{os.getpid()}")
+    partial.write_text("\n".join(_parents_first(imported | listed)) + "\n")
+    os.replace(partial, target)
+
+
+def preload_app() -> None:
+    """In the warm process, between runs: the modules a ClientApp of the latest FAB imported,
+    imported here once, so that every child forked afterwards has them (a fresh import of the
+    app costs a ClientApp 50-100 ms of CPU). The process's own modules of this project (it runs
+    on the merchant's installed fedads) are forgotten first: its functions keep theirs."""
+    if _app.records is None or not (reports := list(_app.records.glob(f"*{MODULES_SUFFIX}"))):
+        return
+    latest = max(reports, key=lambda path: path.stat().st_mtime_ns)
+    sha = latest.name.removesuffix(MODULES_SUFFIX)
+    names = set(latest.read_text().split())
+    if _app.preloaded is not None and _app.preloaded[0] == sha:
+        installed = _app.preloaded[1]
+        if names <= _app.imported:
+            return
+    else:
+        record = _app.records / sha
+        installed = Path(record.read_text()) if record.is_file() else Path()
+        if not record.is_file() or not installed.is_dir():
+            return
+        forget_project_modules()
+        if _app.preloaded is not None:
+            _drop_from_path(_app.preloaded[1])
+        _app.preloaded, _app.imported = None, frozenset()
+        sys.path.insert(0, str(installed))
+    try:
+        for name in _parents_first(names - _app.imported):
+            importlib.import_module(name)
+        if stray := sorted(names - _modules_under(installed)):
+            raise ImportError(f"{stray[0]} was not imported from the FAB")
+    except Exception:  # the children then import the app themselves, as Flower's would
+        traceback.print_exc()
+        forget_project_modules()
+        _drop_from_path(installed)
+        _app.preloaded, _app.imported = None, frozenset()
+        return
+    _app.preloaded, _app.imported = (sha, installed), frozenset(names)
+
+
 def preload(install_records: Path) -> None:
     for module in CLIENTAPP_PRELOAD:
         importlib.import_module(module)
-    install_each_fab_once(install_records)
+    _app.records = install_records
+    install_each_fab_once(install_records, on_use=_fab_in_use)
     # started as soon as its message is announced, a ClientApp may ask before the objects are in
     prompt_object_pulls()
+    preload_app()
 
 
 def _run_child(request: dict[str, object], fds: list[int]) -> None:
@@ -111,7 +218,8 @@ def _run_child(request: dict[str, object], fds: list[int]) -> None:
         os.chdir(str(request["cwd"]))
         argv = request["argv"]
         assert isinstance(argv, list)
-        forget_project_modules()
+        if _app.preloaded is None:  # the warm process's own modules of this project, not the FAB's
+            forget_project_modules()
         run_flower_command(CLIENTAPP_COMMAND, [str(arg) for arg in argv])
         code = 0
     except SystemExit as exc:
@@ -119,6 +227,10 @@ def _run_child(request: dict[str, object], fds: list[int]) -> None:
     except BaseException:
         traceback.print_exc()
     finally:
+        try:
+            _report_app_modules()
+        except OSError:
+            pass  # only the next ClientApps' start is slower
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
@@ -178,14 +290,17 @@ class WarmServer:
         self.children[pid] = conn
         self.selector.register(conn, selectors.EVENT_READ, pid)
 
-    def _reap(self) -> None:
+    def _reap(self) -> int:
+        """Report every child that exited to its shim; returns how many."""
+        reaped = 0
         while self.children:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                return reaped
             if pid == 0:
-                return
+                return reaped
+            reaped += 1
             conn = self.children.pop(pid, None)
             if conn is not None:
                 try:
@@ -197,6 +312,7 @@ class WarmServer:
                 except OSError:
                     pass
                 conn.close()
+        return reaped
 
     def _shim_gone(self, pid: int, conn: socket.socket) -> None:
         """A shim's socket became readable: it only ever closes, when SuperExec stopped the shim."""
@@ -224,7 +340,8 @@ class WarmServer:
                         self._drain_wakeup()
                     elif isinstance(key.fileobj, socket.socket):
                         self._shim_gone(key.data, key.fileobj)
-                self._reap()
+                if self._reap():
+                    preload_app()
         finally:
             for pid in list(self.children):
                 try:

@@ -728,14 +728,15 @@ def prompt_object_pulls(first: float = 0.01, longest: float = 1.0) -> None:
         function.__kwdefaults__ = defaults
 
 
-def install_each_fab_once(record_dir: Path) -> None:
+def install_each_fab_once(record_dir: Path, on_use: Callable[[str, Path], None] | None = None) -> None:
     """In this process (and the ClientApps forked from it), a FAB whose exact bytes were installed
     and verified before is not unpacked again: Flower unzips and re-verifies the FAB for every
     message (0.2-0.3 s, and the app's modules then recompile). Keyed by the SHA-256 of the FAB's
     bytes; the record holds the path Flower installed it to, used only while that path exists.
     The installed app is compiled to bytecode once, when it is installed: a ClientApp otherwise
     compiles the app's modules from source on every message where Python does not write
-    bytecode (PYTHONDONTWRITEBYTECODE, a read-only home), about 80 ms of CPU a message."""
+    bytecode (PYTHONDONTWRITEBYTECODE, a read-only home), about 80 ms of CPU a message.
+    `on_use(sha256, path)`: told which FAB the message runs, before Flower loads its app."""
     module = importlib.import_module(_RUN_CLIENTAPP)
     install = module.install_from_fab
 
@@ -745,6 +746,8 @@ def install_each_fab_once(record_dir: Path) -> None:
         if install_dir is None and record.is_file():
             installed = Path(record.read_text())
             if installed.is_dir():
+                if on_use is not None:
+                    on_use(record.name, installed)
                 return installed
         installed = Path(install(fab_file, install_dir, skip_prompt))
         # py_compile writes the bytecode whatever sys.dont_write_bytecode says; a failure only costs speed
@@ -752,6 +755,8 @@ def install_each_fab_once(record_dir: Path) -> None:
         if install_dir is None:
             record_dir.mkdir(parents=True, exist_ok=True)
             record.write_text(str(installed))
+            if on_use is not None:
+                on_use(record.name, installed)
         return installed
 
     module.install_from_fab = install_once  # type: ignore[attr-defined]

@@ -284,3 +284,82 @@ def test_supernode_log_lines_carry_the_time(monkeypatch) -> None:
     record = logging.LogRecord("flwr", logging.INFO, __file__, 1, "Sending: train message", None, None)
     line = handlers[0].format(record)
     assert "Sending: train message" in line and time.strftime("%Y-%m-%d") in line
+
+
+PRELOAD_DRIVER = '''
+import sys
+from pathlib import Path
+import deploy.warm_clientapp as warm
+import flwr.supernode.runtime.run_clientapp as run_clientapp
+from shared import flower_internals
+fabs = {b"fab-one": Path(sys.argv[3]), b"fab-two": Path(sys.argv[4])}
+run_clientapp.install_from_fab = lambda fab_file, install_dir=None, skip_prompt=False: fabs[fab_file]
+flower_internals.FLOWER_COMMANDS[flower_internals.CLIENTAPP_COMMAND] = ("probe_entry", "main")
+warm.serve(Path(sys.argv[1]), int(sys.argv[2]))
+'''
+
+PROBE_ENTRY = '''
+import importlib, json, os, sys
+def main():
+    before = "client.task" in sys.modules
+    run_clientapp = importlib.import_module("flwr.supernode.runtime.run_clientapp")
+    installed = run_clientapp.install_from_fab(sys.argv[1].encode(), skip_prompt=True)
+    kept = "client.task" in sys.modules
+    if str(installed) not in sys.path:
+        sys.path.insert(0, str(installed))
+    import client.task
+    here = client.task.IMPORTED_BY == os.getpid()
+    shown = {"preloaded": before, "kept": kept, "from": client.task.FROM, "imported_here": here}
+    if sys.argv[2:] == ["more"]:  # imports another module of the app; True: it had not been preloaded
+        shown["more"] = "client.more" not in sys.modules
+        import client.more
+    print(json.dumps(shown))
+'''
+
+
+def _fake_fab(folder: Path, name: str) -> Path:
+    (folder / "client").mkdir(parents=True)
+    (folder / "client" / "__init__.py").write_text("")
+    (folder / "client" / "task.py").write_text(f"import os\nFROM = {name!r}\nIMPORTED_BY = os.getpid()\n")
+    (folder / "client" / "more.py").write_text("")
+    return folder
+
+
+def test_the_warm_process_imports_the_app_a_clientapp_imported_once_for_the_next_ones(tmp_path: Path) -> None:
+    """The first ClientApp of a FAB imports the app and names its modules; the warm process then
+    imports them once, and the children forked afterwards find them loaded (from the FAB). A
+    message of another FAB forgets them and imports its own."""
+    one, two = _fake_fab(tmp_path / "fab-one", "one"), _fake_fab(tmp_path / "fab-two", "two")
+    (tmp_path / "entry").mkdir()
+    (tmp_path / "entry" / "probe_entry.py").write_text(PROBE_ENTRY)
+    (tmp_path / "driver.py").write_text(PRELOAD_DRIVER)
+    socket_path = tmp_path / "run" / "warm.sock"
+    socket_path.parent.mkdir()
+    shim = write_shim(tmp_path / "bin")
+    env = {**os.environ, SOCKET_ENV: str(socket_path), "PYTHONPATH": os.pathsep.join([str(tmp_path / "entry"), os.getcwd()])}
+    server = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(socket_path), str(os.getpid()), str(one), str(two)],
+                              env=env, stdin=subprocess.DEVNULL)
+    try:
+        _wait_until(socket_path.exists, "the warm process listens")
+
+        def run(fab: str) -> dict[str, Any]:
+            done = subprocess.run([str(shim), *fab.split()], env=env, capture_output=True, text=True, timeout=DEADLINE)
+            assert done.returncode == 0, done.stderr
+            return json.loads(done.stdout.strip().splitlines()[-1])
+
+        assert run("fab-one") == {"preloaded": False, "kept": False, "from": "one", "imported_here": True}  # the first imports the app
+        reports = list((socket_path.parent / "installed-fabs").glob("*.modules"))
+        assert len(reports) == 1 and reports[0].read_text().split() == ["client", "client.task"]
+        # a run that imports more (a training message, after a probe) adds its modules to the report
+        assert run("fab-one more") == {"preloaded": True, "kept": True, "from": "one", "imported_here": False, "more": True}
+        assert reports[0].read_text().split() == ["client", "client.more", "client.task"]
+        assert run("fab-one more") == {"preloaded": True, "kept": True, "from": "one", "imported_here": False, "more": False}
+        for _ in range(2):  # imported once, by the warm process, before these children were forked
+            assert run("fab-one") == {"preloaded": True, "kept": True, "from": "one", "imported_here": False}
+        # another FAB: the preloaded modules are forgotten and its own imported, then preloaded in turn
+        assert run("fab-two") == {"preloaded": True, "kept": False, "from": "two", "imported_here": True}
+        assert run("fab-two") == {"preloaded": True, "kept": True, "from": "two", "imported_here": False}
+        assert server.poll() is None
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
