@@ -341,7 +341,10 @@ class WarmServer:
                     elif isinstance(key.fileobj, socket.socket):
                         self._shim_gone(key.data, key.fileobj)
                 if self._reap():
-                    preload_app()
+                    try:
+                        preload_app()
+                    except OSError:  # an unreadable install record: the children import the app themselves
+                        traceback.print_exc()
         finally:
             for pid in list(self.children):
                 try:
