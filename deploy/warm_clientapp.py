@@ -26,7 +26,8 @@ run, the warm process imports what it imported of the app, from the FAB's instal
 the list lacked), so that later children start with the app loaded: the app's import cost a
 ClientApp 50-100 ms of CPU per message, torch and Opacus on the DP-SGD path seconds. A child
 whose message is of another FAB forgets those modules and imports its own (`_fab_in_use`).
-Importing runs only the app's module-level code, the same in every process.
+Importing runs only the app's module-level code, the same in every process (what it sets in a
+library, such as torch's thread count, stays set here), and only while no child runs.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ class _AppModules:
     preloaded: tuple[str, Path] | None = None  # (sha256 of the FAB, where it is installed)
     imported: frozenset[str] = frozenset()  # the preloaded FAB's modules this process imported
     in_use: tuple[str, Path] | None = None
+    switched: bool = False  # a child whose message's FAB was not the preloaded one
 
 
 _app = _AppModules()
@@ -134,7 +136,7 @@ def _fab_in_use(sha: str, installed: Path) -> None:
     if _app.preloaded is not None and _app.preloaded[0] != sha:
         forget_project_modules()
         _drop_from_path(_app.preloaded[1])
-        _app.preloaded = None
+        _app.preloaded, _app.switched = None, True
 
 
 def _report_app_modules() -> None:
@@ -148,6 +150,8 @@ def _report_app_modules() -> None:
     imported = _modules_under(installed)
     listed = set(target.read_text().split()) if target.is_file() else set()
     if imported <= listed:
+        if _app.switched and listed:  # back to a FAB run before: the warm process takes it up again
+            os.utime(target)
         return
     partial = target.with_name(f".{target.name}.{os.getpid()}")
     partial.write_text("\n".join(_parents_first(imported | listed)) + "\n")
@@ -199,7 +203,14 @@ def preload(install_records: Path) -> None:
     install_each_fab_once(install_records, on_use=_fab_in_use)
     # started as soon as its message is announced, a ClientApp may ask before the objects are in
     prompt_object_pulls()
-    preload_app()
+    _preload_app_or_say_why()
+
+
+def _preload_app_or_say_why() -> None:
+    try:
+        preload_app()
+    except Exception:  # an unreadable report or record: the children import the app themselves
+        traceback.print_exc()
 
 
 def _run_child(request: dict[str, object], fds: list[int]) -> None:
@@ -227,16 +238,18 @@ def _run_child(request: dict[str, object], fds: list[int]) -> None:
     except BaseException:
         traceback.print_exc()
     finally:
-        try:
-            _report_app_modules()
-        except OSError:
-            pass  # only the next ClientApps' start is slower
-        for stream in (sys.stdout, sys.stderr):
+        try:  # nothing may unwind past here into the warm process's own loop, a copy of which this is
             try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(code)
+                _report_app_modules()
+            except Exception:
+                traceback.print_exc()  # only the next ClientApps' start is slower
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:
+                    pass
+        finally:
+            os._exit(code)
 
 
 class WarmServer:
@@ -340,11 +353,10 @@ class WarmServer:
                         self._drain_wakeup()
                     elif isinstance(key.fileobj, socket.socket):
                         self._shim_gone(key.data, key.fileobj)
-                if self._reap():
-                    try:
-                        preload_app()
-                    except OSError:  # an unreadable install record: the children import the app themselves
-                        traceback.print_exc()
+                # between runs only: the imports would hold up the shims waiting to start and the
+                # exits of the runs under way
+                if self._reap() and not self.children:
+                    _preload_app_or_say_why()
         finally:
             for pid in list(self.children):
                 try:

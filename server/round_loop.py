@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
-from flwr.serverapp.exception import PrivacyBudgetExhausted
+from flwr.serverapp.exception import InconsistentMessageReplies, PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 
 from server.secure_round import SecureTraining
@@ -48,6 +48,7 @@ from shared.wire import (
     client_name,
     error_sender,
     from_array_record,
+    packed_keys,
     plain_metrics,
     to_array_record,
 )
@@ -112,8 +113,8 @@ def _adopt(aggregated: ArrayRecord, sent: ArrayRecord) -> ArrayRecord:
 
 def _check_parameters(arrays: Arrays, shapes: Shapes) -> None:
     """A FedAvg reply: the global parameters' keys and shapes, finite, and float32, as every
-    merchant sends them (shared/wire.py packs a record by dtype, and Flower's FedAvg aggregates
-    nothing when the replies' keys differ: one float64 reply would cost the round)."""
+    merchant sends them (shared/wire.py packs a record by dtype, and Flower's FedAvg ends the
+    ServerApp when the replies' keys differ: one float64 reply would end the run)."""
     check_global_arrays(arrays, shapes)
     if wrong := sorted(key for key, value in arrays.items() if value.dtype != np.float32):
         raise ValueError(f"global parameters travel as float32, {wrong[0]} is {arrays[wrong[0]].dtype}")
@@ -181,8 +182,13 @@ class RoundLoop:
                 if (answers := answered_round(msg)) != server_round:
                     raise ValueError(f"a stale reply: it answers round {answers}, not {server_round}")
                 if check_arrays:
-                    self.check_reply(from_array_record(msg.content.array_records[ARRAYS]),
-                                     plain_metrics(msg.content.metric_records.get(METRICS)))
+                    record = msg.content.array_records[ARRAYS]
+                    arrays = from_array_record(record)
+                    # packed as shared/wire.py packs them, no more and no less: Flower's FedAvg
+                    # ends the ServerApp on replies whose keys differ (InconsistentMessageReplies)
+                    if list(record.keys()) != packed_keys(arrays):
+                        raise ValueError("its arrays are not packed as the wire packs them")
+                    self.check_reply(arrays, plain_metrics(msg.content.metric_records.get(METRICS)))
                     if self.needs_weights and NUM_EXAMPLES not in msg.content.metric_records[METRICS]:
                         raise KeyError(f"its '{METRICS}' record holds no '{NUM_EXAMPLES}'")
             except (KeyError, ValueError) as exc:
@@ -303,7 +309,11 @@ class RoundLoop:
                 log.error("fedads: %s; the run stops short of its plan", reason)
                 return RunOutcome(arrays, server_round - 1, reason, {"round": server_round, "participants": round_log.participants()})
             if secure_total is None:
-                aggregated, train_metrics = self.strategy.aggregate_train(server_round, kept)
+                try:
+                    aggregated, train_metrics = self.strategy.aggregate_train(server_round, kept)
+                except InconsistentMessageReplies as inconsistent:  # e.g. metric records with other keys: no reply may end the run
+                    log.warning("round %d: the strategy refused the replies: %s", server_round, inconsistent)
+                    aggregated, train_metrics = None, None
             else:
                 metrics = [plain_metrics(msg.content.metric_records.get(METRICS)) for msg in kept]
                 aggregated, train_metrics = self.strategy.solve(secure_total, metrics)  # type: ignore[attr-defined]

@@ -102,25 +102,38 @@ def _packed_key(dtype: np.dtype, layout: list[tuple[str, tuple[int, ...]]]) -> s
     return f"{PACKED_PREFIX}{dtype.str}:{entries}"
 
 
-def packed(arrays: Arrays) -> dict[str, np.ndarray]:
-    """`arrays` as they travel: one flat array per dtype under its packed key (names that are not
-    plain identifiers, and object arrays, stay as they are)."""
+def _packing(arrays: Arrays) -> tuple[list[tuple[str, np.dtype, list[str]]], list[str]]:
+    """How `packed` lays `arrays` out: (key, dtype, names) of each packed array, and the names
+    that travel as they are (not plain identifiers, or object arrays)."""
     groups: dict[np.dtype, list[str]] = {}
-    plain: dict[str, np.ndarray] = {}
+    plain: list[str] = []
     for key, value in arrays.items():
         if key.startswith(PACKED_PREFIX):
             raise ValueError(f"an array's name must not start with {PACKED_PREFIX!r}: {key!r}")
         if _PACKABLE_NAME.fullmatch(key) and value.dtype != object:
             groups.setdefault(value.dtype, []).append(key)
         else:
-            plain[key] = value
-    out: dict[str, np.ndarray] = {}
+            plain.append(key)
+    layout = []
     for dtype, names in sorted(groups.items(), key=lambda item: item[0].str):
         names.sort()
-        layout = [(name, tuple(int(n) for n in arrays[name].shape)) for name in names]
-        flat = np.concatenate([np.asarray(arrays[name]).ravel() for name in names]) if names else np.zeros(0, dtype)
-        out[_packed_key(dtype, layout)] = flat.astype(dtype, copy=False)
-    return {**out, **plain}
+        layout.append((_packed_key(dtype, [(name, tuple(int(n) for n in arrays[name].shape)) for name in names]), dtype, names))
+    return layout, plain
+
+
+def packed_keys(arrays: Arrays) -> list[str]:
+    """The keys `arrays` travel under, in order (the server checks a reply's against them)."""
+    layout, plain = _packing(arrays)
+    return [key for key, _, _ in layout] + plain
+
+
+def packed(arrays: Arrays) -> dict[str, np.ndarray]:
+    """`arrays` as they travel: one flat array per dtype under its packed key (names that are not
+    plain identifiers, and object arrays, stay as they are)."""
+    layout, plain = _packing(arrays)
+    out = {key: np.concatenate([np.asarray(arrays[name]).ravel() for name in names]).astype(dtype, copy=False)
+           for key, dtype, names in layout}
+    return {**out, **{name: arrays[name] for name in plain}}
 
 
 def unpacked(key: str, flat: np.ndarray) -> Arrays:

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from server.round_loop import TRAIN_USERS, RoundLog, RoundLoop, one_line
@@ -60,11 +60,19 @@ def test_a_reply_that_would_pack_apart_or_cannot_unpack_is_dropped_and_fedavg_ag
     (key,) = malformed.content[ARRAYS].keys()
     flat = malformed.content[ARRAYS].pop(key)
     malformed.content[ARRAYS][key.replace(f"ad_bias={NUM_ADS}", f"ad_bias={NUM_ADS + 1}")] = flat
-    replies = [_good("a", 30.0), wide, malformed, _good("d", 10.0, node=6)]
+    # the right arrays, but under other keys than the wire's: plain, split in two, an extra empty entry
+    arrays = init_global_arrays(NUM_ADS, DIM, seed=1)
+    plain, split, padded = (_good(name, 10.0, node=node) for name, node in (("e", 7), ("f", 8), ("g", 9)))
+    plain.content[ARRAYS] = ArrayRecord({name: Array(value) for name, value in arrays.items()})
+    split.content[ARRAYS] = ArrayRecord({f"packed.<f4:{name}={'x'.join(map(str, value.shape))}": Array(value.ravel())
+                                         for name, value in arrays.items()})
+    padded.content[ARRAYS]["packed.<f8:"] = Array(np.zeros(0))
+    replies = [_good("a", 30.0), wide, malformed, _good("d", 10.0, node=6), plain, split, padded]
     round_log = RoundLog()
     kept = loop._train_replies(1, replies, round_log)
     assert kept == [replies[0], replies[3]]
     assert "float32" in round_log.failed["b"] and "hold 21 values" in round_log.failed["c"]
+    assert all("not packed as the wire packs them" in round_log.failed[name] for name in "efg")
     aggregated, _ = FedAvg().aggregate_train(1, kept)
     assert aggregated is not None
     np.testing.assert_allclose(from_array_record(aggregated)["ad_factors"], init_global_arrays(NUM_ADS, DIM, seed=1)["ad_factors"], rtol=1e-6)
@@ -151,3 +159,15 @@ def test_refusals_are_not_retried():
     outcome, _ = _run(grid, min_replies=1, retries=3)
     assert grid.exchanges == 1 and outcome.last_round == 0
     assert set(outcome.failed_round["participants"]["refused"]) == {"a", "b", "c"}  # named by their refusals
+
+
+def test_replies_flowers_fedavg_refuses_leave_the_model_unchanged_and_the_run_goes_on():
+    """Flower's FedAvg raises InconsistentMessageReplies (an exit of the ServerApp) when the
+    replies' metric records hold different keys: one merchant's extra metric must not end the run."""
+    odd = _good("b", 10.0, node=2)
+    odd.content[METRICS]["an-extra-metric"] = 1.0
+    first = [_good("a", 10.0, node=1), odd]
+    second = [_good(n, 10.0, node=i + 1, server_round=2) for i, n in enumerate("ab")]
+    outcome, records = _run(_Grid([first, second]), min_replies=1, retries=0)
+    assert outcome.short_reason is None and outcome.last_round == 2 and len(records) == 2
+    assert records[0]["train"] == {}  # round 1 aggregated nothing

@@ -359,6 +359,9 @@ def test_the_warm_process_imports_the_app_a_clientapp_imported_once_for_the_next
         # another FAB: the preloaded modules are forgotten and its own imported, then preloaded in turn
         assert run("fab-two") == {"preloaded": True, "kept": False, "from": "two", "imported_here": True}
         assert run("fab-two") == {"preloaded": True, "kept": True, "from": "two", "imported_here": False}
+        # back to the first FAB: its first run imports it, and the warm process takes it up again
+        assert run("fab-one") == {"preloaded": True, "kept": False, "from": "one", "imported_here": True}
+        assert run("fab-one") == {"preloaded": True, "kept": True, "from": "one", "imported_here": False}
         assert server.poll() is None
     finally:
         server.terminate()
