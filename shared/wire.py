@@ -89,7 +89,7 @@ Arrays = dict[str, np.ndarray]
 # naming each array and its shape (PACKED_PREFIX + dtype + ":" + "name=AxB;name=C", names sorted).
 # Flower moves a message as one object per record and per array (and per 5 MB chunk of it), each
 # a request at every hop (ServerApp -> SuperLink -> SuperNode -> ClientApp and back): a model
-# message of two arrays is 6 objects instead of 8, a private ALS release 7-9 instead of 13. A
+# message of two arrays is 6 objects instead of 8, a private ALS release 9 instead of 13. A
 # FedAvg or FedMedian of packed records is the same elementwise as of the arrays one by one, and
 # the canonical key (sorted names, shapes, dtype) is the same in every reply of the same arrays,
 # as Flower's consistency check of the replies' keys asks.
