@@ -68,8 +68,8 @@ class LocalDeployment:
     database: Path | None = None  # the SuperLink's SQLite state; None: in its memory
     keys: dict[str, MerchantKeys] = field(default_factory=dict)
     registered: list[str] = field(default_factory=list)  # merchant ids whose keys the SuperLink knows
-    # how each merchant's SuperNode was last started (merchant, key, tls, max_retries) and its process name
-    supernodes: dict[str, tuple[tuple[Merchant, Path | None, bool, int | None], str]] = field(default_factory=dict)
+    # how each merchant's SuperNode was last started (merchant, key, tls, max_retries), by merchant id
+    supernodes: dict[str, tuple[Merchant, Path | None, bool, int | None]] = field(default_factory=dict)
     supernode_env: dict[str, str] = field(default_factory=dict)  # extra environment of the SuperNodes (and what they start) only
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     _stack: ExitStack = field(default_factory=ExitStack)
@@ -103,9 +103,8 @@ class LocalDeployment:
         }).write(node_dir / "node-config.toml")
         command = supernode_command(self.fleet_address, self.tls.ca_cert if tls else None, key, config, free_port(), max_retries,
                                     trusted_entities=merchant.trusted_entities)
-        name = f"supernode-{merchant.merchant_id}"
-        self.supernodes[merchant.merchant_id] = ((merchant, key, tls, max_retries), name)
-        return self.start(name, command, node_dir / "flwr-home", self.supernode_env)
+        self.supernodes[merchant.merchant_id] = (merchant, key, tls, max_retries)
+        return self.start(f"supernode-{merchant.merchant_id}", command, node_dir / "flwr-home", self.supernode_env)
 
     def flwr(self, *args: str, env: Mapping[str, str] | None = None, timeout: float = 120.0) -> subprocess.CompletedProcess:
         return runs.flwr(args, env or self.operator_env, cwd=PROJECT_ROOT, timeout=timeout)
@@ -157,8 +156,8 @@ class LocalDeployment:
         if self.database is None:
             for merchant_id in self.registered:
                 self.register(merchant_id)
-            for arguments, name in list(self.supernodes.values()):
-                stop_process(self.processes[name])
+            for merchant_id, arguments in list(self.supernodes.items()):
+                stop_process(self.processes[f"supernode-{merchant_id}"])
                 self.start_supernode(*arguments)
         return superlink
 

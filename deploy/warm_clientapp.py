@@ -95,7 +95,7 @@ def forget_project_modules(packages: tuple[str, ...] = PROJECT_PACKAGES) -> list
     return dropped
 
 
-MODULES_SUFFIX = ".modules"  # beside a FAB's install record: the app's modules its first ClientApp imported
+MODULES_SUFFIX = ".modules"  # beside a FAB's install record: the app's modules its ClientApps imported
 
 
 @dataclass
@@ -174,8 +174,7 @@ def preload_app() -> None:
             return
     else:
         record = _app.records / sha
-        installed = Path(record.read_text()) if record.is_file() else Path()
-        if not record.is_file() or not installed.is_dir():
+        if not record.is_file() or not (installed := Path(record.read_text())).is_dir():
             return
         forget_project_modules()
         if _app.preloaded is not None:

@@ -106,7 +106,7 @@ class RunOutcome:
 
 def _adopt(aggregated: ArrayRecord, sent: ArrayRecord) -> ArrayRecord:
     """The round's new global parameters: the aggregate, with the public constants as sent."""
-    if not any(key in array_names(sent) for key in PUBLIC_CONSTANT_KEYS):
+    if array_names(sent).isdisjoint(PUBLIC_CONSTANT_KEYS):
         return aggregated
     return to_array_record(with_public_constants(from_array_record(aggregated), from_array_record(sent)))
 
