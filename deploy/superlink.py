@@ -24,9 +24,12 @@ The state: `--database FILE` (SQLite) keeps registered merchants, runs and messa
 restart; `--in-memory` (Flower's own default, `:flwr-in-memory:`) keeps them in the SuperLink's
 memory: a restart forgets them (register the merchants again; `deploy.runs resume` resumes from
 the run's checkpoints as before). What it buys: every Fleet and Runtime API request (a model
-message is 8 objects, each pulled and pushed on its own) updates the SQLite file through
+message is 6 objects, each pulled and pushed on its own) updates the SQLite file through
 SQLAlchemy, which made the SuperLink the busiest process of a deployed round; in memory, a
 3-merchant MovieLens round is about 40% shorter (docs/BENCHMARKS.md, "Deployment").
+
+The SuperLink process is deploy.flower_superlink: Flower's `flower-superlink` with each of its
+HTTP layers applied only under the API it serves.
 """
 
 from __future__ import annotations
@@ -75,7 +78,8 @@ def superlink_command(tls: ServerTls, database: Path | None, host: str = LOOPBAC
     """The flower-superlink command line; `database` None: the state in memory. `host` stays
     loopback: this port is also the unauthenticated Control API (see the module docstring)."""
     return [
-        str(bin_dir / "flower-superlink"),
+        # Flower's flower-superlink, each HTTP layer only under the API it serves (deploy/flower_superlink.py)
+        str(bin_dir / "python"), "-m", "deploy.flower_superlink",
         "--ssl-ca-certfile", str(tls.ca_cert),
         "--ssl-certfile", str(tls.server_cert),
         "--ssl-keyfile", str(tls.server_key),

@@ -78,6 +78,10 @@ _SUPERNODE = "flwr.supernode.start_client_internal"
 _INFLATABLE = "flwr.supercore.inflatable.inflatable_utils"
 _RUN_CLIENTAPP = "flwr.supernode.runtime.run_clientapp"
 _SUPEREXEC_LOOP = "flwr.supercore.superexec.run_superexec"
+_SUPERLINK_APP = "flwr.superlink.main"
+_CONTROL_MIDDLEWARE = "flwr.superlink.routers.control.middlewares"
+_FLEET_MIDDLEWARE = "flwr.superlink.routers.fleet.middlewares"
+_NODE_AUTH = "flwr.superlink.routers.fleet.node_auth"
 
 PINNED: tuple[Pinned, ...] = (
     # the engine, run as `flwr-simulation` runs it (`run_engine`)
@@ -183,6 +187,25 @@ PINNED: tuple[Pinned, ...] = (
     Pinned(_RUN_CLIENTAPP, "run_clientapp", source=("install_from_fab(fab.content, skip_prompt=True)",)),
     # the time of day on every line of a SuperNode's log (`timestamp_flower_logs`)
     Pinned("flwr.supercore.logger", "ConsoleHandler", attributes=("timestamps",)),
+    # the SuperLink's HTTP layers, each only under the API it serves (`scope_superlink_middleware`):
+    # each layer below passes every request outside its prefix straight on, so skipping it there
+    # changes nothing but the cost (SUPERLINK_LAYER_SCOPES)
+    Pinned(_SUPERLINK_APP, "_get_middleware", source=("Middleware(NodeAuthMiddleware)", "Middleware(ProtobufTranslationMiddleware)")),
+    Pinned(_SUPERLINK_APP, "create_app", source=("middleware=_get_middleware()",)),
+    Pinned("flwr.superlink.cli", "flower_superlink"),
+    Pinned(_CONTROL_MIDDLEWARE, "_is_control_path", source=('path.startswith("/v1/control/")',)),
+    Pinned(_CONTROL_MIDDLEWARE, "CONTROL_SENSITIVE_ROUTE_KEYS"),
+    Pinned(_CONTROL_MIDDLEWARE, "ControlSensitiveResponseMiddleware.dispatch", source=("if _is_control_sensitive_route(request):",)),
+    Pinned(_CONTROL_MIDDLEWARE, "ControlAuthenticationMiddleware.dispatch",
+           source=("if not _is_control_path(request.url.path) or _is_control_auth_route(request):\n            return await call_next(request)",)),
+    Pinned(_CONTROL_MIDDLEWARE, "ControlLicenseMiddleware.dispatch",
+           source=("if self._license_plugin is None or not _is_control_path(request.url.path):\n            return await call_next(request)",)),
+    Pinned(_CONTROL_MIDDLEWARE, "ControlEventLogMiddleware.dispatch",
+           source=("if not _is_control_path(request.url.path) or _is_control_sensitive_route(\n            request\n        ):\n"
+                   "            return await call_next(request)",)),
+    Pinned(_NODE_AUTH, "NodeAuthMiddleware.dispatch", source=('if request.url.path.startswith("/v1/fleet/") and isinstance(',)),
+    Pinned(_FLEET_MIDDLEWARE, "FleetEventLogMiddleware.dispatch",
+           source=('if not request.url.path.startswith("/v1/fleet/"):\n            return await call_next(request)',)),
 )
 
 
@@ -770,8 +793,67 @@ def timestamp_flower_logs() -> None:
             handler.timestamps = True
 
 
+# --- a deployed SuperLink: its HTTP layers, each only under the API it serves ---
+
+# Flower 1.42's SuperLink serves its three APIs from one FastAPI app and passes every request,
+# a SuperNode's pull as much as `flwr run`, through all eight of its BaseHTTPMiddleware layers
+# (flwr/superlink/main.py `_get_middleware`); a BaseHTTPMiddleware layer costs a task group and
+# a re-streamed response per request even when it only passes the request on. These six act
+# only on the paths under their prefix and pass every other request straight on (PINNED checks
+# the test each one makes), so they are skipped outside it; the error translator and the
+# protobuf translation serve every API and stay as they are.
+SUPERLINK_LAYER_SCOPES = {
+    (_CONTROL_MIDDLEWARE, "ControlSensitiveResponseMiddleware"): "/v1/control/",
+    (_CONTROL_MIDDLEWARE, "ControlAuthenticationMiddleware"): "/v1/control/",
+    (_CONTROL_MIDDLEWARE, "ControlLicenseMiddleware"): "/v1/control/",
+    (_CONTROL_MIDDLEWARE, "ControlEventLogMiddleware"): "/v1/control/",
+    (_NODE_AUTH, "NodeAuthMiddleware"): "/v1/fleet/",
+    (_FLEET_MIDDLEWARE, "FleetEventLogMiddleware"): "/v1/fleet/",
+}
+
+
+class PathScopedLayer:
+    """An ASGI middleware `layer` that sees only the HTTP requests whose path starts with
+    `prefix` (and the non-HTTP scopes, lifespan included, which a BaseHTTPMiddleware passes on
+    itself); every other HTTP request goes straight to `app`."""
+
+    def __init__(self, app: Any, layer: Any, prefix: str, layer_args: tuple[Any, ...] = (),
+                 layer_kwargs: Mapping[str, Any] | None = None) -> None:
+        self.app, self.prefix = app, prefix
+        self.layer = layer(app, *layer_args, **dict(layer_kwargs or {}))
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and not scope["path"].startswith(self.prefix):
+            await self.app(scope, receive, send)
+        else:
+            await self.layer(scope, receive, send)
+
+
+def scoped_superlink_layers(layers: list[Any]) -> list[Any]:
+    """Flower's SuperLink middleware list, in its order, each layer of SUPERLINK_LAYER_SCOPES
+    wrapped in a PathScopedLayer for its prefix; every other layer as it is."""
+    from starlette.middleware import Middleware
+
+    scopes = {resolve(Pinned(module, name)): prefix for (module, name), prefix in SUPERLINK_LAYER_SCOPES.items()}
+    sensitive = resolve(Pinned(_CONTROL_MIDDLEWARE, "CONTROL_SENSITIVE_ROUTE_KEYS"))
+    if any(not path.startswith("/v1/control/") for _, path in sensitive):
+        raise RuntimeError("a sensitive Control route outside /v1/control/: the SuperLink's layers stay unscoped")
+    return [Middleware(PathScopedLayer, layer=layer.cls, prefix=scopes[layer.cls], layer_args=tuple(layer.args),
+                       layer_kwargs=dict(layer.kwargs)) if layer.cls in scopes else layer
+            for layer in layers]
+
+
+def scope_superlink_middleware() -> None:
+    """In this (SuperLink) process, before `run_flower_command("flower-superlink", ...)`: the app
+    Flower builds applies each of its API-specific HTTP layers only under that API's paths."""
+    module = importlib.import_module(_SUPERLINK_APP)
+    flowers = module._get_middleware
+    module._get_middleware = lambda: scoped_superlink_layers(flowers())  # type: ignore[attr-defined]
+
+
 # Flower's commands that run in processes of ours: command name -> (module, its entry point there)
-FLOWER_COMMANDS = {"flower-supernode": ("flwr.supernode.cli", "flower_supernode"),
+FLOWER_COMMANDS = {"flower-superlink": ("flwr.superlink.cli", "flower_superlink"),
+                   "flower-supernode": ("flwr.supernode.cli", "flower_supernode"),
                    CLIENTAPP_COMMAND: ("flwr.supernode.cli", "flwr_clientapp"),
                    SUPEREXEC_COMMAND: ("flwr.supercore.cli", "flower_superexec")}
 

@@ -1,0 +1,110 @@
+"""The SuperLink's HTTP layers, each only under the API it serves (shared/flower_internals.py
+`scope_superlink_middleware`, deploy/flower_superlink.py): Flower's layers in Flower's order,
+the API-specific ones skipped outside their API, and Flower's own app answering every kind of
+request exactly as it does unscoped. tests/test_deployment.py runs the whole TLS deployment on
+the scoped SuperLink (an unregistered SuperNode refused, a run trained)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+with warnings.catch_warnings():  # Starlette asks for httpx2, which nothing else here needs
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from starlette.testclient import TestClient
+
+from deploy.superlink import ServerTls, superlink_command
+from shared.flower_internals import SUPERLINK_LAYER_SCOPES, PathScopedLayer, Pinned, resolve, scope_superlink_middleware, scoped_superlink_layers
+
+
+def _flowers_layers() -> list[Middleware]:
+    return resolve(Pinned("flwr.superlink.main", "_get_middleware"))()
+
+
+def test_flowers_layers_keep_their_order_and_the_api_specific_ones_are_scoped():
+    layers = _flowers_layers()
+    scoped = scoped_superlink_layers(layers)
+    inner = [layer.kwargs["layer"] if layer.cls is PathScopedLayer else layer.cls for layer in scoped]
+    assert inner == [layer.cls for layer in layers]
+    prefixes = {(layer.kwargs["layer"].__module__, layer.kwargs["layer"].__name__): layer.kwargs["prefix"]
+                for layer in scoped if layer.cls is PathScopedLayer}
+    assert prefixes == SUPERLINK_LAYER_SCOPES  # all six found in Flower's list, none other
+    unscoped = [layer.cls.__name__ for layer in scoped if layer.cls is not PathScopedLayer]
+    assert "ProtobufTranslationMiddleware" in unscoped and "BaseHTTPMiddleware" in unscoped  # the translators serve every API
+    assert scoped_superlink_layers(scoped) == scoped  # scoping twice wraps nothing twice
+
+
+def test_a_scoped_layer_sees_only_the_requests_under_its_prefix():
+    seen: list[str] = []
+
+    async def record(request: Request, call_next):
+        seen.append(request.url.path)
+        response = await call_next(request)
+        response.headers["x-layer"] = "yes"
+        return response
+
+    async def ok(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(request.url.path)
+
+    app = Starlette(
+        routes=[Route("/v1/fleet/pull-messages", ok, methods=["POST"]), Route("/v1/runtime/pull-task-input", ok, methods=["POST"]),
+                Route("/v1/fleetish", ok, methods=["POST"])],
+        middleware=[Middleware(PathScopedLayer, layer=BaseHTTPMiddleware, prefix="/v1/fleet/", layer_kwargs={"dispatch": record})],
+    )
+    with TestClient(app) as client:  # the lifespan goes through the layer, as it would unscoped
+        answers = {path: client.post(path) for path in ("/v1/fleet/pull-messages", "/v1/runtime/pull-task-input", "/v1/fleetish")}
+    assert seen == ["/v1/fleet/pull-messages"]
+    assert {path: (r.status_code, r.text, r.headers.get("x-layer")) for path, r in answers.items()} == {
+        "/v1/fleet/pull-messages": (200, "/v1/fleet/pull-messages", "yes"),
+        "/v1/runtime/pull-task-input": (200, "/v1/runtime/pull-task-input", None),
+        "/v1/fleetish": (200, "/v1/fleetish", None),
+    }
+
+
+def _answers(app) -> dict[str, tuple[int, str | None, bytes]]:
+    """Flower's app's answer to a request of each API, the way each is refused or served."""
+    from flwr.proto.fleet_pb2 import PullMessagesRequest
+    from flwr.proto.node_pb2 import Node
+
+    body = PullMessagesRequest(node=Node(node_id=7)).SerializeToString()
+    protobuf = {"content-type": "application/protobuf"}
+    requests = {
+        "fleet, unsigned": ("/v1/fleet/pull-messages", protobuf),  # NodeAuthMiddleware: 401
+        "fleet, not protobuf": ("/v1/fleet/pull-messages", {"content-type": "application/json"}),  # the translation: 415
+        "runtime, no token": ("/v1/runtime/pull-task-input", protobuf),  # the runtime's token check: 401
+        "control, sensitive": ("/v1/control/get-login-details", protobuf),  # ControlSensitiveResponseMiddleware: no-store
+        "control": ("/v1/control/list-runs", protobuf),
+        "no route": ("/v1/nope", protobuf),
+    }
+    with TestClient(app) as client:
+        answers = {}
+        for name, (path, headers) in requests.items():
+            response = client.post(path, content=body, headers=headers)
+            # list-runs answers with the time of day: its status and headers are what the layers set
+            answers[name] = (response.status_code, response.headers.get("cache-control"), b"" if name == "control" else response.content)
+    return answers
+
+
+def test_flowers_app_answers_every_api_as_it_does_unscoped(monkeypatch):
+    main = pytest.importorskip("flwr.superlink.main")
+    monkeypatch.setattr(main, "_get_middleware", main._get_middleware)  # undone after the test
+    unscoped = _answers(main.create_app())
+    scope_superlink_middleware()
+    app = main.create_app()
+    assert any(layer.cls is PathScopedLayer for layer in app.user_middleware)
+    scoped = _answers(app)
+    assert scoped == unscoped
+    assert scoped["fleet, unsigned"][0] == 401 and scoped["runtime, no token"][0] == 401
+    assert scoped["control, sensitive"][1] == "no-store"
+
+
+def test_the_deployed_superlink_runs_scoped(tmp_path):
+    command = superlink_command(ServerTls(tmp_path / "ca.crt", tmp_path / "server.crt", tmp_path / "server.key"), None)
+    assert command[1:3] == ["-m", "deploy.flower_superlink"]
