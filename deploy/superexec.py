@@ -14,9 +14,14 @@ deployed round on a small machine lacks (docs/BENCHMARKS.md, "Deployment"). Here
   a message and its task (`notifier`, shared.flower_internals.notify_stored_messages);
 - the SuperExec's pause between asks ends at the first datagram (`Wakeups.wait`,
   shared.flower_internals.superexec_waits_with), so it asks at once, and otherwise after the
-  poll interval as before: a lost datagram costs at most one interval, never the message.
+  poll interval as before: a lost datagram costs at most one interval, never the message;
+- a ClientApp run goes straight to the SuperNode's warm process (deploy.warm_clientapp
+  `hand_over`, shared.flower_internals.launch_clientapps_with) instead of through a
+  `flwr-clientapp` shim process started for each message; when the warm process cannot be
+  reached, the shim (and through it Flower's own ClientApp) starts as before.
 
-Without FEDADS_SUPEREXEC_WAKEUP in its environment it is Flower's SuperExec unchanged.
+Without FEDADS_SUPEREXEC_WAKEUP (FEDADS_WARM_CLIENTAPP) in its environment it waits (starts
+ClientApps) as Flower's SuperExec does.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from shared.flower_internals import SUPEREXEC_COMMAND, run_flower_command, superexec_waits_with
+from deploy.warm_clientapp import SOCKET_ENV, hand_over
+from shared.flower_internals import SUPEREXEC_COMMAND, launch_clientapps_with, run_flower_command, superexec_waits_with
 
 WAKEUP_ENV = "FEDADS_SUPEREXEC_WAKEUP"  # the socket the SuperNode wakes its SuperExec through
 
@@ -110,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr, flush=True)
     if wakeups is not None:
         superexec_waits_with(wakeups.wait)
+    if os.environ.get(SOCKET_ENV):
+        launch_clientapps_with(hand_over)
     try:
         run_flower_command(SUPEREXEC_COMMAND, arguments)
     finally:

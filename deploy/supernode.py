@@ -10,14 +10,17 @@ scientific stack first: about 13 s of a deployed round's 23-26 s on MovieLens-10
 (docs/BENCHMARKS.md, "Deployment"), none of it work. Here, in this process:
 
 - the SuperNode's waits start at 50 ms and grow by 1.15x per empty pull in a row, back to Flower's
-  3 s after about 20 s idle, so an idle merchant does not hammer the SuperLink
+  3 s after about 20 s idle, so an idle merchant does not hammer the SuperLink; it looks for
+  its ClientApp's reply, in its own state, every 5 ms instead of every 0.5 s
   (shared.flower_internals.prompt_supernode_polling);
 - its SuperExec (deploy.superexec, through a `flower-superexec` shim first on PATH) is woken
   by this process the moment a message is stored, instead of looking for work every
   FLWR_SUPEREXEC_TASK_POLL_INTERVAL (Flower's setting, 1 s by default, still the fallback);
-- `flwr-clientapp` resolves to deploy.warm_clientapp's shim, which forks the run from a process
-  that has Flower's runtime imported (each message still gets its own process; the app's code
-  still comes from the received FAB, unpacked once per FAB rather than once per message).
+- the SuperExec hands each ClientApp run to deploy.warm_clientapp's warm process, which forks
+  it from a process that has Flower's runtime and the app imported (each message still gets its
+  own process; the app's code still comes from the received FAB, unpacked once per FAB rather
+  than once per message); `flwr-clientapp` on PATH resolves to a shim that does the same, for
+  when the SuperExec cannot reach the warm process.
 
 Its log lines carry the time of day. The warm process stops with this one, however it stops (it watches this process's id).
 """

@@ -34,6 +34,7 @@ import importlib
 import json
 import logging
 import secrets
+import subprocess
 import sys
 import threading
 import time
@@ -79,6 +80,7 @@ _INFLATABLE = "flwr.supercore.inflatable.inflatable_utils"
 _RUN_CLIENTAPP = "flwr.supernode.runtime.run_clientapp"
 _SUPEREXEC_LOOP = "flwr.supercore.superexec.run_superexec"
 _SUPERLINK_APP = "flwr.superlink.main"
+_SUBPROCESS_EXECUTOR = "flwr.supercore.superexec.executor.subprocess_executor"
 _CONTROL_MIDDLEWARE = "flwr.superlink.routers.control.middlewares"
 _FLEET_MIDDLEWARE = "flwr.superlink.routers.fleet.middlewares"
 _NODE_AUTH = "flwr.superlink.routers.fleet.node_auth"
@@ -175,8 +177,16 @@ PINNED: tuple[Pinned, ...] = (
     # the warm ClientApp (deploy/warm_clientapp.py): SuperExec starts `flwr-clientapp` by name, with
     # its arguments; a process forked from a warm one runs Flower's own entry point with them
     Pinned("flwr.supercore.constant", "TASK_TYPE_TO_COMMAND"),
-    Pinned("flwr.supercore.superexec.executor.subprocess_executor", "SubprocessExecutor.launch",
+    Pinned(_SUBPROCESS_EXECUTOR, "SubprocessExecutor.launch",
            source=("TASK_TYPE_TO_COMMAND[spec.task_type]", "subprocess.Popen(")),
+    # ... and keeps nothing of the process it starts, so a run handed to the warm process needs
+    # none (`launch_clientapps_with`)
+    Pinned(_SUBPROCESS_EXECUTOR, "subprocess", attributes=("Popen", "DEVNULL")),
+    Pinned(_SUBPROCESS_EXECUTOR, "SubprocessExecutor.launch",
+           source=("        subprocess.Popen(  # pylint: disable=consider-using-with\n                args,\n"
+                   "                stdout=subprocess.DEVNULL,\n                stderr=subprocess.DEVNULL,\n            )\n"
+                   "            return LaunchResult.accepted()",
+                   "        subprocess.Popen(args)  # pylint: disable=consider-using-with\n\n        return LaunchResult.accepted()")),
     Pinned("flwr.supernode.cli", "flwr_clientapp"),
     # object pulls retried sooner (`prompt_object_pulls`): a message announced before its objects
     # have arrived is pulled again after 1 s, then 2 s, 4 s, ...
@@ -676,10 +686,13 @@ CLIENTAPP_PRELOAD = ("flwr.supernode.cli", "flwr.supernode.runtime.run_clientapp
 class _PromptSleep:
     """Stands in for the `time` module in Flower's SuperNode loop: its 3 s wait after an empty pull
     becomes a wait that starts at `first` and grows by `growth` per empty pull in a row, up to the
-    3 s; its 0.5 s waits for the ClientApp's reply become `first`. Every other name is time's."""
+    3 s; its 0.5 s waits for the ClientApp's reply (and for the reply's objects) become
+    `local_wait`: those look at the SuperNode's own state in this process, not at the SuperLink,
+    so looking often costs a few microseconds a look, and a reply leaves as soon as it is there.
+    Every other name is time's."""
 
-    def __init__(self, first: float, growth: float) -> None:
-        self.first, self.growth = first, growth
+    def __init__(self, first: float, growth: float, local_wait: float) -> None:
+        self.first, self.growth, self.local_wait = first, growth, local_wait
         self.idle_streak, self.woke = 0, 0.0
 
     def __getattr__(self, name: str) -> Any:
@@ -690,7 +703,7 @@ class _PromptSleep:
             # Flower waits this way only with a message in hand (its ClientApp's reply, the
             # objects to push): the next empty pulls start a new streak, however fast the message went
             self.idle_streak = 0
-            time.sleep(min(seconds, self.first))
+            time.sleep(min(seconds, self.local_wait))
             return
         # a message handled since the last wait (more than a second of work) starts a new streak
         if time.monotonic() - self.woke > 1.0:
@@ -700,10 +713,10 @@ class _PromptSleep:
         self.woke = time.monotonic()
 
 
-def prompt_supernode_polling(first: float = 0.05, growth: float = 1.15) -> None:
+def prompt_supernode_polling(first: float = 0.05, growth: float = 1.15, local_wait: float = 0.005) -> None:
     """Shorten the idle waits of the SuperNode loop in this process (before `run_flower_command`)."""
     module = importlib.import_module(_SUPERNODE)
-    module.time = _PromptSleep(first, growth)  # type: ignore[attr-defined]
+    module.time = _PromptSleep(first, growth, local_wait)  # type: ignore[attr-defined]
 
 
 class _ReplacedSleep:
@@ -730,6 +743,33 @@ def notify_stored_messages(notify: Callable[[], None]) -> None:
         return run_id
 
     module._pull_and_store_message = pull_store_and_notify  # type: ignore[attr-defined]
+
+
+class _HandingOver:
+    """Stands in for the `subprocess` module in Flower's SubprocessExecutor: a `flwr-clientapp`
+    run goes to `hand_over(arguments, quiet)` instead of a new process when that returns True;
+    everything else is subprocess's. Flower starts the process and keeps nothing of it (PINNED)."""
+
+    def __init__(self, hand_over: Callable[[list[str], bool], bool]) -> None:
+        self._hand_over = hand_over
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(subprocess, name)
+
+    def Popen(self, args: list[str], **kwargs: Any) -> Any:
+        quiet = kwargs.get("stdout") == subprocess.DEVNULL and kwargs.get("stderr") == subprocess.DEVNULL
+        if (args and args[0] == CLIENTAPP_COMMAND and set(kwargs) <= {"stdout", "stderr"} and (quiet or not kwargs)
+                and self._hand_over(list(args[1:]), quiet)):
+            return None
+        return subprocess.Popen(args, **kwargs)
+
+
+def launch_clientapps_with(hand_over: Callable[[list[str], bool], bool]) -> None:
+    """In this (SuperExec) process, a ClientApp run Flower's executor would start as a process is
+    first offered to `hand_over(arguments, quiet)`, which takes it by returning True
+    (deploy.warm_clientapp.hand_over); a run it does not take starts as Flower starts it."""
+    module = importlib.import_module(_SUBPROCESS_EXECUTOR)
+    module.subprocess = _HandingOver(hand_over)  # type: ignore[attr-defined]
 
 
 def superexec_waits_with(wait: Callable[[float], None]) -> None:

@@ -120,6 +120,51 @@ def test_a_stopped_shim_stops_its_child(warm) -> None:
     assert shown.returncode == 0 and server.poll() is None  # and it carries on serving
 
 
+def test_flowers_executor_offers_a_clientapp_run_to_the_hand_over_first(monkeypatch) -> None:
+    offered: list[tuple[list[str], bool]] = []
+    takes = [True]
+    started: list[list[str]] = []
+    monkeypatch.setattr(flower_internals.subprocess, "Popen", lambda args, **kwargs: started.append(list(args)))
+    handing = flower_internals._HandingOver(lambda arguments, quiet: offered.append((arguments, quiet)) or takes[0])
+    assert handing.Popen([CLIENTAPP_COMMAND, "--token", "t"]) is None  # taken: no process
+    assert handing.Popen([CLIENTAPP_COMMAND, "--token", "u"], stdout=handing.DEVNULL, stderr=handing.DEVNULL) is None
+    assert offered == [(["--token", "t"], False), (["--token", "u"], True)] and started == []
+    takes[0] = False  # the warm process is not there: Flower's process after all
+    handing.Popen([CLIENTAPP_COMMAND, "--token", "v"])
+    handing.Popen(["flwr-serverapp", "--token", "w"])  # not a ClientApp: never offered
+    handing.Popen([CLIENTAPP_COMMAND, "--token", "x"], stdout=handing.PIPE)  # output Flower would read: never offered
+    assert started == [[CLIENTAPP_COMMAND, "--token", "v"], ["flwr-serverapp", "--token", "w"], [CLIENTAPP_COMMAND, "--token", "x"]]
+    assert len(offered) == 3
+    assert handing.DEVNULL == subprocess.DEVNULL and handing.PIPE == subprocess.PIPE  # every other name is subprocess's
+
+
+def test_superexec_hands_a_run_to_the_warm_process_without_a_shim_and_the_run_ends_with_it(warm) -> None:
+    _, env, server = warm
+    # a SuperExec stand-in: Flower's executor launching a ClientApp run whose SuperNode never
+    # answers (it keeps retrying: a run that does not end by itself), as deploy.superexec sets it up
+    superexec = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from deploy.warm_clientapp import hand_over\n"
+        "from shared.flower_internals import Pinned, launch_clientapps_with, resolve\n"
+        "launch_clientapps_with(hand_over)\n"
+        "executor = resolve(Pinned('flwr.supercore.superexec.executor.subprocess_executor', 'SubprocessExecutor'))()\n"
+        "spec = resolve(Pinned('flwr.supercore.superexec.executor.types', 'ExecutionSpec'))(\n"
+        "    task_type=resolve(Pinned('flwr.supercore.constant', 'TaskType')).CLIENT_APP, runtime_api_address='127.0.0.1:9',\n"
+        "    token='abc', insecure=True, root_certificates_path=None, runtime_dependency_install=False, parent_pid=None,\n"
+        "    suppress_output=True, task_id=1)\n"
+        "print(executor.launch(spec).status, flush=True)\n"
+        "time.sleep(600)\n")], env=env, stdout=subprocess.PIPE, text=True)
+    assert superexec.stdout is not None and superexec.stdout.readline().strip() == "accepted"
+    _wait_until(lambda: len(_process_tree(server.pid)) > 1, "the warm process forked the run")
+    child = max(_process_tree(server.pid) - {server.pid})
+    assert _process_tree(superexec.pid) == {superexec.pid}  # no shim, no ClientApp process of its own
+    superexec.kill()  # the SuperExec gone, SIGKILL included: its run goes with it
+    superexec.wait()
+    _wait_until(lambda: not _alive(child), "the run of a gone SuperExec stopped")
+    _wait_until(lambda: len(_process_tree(server.pid)) == 1, "the warm process reaped its child")
+    assert server.poll() is None
+
+
 def test_the_warm_process_ends_with_its_supernode_even_on_sigkill(tmp_path: Path) -> None:
     socket_path = tmp_path / "warm.sock"
     # a stand-in SuperNode: starts the warm process as deploy.supernode does, then waits
@@ -154,7 +199,7 @@ def test_supernode_waits_start_short_and_grow_back_to_flowers(monkeypatch) -> No
     clock = [100.0]
     monkeypatch.setattr(flower_internals.time, "sleep", slept.append)
     monkeypatch.setattr(flower_internals.time, "monotonic", lambda: clock[0])
-    waits = flower_internals._PromptSleep(first=0.05, growth=1.3)
+    waits = flower_internals._PromptSleep(first=0.05, growth=1.3, local_wait=0.005)
     for _ in range(30):
         waits.sleep(3)  # Flower's wait after an empty pull
     assert slept[0] == pytest.approx(0.05)
@@ -164,8 +209,8 @@ def test_supernode_waits_start_short_and_grow_back_to_flowers(monkeypatch) -> No
     clock[0] += 5.0  # a message handled in between
     waits.sleep(3)
     assert slept[-1] == pytest.approx(0.05)
-    waits.sleep(0.5)  # Flower's look for the ClientApp's reply
-    assert slept[-1] == pytest.approx(0.05)
+    waits.sleep(0.5)  # Flower's look for the ClientApp's reply, in the SuperNode's own state
+    assert slept[-1] == pytest.approx(0.005)
     assert waits.monotonic is flower_internals.time.monotonic  # every other name is time's
     # a message handled in well under a second (no time passes on this clock) still ends the streak:
     # Flower's short waits come only with a message in hand
