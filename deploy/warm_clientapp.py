@@ -52,6 +52,7 @@ from shared.flower_internals import CLIENTAPP_COMMAND, CLIENTAPP_PRELOAD, instal
 
 SOCKET_ENV = "FEDADS_WARM_CLIENTAPP"  # the shim finds the warm process's socket here
 MAX_REQUEST_BYTES = 65536
+HAND_OVER_SECONDS = 2.0  # the most the SuperExec waits to hand a run over before it starts the shim
 PARENT_CHECK_SECONDS = 0.2
 
 SHIM = '''#!{python} -S
@@ -82,15 +83,23 @@ def hand_over(arguments: list[str], quiet: bool = False, socket_path: str | None
     path = socket_path or os.environ.get(SOCKET_ENV, "")
     if not path:
         return False
+    request = json.dumps({"argv": arguments, "cwd": os.getcwd()}).encode()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # a warm process that does not take the run at once (its backlog full) must not stall the
+    # SuperExec's loop: the shim then waits for it instead
+    sock.settimeout(HAND_OVER_SECONDS)
     devnull = os.open(os.devnull, os.O_RDWR) if quiet else None
     try:
         sock.connect(path)
-        request = json.dumps({"argv": arguments, "cwd": os.getcwd()}).encode()
-        socket.send_fds(sock, [request], [0, 1, 2] if devnull is None else [0, devnull, devnull])
-    except OSError:
+        sent = socket.send_fds(sock, [request], [0, 1, 2] if devnull is None else [0, devnull, devnull])
+        if sent != len(request):
+            raise OSError(f"sent {sent} of {len(request)} bytes")
+        sock.settimeout(None)
+    except BaseException as exc:
         sock.close()
-        return False
+        if isinstance(exc, OSError):
+            return False
+        raise
     finally:
         if devnull is not None:
             os.close(devnull)

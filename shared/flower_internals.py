@@ -694,6 +694,7 @@ class _PromptSleep:
     def __init__(self, first: float, growth: float, local_wait: float) -> None:
         self.first, self.growth, self.local_wait = first, growth, local_wait
         self.idle_streak, self.woke = 0, 0.0
+        self.local_streak, self.local_woke = 0, 0.0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
@@ -703,7 +704,13 @@ class _PromptSleep:
             # Flower waits this way only with a message in hand (its ClientApp's reply, the
             # objects to push): the next empty pulls start a new streak, however fast the message went
             self.idle_streak = 0
-            time.sleep(min(seconds, self.local_wait))
+            # a long ClientApp run (or objects that never come) is looked for less often, up to
+            # `first` apart: 20 looks a second at most
+            if time.monotonic() - self.local_woke > max(self.first, self.local_wait) * 2:
+                self.local_streak = 0
+            time.sleep(min(seconds, self.first, self.local_wait * 1.1**self.local_streak))
+            self.local_streak += 1
+            self.local_woke = time.monotonic()
             return
         # a message handled since the last wait (more than a second of work) starts a new streak
         if time.monotonic() - self.woke > 1.0:
@@ -852,6 +859,9 @@ SUPERLINK_LAYER_SCOPES = {
 }
 
 
+_URL_DROPS = frozenset("\t\r\n")
+
+
 class PathScopedLayer:
     """An ASGI middleware `layer` that sees only the HTTP requests whose path starts with
     `prefix` (and the non-HTTP scopes, lifespan included, which a BaseHTTPMiddleware passes on
@@ -863,7 +873,10 @@ class PathScopedLayer:
         self.layer = layer(app, *layer_args, **dict(layer_kwargs or {}))
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and not scope["path"].startswith(self.prefix):
+        path = scope["path"] if scope["type"] == "http" else ""
+        # a layer reads Starlette's request.url.path, which drops tabs and line breaks from the
+        # path and can read a leading "//" as a host: such paths meet the layer as before
+        if path and not path.startswith(self.prefix) and not path.startswith("//") and not _URL_DROPS.intersection(path):
             await self.app(scope, receive, send)
         else:
             await self.layer(scope, receive, send)

@@ -108,3 +108,26 @@ def test_flowers_app_answers_every_api_as_it_does_unscoped(monkeypatch):
 def test_the_deployed_superlink_runs_scoped(tmp_path):
     command = superlink_command(ServerTls(tmp_path / "ca.crt", tmp_path / "server.crt", tmp_path / "server.key"), None)
     assert command[1:3] == ["-m", "deploy.flower_superlink"]
+
+
+def test_paths_starlette_reads_otherwise_still_meet_the_layer():
+    """Starlette's request.url.path, which Flower's layers test, drops tabs and line breaks from
+    the ASGI path and may read a leading "//" as a host: such a path, outside the prefix as sent,
+    goes through the layer, as it did unscoped."""
+    import asyncio
+
+    reached: list[str] = []
+
+    async def app(scope, receive, send) -> None:
+        reached.append(f"app {scope['path']}")
+
+    async def layer(scope, receive, send) -> None:
+        reached.append(f"layer {scope.get('path', scope['type'])}")
+
+    scoped = PathScopedLayer(app, layer=lambda inner: layer, prefix="/v1/fleet/")
+    for scope in ({"type": "http", "path": "/v1/\tfleet/pull-messages"}, {"type": "http", "path": "/v1/fle\net/x"},
+                  {"type": "http", "path": "//v1/fleet/pull-messages"}, {"type": "http", "path": "/v1/runtime/x"},
+                  {"type": "lifespan"}):
+        asyncio.run(scoped(scope, None, None))
+    assert reached == ["layer /v1/\tfleet/pull-messages", "layer /v1/fle\net/x", "layer //v1/fleet/pull-messages",
+                       "app /v1/runtime/x", "layer lifespan"]

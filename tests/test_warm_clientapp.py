@@ -138,6 +138,15 @@ def test_flowers_executor_offers_a_clientapp_run_to_the_hand_over_first(monkeypa
     assert handing.DEVNULL == subprocess.DEVNULL and handing.PIPE == subprocess.PIPE  # every other name is subprocess's
 
 
+def test_a_run_the_warm_process_cannot_take_is_left_to_the_shim(tmp_path: Path, monkeypatch) -> None:
+    from deploy.warm_clientapp import hand_over
+
+    monkeypatch.delenv(SOCKET_ENV, raising=False)
+    assert hand_over(["--token", "t"]) is False  # no warm process named
+    assert hand_over(["--token", "t"], socket_path=str(tmp_path / "nobody-listens.sock")) is False
+    assert hand_over(["--token", "t"], quiet=True, socket_path=str(tmp_path / "nobody-listens.sock")) is False
+
+
 def test_superexec_hands_a_run_to_the_warm_process_without_a_shim_and_the_run_ends_with_it(warm) -> None:
     _, env, server = warm
     # a SuperExec stand-in: Flower's executor launching a ClientApp run whose SuperNode never
@@ -210,6 +219,12 @@ def test_supernode_waits_start_short_and_grow_back_to_flowers(monkeypatch) -> No
     waits.sleep(3)
     assert slept[-1] == pytest.approx(0.05)
     waits.sleep(0.5)  # Flower's look for the ClientApp's reply, in the SuperNode's own state
+    assert slept[-1] == pytest.approx(0.005)
+    for _ in range(60):  # a long run: looked for less often, never more than `first` apart
+        waits.sleep(0.5)
+    assert slept[-1] == pytest.approx(0.05) and all(look <= 0.05 for look in slept[-61:])
+    clock[0] += 1.0  # the next reply waited for: prompt looks again
+    waits.sleep(0.5)
     assert slept[-1] == pytest.approx(0.005)
     assert waits.monotonic is flower_internals.time.monotonic  # every other name is time's
     # a message handled in well under a second (no time passes on this clock) still ends the streak:
