@@ -95,10 +95,11 @@ def hand_over(arguments: list[str], quiet: bool = False, socket_path: str | None
         if sent != len(request):
             raise OSError(f"sent {sent} of {len(request)} bytes")
         sock.settimeout(None)
-    except BaseException as exc:
+    except OSError:
         sock.close()
-        if isinstance(exc, OSError):
-            return False
+        return False
+    except BaseException:
+        sock.close()
         raise
     finally:
         if devnull is not None:

@@ -177,13 +177,12 @@ PINNED: tuple[Pinned, ...] = (
     # the warm ClientApp (deploy/warm_clientapp.py): SuperExec starts `flwr-clientapp` by name, with
     # its arguments; a process forked from a warm one runs Flower's own entry point with them
     Pinned("flwr.supercore.constant", "TASK_TYPE_TO_COMMAND"),
-    Pinned(_SUBPROCESS_EXECUTOR, "SubprocessExecutor.launch",
-           source=("TASK_TYPE_TO_COMMAND[spec.task_type]", "subprocess.Popen(")),
     # ... and keeps nothing of the process it starts, so a run handed to the warm process needs
     # none (`launch_clientapps_with`)
     Pinned(_SUBPROCESS_EXECUTOR, "subprocess", attributes=("Popen", "DEVNULL")),
     Pinned(_SUBPROCESS_EXECUTOR, "SubprocessExecutor.launch",
-           source=("        subprocess.Popen(  # pylint: disable=consider-using-with\n                args,\n"
+           source=("TASK_TYPE_TO_COMMAND[spec.task_type]",
+                   "        subprocess.Popen(  # pylint: disable=consider-using-with\n                args,\n"
                    "                stdout=subprocess.DEVNULL,\n                stderr=subprocess.DEVNULL,\n            )\n"
                    "            return LaunchResult.accepted()",
                    "        subprocess.Popen(args)  # pylint: disable=consider-using-with\n\n        return LaunchResult.accepted()")),
@@ -706,7 +705,7 @@ class _PromptSleep:
             self.idle_streak = 0
             # a long ClientApp run (or objects that never come) is looked for less often, up to
             # `first` apart: 20 looks a second at most
-            if time.monotonic() - self.local_woke > max(self.first, self.local_wait) * 2:
+            if time.monotonic() - self.local_woke > 2 * self.first:  # longer than any look: a new wait
                 self.local_streak = 0
             time.sleep(min(seconds, self.first, self.local_wait * 1.1**self.local_streak))
             self.local_streak += 1
@@ -764,9 +763,8 @@ class _HandingOver:
         return getattr(subprocess, name)
 
     def Popen(self, args: list[str], **kwargs: Any) -> Any:
-        quiet = kwargs.get("stdout") == subprocess.DEVNULL and kwargs.get("stderr") == subprocess.DEVNULL
-        if (args and args[0] == CLIENTAPP_COMMAND and set(kwargs) <= {"stdout", "stderr"} and (quiet or not kwargs)
-                and self._hand_over(list(args[1:]), quiet)):
+        quiet = kwargs == {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        if args and args[0] == CLIENTAPP_COMMAND and (quiet or not kwargs) and self._hand_over(list(args[1:]), quiet):
             return None
         return subprocess.Popen(args, **kwargs)
 
