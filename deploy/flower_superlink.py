@@ -1,5 +1,5 @@
 """The SuperLink process: Flower's `flower-superlink`, with each of its API-specific HTTP layers
-applied only under that API's paths.
+applied only under that API's paths, and empty pulls held until there is something to pull.
 
     python -m deploy.flower_superlink [flower-superlink arguments]
 
@@ -8,18 +8,24 @@ request, a SuperNode's pull of a message as much as `flwr run`, through all eigh
 its one app; six of them act only on the Control API or only on the Fleet API and pass the rest
 straight on. Here they are skipped outside their API (shared.flower_internals
 `scope_superlink_middleware`): a deployed round's requests cost the SuperLink less CPU, and
-every request meets the same checks as in `flower-superlink`.
+every request meets the same checks as in `flower-superlink`. Before all of them,
+deploy.held_pulls keeps Flower's empty answer to a pull back until a message for the puller has
+been pushed (or for a few seconds), so SuperNodes and the ServerApp learn of a message when it
+arrives, not at their next look.
 """
 
 from __future__ import annotations
 
 import sys
 
-from shared.flower_internals import run_flower_command, scope_superlink_middleware
+from starlette.middleware import Middleware
+
+from deploy.held_pulls import HeldPulls
+from shared.flower_internals import PULL_ROUTES, run_flower_command, scope_superlink_middleware
 
 
 def main(argv: list[str] | None = None) -> int:
-    scope_superlink_middleware()
+    scope_superlink_middleware(outermost=[Middleware(HeldPulls, routes=PULL_ROUTES)])
     run_flower_command("flower-superlink", sys.argv[1:] if argv is None else argv)
     return 0
 

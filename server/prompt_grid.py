@@ -3,9 +3,11 @@
 Flower 1.42's deployed grid (`send_and_receive` of the grid a SuperLink hands the ServerApp)
 pulls for replies, and sleeps 3 s whenever some are still missing: every exchange of a deployed
 round ends up to 3 s after its last reply arrived. This grid sends and pulls through the same
-public `push_messages` / `pull_messages`, looking again after 20 ms, then 1.5x longer each time
-up to 0.2 s: replies are picked up within a fraction of a ClientApp's run, and a long wait costs
-five pulls a second on the SuperLink's loopback. Everything else is the wrapped grid's.
+public `push_messages` / `pull_messages`, looking again 20 ms after a pull began, then 1.5x
+longer each time up to 0.2 s: replies are picked up within a fraction of a ClientApp's run, and a
+long wait costs five pulls a second on the SuperLink's loopback. A SuperLink started by
+deploy.superlink holds an empty pull until a reply comes in (deploy/held_pulls.py), and the next
+pull then follows at once. Everything else is the wrapped grid's.
 """
 
 from __future__ import annotations
@@ -55,15 +57,19 @@ class PromptGrid(Grid):
         replies: list[Message] = []
         wait = FIRST_WAIT
         while waiting:
+            pulled = time.monotonic()
             arrived = list(self._grid.pull_messages(waiting))
             replies.extend(arrived)
             waiting.difference_update(msg.metadata.reply_to_message_id for msg in arrived)
             if not waiting:
                 break
-            if deadline is not None and time.monotonic() >= deadline:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
                 break
-            pause = wait if deadline is None else min(wait, max(deadline - time.monotonic(), 0.0))
-            time.sleep(pause)
+            # `wait` apart from the start of one pull to the next: a pull the SuperLink held until
+            # a reply came in (deploy/held_pulls.py) is followed by the next at once
+            pause = max(wait - (now - pulled), 0.0)
+            time.sleep(pause if deadline is None else min(pause, deadline - now))
             # the rest of a round's replies tend to follow the first: look soon again after one
             wait = FIRST_WAIT if arrived else min(wait * WAIT_GROWTH, LONGEST_WAIT)
         return replies

@@ -38,7 +38,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
@@ -84,6 +84,8 @@ _SUBPROCESS_EXECUTOR = "flwr.supercore.superexec.executor.subprocess_executor"
 _CONTROL_MIDDLEWARE = "flwr.superlink.routers.control.middlewares"
 _FLEET_MIDDLEWARE = "flwr.superlink.routers.fleet.middlewares"
 _NODE_AUTH = "flwr.superlink.routers.fleet.node_auth"
+_FLEET_ROUTER = "flwr.superlink.routers.fleet.router"
+_RUNTIME_ROUTER = "flwr.supercore.routers.runtime.router"
 
 PINNED: tuple[Pinned, ...] = (
     # the engine, run as `flwr-simulation` runs it (`run_engine`)
@@ -215,6 +217,18 @@ PINNED: tuple[Pinned, ...] = (
     Pinned(_NODE_AUTH, "NodeAuthMiddleware.dispatch", source=('if request.url.path.startswith("/v1/fleet/") and isinstance(',)),
     Pinned(_FLEET_MIDDLEWARE, "FleetEventLogMiddleware.dispatch",
            source=('if not request.url.path.startswith("/v1/fleet/"):\n            return await call_next(request)',)),
+    # pulls held while there is nothing to pull (`PULL_ROUTES`, deploy/held_pulls.py): the routes
+    # by which SuperNodes and ServerApps pull and push messages, and the protobufs it reads
+    Pinned(_FLEET_ROUTER, "fleet_pull_messages", source=('@router.post("/pull-messages")',)),
+    Pinned(_FLEET_ROUTER, "fleet_push_messages", source=('@router.post("/push-messages")',)),
+    Pinned(_FLEET_ROUTER, "router", attributes=("prefix",)),
+    Pinned(_RUNTIME_ROUTER, "pull_messages", source=('@router.post("/pull-messages")',)),
+    Pinned(_RUNTIME_ROUTER, "push_messages", source=('@router.post("/push-messages")',)),
+    Pinned(_RUNTIME_ROUTER, "router", attributes=("prefix",)),
+    Pinned("flwr.proto.fleet_pb2", "PullMessagesRequest"),
+    Pinned("flwr.proto.fleet_pb2", "PullMessagesResponse"),
+    Pinned("flwr.proto.runtime_pb2", "PullAppMessagesResponse"),
+    Pinned("flwr.proto.runtime_pb2", "PushAppMessagesRequest"),
 )
 
 
@@ -684,16 +698,17 @@ CLIENTAPP_PRELOAD = ("flwr.supernode.cli", "flwr.supernode.runtime.run_clientapp
 
 class _PromptSleep:
     """Stands in for the `time` module in Flower's SuperNode loop: its 3 s wait after an empty pull
-    becomes a wait that starts at `first` and grows by `growth` per empty pull in a row, up to the
-    3 s; its 0.5 s waits for the ClientApp's reply (and for the reply's objects) become
-    `local_wait`: those look at the SuperNode's own state in this process, not at the SuperLink,
-    so looking often costs a few microseconds a look, and a reply leaves as soon as it is there.
-    Every other name is time's."""
+    becomes one that ends `first` seconds after that pull began, that interval growing by `growth`
+    per empty pull in a row, up to the 3 s (a pull the SuperLink held, deploy/held_pulls.py, counts
+    towards it: after one, the next follows at once); its 0.5 s waits for the ClientApp's reply
+    (and for the reply's objects) become `local_wait`: those look at the SuperNode's own state in
+    this process, not at the SuperLink, so looking often costs a few microseconds a look, and a
+    reply leaves as soon as it is there. Every other name is time's."""
 
     def __init__(self, first: float, growth: float, local_wait: float) -> None:
         self.first, self.growth, self.local_wait = first, growth, local_wait
-        self.idle_streak, self.woke = 0, 0.0
-        self.local_streak, self.local_woke = 0, 0.0
+        self.idle_streak, self.woke = 0, time.monotonic()
+        self.local_streak, self.local_woke = 0, self.woke
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
@@ -711,10 +726,9 @@ class _PromptSleep:
             self.local_streak += 1
             self.local_woke = time.monotonic()
             return
-        # a message handled since the last wait (more than a second of work) starts a new streak
-        if time.monotonic() - self.woke > 1.0:
-            self.idle_streak = 0
-        time.sleep(min(seconds, self.first * self.growth**self.idle_streak))
+        # the empty pull began when the last wait ended (after a message: once its reply was pushed)
+        pulling = time.monotonic() - max(self.woke, self.local_woke)
+        time.sleep(max(0.0, min(seconds, self.first * self.growth**self.idle_streak) - pulling))
         self.idle_streak += 1
         self.woke = time.monotonic()
 
@@ -894,12 +908,48 @@ def scoped_superlink_layers(layers: list[Any]) -> list[Any]:
             for layer in layers]
 
 
-def scope_superlink_middleware() -> None:
+def scope_superlink_middleware(outermost: Sequence[Any] = ()) -> None:
     """In this (SuperLink) process, before `run_flower_command("flower-superlink", ...)`: the app
-    Flower builds applies each of its API-specific HTTP layers only under that API's paths."""
+    Flower builds applies each of its API-specific HTTP layers only under that API's paths, and
+    the `outermost` layers (Starlette Middleware entries) before all of Flower's."""
     module = importlib.import_module(_SUPERLINK_APP)
     flowers = module._get_middleware
-    module._get_middleware = lambda: scoped_superlink_layers(flowers())  # type: ignore[attr-defined]
+    module._get_middleware = lambda: [*outermost, *scoped_superlink_layers(flowers())]  # type: ignore[attr-defined]
+
+
+class _PullRoutes:
+    """Flower's routes for pulling and pushing messages, and what deploy.held_pulls reads in
+    their protobuf bodies; a body that does not parse raises ValueError."""
+
+    fleet_pull = "/v1/fleet/pull-messages"  # a SuperNode's pull of its next instruction
+    fleet_push = "/v1/fleet/push-messages"  # a SuperNode's reply
+    runtime_pull = "/v1/runtime/pull-messages"  # a ServerApp's pull of replies
+    runtime_push = "/v1/runtime/push-messages"  # a ServerApp's instructions
+
+    @staticmethod
+    def _parse(name: tuple[str, str], body: bytes) -> Any:
+        from google.protobuf.message import DecodeError
+
+        try:
+            return resolve(Pinned(*name)).FromString(body)
+        except DecodeError as exc:
+            raise ValueError(f"not a {name[1]}") from exc
+
+    def pulling_node(self, body: bytes) -> int:
+        return int(self._parse(("flwr.proto.fleet_pb2", "PullMessagesRequest"), body).node.node_id)
+
+    def nothing_pulled(self, path: str, body: bytes) -> bool:
+        if path == self.fleet_pull:
+            response = self._parse(("flwr.proto.fleet_pb2", "PullMessagesResponse"), body)
+            return not response.messages_list and not response.HasField("reconnect")
+        return not self._parse(("flwr.proto.runtime_pb2", "PullAppMessagesResponse"), body).messages_list
+
+    def destinations(self, body: bytes) -> set[int]:
+        pushed = self._parse(("flwr.proto.runtime_pb2", "PushAppMessagesRequest"), body)
+        return {int(message.metadata.dst_node_id) for message in pushed.messages_list}
+
+
+PULL_ROUTES = _PullRoutes()
 
 
 # Flower's commands that run in processes of ours: command name -> (module, its entry point there)

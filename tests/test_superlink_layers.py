@@ -20,8 +20,17 @@ with warnings.catch_warnings():  # Starlette asks for httpx2, which nothing else
     warnings.simplefilter("ignore", DeprecationWarning)
     from starlette.testclient import TestClient
 
+from deploy.held_pulls import HeldPulls
 from deploy.superlink import ServerTls, superlink_command
-from shared.flower_internals import SUPERLINK_LAYER_SCOPES, PathScopedLayer, Pinned, resolve, scope_superlink_middleware, scoped_superlink_layers
+from shared.flower_internals import (
+    PULL_ROUTES,
+    SUPERLINK_LAYER_SCOPES,
+    PathScopedLayer,
+    Pinned,
+    resolve,
+    scope_superlink_middleware,
+    scoped_superlink_layers,
+)
 
 
 def _flowers_layers() -> list[Middleware]:
@@ -96,9 +105,10 @@ def test_flowers_app_answers_every_api_as_it_does_unscoped(monkeypatch):
     main = pytest.importorskip("flwr.superlink.main")
     monkeypatch.setattr(main, "_get_middleware", main._get_middleware)  # undone after the test
     unscoped = _answers(main.create_app())
-    scope_superlink_middleware()
+    scope_superlink_middleware(outermost=[Middleware(HeldPulls, routes=PULL_ROUTES)])  # as deploy/flower_superlink.py
     app = main.create_app()
     assert any(layer.cls is PathScopedLayer for layer in app.user_middleware)
+    assert app.user_middleware[0].cls is HeldPulls  # outermost: each run of a held pull meets all of Flower's checks
     scoped = _answers(app)
     assert scoped == unscoped
     assert scoped["fleet, unsigned"][0] == 401 and scoped["runtime, no token"][0] == 401

@@ -210,14 +210,14 @@ def test_supernode_waits_start_short_and_grow_back_to_flowers(monkeypatch) -> No
     monkeypatch.setattr(flower_internals.time, "monotonic", lambda: clock[0])
     waits = flower_internals._PromptSleep(first=0.05, growth=1.3, local_wait=0.005)
     for _ in range(30):
-        waits.sleep(3)  # Flower's wait after an empty pull
+        waits.sleep(3)  # Flower's wait after an empty pull (one that took no time on this clock)
     assert slept[0] == pytest.approx(0.05)
     assert slept[1] == pytest.approx(0.065)
     assert all(later >= earlier for earlier, later in zip(slept, slept[1:]))
     assert slept[-1] == 3  # long idle: Flower's own 3 s, no more
-    clock[0] += 5.0  # a message handled in between
+    clock[0] += 2.0  # a pull the SuperLink held for 2 s: the next one begins 3 s after it began
     waits.sleep(3)
-    assert slept[-1] == pytest.approx(0.05)
+    assert slept[-1] == pytest.approx(1.0)
     waits.sleep(0.5)  # Flower's look for the ClientApp's reply, in the SuperNode's own state
     assert slept[-1] == pytest.approx(0.005)
     for _ in range(60):  # a long run: looked for less often, never more than `first` apart
@@ -227,8 +227,13 @@ def test_supernode_waits_start_short_and_grow_back_to_flowers(monkeypatch) -> No
     waits.sleep(0.5)
     assert slept[-1] == pytest.approx(0.005)
     assert waits.monotonic is flower_internals.time.monotonic  # every other name is time's
-    # a message handled in well under a second (no time passes on this clock) still ends the streak:
-    # Flower's short waits come only with a message in hand
+    # with a message handled (Flower's short waits come only with one in hand) a new streak begins
+    clock[0] += 0.01  # a pull answered in 10 ms: the next begins `first` after it began
+    waits.sleep(3)
+    assert slept[-1] == pytest.approx(0.04)
+    clock[0] += 0.5  # a pull held for longer than the interval: the next at once
+    waits.sleep(3)
+    assert slept[-1] == 0.0
     for _ in range(30):
         waits.sleep(3)
     assert slept[-1] == 3
@@ -253,6 +258,8 @@ class _SlowGrid:
 
 def test_prompt_grid_collects_every_reply_looking_sooner_than_flower(monkeypatch) -> None:
     slept: list[float] = []
+    clock = [0.0]
+    monkeypatch.setattr(prompt_grid.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(prompt_grid.time, "sleep", slept.append)
     grid = _SlowGrid({"a": 1, "b": 4, "c": 9})
     replies = PromptGrid(grid).send_and_receive(["a", "b", "c"])  # type: ignore[arg-type,list-item]
@@ -260,6 +267,32 @@ def test_prompt_grid_collects_every_reply_looking_sooner_than_flower(monkeypatch
     assert grid.pulls == 9
     assert max(slept) <= prompt_grid.LONGEST_WAIT < 3.0  # Flower's deployed grid waits 3 s between pulls
     assert slept[0] == prompt_grid.FIRST_WAIT  # after a reply, the next look comes soon
+    assert slept[1:3] == [prompt_grid.FIRST_WAIT, pytest.approx(prompt_grid.FIRST_WAIT * prompt_grid.WAIT_GROWTH)]
+
+
+class _HoldingGrid(_SlowGrid):
+    """A SuperLink that holds an empty pull for `hold` seconds of the test's clock."""
+
+    def __init__(self, after: dict[str, int], clock: list[float], hold: float) -> None:
+        super().__init__(after)
+        self.clock, self.hold = clock, hold
+
+    def pull_messages(self, ids: Any) -> list[Any]:
+        arrived = super().pull_messages(ids)
+        self.clock[0] += 0.002 if arrived else self.hold
+        return arrived
+
+
+def test_prompt_grid_pulls_again_at_once_after_a_held_pull(monkeypatch) -> None:
+    slept: list[float] = []
+    clock = [0.0]
+    monkeypatch.setattr(prompt_grid.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(prompt_grid.time, "sleep", lambda seconds: (slept.append(seconds), clock.__setitem__(0, clock[0] + seconds)))
+    grid = _HoldingGrid({"a": 1, "b": 4}, clock, hold=0.5)
+    replies = PromptGrid(grid).send_and_receive(["a", "b"])  # type: ignore[arg-type,list-item]
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["a", "b"]
+    # the pull after the first reply comes FIRST_WAIT after the last began; a held pull counts as waiting
+    assert slept == [pytest.approx(prompt_grid.FIRST_WAIT - 0.002), 0.0, 0.0]
 
 
 def test_prompt_grid_gives_up_at_the_timeout(monkeypatch) -> None:
