@@ -21,11 +21,12 @@ import sys
 from starlette.middleware import Middleware
 
 from deploy.held_pulls import HeldPulls
-from shared.flower_internals import PULL_ROUTES, run_flower_command, scope_superlink_middleware
+from shared.flower_internals import PULL_ROUTES, run_flower_command, scope_superlink_middleware, skip_unsent_telemetry
 
 
 def main(argv: list[str] | None = None) -> int:
     scope_superlink_middleware(outermost=[Middleware(HeldPulls, routes=PULL_ROUTES)])
+    skip_unsent_telemetry()
     run_flower_command("flower-superlink", sys.argv[1:] if argv is None else argv)
     return 0
 

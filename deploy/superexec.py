@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from deploy.warm_clientapp import SOCKET_ENV, hand_over
-from shared.flower_internals import SUPEREXEC_COMMAND, launch_clientapps_with, run_flower_command, superexec_waits_with
+from shared.flower_internals import SUPEREXEC_COMMAND, launch_clientapps_with, run_flower_command, skip_unsent_telemetry, superexec_waits_with
 
 WAKEUP_ENV = "FEDADS_SUPEREXEC_WAKEUP"  # the socket the SuperNode wakes its SuperExec through
 
@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         superexec_waits_with(wakeups.wait)
     if os.environ.get(SOCKET_ENV):
         launch_clientapps_with(hand_over)
+    skip_unsent_telemetry()
     try:
         run_flower_command(SUPEREXEC_COMMAND, arguments)
     finally:

@@ -41,6 +41,7 @@ from shared.flower_internals import (
     prompt_object_pulls,
     prompt_supernode_polling,
     run_flower_command,
+    skip_unsent_telemetry,
     timestamp_flower_logs,
 )
 
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     prompt_supernode_polling()
     prompt_object_pulls()
+    skip_unsent_telemetry()
     notify_stored_messages(superexec.notifier(wakeup_path))
     timestamp_flower_logs()
     try:

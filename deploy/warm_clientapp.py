@@ -48,7 +48,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.flower_internals import CLIENTAPP_COMMAND, CLIENTAPP_PRELOAD, install_each_fab_once, prompt_object_pulls, run_flower_command
+from shared.flower_internals import (
+    CLIENTAPP_COMMAND,
+    CLIENTAPP_PRELOAD,
+    install_each_fab_once,
+    prompt_object_pulls,
+    run_flower_command,
+    skip_unsent_telemetry,
+)
 
 SOCKET_ENV = "FEDADS_WARM_CLIENTAPP"  # the shim finds the warm process's socket here
 MAX_REQUEST_BYTES = 65536
@@ -268,6 +275,7 @@ def preload(install_records: Path) -> None:
     install_each_fab_once(install_records, on_use=_fab_in_use)
     # started as soon as its message is announced, a ClientApp may ask before the objects are in
     prompt_object_pulls()
+    skip_unsent_telemetry()
     _preload_app_or_say_why()
 
 

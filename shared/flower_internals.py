@@ -86,6 +86,7 @@ _FLEET_MIDDLEWARE = "flwr.superlink.routers.fleet.middlewares"
 _NODE_AUTH = "flwr.superlink.routers.fleet.node_auth"
 _FLEET_ROUTER = "flwr.superlink.routers.fleet.router"
 _RUNTIME_ROUTER = "flwr.supercore.routers.runtime.router"
+_TELEMETRY = "flwr.supercore.telemetry"
 
 PINNED: tuple[Pinned, ...] = (
     # the engine, run as `flwr-simulation` runs it (`run_engine`)
@@ -229,6 +230,12 @@ PINNED: tuple[Pinned, ...] = (
     Pinned("flwr.proto.fleet_pb2", "PullMessagesResponse"),
     Pinned("flwr.proto.runtime_pb2", "PullAppMessagesResponse"),
     Pinned("flwr.proto.runtime_pb2", "PushAppMessagesRequest"),
+    # an event Flower does not send is not built (`skip_unsent_telemetry`): `event` builds it in
+    # `create_event`, which reads the switches, and sends it only with the first
+    Pinned(_TELEMETRY, "create_event", source=('if FLWR_TELEMETRY_ENABLED == "1":', 'return "disabled"')),
+    Pinned(_TELEMETRY, "event", source=("result.set_result(create_event(event_type, event_details))",)),
+    Pinned(_TELEMETRY, "FLWR_TELEMETRY_ENABLED"),
+    Pinned(_TELEMETRY, "FLWR_TELEMETRY_LOGGING"),
 )
 
 
@@ -796,6 +803,17 @@ def superexec_waits_with(wait: Callable[[float], None]) -> None:
     (FLWR_SUPEREXEC_TASK_POLL_INTERVAL) is `wait(seconds)`, which may end it early."""
     module = importlib.import_module(_SUPEREXEC_LOOP)
     module.time = _ReplacedSleep(wait)  # type: ignore[attr-defined]
+
+
+def skip_unsent_telemetry() -> None:
+    """In this process (and those forked from it later): with Flower's usage reports off
+    (FLWR_TELEMETRY_ENABLED=0, which deploy/__init__.py sets unless told otherwise) and not
+    logged, Flower does not build the report it would not send. Building one reads the platform
+    and runs `file` on the Python binary (platform.architecture), in a thread, twice in every
+    ClientApp process: a few milliseconds of CPU per message for nothing."""
+    module = importlib.import_module(_TELEMETRY)
+    if module.FLWR_TELEMETRY_ENABLED != "1" and module.FLWR_TELEMETRY_LOGGING != "1":
+        module.create_event = lambda event_type, event_details=None: "disabled"  # type: ignore[attr-defined]  # what it returns unsent
 
 
 def prompt_object_pulls(first: float = 0.01, longest: float = 1.0) -> None:

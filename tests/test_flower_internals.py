@@ -9,7 +9,10 @@ import ast
 import dataclasses
 import inspect
 import json
+import os
 import re
+import subprocess
+import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -259,3 +262,28 @@ def test_a_failing_run_on_the_public_path_raises_with_its_log(tmp_path, monkeypa
     assert "the run failed (Flower's status finished:failed" in str(failure.value)
     assert "no-such-folder" in (tmp_path / "flower" / "flwr-run.log").read_text()
     assert processes_mentioning(str(tmp_path / "flower")) == []
+
+
+def test_a_usage_report_flower_would_not_send_is_not_built(monkeypatch):
+    telemetry = resolve(Pinned("flwr.supercore.telemetry", "event")).__module__
+    module = sys.modules[telemetry]
+    event_type = resolve(Pinned("flwr.supercore.telemetry", "EventType")).FLWR_CLIENTAPP_RUN_ENTER
+    monkeypatch.setattr(module, "create_event", module.create_event)  # Flower's own again after the test
+    monkeypatch.setattr(module, "FLWR_TELEMETRY_ENABLED", "1")
+    flower_internals.skip_unsent_telemetry()
+    assert module.create_event is resolve(Pinned("flwr.supercore.telemetry", "create_event"))  # reports on: built and sent as Flower does
+    monkeypatch.setattr(module, "FLWR_TELEMETRY_ENABLED", "0")
+    monkeypatch.setattr(module.platform, "architecture", lambda *a, **k: pytest.fail("built a report that is not sent"))
+    flower_internals.skip_unsent_telemetry()
+    assert module.event(event_type).result(timeout=5) == "disabled"  # what Flower's own answers unsent
+
+
+def test_deployed_processes_send_no_usage_reports_unless_asked():
+    def switch(env: dict[str, str]) -> str:
+        done = subprocess.run([sys.executable, "-c", "import deploy, os; print(os.environ['FLWR_TELEMETRY_ENABLED'])"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
+    base = {k: v for k, v in os.environ.items() if k != "FLWR_TELEMETRY_ENABLED"}
+    assert switch(base) == "0"
+    assert switch({**base, "FLWR_TELEMETRY_ENABLED": "1"}) == "1"  # a merchant who wants them says so
