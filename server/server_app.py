@@ -36,7 +36,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    # the simulation runtime's grid (CheckedGrid) already looks every 0.1 s, and checks its actors
+    # the simulation runtime's grid (CheckedGrid) is already woken by each reply, and checks its actors
     grid = grid if isinstance(grid, CheckedGrid) else PromptGrid(grid)
     prompt_object_pulls()  # replies pulled as soon as they are in (shared/flower_internals.py)
     cfg = RunConfig.from_flower(context.run_config)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import compileall
 import hashlib
 import importlib
+import inspect
 import json
 import logging
 import secrets
@@ -72,6 +73,7 @@ class Pinned:
 _RAY_ACTOR = "flwr.simulation.ray_transport.ray_actor"
 _RAY_BACKEND = "flwr.server.superlink.fleet.vce.backend.raybackend"
 _GRID = "flwr.superlink.grid.inmemory_grid"
+_VCE = "flwr.server.superlink.fleet.vce.vce_api"
 _WORKFLOW_CONSTANT = "flwr.server.workflow.constant"
 _COMPAT = "flwr.compat.common.recorddict_compat"
 _SECAGG_CONSTANTS = "flwr.common.secure_aggregation.secaggplus_constants"
@@ -119,6 +121,14 @@ PINNED: tuple[Pinned, ...] = (
     Pinned(_GRID, "InMemoryGrid", attributes=("pull_interval", "push_messages", "pull_messages", "get_node_ids")),
     Pinned(_GRID, "InMemoryGrid.send_and_receive", parameters=("messages", "timeout"),
            source=("self.push_messages(", "self.pull_messages(", "reply_to_message_id", "time.sleep(self.pull_interval)")),
+    # the engine's two loops between the grid's state and the actors, woken instead of looking
+    # every 0.1 s (`prompt_engine_loops`): their bodies re-implemented, their names looked up by run_api
+    Pinned(_VCE, "add_messages_to_queue", parameters=("state", "queue", "nodes_mapping", "f_stop"),
+           source=("for node_id in nodes_mapping.keys():", "state.get_message_ins(node_id=node_id, limit=1)", "queue.put(msg)",
+                   "f_stop.wait(0.1)")),
+    Pinned(_VCE, "put_message_into_state", parameters=("state", "queue", "f_stop"),
+           source=("message_reply = queue.get(timeout=1.0)", "state.store_message_res(message_reply)")),
+    Pinned(_VCE, "run_api", source=("target=add_messages_to_queue,", "target=put_message_into_state,")),
     # the test helpers' message identity and serialization (`server_identity`, `wire_bytes`)
     Pinned("flwr.supercore.inflatable.inflatable_object", "get_all_nested_objects"),
     # Ray: every actor's readiness method (`actor_ready`), the driver's logger (`quiet_ray_driver`)
@@ -239,12 +249,25 @@ PINNED: tuple[Pinned, ...] = (
 )
 
 
+# Flower's functions that one of ours stands in for in this process, by ours (`_stand_in`)
+_FLOWERS_BY_STAND_IN: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+
 def resolve(pinned: Pinned) -> Any:
-    """The pinned object itself; raises ImportError or AttributeError when it is gone."""
+    """The pinned object itself (Flower's, also where one of ours stands in for it in this
+    process); raises ImportError or AttributeError when it is gone."""
     value: Any = importlib.import_module(pinned.module)
     for part in pinned.name.split("."):
         value = getattr(value, part)
-    return value
+    return _FLOWERS_BY_STAND_IN.get(value, value) if inspect.isfunction(value) else value
+
+
+def _stand_in(module: Any, name: str, ours: Callable[..., Any]) -> None:
+    """`ours` in place of Flower's `module.name` in this process (once; again changes nothing)."""
+    flowers = getattr(module, name)
+    if flowers is not ours:
+        _FLOWERS_BY_STAND_IN[ours] = flowers
+        setattr(module, name, ours)
 
 
 def installed_version() -> str | None:
@@ -399,10 +422,61 @@ def standing_backend(pool: Any, built: threading.Event) -> Iterator[None]:
         raybackend.RayBackend = flower_backend  # type: ignore[misc]
 
 
+class _EngineWakeups:
+    """The simulation's grid and Flower's engine, in this process, telling each other that there
+    is something to look at: Flower's engine looks for pushed messages every 0.1 s and its grid
+    for replies every 0.1 s (InMemoryGrid.pull_interval), so a simulated exchange ended up to
+    0.2 s after its work did, and rounds came in 0.1 s steps whatever their work. Each still looks
+    at least that often (a wake-up missed costs no more than Flower's own wait)."""
+
+    def __init__(self) -> None:
+        self.pushed = threading.Event()  # the grid pushed messages: the engine looks for them
+        self.replied = threading.Event()  # the engine stored a reply: the grid looks for it
+
+
+ENGINE_WAKEUPS = _EngineWakeups()
+ENGINE_LOOK = 0.1  # Flower's engine's interval, still the longest
+
+
+def _add_messages_to_queue(state: Any, queue: Any, nodes_mapping: Any, f_stop: threading.Event) -> None:
+    """Flower's vce_api.add_messages_to_queue, looking again as soon as the grid pushes (and at
+    once after finding a message: a node may have another)."""
+    while not f_stop.is_set():
+        ENGINE_WAKEUPS.pushed.clear()  # before looking: a push during the look wakes the wait below
+        found = False
+        for node_id in nodes_mapping.keys():
+            for msg in state.get_message_ins(node_id=node_id, limit=1):
+                queue.put(msg)
+                found = True
+        if not found:
+            ENGINE_WAKEUPS.pushed.wait(ENGINE_LOOK)
+
+
+def _put_message_into_state(state: Any, queue: Any, f_stop: threading.Event) -> None:
+    """Flower's vce_api.put_message_into_state, telling the grid of each reply it stores."""
+    from queue import Empty
+
+    while not f_stop.is_set():
+        try:
+            message_reply = queue.get(timeout=1.0)
+        except Empty:
+            continue
+        state.store_message_res(message_reply)
+        ENGINE_WAKEUPS.replied.set()
+
+
+def prompt_engine_loops() -> None:
+    """In this process, Flower's simulation engine (started after this) runs the two loops above."""
+    module = importlib.import_module(_VCE)
+    _stand_in(module, "add_messages_to_queue", _add_messages_to_queue)
+    _stand_in(module, "put_message_into_state", _put_message_into_state)
+
+
 class CheckedGrid:
     """Flower's grid of one run, calling `check` (which raises to stop the ServerApp) before
-    every exchange with the nodes and at every pull while it waits for replies. Everything
-    else is Flower's grid."""
+    every exchange with the nodes and at every pull while it waits for replies; it wakes the
+    engine when it pushes and is woken by it when a reply is stored (`prompt_engine_loops`).
+    Everything else is Flower's grid."""
 
     def __init__(self, grid: Any, check: Callable[[], None]) -> None:
         self._grid, self._check = grid, check
@@ -412,27 +486,29 @@ class CheckedGrid:
 
     def push_messages(self, *args: Any, **kwargs: Any) -> Any:
         self._check()
-        return self._grid.push_messages(*args, **kwargs)
+        pushed = self._grid.push_messages(*args, **kwargs)
+        ENGINE_WAKEUPS.pushed.set()
+        return pushed
 
     def pull_messages(self, *args: Any, **kwargs: Any) -> Any:
         self._check()
         return self._grid.pull_messages(*args, **kwargs)
 
     def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Any]:
-        """Flower's InMemoryGrid.send_and_receive (push, then pull every `pull_interval` until
-        every reply is in or `timeout`), checking at every pull: replies may never come once
-        the run's actors are gone."""
-        self._check()
-        waiting = set(self._grid.push_messages(messages))
+        """Flower's InMemoryGrid.send_and_receive (push, then pull until every reply is in or
+        `timeout`), checking at every pull (replies may never come once the run's actors are
+        gone), and pulling again when the engine stores a reply, or after `pull_interval`."""
+        waiting = set(self.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Any] = []
         while waiting and (deadline is None or time.monotonic() < deadline):
             self._check()
+            ENGINE_WAKEUPS.replied.clear()  # before the pull: a reply stored after it wakes the wait below
             arrived = list(self._grid.pull_messages(waiting))
             replies.extend(arrived)
             waiting.difference_update(msg.metadata.reply_to_message_id for msg in arrived)
             if waiting:
-                time.sleep(self._grid.pull_interval)
+                ENGINE_WAKEUPS.replied.wait(self._grid.pull_interval)
         self._check()  # replies that came back because the run's actors were killed are not used
         return replies
 
@@ -453,6 +529,7 @@ def run_engine(
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
 
+    prompt_engine_loops()
     run = Run.create_empty(run_id=secrets.randbits(63))
     run.override_config = dict(run_config)
     run.primary_task_id = secrets.randbits(63)

@@ -10,6 +10,7 @@ with one command. Strangers and app pinning: tests/test_deploy_security.py.
 from __future__ import annotations
 
 import json
+import signal
 import stat
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import pytest
 pytest.importorskip("cryptography", reason="deploy.dev_certs needs the `cryptography` package (a flwr dependency)")
 
 from deploy.local import Merchant, local_deployment, stop_process, write_merchant_data
+from deploy.processes import stop_tree
 from deploy.superlink import CONNECTION, parse_cli_json, tool_env, write_cli_config
 from shared.storage import load_npz
 from simulations import PROJECT_ROOT
@@ -147,7 +149,9 @@ def test_a_superlink_restart_mid_run_is_resumed_with_one_command(tmp_path):
         while not (out / "checkpoints" / "round-0001.npz").exists():
             assert time.monotonic() < deadline and deployed.processes["superlink"].poll() is None, deployed.log("superlink")[-3000:]
             time.sleep(0.2)  # polls the run's own output
-        stop_process(deployed.processes["superlink"])
+        # a crash: SIGKILL for the whole tree at once (a SIGTERM would let the ServerApp record
+        # its exit as a failure, which is not this test's case)
+        stop_tree(deployed.processes["superlink"], signals=(signal.SIGKILL,))
         interrupted = json.loads((out / "run_status.json").read_text())
         assert interrupted["status"] == "running" and interrupted["flower_run_id"] == first
 

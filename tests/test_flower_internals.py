@@ -287,3 +287,90 @@ def test_deployed_processes_send_no_usage_reports_unless_asked():
     base = {k: v for k, v in os.environ.items() if k != "FLWR_TELEMETRY_ENABLED"}
     assert switch(base) == "0"
     assert switch({**base, "FLWR_TELEMETRY_ENABLED": "1"}) == "1"  # a merchant who wants them says so
+
+
+class _FakeLinkState:
+    """The two calls of Flower's LinkState the engine's loops make."""
+
+    def __init__(self) -> None:
+        self.instructions: dict[int, list[str]] = {}
+        self.replies: list[str] = []
+
+    def get_message_ins(self, node_id: int, limit: int) -> list[str]:
+        return [self.instructions[node_id].pop(0)] if self.instructions.get(node_id) else []
+
+    def store_message_res(self, message: str) -> None:
+        self.replies.append(message)
+
+
+def test_the_engine_takes_a_pushed_message_when_woken_not_at_its_next_look(monkeypatch):
+    import queue
+    import threading
+
+    monkeypatch.setattr(flower_internals, "ENGINE_LOOK", 60.0)  # a loop left to its own timer would not look again in this test
+    state, stop = _FakeLinkState(), threading.Event()
+    to_actors: queue.Queue[str] = queue.Queue()
+    loop = threading.Thread(target=flower_internals._add_messages_to_queue, args=(state, to_actors, {1: 0, 2: 1}, stop), daemon=True)
+    loop.start()
+    try:
+        for message in ("first", "second", "third"):
+            state.instructions.setdefault(2, []).append(message)
+            flower_internals.ENGINE_WAKEUPS.pushed.set()  # what CheckedGrid.push_messages does
+            assert to_actors.get(timeout=10) == message
+        state.instructions[1] = ["a", "b"]  # two at once for one node: taken one per look, without waiting between
+        flower_internals.ENGINE_WAKEUPS.pushed.set()
+        assert [to_actors.get(timeout=10), to_actors.get(timeout=10)] == ["a", "b"]
+    finally:
+        stop.set()
+        flower_internals.ENGINE_WAKEUPS.pushed.set()
+        loop.join(10)
+    assert not loop.is_alive()
+
+
+def test_the_grid_pulls_a_reply_when_the_engine_stores_it(monkeypatch):
+    import queue
+    import threading
+    from types import SimpleNamespace
+
+    state, stop = _FakeLinkState(), threading.Event()
+    from_actors: queue.Queue[str] = queue.Queue()
+    storing = threading.Thread(target=flower_internals._put_message_into_state, args=(state, from_actors, stop), daemon=True)
+    storing.start()
+
+    class Grid:
+        pull_interval = 60.0  # a grid left to its own timer would not pull again in this test
+        pulls = 0
+
+        def push_messages(self, messages: list[str]) -> list[str]:
+            return list(messages)
+
+        def pull_messages(self, ids: set[str]) -> list[Any]:
+            self.pulls += 1
+            arrived = [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=m)) for m in state.replies if m in ids]
+            state.replies = [m for m in state.replies if m not in ids]
+            return arrived
+
+    grid = Grid()
+    answered: list[Any] = []
+    exchange = threading.Thread(target=lambda: answered.extend(flower_internals.CheckedGrid(grid, lambda: None).send_and_receive(["x", "y"])),
+                                daemon=True)
+    try:
+        exchange.start()
+        from_actors.put("x")
+        from_actors.put("y")
+        exchange.join(10)
+        assert not exchange.is_alive() and sorted(r.metadata.reply_to_message_id for r in answered) == ["x", "y"]
+        assert grid.pulls <= 3
+    finally:
+        stop.set()
+        storing.join(10)
+
+
+def test_the_simulation_engine_runs_the_prompt_loops():
+    flower_internals.prompt_engine_loops()
+    flower_internals.prompt_engine_loops()  # again: Flower's own stays the one pinned
+    vce = sys.modules[resolve(Pinned("flwr.server.superlink.fleet.vce.vce_api", "run_api")).__module__]
+    assert vce.add_messages_to_queue is flower_internals._add_messages_to_queue
+    assert vce.put_message_into_state is flower_internals._put_message_into_state
+    flowers = resolve(Pinned("flwr.server.superlink.fleet.vce.vce_api", "add_messages_to_queue"))
+    assert flowers is not flower_internals._add_messages_to_queue and "f_stop.wait(0.1)" in inspect.getsource(flowers)
