@@ -11,7 +11,8 @@ every empty pull cost a signed HTTPS request through the Fleet gateway.
 such a pull instead: it runs the request through Flower's app as it came, and when Flower's
 answer is an empty one it keeps the answer back and runs the same request again the moment
 something the puller waits for may have arrived, or sends that empty answer after `hold`
-seconds: a SuperNode's pull is run again when the ServerApp pushed a message for that node, the
+seconds (a SuperLink asked to stop answers its held pulls within that, as uvicorn lets every
+request in flight end): a SuperNode's pull is run again when the ServerApp pushed a message for that node, the
 ServerApp's when a SuperNode pushed a reply. Every run goes through all of Flower's layers and
 checks (the SuperNode's signature, the ServerApp's token), and a pull's answer is Flower's, only
 later. A puller that goes away while held gets no answer and costs nothing more.
@@ -32,9 +33,10 @@ AsgiMessage = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[AsgiMessage]]
 Send = Callable[[AsgiMessage], Awaitable[None]]
 
-# a SuperNode's pull: Flower's SuperNode waits 3 s after an empty one, and its HTTP client 30 s
-# for an answer; held at most this long, an idle merchant asks every FLEET_HOLD seconds or less often
-FLEET_HOLD = 2.0
+# a SuperNode's pull: Flower's SuperNode waits 3 s after an empty one (deploy/supernode.py's
+# waits grow back to that), and its HTTP client 30 s for an answer; held as long as that longest
+# wait, an idle merchant always has a pull open, and asks every FLEET_HOLD seconds
+FLEET_HOLD = 3.0
 # the ServerApp's pull of replies: short, as a held pull can end a little past the deadline of
 # the ServerApp's exchange, and some replies appear without a push (the SuperLink's own error
 # replies for a message that expired or a node that left)
@@ -211,6 +213,9 @@ class HeldPulls:
         await self.app(scope, _replaying(messages, receive), send_and_wake)
 
     async def _pull(self, scope: Scope, receive: Receive, send: Send, hold: float, node: bool) -> None:
+        if hold <= 0:
+            await self.app(scope, receive, send)
+            return
         messages, body = await _read_body(receive, MAX_HELD_BODY)
         signal, node_id = self._replies, None
         if body is not None and node:
@@ -220,7 +225,7 @@ class HeldPulls:
                 body = None  # not a pull Flower would answer: it passes through as it came
             else:
                 signal = self._nodes.setdefault(node_id, _Signal())
-        if body is None or hold <= 0:
+        if body is None:
             await self.app(scope, _replaying(messages, receive), send)
             return
         replay = _Replay(body, receive)
@@ -240,8 +245,10 @@ class HeldPulls:
                 if not counted:
                     self.held, counted = self.held + 1, True
                 woken: asyncio.Future[Any] = asyncio.ensure_future(ticket.wait())
-                done, _ = await asyncio.wait({woken, replay.disconnected()}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-                woken.cancel()
+                try:
+                    done, _ = await asyncio.wait({woken, replay.disconnected()}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    woken.cancel()
                 if replay.disconnected() in done:
                     return  # the puller went away: nobody to answer
                 if woken not in done:

@@ -263,10 +263,11 @@ def resolve(pinned: Pinned) -> Any:
 
 
 def _stand_in(module: Any, name: str, ours: Callable[..., Any]) -> None:
-    """`ours` in place of Flower's `module.name` in this process (once; again changes nothing)."""
-    flowers = getattr(module, name)
-    if flowers is not ours:
-        _FLOWERS_BY_STAND_IN[ours] = flowers
+    """`ours` in place of Flower's `module.name` in this process (in place of an earlier stand-in
+    of ours, if any: Flower's stays the one `resolve` gives)."""
+    current = getattr(module, name)
+    if current is not ours:
+        _FLOWERS_BY_STAND_IN[ours] = _FLOWERS_BY_STAND_IN.get(current, current)
         setattr(module, name, ours)
 
 
@@ -1008,8 +1009,8 @@ def scope_superlink_middleware(outermost: Sequence[Any] = ()) -> None:
     Flower builds applies each of its API-specific HTTP layers only under that API's paths, and
     the `outermost` layers (Starlette Middleware entries) before all of Flower's."""
     module = importlib.import_module(_SUPERLINK_APP)
-    flowers = module._get_middleware
-    module._get_middleware = lambda: [*outermost, *scoped_superlink_layers(flowers())]  # type: ignore[attr-defined]
+    flowers = _FLOWERS_BY_STAND_IN.get(module._get_middleware, module._get_middleware)  # called again: Flower's list, once
+    _stand_in(module, "_get_middleware", lambda: [*outermost, *scoped_superlink_layers(flowers())])
 
 
 class _PullRoutes:

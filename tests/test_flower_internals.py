@@ -273,7 +273,10 @@ def test_a_usage_report_flower_would_not_send_is_not_built(monkeypatch):
     flower_internals.skip_unsent_telemetry()
     assert module.create_event is resolve(Pinned("flwr.supercore.telemetry", "create_event"))  # reports on: built and sent as Flower does
     monkeypatch.setattr(module, "FLWR_TELEMETRY_ENABLED", "0")
-    monkeypatch.setattr(module.platform, "architecture", lambda *a, **k: pytest.fail("built a report that is not sent"))
+    def architecture(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("built a report that is not sent")  # Flower's thread hands an Exception to the future
+
+    monkeypatch.setattr(module.platform, "architecture", architecture)
     flower_internals.skip_unsent_telemetry()
     assert module.event(event_type).result(timeout=5) == "disabled"  # what Flower's own answers unsent
 
@@ -308,6 +311,7 @@ def test_the_engine_takes_a_pushed_message_when_woken_not_at_its_next_look(monke
     import threading
 
     monkeypatch.setattr(flower_internals, "ENGINE_LOOK", 60.0)  # a loop left to its own timer would not look again in this test
+    monkeypatch.setattr(flower_internals, "ENGINE_WAKEUPS", flower_internals._EngineWakeups())  # this test's own: no other engine's
     state, stop = _FakeLinkState(), threading.Event()
     to_actors: queue.Queue[str] = queue.Queue()
     loop = threading.Thread(target=flower_internals._add_messages_to_queue, args=(state, to_actors, {1: 0, 2: 1}, stop), daemon=True)
@@ -331,6 +335,8 @@ def test_the_grid_pulls_a_reply_when_the_engine_stores_it(monkeypatch):
     import queue
     import threading
     from types import SimpleNamespace
+
+    monkeypatch.setattr(flower_internals, "ENGINE_WAKEUPS", flower_internals._EngineWakeups())  # this test's own: no other engine's
 
     state, stop = _FakeLinkState(), threading.Event()
     from_actors: queue.Queue[str] = queue.Queue()

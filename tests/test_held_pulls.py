@@ -237,3 +237,90 @@ def test_flowers_routes_are_the_ones_the_layer_watches():
     paths = main.create_app().openapi()["paths"]  # every route of Flower's SuperLink app, with its methods
     for path in (PULL_ROUTES.fleet_pull, PULL_ROUTES.fleet_push, PULL_ROUTES.runtime_pull, PULL_ROUTES.runtime_push):
         assert "post" in paths[path]
+
+
+def listening_for_disconnects(app: Any) -> Any:
+    """`app` behind a layer that, like Starlette's BaseHTTPMiddleware when an app reads past its
+    body, waits on `receive` for the client's disconnect while the app runs, and cancels that
+    wait when the app is done."""
+
+    async def layer(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = [await receive()]
+        while body[-1].get("more_body", False):
+            body.append(await receive())
+        listener = asyncio.ensure_future(receive())
+        await asyncio.sleep(0)  # the listener waits from here on
+
+        async def replayed() -> dict[str, Any]:
+            return body.pop(0) if body else await listener
+
+        try:
+            await app(scope, replayed, send)
+        finally:
+            listener.cancel()
+
+    return layer
+
+
+def test_a_held_pull_behind_a_layer_that_listens_for_disconnects_is_answered_when_woken():
+    """Each run's layers give up their wait for the client's disconnect as they answer: the
+    layer's one wait for it outlives each run, so the run a push wakes still reaches the puller."""
+    link = FakeLink()
+    layer = HeldPulls(listening_for_disconnects(link), PULL_ROUTES, fleet_hold=HOLD, runtime_hold=HOLD)
+    client = Client(layer)
+
+    async def scenario() -> None:
+        pull = asyncio.create_task(client.post(PULL_ROUTES.fleet_pull, _pull(7)))
+        assert await _pending_after(pull)
+        await client.post(PULL_ROUTES.runtime_push, _push(7))
+        status, answer, _ = await asyncio.wait_for(pull, 2.0)
+        assert status == 200 and _messages(answer) == ["to-7"]
+
+    asyncio.run(scenario())
+
+
+def test_a_push_the_layer_cannot_read_wakes_every_held_pull():
+    link = FakeLink()
+    layer = _layer(link)
+    client = Client(layer)
+    large = PushAppMessagesRequest(messages_list=[Message(metadata=Metadata(dst_node_id=9, message_id="x" * (2 << 20)))])
+
+    async def scenario() -> None:
+        pulls = [asyncio.create_task(client.post(PULL_ROUTES.fleet_pull, _pull(node))) for node in (7, 8)]
+        assert await _pending_after(pulls[0]) and not pulls[1].done()
+        await client.post(PULL_ROUTES.runtime_push, large.SerializeToString())  # past MAX_READ_PUSH: its destinations unread
+        answers = await asyncio.wait_for(asyncio.gather(*pulls), 2.0)  # each asked Flower again, found nothing, held again: until the hold ends
+        assert [_messages(answer) for _, answer, _ in answers] == [[], []]
+
+    layer.fleet_hold = 0.5
+    asyncio.run(scenario())
+    assert link.runs[PULL_ROUTES.fleet_pull] == 4  # two runs each: the first, and the one the unread push woke
+
+
+def test_the_serverapps_pull_ends_after_its_hold_and_a_failing_run_leaves_nothing_behind():
+    link = FakeLink()
+    layer = HeldPulls(link, PULL_ROUTES, fleet_hold=HOLD, runtime_hold=0.2)
+    client = Client(layer)
+
+    async def held_then_empty() -> float:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        status, answer, _ = await client.post(PULL_ROUTES.runtime_pull, PullAppMessagesRequest(message_ids=["x"]).SerializeToString())
+        assert status == 200 and not PullAppMessagesResponse.FromString(answer).messages_list
+        return loop.time() - started
+
+    assert 0.2 <= asyncio.run(held_then_empty()) < 2.0
+
+    async def failing_on_the_second_run() -> None:
+        async def fail() -> None:
+            raise RuntimeError("Flower's app failed")
+
+        pull = asyncio.create_task(client.post(PULL_ROUTES.fleet_pull, _pull(7)))
+        assert await _pending_after(pull)
+        link.during_pull = fail  # the run the push wakes raises, as an exception in Flower's app would
+        await client.post(PULL_ROUTES.runtime_push, _push(7))
+        with pytest.raises(RuntimeError, match="Flower's app failed"):
+            await asyncio.wait_for(pull, 2.0)
+
+    asyncio.run(failing_on_the_second_run())
+    assert layer._nodes == {}
