@@ -11,9 +11,9 @@ every empty pull cost a signed HTTPS request through the Fleet gateway.
 such a pull instead: it runs the request through Flower's app as it came, and when Flower's
 answer is an empty one it keeps the answer back and runs the same request again the moment
 something the puller waits for may have arrived, or sends that empty answer after `hold`
-seconds (a SuperLink asked to stop answers its held pulls within that, as uvicorn lets every
-request in flight end): a SuperNode's pull is run again when the ServerApp pushed a message for that node, the
-ServerApp's when a SuperNode pushed a reply. Every run goes through all of Flower's layers and
+seconds: a SuperNode's pull is run again when the ServerApp pushed a message for that node, the
+ServerApp's when a SuperNode pushed a reply. (A SuperLink asked to stop answers the pulls it holds
+within their hold: uvicorn lets every request in flight end.) Every run goes through all of Flower's layers and
 checks (the SuperNode's signature, the ServerApp's token), and a pull's answer is Flower's, only
 later. A puller that goes away while held gets no answer and costs nothing more.
 
