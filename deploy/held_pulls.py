@@ -84,15 +84,11 @@ class _Answer:
     async def send(self, message: AsgiMessage) -> None:
         self.messages.append(message)
 
-    @property
-    def status(self) -> int | None:
-        starts = [m for m in self.messages if m["type"] == "http.response.start"]
-        return starts[0]["status"] if starts else None
-
-    def body(self) -> bytes | None:
-        """The whole body of a plain answer (no trailers, no encoding), or None."""
+    def ok_body(self) -> bytes | None:
+        """The whole body of a plain 200 answer (no trailers, no encoding), or None."""
         start = next((m for m in self.messages if m["type"] == "http.response.start"), None)
-        if start is None or start.get("trailers") or any(name.lower() == b"content-encoding" for name, _ in start.get("headers", [])):
+        if (start is None or start["status"] != 200 or start.get("trailers")
+                or any(name.lower() == b"content-encoding" for name, _ in start.get("headers", []))):
             return None
         chunks = [m for m in self.messages if m["type"] == "http.response.body"]
         if not chunks or chunks[-1].get("more_body", False):
@@ -239,7 +235,7 @@ class HeldPulls:
                 answer = _Answer()
                 await self.app(scope, replay.receive_for_a_run(), answer.send)
                 remaining = deadline - loop.time()
-                answered = answer.body() if answer.status == 200 else None
+                answered = answer.ok_body()
                 if answered is None or remaining <= 0 or not self._nothing_pulled(scope["path"], answered):
                     break
                 if not counted:

@@ -29,6 +29,7 @@ shared/) uses only Flower's public `flwr.app`, `flwr.clientapp` and `flwr.server
 from __future__ import annotations
 
 import compileall
+import functools
 import hashlib
 import importlib
 import inspect
@@ -1013,6 +1014,12 @@ def scope_superlink_middleware(outermost: Sequence[Any] = ()) -> None:
     _stand_in(module, "_get_middleware", lambda: [*outermost, *scoped_superlink_layers(flowers())])
 
 
+@functools.cache
+def _protobuf(module: str, name: str) -> Any:
+    """A pinned protobuf message class, looked up once (every pull and push reads one)."""
+    return resolve(Pinned(module, name))
+
+
 class _PullRoutes:
     """Flower's routes for pulling and pushing messages, and what deploy.held_pulls reads in
     their protobuf bodies; a body that does not parse raises ValueError."""
@@ -1027,7 +1034,7 @@ class _PullRoutes:
         from google.protobuf.message import DecodeError
 
         try:
-            return resolve(Pinned(*name)).FromString(body)
+            return _protobuf(*name).FromString(body)
         except DecodeError as exc:
             raise ValueError(f"not a {name[1]}") from exc
 
