@@ -71,6 +71,7 @@ class LocalDeployment:
     # how each merchant's SuperNode was last started (merchant, key, tls, max_retries), by merchant id
     supernodes: dict[str, tuple[Merchant, Path | None, bool, int | None]] = field(default_factory=dict)
     supernode_env: dict[str, str] = field(default_factory=dict)  # extra environment of the SuperNodes (and what they start) only
+    clientapp_threads: int | None = None  # each ClientApp's numerical threads (deploy.supernode); None: one per core
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     _stack: ExitStack = field(default_factory=ExitStack)
 
@@ -102,7 +103,7 @@ class LocalDeployment:
             "secure_aggregation": merchant.secure_aggregation,
         }).write(node_dir / "node-config.toml")
         command = supernode_command(self.fleet_address, self.tls.ca_cert if tls else None, key, config, free_port(), max_retries,
-                                    trusted_entities=merchant.trusted_entities)
+                                    trusted_entities=merchant.trusted_entities, clientapp_threads=self.clientapp_threads)
         self.supernodes[merchant.merchant_id] = (merchant, key, tls, max_retries)
         return self.start(f"supernode-{merchant.merchant_id}", command, node_dir / "flwr-home", self.supernode_env)
 
@@ -162,6 +163,11 @@ class LocalDeployment:
         return superlink
 
 
+def shared_cores(merchants: int) -> int:
+    """Each merchant's share of this machine's cores (at least one): their ClientApps run at once."""
+    return max(1, (os.cpu_count() or 1) // max(1, merchants))
+
+
 @contextmanager
 def local_deployment(
     work_dir: str | Path,
@@ -172,13 +178,17 @@ def local_deployment(
     fleet_host: str = "127.0.0.1",
     in_memory_state: bool = False,
     supernode_env: Mapping[str, str] | None = None,
+    clientapp_threads: int | None = None,
 ) -> Iterator[LocalDeployment]:
     """Certificates, SuperLink, registration, SuperNodes; yields when all merchants are online.
     `unregistered`: ids to create key pairs for without registering them. `fleet_host`: the
     interface the Fleet gateway listens on (the server certificate names it, too).
     `in_memory_state`: the SuperLink keeps its state in memory (`--in-memory`) instead of its
     SQLite file: faster rounds, nothing kept across a restart of it. `supernode_env`: extra
-    environment of the SuperNodes (and their SuperExecs and ClientApps) only."""
+    environment of the SuperNodes (and their SuperExecs and ClientApps) only. `clientapp_threads`:
+    the threads each ClientApp's numerical libraries may use; by default the machine's cores
+    divided among the merchants, at least one (`shared_cores`), as the simulation gives each
+    client its CPU."""
     work_dir = Path(work_dir).resolve()
     work_dir.mkdir(parents=True, exist_ok=True)
     hosts = ("localhost", "127.0.0.1", "::1") + (() if fleet_host in ("127.0.0.1", "localhost") else (fleet_host,))
@@ -191,7 +201,8 @@ def local_deployment(
     sweeper = Sweeper(DEPLOYMENT_MARK, str(work_dir))  # stops them all even if this process is killed outright
     database = None if in_memory_state else work_dir / "superlink" / "state.db"
     deployment = LocalDeployment(work_dir, address, fleet_address, tls, tool_env(operator_home), {**(extra_env or {}), **sweeper.mark},
-                                 database, supernode_env=dict(supernode_env or {}))
+                                 database, supernode_env=dict(supernode_env or {}),
+                                 clientapp_threads=clientapp_threads or shared_cores(len(merchants)))
     with deployment._stack:
         deployment._stack.callback(sweeper.close)  # last, after each process was stopped
         superlink = deployment.start("superlink", start_command(tls, database, port, fleet_address), work_dir / "superlink" / "flwr-home")

@@ -3,7 +3,8 @@
     python -m deploy.merchant --superlink superlink.example:9092 --root-certificates ca.crt \\
         --private-key merchant-a.key --merchant-id merchant-a \\
         --data-path /srv/merchant-a/interactions.csv --state-dir /srv/merchant-a/fedads-state \\
-        [--catalog-path /srv/merchant-a/catalog.csv] [--runtime-port 9094] [--trusted-entities publishers.yaml]
+        [--catalog-path /srv/merchant-a/catalog.csv] [--runtime-port 9094] [--trusted-entities publishers.yaml] \
+        [--clientapp-threads 4]
 
     python -m deploy.merchant --superlink ... --root-certificates ca.crt --private-key merchant-a.key \
         --node-config /srv/merchant-a/node-config.toml
@@ -23,6 +24,10 @@ starting its ClientApp (flwr/supernode/start_client_internal.py, where a message
 `_verify_fab`). In Flower 1.42 a FAB carries signatures only when the SuperLink fetched it from
 the Flower platform (`flwr run @publisher/app==version`); a FAB shipped with `flwr run .` has
 none, so a pinned SuperNode refuses it (docs/DEPLOYMENT.md, "Which code a merchant runs").
+
+`--clientapp-threads N`: the threads each ClientApp's numerical libraries may use (default: one
+per core). Set it where the SuperNode shares its machine, e.g. the cores divided by the SuperNodes
+on it (deploy.supernode).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from deploy.superlink import BIN, tool_env
+from deploy.supernode import positive_int
 from shared.config import ConfigError
 from shared.node_config import NodeConfig
 
@@ -52,11 +58,15 @@ def supernode_command(
     max_retries: int | None = None,
     bin_dir: Path = BIN,
     trusted_entities: str | Path | None = None,
+    clientapp_threads: int | None = None,
 ) -> list[str]:
     """`root_certificates=None` gives a plain-HTTP SuperNode (only to show it is refused);
-    `trusted_entities`: the publishers whose signed FABs alone it runs (module docstring)."""
+    `trusted_entities`: the publishers whose signed FABs alone it runs (module docstring);
+    `clientapp_threads`: each ClientApp's numerical libraries' threads (None: one per core)."""
     # Flower's flower-supernode, run by deploy.supernode: no idle waits, a warm ClientApp start
     command = [str(bin_dir / "python"), "-m", "deploy.supernode", "--superlink", superlink]
+    if clientapp_threads is not None:
+        command += ["--clientapp-threads", str(clientapp_threads)]
     command += ["--insecure"] if root_certificates is None else ["--root-certificates", str(root_certificates)]
     if private_key is not None:
         command += ["--auth-supernode-private-key", str(private_key)]
@@ -129,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--flwr-home", type=Path, help="where Flower unpacks received apps (default ~/.flwr)")
     parser.add_argument("--trusted-entities", type=Path,
                         help="YAML of publisher key ids -> ssh-ed25519 public keys: run only FABs they signed")
+    parser.add_argument("--clientapp-threads", type=positive_int,
+                        help="threads each ClientApp's numerical libraries may use (default: one per core)")
     args = parser.parse_args(argv)
     for path in (args.root_certificates, args.private_key, args.data_path, args.catalog_path, args.node_config, args.trusted_entities):
         if path is not None and not path.is_file():
@@ -141,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     trusted = args.trusted_entities.resolve() if args.trusted_entities is not None else None
     command = supernode_command(args.superlink, args.root_certificates.resolve(), args.private_key.resolve(), config_file,
-                                args.runtime_port, trusted_entities=trusted)
+                                args.runtime_port, trusted_entities=trusted, clientapp_threads=args.clientapp_threads)
     print(" ".join(command), flush=True)
     os.execve(command[0], command, tool_env(args.flwr_home))
 

@@ -23,9 +23,10 @@ import pytest
 
 pytest.importorskip("cryptography", reason="deploy.dev_certs needs the `cryptography` package (a flwr dependency)")
 
-from deploy.local import Merchant, local_deployment, stop_process, write_merchant_data
+from deploy.local import DEPLOYMENT_MARK, Merchant, local_deployment, shared_cores, stop_process, write_merchant_data
 from deploy.processes import stop_tree
 from deploy.superlink import CONNECTION, parse_cli_json, tool_env, write_cli_config
+from deploy.supernode import THREAD_LIMIT_VARIABLES
 from shared.storage import load_npz
 from simulations import PROJECT_ROOT
 from tests.conftest import processes_mentioning, small_run_config
@@ -78,6 +79,29 @@ def test_merchant_state_stays_with_the_merchant(deployment, finished_run):
     # the server's side holds no user factor and no ledger
     server_files = [p.name for p in Path(cfg.output_dir).rglob("*") if p.is_file()]
     assert not any(name in ("user_factors.npz", "privacy_ledger.json") for name in server_files)
+
+
+def _environment(pid: int) -> dict[str, str]:
+    entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(entry.decode(errors="replace").split("=", 1) for entry in entries if b"=" in entry)
+
+
+def test_clientapps_share_the_machines_cores(deployment, finished_run):
+    """Three merchants on one machine: each SuperNode's warm ClientApp process (and so every
+    ClientApp it forks) limits its numerical libraries to the merchant's share of the cores."""
+    root, _, _, deployed = deployment
+    warm = []
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+            if entry.name.isdigit() and b"deploy.warm_clientapp" in command and _environment(int(entry.name)).get(DEPLOYMENT_MARK) == str(
+                    (root / "flower").resolve()):
+                warm.append(_environment(int(entry.name)))
+        except OSError:  # a process that ended meanwhile
+            continue
+    assert len(warm) == NUM_MERCHANTS
+    expected = str(shared_cores(NUM_MERCHANTS))
+    assert all(env[name] == expected for env in warm for name in THREAD_LIMIT_VARIABLES), warm
 
 
 def _wait_exit(process: subprocess.Popen, timeout: float = 90.0) -> int:

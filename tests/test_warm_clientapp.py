@@ -18,7 +18,9 @@ from typing import Any
 
 import pytest
 
+from deploy.merchant import supernode_command
 from deploy.processes import _alive, _process_tree
+from deploy.supernode import split_arguments, thread_limit
 from deploy.warm_clientapp import SOCKET_ENV, write_shim
 from server import prompt_grid
 from server.prompt_grid import PromptGrid
@@ -459,3 +461,28 @@ def test_the_warm_process_imports_the_app_a_clientapp_imported_once_for_the_next
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_clientapp_threads_is_the_supernodes_own_option() -> None:
+    flower = ["--superlink", "h:1", "--clientappio-api-address", "127.0.0.1:9094", "--node-config", "c.toml"]
+    assert split_arguments(["--clientapp-threads", "2", *flower]) == (2, flower)
+    assert split_arguments([*flower[:2], "--clientapp-threads=1", *flower[2:]]) == (1, flower)
+    assert split_arguments(flower) == (None, flower)  # Flower's arguments untouched, abbreviations never taken
+    for wrong in ("0", "-1", "two"):
+        with pytest.raises(SystemExit):
+            split_arguments(["--clientapp-threads", wrong])
+    assert thread_limit(None) == {}
+    assert supernode_command("h:1", "ca", "k", "cfg", clientapp_threads=3)[5:7] == ["--clientapp-threads", "3"]
+    assert "--clientapp-threads" not in supernode_command("h:1", "ca", "k", "cfg")
+
+
+def test_the_thread_limit_holds_for_the_libraries_a_clientapp_uses() -> None:
+    """The variables deploy.supernode sets limit this environment's numpy (OpenBLAS) and torch."""
+    program = ("import json, numpy, torch, threadpoolctl\n"
+               "print(json.dumps([[p['internal_api'], p['num_threads']] for p in threadpoolctl.threadpool_info()] "
+               "+ [['torch', torch.get_num_threads()]]))")
+    shown = subprocess.run([sys.executable, "-c", program], env={**os.environ, **thread_limit(1)},
+                           capture_output=True, text=True, timeout=DEADLINE, check=True)
+    pools = json.loads(shown.stdout)
+    assert {"openblas", "torch"} <= {name for name, _ in pools}
+    assert all(threads == 1 for _, threads in pools), pools
