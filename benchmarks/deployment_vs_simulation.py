@@ -7,6 +7,9 @@ Flower's simulation runtime, and the bytes each client sends and receives per ro
 `--superlink-state memory`: the SuperLink keeps its state in memory (`deploy.superlink start
 --in-memory`) instead of its SQLite file (the default, which survives a restart).
 
+`--clientapp-threads N`: each deployed ClientApp's numerical threads (deploy.merchant
+--clientapp-threads); by default the machine's cores divided among the merchants (deploy.local).
+
 `--secure` (with --privacy user): secure aggregation (Flower's SecAgg+, four training messages
 per merchant per round), the deployed merchants' policies allowing it.
 
@@ -44,7 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 
 from client.privacy.plan import noisy_release_wire
-from deploy.local import local_deployment, write_merchant_data
+from deploy.local import local_deployment, shared_cores, write_merchant_data
+from deploy.supernode import positive_int
 from server.probes import PROBES_FILE
 from shared.als import ALSSettings
 from shared.config import RunConfig
@@ -128,12 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--superlink-state", choices=("database", "memory"), default="database",
                         help="the SuperLink's state: its SQLite file (survives a restart) or its memory")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the records file (mode, privacy, merchants, round_seconds, bytes_per_client)")
+    parser.add_argument("--clientapp-threads", type=positive_int,
+                        help="each deployed ClientApp's numerical threads (default: the cores divided among the merchants)")
     args = parser.parse_args(argv)
     output = args.output.resolve()
     results: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "merchants": args.merchants, "rounds": args.rounds, "privacy": args.privacy, "secure": args.secure,
-        "superlink_state": args.superlink_state,
+        "superlink_state": args.superlink_state, "clientapp_threads": args.clientapp_threads or shared_cores(args.merchants),
     }
 
     sim_cfg = _run_config(output / "simulation", args.merchants, args.rounds, args.privacy, args.secure, args.data)
@@ -147,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                                     privacy_mode="user" if args.privacy == "user" else "none",
                                     secure_aggregation="allow" if args.secure else "refuse")
     started = time.perf_counter()
-    with local_deployment(output / "deployment" / "flower", merchants, in_memory_state=args.superlink_state == "memory") as deployed:
+    with local_deployment(output / "deployment" / "flower", merchants, in_memory_state=args.superlink_state == "memory",
+                          clientapp_threads=args.clientapp_threads) as deployed:
         up = time.perf_counter() - started
         reply = deployed.submit(dep_cfg.to_flower())
         if not reply.get("success"):
