@@ -4,7 +4,8 @@ output-dir/
   checkpoints/round-NNNN.npz   global ad parameters after round N (0 = initial)
   checkpoints/server-state-NNNN.npz  what the strategy remembers after round N (private ALS:
                                the pooled noisy counts and the popularity rule's decision)
-  checkpoints/latest.json      the last complete round, its file, and the run config
+  checkpoints/latest.json      the last complete round, its file, the run config and the
+                               catalog's identity (its ad count and fingerprint)
   checkpoints/config.json      the run config alone (resume reads it if latest.json is damaged)
   history.json                 every round's aggregated and per-client metrics
   metrics.csv                  the same, one row per (round, client or "aggregate")
@@ -14,7 +15,10 @@ output-dir/
 All writes are atomic: a crash leaves the previous checkpoint intact. A checkpoint damaged
 afterwards (disk, a hand edit) is named and skipped: resume falls back to the newest good round.
 A resume whose run config differs from the checkpoint's is refused, naming the keys, unless
-`resume-accept-changes` names them.
+`resume-accept-changes` names them; so is a resume whose catalog is not the one the run
+started with (row i of the parameters belongs to the catalog's i-th ad: the same number of ads
+in another order or with other content would be read as the old model), unless it accepts
+`catalog-path`.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ import numpy as np
 
 from shared.app_log import log
 from shared.config import SERVER_BOOKKEEPING_KEYS
+from shared.content import catalog_fingerprint
+from shared.data.schema import AdCatalog
 from shared.storage import atomic_save_npz, atomic_write_bytes, atomic_write_json, load_npz
 
 # keys a resume may change without saying so: extending the plan, moving the folder
@@ -54,7 +60,8 @@ class Checkpointer:
         self._config_saved = False  # config.json: a run's config is the same every round
 
     def save_round(self, server_round: int, arrays: dict[str, np.ndarray], history: list[dict[str, Any]], config: dict[str, Any],
-                   server_state: dict[str, np.ndarray] | None = None) -> None:
+                   server_state: dict[str, np.ndarray] | None = None, catalog: dict[str, Any] | None = None) -> None:
+        """`catalog`: the identity of the catalog the parameters' rows belong to (`catalog_identity`)."""
         name = f"round-{server_round:04d}.npz"
         atomic_save_npz(self.checkpoints / name, **arrays)
         if server_state:
@@ -65,7 +72,10 @@ class Checkpointer:
             atomic_write_json(self.checkpoints / "config.json", config)
             self._config_saved = True
         # the pointer is written last: it only ever names a complete checkpoint
-        atomic_write_json(self.checkpoints / "latest.json", {"round": server_round, "file": name, "config": config})
+        pointer: dict[str, Any] = {"round": server_round, "file": name, "config": config}
+        if catalog is not None:
+            pointer["catalog"] = catalog
+        atomic_write_json(self.checkpoints / "latest.json", pointer)
 
     def latest(self) -> tuple[int, dict[str, np.ndarray], list[dict[str, Any]], dict[str, Any]]:
         """The newest round whose checkpoint loads, its arrays, the history up to it and the run
@@ -88,6 +98,15 @@ class Checkpointer:
             return server_round, arrays, history, config
         raise CheckpointError(f"cannot resume from {self.checkpoints}: no checkpoint loads"
                               + (": " + "; ".join(skipped) if skipped else ""))
+
+    def catalog(self) -> dict[str, Any] | None:
+        """The identity of the catalog the checkpoint's parameters belong to, as latest.json
+        records it (None: a checkpoint from before it was recorded, or a damaged pointer)."""
+        try:
+            stored = json.loads((self.checkpoints / "latest.json").read_text()).get("catalog")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return dict(stored) if isinstance(stored, dict) else None
 
     def server_state(self, server_round: int) -> dict[str, np.ndarray] | None:
         """What the strategy remembered after `server_round`, if it kept anything (None when not,
@@ -187,6 +206,39 @@ def check_resume_config(stored: dict[str, Any], current: dict[str, Any], accepte
     for key in differing:
         log.warning("fedads: resuming with %s changed (%r -> %r), as resume-accept-changes allows",
                     key, stored.get(key), current.get(key))
+
+
+def catalog_identity(catalog: AdCatalog) -> dict[str, Any]:
+    """What a checkpoint records of its catalog: the number of ads and the fingerprint of their
+    ids in order and their content (shared/content.py)."""
+    return {"ads": len(catalog), "fingerprint": catalog_fingerprint(catalog)}
+
+
+CATALOG_CHANGE_KEY = "catalog-path"  # what a resume accepts to continue with a changed catalog of as many ads
+
+
+def check_resume_catalog(stored: dict[str, Any] | None, current: dict[str, Any], source: str, accepted: frozenset[str]) -> None:
+    """A resume continues on the catalog its checkpoint's rows belong to: another one is refused
+    (always when its number of ads differs), unless the resume accepts `catalog-path` for a
+    catalog of as many ads (new titles or tags, say, in the same order)."""
+    if stored is None:
+        log.warning("fedads: the checkpoint does not record its catalog (written before fedads did): "
+                    "resuming on %s unchecked", source)
+        return
+    if stored == current:
+        return
+    change = (f"{stored.get('ads')} ads, fingerprint {str(stored.get('fingerprint'))[:12]} -> "
+              f"{current['ads']} ads, fingerprint {current['fingerprint'][:12]}")
+    if stored.get("ads") != current["ads"]:
+        raise CheckpointError(f"resume refused: the catalog ({source}) is not the one the checkpoint's parameters belong to "
+                              f"({change}); resume with the run's catalog, or start a new output-dir")
+    if CATALOG_CHANGE_KEY not in accepted:
+        raise CheckpointError(
+            f"resume refused: the catalog ({source}) differs from the one the checkpoint's parameters belong to "
+            f"({change}): row i of the model is the catalog's i-th ad. Resume with the run's catalog, start a new "
+            f"output-dir, or, if its ads are the same ones in the same order, accept the change with "
+            f"resume-accept-changes = \"{CATALOG_CHANGE_KEY}\"")
+    log.warning("fedads: resuming on a changed catalog (%s: %s), as resume-accept-changes allows", source, change)
 
 
 def history_to_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server import report
 from server.als_aggregation import ALSAggregation
-from server.checkpoint import Checkpointer, RunStatus, check_resume_config
+from server.checkpoint import Checkpointer, RunStatus, catalog_identity, check_resume_catalog, check_resume_config
 from server.probes import probe, write_probes
 from server.prompt_grid import PromptGrid
 from server.round_loop import RoundLog, RoundLoop, RunEndedShort, one_line
@@ -43,11 +43,13 @@ def main(grid: Grid, context: Context) -> None:
     catalog = load_catalog(cfg)
     checkpointer = Checkpointer(cfg.output_path)
     config_dump = cfg.to_flower()
+    catalog_record = catalog_identity(catalog)
     log.info("fedads: %d ads in the catalog (%s); outputs in %s", len(catalog), catalog.source, checkpointer.root)
 
     if cfg.resume:
         done, arrays, history, stored_config = checkpointer.latest()
         check_resume_config(stored_config, config_dump, cfg.accepted_resume_changes)
+        check_resume_catalog(checkpointer.catalog(), catalog_record, catalog.source, cfg.accepted_resume_changes)
         check_global_arrays(arrays, global_shapes(cfg, len(catalog)))
         log.info("fedads: resuming after round %d of %d (checkpoint in %s)", done, cfg.num_rounds, checkpointer.checkpoints)
     else:
@@ -55,7 +57,7 @@ def main(grid: Grid, context: Context) -> None:
         arrays = initial_model(cfg, catalog)
     status = RunStatus(checkpointer, flower_run_id=context.run_id, rounds_planned=cfg.num_rounds, rounds_completed=done)
     try:
-        _run(cfg, grid, context, checkpointer, catalog, config_dump, status, done, arrays, history)
+        _run(cfg, grid, context, checkpointer, catalog, catalog_record, config_dump, status, done, arrays, history)
     except RunEndedShort:
         raise
     except BaseException as exc:  # the status file must not say "running" for a ServerApp that died
@@ -63,8 +65,8 @@ def main(grid: Grid, context: Context) -> None:
         raise
 
 
-def _run(cfg: RunConfig, grid: Grid, context: Context, checkpointer: Checkpointer, catalog: AdCatalog, config_dump: dict[str, Any],
-         status: RunStatus, done: int, arrays: Arrays, history: list[dict[str, Any]]) -> None:
+def _run(cfg: RunConfig, grid: Grid, context: Context, checkpointer: Checkpointer, catalog: AdCatalog, catalog_record: dict[str, Any],
+         config_dump: dict[str, Any], status: RunStatus, done: int, arrays: Arrays, history: list[dict[str, Any]]) -> None:
     num_nodes = max(len(list(grid.get_node_ids())), cfg.min_nodes)
     strategy, privacy_spent = build_strategy(cfg, num_nodes, catalog, rounds_done=done, initial=None if done else arrays)
     # private ALS remembers the pooled noisy counts and its popularity rule's decision across rounds
@@ -88,13 +90,14 @@ def _run(cfg: RunConfig, grid: Grid, context: Context, checkpointer: Checkpointe
         seconds = time.perf_counter() - started  # also the nodes' start-up: their first message
         history.append({"round": 0, "train": {}, "evaluate": initial, "clients": round_log.clients,
                         "participants": round_log.participants(), "round_seconds": seconds, "evaluate_seconds": seconds})
-        checkpointer.save_round(0, arrays, history, config_dump)
+        checkpointer.save_round(0, arrays, history, config_dump, catalog=catalog_record)
 
     log.info("fedads per-round metrics (federated, weighted by test users):\n%s", report.table(history))
 
     def on_round_end(server_round: int, new_arrays: Arrays, record: dict[str, Any]) -> None:
         history.append(record)
-        checkpointer.save_round(server_round, new_arrays, history, config_dump, remembering.state() if remembering else None)
+        checkpointer.save_round(server_round, new_arrays, history, config_dump, remembering.state() if remembering else None,
+                                catalog=catalog_record)
         status.update(rounds_completed=server_round)
         log.info("fedads %s\n%s", report.header(), "fedads " + report.row(record))
 

@@ -124,7 +124,8 @@ class RunConfig(BaseModel):
         "a deployed SuperNode names its own state-dir in its node config"))
     resume: bool = Field(False, description="continue after the last checkpoint in output-dir")
     resume_accept_changes: str = Field("", description=(
-        "keys (comma-separated) a resume may change from the checkpoint's run config; any other change is refused"))
+        "keys (comma-separated) a resume may change from the checkpoint's run config (catalog-path: also the catalog's content, "
+        "for as many ads); any other change is refused"))
     num_rounds: int = Field(10, ge=1, description="federated training rounds")
     fraction_train: float = Field(1.0, gt=0, le=1, description="share of the nodes sampled for each training round")
     min_nodes: int = Field(2, ge=1, description="nodes a round waits for (training and evaluation)")

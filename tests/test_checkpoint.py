@@ -7,7 +7,16 @@ import json
 import numpy as np
 import pytest
 
-from server.checkpoint import Checkpointer, CheckpointError, RunStatus, check_resume_config, history_to_csv
+from server.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    RunStatus,
+    catalog_identity,
+    check_resume_catalog,
+    check_resume_config,
+    history_to_csv,
+)
+from shared.data.schema import AdCatalog
 from shared.storage import load_npz
 
 
@@ -108,6 +117,36 @@ def test_a_checkpoint_older_than_a_key_resumes_with_the_value_its_run_had():
     with pytest.raises(CheckpointError, match="content-affinity: 0.0 -> 1.6"):
         check_resume_config(stored, {**stored, "content-affinity": 1.6}, frozenset())
     check_resume_config(stored, {**stored, "content-affinity": 1.6}, frozenset({"content-affinity"}))
+
+
+def _catalog(ad_ids: tuple[str, ...], titles: tuple[str | None, ...] | None = None) -> AdCatalog:
+    return AdCatalog(ad_ids, ("shoes",) * len(ad_ids), ("acme",) * len(ad_ids), titles or (None,) * len(ad_ids))
+
+
+def test_a_checkpoint_records_its_catalog_and_a_resume_on_another_is_refused(tmp_path, caplog):
+    """Row i of the parameters belongs to the catalog's i-th ad: a resume on a catalog of as many
+    ads in another order (or with other content) would read the old model wrongly."""
+    catalog = _catalog(("a", "b", "c", "d", "e"))
+    ckpt = Checkpointer(tmp_path)
+    assert ckpt.catalog() is None  # nothing saved yet
+    ckpt.save_round(0, _arrays(0), [{"round": 0, "clients": {}}], {"num-rounds": 5}, catalog=catalog_identity(catalog))
+    stored = Checkpointer(tmp_path).catalog()
+    assert stored == catalog_identity(catalog) and stored["ads"] == 5
+    check_resume_catalog(stored, catalog_identity(_catalog(("a", "b", "c", "d", "e"))), "same.csv", frozenset())  # the same catalog, read again
+
+    reordered = catalog_identity(_catalog(("b", "a", "c", "d", "e")))
+    with pytest.raises(CheckpointError, match=r"reordered.csv.*5 ads, fingerprint \w+ -> 5 ads.*resume-accept-changes = \"catalog-path\""):
+        check_resume_catalog(stored, reordered, "reordered.csv", frozenset({"seed"}))
+    retitled = catalog_identity(_catalog(("a", "b", "c", "d", "e"), ("new", None, None, None, None)))
+    assert retitled["fingerprint"] != stored["fingerprint"]
+    with pytest.raises(CheckpointError, match="differs"):
+        check_resume_catalog(stored, retitled, "retitled.csv", frozenset())
+    check_resume_catalog(stored, retitled, "retitled.csv", frozenset({"catalog-path"}))  # accepted: the same ads, new titles
+    assert "resuming on a changed catalog" in caplog.text
+    with pytest.raises(CheckpointError, match="5 ads, .* -> 6 ads"):  # another size: never
+        check_resume_catalog(stored, catalog_identity(_catalog(("a", "b", "c", "d", "e", "f"))), "bigger.csv", frozenset({"catalog-path"}))
+    check_resume_catalog(None, reordered, "old-checkpoint.csv", frozenset())  # written before catalogs were recorded
+    assert "resuming on old-checkpoint.csv unchecked" in caplog.text
 
 
 def test_resume_accept_changes_names_real_keys():

@@ -102,7 +102,8 @@ def test_resume_continues_from_the_last_checkpoint(first_run):
 
 def test_resume_with_another_seed_or_privacy_is_refused_by_name(first_run):
     """A resume continues the run it resumes: a changed seed or privacy setting fails the run
-    (naming the keys), and nothing of the checkpoint changes."""
+    (naming the keys), and nothing of the checkpoint changes; so does a catalog other than the
+    one the checkpoint's rows belong to."""
     tmp_path, _, _ = first_run
     out = tmp_path / "out"
     latest = (out / "checkpoints" / "latest.json").read_text()
@@ -110,6 +111,16 @@ def test_resume_with_another_seed_or_privacy_is_refused_by_name(first_run):
     with pytest.raises(SimulationError, match=r"resume refused: .*privacy: 'none' -> 'user', seed: 7 -> 8"):
         run_simulation(changed.to_flower(), NUM_CLIENTS, tmp_path / "flower-changed", timeout=480)
     assert (out / "checkpoints" / "latest.json").read_text() == latest
+    # the run's own config, but a checkpoint whose rows belong to another catalog of as many ads
+    pointer = json.loads(latest)
+    pointer["catalog"]["fingerprint"] = "0" * 64
+    (out / "checkpoints" / "latest.json").write_text(json.dumps(pointer))
+    try:
+        same = small_run_config(tmp_path, **{"num-rounds": 9, "resume": True})
+        with pytest.raises(SimulationError, match=r"resume refused: the catalog \(.*\) differs"):
+            run_simulation(same.to_flower(), NUM_CLIENTS, tmp_path / "flower-other-catalog", timeout=480)
+    finally:
+        (out / "checkpoints" / "latest.json").write_text(latest)
 
 
 def _main_job_running(output: Path) -> subprocess.Popen[bytes]:
