@@ -48,7 +48,7 @@ import numpy as np
 
 from client.privacy.plan import noisy_release_wire
 from deploy.local import local_deployment, shared_cores, write_merchant_data
-from deploy.supernode import positive_int
+from deploy.processes import positive_int
 from server.probes import PROBES_FILE
 from shared.als import ALSSettings
 from shared.config import RunConfig
@@ -77,18 +77,20 @@ def _run_config(output: Path, merchants: int, rounds: int, privacy: str, secure:
     })
 
 
-def _write_records(path: Path, data: str, privacy: str, merchants: int, state: str, results: dict[str, Any]) -> None:
+def _write_records(path: Path, data: str, privacy: str, merchants: int, state: str, threads: int, results: dict[str, Any]) -> None:
     """benchmarks/results/deployment.json: this run's three records replace those of the same data,
-    privacy, merchants and SuperLink state (records without a state were measured with the database)."""
+    privacy, merchants, SuperLink state and ClientApp threads (records without a state were
+    measured with the database, records without a thread count with the libraries' defaults)."""
     records = json.loads(path.read_text()) if path.is_file() else []
-    records = [r for r in records if (r.get("data"), r["privacy"], r["merchants"], r.get("superlink_state", "database"))
-               != (data, privacy, merchants, state)]
+    records = [r for r in records if (r.get("data"), r["privacy"], r["merchants"], r.get("superlink_state", "database"),
+                                      r.get("clientapp_threads")) != (data, privacy, merchants, state, threads)]
+    common = {"data": data, "superlink_state": state, "clientapp_threads": threads}
     for mode in ("simulation", "deployment"):
         records.append({"mode": mode, "privacy": privacy, "merchants": merchants, "round_seconds": results[mode]["median_round_seconds"],
-                        "bytes_per_client": results["bytes"]["per_client_per_round_sent"], "data": data, "superlink_state": state})
+                        "bytes_per_client": results["bytes"]["per_client_per_round_sent"], **common})
     # the floor: one exchange of empty messages with every merchant, in the deployment
     records.append({"mode": "noop", "privacy": privacy, "merchants": merchants, "round_seconds": results["deployment"]["probe_median_seconds"],
-                    "bytes_per_client": 0, "data": data, "superlink_state": state})
+                    "bytes_per_client": 0, **common})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(records, indent=2) + "\n")
 
@@ -135,11 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clientapp-threads", type=positive_int,
                         help="each deployed ClientApp's numerical threads (default: the cores divided among the merchants)")
     args = parser.parse_args(argv)
+    args.clientapp_threads = args.clientapp_threads or shared_cores(args.merchants)
     output = args.output.resolve()
     results: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "merchants": args.merchants, "rounds": args.rounds, "privacy": args.privacy, "secure": args.secure,
-        "superlink_state": args.superlink_state, "clientapp_threads": args.clientapp_threads or shared_cores(args.merchants),
+        "superlink_state": args.superlink_state, "clientapp_threads": args.clientapp_threads,
     }
 
     sim_cfg = _run_config(output / "simulation", args.merchants, args.rounds, args.privacy, args.secure, args.data)
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         "superlink_inbound_per_client_per_round": traffic.get("inbound-bytes", 0) / (n * r),
     }
     (output / "results.json").write_text(json.dumps(results, indent=2))
-    _write_records(args.results, args.data, args.privacy, args.merchants, args.superlink_state, results)
+    _write_records(args.results, args.data, args.privacy, args.merchants, args.superlink_state, results["clientapp_threads"], results)
     sim, dep, b = results["simulation"], results["deployment"], results["bytes"]
     print(f"{results['date']}  {results['machine']}  {n} merchants, {r} rounds, privacy={args.privacy}, secure={args.secure}, "
           f"mf-solver={dep_cfg.mf_solver}, SuperLink state: {args.superlink_state}")

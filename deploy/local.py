@@ -24,7 +24,7 @@ from typing import Any
 from deploy import runs
 from deploy.dev_certs import MerchantKeys, create_merchant_keys, create_tls_files
 from deploy.merchant import supernode_command
-from deploy.processes import Sweeper, free_port, stop_tree, wait_for_port
+from deploy.processes import Sweeper, free_port, stop_tree, usable_cores, wait_for_port
 from deploy.superlink import CONNECTION, ServerTls, parse_cli_json, register_merchant, start_command, tool_env, write_cli_config
 from shared.node_config import NodeConfig
 from simulations import PROJECT_ROOT
@@ -71,7 +71,7 @@ class LocalDeployment:
     # how each merchant's SuperNode was last started (merchant, key, tls, max_retries), by merchant id
     supernodes: dict[str, tuple[Merchant, Path | None, bool, int | None]] = field(default_factory=dict)
     supernode_env: dict[str, str] = field(default_factory=dict)  # extra environment of the SuperNodes (and what they start) only
-    clientapp_threads: int | None = None  # each ClientApp's numerical threads (deploy.supernode); None: one per core
+    clientapp_threads: int | None = None  # each ClientApp's numerical threads (deploy.supernode); None: the libraries' defaults
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     _stack: ExitStack = field(default_factory=ExitStack)
 
@@ -165,7 +165,7 @@ class LocalDeployment:
 
 def shared_cores(merchants: int) -> int:
     """Each merchant's share of this machine's cores (at least one): their ClientApps run at once."""
-    return max(1, (os.cpu_count() or 1) // max(1, merchants))
+    return max(1, usable_cores() // max(1, merchants))
 
 
 @contextmanager

@@ -3,7 +3,7 @@
     python -m deploy.merchant --superlink superlink.example:9092 --root-certificates ca.crt \\
         --private-key merchant-a.key --merchant-id merchant-a \\
         --data-path /srv/merchant-a/interactions.csv --state-dir /srv/merchant-a/fedads-state \\
-        [--catalog-path /srv/merchant-a/catalog.csv] [--runtime-port 9094] [--trusted-entities publishers.yaml] \
+        [--catalog-path /srv/merchant-a/catalog.csv] [--runtime-port 9094] [--trusted-entities publishers.yaml] \\
         [--clientapp-threads 4]
 
     python -m deploy.merchant --superlink ... --root-certificates ca.crt --private-key merchant-a.key \
@@ -25,9 +25,9 @@ starting its ClientApp (flwr/supernode/start_client_internal.py, where a message
 the Flower platform (`flwr run @publisher/app==version`); a FAB shipped with `flwr run .` has
 none, so a pinned SuperNode refuses it (docs/DEPLOYMENT.md, "Which code a merchant runs").
 
-`--clientapp-threads N`: the threads each ClientApp's numerical libraries may use (default: one
-per core). Set it where the SuperNode shares its machine, e.g. the cores divided by the SuperNodes
-on it (deploy.supernode).
+`--clientapp-threads N`: the threads each ClientApp's numerical libraries may use (default: the
+libraries' own, one per core unless the environment says otherwise). Set it where the SuperNode
+shares its machine, e.g. the cores divided by the SuperNodes on it (deploy.supernode).
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from deploy.processes import positive_int
 from deploy.superlink import BIN, tool_env
-from deploy.supernode import positive_int
 from shared.config import ConfigError
 from shared.node_config import NodeConfig
 
@@ -62,7 +62,7 @@ def supernode_command(
 ) -> list[str]:
     """`root_certificates=None` gives a plain-HTTP SuperNode (only to show it is refused);
     `trusted_entities`: the publishers whose signed FABs alone it runs (module docstring);
-    `clientapp_threads`: each ClientApp's numerical libraries' threads (None: one per core)."""
+    `clientapp_threads`: each ClientApp's numerical libraries' threads (None: the libraries' defaults)."""
     # Flower's flower-supernode, run by deploy.supernode: no idle waits, a warm ClientApp start
     command = [str(bin_dir / "python"), "-m", "deploy.supernode", "--superlink", superlink]
     if clientapp_threads is not None:
@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--trusted-entities", type=Path,
                         help="YAML of publisher key ids -> ssh-ed25519 public keys: run only FABs they signed")
     parser.add_argument("--clientapp-threads", type=positive_int,
-                        help="threads each ClientApp's numerical libraries may use (default: one per core)")
+                        help="threads each ClientApp's numerical libraries may use (default: the libraries' own)")
     args = parser.parse_args(argv)
     for path in (args.root_certificates, args.private_key, args.data_path, args.catalog_path, args.node_config, args.trusted_entities):
         if path is not None and not path.is_file():

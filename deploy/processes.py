@@ -1,9 +1,11 @@
 """Local processes the harness and the deployment tools start (a Ray head node; a SuperLink and
 SuperNodes): free ports, readiness, stopping a whole process tree (their children change
-process group), and a sweeper that stops them even when their starter is killed outright."""
+process group), a sweeper that stops them even when their starter is killed outright, and the
+environment that caps the numerical threads of what they start."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
@@ -18,6 +20,31 @@ from pathlib import Path
 
 class ProcessStartError(RuntimeError):
     pass
+
+
+# read by OpenBLAS (numpy, scipy), OpenMP (and torch) and MKL as they load
+THREAD_LIMIT_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def thread_limit(threads: int | None) -> dict[str, str]:
+    """The environment that limits a process's numerical libraries to `threads` threads (None: no limit)."""
+    return {} if threads is None else dict.fromkeys(THREAD_LIMIT_VARIABLES, str(threads))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's cpuset, taskset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a positive number of threads."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of threads")
+    return value
 
 
 def free_port(host: str = "127.0.0.1") -> int:

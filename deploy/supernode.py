@@ -22,11 +22,14 @@ scientific stack first: about 13 s of a deployed round's 23-26 s on MovieLens-10
   than once per message); `flwr-clientapp` on PATH resolves to a shim that does the same, for
   when the SuperExec cannot reach the warm process.
 
-`--clientapp-threads N` (this module's own option, not Flower's): the ClientApps' numerical
-libraries (OpenBLAS, OpenMP, MKL; torch reads OMP_NUM_THREADS) use at most N threads each. Left
-out, they take one per core, which suits a merchant alone on its machine; where several SuperNodes
-and the SuperLink share the cores, each ClientApp's threads spin waiting for one another (a
-3-merchant round on 2 cores: 11% longer than with one thread each).
+`--clientapp-threads N` (this module's own option, not Flower's): the numerical libraries of
+the ClientApps (OpenBLAS, OpenMP, MKL) use at most N threads each: OMP_NUM_THREADS,
+OPENBLAS_NUM_THREADS and MKL_NUM_THREADS are set for the warm process, the SuperExec and the
+shim. Left out, the libraries keep their defaults (one thread per core, unless the environment
+says otherwise), which suits a merchant alone on its machine; where several SuperNodes and the
+SuperLink share the cores, the ClientApps' threads spin waiting for one another (a 3-merchant
+round on 2 cores: 12% shorter with one thread each, docs/BENCHMARKS.md "Deployment"). torch's
+own count is set by the app where it uses torch (client/solvers/sgd_rows.py: one thread).
 
 Its log lines carry the time of day. The warm process stops with this one, however it stops (it watches this process's id).
 """
@@ -42,6 +45,7 @@ import tempfile
 from pathlib import Path
 
 from deploy import superexec
+from deploy.processes import positive_int, thread_limit
 from deploy.warm_clientapp import SOCKET_ENV, write_shim
 from shared.flower_internals import (
     notify_stored_messages,
@@ -51,20 +55,6 @@ from shared.flower_internals import (
     skip_unsent_telemetry,
     timestamp_flower_logs,
 )
-
-THREAD_LIMIT_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-def thread_limit(threads: int | None) -> dict[str, str]:
-    """The environment that limits a process's numerical libraries to `threads` threads (None: no limit)."""
-    return {} if threads is None else dict.fromkeys(THREAD_LIMIT_VARIABLES, str(threads))
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number of threads")
-    return value
 
 
 def split_arguments(arguments: list[str]) -> tuple[int | None, list[str]]:

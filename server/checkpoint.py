@@ -5,8 +5,10 @@ output-dir/
   checkpoints/server-state-NNNN.npz  what the strategy remembers after round N (private ALS:
                                the pooled noisy counts and the popularity rule's decision)
   checkpoints/latest.json      the last complete round, its file, the run config and the
-                               catalog's identity (its ad count and fingerprint)
+                               catalog's identity (its ad count, digests of its ids in order and
+                               of their content)
   checkpoints/config.json      the run config alone (resume reads it if latest.json is damaged)
+  checkpoints/catalog.json     the catalog's identity alone (the same fallback)
   history.json                 every round's aggregated and per-client metrics
   metrics.csv                  the same, one row per (round, client or "aggregate")
   model/global_model.npz       final export: ad ids, ad factors, ad biases
@@ -16,18 +18,20 @@ All writes are atomic: a crash leaves the previous checkpoint intact. A checkpoi
 afterwards (disk, a hand edit) is named and skipped: resume falls back to the newest good round.
 A resume whose run config differs from the checkpoint's is refused, naming the keys, unless
 `resume-accept-changes` names them; so is a resume whose catalog is not the one the run
-started with (row i of the parameters belongs to the catalog's i-th ad: the same number of ads
-in another order or with other content would be read as the old model), unless it accepts
-`catalog-path`.
+started with: always when its ads or their order differ (row i of the parameters belongs to the
+catalog's i-th ad), and when only their content (titles, categories, brands, tags) differs
+unless `resume-accept-changes` names `catalog`.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import re
 import zipfile
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,7 +40,6 @@ import numpy as np
 
 from shared.app_log import log
 from shared.config import SERVER_BOOKKEEPING_KEYS
-from shared.content import catalog_fingerprint
 from shared.data.schema import AdCatalog
 from shared.storage import atomic_save_npz, atomic_write_bytes, atomic_write_json, load_npz
 
@@ -46,6 +49,7 @@ RESUMABLE_KEYS = SERVER_BOOKKEEPING_KEYS | {"num-rounds"}
 # the key compares as that value (the catalog prior lent its tags' factors at full weight; merchants
 # ranked by the model alone, without content affinity)
 KEYS_ADDED_LATER = {"als-catalog-prior-weight": 1.0, "content-affinity": 0.0, "content-affinity-halflife": 3.0}
+CATALOG_FILE = "catalog.json"
 _ROUND_FILE = re.compile(r"^round-(\d{4,})\.npz$")
 
 
@@ -57,7 +61,7 @@ class Checkpointer:
     def __init__(self, output_dir: str | Path) -> None:
         self.root = Path(output_dir)
         self.checkpoints = self.root / "checkpoints"
-        self._config_saved = False  # config.json: a run's config is the same every round
+        self._config_saved = False  # config.json and catalog.json: the same every round of a run
 
     def save_round(self, server_round: int, arrays: dict[str, np.ndarray], history: list[dict[str, Any]], config: dict[str, Any],
                    server_state: dict[str, np.ndarray] | None = None, catalog: dict[str, Any] | None = None) -> None:
@@ -70,6 +74,8 @@ class Checkpointer:
         atomic_write_bytes(self.root / "metrics.csv", history_to_csv(history).encode())
         if not self._config_saved:
             atomic_write_json(self.checkpoints / "config.json", config)
+            if catalog is not None:
+                atomic_write_json(self.checkpoints / CATALOG_FILE, catalog)
             self._config_saved = True
         # the pointer is written last: it only ever names a complete checkpoint
         pointer: dict[str, Any] = {"round": server_round, "file": name, "config": config}
@@ -101,12 +107,17 @@ class Checkpointer:
 
     def catalog(self) -> dict[str, Any] | None:
         """The identity of the catalog the checkpoint's parameters belong to, as latest.json
-        records it (None: a checkpoint from before it was recorded, or a damaged pointer)."""
-        try:
-            stored = json.loads((self.checkpoints / "latest.json").read_text()).get("catalog")
-        except (OSError, ValueError, AttributeError):
-            return None
-        return dict(stored) if isinstance(stored, dict) else None
+        records it, or catalog.json when latest.json is damaged (None: a checkpoint written
+        before fedads recorded it, or neither file readable)."""
+        for path, key in ((self.checkpoints / "latest.json", "catalog"), (self.checkpoints / CATALOG_FILE, None)):
+            try:
+                stored = json.loads(path.read_text())
+                stored = stored.get(key) if key is not None else stored
+            except (OSError, ValueError, AttributeError):
+                continue
+            if isinstance(stored, dict):
+                return dict(stored)
+        return None
 
     def server_state(self, server_round: int) -> dict[str, np.ndarray] | None:
         """What the strategy remembered after `server_round`, if it kept anything (None when not,
@@ -208,37 +219,52 @@ def check_resume_config(stored: dict[str, Any], current: dict[str, Any], accepte
                     key, stored.get(key), current.get(key))
 
 
+def _digest(values: Iterable[object]) -> str:
+    digest = hashlib.sha256()
+    for value in values:
+        digest.update(repr(value).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
 def catalog_identity(catalog: AdCatalog) -> dict[str, Any]:
-    """What a checkpoint records of its catalog: the number of ads and the fingerprint of their
-    ids in order and their content (shared/content.py)."""
-    return {"ads": len(catalog), "fingerprint": catalog_fingerprint(catalog)}
+    """What a checkpoint records of its catalog: the number of ads, a digest of their ids in order
+    (what the parameters' rows mean) and one of their content (titles, categories, brands, tags:
+    what the catalog prior and content affinity read). Only the catalog's own fields: a change in
+    fedads' feature settings is not a change of catalog."""
+    return {
+        "ads": len(catalog),
+        "ids": _digest(catalog.ad_ids),
+        "content": _digest(zip(catalog.categories, catalog.brands, catalog.titles, catalog.tags)),
+    }
 
 
-CATALOG_CHANGE_KEY = "catalog-path"  # what a resume accepts to continue with a changed catalog of as many ads
+CATALOG_CHANGE = "catalog"  # resume-accept-changes: the same ads in the same order, with changed content
 
 
 def check_resume_catalog(stored: dict[str, Any] | None, current: dict[str, Any], source: str, accepted: frozenset[str]) -> None:
-    """A resume continues on the catalog its checkpoint's rows belong to: another one is refused
-    (always when its number of ads differs), unless the resume accepts `catalog-path` for a
-    catalog of as many ads (new titles or tags, say, in the same order)."""
-    if stored is None:
+    """A resume continues on the catalog its checkpoint's rows belong to: one with other ads or
+    another order is refused; one whose ads only have other content (new titles, tags) is
+    refused unless the resume accepts `catalog`."""
+    if stored is None or "ids" not in stored:
         log.warning("fedads: the checkpoint does not record its catalog (written before fedads did): "
                     "resuming on %s unchecked", source)
         return
-    if stored == current:
-        return
-    change = (f"{stored.get('ads')} ads, fingerprint {str(stored.get('fingerprint'))[:12]} -> "
-              f"{current['ads']} ads, fingerprint {current['fingerprint'][:12]}")
-    if stored.get("ads") != current["ads"]:
-        raise CheckpointError(f"resume refused: the catalog ({source}) is not the one the checkpoint's parameters belong to "
-                              f"({change}); resume with the run's catalog, or start a new output-dir")
-    if CATALOG_CHANGE_KEY not in accepted:
+    if stored.get("ads") != current["ads"] or stored.get("ids") != current["ids"]:
         raise CheckpointError(
-            f"resume refused: the catalog ({source}) differs from the one the checkpoint's parameters belong to "
-            f"({change}): row i of the model is the catalog's i-th ad. Resume with the run's catalog, start a new "
-            f"output-dir, or, if its ads are the same ones in the same order, accept the change with "
-            f"resume-accept-changes = \"{CATALOG_CHANGE_KEY}\"")
-    log.warning("fedads: resuming on a changed catalog (%s: %s), as resume-accept-changes allows", source, change)
+            f"resume refused: the catalog ({source}, {current['ads']} ads) does not hold the ads the checkpoint's "
+            f"parameters belong to, in their order ({stored.get('ads')} ads, ids digest {str(stored.get('ids'))[:12]} -> "
+            f"{current['ids'][:12]}): row i of the model is the catalog's i-th ad. Resume with the run's catalog, "
+            f"or start a new output-dir")
+    if stored.get("content") == current["content"]:
+        return
+    if CATALOG_CHANGE not in accepted:
+        raise CheckpointError(
+            f"resume refused: the catalog ({source}) holds the same ads in the same order, but their content "
+            f"(titles, categories, brands or tags) differs from the checkpoint's, and the catalog prior and "
+            f"content affinity read it. Resume with the run's catalog, start a new output-dir, or accept the "
+            f"change with resume-accept-changes = \"{CATALOG_CHANGE}\"")
+    log.warning("fedads: resuming on %s with its ads' content changed, as resume-accept-changes allows", source)
 
 
 def history_to_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:

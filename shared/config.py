@@ -101,6 +101,8 @@ DATA_FIELDS = (
 # keys that steer only the server's bookkeeping: a merchant's answer to an instruction does not
 # depend on them, so its record of a release ignores them (a resumed run asks the same question)
 SERVER_BOOKKEEPING_KEYS = frozenset({"output-dir", "resume", "resume-accept-changes"})
+# what resume-accept-changes may name besides config keys: the catalog's content (server/checkpoint.py)
+RESUME_CHANGES_BEYOND_CONFIG = frozenset({"catalog"})
 # section titles of pyproject's table, by the first field of each section
 SECTIONS = {
     "output_dir": "Outputs and state",
@@ -124,8 +126,8 @@ class RunConfig(BaseModel):
         "a deployed SuperNode names its own state-dir in its node config"))
     resume: bool = Field(False, description="continue after the last checkpoint in output-dir")
     resume_accept_changes: str = Field("", description=(
-        "keys (comma-separated) a resume may change from the checkpoint's run config (catalog-path: also the catalog's content, "
-        "for as many ads); any other change is refused"))
+        "keys (comma-separated) a resume may change from the checkpoint's run config, and 'catalog': the catalog's content "
+        "(the same ads in the same order); any other change is refused"))
     num_rounds: int = Field(10, ge=1, description="federated training rounds")
     fraction_train: float = Field(1.0, gt=0, le=1, description="share of the nodes sampled for each training round")
     min_nodes: int = Field(2, ge=1, description="nodes a round waits for (training and evaluation)")
@@ -252,7 +254,7 @@ class RunConfig(BaseModel):
                              "(a log whose own ads are then the catalog)")
         if abs(1.0 / self.dp_sample_rate - round(1.0 / self.dp_sample_rate)) > 1e-9:
             raise ValueError(f"dp-sample-rate {self.dp_sample_rate} must be 1 / an integer (a whole number of DP-SGD steps per epoch)")
-        unknown = self.accepted_resume_changes - set(self.to_flower())
+        unknown = self.accepted_resume_changes - set(self.to_flower()) - RESUME_CHANGES_BEYOND_CONFIG
         if unknown:
             raise ValueError(f"resume-accept-changes names unknown keys: {', '.join(sorted(unknown))}")
         if self.privacy == "client" and self.mf_solver == "als":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -125,34 +126,67 @@ def _catalog(ad_ids: tuple[str, ...], titles: tuple[str | None, ...] | None = No
 
 def test_a_checkpoint_records_its_catalog_and_a_resume_on_another_is_refused(tmp_path, caplog):
     """Row i of the parameters belongs to the catalog's i-th ad: a resume on a catalog of as many
-    ads in another order (or with other content) would read the old model wrongly."""
+    ads in another order would read the old model wrongly (always refused); one whose ads only
+    have other content is refused unless the resume accepts `catalog`."""
     catalog = _catalog(("a", "b", "c", "d", "e"))
     ckpt = Checkpointer(tmp_path)
     assert ckpt.catalog() is None  # nothing saved yet
     ckpt.save_round(0, _arrays(0), [{"round": 0, "clients": {}}], {"num-rounds": 5}, catalog=catalog_identity(catalog))
     stored = Checkpointer(tmp_path).catalog()
     assert stored == catalog_identity(catalog) and stored["ads"] == 5
-    check_resume_catalog(stored, catalog_identity(_catalog(("a", "b", "c", "d", "e"))), "same.csv", frozenset())  # the same catalog, read again
+    check_resume_catalog(stored, catalog_identity(_catalog(("a", "b", "c", "d", "e"))), "same.csv", frozenset())  # read again
 
     reordered = catalog_identity(_catalog(("b", "a", "c", "d", "e")))
-    with pytest.raises(CheckpointError, match=r"reordered.csv.*5 ads, fingerprint \w+ -> 5 ads.*resume-accept-changes = \"catalog-path\""):
-        check_resume_catalog(stored, reordered, "reordered.csv", frozenset({"seed"}))
+    assert reordered["content"] == stored["content"] and reordered["ids"] != stored["ids"]
+    for accepted in (frozenset(), frozenset({"catalog", "seed"})):  # never accepted: the rows would mean other ads
+        with pytest.raises(CheckpointError, match=r"reordered.csv, 5 ads\) does not hold the ads .* in their order"):
+            check_resume_catalog(stored, reordered, "reordered.csv", accepted)
+    with pytest.raises(CheckpointError, match=r"6 ads\) does not hold"):
+        check_resume_catalog(stored, catalog_identity(_catalog(("a", "b", "c", "d", "e", "f"))), "bigger.csv", frozenset({"catalog"}))
+
     retitled = catalog_identity(_catalog(("a", "b", "c", "d", "e"), ("new", None, None, None, None)))
-    assert retitled["fingerprint"] != stored["fingerprint"]
-    with pytest.raises(CheckpointError, match="differs"):
+    assert retitled["ids"] == stored["ids"] and retitled["content"] != stored["content"]
+    with pytest.raises(CheckpointError, match=r"same ads in the same order, but their content .* resume-accept-changes = \"catalog\""):
         check_resume_catalog(stored, retitled, "retitled.csv", frozenset())
-    check_resume_catalog(stored, retitled, "retitled.csv", frozenset({"catalog-path"}))  # accepted: the same ads, new titles
-    assert "resuming on a changed catalog" in caplog.text
-    with pytest.raises(CheckpointError, match="5 ads, .* -> 6 ads"):  # another size: never
-        check_resume_catalog(stored, catalog_identity(_catalog(("a", "b", "c", "d", "e", "f"))), "bigger.csv", frozenset({"catalog-path"}))
+    check_resume_catalog(stored, retitled, "retitled.csv", frozenset({"catalog"}))  # accepted: the same ads, new titles
+    assert "resuming on retitled.csv with its ads' content changed" in caplog.text
     check_resume_catalog(None, reordered, "old-checkpoint.csv", frozenset())  # written before catalogs were recorded
     assert "resuming on old-checkpoint.csv unchecked" in caplog.text
+
+
+def test_a_damaged_pointer_still_checks_the_catalog(tmp_path):
+    """latest.json damaged: config.json stands in for the run config, catalog.json for the catalog."""
+    catalog = _catalog(("a", "b"))
+    ckpt = Checkpointer(tmp_path)
+    for server_round in range(2):
+        ckpt.save_round(server_round, _arrays(server_round), [{"round": r, "clients": {}} for r in range(server_round + 1)],
+                        {"num-rounds": 5}, catalog=catalog_identity(catalog))
+    (tmp_path / "checkpoints" / "latest.json").write_text("{not json")
+    assert Checkpointer(tmp_path).latest()[0] == 1
+    assert Checkpointer(tmp_path).catalog() == catalog_identity(catalog)
+    with pytest.raises(CheckpointError, match="does not hold the ads"):
+        check_resume_catalog(Checkpointer(tmp_path).catalog(), catalog_identity(_catalog(("b", "a"))), "swapped.csv", frozenset())
+
+
+def test_a_catalogs_identity_is_its_own_fields_only():
+    """The same catalog built again (another process, another run) has the same identity; it
+    does not depend on fedads' feature settings."""
+    import subprocess
+    import sys
+
+    program = ("from server.checkpoint import catalog_identity; from shared.data.schema import AdCatalog; "
+               "print(catalog_identity(AdCatalog(('a', 'b'), ('shoes', 'hats'), ('acme', None), (None, 'Hat'))))")
+    other_process = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True,
+                                   env={**os.environ, "PYTHONHASHSEED": "123"}).stdout.strip()
+    here = catalog_identity(AdCatalog(("a", "b"), ("shoes", "hats"), ("acme", None), (None, "Hat")))
+    assert other_process == str(here)
 
 
 def test_resume_accept_changes_names_real_keys():
     from shared.config import ConfigError, RunConfig
 
     assert RunConfig.from_flower({"resume-accept-changes": "seed, privacy"}).accepted_resume_changes == {"seed", "privacy"}
+    assert RunConfig.from_flower({"resume-accept-changes": "catalog"}).accepted_resume_changes == {"catalog"}  # the catalog's content
     with pytest.raises(ConfigError, match="unknown keys: sede"):
         RunConfig.from_flower({"resume-accept-changes": "sede"})
 

@@ -24,9 +24,8 @@ import pytest
 pytest.importorskip("cryptography", reason="deploy.dev_certs needs the `cryptography` package (a flwr dependency)")
 
 from deploy.local import DEPLOYMENT_MARK, Merchant, local_deployment, shared_cores, stop_process, write_merchant_data
-from deploy.processes import stop_tree
+from deploy.processes import THREAD_LIMIT_VARIABLES, stop_tree
 from deploy.superlink import CONNECTION, parse_cli_json, tool_env, write_cli_config
-from deploy.supernode import THREAD_LIMIT_VARIABLES
 from shared.storage import load_npz
 from simulations import PROJECT_ROOT
 from tests.conftest import processes_mentioning, small_run_config
@@ -86,22 +85,38 @@ def _environment(pid: int) -> dict[str, str]:
     return dict(entry.decode(errors="replace").split("=", 1) for entry in entries if b"=" in entry)
 
 
-def test_clientapps_share_the_machines_cores(deployment, finished_run):
-    """Three merchants on one machine: each SuperNode's warm ClientApp process (and so every
-    ClientApp it forks) limits its numerical libraries to the merchant's share of the cores."""
-    root, _, _, deployed = deployment
-    warm = []
+def _processes() -> dict[int, tuple[int, bytes]]:
+    """Every process: its parent's id and its command line."""
+    found = {}
     for entry in Path("/proc").iterdir():
-        try:
-            command = (entry / "cmdline").read_bytes().split(b"\0")
-            if entry.name.isdigit() and b"deploy.warm_clientapp" in command and _environment(int(entry.name)).get(DEPLOYMENT_MARK) == str(
-                    (root / "flower").resolve()):
-                warm.append(_environment(int(entry.name)))
-        except OSError:  # a process that ended meanwhile
+        if not entry.name.isdigit():
             continue
-    assert len(warm) == NUM_MERCHANTS
+        try:
+            status = (entry / "status").read_text()
+            parent = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+            found[int(entry.name)] = (parent, (entry / "cmdline").read_bytes())
+        except (OSError, StopIteration, ValueError):  # a process that ended meanwhile
+            continue
+    return found
+
+
+def test_clientapps_share_the_machines_cores(deployment, finished_run):
+    """Three merchants on one machine: what each SuperNode starts (its warm ClientApp process,
+    whose forks are the ClientApps, and its SuperExec) limits its numerical libraries to the
+    merchant's share of the cores."""
+    root = deployment[0]
+    mark = str((root / "flower").resolve())
+    processes = _processes()
+    supernodes = {pid for pid, (_, command) in processes.items()
+                  if b"deploy.supernode" in command.split(b"\0") and _environment(pid).get(DEPLOYMENT_MARK) == mark}
+    started = {pid: command for pid, (parent, command) in processes.items() if parent in supernodes}
+    warm = [pid for pid, command in started.items() if b"deploy.warm_clientapp" in command.split(b"\0")]
+    superexecs = [pid for pid, command in started.items() if any(part.endswith(b"flower-superexec") for part in command.split(b"\0"))]
+    assert len(supernodes) == len(warm) == len(superexecs) == NUM_MERCHANTS, (supernodes, started)
     expected = str(shared_cores(NUM_MERCHANTS))
-    assert all(env[name] == expected for env in warm for name in THREAD_LIMIT_VARIABLES), warm
+    for pid in warm + superexecs:
+        environment = _environment(pid)
+        assert all(environment.get(name) == expected for name in THREAD_LIMIT_VARIABLES), (pid, started[pid])
 
 
 def _wait_exit(process: subprocess.Popen, timeout: float = 90.0) -> int:

@@ -113,11 +113,11 @@ def test_resume_with_another_seed_or_privacy_is_refused_by_name(first_run):
     assert (out / "checkpoints" / "latest.json").read_text() == latest
     # the run's own config, but a checkpoint whose rows belong to another catalog of as many ads
     pointer = json.loads(latest)
-    pointer["catalog"]["fingerprint"] = "0" * 64
+    pointer["catalog"]["ids"] = "0" * 64
     (out / "checkpoints" / "latest.json").write_text(json.dumps(pointer))
     try:
         same = small_run_config(tmp_path, **{"num-rounds": 9, "resume": True})
-        with pytest.raises(SimulationError, match=r"resume refused: the catalog \(.*\) differs"):
+        with pytest.raises(SimulationError, match=r"resume refused: the catalog \(.*\) does not hold the ads"):
             run_simulation(same.to_flower(), NUM_CLIENTS, tmp_path / "flower-other-catalog", timeout=480)
     finally:
         (out / "checkpoints" / "latest.json").write_text(latest)
