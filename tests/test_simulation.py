@@ -362,3 +362,33 @@ def test_the_harness_joins_a_two_node_ray_cluster_it_did_not_start_and_leaves_it
     while processes_mentioning(temp) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert processes_mentioning(temp) == []
+
+
+def test_the_serverapp_runs_beside_the_actors_on_one_blas_thread(tmp_path, monkeypatch):
+    """While a run lasts the driver, where the ServerApp runs, keeps OpenBLAS to one thread (its
+    idle workers would spin on the actors' cores); afterwards it has every thread again."""
+    import threadpoolctl
+    from flwr.serverapp import ServerApp
+
+    from deploy.processes import usable_cores
+    from shared import flower_internals
+    from simulations.runtime import SimulationRuntime
+
+    def openblas_threads() -> int:
+        return next(p["num_threads"] for p in threadpoolctl.threadpool_info() if p["internal_api"] == "openblas")
+
+    seen: list[int] = []
+    probe = ServerApp()
+
+    @probe.main()
+    def main(grid, context) -> None:
+        seen.append(openblas_threads())
+
+    monkeypatch.setattr(flower_internals, "load_server_app", lambda reference, project_dir: probe)
+    before = openblas_threads()
+    with SimulationRuntime(tmp_path / "runtime") as runtime:
+        runtime.run(small_run_config(tmp_path).to_flower(), NUM_CLIENTS, tmp_path / "flower")
+    assert seen == [1]
+    assert openblas_threads() == before
+    if usable_cores() > 1:
+        assert before > 1  # the limit is the run's, not the machine's

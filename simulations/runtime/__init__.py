@@ -36,11 +36,13 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
 import tomli_w
+from threadpoolctl import threadpool_limits
 
 from client.handlers import first_message_imports
 from deploy.processes import terminate_as_exit
@@ -101,12 +103,19 @@ class SimulationRuntime:
     runtime at a time per process: the process is a Ray driver, and runs swap Flower's backend
     class while they last. On the public path (`warm` False) there is nothing to start or
     stop: each run starts and stops its own SuperLink in its work dir.
+
+    While a run lasts, this process's numerical libraries (OpenBLAS, OpenMP) use at most
+    `driver_threads` threads (None: no limit). The ServerApp runs here, beside actors that use
+    every core Ray was given: after each multi-threaded call (private ALS's solve over all ads)
+    OpenBLAS's idle workers spin, taking cores from the actors' next work (a private round of
+    `make run` 0.11-0.13 s with them, 0.08-0.09 s with one thread; docs/BENCHMARKS.md). Between
+    runs (baselines, the exact evaluation) the process keeps every thread.
     """
 
     def __init__(
         self, work_dir: str | Path, num_cpus: int | None = None, cpus_per_client: float = 1.0,
         actor_imports: Sequence[str] = ("client.handlers",), simulations: Sequence[tuple[Any, int]] = (),
-        ray_address: str | None = None,
+        ray_address: str | None = None, driver_threads: int | None = 1,
     ) -> None:
         self.work_dir = Path(work_dir).resolve()
         self.num_cpus = num_cpus or os.cpu_count() or 1
@@ -120,6 +129,7 @@ class SimulationRuntime:
         # an existing cluster (`ray_address`, else RAY_ADDRESS) instead of a private one: the harness past one machine
         address = ray_address or os.environ.get(RAY_ADDRESS_VARIABLE) or None
         self.ray_address = address
+        self.driver_threads = driver_threads
         self._cluster: RayCluster | ExistingRayCluster = (
             ExistingRayCluster(address) if address else RayCluster(self.work_dir, self.num_cpus, (RUNTIME_MARK, str(self.work_dir))))
         self._pool: Any = None
@@ -226,12 +236,17 @@ class SimulationRuntime:
         log, log_path = RunLog(stream_to), work_dir / "flwr-run.log"
         with self._lock:
             try:
-                error = run_on_thread(watch, drive, partial(flower_internals.standing_backend, self._pool), log, log_path, timeout, self._abandon)
+                with self._driver_thread_limit():
+                    error = run_on_thread(watch, drive, partial(flower_internals.standing_backend, self._pool), log, log_path, timeout,
+                                          self._abandon)
             except RunTimedOut as exc:
                 raise SimulationError(f"{exc}; log in {log_path}") from exc
         if error is not None:
             raise SimulationError(f"the run failed ({type(error).__name__}: {error}); log in {log_path}:\n{log.text()[-4000:]}") from error
         return log.text()
+
+    def _driver_thread_limit(self) -> AbstractContextManager[object]:
+        return nullcontext() if self.driver_threads is None else threadpool_limits(limits=self.driver_threads)
 
     def _run_public(self, run_config: Mapping[str, Any], num_supernodes: int, work_dir: Path, stream_to: Any, timeout: float | None) -> str:
         done = run_public(run_config, int(num_supernodes), work_dir, {RUNTIME_MARK: str(self.work_dir)},
