@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 
 from client.privacy.plan import noisy_release_wire
-from deploy.local import local_deployment, shared_cores, write_merchant_data
+from deploy.local import local_deployment, write_merchant_data
 from deploy.processes import positive_int
 from server.probes import PROBES_FILE
 from shared.als import ALSSettings
@@ -77,10 +77,11 @@ def _run_config(output: Path, merchants: int, rounds: int, privacy: str, secure:
     })
 
 
-def _write_records(path: Path, data: str, privacy: str, merchants: int, state: str, threads: int, results: dict[str, Any]) -> None:
+def _write_records(path: Path, data: str, privacy: str, merchants: int, state: str, results: dict[str, Any]) -> None:
     """benchmarks/results/deployment.json: this run's three records replace those of the same data,
     privacy, merchants, SuperLink state and ClientApp threads (records without a state were
     measured with the database, records without a thread count with the libraries' defaults)."""
+    threads = results["clientapp_threads"]
     records = json.loads(path.read_text()) if path.is_file() else []
     records = [r for r in records if (r.get("data"), r["privacy"], r["merchants"], r.get("superlink_state", "database"),
                                       r.get("clientapp_threads")) != (data, privacy, merchants, state, threads)]
@@ -137,12 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clientapp-threads", type=positive_int,
                         help="each deployed ClientApp's numerical threads (default: the cores divided among the merchants)")
     args = parser.parse_args(argv)
-    args.clientapp_threads = args.clientapp_threads or shared_cores(args.merchants)
     output = args.output.resolve()
     results: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "merchants": args.merchants, "rounds": args.rounds, "privacy": args.privacy, "secure": args.secure,
-        "superlink_state": args.superlink_state, "clientapp_threads": args.clientapp_threads,
+        "superlink_state": args.superlink_state,
     }
 
     sim_cfg = _run_config(output / "simulation", args.merchants, args.rounds, args.privacy, args.secure, args.data)
@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     with local_deployment(output / "deployment" / "flower", merchants, in_memory_state=args.superlink_state == "memory",
                           clientapp_threads=args.clientapp_threads) as deployed:
         up = time.perf_counter() - started
+        results["clientapp_threads"] = deployed.clientapp_threads  # the deployment's own default when not given
         reply = deployed.submit(dep_cfg.to_flower())
         if not reply.get("success"):
             print(f"flwr run failed: {reply}", file=sys.stderr)
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         "superlink_inbound_per_client_per_round": traffic.get("inbound-bytes", 0) / (n * r),
     }
     (output / "results.json").write_text(json.dumps(results, indent=2))
-    _write_records(args.results, args.data, args.privacy, args.merchants, args.superlink_state, results["clientapp_threads"], results)
+    _write_records(args.results, args.data, args.privacy, args.merchants, args.superlink_state, results)
     sim, dep, b = results["simulation"], results["deployment"], results["bytes"]
     print(f"{results['date']}  {results['machine']}  {n} merchants, {r} rounds, privacy={args.privacy}, secure={args.secure}, "
           f"mf-solver={dep_cfg.mf_solver}, SuperLink state: {args.superlink_state}")
