@@ -28,6 +28,7 @@ import tomli_w
 
 from deploy.superlink import BIN, CONNECTION, parse_cli_json, tool_env
 from shared.config import parse_override
+from shared.flower_internals import run_not_found_error
 
 FINISHED = "finished:"
 COMPLETED = "finished:completed"
@@ -53,10 +54,25 @@ def submit(app: Path, run_config: Mapping[str, Any], env: Mapping[str, str]) -> 
     return reply or {"success": False, "error-message": done.stdout[-2000:] + done.stderr[-2000:]}
 
 
-def run_status(run_id: int, env: Mapping[str, str]) -> dict[str, Any]:
-    """The SuperLink's row for the run (`flwr ls --run-id`): status, timings, traffic; {} if unknown."""
-    runs = parse_cli_json(flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], env).stdout).get("runs", [])
-    return dict(runs[0]) if runs else {}
+def run_status(run_id: int, env: Mapping[str, str], patience: float = 60.0, retry_every: float = 1.0) -> dict[str, Any]:
+    """The SuperLink's row for the run (`flwr ls --run-id`): status, timings, traffic; {} only
+    if the SuperLink answers that it does not know the run. A SuperLink that does not answer
+    (restarting, or too busy to reply within the CLI's timeout) is asked again for `patience`
+    seconds, then RunError: "no answer" must never read as "no such run", or a resume would
+    start a second ServerApp beside a live one."""
+    deadline = time.monotonic() + patience
+    while True:
+        done = flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], env)
+        reply = parse_cli_json(done.stdout)
+        if reply.get("success"):
+            runs = reply.get("runs", [])
+            return dict(runs[0]) if runs else {}
+        message = str(reply.get("error-message") or (done.stdout[-1000:] + done.stderr[-1000:]))
+        if run_not_found_error() in message:
+            return {}
+        if time.monotonic() >= deadline:
+            raise RunError(f"the SuperLink did not say how run {run_id} stands within {patience:.0f}s: {message.strip()}")
+        time.sleep(retry_every)  # the SuperLink is restarting or busy: ask again
 
 
 def wait_for_run(run_id: int, env: Mapping[str, str], timeout: float) -> tuple[dict[str, Any], str]:

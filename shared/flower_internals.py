@@ -13,7 +13,8 @@ A deployed merchant's SuperNode is another user (deploy/supernode.py, deploy/war
 its idle waits and object-pull backoff shortened (`prompt_supernode_polling`,
 `prompt_object_pulls`), a FAB unpacked once (`install_each_fab_once`), its log lines timestamped
 (`timestamp_flower_logs`), Flower's commands run in processes of ours (`run_flower_command`), and
-the name SuperExec starts a ClientApp by (`CLIENTAPP_COMMAND`).
+the name SuperExec starts a ClientApp by (`CLIENTAPP_COMMAND`). The operator's tools read the
+code of the CLI's "no such run" error (`run_not_found_error`, deploy/runs.py).
 
 A local two-node Ray cluster is another (`ray_worker_node_on_loopback`: Ray's `ray start` for a
 second node on this machine's loopback, which Ray's public switches cannot give).
@@ -186,6 +187,10 @@ PINNED: tuple[Pinned, ...] = (
     Pinned("flwr.supercore.cli", "flower_superexec"),
     # `deploy.superlink start --in-memory` passes this value as flower-superlink's --database
     Pinned("flwr.supercore.constant", "FLWR_IN_MEMORY_DB_NAME"),
+    # the operator's `flwr ls --run-id N --format json` for a run the SuperLink does not know
+    # (`RUN_NOT_FOUND_ERROR`, deploy.runs.run_status): the CLI prints the error's code
+    Pinned("flwr.supercore.error.base", "ApiErrorCode", attributes=("RUN_ID_NOT_FOUND",)),
+    Pinned("flwr.cli.utils", "_format_flower_error", source=('f"[code: {err.code}]"',)),
     Pinned(_SUPERNODE, "_push_messages", source=("time.sleep(0.5)",)),
     Pinned("flwr.supernode.cli", "flower_supernode"),
     # the warm ClientApp (deploy/warm_clientapp.py): SuperExec starts `flwr-clientapp` by name, with
@@ -1060,6 +1065,15 @@ FLOWER_COMMANDS = {"flower-superlink": ("flwr.superlink.cli", "flower_superlink"
                    "flower-supernode": ("flwr.supernode.cli", "flower_supernode"),
                    CLIENTAPP_COMMAND: ("flwr.supernode.cli", "flwr_clientapp"),
                    SUPEREXEC_COMMAND: ("flwr.supercore.cli", "flower_superexec")}
+
+
+def run_not_found_error() -> str:
+    """What the `flwr` CLI's error message holds when the SuperLink does not know a run id
+    (Flower's ApiErrorCode.RUN_ID_NOT_FOUND, as flwr.cli.utils prints an error's code): how
+    the operator's tools tell "no such run" from a SuperLink that did not answer."""
+    from flwr.supercore.error.base import ApiErrorCode
+
+    return f"[code: {int(ApiErrorCode.RUN_ID_NOT_FOUND)}]"
 
 
 def run_flower_command(command: str, argv: list[str]) -> None:

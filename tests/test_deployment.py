@@ -53,6 +53,15 @@ def finished_run(deployment):
     return status, log
 
 
+def test_a_run_the_superlink_does_not_know_reads_as_unknown(deployment, finished_run):
+    """Flower 1.42's answer for an unknown run id is what deploy.runs.run_status recognises (any
+    other failure is asked again, then raised): an empty row, at once, not an error."""
+    _, _, _, deployed = deployment
+    started = time.monotonic()
+    assert deployed.run_status(10**9) == {}
+    assert time.monotonic() - started < 30.0  # answered, not waited out (run_status's patience is 60 s)
+
+
 def test_run_returns_global_model_and_metrics(deployment, finished_run):
     root, cfg, merchants, _ = deployment
     status, _ = finished_run

@@ -1,5 +1,6 @@
 """`python -m deploy.runs resume`'s refusals, before it asks any SuperLink anything (the resume
-itself, after a SuperLink restart: tests/test_deployment.py)."""
+itself, after a SuperLink restart: tests/test_deployment.py), and how it reads a run's state
+from a SuperLink that does not answer."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from deploy import runs
 from deploy.runs import RunError, resume
+from shared.flower_internals import run_not_found_error
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,3 +49,64 @@ def test_a_damaged_status_file_is_named(tmp_path):
 def test_a_malformed_change_is_a_usage_error(tmp_path):
     done = _resume_cli("--output-dir", str(tmp_path), "-c", "num-rounds")
     assert done.returncode == 2 and "expected key=value" in done.stderr
+
+
+def _cli_replies(monkeypatch, *replies: dict) -> list[list[str]]:
+    """deploy.runs' `flwr` answering with `replies` in turn (the last one again once they run
+    out), as the CLI prints them with --format json; returns the argument lists it was given."""
+    calls: list[list[str]] = []
+
+    def fake_flwr(args, env, cwd=None, timeout=120.0):
+        calls.append(list(args))
+        reply = replies[min(len(calls), len(replies)) - 1]
+        return subprocess.CompletedProcess(["flwr", *args], 0, stdout="Using SuperLink: fedads\n" + json.dumps(reply, indent=2), stderr="")
+
+    monkeypatch.setattr(runs, "flwr", fake_flwr)
+    return calls
+
+
+UNAVAILABLE = {"success": False, "error-message": "Connection to the SuperLink is unavailable. Please check your network connection."}
+RUNNING = {"success": True, "runs": [{"run-id": "7", "status": "running"}]}
+NOT_FOUND = {"success": False, "error-message": f"{run_not_found_error()} Run ID not found."}
+
+
+def test_a_superlink_that_does_not_answer_yet_is_asked_again(monkeypatch):
+    calls = _cli_replies(monkeypatch, UNAVAILABLE, UNAVAILABLE, RUNNING)
+    assert runs.run_status(7, env={}, retry_every=0.0) == {"run-id": "7", "status": "running"}
+    assert len(calls) == 3 and all(call[:4] == ["ls", "fedads", "--run-id", "7"] for call in calls)
+
+
+def test_an_unknown_run_is_told_apart_from_no_answer(monkeypatch):
+    calls = _cli_replies(monkeypatch, NOT_FOUND)
+    assert runs.run_status(7, env={}, retry_every=0.0) == {}
+    assert len(calls) == 1
+    _cli_replies(monkeypatch, UNAVAILABLE)
+    with pytest.raises(RunError, match="did not say how run 7 stands within 0s: Connection to the SuperLink is unavailable"):
+        runs.run_status(7, env={}, patience=0.0)
+
+
+def test_a_resume_submits_nothing_while_the_superlink_does_not_answer(tmp_path, monkeypatch):
+    """Without an answer the interrupted run may still be live: submitting would put a second
+    ServerApp on its folder, so the resume stops with the reason instead."""
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "config.json").write_text(json.dumps({"num-rounds": 3}))
+    (out / "run_status.json").write_text(json.dumps({"status": "running", "flower_run_id": 7, "rounds_planned": 3, "rounds_completed": 1}))
+    calls = _cli_replies(monkeypatch, UNAVAILABLE)
+    monkeypatch.setattr(runs, "time", _InstantClock())
+    with pytest.raises(RunError, match="did not say how run 7 stands"):
+        resume(out, ROOT, env={})
+    assert calls and all(call[0] == "ls" for call in calls)  # no `flwr stop`, no `flwr run`
+
+
+class _InstantClock:
+    """time for deploy.runs whose sleeps advance its clock instead of waiting."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
