@@ -36,24 +36,29 @@ def informative_tags(catalog: AdCatalog, purpose: str) -> np.ndarray:
     membership = catalog.tag_membership()
     weights = tag_weights(membership)
     features = membership[:, weights > 0] * weights[weights > 0]
-    if features.shape[1] == 0:
-        log.warning("%s: the catalog %s has no informative tag (every tag is on every ad or on one ad only): "
-                    "it gives the %s nothing to work with", purpose, catalog.source, purpose)
-        return features
-    bare = int((features.sum(axis=1) == 0).sum())
-    if bare:
-        log.warning("%s: %d of %d ads in %s carry no informative tag: the %s cannot place them",
-                    purpose, bare, len(catalog), catalog.source, purpose)
+    _warn_about_bare_ads(catalog, purpose, features.shape[1], int((features.sum(axis=1) == 0).sum()))
     return features
 
 
-def normalized_tag_features(catalog: AdCatalog) -> sp.csr_array:
+def _warn_about_bare_ads(catalog: AdCatalog, purpose: str, informative: int, bare: int) -> None:
+    """Say it when the catalog gives `purpose` nothing, or nothing for some ads."""
+    if informative == 0:
+        log.warning("%s: the catalog %s has no informative tag (every tag is on every ad or on one ad only): "
+                    "it gives the %s nothing to work with", purpose, catalog.source, purpose)
+    elif bare:
+        log.warning("%s: %d of %d ads in %s carry no informative tag: the %s cannot place them",
+                    purpose, bare, len(catalog), catalog.source, purpose)
+
+
+def normalized_tag_features(catalog: AdCatalog, purpose: str = "content affinity") -> sp.csr_array:
     """[ads, tags] sparse: each ad's informative tags (weighted as in `informative_tags`), its row
     scaled to unit L2 norm (an ad with many tags weighs no more than one with few); an ad without
-    an informative tag has an empty row. Sparse: a million-ad catalog has a few tags per ad."""
+    an informative tag has an empty row, and the warning `informative_tags` gives counts it (a
+    user's tags cannot score such an ad). Sparse: a million-ad catalog has a few tags per ad."""
     membership = catalog.sparse_tag_membership()
     weights = tag_weights(membership)
     keep = np.flatnonzero(weights > 0)
     features = sp.csr_array(membership[:, keep] @ sp.diags_array(weights[keep]))
     norms = np.sqrt(np.asarray(features.multiply(features).sum(axis=1)).ravel())
+    _warn_about_bare_ads(catalog, purpose, len(keep), int((norms == 0).sum()))
     return sp.csr_array(sp.diags_array(1.0 / np.where(norms > 0, norms, 1.0)) @ features)

@@ -15,7 +15,7 @@ import pytest
 
 from client.node_data import NodeData
 from shared.als import Rows, solve_users
-from shared.catalog_features import informative_tags, tag_weights
+from shared.catalog_features import informative_tags, normalized_tag_features, tag_weights
 from shared.data.schema import AdCatalog
 from shared.data.synthetic import SyntheticSpec, generate
 from shared.params import initial_arrays
@@ -64,6 +64,23 @@ def test_ads_without_an_informative_tag_are_counted_in_the_warning(caplog):
         features = informative_tags(catalog, "catalog prior")
     assert features.shape == (5, 2) and not features[4].any()
     assert "1 of 5 ads" in caplog.text
+
+
+def test_content_affinity_features_say_which_ads_they_cannot_place(caplog):
+    """The sparse features content affinity ranks with warn as the dense ones do: an ad without
+    an informative tag has an empty row, and the log counts such ads; a fully tagged catalog,
+    and one where some ads share nothing, are told apart."""
+    with caplog.at_level(logging.WARNING):
+        features = normalized_tag_features(_catalog(["a", "a", "b", "b", "c"], [None] * 5))
+    assert features.shape[0] == 5 and features[[4]].nnz == 0
+    assert "content affinity: 1 of 5 ads" in caplog.text and "cannot place them" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        normalized_tag_features(_catalog(["a", "a", "b", "b"], ["x", "y", "x", "y"]))
+    assert caplog.text == ""
+    with caplog.at_level(logging.WARNING):
+        normalized_tag_features(_catalog(["all"] * 4, [None] * 4))
+    assert "has no informative tag" in caplog.text and "content affinity nothing to work with" in caplog.text
 
 
 def test_round_zero_on_a_one_category_catalog_scores_chance_not_below_it():
