@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from shared.app_log import log
 from shared.config import SERVER_BOOKKEEPING_KEYS
 from shared.params import digest
 from shared.storage import atomic_save_npz, load_npz
@@ -50,11 +51,13 @@ class ReleaseRecord:
             return None
         try:
             stored = load_npz(self.path)
-        except (OSError, ValueError):
-            return None  # a damaged record only means a new release (accounted as usual)
-        if str(stored.pop(_KEY)) != key:
+            if str(stored.pop(_KEY)) != key:
+                return None
+            metrics = json.loads(str(stored.pop(_METRICS)))
+        except (OSError, ValueError, KeyError) as exc:
+            # a damaged record only means a new release (accounted as usual), not a failed message
+            log.warning("%s unreadable (%s): this instruction is released afresh", self.path, exc)
             return None
-        metrics = json.loads(str(stored.pop(_METRICS)))
         return RecordedRelease(metrics, stored or None)
 
     def save(self, key: str, metrics: dict[str, float], arrays: Arrays | None) -> None:

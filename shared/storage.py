@@ -7,6 +7,8 @@ import io
 import json
 import os
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +51,14 @@ def atomic_save_npz(path: str | Path, **arrays: np.ndarray) -> None:
 
 
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as data:
-        return {key: data[key] for key in data.files}
+    """Every array of an .npz file. A damaged file (empty, truncated, a member that fails its
+    CRC) raises ValueError naming it, as a malformed one does: numpy lets zipfile's BadZipFile
+    and EOFError through, which callers that treat a damaged file as absent would not catch."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
+        raise ValueError(f"{path}: damaged ({type(exc).__name__}: {exc})") from exc
 
 
 def _json_default(value: Any) -> Any:

@@ -67,3 +67,21 @@ def test_a_resumed_run_gets_the_recorded_release(tmp_path):
     assert _ledger(tmp_path) == spent
     for key, value in from_array_record(first.content["arrays"]).items():
         np.testing.assert_array_equal(from_array_record(again.content["arrays"])[key], value)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_a_damaged_record_means_a_new_release_not_a_failed_merchant(tmp_path, caplog, damage):
+    """A record cut short (a full disk, a crash of the file system) reads as no record: the
+    instruction is released again, accounted as any release, instead of every later message
+    of that kind failing on the file."""
+    cfg = small_run_config(tmp_path, privacy="user", **{"num-rounds": 3})
+    node = simulated_node(cfg, 0)
+    arrays = init_global_arrays(node.data.split.num_ads, cfg.factors, cfg.seed)
+    client_call("train", cfg, arrays, server_round=1)
+    spent = _ledger(tmp_path)
+    record = tmp_path / "out" / "state" / "partition-0" / "last_train_release.npz"
+    record.write_bytes(record.read_bytes()[: record.stat().st_size // 2] if damage == "truncated" else b"")
+    again = client_call("train", cfg, arrays, server_round=1)
+    assert not again.has_error() and answered_round(again) == 1
+    assert _ledger(tmp_path)["rounds_trained"] == spent["rounds_trained"] + 1  # released afresh, accounted
+    assert "last_train_release.npz unreadable" in caplog.text

@@ -65,7 +65,10 @@ def test_a_changed_log_or_a_damaged_cache_is_read_afresh(merchant, caplog):
     assert len(changed.split.pos_ads) + len(changed.split.imp_ads) < len(first.split.pos_ads) + len(first.split.imp_ads)
     caches = list((Path(node.state_dir) / SHARD_CACHE_DIR).glob("shard-*.npz"))
     assert len(caches) == 1  # the stale one is gone
-    caches[0].write_bytes(b"not an npz")
-    _fresh_process()
-    _same(load_node(cfg, node).data, changed)
-    assert "unreadable" in caplog.text
+    good = caches[0].read_bytes()
+    for damaged in (b"not an npz", good[: len(good) // 2], b""):  # malformed, cut short, empty
+        caplog.clear()
+        caches[0].write_bytes(damaged)
+        _fresh_process()
+        _same(load_node(cfg, node).data, changed)
+        assert "unreadable" in caplog.text
