@@ -32,6 +32,9 @@ from shared.flower_internals import run_not_found_error
 
 FINISHED = "finished:"
 COMPLETED = "finished:completed"
+# what the flwr CLI says when its request got no answer (a connection error or a timeout): the
+# request may have been carried out all the same
+UNAVAILABLE = "Connection to the SuperLink is unavailable"
 
 
 class RunError(RuntimeError):
@@ -91,6 +94,9 @@ def wait_for_run(run_id: int, env: Mapping[str, str], timeout: float) -> tuple[d
             output = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else str(exc.stdout or "")
             continue
         status = run_status(run_id, env)
+        if not status:  # it will never finish here: waiting would last the whole timeout
+            raise RunError(f"the SuperLink no longer knows run {run_id} (a SuperLink with its state in memory restarted?); "
+                           f"last log:\n{output[-3000:]}")
         if str(status.get("status", "")).startswith(FINISHED):
             return status, output
         time.sleep(1.0)  # the stream ended early (e.g. a dropped connection): look again
@@ -144,9 +150,17 @@ def resume(output_dir: Path, app: Path, env: Mapping[str, str], changes: Mapping
             say(f"stopping run {previous} first: its ServerApp must not write {output_dir} next to the resumed one")
             stop_run(int(previous), env)
     run_config = {**config, **dict(changes or {}), "resume": True}
-    reply = submit(app, run_config, env)
+    try:
+        reply = submit(app, run_config, env)
+    except subprocess.TimeoutExpired:
+        reply = {"success": False, "error-message": f"{UNAVAILABLE} (`flwr run` gave no answer in time)"}
     if not reply.get("success"):
-        raise RunError(f"`flwr run` refused the resume: {reply.get('error-message', reply)}")
+        message = str(reply.get("error-message", reply))
+        if UNAVAILABLE in message:  # the request may have reached the SuperLink all the same
+            raise RunError(f"`flwr run` got no answer from the SuperLink ({' '.join(message.split())[-300:]}): the resumed run may have "
+                           f"started nonetheless (`flwr ls {CONNECTION}` lists it); resuming again is safe, as a second "
+                           f"ServerApp on {output_dir} stops at the folder's lock")
+        raise RunError(f"`flwr run` refused the resume: {message}")
     run_id = int(reply["run-id"])
     say(f"resumed as run {run_id} (follow it: flwr log {run_id} {CONNECTION} --stream)")
     return run_id

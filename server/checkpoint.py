@@ -14,6 +14,10 @@ output-dir/
   model/global_model.npz       final export: ad ids, ad factors, ad biases
   model/model.json             what the export is: rounds, config, final metrics
   run_status.json              how the run ended: complete, or short of its plan and why
+  .serverapp.lock              held (flock) by the ServerApp writing the folder, with its run id
+One ServerApp writes a folder at a time: a second one (a resume submitted twice, a run nobody
+stopped) stops before writing anything, naming the run that holds it. The lock goes with the
+holder's process, however it ends.
 All writes are atomic: a crash leaves the previous checkpoint intact. A checkpoint damaged
 afterwards (disk, a hand edit) is named and skipped: resume falls back to the newest good round.
 A resume whose run config differs from the checkpoint's is refused, naming the keys, unless
@@ -26,12 +30,15 @@ unless `resume-accept-changes` names `catalog`.
 from __future__ import annotations
 
 import csv
+import fcntl
 import hashlib
 import io
 import json
+import os
 import re
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -55,6 +62,35 @@ _ROUND_FILE = re.compile(r"^round-(\d{4,})\.npz$")
 
 class CheckpointError(RuntimeError):
     pass
+
+
+LOCK_FILE = ".serverapp.lock"
+
+
+class OutputDirBusy(RuntimeError):
+    """Another ServerApp holds the run folder."""
+
+
+@contextmanager
+def exclusive_output(root: Path, run_id: int) -> Iterator[None]:
+    """Hold `root` for this ServerApp while the block runs: an exclusive flock on
+    root/.serverapp.lock (which then names `run_id`), released when the block ends or the
+    process dies, SIGKILL included. Raises OutputDirBusy, naming the holder, if another process
+    (or another ServerApp in this one) holds it."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # flock: per open file, so two ServerApps of one process exclude each other too
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise OutputDirBusy(f"{root} is being written by another ServerApp (Flower run {holder}): two runs must not write "
+                                "one folder; stop that run first (`flwr stop`), then resume") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{run_id}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 class Checkpointer:

@@ -16,7 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server import report
 from server.als_aggregation import ALSAggregation
-from server.checkpoint import Checkpointer, RunStatus, catalog_identity, check_resume_catalog, check_resume_config
+from server.checkpoint import Checkpointer, RunStatus, catalog_identity, check_resume_catalog, check_resume_config, exclusive_output
 from server.probes import probe, write_probes
 from server.prompt_grid import PromptGrid
 from server.round_loop import RoundLog, RoundLoop, RunEndedShort, one_line
@@ -45,7 +45,12 @@ def main(grid: Grid, context: Context) -> None:
     config_dump = cfg.to_flower()
     catalog_record = catalog_identity(catalog)
     log.info("fedads: %d ads in the catalog (%s); outputs in %s", len(catalog), catalog.source, checkpointer.root)
+    with exclusive_output(checkpointer.root, context.run_id):  # before anything in the folder is read or written
+        _start(cfg, grid, context, checkpointer, catalog, catalog_record, config_dump)
 
+
+def _start(cfg: RunConfig, grid: Grid, context: Context, checkpointer: Checkpointer, catalog: AdCatalog,
+           catalog_record: dict[str, Any], config_dump: dict[str, Any]) -> None:
     if cfg.resume:
         done, arrays, history, stored_config = checkpointer.latest()
         check_resume_config(stored_config, config_dump, cfg.accepted_resume_changes)

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from server.checkpoint import (
+    LOCK_FILE,
     Checkpointer,
     CheckpointError,
+    OutputDirBusy,
     RunStatus,
     catalog_identity,
     check_resume_catalog,
     check_resume_config,
+    exclusive_output,
     history_to_csv,
 )
 from shared.data.schema import AdCatalog
@@ -218,3 +224,32 @@ def test_run_status_is_current_from_the_start(tmp_path):
     assert read()["rounds_completed"] == 2 and read()["status"] == "running"
     status.update(status="failed", reason="OSError: disk full")
     assert read()["status"] == "failed" and read()["reason"] == "OSError: disk full" and read()["flower_run_id"] == 42
+
+
+def test_one_serverapp_holds_a_run_folder_at_a_time(tmp_path):
+    """exclusive_output: a second holder, in this process or another, is refused with the first
+    one's run id; the folder is free again once the first lets go, or once its process is killed."""
+    out = tmp_path / "out"
+    with exclusive_output(out, 7):
+        with pytest.raises(OutputDirBusy, match=r"another ServerApp \(Flower run 7\)"), exclusive_output(out, 8):
+            pass
+        other = subprocess.run(
+            [sys.executable, "-c", "import sys; from pathlib import Path; from server.checkpoint import exclusive_output\n"
+             "with exclusive_output(Path(sys.argv[1]), 9): pass", str(out)],
+            capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1],
+        )
+        assert other.returncode != 0 and "Flower run 7" in other.stderr
+    with exclusive_output(out, 8):  # let go: free
+        assert (out / LOCK_FILE).read_text() == "8\n"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from server.checkpoint import exclusive_output\n"
+         "with exclusive_output(Path(sys.argv[1]), 10):\n    print('held', flush=True); sys.stdin.read()", str(out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with pytest.raises(OutputDirBusy, match=r"Flower run 10"), exclusive_output(out, 11):
+        pass
+    holder.kill()  # SIGKILL: no block ends, the lock goes with the process
+    holder.wait(timeout=60)
+    with exclusive_output(out, 11):
+        assert (out / LOCK_FILE).read_text() == "11\n"

@@ -110,3 +110,41 @@ class _InstantClock:
 
     def sleep(self, seconds: float) -> None:
         self.now += seconds
+
+
+def _cli_by_command(monkeypatch, **answers: dict) -> list[list[str]]:
+    """deploy.runs' `flwr` answering each subcommand (ls, run, log, stop) with its reply."""
+    calls: list[list[str]] = []
+
+    def fake_flwr(args, env, cwd=None, timeout=120.0):
+        calls.append(list(args))
+        return subprocess.CompletedProcess(["flwr", *args], 0, stdout=json.dumps(answers[args[0]]), stderr="")
+
+    monkeypatch.setattr(runs, "flwr", fake_flwr)
+    return calls
+
+
+def test_following_a_run_the_superlink_forgot_ends_at_once(monkeypatch):
+    """An in-memory SuperLink that restarted no longer knows the run: its log ends at once and it
+    is not found; following it says so instead of waiting out the whole timeout."""
+    calls = _cli_by_command(monkeypatch, log={}, ls=NOT_FOUND)
+    with pytest.raises(RunError, match="no longer knows run 7"):
+        runs.wait_for_run(7, env={}, timeout=3600.0)
+    assert [call[0] for call in calls] == ["log", "ls"]
+
+
+@pytest.mark.parametrize("answer", ["no answer", "refused"])
+def test_a_resume_tells_a_refusal_from_no_answer(tmp_path, monkeypatch, answer):
+    """`flwr run` that got no answer may have started the run all the same: the resume says so
+    (and that the folder's lock makes resuming again safe) rather than calling it refused."""
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "config.json").write_text(json.dumps({"num-rounds": 3}))
+    (out / "run_status.json").write_text(json.dumps({"status": "failed", "flower_run_id": 7, "rounds_planned": 3, "rounds_completed": 1}))
+    reply = UNAVAILABLE if answer == "no answer" else {"success": False, "error-message": "[code: 1] the FAB is not allowed"}
+    calls = _cli_by_command(monkeypatch, ls={"success": True, "runs": [{"run-id": "7", "status": "finished:failed"}]}, run=reply)
+    expected = r"got no answer from the SuperLink .* may have started nonetheless .* stops at the folder's lock" if answer == "no answer" \
+        else "refused the resume: .code: 1. the FAB is not allowed"
+    with pytest.raises(RunError, match=expected):
+        resume(out, ROOT, env={})
+    assert [call[0] for call in calls] == ["ls", "run"]  # asked once; nothing stopped

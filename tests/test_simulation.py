@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from client.node_state import NodeState
+from server.checkpoint import LOCK_FILE
 from shared.params import digest
 from shared.storage import load_npz
 from simulations.runtime import SimulationError, run_simulation
@@ -265,6 +266,27 @@ def test_an_interrupted_run_stops_at_once_and_writes_no_further_round(tmp_path):
     assert json.loads((tmp_path / "out" / "checkpoints" / "latest.json").read_text())["round"] == 1
     assert not [t.name for t in threading.enumerate() if t.name == "flower-simulation" or "server_th" in t.name]
     assert processes_mentioning(str(tmp_path / "flower")) == []
+
+
+def test_a_second_serverapp_on_a_folder_another_one_writes_stops_before_writing(first_run):
+    """A resume submitted while the folder's ServerApp still runs (another process holds the
+    folder's lock) fails at once, naming the holder's run, and leaves the folder as it was."""
+    tmp_path, _, _ = first_run
+    out = tmp_path / "out"
+    before = {name: (out / name).read_bytes() for name in ("run_status.json", "history.json", "checkpoints/latest.json")}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); "
+         "os.ftruncate(fd, 0); os.pwrite(fd, b'41\\n', 0); print('held', flush=True); sys.stdin.read()", str(out / LOCK_FILE)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        resumed = small_run_config(tmp_path, **{"num-rounds": 9, "resume": True})
+        with pytest.raises(SimulationError, match=r"being written by another ServerApp \(Flower run 41\)"):
+            run_simulation(resumed.to_flower(), NUM_CLIENTS, tmp_path / "flower-second", timeout=480)
+    finally:
+        holder.communicate("")  # closing its stdin ends it: the lock goes with it
+    assert {name: (out / name).read_bytes() for name in before} == before
 
 
 def test_a_run_past_its_timeout_raises_and_leaves_nothing_running(tmp_path):
