@@ -316,6 +316,22 @@ def test_an_actor_that_died_is_replaced_before_the_next_run(tmp_path):
     assert all(len(h["clients"]) == NUM_CLIENTS and "refused" not in h for h in history)
 
 
+def test_a_ray_call_after_the_runtime_left_its_cluster_joins_no_cluster(tmp_path):
+    """Once the runtime has left its cluster, a Ray call in this process (an abandoned run's
+    engine thread) raises instead of running `ray.init()`, which would make the process a driver
+    of another cluster on this machine, or start one."""
+    import ray
+
+    from simulations.runtime import SimulationRuntime
+
+    with SimulationRuntime(tmp_path / "runtime") as runtime:
+        runtime._wait_connected()
+        assert ray.is_initialized()
+    with pytest.raises(Exception, match="Ray has not been started yet"):
+        ray.put(1)
+    assert not ray.is_initialized()
+
+
 def test_the_harness_joins_a_two_node_ray_cluster_it_did_not_start_and_leaves_it_running(tmp_path, monkeypatch):
     """RAY_ADDRESS (or `ray_address`): the runtime joins that cluster as a driver, places its
     ClientApp actors on every node, runs there and leaves; the cluster's nodes keep running.

@@ -35,6 +35,17 @@ BIN = Path(sys.executable).parent
 # that starts its own Ray, on Flower's public path): so it is set here, before Ray is imported.
 LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 os.environ.update(LOOPBACK_ONLY)
+# No implicit Ray: by default a Ray call in a process that is not (or no longer) a driver runs
+# `ray.init()`, which joins the latest cluster `ray start` left on this machine or starts one.
+# After a run was abandoned (timed out, interrupted) Flower's engine threads may still make such
+# a call once the runtime has left its cluster; the process then became a driver of whatever it
+# found, another harness's cluster included, and Ray ends a driver whose cluster goes away with
+# exit status 1 (two test sessions at once on one machine: one of them ended silently with
+# status 1 in 3 of 7 tries, in none of 3 with this switch). The runtime always connects
+# explicitly (`connect`); a stray call raises in its thread instead.
+# Read by Ray when imported, like the switch above.
+NO_IMPLICIT_RAY = {"RAY_ENABLE_AUTO_CONNECT": "0"}
+os.environ.update(NO_IMPLICIT_RAY)
 
 
 class _RayDriver:
