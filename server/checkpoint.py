@@ -144,8 +144,10 @@ class Checkpointer:
     def catalog(self) -> dict[str, Any] | None:
         """The identity of the catalog the checkpoint's parameters belong to, as latest.json
         records it, or catalog.json when latest.json is damaged (None: a checkpoint written
-        before fedads recorded it, or neither file readable)."""
-        for path, key in ((self.checkpoints / "latest.json", "catalog"), (self.checkpoints / CATALOG_FILE, None)):
+        before fedads recorded it). Raises CheckpointError when catalog.json is there but
+        neither file can be read: the resume could not check that the rows are the catalog's."""
+        backup = self.checkpoints / CATALOG_FILE
+        for path, key in ((self.checkpoints / "latest.json", "catalog"), (backup, None)):
             try:
                 stored = json.loads(path.read_text())
                 stored = stored.get(key) if key is not None else stored
@@ -153,6 +155,10 @@ class Checkpointer:
                 continue
             if isinstance(stored, dict):
                 return dict(stored)
+        if backup.exists():
+            raise CheckpointError(f"resume refused: the checkpoint recorded its catalog, but {backup} is unreadable and "
+                                  "latest.json holds no readable record of it: the catalog the parameters' rows belong to "
+                                  "cannot be checked; restore the file, or start a new output-dir")
         return None
 
     def server_state(self, server_round: int) -> dict[str, np.ndarray] | None:

@@ -174,6 +174,18 @@ def test_a_damaged_pointer_still_checks_the_catalog(tmp_path):
         check_resume_catalog(Checkpointer(tmp_path).catalog(), catalog_identity(_catalog(("b", "a"))), "swapped.csv", frozenset())
 
 
+def test_a_recorded_catalog_that_cannot_be_read_refuses_the_resume(tmp_path):
+    """Both records damaged: the resume cannot check the rows against the catalog, so it is
+    refused, naming the file, rather than resumed unchecked as a checkpoint from before fedads
+    recorded catalogs would be."""
+    catalog = _catalog(("a", "b"))
+    Checkpointer(tmp_path).save_round(0, _arrays(0), [{"round": 0, "clients": {}}], {"num-rounds": 5}, catalog=catalog_identity(catalog))
+    (tmp_path / "checkpoints" / "latest.json").write_text("{not json")
+    (tmp_path / "checkpoints" / "catalog.json").write_text("[1, 2")
+    with pytest.raises(CheckpointError, match=r"catalog.json is unreadable .* cannot be checked"):
+        Checkpointer(tmp_path).catalog()
+
+
 def test_a_catalogs_identity_is_its_own_fields_only():
     """The same catalog built again (another process, another run) has the same identity; it
     does not depend on fedads' feature settings."""

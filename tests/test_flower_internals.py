@@ -380,3 +380,34 @@ def test_the_simulation_engine_runs_the_prompt_loops():
     assert vce.put_message_into_state is flower_internals._put_message_into_state
     flowers = resolve(Pinned("flwr.server.superlink.fleet.vce.vce_api", "add_messages_to_queue"))
     assert flowers is not flower_internals._add_messages_to_queue and "f_stop.wait(0.1)" in inspect.getsource(flowers)
+
+
+def test_the_public_path_stops_asking_a_superlink_that_exited(monkeypatch):
+    """After the run's log ended, its status is asked of the SuperLink until it shows the run
+    finished: a SuperLink that exited meanwhile ends the wait at once, with the CLI's error,
+    instead of at the run's deadline."""
+    import json as json_module
+    import subprocess as subprocess_module
+    import time as time_module
+
+    from simulations.runtime import public_path
+
+    class Exited:
+        returncode = 1
+
+        def poll(self) -> int:
+            return 1
+
+    class Running(Exited):
+        def poll(self) -> None:  # type: ignore[override]
+            return None
+
+    unavailable = {"success": False, "error-message": "Connection to the SuperLink is unavailable."}
+    finished = {"success": True, "runs": [{"run-id": "3", "status": "finished:completed"}]}
+    replies = iter([unavailable, finished])
+    monkeypatch.setattr(public_path.subprocess, "run", lambda *a, **k: subprocess_module.CompletedProcess(a, 0, json_module.dumps(next(replies)), ""))
+    far = time_module.monotonic() + 3600
+    assert public_path._final_status(3, {}, far, Exited()) == (None, "Connection to the SuperLink is unavailable.")
+    monkeypatch.setattr(public_path.time, "sleep", lambda seconds: None)
+    replies = iter([unavailable, finished])
+    assert public_path._final_status(3, {}, far, Running()) == (finished["runs"][0], None)  # asked again while it runs

@@ -110,10 +110,14 @@ def run_public(
         if started is None:
             return PublicRun(output, f"`flwr run` did not start the run (exit {cli.returncode})")
         # the log stream has ended: the status follows within moments, or the SuperLink is gone
-        status = _final_status(int(started.group(1)), environ, time.monotonic() + STATUS_WAIT_SECONDS if deadline is None else deadline)
+        status, last_error = _final_status(int(started.group(1)), environ,
+                                           time.monotonic() + STATUS_WAIT_SECONDS if deadline is None else deadline, superlink)
+        if superlink.poll() is not None and status is None:
+            return PublicRun(output, f"the SuperLink exited (code {superlink.returncode}) before the run showed as finished; "
+                                     f"see {work_dir / 'superlink.log'}")
         if status is None:
             late = f"the simulation ran past {timeout:.0f}s" if timeout is not None else "the run never showed as finished"
-            return PublicRun(output, late)
+            return PublicRun(output, late + (f" (`flwr ls`: {last_error})" if last_error else ""))
         if status.get("status") != "finished:completed":
             return PublicRun(output, f"the run failed (Flower's status {status.get('status')}: {status.get('status-details')})")
         return PublicRun(output, None)
@@ -145,16 +149,23 @@ def _follow(stream: IO[str], lines: list[str], stream_to: Any) -> None:
                 stream_to = None
 
 
-def _final_status(run_id: int, environ: Mapping[str, str], deadline: float) -> dict[str, Any] | None:
-    """The run's row of `flwr ls` once Flower has marked it finished; None past `deadline`.
+def _final_status(run_id: int, environ: Mapping[str, str], deadline: float,
+                  superlink: subprocess.Popen) -> tuple[dict[str, Any] | None, str | None]:
+    """(the run's row of `flwr ls` once Flower has marked it finished, or None past `deadline`
+    or once the SuperLink has exited; the CLI's last error, if its last answer was one).
     `flwr run --stream` returns when the run's log ends, which is about when it finishes."""
     command = [str(BIN / "flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"]
     while True:
-        done = subprocess.run(command, cwd=PROJECT_ROOT, env=dict(environ), capture_output=True, text=True, timeout=120,
-                              stdin=subprocess.DEVNULL)
-        runs = parse_cli_json(done.stdout).get("runs", [])
+        try:
+            done = subprocess.run(command, cwd=PROJECT_ROOT, env=dict(environ), capture_output=True, text=True, timeout=120,
+                                  stdin=subprocess.DEVNULL)
+            reply = parse_cli_json(done.stdout)
+            error = None if reply.get("success") else str(reply.get("error-message") or done.stdout[-500:] + done.stderr[-500:]).strip()
+        except subprocess.TimeoutExpired:
+            reply, error = {}, "no answer within 120 s"
+        runs = reply.get("runs", [])
         if runs and str(runs[0].get("status", "")).startswith("finished"):
-            return dict(runs[0])
-        if time.monotonic() > deadline:
-            return None
+            return dict(runs[0]), None
+        if time.monotonic() > deadline or superlink.poll() is not None:
+            return None, error
         time.sleep(0.5)  # readiness poll of the SuperLink we started
