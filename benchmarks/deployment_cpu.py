@@ -77,7 +77,7 @@ def _role(pid: int, processes: dict[int, tuple[int, str, float]]) -> str:
     if "deploy.warm_clientapp" in command or "flwr-clientapp" in command:
         return "warm ClientApp processes + their ClientApps"
     if "superexec" in command or "serverapp" in command:
-        ancestor = processes.get(pid, (0, "", 0.0))[0]
+        ancestor = processes[pid][0]
         while ancestor in processes:
             if "deploy.flower_superlink" in processes[ancestor][1]:
                 return "SuperLink's SuperExec + ServerApp"
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
           f"ClientApp threads: {threads}; medians of {args.repeats} runs of "
           f"{', '.join(str(m['exchanges_measured']) for m in measured)} empty exchanges measured")
     print(f"one exchange: {1000 * results['wall_seconds_per_exchange']:.0f} ms of wall time "
-          f"(the ServerApp's median exchange {1000 * (results['exchange_median_seconds'] or 0):.0f} ms), "
+          f"(the ServerApp's median exchange {1000 * results['exchange_median_seconds']:.0f} ms), "
           f"{1000 * results['cpu_seconds_per_exchange_total']:.0f} ms of CPU:")
     print("| process | CPU ms per exchange | per merchant |")
     print("|---|---|---|")

@@ -26,7 +26,7 @@ from typing import Any
 
 import tomli_w
 
-from deploy.superlink import BIN, CONNECTION, parse_cli_json, tool_env
+from deploy.superlink import BIN, CONNECTION, cli_reply, tool_env
 from shared.config import parse_override
 from shared.flower_internals import run_not_found_error
 
@@ -53,8 +53,7 @@ def submit(app: Path, run_config: Mapping[str, Any], env: Mapping[str, str]) -> 
         overrides = Path(folder) / "run-config.toml"
         overrides.write_text(tomli_w.dumps(dict(run_config)))
         done = flwr(["run", str(app), CONNECTION, "-c", str(overrides), "--format", "json"], env, cwd=app)
-    reply = parse_cli_json(done.stdout)
-    return reply or {"success": False, "error-message": done.stdout[-2000:] + done.stderr[-2000:]}
+    return cli_reply(done)
 
 
 def run_status(run_id: int, env: Mapping[str, str], patience: float = 60.0, retry_every: float = 1.0) -> dict[str, Any]:
@@ -65,12 +64,11 @@ def run_status(run_id: int, env: Mapping[str, str], patience: float = 60.0, retr
     start a second ServerApp beside a live one."""
     deadline = time.monotonic() + patience
     while True:
-        done = flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], env)
-        reply = parse_cli_json(done.stdout)
+        reply = cli_reply(flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], env))
         if reply.get("success"):
             runs = reply.get("runs", [])
             return dict(runs[0]) if runs else {}
-        message = str(reply.get("error-message") or (done.stdout[-1000:] + done.stderr[-1000:]))
+        message = str(reply.get("error-message"))
         if run_not_found_error() in message:
             return {}
         if time.monotonic() >= deadline:

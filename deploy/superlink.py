@@ -232,6 +232,12 @@ def parse_cli_json(text: str) -> dict[str, Any]:
     return {}
 
 
+def cli_reply(done: subprocess.CompletedProcess) -> dict[str, Any]:
+    """The JSON reply a `flwr ... --format json` call printed or, when it printed none, an
+    unsuccessful one whose error-message is the end of its output."""
+    return parse_cli_json(done.stdout) or {"success": False, "error-message": (done.stdout[-2000:] + done.stderr[-2000:]).strip()}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -51,14 +51,18 @@ def test_a_malformed_change_is_a_usage_error(tmp_path):
     assert done.returncode == 2 and "expected key=value" in done.stderr
 
 
-def _cli_replies(monkeypatch, *replies: dict) -> list[list[str]]:
-    """deploy.runs' `flwr` answering with `replies` in turn (the last one again once they run
-    out), as the CLI prints them with --format json; returns the argument lists it was given."""
+def _fake_cli(monkeypatch, **replies: dict | list[dict]) -> list[list[str]]:
+    """deploy.runs' `flwr` answering each subcommand (ls, run, log, stop) with its reply, or with
+    its list of replies in turn (the last one again once they run out), as the CLI prints them
+    with --format json; returns the argument lists it was given."""
     calls: list[list[str]] = []
+    asked: dict[str, int] = {}
 
     def fake_flwr(args, env, cwd=None, timeout=120.0):
         calls.append(list(args))
-        reply = replies[min(len(calls), len(replies)) - 1]
+        answers = replies[args[0]] if isinstance(replies[args[0]], list) else [replies[args[0]]]
+        asked[args[0]] = asked.get(args[0], 0) + 1
+        reply = answers[min(asked[args[0]], len(answers)) - 1]
         return subprocess.CompletedProcess(["flwr", *args], 0, stdout="Using SuperLink: fedads\n" + json.dumps(reply, indent=2), stderr="")
 
     monkeypatch.setattr(runs, "flwr", fake_flwr)
@@ -71,16 +75,16 @@ NOT_FOUND = {"success": False, "error-message": f"{run_not_found_error()} Run ID
 
 
 def test_a_superlink_that_does_not_answer_yet_is_asked_again(monkeypatch):
-    calls = _cli_replies(monkeypatch, UNAVAILABLE, UNAVAILABLE, RUNNING)
+    calls = _fake_cli(monkeypatch, ls=[UNAVAILABLE, UNAVAILABLE, RUNNING])
     assert runs.run_status(7, env={}, retry_every=0.0) == {"run-id": "7", "status": "running"}
     assert len(calls) == 3 and all(call[:4] == ["ls", "fedads", "--run-id", "7"] for call in calls)
 
 
 def test_an_unknown_run_is_told_apart_from_no_answer(monkeypatch):
-    calls = _cli_replies(monkeypatch, NOT_FOUND)
+    calls = _fake_cli(monkeypatch, ls=NOT_FOUND)
     assert runs.run_status(7, env={}, retry_every=0.0) == {}
     assert len(calls) == 1
-    _cli_replies(monkeypatch, UNAVAILABLE)
+    _fake_cli(monkeypatch, ls=UNAVAILABLE)
     with pytest.raises(RunError, match="did not say how run 7 stands within 0s: Connection to the SuperLink is unavailable"):
         runs.run_status(7, env={}, patience=0.0)
 
@@ -92,7 +96,7 @@ def test_a_resume_submits_nothing_while_the_superlink_does_not_answer(tmp_path, 
     (out / "checkpoints").mkdir(parents=True)
     (out / "checkpoints" / "config.json").write_text(json.dumps({"num-rounds": 3}))
     (out / "run_status.json").write_text(json.dumps({"status": "running", "flower_run_id": 7, "rounds_planned": 3, "rounds_completed": 1}))
-    calls = _cli_replies(monkeypatch, UNAVAILABLE)
+    calls = _fake_cli(monkeypatch, ls=UNAVAILABLE)
     monkeypatch.setattr(runs, "time", _InstantClock())
     with pytest.raises(RunError, match="did not say how run 7 stands"):
         resume(out, ROOT, env={})
@@ -112,22 +116,10 @@ class _InstantClock:
         self.now += seconds
 
 
-def _cli_by_command(monkeypatch, **answers: dict) -> list[list[str]]:
-    """deploy.runs' `flwr` answering each subcommand (ls, run, log, stop) with its reply."""
-    calls: list[list[str]] = []
-
-    def fake_flwr(args, env, cwd=None, timeout=120.0):
-        calls.append(list(args))
-        return subprocess.CompletedProcess(["flwr", *args], 0, stdout=json.dumps(answers[args[0]]), stderr="")
-
-    monkeypatch.setattr(runs, "flwr", fake_flwr)
-    return calls
-
-
 def test_following_a_run_the_superlink_forgot_ends_at_once(monkeypatch):
     """An in-memory SuperLink that restarted no longer knows the run: its log ends at once and it
     is not found; following it says so instead of waiting out the whole timeout."""
-    calls = _cli_by_command(monkeypatch, log={}, ls=NOT_FOUND)
+    calls = _fake_cli(monkeypatch, log={}, ls=NOT_FOUND)
     with pytest.raises(RunError, match="no longer knows run 7"):
         runs.wait_for_run(7, env={}, timeout=3600.0)
     assert [call[0] for call in calls] == ["log", "ls"]
@@ -142,7 +134,7 @@ def test_a_resume_tells_a_refusal_from_no_answer(tmp_path, monkeypatch, answer):
     (out / "checkpoints" / "config.json").write_text(json.dumps({"num-rounds": 3}))
     (out / "run_status.json").write_text(json.dumps({"status": "failed", "flower_run_id": 7, "rounds_planned": 3, "rounds_completed": 1}))
     reply = UNAVAILABLE if answer == "no answer" else {"success": False, "error-message": "[code: 1] the FAB is not allowed"}
-    calls = _cli_by_command(monkeypatch, ls={"success": True, "runs": [{"run-id": "7", "status": "finished:failed"}]}, run=reply)
+    calls = _fake_cli(monkeypatch, ls={"success": True, "runs": [{"run-id": "7", "status": "finished:failed"}]}, run=reply)
     expected = r"got no answer from the SuperLink .* may have started nonetheless .* stops at the folder's lock" if answer == "no answer" \
         else "refused the resume: .code: 1. the FAB is not allowed"
     with pytest.raises(RunError, match=expected):

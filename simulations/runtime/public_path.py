@@ -36,7 +36,7 @@ from typing import IO, Any
 import tomli_w
 
 from deploy.processes import ProcessStartError, Sweeper, free_port, stop_tree, wait_for_port
-from deploy.superlink import BIN, CONNECTION, parse_cli_json, tool_env, write_cli_config
+from deploy.superlink import BIN, CONNECTION, cli_reply, tool_env, write_cli_config
 from simulations import PROJECT_ROOT
 
 log = logging.getLogger(__name__)
@@ -157,10 +157,9 @@ def _final_status(run_id: int, environ: Mapping[str, str], deadline: float,
     command = [str(BIN / "flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"]
     while True:
         try:
-            done = subprocess.run(command, cwd=PROJECT_ROOT, env=dict(environ), capture_output=True, text=True, timeout=120,
-                                  stdin=subprocess.DEVNULL)
-            reply = parse_cli_json(done.stdout)
-            error = None if reply.get("success") else str(reply.get("error-message") or done.stdout[-500:] + done.stderr[-500:]).strip()
+            reply = cli_reply(subprocess.run(command, cwd=PROJECT_ROOT, env=dict(environ), capture_output=True, text=True,
+                                             timeout=120, stdin=subprocess.DEVNULL))
+            error = None if reply.get("success") else str(reply.get("error-message")).strip()
         except subprocess.TimeoutExpired:
             reply, error = {}, "no answer within 120 s"
         runs = reply.get("runs", [])
