@@ -12,6 +12,7 @@ A merchant's own settings are its node config (shared/node_config.py), not the r
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -20,6 +21,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+# private ALS's plan gives statistics release r a budget share ~ growth^r (shared/als.py): its first
+# release's noise is growth^((num-rounds - 2) / 2) times its last's. Past 12 decades that release
+# carries nothing, and further on its noise leaves float32's range (a non-finite release)
+MAX_RELEASE_NOISE_DECADES = 12.0
 RUN_CONFIG_SOURCE = "pyproject.toml [tool.flwr.app.config] (or a `flwr run -c` override)"
 
 
@@ -193,7 +198,8 @@ class RunConfig(BaseModel):
         "sparse (exact, without DP only: the ads a merchant's rows touch, each Gramian's upper triangle)"))
     als_count_shrinkage: float = Field(1.0, ge=0, description=(
         "DP: ad factors scaled by noisy count / (count + this x the noise std of the summed count)"))
-    als_budget_growth: float = Field(2.33, gt=0, description="DP: round r's share of the budget grows as growth^r")
+    als_budget_growth: float = Field(2.33, gt=0, description=(
+        "DP: round r's share of the budget grows as growth^r; growth^((num-rounds - 2) / 2) at most 1e12"))
     als_catalog_prior: bool = Field(True, description=(
         "DP: rarely seen ads lean on the mean factors of their public catalog tags (attributes, genres, category), "
         "at als-catalog-prior-weight"))
@@ -272,6 +278,15 @@ class RunConfig(BaseModel):
         if self.secure_aggregation and (self.privacy != "user" or self.mf_solver != "als"):
             raise ValueError("secure-aggregation carries the private-ALS release (privacy 'user', mf-solver 'als'): one Gaussian "
                              "sum per round, which several merchants can noise in shares; a DP-SGD update is many noisy steps")
+        if self.privacy == "user" and self.mf_solver == "als" and self.num_rounds > 2:
+            decades = (self.num_rounds - 2) * abs(math.log10(self.als_budget_growth)) / 2
+            if decades > MAX_RELEASE_NOISE_DECADES:
+                bound = 10 ** (2 * MAX_RELEASE_NOISE_DECADES / (self.num_rounds - 2))
+                raise ValueError(
+                    f"als-budget-growth {self.als_budget_growth:g} over num-rounds {self.num_rounds} gives private ALS's first "
+                    f"statistics release noise 1e{decades:.0f} times its last one's (at most 1e{MAX_RELEASE_NOISE_DECADES:.0f}: "
+                    f"beyond, a release carries nothing and its noise overflows): use an als-budget-growth of at most "
+                    f"{bound:.3f} (and at least {1 / bound:.3f}) for {self.num_rounds} rounds, or fewer rounds")
         return self
 
     @classmethod

@@ -420,3 +420,25 @@ def test_the_harness_says_what_the_rule_chose():
     assert _model({"popularity_signal": 3.2, "ranks_by_popularity": 1.0}).startswith("noisy popularity (signal 3.2 < 7")
     assert _model({"popularity_signal": 30.0, "ranks_by_popularity": 1.0}) == "noisy popularity (a run of one round releases popularity only)"
     assert _model({"popularity_signal": 12.0, "ranks_by_popularity": 0.0}) == "personal (signal 12.0)"
+
+
+def test_a_long_private_run_is_refused_where_its_first_statistics_release_would_overflow(tmp_path: Path):
+    """The plan's shares grow as growth^r: over hundreds of rounds the first statistics release
+    gets 1e-100 of the budget and noise past float32's range (a 300-round run ended at round 2 on
+    a non-finite release). Such a config is refused where it enters, naming the largest growth
+    its rounds allow; at that growth the smallest release is finite."""
+    from shared.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"als-budget-growth.*num-rounds 300.*at most 1\.20"):
+        small_run_config(tmp_path, privacy="user", **{"num-rounds": 300})
+    small_run_config(tmp_path, privacy="none", **{"num-rounds": 300})  # no plan without DP
+    small_run_config(tmp_path, privacy="user")  # the shipped growth over a usual run
+    cfg = small_run_config(tmp_path, privacy="user", **{"num-rounds": 300, "als-budget-growth": 1.2})
+    arrays = init_global_arrays(200, cfg.factors, seed=0)
+    client_call("train", cfg, arrays, server_round=1, release=POPULARITY)
+    reply = client_call("train", cfg, arrays, server_round=2, release=STATISTICS)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    released = from_array_record(reply.content.array_records[ARRAYS])
+    assert released and all(np.all(np.isfinite(value)) for value in released.values())
+    noise_multiplier = plain_metrics(reply.content.metric_records[METRICS])[DP_NOISE_MULTIPLIER]
+    assert noise_multiplier > 1e9  # the smallest share of the plan indeed
