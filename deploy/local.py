@@ -25,7 +25,7 @@ from deploy import runs
 from deploy.dev_certs import MerchantKeys, create_merchant_keys, create_tls_files
 from deploy.merchant import supernode_command
 from deploy.processes import Sweeper, free_port, stop_tree, usable_cores, wait_for_port
-from deploy.superlink import CONNECTION, ServerTls, parse_cli_json, register_merchant, start_command, tool_env, write_cli_config
+from deploy.superlink import CONNECTION, ServerTls, cli_reply, register_merchant, start_command, tool_env, write_cli_config
 from shared.node_config import NodeConfig
 from simulations import PROJECT_ROOT
 
@@ -111,17 +111,28 @@ class LocalDeployment:
         return runs.flwr(args, env or self.operator_env, cwd=PROJECT_ROOT, timeout=timeout)
 
     def online_nodes(self) -> int:
-        reply = parse_cli_json(self.flwr("supernode", "ls", CONNECTION, "--format", "json").stdout)
+        """How many SuperNodes the SuperLink reports online; RunError when the CLI got no answer
+        (a SuperLink that does not answer is not one with no SuperNodes)."""
+        reply = cli_reply(self.flwr("supernode", "ls", CONNECTION, "--format", "json"))
+        if not reply.get("success"):
+            raise runs.RunError(f"flwr supernode ls: {reply.get('error-message') or 'no answer'}")
         return sum(1 for node in reply.get("nodes", []) if node.get("status") == "online")
 
     def wait_online(self, count: int, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
-        while self.online_nodes() < count:
+        while True:
+            try:
+                online, last_error = self.online_nodes(), ""
+            except runs.RunError as error:  # the SuperLink starting up: asked again until the deadline
+                online, last_error = 0, str(error)
+            if online >= count:
+                return
             for name, process in self.processes.items():
                 if name.startswith("supernode-") and process.poll() is not None:
                     raise DeploymentError(f"{name} exited with {process.returncode}:\n{self.log(name)[-3000:]}")
             if time.monotonic() > deadline:
-                raise DeploymentError(f"fewer than {count} SuperNodes online after {timeout:.0f}s")
+                reason = f" (the SuperLink's last answer: {last_error[-1000:]})" if last_error else ""
+                raise DeploymentError(f"{online} of {count} SuperNodes online after {timeout:.0f}s{reason}")
             time.sleep(0.5)  # readiness poll of processes we started
 
     def submit(self, run_config: Mapping[str, Any], env: Mapping[str, str] | None = None) -> dict[str, Any]:

@@ -140,3 +140,23 @@ def test_a_resume_tells_a_refusal_from_no_answer(tmp_path, monkeypatch, answer):
     with pytest.raises(RunError, match=expected):
         resume(out, ROOT, env={})
     assert [call[0] for call in calls] == ["ls", "run"]  # asked once; nothing stopped
+
+
+def test_waiting_for_supernodes_names_a_superlink_that_does_not_answer(tmp_path, monkeypatch):
+    """`flwr supernode ls` without an answer is not "no SuperNode online": waiting for them says
+    what the SuperLink last answered instead of only that too few came online."""
+    from deploy.local import DeploymentError, LocalDeployment
+    from deploy.superlink import ServerTls
+
+    deployment = LocalDeployment(tmp_path, "127.0.0.1:1", "127.0.0.1:2", ServerTls(tmp_path, tmp_path, tmp_path), {}, {})
+    answers = iter([UNAVAILABLE, {"success": True, "nodes": [{"status": "online"}, {"status": "offline"}]}])
+
+    def fake_flwr(*args, env=None, timeout=120.0):
+        return subprocess.CompletedProcess(["flwr", *args], 0, stdout=json.dumps(next(answers, UNAVAILABLE)), stderr="")
+
+    monkeypatch.setattr(deployment, "flwr", fake_flwr)
+    with pytest.raises(RunError, match="flwr supernode ls: Connection to the SuperLink is unavailable"):
+        deployment.online_nodes()
+    assert deployment.online_nodes() == 1
+    with pytest.raises(DeploymentError, match=r"0 of 2 SuperNodes online after 0s \(the SuperLink's last answer: .*unavailable"):
+        deployment.wait_online(2, timeout=0.0)
