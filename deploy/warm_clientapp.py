@@ -15,6 +15,8 @@ CLIENTAPP_PRELOAD) and forks it once per message:
   runs Flower's `flwr-clientapp` entry point with the shim's arguments and descriptors. A child
   is stopped when its shim goes away (SuperExec stopped it), and every child and the warm
   process itself stop when the SuperNode process that started them is gone, SIGKILL included.
+  A run it cannot fork (no process or memory left for a moment) it answers FALLBACK, and the
+  shim (or the SuperExec's `hand_over`) starts Flower's own ClientApp for it.
 
 Each message still runs in its own process with fresh state, as Flower's isolation asks, and
 the app's code comes from the FAB the SuperLink sent, never from the merchant's installed
@@ -41,6 +43,7 @@ import shutil
 import signal
 import socket
 import stat
+import subprocess
 import sys
 import threading
 import traceback
@@ -61,6 +64,9 @@ SOCKET_ENV = "FEDADS_WARM_CLIENTAPP"  # the shim finds the warm process's socket
 MAX_REQUEST_BYTES = 65536
 HAND_OVER_SECONDS = 2.0  # the most the SuperExec waits to hand a run over before it starts the shim
 PARENT_CHECK_SECONDS = 0.2
+# the warm process's answer when it could not fork the run (no memory or processes left for a
+# moment): the requester starts Flower's own ClientApp for it, as without a warm process
+FALLBACK = b"fallback"
 
 SHIM = '''#!{python} -S
 # fedads: hands this ClientApp run to the SuperNode's warm process (deploy/warm_clientapp.py)
@@ -76,6 +82,8 @@ socket.send_fds(sock, [request], [0, 1, 2])
 status = b""
 while chunk := sock.recv(64):
     status += chunk
+if status == {fallback_status!r}:
+    os.execv("{fallback}", ["{fallback}", *sys.argv[1:]])
 sys.exit(int(status) if status.strip() else 1)
 '''
 
@@ -111,25 +119,33 @@ def hand_over(arguments: list[str], quiet: bool = False, socket_path: str | None
     finally:
         if devnull is not None:
             os.close(devnull)
-    threading.Thread(target=_hold_until_the_run_ends, args=(sock,), name="fedads-clientapp", daemon=True).start()
+    threading.Thread(target=_hold_until_the_run_ends, args=(sock, arguments, quiet), name="fedads-clientapp", daemon=True).start()
     return True
 
 
-def _hold_until_the_run_ends(sock: socket.socket) -> None:
+def _hold_until_the_run_ends(sock: socket.socket, arguments: list[str], quiet: bool) -> None:
+    answer = b""
     with sock:
         try:
-            while sock.recv(64):  # the run's exit status, then the warm process closes
-                pass
+            while chunk := sock.recv(64):  # the run's exit status, then the warm process closes
+                answer += chunk
         except OSError:
             pass
+    if answer == FALLBACK:
+        output = subprocess.DEVNULL if quiet else None
+        subprocess.run([str(flowers_clientapp()), *arguments], stdin=subprocess.DEVNULL, stdout=output, stderr=output, check=False)
+
+
+def flowers_clientapp(python: str = sys.executable) -> Path:
+    """Flower's own `flwr-clientapp` beside `python` (the shim's name is first on the PATH)."""
+    return Path(python).parent / CLIENTAPP_COMMAND
 
 
 def write_shim(folder: Path, python: str = sys.executable) -> Path:
     """An executable `flwr-clientapp` in `folder` (put `folder` first on the SuperNode's PATH)."""
     folder.mkdir(parents=True, exist_ok=True)
-    fallback = Path(python).parent / CLIENTAPP_COMMAND
     shim = folder / CLIENTAPP_COMMAND
-    shim.write_text(SHIM.format(python=python, env=SOCKET_ENV, fallback=fallback))
+    shim.write_text(SHIM.format(python=python, env=SOCKET_ENV, fallback=flowers_clientapp(python), fallback_status=FALLBACK))
     shim.chmod(stat.S_IRWXU)
     return shim
 
@@ -363,7 +379,18 @@ class WarmServer:
                 os.close(fd)
             conn.close()
             return
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # this run goes to Flower's own ClientApp; the warm process serves the next
+            print(f"fedads: could not fork a ClientApp ({exc}): its requester starts Flower's own", file=sys.stderr, flush=True)
+            for fd in fds:
+                os.close(fd)
+            with conn:
+                try:
+                    conn.sendall(FALLBACK)
+                except OSError:
+                    pass
+            return
         if pid == 0:
             signal.set_wakeup_fd(-1)
             for handled in (signal.SIGTERM, signal.SIGCHLD):

@@ -176,6 +176,41 @@ def test_superexec_hands_a_run_to_the_warm_process_without_a_shim_and_the_run_en
     assert server.poll() is None
 
 
+def test_a_run_the_warm_process_cannot_fork_goes_to_flowers_clientapp(tmp_path: Path, capfd) -> None:
+    """No process or memory left for a moment: fork fails. The warm process says so and carries
+    on; the shim, and the SuperExec's hand-over, start Flower's own ClientApp for that run."""
+    import threading
+
+    from deploy.warm_clientapp import hand_over
+
+    socket_path = tmp_path / "warm.sock"
+    shim = write_shim(tmp_path / "bin")
+    failing_fork = (
+        "import errno, os, sys\n"
+        "def no_fork(): raise BlockingIOError(errno.EAGAIN, 'Resource temporarily unavailable')\n"
+        "os.fork = no_fork\n"
+        "from deploy.warm_clientapp import main\n"
+        f"sys.exit(main(['--socket', {str(socket_path)!r}, '--parent-pid', {str(os.getpid())!r}]))\n"
+    )
+    server = subprocess.Popen([sys.executable, "-c", failing_fork], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_until(socket_path.exists, "the warm process listens")
+        env = {**os.environ, SOCKET_ENV: str(socket_path)}
+        shown = subprocess.run([str(shim), "--help"], env=env, capture_output=True, text=True, timeout=DEADLINE)
+        assert shown.returncode == 0 and shown.stdout.startswith(f"usage: {CLIENTAPP_COMMAND}"), shown.stderr
+        capfd.readouterr()
+        assert hand_over(["--help"], socket_path=str(socket_path)) is True  # taken: the warm process answers fallback
+        for thread in threading.enumerate():
+            if thread.name == "fedads-clientapp":
+                thread.join(timeout=DEADLINE)
+        assert capfd.readouterr().out.startswith(f"usage: {CLIENTAPP_COMMAND}")  # Flower's ClientApp, on our stdout
+        assert server.poll() is None  # the warm process carries on
+    finally:
+        server.terminate()
+        _, errors = server.communicate(timeout=30)
+    assert errors.count("could not fork a ClientApp ([Errno 11] Resource temporarily unavailable)") == 2
+
+
 def test_the_warm_process_ends_with_its_supernode_even_on_sigkill(tmp_path: Path) -> None:
     socket_path = tmp_path / "warm.sock"
     # a stand-in SuperNode: starts the warm process as deploy.supernode does, then waits
