@@ -1,7 +1,9 @@
 """One merchant's side of a round: the ClientApp's message handlers (client/client_app.py).
 
 train:    user step (local, exact, persisted) -> the ad step's local update, released through
-          the merchant's privacy plan -> a training reply (shared/wire.TrainReply).
+          the merchant's privacy plan -> a training reply (shared/wire.TrainReply); a training
+          message that says EVALUATE_FIRST (carry-evaluation) is first evaluated as below, as the
+          previous round's, and its reply carries both releases.
 evaluate: refit the user factors against the received global model -> ranking metrics of
           this merchant's held-out interactions, released through the plan.
 Replies carry the global parameters' keys (or ALS statistics), counts and metric means: no
@@ -11,6 +13,7 @@ answered here, in one place, with an error reply that says why.
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +42,7 @@ from shared.wire import (
     Arrays,
     EvaluateReply,
     TrainReply,
+    evaluates_first,
     failure,
     read_instruction,
     recorded_reply,
@@ -50,7 +54,7 @@ Step = Callable[[RunConfig, Node, Solver, "PrivacyPlan[Any]", Arrays, int, str],
 
 
 def train(msg: Message, context: Context) -> Message:
-    return _handle(msg, context, _train)
+    return _handle(msg, context, _evaluate_then_train if evaluates_first(msg) else _train)
 
 
 def evaluate(msg: Message, context: Context) -> Message:
@@ -75,7 +79,8 @@ def _handle(msg: Message, context: Context, step: Step) -> Message:
         # read, check, release and record as one: the SuperNode may run this node's messages at once
         with PrivacyLedger.lock(node.state.directory):
             record = ReleaseRecord(node.state.directory, msg.metadata.message_type)
-            key = release_key(f"{msg.metadata.message_type}/{release}", context.run_config, arrays, server_round)
+            kind = f"{msg.metadata.message_type}/{release}" + ("+evaluation" if evaluates_first(msg) else "")
+            key = release_key(kind, context.run_config, arrays, server_round)
             # a secure release carries a share of the noise: sent again into another sum, the
             # difference of the two sums would show it. Each secure collect is a new release
             if threshold is None and (recorded := record.load(key)) is not None:
@@ -86,7 +91,10 @@ def _handle(msg: Message, context: Context, step: Step) -> Message:
                 plan.share_noise(policy.secure_noise_share(threshold))
             reply = step(cfg, node, solver_for(cfg, node.data), plan, arrays, server_round, release)
             if threshold is None:
-                record.save(key, reply.metric_record(), reply.arrays if isinstance(reply, TrainReply) else None)
+                if isinstance(reply, TrainReply):
+                    record.save(key, reply.recorded_metrics(), reply.arrays)
+                else:
+                    record.save(key, reply.metric_record(), None)
     except PrivacyRefusal as refused:  # its reason is written from public values only
         log.warning("%s refuses: %s", node_config.name, refused)
         return refusal(msg, node_config.name, str(refused))
@@ -117,6 +125,14 @@ def _train(cfg: RunConfig, node: Node, solver: Solver, plan: PrivacyPlan[Any], a
         raise ValueError(f"unknown release {release!r}: a training message asks for one of {RELEASES}")
     user_factors = _fit_and_store_users(cfg, node, solver, arrays, rng)
     return plan.release_update(node.name, solver, arrays, user_factors, rng, server_round)
+
+
+def _evaluate_then_train(cfg: RunConfig, node: Node, solver: Solver, plan: PrivacyPlan[Any], arrays: Arrays, server_round: int,
+                         release: str) -> TrainReply:
+    """The model this message carries is the previous round's: its evaluation, then this round's
+    training from it, in one message (one exchange per round instead of two)."""
+    evaluation = _evaluate(cfg, node, solver, plan, arrays, server_round - 1, release)
+    return dataclasses.replace(_train(cfg, node, solver, plan, arrays, server_round, release), evaluation=evaluation)
 
 
 def _evaluate(cfg: RunConfig, node: Node, solver: Solver, plan: PrivacyPlan[Any], arrays: Arrays, server_round: int,

@@ -106,8 +106,7 @@ class Checkpointer:
         atomic_save_npz(self.checkpoints / name, **arrays)
         if server_state:
             atomic_save_npz(self._server_state_path(server_round), **server_state)
-        atomic_write_json(self.root / "history.json", history)
-        atomic_write_bytes(self.root / "metrics.csv", history_to_csv(history).encode())
+        self.save_history(history)
         if not self._config_saved:
             atomic_write_json(self.checkpoints / "config.json", config)
             if catalog is not None:
@@ -118,6 +117,12 @@ class Checkpointer:
         if catalog is not None:
             pointer["catalog"] = catalog
         atomic_write_json(self.checkpoints / "latest.json", pointer)
+
+    def save_history(self, history: list[dict[str, Any]]) -> None:
+        """history.json and metrics.csv: also on their own, when a round's evaluation came after
+        its checkpoint (carry-evaluation)."""
+        atomic_write_json(self.root / "history.json", history)
+        atomic_write_bytes(self.root / "metrics.csv", history_to_csv(history).encode())
 
     def latest(self) -> tuple[int, dict[str, np.ndarray], list[dict[str, Any]], dict[str, Any]]:
         """The newest round whose checkpoint loads, its arrays, the history up to it and the run

@@ -12,7 +12,10 @@ are the strategy's, from `flwr.serverapp.strategy`. This loop adds what fedads n
 - per-round records of who was asked, who replied and who failed or refused, and why, by
   merchant name and in one line;
 - per-client metrics kept by client name, and the maximum epsilon reported by clients;
-- rounds that can start anywhere (resume), with a callback after each (checkpoint, table).
+- rounds that can start anywhere (resume), with a callback after each (checkpoint, table);
+- with carry-evaluation, a round's model evaluated by the next round's training messages (one
+  exchange per round): its record is checkpointed marked EVALUATION_PENDING, filled when those
+  replies come (`on_evaluated`), and the last model is evaluated in an exchange of its own.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from shared.wire import (
     ARRAYS,
     CLIENT,
     DP_EPSILON,
+    EVALUATE_FIRST,
     METRICS,
     NUM_EXAMPLES,
     PRIVACY_REFUSED,
@@ -50,10 +54,14 @@ from shared.wire import (
     from_array_record,
     packed_keys,
     plain_metrics,
+    split_evaluation,
     to_array_record,
 )
 
 RoundCallback = Callable[[int, Arrays, dict[str, Any]], None]
+# in a round record: its model's evaluation comes with the next round's training replies
+EVALUATION_PENDING = "evaluation_pending"
+EVALUATED_WITH = "evaluated_with"  # in a round record: the round whose training messages carried its evaluation
 # a client's weight in history.json, by the kind of reply it came with
 TRAIN_USERS, TEST_USERS = "train-users", "test-users"
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -124,8 +132,10 @@ class RoundLoop:
     def __init__(
         self, strategy: Strategy, grid: Grid, shapes: Shapes,
         timeout: float = 600.0, min_replies: int = 1, retries: int = 0, secure: SecureTraining | None = None,
+        carry_evaluation: bool = False,
     ) -> None:
         self.strategy, self.grid, self.secure = strategy, grid, secure
+        self.carry_evaluation = carry_evaluation and secure is None
         self.timeout = timeout
         self.min_replies, self.retries = min_replies, retries
         # merchant names by node id, learned from replies: a node that fails is named if it ever answered
@@ -207,27 +217,48 @@ class RoundLoop:
                 round_log.add(msg, TRAIN_USERS)
         return kept
 
-    def evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, round_log: RoundLog) -> dict[str, float]:
-        messages = self.strategy.configure_evaluate(server_round, arrays, config, self.grid)
+    def evaluate(self, record: dict[str, Any], arrays: ArrayRecord, config: ConfigRecord) -> None:
+        """Evaluate `arrays`, the model of round record["round"], in an exchange of its own, and
+        fill `record` with it."""
+        started = time.perf_counter()
+        messages = self.strategy.configure_evaluate(record["round"], arrays, config, self.grid)
         evaluate_log = RoundLog()
-        kept = self._screen(server_round, self._exchange(messages, evaluate_log), evaluate_log, check_arrays=False)
+        self._fill_evaluation(record, self._exchange(messages, evaluate_log), evaluate_log, record["round"])
+        record["evaluate_seconds"] = time.perf_counter() - started
+
+    def _fill_evaluation(self, record: dict[str, Any], replies: list[Message], evaluate_log: RoundLog, answering: int) -> None:
+        """`record`'s evaluation from evaluate replies (to round `answering`'s messages): the
+        aggregate, each merchant's metrics, and who failed or refused it."""
+        kept = self._screen(answering, replies, evaluate_log, check_arrays=False)
+        evaluated = RoundLog()
         for msg in kept:
             if not msg.has_error():
-                round_log.add(msg, TEST_USERS)
+                evaluated.add(msg, TEST_USERS)
+        for name, metrics in evaluated.clients.items():
+            record["clients"].setdefault(name, {}).update(metrics)
         for name, reason in {**evaluate_log.refused, **evaluate_log.failed}.items():
-            round_log.failed.setdefault(f"{name} (evaluate)", reason)
-        return plain_metrics(self.strategy.aggregate_evaluate(server_round, kept))
+            record["participants"]["failed"].setdefault(f"{name} (evaluate)", reason)
+        record["evaluate"] = plain_metrics(self.strategy.aggregate_evaluate(record["round"], kept))
+        record.pop(EVALUATION_PENDING, None)
 
-    def _train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> tuple[list[Message], RoundLog]:
+    def _train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> tuple[list[Message], RoundLog, list[Message]]:
         """One round's training exchange, asked again while it is short of its quorum and
-        something other than a refusal (which would only be repeated) failed."""
+        something other than a refusal (which would only be repeated) failed. Also returns the
+        evaluations the replies carried (EVALUATE_FIRST), each merchant's latest."""
+        carried: dict[int, Message] = {}
         for attempt in range(self.retries + 1):
             round_log = RoundLog()
             messages = self.strategy.configure_train(server_round, arrays, config, self.grid)
-            kept = self._train_replies(server_round, self._exchange(messages, round_log), round_log)
+            trained: list[Message] = []
+            for reply in self._exchange(messages, round_log):
+                training, evaluation = split_evaluation(reply)
+                trained.append(training)
+                if evaluation is not None:
+                    carried[evaluation.metadata.src_node_id] = evaluation
+            kept = self._train_replies(server_round, trained, round_log)
             valid = sum(not msg.has_error() for msg in kept)
             if valid >= self.min_replies or not round_log.failed or attempt == self.retries:
-                return kept, round_log
+                return kept, round_log, list(carried.values())
             log.warning("round %d: %d valid replies of %d asked, below the quorum of %d: asking again (%d of %d)",
                         server_round, valid, len(round_log.asked), self.min_replies, attempt + 1, self.retries)
         raise AssertionError("unreachable")
@@ -283,23 +314,45 @@ class RoundLoop:
         evaluate_config: ConfigRecord,
         on_round_end: RoundCallback,
         privacy_spent: Callable[[], float | None] = lambda: None,
+        pending: dict[str, Any] | None = None,
+        on_evaluated: Callable[[dict[str, Any]], None] = lambda record: None,
     ) -> RunOutcome:
         """Rounds first_round..last_round: train, aggregate, evaluate, then `on_round_end`; it
-        stops short at a round without its quorum (or past the server's DP budget)."""
+        stops short at a round without its quorum (or past the server's DP budget). `pending`:
+        the record of round first_round - 1 if its model (`arrays`) awaits its evaluation; each
+        record filled after its `on_round_end` goes to `on_evaluated`."""
+        if pending is not None and not self.carry_evaluation:  # e.g. a resume with carry-evaluation now off
+            self.evaluate(pending, arrays, evaluate_config)
+            on_evaluated(pending)
+            pending = None
         for server_round in range(first_round, last_round + 1):
             started = time.perf_counter()
             start_digest = digest(from_array_record(arrays))
             log.info("")
             log.info("[ROUND %s/%s]", server_round, last_round)
             secure_total: Arrays | None = None
+            carried: list[Message] = []
+            config = train_config if pending is None else ConfigRecord({**dict(train_config), EVALUATE_FIRST: True})
             try:
                 if self.secure is None:
-                    kept, round_log = self._train(server_round, arrays, train_config)
+                    kept, round_log, carried = self._train(server_round, arrays, config)
                 else:
-                    kept, round_log, secure_total = self._secure_train(server_round, arrays, train_config)
+                    kept, round_log, secure_total = self._secure_train(server_round, arrays, config)
             except PrivacyBudgetExhausted as exhausted:  # client-level DP: the server's own budget
                 log.warning("round %d: not trained: %s", server_round, exhausted)
+                self._evaluate_pending(pending, arrays, evaluate_config, on_evaluated)
                 return RunOutcome(arrays, server_round - 1, f"round {server_round}: the server's DP budget is spent: {exhausted}")
+            if pending is not None:
+                carried_log = RoundLog()
+                carried_log.asked = list(round_log.asked)
+                answered = {client_name(msg) for msg in carried}
+                for name in round_log.asked:
+                    if name not in answered:
+                        carried_log.failed[name] = round_log.refused.get(name) or round_log.failed.get(name) or "no evaluation in its reply"
+                self._fill_evaluation(pending, carried, carried_log, server_round)
+                pending[EVALUATED_WITH] = server_round
+                on_evaluated(pending)
+                pending = None
             valid = sum(not msg.has_error() for msg in kept)
             for node, reason in {**round_log.refused, **round_log.failed}.items():
                 log.warning("round %d: %s sent no update: %s", server_round, node, reason)
@@ -321,19 +374,18 @@ class RoundLoop:
                 log.warning("round %d: the strategy aggregated nothing; the global model is unchanged", server_round)
             else:
                 arrays = _adopt(aggregated, arrays)
-            evaluate_started = time.perf_counter()
-            evaluate_metrics = self.evaluate(server_round, arrays, evaluate_config, round_log)
-            evaluate_seconds = time.perf_counter() - evaluate_started
             record: dict[str, Any] = {
                 "round": server_round,
                 "start_digest": start_digest,
                 "train": plain_metrics(train_metrics),
-                "evaluate": evaluate_metrics,
+                "evaluate": {},
                 "clients": round_log.clients,
                 "participants": round_log.participants(),
-                "round_seconds": time.perf_counter() - started,
-                "evaluate_seconds": evaluate_seconds,
+                EVALUATION_PENDING: True,
             }
+            if not self.carry_evaluation:
+                self.evaluate(record, arrays, evaluate_config)
+            record["round_seconds"] = time.perf_counter() - started
             spent = [m[DP_EPSILON] for m in round_log.clients.values() if DP_EPSILON in m]
             if spent:
                 # an exact release reports epsilon infinite: no DP claim then, whatever the others say
@@ -346,4 +398,13 @@ class RoundLoop:
             if round_log.secure is not None:
                 record["secure"] = round_log.secure
             on_round_end(server_round, from_array_record(arrays), record)
+            pending = record if EVALUATION_PENDING in record else None
+        self._evaluate_pending(pending, arrays, evaluate_config, on_evaluated)
         return RunOutcome(arrays, last_round)
+
+    def _evaluate_pending(self, pending: dict[str, Any] | None, arrays: ArrayRecord, config: ConfigRecord,
+                          on_evaluated: Callable[[dict[str, Any]], None]) -> None:
+        """The run ends with a model whose evaluation no next round will carry: its own exchange."""
+        if pending is not None:
+            self.evaluate(pending, arrays, config)
+            on_evaluated(pending)

@@ -8,7 +8,6 @@ of the starting model -> rounds, each checkpointed with its metrics -> final exp
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from flwr.app import ConfigRecord, Context
@@ -19,7 +18,7 @@ from server.als_aggregation import ALSAggregation
 from server.checkpoint import Checkpointer, RunStatus, catalog_identity, check_resume_catalog, check_resume_config, exclusive_output
 from server.probes import probe, write_probes
 from server.prompt_grid import PromptGrid
-from server.round_loop import RoundLog, RoundLoop, RunEndedShort, one_line
+from server.round_loop import EVALUATION_PENDING, RoundLog, RoundLoop, RunEndedShort, one_line
 from server.secure_round import SecureTraining
 from server.strategies import build_strategy
 from shared.als import ALSSettings
@@ -82,19 +81,20 @@ def _run(cfg: RunConfig, grid: Grid, context: Context, checkpointer: Checkpointe
     if cfg.secure_aggregation:
         settings = ALSSettings.from_config(cfg)
         secure = SecureTraining(settings, cfg.max_users_per_merchant, cfg.secure_threshold, cfg.reply_timeout, context)
-    loop = RoundLoop(strategy, grid, global_shapes(cfg, len(catalog)),
-                     timeout=cfg.reply_timeout, min_replies=cfg.quorum, retries=cfg.round_retries, secure=secure)
+    loop = RoundLoop(strategy, grid, global_shapes(cfg, len(catalog)), timeout=cfg.reply_timeout, min_replies=cfg.quorum,
+                     retries=cfg.round_retries, secure=secure, carry_evaluation=cfg.carry_evaluation)
     if cfg.probe_messages:
         probes = probe(grid, cfg.probe_messages, cfg.reply_timeout)
         log.info("fedads: %d probe exchanges with %d nodes, median %.3f s (%s)", cfg.probe_messages, probes["nodes"],
                  probes["median_seconds"], write_probes(checkpointer.root, probes))
     if not cfg.resume:
-        round_log = RoundLog()
-        started = time.perf_counter()
-        initial = loop.evaluate(0, to_array_record(arrays), ConfigRecord(), round_log)
-        seconds = time.perf_counter() - started  # also the nodes' start-up: their first message
-        history.append({"round": 0, "train": {}, "evaluate": initial, "clients": round_log.clients,
-                        "participants": round_log.participants(), "round_seconds": seconds, "evaluate_seconds": seconds})
+        # round 0: the initial model's evaluation (with carry-evaluation, by round 1's messages)
+        initial: dict[str, Any] = {"round": 0, "train": {}, "evaluate": {}, "clients": {}, "participants": RoundLog().participants(),
+                                   EVALUATION_PENDING: True}
+        if not loop.carry_evaluation:
+            loop.evaluate(initial, to_array_record(arrays), ConfigRecord())  # also the nodes' start-up: their first message
+        initial["round_seconds"] = initial.get("evaluate_seconds", 0.0)
+        history.append(initial)
         checkpointer.save_round(0, arrays, history, config_dump, catalog=catalog_record)
 
     log.info("fedads per-round metrics (federated, weighted by test users):\n%s", report.table(history))
@@ -104,12 +104,18 @@ def _run(cfg: RunConfig, grid: Grid, context: Context, checkpointer: Checkpointe
         checkpointer.save_round(server_round, new_arrays, history, config_dump, remembering.state() if remembering else None,
                                 catalog=catalog_record)
         status.update(rounds_completed=server_round)
+        if EVALUATION_PENDING not in record:
+            log.info("fedads %s\n%s", report.header(), "fedads " + report.row(record))
+
+    def on_evaluated(record: dict[str, Any]) -> None:  # a round's evaluation that came after its checkpoint
+        checkpointer.save_history(history)
         log.info("fedads %s\n%s", report.header(), "fedads " + report.row(record))
 
     outcome = loop.run(
         to_array_record(arrays), first_round=done + 1, last_round=cfg.num_rounds,
         train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
         on_round_end=on_round_end, privacy_spent=privacy_spent,
+        pending=history[-1] if history and EVALUATION_PENDING in history[-1] else None, on_evaluated=on_evaluated,
     )
     completed = history[-1]["round"]
     path = checkpointer.export_model(

@@ -105,7 +105,7 @@ DATA_FIELDS = (
 )
 # keys that steer only the server's bookkeeping: a merchant's answer to an instruction does not
 # depend on them, so its record of a release ignores them (a resumed run asks the same question)
-SERVER_BOOKKEEPING_KEYS = frozenset({"output-dir", "resume", "resume-accept-changes"})
+SERVER_BOOKKEEPING_KEYS = frozenset({"output-dir", "resume", "resume-accept-changes", "carry-evaluation"})
 # what resume-accept-changes may name besides config keys: the catalog's content (server/checkpoint.py)
 RESUME_CHANGES_BEYOND_CONFIG = frozenset({"catalog"})
 # section titles of pyproject's table, by the first field of each section
@@ -148,6 +148,9 @@ class RunConfig(BaseModel):
     probe_messages: int = Field(0, ge=0, description=(
         "empty messages sent to every node before round 0, each exchange timed (probes.json in output-dir): the per-message floor"))
     reply_timeout: float = Field(600.0, gt=0, description="seconds the server waits for the replies of one round's messages")
+    carry_evaluation: bool = Field(False, description=(
+        "each training message also asks for the evaluation of the model it carries (the previous round's): one exchange per "
+        "round instead of two, the last model evaluated on its own; a round's metrics come with the next round's replies"))
     dataset: Literal["synthetic", "movielens-100k", "amazon-seq", "logs"] = Field(
         "synthetic", description="synthetic | movielens-100k | amazon-seq | logs (a log table or user-item pairs: docs/DATA.md)")
     data_path: str = Field("", description=(
@@ -275,6 +278,9 @@ class RunConfig(BaseModel):
         if self.als_gram == "sparse" and self.privacy == "user":
             raise ValueError("als-gram 'sparse' sends which ads a merchant's users touched, itself private: under privacy "
                              "'user' use 'shared' or 'per-ad' (dense releases)")
+        if self.carry_evaluation and self.secure_aggregation:
+            raise ValueError("carry-evaluation adds the evaluation to a training message; under secure-aggregation training is "
+                             "four messages of the protocol: evaluate on its own (carry-evaluation = false)")
         if self.secure_aggregation and (self.privacy != "user" or self.mf_solver != "als"):
             raise ValueError("secure-aggregation carries the private-ALS release (privacy 'user', mf-solver 'als'): one Gaussian "
                              "sum per round, which several merchants can noise in shares; a DP-SGD update is many noisy steps")

@@ -4,9 +4,12 @@ key and reply shape, in one place both sides use.
 Server -> client (Flower's FedAvg `configure_train` / `configure_evaluate`):
     "arrays": ArrayRecord, the global parameters (GLOBAL_KEYS)
     "config": ConfigRecord {"server-round": int}
+    a training message's "config" may hold EVALUATE_FIRST (carry-evaluation): evaluate the model it
+    carries, round N - 1's, before training from it
 Client -> server:
     train:    "arrays" (GLOBAL_KEYS, or with ALS the statistics ALS_*), "metrics",
-              "client" {"name", "server-round": the round it answers (the server drops stale replies)}
+              "client" {"name", "server-round": the round it answers (the server drops stale replies)},
+              and after EVALUATE_FIRST "evaluation": the evaluate reply's "metrics" of that model
     evaluate: "metrics", "client"
     refused:  an Error reply, code PRIVACY_REFUSED, with the merchant's reason (public values only)
     failed:   an Error reply, code CLIENT_FAILED, that says only that (details stay with the merchant)
@@ -20,6 +23,7 @@ numpy-only code that names its keys (and the merchant agent's start-up) does not
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from dataclasses import dataclass, field
@@ -37,6 +41,8 @@ METRICS = "metrics"
 CLIENT = "client"
 # keys of the "config" and "client" records
 SERVER_ROUND = "server-round"  # set by Flower's FedAvg
+EVALUATE_FIRST = "evaluate-first"  # in a training message's config: evaluate the model it carries first
+EVALUATION = "evaluation"  # the record of that evaluation's metrics in the training reply
 ALS_RELEASE = "als-release"  # in an ALS training message's config: what it asks for (shared/als.py)
 STATISTICS, POPULARITY = "statistics", "popularity"  # the ad step's statistics | the ads' positive counts alone
 RELEASES = (STATISTICS, POPULARITY)
@@ -243,7 +249,8 @@ def answered_round(msg: Message) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def _reply(reply_to: Message, client: str, metrics: dict[str, float], arrays: Arrays | None = None) -> Message:
+def _reply(reply_to: Message, client: str, metrics: dict[str, float], arrays: Arrays | None = None,
+           evaluation: dict[str, float] | None = None) -> Message:
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
     values: dict[str, Any] = dict(metrics)
@@ -254,12 +261,40 @@ def _reply(reply_to: Message, client: str, metrics: dict[str, float], arrays: Ar
     content = RecordDict({METRICS: MetricRecord(values), CLIENT: ConfigRecord(identity)})
     if arrays is not None:
         content[ARRAYS] = to_array_record(arrays)
+    if evaluation is not None:
+        content[EVALUATION] = MetricRecord(dict(evaluation))
     return Message(content=content, reply_to=reply_to)
 
 
+_EVALUATION_PREFIX = EVALUATION + "/"  # a carried evaluation's metrics among a recorded release's
+
+
 def recorded_reply(reply_to: Message, client: str, metrics: dict[str, float], arrays: Arrays | None) -> Message:
-    """A release made earlier, sent again as the reply to `reply_to` (client/release_record.py)."""
-    return _reply(reply_to, client, metrics, arrays)
+    """A release made earlier (TrainReply.recorded_metrics, EvaluateReply.metric_record), sent
+    again as the reply to `reply_to` (client/release_record.py)."""
+    own = {k: v for k, v in metrics.items() if not k.startswith(_EVALUATION_PREFIX)}
+    carried = {k.removeprefix(_EVALUATION_PREFIX): v for k, v in metrics.items() if k.startswith(_EVALUATION_PREFIX)}
+    return _reply(reply_to, client, own, arrays, carried or None)
+
+
+def evaluates_first(msg: Message) -> bool:
+    """Whether a training message asks for the evaluation of the model it carries (EVALUATE_FIRST)."""
+    return bool(msg.content.config_records[CONFIG].get(EVALUATE_FIRST, False))
+
+
+def split_evaluation(reply: Message) -> tuple[Message, Message | None]:
+    """A training reply as the strategy's training reply (its EVALUATION record left out) and,
+    when it carries one, the evaluate reply of the model the instruction carried: two views of the
+    one message (same sender, same answered round), each shaped as Flower's strategies expect."""
+    if reply.has_error() or EVALUATION not in reply.content.metric_records:
+        return reply, None
+    from flwr.app import RecordDict
+
+    content = reply.content
+    trained, evaluated = copy.copy(reply), copy.copy(reply)
+    trained.content = RecordDict({key: record for key, record in content.items() if key != EVALUATION})
+    evaluated.content = RecordDict({METRICS: content[EVALUATION], CLIENT: content.config_records[CLIENT]})
+    return trained, evaluated
 
 
 @dataclass(frozen=True)
@@ -272,13 +307,20 @@ class TrainReply:
     num_examples: float | None  # the weight a FedAvg averages with; None: not sent (ALS sums, it does not weigh)
     metrics: dict[str, float] = field(default_factory=dict)  # TRAIN_LOSS, TRAIN_ROWS, DP_STEPS
     privacy: PrivacyReport | None = None
+    evaluation: EvaluateReply | None = None  # of the model the instruction carried (EVALUATE_FIRST)
 
     def metric_record(self) -> dict[str, float]:
         weight = {} if self.num_examples is None else {NUM_EXAMPLES: self.num_examples}
         return {**weight, **self.metrics, **(self.privacy.metrics() if self.privacy else {})}
 
+    def recorded_metrics(self) -> dict[str, float]:
+        """Its metrics and its evaluation's, as a release record keeps them (recorded_reply)."""
+        carried = self.evaluation.metric_record() if self.evaluation else {}
+        return {**self.metric_record(), **{_EVALUATION_PREFIX + k: v for k, v in carried.items()}}
+
     def to_message(self, reply_to: Message) -> Message:
-        return _reply(reply_to, self.client, self.metric_record(), self.arrays)
+        return _reply(reply_to, self.client, self.metric_record(), self.arrays,
+                      self.evaluation.metric_record() if self.evaluation else None)
 
     @classmethod
     def from_message(cls, msg: Message) -> TrainReply:

@@ -20,7 +20,7 @@ from deploy.processes import processes_mentioning
 from shared.config import RunConfig
 from shared.flower_internals import server_identity
 from shared.node_config import NodeConfig
-from shared.wire import ALS_RELEASE, ARRAYS, CONFIG, SERVER_ROUND, to_array_record
+from shared.wire import ALS_RELEASE, ARRAYS, CONFIG, EVALUATE_FIRST, SERVER_ROUND, to_array_record
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -52,7 +52,7 @@ def simulated_node(cfg: RunConfig, partition: int = 0, count: int = 3) -> Node:
 
 def client_call(
     kind: str, cfg: RunConfig, arrays: dict[str, np.ndarray], server_round: int = 1, partition: int = 0,
-    node_config: dict[str, Any] | None = None, release: str | None = None,
+    node_config: dict[str, Any] | None = None, release: str | None = None, evaluate_first: bool = False,
 ) -> Message:
     """The ClientApp's reply to a `kind` ("train" | "evaluate") message, called in-process as
     Flower's runtime calls it: simulated node `partition` of 3, or a deployed `node_config`;
@@ -66,6 +66,8 @@ def client_call(
     config = ConfigRecord({SERVER_ROUND: server_round})
     if release is not None:
         config[ALS_RELEASE] = release
+    if evaluate_first:
+        config[EVALUATE_FIRST] = True
     msg = Message(
         content=RecordDict({ARRAYS: to_array_record(arrays), CONFIG: config}),
         dst_node_id=node_id, message_type=kind,

@@ -50,6 +50,8 @@ def test_run_config_errors_name_the_key_and_the_source():
         RunConfig.from_flower({"factorz": 3})
     with pytest.raises(ConfigError, match="needs mf-solver 'sgd'"):
         RunConfig.from_flower({"privacy": "client"})
+    with pytest.raises(ConfigError, match="carry-evaluation adds the evaluation to a training message"):
+        RunConfig.from_flower({"carry-evaluation": True, "secure-aggregation": True})
 
 
 def test_with_values_revalidates():

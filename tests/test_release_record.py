@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from shared.params import init_global_arrays
-from shared.wire import SERVER_ROUND, answered_round, from_array_record, plain_metrics
+from shared.wire import EVALUATION, METRICS, NUM_EXAMPLES, SERVER_ROUND, answered_round, from_array_record, plain_metrics
 from tests.conftest import client_call, simulated_node, small_run_config
 
 pytestmark = pytest.mark.usefixtures("as_server")
@@ -52,6 +52,30 @@ def test_evaluation_is_recorded_too(tmp_path):
     assert _ledger(tmp_path) == spent
     assert plain_metrics(again.content.metric_records["metrics"]) == plain_metrics(first.content.metric_records["metrics"])
     assert again.content.config_records["client"][SERVER_ROUND] == 0
+
+
+def test_a_training_message_that_carries_the_evaluation_spends_what_both_messages_would(tmp_path):
+    """carry-evaluation: the evaluation of the model the message carries (as the previous
+    round's), then training from it; the ledger holds the same releases as after an evaluate
+    message and a training message, and the same message again gets both recorded releases."""
+    cfg = small_run_config(tmp_path / "carried", privacy="user", **{"num-rounds": 3})
+    apart = small_run_config(tmp_path / "apart", privacy="user", **{"num-rounds": 3})
+    arrays = init_global_arrays(simulated_node(cfg, 0).data.split.num_ads, cfg.factors, cfg.seed)
+    first = client_call("train", cfg, arrays, server_round=1, evaluate_first=True)
+    assert not first.has_error() and answered_round(first) == 1
+    carried = plain_metrics(first.content.metric_records[EVALUATION])
+    assert carried["ndcg10_sampled"] >= 0 and carried[NUM_EXAMPLES] > 0  # noised under DP, but there
+    client_call("evaluate", apart, arrays, server_round=0)
+    client_call("train", apart, arrays, server_round=1)
+    both = _ledger(tmp_path / "carried")
+    assert both == _ledger(tmp_path / "apart")
+    again = client_call("train", cfg, arrays, server_round=1, evaluate_first=True)
+    assert _ledger(tmp_path / "carried") == both  # nothing new released
+    assert plain_metrics(again.content.metric_records[EVALUATION]) == carried
+    assert plain_metrics(again.content.metric_records[METRICS]) == plain_metrics(first.content.metric_records[METRICS])
+    # the same round without the evaluation is another question: its own release
+    client_call("train", cfg, arrays, server_round=1)
+    assert _ledger(tmp_path / "carried")["rounds_trained"] == both["rounds_trained"] + 1
 
 
 def test_a_resumed_run_gets_the_recorded_release(tmp_path):

@@ -11,9 +11,21 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from server.round_loop import TRAIN_USERS, RoundLog, RoundLoop, one_line
+from server.round_loop import EVALUATED_WITH, EVALUATION_PENDING, TEST_USERS, TRAIN_USERS, RoundLog, RoundLoop, one_line
 from shared.params import init_global_arrays, mf_shapes
-from shared.wire import ARRAYS, CONFIG, METRICS, SERVER_ROUND, TrainReply, from_array_record, refusal, to_array_record
+from shared.wire import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    SERVER_ROUND,
+    Arrays,
+    EvaluateReply,
+    TrainReply,
+    evaluates_first,
+    from_array_record,
+    refusal,
+    to_array_record,
+)
 
 pytestmark = pytest.mark.usefixtures("as_server")
 
@@ -171,3 +183,104 @@ def test_replies_flowers_fedavg_refuses_leave_the_model_unchanged_and_the_run_go
     outcome, records = _run(_Grid([first, second]), min_replies=1, retries=0)
     assert outcome.short_reason is None and outcome.last_round == 2 and len(records) == 2
     assert records[0]["train"] == {}  # round 1 aggregated nothing
+
+
+class _EvaluatingStrategy(FedAvg):
+    """FedAvg over nodes 1..3 that passes the loop's config on, as Flower's FedAvg does."""
+
+    def configure_train(self, server_round, arrays, config, grid) -> Iterable[Message]:  # type: ignore[no-untyped-def, override]
+        return [_instruction("train", node, server_round, arrays, config) for node in (1, 2, 3)]
+
+    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:  # type: ignore[no-untyped-def, override]
+        return [_instruction("evaluate", node, server_round, arrays, config) for node in (1, 2, 3)]
+
+
+def _instruction(kind: str, node: int, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> Message:
+    content = RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({**dict(config), SERVER_ROUND: server_round})})
+    return Message(content=content, dst_node_id=node, message_type=kind)
+
+
+class _MerchantsGrid:
+    """Three merchants answering as the ClientApp does: a training reply (with the evaluation of
+    the model it carries when asked, EVALUATE_FIRST), an evaluate reply; "c" refuses from round
+    `c_refuses_from` on. Each merchant's metric is the model's first factor, so a record's
+    evaluation names the model it evaluated."""
+
+    def __init__(self, c_refuses_from: int = 99) -> None:
+        self.exchanges: list[str] = []
+        self.c_refuses_from = c_refuses_from
+
+    def send_and_receive(self, messages: Iterable[Message], timeout: float) -> list[Message]:
+        messages = list(messages)
+        self.exchanges.append(messages[0].metadata.message_type + ("+evaluation" if evaluates_first(messages[0]) else ""))
+        replies = []
+        for msg in messages:
+            name, server_round = "abc"[msg.metadata.dst_node_id - 1], msg.content[CONFIG][SERVER_ROUND]
+            if name == "c" and server_round >= self.c_refuses_from:
+                replies.append(refusal(msg, name, "privacy budget exhausted"))
+                continue
+            arrays = from_array_record(msg.content[ARRAYS])
+            evaluation = EvaluateReply(name, 10.0, {"ndcg": float(arrays["ad_factors"][0, 0])})
+            if msg.metadata.message_type == "evaluate":
+                replies.append(evaluation.to_message(msg))
+                continue
+            trained = {key: value + 1.0 for key, value in arrays.items()}  # each round's model: one more than the last
+            carried = evaluation if evaluates_first(msg) else None
+            replies.append(TrainReply(name, trained, 10.0, {"train-loss": 0.1}, evaluation=carried).to_message(msg))
+        return replies
+
+
+def _carried_run(grid: _MerchantsGrid, carry: bool, pending: dict | None = None):  # type: ignore[no-untyped-def]
+    loop = RoundLoop(_EvaluatingStrategy(), grid, mf_shapes(NUM_ADS, DIM), timeout=5, carry_evaluation=carry)  # type: ignore[arg-type]
+    ended: list[tuple[int, bool]] = []  # (round, its evaluation was pending) at each checkpoint
+    evaluated: list[int] = []
+    records: list[dict] = []
+
+    def on_round_end(server_round: int, arrays: Arrays, record: dict) -> None:
+        ended.append((server_round, EVALUATION_PENDING in record))
+        records.append(record)
+
+    start = to_array_record(init_global_arrays(NUM_ADS, DIM, seed=0))
+    outcome = loop.run(start, 1, 2, ConfigRecord(), ConfigRecord(), on_round_end=on_round_end, pending=pending,
+                       on_evaluated=lambda record: evaluated.append(record["round"]))
+    return outcome, records, ended, evaluated
+
+
+def test_a_carried_evaluation_is_the_one_an_exchange_of_its_own_gives_in_one_exchange_per_round():
+    first = float(init_global_arrays(NUM_ADS, DIM, seed=0)["ad_factors"][0, 0])
+    apart = _MerchantsGrid()
+    _, apart_records, apart_ended, _ = _carried_run(apart, carry=False)
+    assert apart.exchanges == ["train", "evaluate", "train", "evaluate"] and apart_ended == [(1, False), (2, False)]
+
+    grid = _MerchantsGrid()
+    initial = {"round": 0, "train": {}, "evaluate": {}, "clients": {}, "participants": RoundLog().participants(), EVALUATION_PENDING: True}
+    outcome, records, ended, evaluated = _carried_run(grid, carry=True, pending=initial)
+    # round 1's messages carry round 0's evaluation, round 2's round 1's; the last model on its own
+    assert grid.exchanges == ["train+evaluation", "train+evaluation", "evaluate"] and outcome.short_reason is None
+    assert ended == [(1, True), (2, True)] and evaluated == [0, 1, 2]
+    assert initial["evaluate"]["ndcg"] == pytest.approx(first) and initial[EVALUATED_WITH] == 1
+    for ours, theirs in zip(records, apart_records, strict=True):
+        assert ours["evaluate"] == pytest.approx(theirs["evaluate"]) and ours["train"] == theirs["train"]
+        assert ours["clients"] == theirs["clients"] and ours["participants"] == theirs["participants"]
+        assert EVALUATION_PENDING not in ours
+    assert records[0][EVALUATED_WITH] == 2 and EVALUATED_WITH not in records[1]  # the last: an exchange of its own
+    assert "train-loss" in records[0]["train"] and "ndcg" not in records[0]["train"]  # the strategy's training replies hold no evaluation
+
+
+def test_a_merchant_that_refuses_a_carrying_message_is_named_in_the_evaluation_it_did_not_send():
+    grid = _MerchantsGrid(c_refuses_from=2)
+    initial = {"round": 0, "train": {}, "evaluate": {}, "clients": {}, "participants": RoundLog().participants(), EVALUATION_PENDING: True}
+    _, records, _, _ = _carried_run(grid, carry=True, pending=initial)
+    assert set(records[0]["clients"]["a"]) == {"train-loss", TRAIN_USERS, "ndcg", TEST_USERS}
+    assert set(records[0]["clients"]["c"]) == {"train-loss", TRAIN_USERS}  # trained in round 1, refused round 2's message
+    assert records[0]["participants"]["failed"] == {"c (evaluate)": "c refused: privacy budget exhausted"}
+    assert records[1]["participants"]["refused"] == {"c": "c refused: privacy budget exhausted"}
+
+
+def test_a_pending_evaluation_without_carrying_gets_an_exchange_of_its_own_first():
+    """A resume with carry-evaluation now off, from a checkpoint whose last model awaited its evaluation."""
+    grid = _MerchantsGrid()
+    pending = {"round": 0, "train": {}, "evaluate": {}, "clients": {}, "participants": RoundLog().participants(), EVALUATION_PENDING: True}
+    _, _, _, evaluated = _carried_run(grid, carry=False, pending=pending)
+    assert grid.exchanges == ["evaluate", "train", "evaluate", "train", "evaluate"] and evaluated == [0]
+    assert "ndcg" in pending["evaluate"] and EVALUATION_PENDING not in pending

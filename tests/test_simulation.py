@@ -4,6 +4,7 @@ checkpoint, several runs on one warm runtime, failures, interruption."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -51,6 +52,34 @@ def test_federated_training_beats_round_zero_and_merchant_popularity(first_run):
     # every client answered every round, and each reports its own metrics
     assert all(len(h["clients"]) == NUM_CLIENTS for h in history)
     assert "fedads" in log and "round" in log
+
+
+def test_carried_evaluation_is_the_same_run_in_one_exchange_per_round(first_run, tmp_path):
+    """carry-evaluation: round r's model evaluated by round r + 1's training messages, the last
+    one on its own. Without DP every step is seeded, so the run is the same as with evaluations
+    in exchanges of their own: the same models, the same metrics round by round, merchant by
+    merchant, in 4 exchanges instead of 7."""
+    reference_path, _, reference_log = first_run
+    cfg = small_run_config(tmp_path, **{"num-rounds": 3, "carry-evaluation": True})
+    log = run_simulation(cfg.to_flower(), NUM_CLIENTS, tmp_path / "flower", timeout=480)
+    assert (reference_log.count("configure_train:"), reference_log.count("configure_evaluate:")) == (3, 4)
+    assert (log.count("configure_train:"), log.count("configure_evaluate:")) == (3, 1)
+    reference = json.loads((reference_path / "out" / "history.json").read_text())
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    assert [h.get("evaluated_with") for h in history] == [1, 2, 3, None]
+    assert not any("evaluation_pending" in h for h in history)
+    for ours, theirs in zip(history, reference, strict=True):
+        assert ours["evaluate"] == pytest.approx(theirs["evaluate"], rel=1e-6), ours["round"]
+        for name, metrics in theirs["clients"].items():
+            assert ours["clients"][name] == pytest.approx(metrics, rel=1e-6), (ours["round"], name)
+        assert ours["participants"] == theirs["participants"]
+    for r in range(4):
+        ours_model = load_npz(tmp_path / "out" / "checkpoints" / f"round-{r:04d}.npz")
+        theirs_model = load_npz(reference_path / "out" / "checkpoints" / f"round-{r:04d}.npz")
+        for key, value in theirs_model.items():
+            np.testing.assert_allclose(ours_model[key], value, rtol=1e-5, atol=1e-7)
+    aggregates = [row for row in csv.DictReader((tmp_path / "out" / "metrics.csv").open()) if row["client"] == "aggregate"]
+    assert [row["round"] for row in aggregates] == ["0", "1", "2", "3"] and all(row["ndcg10_sampled"] for row in aggregates)
 
 
 def test_no_process_is_left_running(first_run):
