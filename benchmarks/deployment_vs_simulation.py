@@ -2,7 +2,7 @@
 Flower's simulation runtime, and the bytes each client sends and receives per round.
 
     python benchmarks/deployment_vs_simulation.py [--merchants 3] [--rounds 5] [--privacy none] [--secure] [--data synthetic|ml100k]
-        [--superlink-state database|memory] [--output DIR]
+        [--superlink-state database|memory] [--carry-evaluation] [--output DIR]
 
 `--superlink-state memory`: the SuperLink keeps its state in memory (`deploy.superlink start
 --in-memory`) instead of its SQLite file (the default, which survives a restart).
@@ -18,8 +18,10 @@ MovieLens-100K, IID), cut into one shard per merchant exactly as the simulation 
 deployment's merchants read theirs from CSV (and, from their second message on, from the
 binary shard cache in their state directories). Records in benchmarks/results/deployment.json.
 Round time: the ServerApp's own `round_seconds` (history.json), median over rounds 1..N (round 0
-is only the first evaluation and carries start-up). Bytes: computed from the ArrayRecords (a
-round sends each client the model twice, train and evaluate, and receives one train reply: the
+is only the first evaluation and carries start-up). `--carry-evaluation`: both runs with
+carry-evaluation (one exchange per round, each training message also evaluating the previous
+model); the median over rounds 2..N, round 1 carrying the start-up. Bytes: computed from the ArrayRecords (a
+round sends each client the model twice, train and evaluate (carried: once), and receives one train reply: the
 ALS statistics, or the model with mf-solver = "sgd"), and checked against the network traffic the SuperLink counted for the
 deployed run (`flwr ls --format json`, network-traffic), which adds message framing and metrics.
 The floor: before round 0 each run sends 5 empty exchanges (probe-messages, server/probes.py), one
@@ -69,23 +71,26 @@ DATA = {
 RESULTS = PROJECT_ROOT / "benchmarks" / "results" / "deployment.json"
 
 
-def _run_config(output: Path, merchants: int, rounds: int, privacy: str, secure: bool = False, data: str = "synthetic") -> RunConfig:
+def _run_config(output: Path, merchants: int, rounds: int, privacy: str, secure: bool = False, data: str = "synthetic",
+                carry: bool = False) -> RunConfig:
     return RunConfig.from_flower({
         "num-rounds": rounds, "min-nodes": merchants, "synthetic-merchants": merchants, "privacy": privacy,
         "output-dir": str(output / "out"), "state-dir": str(output / "out" / "state"), "secure-aggregation": secure, **DATA[data],
-        "probe-messages": PROBES,
+        "probe-messages": PROBES, "carry-evaluation": carry,
     })
 
 
 def _write_records(path: Path, data: str, privacy: str, merchants: int, state: str, results: dict[str, Any]) -> None:
     """benchmarks/results/deployment.json: this run's three records replace those of the same data,
-    privacy, merchants, SuperLink state and ClientApp threads (records without a state were
-    measured with the database, records without a thread count with the libraries' defaults)."""
-    threads = results["clientapp_threads"]
+    privacy, merchants, SuperLink state, ClientApp threads and carry-evaluation (records without a
+    state were measured with the database, without a thread count with the libraries' defaults,
+    without carry_evaluation with evaluations in exchanges of their own)."""
+    threads, carry = results["clientapp_threads"], results["carry_evaluation"]
     records = json.loads(path.read_text()) if path.is_file() else []
     records = [r for r in records if (r.get("data"), r["privacy"], r["merchants"], r.get("superlink_state", "database"),
-                                      r.get("clientapp_threads")) != (data, privacy, merchants, state, threads)]
-    common = {"data": data, "superlink_state": state, "clientapp_threads": threads}
+                                      r.get("clientapp_threads"), r.get("carry_evaluation", False))
+               != (data, privacy, merchants, state, threads, carry)]
+    common = {"data": data, "superlink_state": state, "clientapp_threads": threads, "carry_evaluation": carry}
     for mode in ("simulation", "deployment"):
         records.append({"mode": mode, "privacy": privacy, "merchants": merchants, "round_seconds": results[mode]["median_round_seconds"],
                         "bytes_per_client": results["bytes"]["per_client_per_round_sent"], **common})
@@ -98,9 +103,11 @@ def _write_records(path: Path, data: str, privacy: str, merchants: int, state: s
 
 def _round_times(cfg: RunConfig) -> dict[str, float]:
     history = json.loads((Path(cfg.output_dir) / "history.json").read_text())
-    later = [h["round_seconds"] for h in history[1:]]
+    # round 0's evaluation holds the merchants' start-up (their first message); carried, round 1's
+    first = 1 if cfg.carry_evaluation else 0
+    later = [h["round_seconds"] for h in history[first + 1:]]
     probes = json.loads((Path(cfg.output_dir) / PROBES_FILE).read_text())
-    return {"round0_seconds": history[0]["round_seconds"], "median_round_seconds": statistics.median(later),
+    return {"round0_seconds": history[first]["round_seconds"], "median_round_seconds": statistics.median(later),
             "min_round_seconds": min(later), "max_round_seconds": max(later), "probe_median_seconds": probes["median_seconds"],
             "probe_seconds": probes["exchange_seconds"]}
 
@@ -135,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--superlink-state", choices=("database", "memory"), default="database",
                         help="the SuperLink's state: its SQLite file (survives a restart) or its memory")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the records file (mode, privacy, merchants, round_seconds, bytes_per_client)")
+    parser.add_argument("--carry-evaluation", action="store_true",
+                        help="carry-evaluation: each round's training messages also carry the previous model's evaluation")
     parser.add_argument("--clientapp-threads", type=positive_int,
                         help="each deployed ClientApp's numerical threads (default: the cores divided among the merchants)")
     args = parser.parse_args(argv)
@@ -142,15 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "merchants": args.merchants, "rounds": args.rounds, "privacy": args.privacy, "secure": args.secure,
-        "superlink_state": args.superlink_state,
+        "superlink_state": args.superlink_state, "carry_evaluation": args.carry_evaluation,
     }
 
-    sim_cfg = _run_config(output / "simulation", args.merchants, args.rounds, args.privacy, args.secure, args.data)
+    sim_cfg = _run_config(output / "simulation", args.merchants, args.rounds, args.privacy, args.secure, args.data, args.carry_evaluation)
     started = time.perf_counter()
     run_simulation(sim_cfg.to_flower(), args.merchants, output / "simulation" / "flower", timeout=args.timeout)
     results["simulation"] = {"wall_seconds": time.perf_counter() - started, **_round_times(sim_cfg)}
 
-    dep_cfg = _run_config(output / "deployment", args.merchants, args.rounds, args.privacy, args.secure, args.data)
+    dep_cfg = _run_config(output / "deployment", args.merchants, args.rounds, args.privacy, args.secure, args.data, args.carry_evaluation)
     # a merchant's policy gives no less privacy than it is asked for: non-private runs need merchants that opt out
     merchants = write_merchant_data(output / "deployment" / "merchants", dep_cfg.to_flower(), args.merchants,
                                     privacy_mode="user" if args.privacy == "user" else "none",
@@ -173,20 +182,21 @@ def main(argv: list[str] | None = None) -> int:
     model = _model_bytes(dep_cfg)
     n, r = args.merchants, args.rounds
     traffic = status.get("network-traffic", {})
+    per_round = 1 if args.carry_evaluation else 2  # model messages to each merchant per round
     results["bytes"] = {
         "model_raw": model["raw"], "model_array_record": model["array_record"],
-        "per_client_per_round_received": 2 * model["array_record"], "per_client_per_round_sent": model["train_reply"],
-        # what the SuperLink counted: outbound = to SuperNodes (n * (2r + 1) model messages, round 0 evaluates too),
-        # inbound = from SuperNodes (n * r train replies, plus metric-only evaluate replies)
+        "per_client_per_round_received": per_round * model["array_record"], "per_client_per_round_sent": model["train_reply"],
+        # what the SuperLink counted: outbound = to SuperNodes (n * (2r + 1) model messages, round 0 evaluates too;
+        # carried: n * (r + 1), the last model's evaluation), inbound = from SuperNodes (n * r train replies, plus metrics)
         "superlink_outbound": traffic.get("outbound-bytes"), "superlink_inbound": traffic.get("inbound-bytes"),
-        "superlink_outbound_per_model_message": traffic.get("outbound-bytes", 0) / (n * (2 * r + 1)),
+        "superlink_outbound_per_model_message": traffic.get("outbound-bytes", 0) / (n * (per_round * r + 1)),
         "superlink_inbound_per_client_per_round": traffic.get("inbound-bytes", 0) / (n * r),
     }
     (output / "results.json").write_text(json.dumps(results, indent=2))
     _write_records(args.results, args.data, args.privacy, args.merchants, args.superlink_state, results)
     sim, dep, b = results["simulation"], results["deployment"], results["bytes"]
     print(f"{results['date']}  {results['machine']}  {n} merchants, {r} rounds, privacy={args.privacy}, secure={args.secure}, "
-          f"mf-solver={dep_cfg.mf_solver}, SuperLink state: {args.superlink_state}")
+          f"mf-solver={dep_cfg.mf_solver}, SuperLink state: {args.superlink_state}, carry-evaluation={args.carry_evaluation}")
     print(f"median round: simulation {sim['median_round_seconds']:.2f}s, deployment (TLS, {n} SuperNodes) {dep['median_round_seconds']:.2f}s"
           f"  (round 0: {sim['round0_seconds']:.2f}s vs {dep['round0_seconds']:.2f}s); "
           f"ratio {dep['median_round_seconds'] / sim['median_round_seconds']:.1f}x")

@@ -130,8 +130,13 @@ def _train(cfg: RunConfig, node: Node, solver: Solver, plan: PrivacyPlan[Any], a
 def _evaluate_then_train(cfg: RunConfig, node: Node, solver: Solver, plan: PrivacyPlan[Any], arrays: Arrays, server_round: int,
                          release: str) -> TrainReply:
     """The model this message carries is the previous round's: its evaluation, then this round's
-    training from it, in one message (one exchange per round instead of two)."""
-    evaluation = _evaluate(cfg, node, solver, plan, arrays, server_round - 1, release)
+    training from it, in one message (one exchange per round instead of two). An evaluation the
+    plan refuses leaves the training as an evaluate message's refusal would: the reply carries none."""
+    try:
+        evaluation: EvaluateReply | None = _evaluate(cfg, node, solver, plan, arrays, server_round - 1, release)
+    except PrivacyRefusal as refused:
+        log.warning("%s refuses the evaluation of round %d: %s", node.name, server_round - 1, refused)
+        evaluation = None
     return dataclasses.replace(_train(cfg, node, solver, plan, arrays, server_round, release), evaluation=evaluation)
 
 

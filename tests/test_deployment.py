@@ -46,8 +46,10 @@ def deployment(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def finished_run(deployment):
+    """The module's deployed run, with carry-evaluation (one exchange per round) through Flower's
+    real wire; the restart test's run below evaluates in exchanges of their own."""
     root, cfg, merchants, deployed = deployment
-    reply = deployed.submit(cfg.to_flower())
+    reply = deployed.submit(cfg.with_values(carry_evaluation=True).to_flower())
     assert reply.get("success"), reply
     status, log = deployed.wait_for_run(int(reply["run-id"]), RUN_TIMEOUT)
     return status, log
@@ -71,6 +73,9 @@ def test_run_returns_global_model_and_metrics(deployment, finished_run):
     assert [h["round"] for h in history] == [0, 1, 2]
     assert all(sorted(h["clients"]) == sorted(m.merchant_id for m in merchants) for h in history)
     assert "hr10_sampled" in history[-1]["evaluate"] and "dp-epsilon" in history[-1]["evaluate"]
+    # each model's evaluation came with the next round's training replies, the last one's on its own
+    assert [h.get("evaluated_with") for h in history] == [1, 2, None]
+    assert all("hr10_sampled" in h["evaluate"] and "evaluation_pending" not in h for h in history)
     model = load_npz(out / "model" / "global_model.npz")
     assert model["ad_factors"].shape == (cfg.synthetic_ads, cfg.factors)
     np.testing.assert_array_equal(model["ad_factors"], load_npz(out / "checkpoints" / "round-0002.npz")["ad_factors"])

@@ -78,6 +78,21 @@ def test_a_training_message_that_carries_the_evaluation_spends_what_both_message
     assert _ledger(tmp_path / "carried")["rounds_trained"] == both["rounds_trained"] + 1
 
 
+def test_a_refused_carried_evaluation_leaves_the_training_as_a_refused_evaluate_message_would(tmp_path, monkeypatch):
+    from client.privacy.ledger import PrivacyRefusal
+    from client.privacy.plan import UserLevelPlan
+
+    def refuse(*args, **kwargs):
+        raise PrivacyRefusal("no metrics left in the plan")
+
+    monkeypatch.setattr(UserLevelPlan, "release_metrics", refuse)
+    cfg = small_run_config(tmp_path, privacy="user", **{"num-rounds": 3})
+    arrays = init_global_arrays(simulated_node(cfg, 0).data.split.num_ads, cfg.factors, cfg.seed)
+    reply = client_call("train", cfg, arrays, server_round=1, evaluate_first=True)
+    assert not reply.has_error() and EVALUATION not in reply.content.metric_records
+    assert from_array_record(reply.content["arrays"]) and _ledger(tmp_path)["rounds_trained"] == 1
+
+
 def test_a_resumed_run_gets_the_recorded_release(tmp_path):
     """The resumed server's instruction differs from the original only in its bookkeeping
     (resume, where it writes): the merchant answers it with what it released before."""
