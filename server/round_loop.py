@@ -241,6 +241,18 @@ class RoundLoop:
         record["evaluate"] = plain_metrics(self.strategy.aggregate_evaluate(record["round"], kept))
         record.pop(EVALUATION_PENDING, None)
 
+    def _fill_carried_evaluation(self, record: dict[str, Any], carried: list[Message], round_log: RoundLog, server_round: int) -> None:
+        """`record` (the previous round's) filled with the evaluations round `server_round`'s
+        training replies carried; a merchant asked whose reply carried none is named, with its
+        training reply's refusal or failure where it had one."""
+        carried_log = RoundLog()
+        answered = {client_name(msg) for msg in carried}
+        for name in round_log.asked:
+            if name not in answered:
+                carried_log.failed[name] = round_log.refused.get(name) or round_log.failed.get(name) or "no evaluation in its reply"
+        self._fill_evaluation(record, carried, carried_log, server_round)
+        record[EVALUATED_WITH] = server_round
+
     def _train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> tuple[list[Message], RoundLog, list[Message]]:
         """One round's training exchange, asked again while it is short of its quorum and
         something other than a refusal (which would only be repeated) failed. Also returns the
@@ -343,14 +355,7 @@ class RoundLoop:
                 self._evaluate_pending(pending, arrays, evaluate_config, on_evaluated)
                 return RunOutcome(arrays, server_round - 1, f"round {server_round}: the server's DP budget is spent: {exhausted}")
             if pending is not None:
-                carried_log = RoundLog()
-                carried_log.asked = list(round_log.asked)
-                answered = {client_name(msg) for msg in carried}
-                for name in round_log.asked:
-                    if name not in answered:
-                        carried_log.failed[name] = round_log.refused.get(name) or round_log.failed.get(name) or "no evaluation in its reply"
-                self._fill_evaluation(pending, carried, carried_log, server_round)
-                pending[EVALUATED_WITH] = server_round
+                self._fill_carried_evaluation(pending, carried, round_log, server_round)
                 on_evaluated(pending)
                 pending = None
             valid = sum(not msg.has_error() for msg in kept)
