@@ -116,14 +116,17 @@ def _fit_and_store_users(cfg: RunConfig, node: Node, solver: Solver, arrays: Arr
 
 
 def _train(cfg: RunConfig, node: Node, solver: Solver, plan: PrivacyPlan[Any], arrays: Arrays, server_round: int,
-           release: str) -> TrainReply:
+           release: str, fitted: np.ndarray | None = None) -> TrainReply:
+    """`fitted`: the users' factors against `arrays` that an evaluation of this very model just
+    fit and stored, with the model (_evaluate_then_train): not fit or stored again."""
     rng = _rng(cfg, node, server_round, purpose=0)
-    node.state.save_global_model(arrays, server_round - 1, solver.user_step(), ContentBlend.from_config(cfg))
+    if fitted is None:
+        node.state.save_global_model(arrays, server_round - 1, solver.user_step(), ContentBlend.from_config(cfg))
     if release == POPULARITY:  # counts only: no user step, no model needed
         return plan.release_popularity(node.name, solver, server_round)
     if release != STATISTICS:
         raise ValueError(f"unknown release {release!r}: a training message asks for one of {RELEASES}")
-    user_factors = _fit_and_store_users(cfg, node, solver, arrays, rng)
+    user_factors = fitted if fitted is not None else _fit_and_store_users(cfg, node, solver, arrays, rng)
     return plan.release_update(node.name, solver, arrays, user_factors, rng, server_round)
 
 
@@ -132,20 +135,28 @@ def _evaluate_then_train(cfg: RunConfig, node: Node, solver: Solver, plan: Priva
     """The model this message carries is the previous round's: its evaluation, then this round's
     training from it, in one message (one exchange per round instead of two). An evaluation the
     plan refuses leaves the training as an evaluate message's refusal would: the reply carries none."""
+    evaluation: EvaluateReply | None = None
+    fitted: np.ndarray | None = None
     try:
-        evaluation: EvaluateReply | None = _evaluate(cfg, node, solver, plan, arrays, server_round - 1, release)
+        evaluation, factors = _evaluate_fitting(cfg, node, solver, arrays, server_round - 1, plan)
+        fitted = factors if solver.users_are_a_function_of_the_model else None
     except PrivacyRefusal as refused:
         log.warning("%s refuses the evaluation of round %d: %s", node.name, server_round - 1, refused)
-        evaluation = None
-    return dataclasses.replace(_train(cfg, node, solver, plan, arrays, server_round, release), evaluation=evaluation)
+    return dataclasses.replace(_train(cfg, node, solver, plan, arrays, server_round, release, fitted), evaluation=evaluation)
 
 
 def _evaluate(cfg: RunConfig, node: Node, solver: Solver, plan: PrivacyPlan[Any], arrays: Arrays, server_round: int,
               release: str) -> EvaluateReply:
+    return _evaluate_fitting(cfg, node, solver, arrays, server_round, plan)[0]
+
+
+def _evaluate_fitting(cfg: RunConfig, node: Node, solver: Solver, arrays: Arrays, server_round: int,
+                      plan: PrivacyPlan[Any]) -> tuple[EvaluateReply, np.ndarray]:
+    """The evaluation reply, and the users' factors it fit against `arrays` (stored with it)."""
     blend = ContentBlend.from_config(cfg)
     node.state.save_global_model(arrays, server_round, solver.user_step(), blend)
     user_factors = _fit_and_store_users(cfg, node, solver, arrays, _rng(cfg, node, server_round, purpose=1))
-    return plan.release_metrics(node.name, node.data, lambda: node.data.evaluate(arrays, user_factors, blend), server_round)
+    return plan.release_metrics(node.name, node.data, lambda: node.data.evaluate(arrays, user_factors, blend), server_round), user_factors
 
 
 def first_message_imports(cfg: RunConfig) -> tuple[str, ...]:

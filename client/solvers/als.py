@@ -21,6 +21,7 @@ from shared.wire import Arrays
 class ALSSolver(Solver):
     name = "als"
     sends_weight = False
+    users_are_a_function_of_the_model = True  # the exact ridge solve of each user's rows
 
     def __init__(self, cfg: RunConfig, data: NodeData) -> None:
         super().__init__(cfg, data)

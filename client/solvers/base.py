@@ -33,6 +33,9 @@ class Solver(ABC):
     name: ClassVar[str]
     # the user step starts from the factors stored last round (else from its closed form)
     warm_starts_users: ClassVar[bool] = False
+    # fit_users is a function of the shard and the model alone (no rng, no stored factors): fit
+    # twice against the same model, the same factors
+    users_are_a_function_of_the_model: ClassVar[bool] = False
     # the server averages its updates weighted by users (FedAvg), or sums them (ALS: no weight is sent)
     sends_weight: ClassVar[bool] = True
 
