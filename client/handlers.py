@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import Context, Message, MessageType
 
 from client.node_data import Node, load_node
 from client.privacy.ledger import PrivacyLedger, PrivacyRefusal
@@ -54,7 +54,7 @@ Step = Callable[[RunConfig, Node, Solver, "PrivacyPlan[Any]", Arrays, int, str],
 
 
 def train(msg: Message, context: Context) -> Message:
-    return _handle(msg, context, _evaluate_then_train if evaluates_first(msg) else _train)
+    return _handle(msg, context, _train)
 
 
 def evaluate(msg: Message, context: Context) -> Message:
@@ -76,10 +76,11 @@ def _handle(msg: Message, context: Context, step: Step) -> Message:
         release = requested_release(msg)
         check_global_arrays(arrays, global_shapes(cfg, node.data.num_ads))
         threshold = secure_threshold(context)  # set by the node's own SecAgg+ mod, never by a message
+        carries = msg.metadata.message_type == MessageType.TRAIN and evaluates_first(msg)
         # read, check, release and record as one: the SuperNode may run this node's messages at once
         with PrivacyLedger.lock(node.state.directory):
             record = ReleaseRecord(node.state.directory, msg.metadata.message_type)
-            kind = f"{msg.metadata.message_type}/{release}" + ("+evaluation" if evaluates_first(msg) else "")
+            kind = f"{msg.metadata.message_type}/{release}" + ("+evaluation" if carries else "")
             key = release_key(kind, context.run_config, arrays, server_round)
             # a secure release carries a share of the noise: sent again into another sum, the
             # difference of the two sums would show it. Each secure collect is a new release
@@ -89,7 +90,13 @@ def _handle(msg: Message, context: Context, step: Step) -> Message:
             plan = open_plan(cfg, policy, node.data.num_users, node.state.directory)
             if threshold is not None:
                 plan.share_noise(policy.secure_noise_share(threshold))
-            reply = step(cfg, node, solver_for(cfg, node.data), plan, arrays, server_round, release)
+            solver = solver_for(cfg, node.data)
+            reply: TrainReply | EvaluateReply
+            if carries:  # the previous round's model's evaluation first (carry-evaluation), then training from it
+                evaluation, fitted = _carried_evaluation(cfg, node, solver, plan, arrays, server_round - 1, context.run_config)
+                reply = dataclasses.replace(_train(cfg, node, solver, plan, arrays, server_round, release, fitted), evaluation=evaluation)
+            else:
+                reply = step(cfg, node, solver, plan, arrays, server_round, release)
             if threshold is None:
                 if isinstance(reply, TrainReply):
                     record.save(key, reply.recorded_metrics(), reply.arrays)
@@ -130,19 +137,25 @@ def _train(cfg: RunConfig, node: Node, solver: Solver, plan: PrivacyPlan[Any], a
     return plan.release_update(node.name, solver, arrays, user_factors, rng, server_round)
 
 
-def _evaluate_then_train(cfg: RunConfig, node: Node, solver: Solver, plan: PrivacyPlan[Any], arrays: Arrays, server_round: int,
-                         release: str) -> TrainReply:
-    """The model this message carries is the previous round's: its evaluation, then this round's
-    training from it, in one message (one exchange per round instead of two). An evaluation the
-    plan refuses leaves the training as an evaluate message's refusal would: the reply carries none."""
-    evaluation: EvaluateReply | None = None
-    fitted: np.ndarray | None = None
+def _carried_evaluation(cfg: RunConfig, node: Node, solver: Solver, plan: PrivacyPlan[Any], arrays: Arrays, model_round: int,
+                        run_config: dict[str, Any]) -> tuple[EvaluateReply | None, np.ndarray | None]:
+    """The reply an evaluate message of round `model_round` with `arrays` would get, recorded as
+    that message's release as soon as it is made: a training step that then refuses or fails, the
+    same message again, or an evaluate message of that round (a resume with carry-evaluation now
+    off) gets it again, no new budget spent. Also the users' factors it fit, where the training
+    step may take them (an exact user step: the same ones again). None where the plan refuses it:
+    the training goes on, as a refused evaluate message left it."""
+    record = ReleaseRecord(node.state.directory, MessageType.EVALUATE)
+    key = release_key(f"{MessageType.EVALUATE}/{STATISTICS}", run_config, arrays, model_round)
+    if (recorded := record.load(key)) is not None:
+        return EvaluateReply.from_metrics(node.name, recorded.metrics), None
     try:
-        evaluation, factors = _evaluate_fitting(cfg, node, solver, arrays, server_round - 1, plan)
-        fitted = factors if solver.users_are_a_function_of_the_model else None
+        evaluation, factors = _evaluate_fitting(cfg, node, solver, arrays, model_round, plan)
     except PrivacyRefusal as refused:
-        log.warning("%s refuses the evaluation of round %d: %s", node.name, server_round - 1, refused)
-    return dataclasses.replace(_train(cfg, node, solver, plan, arrays, server_round, release, fitted), evaluation=evaluation)
+        log.warning("%s refuses the evaluation of round %d: %s", node.name, model_round, refused)
+        return None, None
+    record.save(key, evaluation.metric_record(), None)
+    return evaluation, factors if solver.users_are_a_function_of_the_model else None
 
 
 def _evaluate(cfg: RunConfig, node: Node, solver: Solver, plan: PrivacyPlan[Any], arrays: Arrays, server_round: int,

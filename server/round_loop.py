@@ -68,6 +68,29 @@ _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 MAX_REASON_CHARS = 300
 
 
+def awaiting_evaluation(history: list[dict[str, Any]], carry_evaluation: bool) -> dict[str, Any] | None:
+    """The last record of a run's history if its model's evaluation is still to be asked for:
+    pending, or (carrying) filled by the next round's messages in a run that did not get past that
+    round (short of its quorum, or stopped before its checkpoint). That round's messages then ask
+    again, the same question, and the merchants answer with the releases they recorded."""
+    if not history:
+        return None
+    last = history[-1]
+    if EVALUATION_PENDING in last or (carry_evaluation and last.get(EVALUATED_WITH) == last["round"] + 1):
+        return last
+    return None
+
+
+def _user_privacy(clients: dict[str, dict[str, float]]) -> dict[str, Any] | None:
+    """A round's user-level privacy from its merchants' reports: the epsilons spent after it."""
+    spent = [m[DP_EPSILON] for m in clients.values() if DP_EPSILON in m]
+    if not spent:
+        return None
+    # an exact release reports epsilon infinite: no DP claim then, whatever the others say
+    level = "user" if all(math.isfinite(e) for e in spent) else "none"
+    return {"level": level, "epsilon_max": max(spent), "epsilon_min": min(spent)}
+
+
 def one_line(reason: str | None) -> str:
     """A failure's reason as one readable line: ANSI colours stripped, a traceback reduced to
     its last line (the exception), and bounded in length."""
@@ -230,6 +253,9 @@ class RoundLoop:
         """`record`'s evaluation from evaluate replies (to round `answering`'s messages): the
         aggregate, each merchant's metrics, and who failed or refused it."""
         kept = self._screen(answering, replies, evaluate_log, check_arrays=False)
+        failed = record["participants"]["failed"]
+        for name in [name for name in failed if name.endswith(" (evaluate)")]:  # asked again (a resume): the new answers
+            del failed[name]
         evaluated = RoundLog()
         for msg in kept:
             if not msg.has_error():
@@ -237,9 +263,13 @@ class RoundLoop:
         for name, metrics in evaluated.clients.items():
             record["clients"].setdefault(name, {}).update(metrics)
         for name, reason in {**evaluate_log.refused, **evaluate_log.failed}.items():
-            record["participants"]["failed"].setdefault(f"{name} (evaluate)", reason)
+            failed.setdefault(f"{name} (evaluate)", reason)
         record["evaluate"] = plain_metrics(self.strategy.aggregate_evaluate(record["round"], kept))
         record.pop(EVALUATION_PENDING, None)
+        # a carried evaluation's release came after the round's record was made (client-level DP:
+        # the server's own account, unchanged)
+        if record.get("privacy", {}).get("level") in ("user", "none"):
+            record["privacy"] = _user_privacy(record["clients"])
 
     def _fill_carried_evaluation(self, record: dict[str, Any], carried: list[Message], round_log: RoundLog, server_round: int) -> None:
         """`record` (the previous round's) filled with the evaluations round `server_round`'s
@@ -391,11 +421,8 @@ class RoundLoop:
             if not self.carry_evaluation:
                 self.evaluate(record, arrays, evaluate_config)
             record["round_seconds"] = time.perf_counter() - started
-            spent = [m[DP_EPSILON] for m in round_log.clients.values() if DP_EPSILON in m]
-            if spent:
-                # an exact release reports epsilon infinite: no DP claim then, whatever the others say
-                level = "user" if all(math.isfinite(e) for e in spent) else "none"
-                record["privacy"] = {"level": level, "epsilon_max": max(spent), "epsilon_min": min(spent)}
+            if (privacy := _user_privacy(round_log.clients)) is not None:
+                record["privacy"] = privacy
             if (server_epsilon := privacy_spent()) is not None:
                 record["privacy"] = {"level": "client", "epsilon_max": server_epsilon}
             if round_log.refused:

@@ -18,7 +18,7 @@ from server.als_aggregation import ALSAggregation
 from server.checkpoint import Checkpointer, RunStatus, catalog_identity, check_resume_catalog, check_resume_config, exclusive_output
 from server.probes import probe, write_probes
 from server.prompt_grid import PromptGrid
-from server.round_loop import EVALUATION_PENDING, RoundLog, RoundLoop, RunEndedShort, one_line
+from server.round_loop import EVALUATION_PENDING, RoundLog, RoundLoop, RunEndedShort, awaiting_evaluation, one_line
 from server.secure_round import SecureTraining
 from server.strategies import build_strategy
 from shared.als import ALSSettings
@@ -115,7 +115,7 @@ def _run(cfg: RunConfig, grid: Grid, context: Context, checkpointer: Checkpointe
         to_array_record(arrays), first_round=done + 1, last_round=cfg.num_rounds,
         train_config=ConfigRecord(), evaluate_config=ConfigRecord(),
         on_round_end=on_round_end, privacy_spent=privacy_spent,
-        pending=history[-1] if history and EVALUATION_PENDING in history[-1] else None, on_evaluated=on_evaluated,
+        pending=awaiting_evaluation(history, loop.carry_evaluation), on_evaluated=on_evaluated,
     )
     completed = history[-1]["round"]
     path = checkpointer.export_model(

@@ -278,6 +278,9 @@ class RunConfig(BaseModel):
         if self.als_gram == "sparse" and self.privacy == "user":
             raise ValueError("als-gram 'sparse' sends which ads a merchant's users touched, itself private: under privacy "
                              "'user' use 'shared' or 'per-ad' (dense releases)")
+        if self.carry_evaluation and self.fraction_train < 1:
+            raise ValueError("carry-evaluation evaluates a model on the merchants the next round samples for training: with "
+                             "fraction-train < 1 the others would go unevaluated; evaluate apart (carry-evaluation = false)")
         if self.carry_evaluation and self.secure_aggregation:
             raise ValueError("carry-evaluation adds the evaluation to a training message; under secure-aggregation training is "
                              "four messages of the protocol: evaluate on its own (carry-evaluation = false)")

@@ -279,7 +279,8 @@ def recorded_reply(reply_to: Message, client: str, metrics: dict[str, float], ar
 
 def evaluates_first(msg: Message) -> bool:
     """Whether a training message asks for the evaluation of the model it carries (EVALUATE_FIRST)."""
-    return bool(msg.content.config_records[CONFIG].get(EVALUATE_FIRST, False))
+    config = msg.content.config_records.get(CONFIG)
+    return bool(config and config.get(EVALUATE_FIRST, False))
 
 
 def split_evaluation(reply: Message) -> tuple[Message, Message | None]:
@@ -351,11 +352,15 @@ class EvaluateReply:
 
     @classmethod
     def from_message(cls, msg: Message) -> EvaluateReply:
-        metrics = plain_metrics(msg.content.metric_records[METRICS])
+        return cls.from_metrics(client_name(msg), plain_metrics(msg.content.metric_records[METRICS]))
+
+    @classmethod
+    def from_metrics(cls, client: str, metrics: dict[str, float]) -> EvaluateReply:
+        """The reply whose metric_record() is `metrics`."""
         popularity = {k.removeprefix(MERCHANT_POP_PREFIX): v for k, v in metrics.items() if k.startswith(MERCHANT_POP_PREFIX)}
         own = {k: v for k, v in metrics.items()
                if not k.startswith(MERCHANT_POP_PREFIX) and k not in (NUM_EXAMPLES, DP_EPSILON, DP_NOISE_MULTIPLIER)}
-        return cls(client_name(msg), metrics.get(NUM_EXAMPLES, 0.0), own, popularity, PrivacyReport.from_metrics(metrics))
+        return cls(client, metrics.get(NUM_EXAMPLES, 0.0), own, popularity, PrivacyReport.from_metrics(metrics))
 
 
 _REFUSED_BY, _FAILED_BY = " refused: ", " could not answer this message"

@@ -52,6 +52,8 @@ def test_run_config_errors_name_the_key_and_the_source():
         RunConfig.from_flower({"privacy": "client"})
     with pytest.raises(ConfigError, match="carry-evaluation adds the evaluation to a training message"):
         RunConfig.from_flower({"carry-evaluation": True, "secure-aggregation": True})
+    with pytest.raises(ConfigError, match="with fraction-train < 1 the others would go unevaluated"):
+        RunConfig.from_flower({"carry-evaluation": True, "fraction-train": 0.5})
 
 
 def test_with_values_revalidates():

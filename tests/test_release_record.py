@@ -93,6 +93,34 @@ def test_a_refused_carried_evaluation_leaves_the_training_as_a_refused_evaluate_
     assert from_array_record(reply.content["arrays"]) and _ledger(tmp_path)["rounds_trained"] == 1
 
 
+def test_a_carried_evaluation_is_recorded_as_the_evaluate_message_s_release(tmp_path, monkeypatch):
+    """Made first, the evaluation is recorded at once as an evaluate message's release: training
+    that then refuses (or fails) leaves it spent but recorded, so the same message again, or an
+    evaluate message of that round (a resume with carry-evaluation off), spends nothing new."""
+    from client.privacy.ledger import PrivacyRefusal
+    from client.privacy.private_als import PrivateALS
+
+    cfg = small_run_config(tmp_path, privacy="user", **{"num-rounds": 3})
+    arrays = init_global_arrays(simulated_node(cfg, 0).data.split.num_ads, cfg.factors, cfg.seed)
+
+    def refuse(*args, **kwargs):
+        raise PrivacyRefusal("no training today")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(PrivateALS, "release_update", refuse)
+        patched.setattr(PrivateALS, "release_popularity", refuse)
+        refused = client_call("train", cfg, arrays, server_round=1, evaluate_first=True)
+        assert refused.has_error() and "no training today" in refused.error.reason
+        spent = _ledger(tmp_path)
+        assert client_call("train", cfg, arrays, server_round=1, evaluate_first=True).has_error()
+        assert _ledger(tmp_path) == spent  # the evaluation was not released again
+    separate = client_call("evaluate", cfg, arrays, server_round=0)
+    assert _ledger(tmp_path) == spent
+    trained = client_call("train", cfg, arrays, server_round=1, evaluate_first=True)  # training allowed again
+    assert plain_metrics(trained.content.metric_records[EVALUATION]) == plain_metrics(separate.content.metric_records[METRICS])
+    assert _ledger(tmp_path)["rounds_trained"] == spent["rounds_trained"] + 1
+
+
 def test_a_resumed_run_gets_the_recorded_release(tmp_path):
     """The resumed server's instruction differs from the original only in its bookkeeping
     (resume, where it writes): the merchant answers it with what it released before."""

@@ -11,7 +11,16 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from server.round_loop import EVALUATED_WITH, EVALUATION_PENDING, TEST_USERS, TRAIN_USERS, RoundLog, RoundLoop, one_line
+from server.round_loop import (
+    EVALUATED_WITH,
+    EVALUATION_PENDING,
+    TEST_USERS,
+    TRAIN_USERS,
+    RoundLog,
+    RoundLoop,
+    awaiting_evaluation,
+    one_line,
+)
 from shared.params import init_global_arrays, mf_shapes
 from shared.wire import (
     ARRAYS,
@@ -20,6 +29,7 @@ from shared.wire import (
     SERVER_ROUND,
     Arrays,
     EvaluateReply,
+    PrivacyReport,
     TrainReply,
     evaluates_first,
     from_array_record,
@@ -206,32 +216,38 @@ class _MerchantsGrid:
     `c_refuses_from` on. Each merchant's metric is the model's first factor, so a record's
     evaluation names the model it evaluated."""
 
-    def __init__(self, c_refuses_from: int = 99) -> None:
+    def __init__(self, c_refuses_from: int = 99, silent_in: tuple[int, ...] = ()) -> None:
         self.exchanges: list[str] = []
         self.c_refuses_from = c_refuses_from
+        self.silent_in = silent_in  # rounds whose training messages nobody answers
 
     def send_and_receive(self, messages: Iterable[Message], timeout: float) -> list[Message]:
         messages = list(messages)
         self.exchanges.append(messages[0].metadata.message_type + ("+evaluation" if evaluates_first(messages[0]) else ""))
-        replies = []
+        replies: list[Message] = []
         for msg in messages:
             name, server_round = "abc"[msg.metadata.dst_node_id - 1], msg.content[CONFIG][SERVER_ROUND]
+            if msg.metadata.message_type == "train" and server_round in self.silent_in:
+                continue
             if name == "c" and server_round >= self.c_refuses_from:
                 replies.append(refusal(msg, name, "privacy budget exhausted"))
                 continue
             arrays = from_array_record(msg.content[ARRAYS])
-            evaluation = EvaluateReply(name, 10.0, {"ndcg": float(arrays["ad_factors"][0, 0])})
+            # epsilon after a round's training: the round; after its model's evaluation, half more
+            model_round = server_round if msg.metadata.message_type == "evaluate" else server_round - 1
+            evaluation = EvaluateReply(name, 10.0, {"ndcg": float(arrays["ad_factors"][0, 0])}, privacy=PrivacyReport(model_round + 0.5, 1.0))
             if msg.metadata.message_type == "evaluate":
                 replies.append(evaluation.to_message(msg))
                 continue
             trained = {key: value + 1.0 for key, value in arrays.items()}  # each round's model: one more than the last
             carried = evaluation if evaluates_first(msg) else None
-            replies.append(TrainReply(name, trained, 10.0, {"train-loss": 0.1}, evaluation=carried).to_message(msg))
+            replies.append(TrainReply(name, trained, 10.0, {"train-loss": 0.1}, privacy=PrivacyReport(float(server_round), 1.0),
+                                      evaluation=carried).to_message(msg))
         return replies
 
 
-def _carried_run(grid: _MerchantsGrid, carry: bool, pending: dict | None = None):  # type: ignore[no-untyped-def]
-    loop = RoundLoop(_EvaluatingStrategy(), grid, mf_shapes(NUM_ADS, DIM), timeout=5, carry_evaluation=carry)  # type: ignore[arg-type]
+def _carried_run(grid: _MerchantsGrid, carry: bool, pending: dict | None = None, first: int = 1):  # type: ignore[no-untyped-def]
+    loop = RoundLoop(_EvaluatingStrategy(), grid, mf_shapes(NUM_ADS, DIM), timeout=5, carry_evaluation=carry, min_replies=2)  # type: ignore[arg-type]
     ended: list[tuple[int, bool]] = []  # (round, its evaluation was pending) at each checkpoint
     evaluated: list[int] = []
     records: list[dict] = []
@@ -241,7 +257,7 @@ def _carried_run(grid: _MerchantsGrid, carry: bool, pending: dict | None = None)
         records.append(record)
 
     start = to_array_record(init_global_arrays(NUM_ADS, DIM, seed=0))
-    outcome = loop.run(start, 1, 2, ConfigRecord(), ConfigRecord(), on_round_end=on_round_end, pending=pending,
+    outcome = loop.run(start, first, 2, ConfigRecord(), ConfigRecord(), on_round_end=on_round_end, pending=pending,
                        on_evaluated=lambda record: evaluated.append(record["round"]))
     return outcome, records, ended, evaluated
 
@@ -271,8 +287,9 @@ def test_a_merchant_that_refuses_a_carrying_message_is_named_in_the_evaluation_i
     grid = _MerchantsGrid(c_refuses_from=2)
     initial = {"round": 0, "train": {}, "evaluate": {}, "clients": {}, "participants": RoundLog().participants(), EVALUATION_PENDING: True}
     _, records, _, _ = _carried_run(grid, carry=True, pending=initial)
-    assert set(records[0]["clients"]["a"]) == {"train-loss", TRAIN_USERS, "ndcg", TEST_USERS}
-    assert set(records[0]["clients"]["c"]) == {"train-loss", TRAIN_USERS}  # trained in round 1, refused round 2's message
+    privacy = {"dp-epsilon", "dp-noise-multiplier"}
+    assert set(records[0]["clients"]["a"]) == {"train-loss", TRAIN_USERS, "ndcg", TEST_USERS} | privacy
+    assert set(records[0]["clients"]["c"]) == {"train-loss", TRAIN_USERS} | privacy  # trained in round 1, refused round 2's message
     assert records[0]["participants"]["failed"] == {"c (evaluate)": "c refused: privacy budget exhausted"}
     assert records[1]["participants"]["refused"] == {"c": "c refused: privacy budget exhausted"}
 
@@ -284,3 +301,32 @@ def test_a_pending_evaluation_without_carrying_gets_an_exchange_of_its_own_first
     _, _, _, evaluated = _carried_run(grid, carry=False, pending=pending)
     assert grid.exchanges == ["evaluate", "train", "evaluate", "train", "evaluate"] and evaluated == [0]
     assert "ndcg" in pending["evaluate"] and EVALUATION_PENDING not in pending
+
+
+def test_a_carried_evaluation_counts_in_its_round_s_epsilon_as_an_evaluation_apart_does():
+    _, apart, _, _ = _carried_run(_MerchantsGrid(), carry=False)
+    initial = {"round": 0, "train": {}, "evaluate": {}, "clients": {}, "participants": RoundLog().participants(), EVALUATION_PENDING: True}
+    _, carried, _, _ = _carried_run(_MerchantsGrid(), carry=True, pending=initial)
+    assert [r["privacy"]["epsilon_max"] for r in apart] == [1.5, 2.5]
+    assert [r["privacy"] for r in carried] == [r["privacy"] for r in apart]
+    assert "privacy" not in initial  # round 0, as apart: no training, no round epsilon
+
+
+def test_a_round_short_of_its_quorum_leaves_the_evaluation_it_carried_to_be_asked_again():
+    """Round 2's training fails its quorum: round 1's record holds what came, but a resume must
+    send round 2's question again (the merchants answer it from their records, no new budget):
+    awaiting_evaluation gives that record back, and the resumed run fills it anew."""
+    initial = {"round": 0, "train": {}, "evaluate": {}, "clients": {}, "participants": RoundLog().participants(), EVALUATION_PENDING: True}
+    history = [initial]
+    outcome, records, _, _ = _carried_run(_MerchantsGrid(silent_in=(2,)), carry=True, pending=initial)
+    history += records
+    assert outcome.last_round == 1 and outcome.short_reason is not None
+    assert records[0][EVALUATED_WITH] == 2 and set(records[0]["participants"]["failed"]) == {"a (evaluate)", "b (evaluate)", "c (evaluate)"}
+    assert awaiting_evaluation(history, carry_evaluation=True) is records[0]
+    assert awaiting_evaluation(history, carry_evaluation=False) is None  # evaluated apart next time: no question to repeat
+    resumed = _MerchantsGrid()
+    _, _, _, evaluated = _carried_run(resumed, carry=True, pending=records[0], first=2)
+    assert resumed.exchanges == ["train+evaluation", "evaluate"] and evaluated == [1, 2]
+    assert records[0]["participants"]["failed"] == {} and "ndcg" in records[0]["evaluate"]
+    # a completed run's last record was evaluated apart: nothing to ask again
+    assert awaiting_evaluation([{"round": 3, "evaluate": {"ndcg": 1.0}}], carry_evaluation=True) is None
