@@ -9,6 +9,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import FedAvg
 
 from server.round_loop import (
@@ -330,3 +331,46 @@ def test_a_round_short_of_its_quorum_leaves_the_evaluation_it_carried_to_be_aske
     assert records[0]["participants"]["failed"] == {} and "ndcg" in records[0]["evaluate"]
     # a completed run's last record was evaluated apart: nothing to ask again
     assert awaiting_evaluation([{"round": 3, "evaluate": {"ndcg": 1.0}}], carry_evaluation=True) is None
+
+
+class _BudgetedStrategy(_EvaluatingStrategy):
+    """Client-level DP's server budget, spent after round 1: configure_train raises from round 2 on."""
+
+    def configure_train(self, server_round, arrays, config, grid) -> Iterable[Message]:  # type: ignore[no-untyped-def, override]
+        if server_round >= 2:
+            raise PrivacyBudgetExhausted("the server's epsilon is spent")
+        return super().configure_train(server_round, arrays, config, grid)
+
+
+def test_a_server_out_of_budget_evaluates_the_model_whose_evaluation_was_to_be_carried():
+    grid = _MerchantsGrid()
+    loop = RoundLoop(_BudgetedStrategy(), grid, mf_shapes(NUM_ADS, DIM), timeout=5, carry_evaluation=True)  # type: ignore[arg-type]
+    records: list[dict] = []
+    evaluated: list[int] = []
+    outcome = loop.run(to_array_record(init_global_arrays(NUM_ADS, DIM, seed=0)), 1, 3, ConfigRecord(), ConfigRecord(),
+                       on_round_end=lambda r, arrays, record: records.append(record), on_evaluated=lambda record: evaluated.append(record["round"]))
+    assert outcome.last_round == 1 and "DP budget is spent" in (outcome.short_reason or "")
+    assert grid.exchanges == ["train", "evaluate"] and evaluated == [1]  # round 1's model, in an exchange of its own
+    assert "ndcg" in records[0]["evaluate"] and EVALUATION_PENDING not in records[0] and EVALUATED_WITH not in records[0]
+
+
+def test_a_retried_round_fills_the_evaluation_with_each_merchant_s_latest_carried_reply():
+    """Round 2 short of its quorum at first (only "a" answers), asked again: the record of round 1
+    holds every merchant's evaluation, "a"'s from either attempt (the same recorded release)."""
+
+    class _FirstAttemptShort(_MerchantsGrid):
+        def send_and_receive(self, messages: Iterable[Message], timeout: float) -> list[Message]:
+            replies = super().send_and_receive(messages, timeout)
+            if len(self.exchanges) == 2:  # round 2's first attempt
+                return replies[:1]
+            return replies
+
+    grid = _FirstAttemptShort()
+    loop = RoundLoop(_EvaluatingStrategy(), grid, mf_shapes(NUM_ADS, DIM), timeout=5, carry_evaluation=True,  # type: ignore[arg-type]
+                     min_replies=2, retries=1)
+    records: list[dict] = []
+    outcome = loop.run(to_array_record(init_global_arrays(NUM_ADS, DIM, seed=0)), 1, 2, ConfigRecord(), ConfigRecord(),
+                       on_round_end=lambda r, arrays, record: records.append(record))
+    assert outcome.short_reason is None and grid.exchanges == ["train", "train+evaluation", "train+evaluation", "evaluate"]
+    assert sorted(records[0]["clients"]) == ["a", "b", "c"] and all("ndcg" in m for m in records[0]["clients"].values())
+    assert records[0]["participants"]["failed"] == {} and records[0][EVALUATED_WITH] == 2
