@@ -80,7 +80,7 @@ def _handle(msg: Message, context: Context, step: Step) -> Message:
         # read, check, release and record as one: the SuperNode may run this node's messages at once
         with PrivacyLedger.lock(node.state.directory):
             record = ReleaseRecord(node.state.directory, msg.metadata.message_type)
-            kind = f"{msg.metadata.message_type}/{release}" + ("+evaluation" if carries else "")
+            kind = _release_kind(msg.metadata.message_type, release) + ("+evaluation" if carries else "")
             key = release_key(kind, context.run_config, arrays, server_round)
             # a secure release carries a share of the noise: sent again into another sum, the
             # difference of the two sums would show it. Each secure collect is a new release
@@ -111,6 +111,11 @@ def _handle(msg: Message, context: Context, step: Step) -> Message:
     return reply.to_message(msg)
 
 
+def _release_kind(message_type: str, release: str) -> str:
+    """What a message asks for, as its release record keys it (an evaluate message: "statistics")."""
+    return f"{message_type}/{release}"
+
+
 def _rng(cfg: RunConfig, node: Node, server_round: int, purpose: int) -> np.random.Generator:
     return np.random.default_rng([cfg.seed, server_round, purpose, zlib.crc32(node.name.encode())])
 
@@ -125,7 +130,7 @@ def _fit_and_store_users(cfg: RunConfig, node: Node, solver: Solver, arrays: Arr
 def _train(cfg: RunConfig, node: Node, solver: Solver, plan: PrivacyPlan[Any], arrays: Arrays, server_round: int,
            release: str, fitted: np.ndarray | None = None) -> TrainReply:
     """`fitted`: the users' factors against `arrays` that an evaluation of this very model just
-    fit and stored, with the model (_evaluate_then_train): not fit or stored again."""
+    fit and stored, with the model (_carried_evaluation): not fit or stored again."""
     rng = _rng(cfg, node, server_round, purpose=0)
     if fitted is None:
         node.state.save_global_model(arrays, server_round - 1, solver.user_step(), ContentBlend.from_config(cfg))
@@ -146,7 +151,7 @@ def _carried_evaluation(cfg: RunConfig, node: Node, solver: Solver, plan: Privac
     step may take them (an exact user step: the same ones again). None where the plan refuses it:
     the training goes on, as a refused evaluate message left it."""
     record = ReleaseRecord(node.state.directory, MessageType.EVALUATE)
-    key = release_key(f"{MessageType.EVALUATE}/{STATISTICS}", run_config, arrays, model_round)
+    key = release_key(_release_kind(MessageType.EVALUATE, STATISTICS), run_config, arrays, model_round)
     if (recorded := record.load(key)) is not None:
         return EvaluateReply.from_metrics(node.name, recorded.metrics), None
     try:

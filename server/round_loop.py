@@ -363,9 +363,8 @@ class RoundLoop:
         stops short at a round without its quorum (or past the server's DP budget). `pending`:
         the record of round first_round - 1 if its model (`arrays`) awaits its evaluation; each
         record filled after its `on_round_end` goes to `on_evaluated`."""
-        if pending is not None and not self.carry_evaluation:  # e.g. a resume with carry-evaluation now off
-            self.evaluate(pending, arrays, evaluate_config)
-            on_evaluated(pending)
+        if not self.carry_evaluation:  # e.g. a resume with carry-evaluation now off
+            self._evaluate_pending(pending, arrays, evaluate_config, on_evaluated)
             pending = None
         for server_round in range(first_round, last_round + 1):
             started = time.perf_counter()
