@@ -4,7 +4,7 @@
         --private-key merchant-a.key --merchant-id merchant-a \\
         --data-path /srv/merchant-a/interactions.csv --state-dir /srv/merchant-a/fedads-state \\
         [--catalog-path /srv/merchant-a/catalog.csv] [--runtime-port 9094] [--trusted-entities publishers.yaml] \\
-        [--clientapp-threads 4]
+        [--clientapp-threads 4] [--clientapp-isolation shared|process]
 
     python -m deploy.merchant --superlink ... --root-certificates ca.crt --private-key merchant-a.key \
         --node-config /srv/merchant-a/node-config.toml
@@ -28,6 +28,11 @@ none, so a pinned SuperNode refuses it (docs/DEPLOYMENT.md, "Which code a mercha
 `--clientapp-threads N`: the threads each ClientApp's numerical libraries may use (default: the
 libraries' own, one per core unless the environment says otherwise). Set it where the SuperNode
 shares its machine, e.g. the cores divided by the SuperNodes on it (deploy.supernode).
+
+`--clientapp-isolation`: `shared` (the default) runs each message's ClientApp in the SuperNode's
+warm process, one after another (the app loaded once, no process per message: a deployed round
+about a fifth shorter, docs/BENCHMARKS.md "Deployment"); `process` forks a process for each
+message, Flower's isolation (a message's app state, or a crash, cannot reach the next one).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from deploy.processes import positive_int
 from deploy.superlink import BIN, tool_env
+from deploy.warm_clientapp import ISOLATIONS
 from shared.config import ConfigError
 from shared.node_config import NodeConfig
 
@@ -59,14 +65,18 @@ def supernode_command(
     bin_dir: Path = BIN,
     trusted_entities: str | Path | None = None,
     clientapp_threads: int | None = None,
+    clientapp_isolation: str | None = None,
 ) -> list[str]:
     """`root_certificates=None` gives a plain-HTTP SuperNode (only to show it is refused);
     `trusted_entities`: the publishers whose signed FABs alone it runs (module docstring);
-    `clientapp_threads`: each ClientApp's numerical libraries' threads (None: the libraries' defaults)."""
+    `clientapp_threads`: each ClientApp's numerical libraries' threads (None: the libraries' defaults);
+    `clientapp_isolation`: "shared" or "process" (deploy.supernode; None: its default, shared)."""
     # Flower's flower-supernode, run by deploy.supernode: no idle waits, a warm ClientApp start
     command = [str(bin_dir / "python"), "-m", "deploy.supernode", "--superlink", superlink]
     if clientapp_threads is not None:
         command += ["--clientapp-threads", str(clientapp_threads)]
+    if clientapp_isolation is not None:
+        command += ["--clientapp-isolation", clientapp_isolation]
     command += ["--insecure"] if root_certificates is None else ["--root-certificates", str(root_certificates)]
     if private_key is not None:
         command += ["--auth-supernode-private-key", str(private_key)]
@@ -141,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="YAML of publisher key ids -> ssh-ed25519 public keys: run only FABs they signed")
     parser.add_argument("--clientapp-threads", type=positive_int,
                         help="threads each ClientApp's numerical libraries may use (default: the libraries' own)")
+    parser.add_argument("--clientapp-isolation", choices=ISOLATIONS,
+                        help="shared (default): each message's ClientApp runs in the warm process; process: one process per message")
     args = parser.parse_args(argv)
     for path in (args.root_certificates, args.private_key, args.data_path, args.catalog_path, args.node_config, args.trusted_entities):
         if path is not None and not path.is_file():
@@ -153,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     trusted = args.trusted_entities.resolve() if args.trusted_entities is not None else None
     command = supernode_command(args.superlink, args.root_certificates.resolve(), args.private_key.resolve(), config_file,
-                                args.runtime_port, trusted_entities=trusted, clientapp_threads=args.clientapp_threads)
+                                args.runtime_port, trusted_entities=trusted, clientapp_threads=args.clientapp_threads,
+                                clientapp_isolation=args.clientapp_isolation)
     print(" ".join(command), flush=True)
     os.execve(command[0], command, tool_env(args.flwr_home))
 

@@ -16,11 +16,12 @@ scientific stack first: about 13 s of a deployed round's 23-26 s on MovieLens-10
 - its SuperExec (deploy.superexec, through a `flower-superexec` shim first on PATH) is woken
   by this process the moment a message is stored, instead of looking for work every
   FLWR_SUPEREXEC_TASK_POLL_INTERVAL (Flower's setting, 1 s by default, still the fallback);
-- the SuperExec hands each ClientApp run to deploy.warm_clientapp's warm process, which forks
-  it from a process that has Flower's runtime and the app imported (each message still gets its
-  own process; the app's code still comes from the received FAB, unpacked once per FAB rather
-  than once per message); `flwr-clientapp` on PATH resolves to a shim that does the same, for
-  when the SuperExec cannot reach the warm process.
+- the SuperExec hands each ClientApp run to deploy.warm_clientapp's warm process, which has
+  Flower's runtime and the app imported and runs it there, one message after another, as
+  Flower's simulation runs a ClientApp (`--clientapp-isolation process`: forked from it, each
+  message in a process of its own, as Flower isolates them); the app's code still comes from the
+  received FAB, unpacked once per FAB rather than once per message; `flwr-clientapp` on PATH
+  resolves to a shim that does the same, for when the SuperExec cannot reach the warm process.
 
 `--clientapp-threads N` (this module's own option, not Flower's): the numerical libraries of
 the ClientApps (OpenBLAS, OpenMP, MKL) use at most N threads each: OMP_NUM_THREADS,
@@ -46,7 +47,7 @@ from pathlib import Path
 
 from deploy import superexec
 from deploy.processes import positive_int, thread_limit
-from deploy.warm_clientapp import SOCKET_ENV, write_shim
+from deploy.warm_clientapp import ISOLATION_ENV, ISOLATIONS, SOCKET_ENV, write_shim
 from shared.flower_internals import (
     notify_stored_messages,
     prompt_object_pulls,
@@ -57,16 +58,18 @@ from shared.flower_internals import (
 )
 
 
-def split_arguments(arguments: list[str]) -> tuple[int | None, list[str]]:
-    """This module's own `--clientapp-threads N` and the arguments left for `flower-supernode`."""
+def split_arguments(arguments: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """This module's own options (`--clientapp-threads N`, `--clientapp-isolation shared|process`)
+    and the arguments left for `flower-supernode`."""
     parser = argparse.ArgumentParser(prog="python -m deploy.supernode", add_help=False, allow_abbrev=False)
     parser.add_argument("--clientapp-threads", type=positive_int)
+    parser.add_argument("--clientapp-isolation", choices=ISOLATIONS, default=ISOLATIONS[0])
     own, flower_arguments = parser.parse_known_args(arguments)
-    return own.clientapp_threads, flower_arguments
+    return own, flower_arguments
 
 
 def main(argv: list[str] | None = None) -> int:
-    clientapp_threads, arguments = split_arguments(sys.argv[1:] if argv is None else argv)
+    own, arguments = split_arguments(sys.argv[1:] if argv is None else argv)
     # a short private path: a Unix socket's path must stay under 108 bytes
     work = Path(tempfile.mkdtemp(prefix="fedads-supernode-"))
     socket_path = work / "warm.sock"
@@ -77,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ[SOCKET_ENV] = str(socket_path)
     os.environ[superexec.WAKEUP_ENV] = str(wakeup_path)
     os.environ["PATH"] = f"{shim_dir}{os.pathsep}{os.environ.get('PATH', '')}"
-    os.environ.update(thread_limit(clientapp_threads))  # before the warm process loads the libraries
+    os.environ.update(thread_limit(own.clientapp_threads))  # before the warm process loads the libraries
+    os.environ[ISOLATION_ENV] = own.clientapp_isolation
     warm = subprocess.Popen(
         [sys.executable, "-m", "deploy.warm_clientapp", "--socket", str(socket_path), "--parent-pid", str(os.getpid()),
          "--remove-folder"],  # the folder goes with the warm process, also when this one is killed

@@ -11,16 +11,26 @@ CLIENTAPP_PRELOAD) and forks it once per message:
   (Python without site-packages: about 20 ms) hands its arguments and its stdin, stdout and
   stderr to the warm process over a Unix socket and exits with the status of the ClientApp run
   for it. If the warm process is not there, it becomes Flower's own `flwr-clientapp`.
-- `serve(socket_path, parent_pid)` is the warm process: for each shim it forks a child that
-  runs Flower's `flwr-clientapp` entry point with the shim's arguments and descriptors. A child
-  is stopped when its shim goes away (SuperExec stopped it), and every child and the warm
-  process itself stop when the SuperNode process that started them is gone, SIGKILL included.
-  A run it cannot fork (no process or memory left for a moment) it answers FALLBACK, and the
-  shim (or the SuperExec's `hand_over`) starts Flower's own ClientApp for it.
+- `serve(socket_path, parent_pid)` is the warm process. By default (ISOLATION_ENV "shared") it
+  runs each shim's ClientApp itself, in its main thread, one after another (a shim that comes
+  meanwhile waits in the listener's backlog): Flower's run_clientapp steps without what ties
+  them to a process of their own (shared.flower_internals.run_clientapp_here), on the shim's
+  standard input, output and error. A forked process costs a message about 25 ms of CPU (the
+  fork, then copy-on-write faults for every page either process touches: CPython writes
+  reference counts) on a machine where three merchants' messages already contend for the cores;
+  the app's state between messages is what it is in Flower's simulation, where one process runs
+  a ClientApp message after message. With "process", or for a run that installs its own
+  dependencies, or one that comes while a forked child still runs, it forks a child that runs
+  Flower's `flwr-clientapp` entry point with the shim's arguments and descriptors, Flower's
+  isolation. A child is stopped when its shim goes away (SuperExec stopped it); a run in the
+  warm process ends when Flower stops its task (SIGINT, from its heartbeat), and every child and
+  the warm process itself stop when the SuperNode process that started them is gone, SIGKILL
+  included, also in the middle of a run (a watching thread). A run it cannot fork (no process
+  or memory left for a moment) it answers FALLBACK, and the shim (or the SuperExec's
+  `hand_over`) starts Flower's own ClientApp for it.
 
-Each message still runs in its own process with fresh state, as Flower's isolation asks, and
-the app's code comes from the FAB the SuperLink sent, never from the merchant's installed
-fedads: a child forgets the modules of this project the warm process itself runs on (this
+The app's code comes from the FAB the SuperLink sent, never from the merchant's installed
+fedads: a run forgets the modules of this project the warm process itself runs on (this
 module and shared.flower_internals) before Flower loads the app, or the FAB's `shared` package
 would resolve to the installed one (`forget_project_modules`). Once a ClientApp of a FAB has
 run, the warm process imports what it imported of the app, from the FAB's installation
@@ -46,16 +56,19 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from shared.flower_internals import (
     CLIENTAPP_COMMAND,
     CLIENTAPP_PRELOAD,
+    clientapp_runs_here,
     install_each_fab_once,
     prompt_object_pulls,
+    run_clientapp_here,
     run_flower_command,
     skip_unsent_telemetry,
 )
@@ -64,6 +77,11 @@ SOCKET_ENV = "FEDADS_WARM_CLIENTAPP"  # the shim finds the warm process's socket
 MAX_REQUEST_BYTES = 65536
 HAND_OVER_SECONDS = 2.0  # the most the SuperExec waits to hand a run over before it starts the shim
 PARENT_CHECK_SECONDS = 0.2
+STOP_GRACE_SECONDS = 5.0  # a stop (SIGTERM, or the parent gone) not through by then ends the process at once
+# how each message's ClientApp runs: "shared" (the default), in the warm process itself, one after
+# another; "process", in a process forked for it, as Flower isolates each message
+ISOLATION_ENV = "FEDADS_CLIENTAPP_ISOLATION"
+ISOLATIONS = ("shared", "process")
 # the warm process's answer when it could not fork the run (no memory or processes left for a
 # moment): the requester starts Flower's own ClientApp for it, as without a warm process
 FALLBACK = b"fallback"
@@ -227,24 +245,27 @@ def _fab_in_use(sha: str, installed: Path) -> None:
         _app.preloaded, _app.switched = None, True
 
 
-def _report_app_modules() -> None:
-    """In a child, after its run: the app modules it imported that the FAB's report does not list
-    yet (a probe imports less than a training message), added to it for the warm process to
-    import (`preload_app`). The report is replaced whole, never left half written."""
+def _report_app_modules(latest: bool = False) -> set[str]:
+    """After a run (in a child, or in the warm process itself): the app modules it imported that
+    the FAB's report does not list yet (a probe imports less than a training message), added to
+    it for the warm process to import (`preload_app`); `latest`: the report is marked the latest
+    even when nothing is added. The report is replaced whole, never left half written. Returns
+    the modules of the FAB this run imported."""
     if _app.in_use is None or _app.records is None:
-        return
+        return set()
     sha, installed = _app.in_use
     target = _app.records / f"{sha}{MODULES_SUFFIX}"
-    # the FAB's modules preloaded here are on its list already: what this child imported is new
+    # the FAB's modules preloaded here are on its list already: what this run imported is new
     imported = _modules_under(installed, _child_imports.names)
     listed = set(target.read_text().split()) if target.is_file() else set()
     if imported <= listed:
-        if _app.switched and listed:  # back to a FAB run before: the warm process takes it up again
+        if (_app.switched or latest) and listed:  # back to a FAB run before: the warm process takes it up again
             os.utime(target)
-        return
+        return imported
     partial = target.with_name(f".{target.name}.{os.getpid()}")
     partial.write_text("\n".join(_parents_first(imported | listed)) + "\n")
     os.replace(partial, target)
+    return imported
 
 
 def preload_app() -> None:
@@ -342,11 +363,116 @@ def _run_child(request: dict[str, object], fds: list[int]) -> None:
             os._exit(code)
 
 
+class Stopped(SystemExit):
+    """The warm process is stopping (SIGTERM, or its SuperNode gone): raised in its main thread,
+    through a ClientApp running there, which then pushes nothing more."""
+
+
+_on_abandon: list[Callable[[], None]] = []  # what an immediate exit still does (the socket's removal)
+
+
+def _abandon() -> None:
+    """A stop not through in STOP_GRACE_SECONDS (a ClientApp run that does not give way, a join
+    on a thread waiting on a gone SuperNode): the process ends at once."""
+    for cleanup in _on_abandon:
+        cleanup()
+    os._exit(1)
+
+
+def _stop(signum: int, frame: object) -> None:
+    timer = threading.Timer(STOP_GRACE_SECONDS, _abandon)
+    timer.daemon = True
+    timer.start()
+    raise Stopped(0)
+
+
+def _run_here(request: dict[str, object], fds: list[int]) -> int:
+    """In the warm process itself: the shim's run of Flower's ClientApp, on the shim's standard
+    input (the task token), output and error and in its working directory, all given back
+    afterwards; returns its exit status. The app's modules stay imported for the next run (the
+    FAB's own: `_fab_in_use`), as in Flower's simulation, where one process runs a ClientApp
+    message after message; a run's state is the message, its Context and the merchant's files."""
+    saved = [os.dup(target) for target in range(3)]
+    saved_stdin, cwd = sys.stdin, os.getcwd()
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        for target, fd in enumerate(fds[:3]):
+            os.dup2(fd, target)
+        for fd in fds:
+            if fd > 2:
+                os.close(fd)
+        fds.clear()
+        sys.stdin = open(0, closefd=False)  # Flower reads the token from it, then closes it
+        os.chdir(str(request["cwd"]))
+        argv = request["argv"]
+        assert isinstance(argv, list)
+        if _app.preloaded is None:  # the warm process's own modules of this project, not the FAB's
+            forget_project_modules()
+        _child_imports.names.clear()
+        sys.meta_path.insert(0, _child_imports)
+        try:
+            return run_clientapp_here([str(arg) for arg in argv])
+        except Stopped:
+            raise
+        except SystemExit as exc:  # the arguments or the token refused, as Flower's process would exit
+            if isinstance(exc.code, str):
+                print(exc.code, file=sys.stderr)
+            return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except Exception:
+            traceback.print_exc()
+            return 1
+        finally:
+            sys.meta_path.remove(_child_imports)
+            try:
+                _after_run_here()
+            except Exception:
+                traceback.print_exc()  # only the next runs' start is slower
+    finally:
+        for fd in fds:
+            os.close(fd)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        for target, fd in enumerate(saved):
+            os.dup2(fd, target)
+            os.close(fd)
+        sys.stdin = saved_stdin
+        os.chdir(cwd)
+
+
+def _after_run_here() -> None:
+    """The FAB a run in this process used is now the one loaded here: its report says so (for
+    the children forked later, `preload_app`), and what the run imported counts as preloaded."""
+    if _app.in_use is None:
+        return
+    imported = _report_app_modules(latest=True)
+    if _app.preloaded == _app.in_use:
+        _app.imported = _app.imported | frozenset(imported)
+    else:
+        _app.preloaded, _app.imported = _app.in_use, frozenset(imported)
+    _app.in_use, _app.switched = None, False
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """A thread of the warm process: when the SuperNode that started it is gone (SIGKILL
+    included), the process stops, also in the middle of a ClientApp run in its main thread, which
+    may wait on that SuperNode: SIGTERM to itself (`_stop`)."""
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_CHECK_SECONDS)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 class WarmServer:
     """The warm process's loop: accept shims, fork a child per shim, report each child's exit."""
 
-    def __init__(self, socket_path: Path, parent_pid: int) -> None:
+    def __init__(self, socket_path: Path, parent_pid: int, isolation: str = "shared") -> None:
+        if isolation not in ISOLATIONS:
+            raise ValueError(f"{ISOLATION_ENV}={isolation!r}: expected one of {', '.join(ISOLATIONS)}")
         self.parent_pid = parent_pid
+        self.isolation = isolation
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         if socket_path.exists():
             socket_path.unlink()
@@ -378,6 +504,16 @@ class WarmServer:
             for fd in fds:
                 os.close(fd)
             conn.close()
+            return
+        argv = request.get("argv") if isinstance(request, dict) else None
+        if (self.isolation == "shared" and not self.children and isinstance(argv, list)
+                and clientapp_runs_here([str(arg) for arg in argv])):
+            status = _run_here(request, fds)  # later shims wait in the listener's backlog meanwhile
+            with conn:
+                try:
+                    conn.sendall(str(status).encode())
+                except OSError:
+                    pass  # its shim is gone: the run's status is Flower's record, not the shim's
             return
         try:
             pid = os.fork()
@@ -471,15 +607,22 @@ def serve(socket_path: Path, parent_pid: int, remove_folder: bool = False) -> No
     """Serve until the parent is gone or SIGTERM; `remove_folder`: then remove the socket's folder
     too (the SuperNode's private folder: it cannot clean up after itself when it is killed)."""
     # SIGTERM (the deployment stopping this SuperNode's group) ends the loop through its finally
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    try:
-        server = WarmServer(socket_path, parent_pid)  # listening before the imports: shims queue up, none falls back
-        preload(socket_path.parent / "installed-fabs")
-        server.serve_forever()
-    finally:  # also when stopped during the imports
+    signal.signal(signal.SIGTERM, _stop)
+
+    def remove() -> None:
         socket_path.unlink(missing_ok=True)
         if remove_folder:
             shutil.rmtree(socket_path.parent, ignore_errors=True)
+
+    _on_abandon.append(remove)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="fedads-parent-watch", daemon=True).start()
+    try:
+        # listening before the imports: shims queue up, none falls back
+        server = WarmServer(socket_path, parent_pid, os.environ.get(ISOLATION_ENV, "shared"))
+        preload(socket_path.parent / "installed-fabs")
+        server.serve_forever()
+    finally:  # also when stopped during the imports
+        remove()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,13 +30,16 @@ shared/) uses only Flower's public `flwr.app`, `flwr.clientapp` and `flwr.server
 from __future__ import annotations
 
 import compileall
+import contextlib
 import functools
 import hashlib
 import importlib
 import inspect
+import io
 import json
 import logging
 import secrets
+import signal
 import subprocess
 import sys
 import threading
@@ -82,6 +85,7 @@ _SECAGG_CONSTANTS = "flwr.common.secure_aggregation.secaggplus_constants"
 _SUPERNODE = "flwr.supernode.start_client_internal"
 _INFLATABLE = "flwr.supercore.inflatable.inflatable_utils"
 _RUN_CLIENTAPP = "flwr.supernode.runtime.run_clientapp"
+_CLIENTAPP_CLI = "flwr.supernode.cli.flwr_clientapp"
 _SUPEREXEC_LOOP = "flwr.supercore.superexec.run_superexec"
 _SUPERLINK_APP = "flwr.superlink.main"
 _SUBPROCESS_EXECUTOR = "flwr.supercore.superexec.executor.subprocess_executor"
@@ -212,7 +216,38 @@ PINNED: tuple[Pinned, ...] = (
     Pinned(_INFLATABLE, "pull_and_inflate_object_from_tree", parameters=("initial_backoff", "backoff_cap")),
     # the ClientApp process unpacks the FAB again for every message (`install_each_fab_once`)
     Pinned(_RUN_CLIENTAPP, "install_from_fab", parameters=("fab_file", "install_dir", "skip_prompt")),
-    Pinned(_RUN_CLIENTAPP, "run_clientapp", source=("install_from_fab(fab.content, skip_prompt=True)",)),
+    # ... and a ClientApp run in the warm process itself (`run_clientapp_here`): run_clientapp's
+    # steps, in its order, by its module's own names (its body is checked for the steps mirrored)
+    Pinned(_RUN_CLIENTAPP, "run_clientapp",
+           source=("install_from_fab(fab.content, skip_prompt=True)",
+                   'RuntimeVersionHttpInterceptor(component_name="flwr-clientapp")', "RuntimeTokenHttpInterceptor(token)",
+                   "heartbeat_sender = HeartbeatSender(make_task_heartbeat_fn_http(client))",
+                   "message, context, run, fab = pull_task_input(client)",
+                   'default_app_ref="",\n            app_path=None,\n            multi_app=True,',
+                   "reply_message = client_app(message=message, context=context)",
+                   "if isinstance(ex, LoadClientAppError):",
+                   "reply_message = Message(Error(code=e_code, reason=reason), reply_to=message)",
+                   "push_message(client, reply_message, context)", "retry_invoker.max_tries = 1",
+                   "if runtime_dependency_install:", "start_parent_process_monitor(parent_pid)", "register_signal_handlers(")),
+    Pinned(_RUN_CLIENTAPP, "make_simple_http_retry_invoker"),
+    Pinned(_RUN_CLIENTAPP, "RuntimeHttpClient", attributes=("from_server_address", "close")),
+    Pinned(_RUN_CLIENTAPP, "RuntimeTracingInterceptor"),
+    Pinned(_RUN_CLIENTAPP, "RuntimeVersionHttpInterceptor", parameters=("component_name",)),
+    Pinned(_RUN_CLIENTAPP, "RuntimeTokenHttpInterceptor"),
+    Pinned(_RUN_CLIENTAPP, "HeartbeatSender", attributes=("start", "stop", "is_running")),
+    Pinned(_RUN_CLIENTAPP, "make_task_heartbeat_fn_http"),
+    Pinned(_RUN_CLIENTAPP, "pull_task_input"),
+    Pinned(_RUN_CLIENTAPP, "push_message"),
+    Pinned(_RUN_CLIENTAPP, "push_task_output", parameters=("client", "context", "sub_status", "details")),
+    Pinned(_RUN_CLIENTAPP, "get_load_client_app_fn", parameters=("default_app_ref", "app_path", "multi_app")),
+    Pinned(_RUN_CLIENTAPP, "LoadClientAppError"),
+    Pinned(_RUN_CLIENTAPP, "event"),
+    Pinned(_RUN_CLIENTAPP, "EventType", attributes=("FLWR_CLIENTAPP_RUN_ENTER", "FLWR_CLIENTAPP_RUN_LEAVE")),
+    Pinned(_CLIENTAPP_CLI, "_parse_args_run_flwr_clientapp"),
+    Pinned(_CLIENTAPP_CLI, "try_obtain_flwr_app_token"),
+    Pinned(_CLIENTAPP_CLI, "validate_and_resolve_root_certificates"),
+    Pinned("flwr.common.constant", "ErrorCode", attributes=("CLIENT_APP_RAISED_EXCEPTION", "LOAD_CLIENT_APP_EXCEPTION")),
+    Pinned("flwr.common.constant", "SubStatus", attributes=("COMPLETED", "FAILED")),
     # the time of day on every line of a SuperNode's log (`timestamp_flower_logs`)
     Pinned("flwr.supercore.logger", "ConsoleHandler", attributes=("timestamps",)),
     # the SuperLink's HTTP layers, each only under the API it serves (`scope_superlink_middleware`):
@@ -1065,6 +1100,111 @@ FLOWER_COMMANDS = {"flower-superlink": ("flwr.superlink.cli", "flower_superlink"
                    "flower-supernode": ("flwr.supernode.cli", "flower_supernode"),
                    CLIENTAPP_COMMAND: ("flwr.supernode.cli", "flwr_clientapp"),
                    SUPEREXEC_COMMAND: ("flwr.supercore.cli", "flower_superexec")}
+
+
+class _TaskStopped(BaseException):
+    """SIGINT to a ClientApp run in this process (`run_clientapp_here`): Flower stopping its task."""
+
+
+def clientapp_runs_here(argv: list[str]) -> bool:
+    """Whether `run_clientapp_here` can run a ClientApp started as `flwr-clientapp ARGV` (reads
+    nothing from standard input): not when it asks Flower to install the app's dependencies for
+    the run (a virtual environment of its own, which only a process of its own can use)."""
+    if "-h" in argv or "--help" in argv:  # Flower's help, printed where the run's output goes
+        return False
+    cli = importlib.import_module(_CLIENTAPP_CLI)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # a refusal is printed by the process that runs it
+            args = cli._parse_args_run_flwr_clientapp().parse_args(argv)
+    except SystemExit:
+        return False
+    return not args.runtime_dependency_install
+
+
+def run_clientapp_here(argv: list[str]) -> int:
+    """Flower's `flwr-clientapp ARGV` run in this process, which goes on afterwards: the exit
+    status Flower's process would end with (0, or 1 when the task failed). Flower 1.42's
+    run_clientapp is written for a process of its own: it watches its parent, installs SIGINT
+    and SIGTERM handlers, and ends in flwr_exit (exit handlers, a force-exit timer, sys.exit).
+    This is its body without those, in the same order (the steps are Flower's own functions in
+    its run_clientapp module, this process's stand-ins included): the task token from standard
+    input or the arguments, the task's heartbeat, its message, the FAB, the app, the reply, then
+    the task's output and status. An exception the app raises is a failed task, reported as
+    Flower reports it. Flower stops a task by SIGINT to its process (the task's heartbeat does,
+    when the SuperNode no longer knows the task): here, for the run's length, SIGINT while the
+    app runs ends the task as Flower's signal handler does (no reply; its status, failed, pushed;
+    exit status 0) and leaves this process running; one after the app returned (a heartbeat
+    that crossed the task's end) changes nothing. SystemExit (this process stopping) and the
+    like leave at once, without the pushes. Must run in the main thread (signal handlers)."""
+    cli = importlib.import_module(_CLIENTAPP_CLI)
+    runtime = importlib.import_module(_RUN_CLIENTAPP)
+    from flwr.app import Error, Message
+    from flwr.common.constant import ErrorCode, SubStatus
+
+    runtime.event(runtime.EventType.FLWR_CLIENTAPP_RUN_ENTER)
+    args = cli._parse_args_run_flwr_clientapp().parse_args(argv)
+    token = cli.try_obtain_flwr_app_token(args)
+    retry_invoker = runtime.make_simple_http_retry_invoker()
+    client = runtime.RuntimeHttpClient.from_server_address(
+        server_address=args.runtime_api_address,
+        insecure=args.insecure,
+        root_certificates=cli.validate_and_resolve_root_certificates(args.root_certificates, args.insecure),
+        interceptors=[runtime.RuntimeTracingInterceptor(),
+                      runtime.RuntimeVersionHttpInterceptor(component_name=CLIENTAPP_COMMAND),
+                      runtime.RuntimeTokenHttpInterceptor(token)],
+        retry_invoker=retry_invoker,
+    )
+    heartbeat = None
+    message = reply = context = None
+    sub_status, details, failed = SubStatus.FAILED, "ClientApp task failed due to unknown reason", False
+    app_running = [True]
+
+    def stop_the_task(signum: int, frame: Any) -> None:
+        if app_running[0]:
+            raise _TaskStopped
+
+    previous_handler = signal.signal(signal.SIGINT, stop_the_task)
+    try:
+        heartbeat = runtime.HeartbeatSender(runtime.make_task_heartbeat_fn_http(client))
+        heartbeat.start()
+        message, context, run, fab = runtime.pull_task_input(client)
+        runtime.install_from_fab(fab.content, skip_prompt=True)
+        load = runtime.get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
+        reply = load(run.fab_id, run.fab_version, fab.hash_str)(message=message, context=context)
+        app_running[0] = False
+        sub_status, details = SubStatus.COMPLETED, ""
+    except _TaskStopped:
+        app_running[0] = False
+        reply, details = None, "Task stopped."
+    except Exception as exc:  # what Flower's run_clientapp reports for it
+        code, reason = ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(exc)}:<'{exc}'>"
+        if isinstance(exc, runtime.LoadClientAppError):
+            code, reason = ErrorCode.LOAD_CLIENT_APP_EXCEPTION, "An exception was raised when attempting to load `ClientApp`"
+        app_running[0] = False
+        logging.getLogger(FLOWER_LOGGER).error("ClientApp raised an exception", exc_info=exc)
+        sub_status, details, failed = SubStatus.FAILED, reason, True
+        if message:
+            reply = Message(Error(code=code, reason=reason), reply_to=message)
+    except BaseException:  # this process stopping: its heartbeat thread (a daemon) ends with it, unjoined
+        signal.signal(signal.SIGINT, previous_handler)
+        retry_invoker.max_tries = 1
+        raise
+    try:
+        if reply and context:
+            try:
+                runtime.push_message(client, reply, context)
+            except Exception as exc:
+                logging.getLogger(FLOWER_LOGGER).error("Failed to push reply message", exc_info=exc)
+                failed = True
+        retry_invoker.max_tries = 1  # as Flower's exit handler: the status is not worth a wait
+        runtime.push_task_output(client=client, context=context, sub_status=sub_status, details=details)
+    finally:
+        if heartbeat is not None and heartbeat.is_running:
+            heartbeat.stop()
+        client.close()
+        signal.signal(signal.SIGINT, previous_handler)
+    runtime.event(runtime.EventType.FLWR_CLIENTAPP_RUN_LEAVE, {"exit_code": int(failed)})
+    return 1 if failed else 0
 
 
 def run_not_found_error() -> str:

@@ -5,6 +5,7 @@ whose SuperNodes are started this way."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ import pytest
 from deploy.merchant import supernode_command
 from deploy.processes import THREAD_LIMIT_VARIABLES, _alive, _process_tree, thread_limit, usable_cores
 from deploy.supernode import split_arguments
-from deploy.warm_clientapp import SOCKET_ENV, write_shim
+from deploy.warm_clientapp import ISOLATION_ENV, SOCKET_ENV, write_shim
 from server import prompt_grid
 from server.prompt_grid import PromptGrid
 from shared import flower_internals
@@ -40,11 +41,13 @@ def _wait_until(condition: Any, what: str) -> None:
 
 @pytest.fixture()
 def warm(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str], subprocess.Popen]]:
+    """A warm process that forks every run (Flower's isolation, ISOLATION_ENV=process); the
+    default, runs in the warm process itself, is tested on its own below."""
     socket_path = tmp_path / "warm.sock"
     shim = write_shim(tmp_path / "bin")
     env = {**os.environ, SOCKET_ENV: str(socket_path)}
     server = subprocess.Popen([sys.executable, "-m", "deploy.warm_clientapp", "--socket", str(socket_path), "--parent-pid", str(os.getpid())],
-                              stdin=subprocess.DEVNULL)
+                              stdin=subprocess.DEVNULL, env={**os.environ, ISOLATION_ENV: "process"})
     _wait_until(socket_path.exists, "the warm process listens")
     yield shim, env, server
     server.terminate()
@@ -225,6 +228,38 @@ def test_the_warm_process_ends_with_its_supernode_even_on_sigkill(tmp_path: Path
     parent.wait()
     _wait_until(lambda: not any(_alive(pid) for pid in warm_pids), "the warm process outlived its SuperNode")
     assert not socket_path.exists()
+
+
+def test_a_run_in_the_warm_process_ends_with_its_supernode_even_on_sigkill(tmp_path: Path) -> None:
+    """By default a run goes on in the warm process itself: one whose SuperNode never answers
+    (Flower's client retries) still ends, with the process, when the SuperNode is killed."""
+    folder = tmp_path / "supernode"
+    folder.mkdir()
+    socket_path = folder / "warm.sock"
+    shim = write_shim(tmp_path / "bin")
+    parent = subprocess.Popen([sys.executable, "-c", (
+        "import os, subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-m', 'deploy.warm_clientapp', '--socket', {str(socket_path)!r}, '--parent-pid', str(os.getpid()),"
+        " '--remove-folder'])\n"
+        "time.sleep(600)\n")], env={k: v for k, v in os.environ.items() if k != ISOLATION_ENV})
+    _wait_until(socket_path.exists, "the warm process listens")
+    warm_pids = _process_tree(parent.pid) - {parent.pid}
+    hanging = subprocess.Popen([str(shim), "--runtime-api-address", "127.0.0.1:9", "--token", "abc", "--insecure"],
+                               env={**os.environ, SOCKET_ENV: str(socket_path)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        (warm_pid,) = warm_pids
+        # taken by the warm process itself, on the shim's standard error; no child of its own
+        _wait_until(lambda: os.readlink(f"/proc/{warm_pid}/fd/2") == os.readlink(f"/proc/{hanging.pid}/fd/2"),
+                    "the run is under way in the warm process")
+        assert _process_tree(parent.pid) == {parent.pid, warm_pid} and hanging.poll() is None
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        _wait_until(lambda: not any(_alive(pid) for pid in warm_pids), "the warm process outlived its SuperNode")
+        assert hanging.wait(timeout=DEADLINE) != 0  # its run ended unfinished
+        assert not folder.exists()
+    finally:
+        hanging.kill()
+        hanging.wait()
 
 
 def test_a_warm_process_stopped_at_once_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -498,14 +533,21 @@ def test_the_warm_process_imports_the_app_a_clientapp_imported_once_for_the_next
         server.wait(timeout=30)
 
 
-def test_clientapp_threads_is_the_supernodes_own_option() -> None:
+def test_clientapp_threads_and_isolation_are_the_supernodes_own_options() -> None:
     flower = ["--superlink", "h:1", "--clientappio-api-address", "127.0.0.1:9094", "--node-config", "c.toml"]
-    assert split_arguments(["--clientapp-threads", "2", *flower]) == (2, flower)
-    assert split_arguments([*flower[:2], "--clientapp-threads=1", *flower[2:]]) == (1, flower)
-    assert split_arguments(flower) == (None, flower)  # Flower's arguments untouched, abbreviations never taken
-    for wrong in ("0", "-1", "two"):
+
+    def split(arguments: list[str]) -> tuple[int | None, str, list[str]]:
+        own, rest = split_arguments(arguments)
+        return own.clientapp_threads, own.clientapp_isolation, rest
+
+    assert split(["--clientapp-threads", "2", *flower]) == (2, "shared", flower)
+    assert split([*flower[:2], "--clientapp-threads=1", "--clientapp-isolation", "process", *flower[2:]]) == (1, "process", flower)
+    assert split(flower) == (None, "shared", flower)  # Flower's arguments untouched, abbreviations never taken
+    for wrong in (["--clientapp-threads", "0"], ["--clientapp-threads", "-1"], ["--clientapp-threads", "two"],
+                  ["--clientapp-isolation", "thread"]):
         with pytest.raises(SystemExit):
-            split_arguments(["--clientapp-threads", wrong])
+            split_arguments(wrong)
+    assert supernode_command("h:1", "ca", "k", "cfg", clientapp_isolation="process")[5:7] == ["--clientapp-isolation", "process"]
     assert thread_limit(None) == {}
     assert supernode_command("h:1", "ca", "k", "cfg", clientapp_threads=3)[5:7] == ["--clientapp-threads", "3"]
     assert "--clientapp-threads" not in supernode_command("h:1", "ca", "k", "cfg")
@@ -528,3 +570,148 @@ def test_the_thread_limit_holds_for_the_libraries_a_clientapp_uses() -> None:
     if usable_cores() > 1:  # on one core the limit changes nothing to see
         assert _thread_pools(unlimited)["openblas"] == usable_cores()
         assert _thread_pools({**unlimited, **thread_limit(2)})["openblas"] == 2
+
+
+class _FakeRuntime:
+    """Flower's run_clientapp module as `run_clientapp_here` uses it, with the SuperNode's
+    Runtime API stood in for: what the run pulled, pushed and reported."""
+
+    def __init__(self, app: Any) -> None:
+        from flwr.app import Message, RecordDict
+
+        with flower_internals.server_identity():
+            self.message = Message(content=RecordDict(), dst_node_id=1, message_type="train")
+        self.message.metadata.__dict__["_message_id"] = "m1"
+        self.app = app
+        self.pushed: list[Any] = []
+        self.outputs: list[tuple[str, str]] = []
+        self.events: list[str] = []
+        self.heartbeats_stopped = 0
+        self.retry = SimpleNamespace(max_tries=None)
+
+    def push(self, reply: Any) -> None:
+        self.pushed.append(reply)
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        module = importlib.import_module("flwr.supernode.runtime.run_clientapp")
+        fake = self
+
+        class Client:
+            @staticmethod
+            def from_server_address(**kwargs: Any) -> Any:
+                return SimpleNamespace(close=lambda: None)
+
+        class Heartbeat:
+            def __init__(self, fn: Any) -> None:
+                self.running = False
+
+            def start(self) -> None:
+                self.running = True
+
+            def stop(self) -> None:
+                self.running = False
+                fake.heartbeats_stopped += 1
+
+            @property
+            def is_running(self) -> bool:
+                return self.running
+
+        context = SimpleNamespace(node_id=1, run_id=1)
+        run = SimpleNamespace(fab_id="fedads", fab_version="0", run_id=1)
+        fab = SimpleNamespace(content=b"fab", hash_str="h")
+        monkeypatch.setattr(module, "RuntimeHttpClient", Client)
+        monkeypatch.setattr(module, "make_simple_http_retry_invoker", lambda: self.retry)
+        monkeypatch.setattr(module, "HeartbeatSender", Heartbeat)
+        monkeypatch.setattr(module, "make_task_heartbeat_fn_http", lambda client: None)
+        monkeypatch.setattr(module, "pull_task_input", lambda client: (self.message, context, run, fab))
+        monkeypatch.setattr(module, "install_from_fab", lambda content, skip_prompt=False: Path("."))
+        monkeypatch.setattr(module, "get_load_client_app_fn", lambda **kwargs: lambda *ids: self.app)
+        monkeypatch.setattr(module, "push_message", lambda client, reply, ctx: self.push(reply))
+        monkeypatch.setattr(module, "push_task_output",
+                            lambda client, context, sub_status, details: self.outputs.append((sub_status, details)))
+        monkeypatch.setattr(module, "event", lambda event_type, details=None: self.events.append(event_type.name))
+
+
+TOKEN = "ab" * 32  # a task token as Flower writes them (hex)
+
+
+def _run_here(fake: _FakeRuntime, monkeypatch: pytest.MonkeyPatch) -> int:
+    fake.install(monkeypatch)
+    before = signal.getsignal(signal.SIGINT)
+    status = flower_internals.run_clientapp_here(["--runtime-api-address", "127.0.0.1:9", "--token", TOKEN, "--insecure"])
+    assert signal.getsignal(signal.SIGINT) is before  # this process's own handler again
+    assert fake.heartbeats_stopped == 1 and fake.retry.max_tries == 1
+    assert fake.events == ["FLWR_CLIENTAPP_RUN_ENTER", "FLWR_CLIENTAPP_RUN_LEAVE"]
+    return status
+
+
+def test_a_clientapp_run_here_pushes_its_reply_then_its_status(monkeypatch) -> None:
+    from flwr.app import Message, RecordDict
+
+    replies: list[Message] = []
+
+    def app(message: Message, context: Any) -> Message:
+        replies.append(Message(RecordDict(), reply_to=message))
+        return replies[-1]
+
+    fake = _FakeRuntime(app)
+    assert _run_here(fake, monkeypatch) == 0
+    assert fake.pushed == replies and fake.outputs == [("completed", "")]
+
+
+def test_a_clientapp_that_raises_here_replies_with_flowers_error_and_fails(monkeypatch) -> None:
+    from flwr.common.constant import ErrorCode
+
+    def app(message: Any, context: Any) -> Any:
+        raise ValueError("no shard")
+
+    fake = _FakeRuntime(app)
+    assert _run_here(fake, monkeypatch) == 1  # Flower's process exits 1 for it
+    (reply,) = fake.pushed
+    assert reply.has_error() and reply.error.code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION and "no shard" in reply.error.reason
+    assert fake.outputs == [("failed", "<class 'ValueError'>:<'no shard'>")]
+
+
+def test_flower_stopping_a_task_here_ends_the_task_not_the_process(monkeypatch) -> None:
+    """Flower stops a task by SIGINT (its heartbeat does when the SuperNode no longer knows the
+    task): the run ends without a reply, its status failed, and this process carries on."""
+    def app(message: Any, context: Any) -> Any:
+        signal.raise_signal(signal.SIGINT)
+        raise AssertionError("the app ran on past the stop")
+
+    fake = _FakeRuntime(app)
+    assert _run_here(fake, monkeypatch) == 0  # Flower's process exits 0 after SIGINT
+    assert fake.pushed == [] and fake.outputs == [("failed", "Task stopped.")]
+
+
+def test_a_stop_that_crosses_the_end_of_a_task_here_changes_nothing(monkeypatch) -> None:
+    from flwr.app import Message, RecordDict
+
+    fake = _FakeRuntime(lambda message, context: Message(RecordDict(), reply_to=message))
+
+    def push_then_stopped(reply: Any) -> None:
+        fake.pushed.append(reply)
+        signal.raise_signal(signal.SIGINT)  # the heartbeat of a task whose reply is in
+
+    fake.push = push_then_stopped  # type: ignore[method-assign]
+    assert _run_here(fake, monkeypatch) == 0
+    assert len(fake.pushed) == 1 and fake.outputs == [("completed", "")]
+
+
+def test_this_process_stopping_leaves_a_run_here_at_once(monkeypatch) -> None:
+    def app(message: Any, context: Any) -> Any:
+        raise SystemExit(0)  # the warm process's SIGTERM handler, raising in the app
+
+    fake = _FakeRuntime(app)
+    fake.install(monkeypatch)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit):
+        flower_internals.run_clientapp_here(["--token", TOKEN, "--insecure"])
+    assert fake.pushed == [] and fake.outputs == [] and signal.getsignal(signal.SIGINT) is before
+
+
+def test_only_a_run_without_its_own_dependencies_runs_here() -> None:
+    assert flower_internals.clientapp_runs_here(["--token", TOKEN, "--insecure"])
+    assert not flower_internals.clientapp_runs_here(["--token", TOKEN, "--allow-runtime-dependency-installation"])
+    assert not flower_internals.clientapp_runs_here(["--help"])  # Flower's help goes where the run's output goes
+    assert not flower_internals.clientapp_runs_here(["--no-such-flag"])  # refused by Flower's own process
