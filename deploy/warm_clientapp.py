@@ -11,7 +11,7 @@ CLIENTAPP_PRELOAD) and forks it once per message:
   (Python without site-packages: about 20 ms) hands its arguments and its stdin, stdout and
   stderr to the warm process over a Unix socket and exits with the status of the ClientApp run
   for it. If the warm process is not there, it becomes Flower's own `flwr-clientapp`.
-- `serve(socket_path, parent_pid)` is the warm process. By default (ISOLATION_ENV "shared") it
+- `serve(socket_path, parent_pid)` is the warm process. With ISOLATION_ENV "shared" (opt-in) it
   runs each shim's ClientApp itself, in its main thread, one after another (a shim that comes
   meanwhile waits in the listener's backlog): Flower's run_clientapp steps without what ties
   them to a process of their own (shared.flower_internals.run_clientapp_here), on the shim's
@@ -19,7 +19,7 @@ CLIENTAPP_PRELOAD) and forks it once per message:
   fork, then copy-on-write faults for every page either process touches: CPython writes
   reference counts) on a machine where three merchants' messages already contend for the cores;
   the app's state between messages is what it is in Flower's simulation, where one process runs
-  a ClientApp message after message. With "process", or for a run that installs its own
+  a ClientApp message after message. With "process" (the default), or for a run that installs its own
   dependencies, or one that comes while a forked child still runs, it forks a child that runs
   Flower's `flwr-clientapp` entry point with the shim's arguments and descriptors, Flower's
   isolation. A child is stopped when its shim goes away (SuperExec stopped it); a run in the
@@ -78,10 +78,11 @@ MAX_REQUEST_BYTES = 65536
 HAND_OVER_SECONDS = 2.0  # the most the SuperExec waits to hand a run over before it starts the shim
 PARENT_CHECK_SECONDS = 0.2
 STOP_GRACE_SECONDS = 5.0  # a stop (SIGTERM, or the parent gone) not through by then ends the process at once
-# how each message's ClientApp runs: "shared" (the default), in the warm process itself, one after
-# another; "process", in a process forked for it, as Flower isolates each message
+# how each message's ClientApp runs: "process" (the default), in a process forked for it, as Flower
+# isolates each message; "shared" (opt-in, not yet through a SuperLink restart mid-run: issue 19's
+# note), in the warm process itself, one after another
 ISOLATION_ENV = "FEDADS_CLIENTAPP_ISOLATION"
-ISOLATIONS = ("shared", "process")
+ISOLATIONS = ("process", "shared")
 # the warm process's answer when it could not fork the run (no memory or processes left for a
 # moment): the requester starts Flower's own ClientApp for it, as without a warm process
 FALLBACK = b"fallback"
@@ -468,7 +469,7 @@ def _watch_parent(parent_pid: int) -> None:
 class WarmServer:
     """The warm process's loop: accept shims, fork a child per shim, report each child's exit."""
 
-    def __init__(self, socket_path: Path, parent_pid: int, isolation: str = "shared") -> None:
+    def __init__(self, socket_path: Path, parent_pid: int, isolation: str = "process") -> None:
         if isolation not in ISOLATIONS:
             raise ValueError(f"{ISOLATION_ENV}={isolation!r}: expected one of {', '.join(ISOLATIONS)}")
         self.parent_pid = parent_pid
@@ -618,7 +619,7 @@ def serve(socket_path: Path, parent_pid: int, remove_folder: bool = False) -> No
     threading.Thread(target=_watch_parent, args=(parent_pid,), name="fedads-parent-watch", daemon=True).start()
     try:
         # listening before the imports: shims queue up, none falls back
-        server = WarmServer(socket_path, parent_pid, os.environ.get(ISOLATION_ENV, "shared"))
+        server = WarmServer(socket_path, parent_pid, os.environ.get(ISOLATION_ENV, "process"))
         preload(socket_path.parent / "installed-fabs")
         server.serve_forever()
     finally:  # also when stopped during the imports

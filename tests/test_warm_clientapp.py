@@ -41,8 +41,8 @@ def _wait_until(condition: Any, what: str) -> None:
 
 @pytest.fixture()
 def warm(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str], subprocess.Popen]]:
-    """A warm process that forks every run (Flower's isolation, ISOLATION_ENV=process); the
-    default, runs in the warm process itself, is tested on its own below."""
+    """A warm process that forks every run (Flower's isolation, ISOLATION_ENV=process, the
+    default); runs in the warm process itself (shared) are tested on their own below."""
     socket_path = tmp_path / "warm.sock"
     shim = write_shim(tmp_path / "bin")
     env = {**os.environ, SOCKET_ENV: str(socket_path)}
@@ -231,7 +231,7 @@ def test_the_warm_process_ends_with_its_supernode_even_on_sigkill(tmp_path: Path
 
 
 def test_a_run_in_the_warm_process_ends_with_its_supernode_even_on_sigkill(tmp_path: Path) -> None:
-    """By default a run goes on in the warm process itself: one whose SuperNode never answers
+    """With ISOLATION_ENV=shared a run goes on in the warm process itself: one whose SuperNode never answers
     (Flower's client retries) still ends, with the process, when the SuperNode is killed."""
     folder = tmp_path / "supernode"
     folder.mkdir()
@@ -241,7 +241,7 @@ def test_a_run_in_the_warm_process_ends_with_its_supernode_even_on_sigkill(tmp_p
         "import os, subprocess, sys, time\n"
         f"subprocess.Popen([sys.executable, '-m', 'deploy.warm_clientapp', '--socket', {str(socket_path)!r}, '--parent-pid', str(os.getpid()),"
         " '--remove-folder'])\n"
-        "time.sleep(600)\n")], env={k: v for k, v in os.environ.items() if k != ISOLATION_ENV})
+        "time.sleep(600)\n")], env={**os.environ, ISOLATION_ENV: "shared"})
     _wait_until(socket_path.exists, "the warm process listens")
     warm_pids = _process_tree(parent.pid) - {parent.pid}
     hanging = subprocess.Popen([str(shim), "--runtime-api-address", "127.0.0.1:9", "--token", "abc", "--insecure"],
@@ -540,14 +540,14 @@ def test_clientapp_threads_and_isolation_are_the_supernodes_own_options() -> Non
         own, rest = split_arguments(arguments)
         return own.clientapp_threads, own.clientapp_isolation, rest
 
-    assert split(["--clientapp-threads", "2", *flower]) == (2, "shared", flower)
-    assert split([*flower[:2], "--clientapp-threads=1", "--clientapp-isolation", "process", *flower[2:]]) == (1, "process", flower)
-    assert split(flower) == (None, "shared", flower)  # Flower's arguments untouched, abbreviations never taken
+    assert split(["--clientapp-threads", "2", *flower]) == (2, "process", flower)
+    assert split([*flower[:2], "--clientapp-threads=1", "--clientapp-isolation", "shared", *flower[2:]]) == (1, "shared", flower)
+    assert split(flower) == (None, "process", flower)  # Flower's arguments untouched, abbreviations never taken
     for wrong in (["--clientapp-threads", "0"], ["--clientapp-threads", "-1"], ["--clientapp-threads", "two"],
                   ["--clientapp-isolation", "thread"]):
         with pytest.raises(SystemExit):
             split_arguments(wrong)
-    assert supernode_command("h:1", "ca", "k", "cfg", clientapp_isolation="process")[5:7] == ["--clientapp-isolation", "process"]
+    assert supernode_command("h:1", "ca", "k", "cfg", clientapp_isolation="shared")[5:7] == ["--clientapp-isolation", "shared"]
     assert thread_limit(None) == {}
     assert supernode_command("h:1", "ca", "k", "cfg", clientapp_threads=3)[5:7] == ["--clientapp-threads", "3"]
     assert "--clientapp-threads" not in supernode_command("h:1", "ca", "k", "cfg")
