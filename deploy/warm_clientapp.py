@@ -324,6 +324,11 @@ def _preload_app_or_say_why() -> None:
         traceback.print_exc()
 
 
+def _exit_status(exc: SystemExit) -> int:
+    """The status a process ending with `exc` exits with (Python's rule for SystemExit's code)."""
+    return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+
+
 def _run_child(request: dict[str, object], fds: list[int]) -> None:
     """In the forked child: become the shim's process (its descriptors and working directory) and
     run Flower's ClientApp entry point; never returns."""
@@ -346,7 +351,7 @@ def _run_child(request: dict[str, object], fds: list[int]) -> None:
         run_flower_command(CLIENTAPP_COMMAND, [str(arg) for arg in argv])
         code = 0
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        code = _exit_status(exc)
     except BaseException:
         traceback.print_exc()
     finally:
@@ -419,7 +424,7 @@ def _run_here(request: dict[str, object], fds: list[int]) -> int:
         except SystemExit as exc:  # the arguments or the token refused, as Flower's process would exit
             if isinstance(exc.code, str):
                 print(exc.code, file=sys.stderr)
-            return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            return _exit_status(exc)
         except Exception:
             traceback.print_exc()
             return 1
