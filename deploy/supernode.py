@@ -63,8 +63,12 @@ def split_arguments(arguments: list[str]) -> tuple[argparse.Namespace, list[str]
     and the arguments left for `flower-supernode`."""
     parser = argparse.ArgumentParser(prog="python -m deploy.supernode", add_help=False, allow_abbrev=False)
     parser.add_argument("--clientapp-threads", type=positive_int)
-    parser.add_argument("--clientapp-isolation", choices=ISOLATIONS, default=ISOLATIONS[0])
+    # the environment's choice (ISOLATION_ENV) is the default, so a harness that starts SuperNodes
+    # through deploy.merchant can choose for all of them
+    parser.add_argument("--clientapp-isolation", choices=ISOLATIONS, default=os.environ.get(ISOLATION_ENV) or ISOLATIONS[0])
     own, flower_arguments = parser.parse_known_args(arguments)
+    if own.clientapp_isolation not in ISOLATIONS:  # argparse checks the choices of given values only
+        parser.error(f"{ISOLATION_ENV}={own.clientapp_isolation!r}: expected one of {', '.join(ISOLATIONS)}")
     return own, flower_arguments
 
 

@@ -45,6 +45,7 @@ library, such as torch's thread count, stays set here), and only while no child 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -58,7 +59,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,13 +79,20 @@ MAX_REQUEST_BYTES = 65536
 HAND_OVER_SECONDS = 2.0  # the most the SuperExec waits to hand a run over before it starts the shim
 PARENT_CHECK_SECONDS = 0.2
 STOP_GRACE_SECONDS = 5.0  # a stop (SIGTERM, or the parent gone) not through by then ends the process at once
+# a run that comes while one goes on in the warm process waits this long for it, then is turned
+# away (FALLBACK): a run in the warm process never holds up another. Runs of one SuperNode come
+# one at a time in a round; what overlaps is the tail of the last one (its status pushed, its
+# heartbeat stopped: milliseconds), or a run that may never end, such as Flower 1.42's task for
+# a message whose run stopped while the SuperNode was pulling it (the task stays claimable, its
+# message's objects never come, and its ClientApp retries for up to two hours)
+TURN_AWAY_SECONDS = 1.0
 # how each message's ClientApp runs: "process" (the default), in a process forked for it, as Flower
-# isolates each message; "shared" (opt-in, not yet through a SuperLink restart mid-run: issue 19's
-# note), in the warm process itself, one after another
+# isolates each message; "shared" (opt-in), in the warm process itself, one after another
 ISOLATION_ENV = "FEDADS_CLIENTAPP_ISOLATION"
 ISOLATIONS = ("process", "shared")
 # the warm process's answer when it could not fork the run (no memory or processes left for a
-# moment): the requester starts Flower's own ClientApp for it, as without a warm process
+# moment) or turned it away: the requester starts Flower's own ClientApp for it, as without a
+# warm process
 FALLBACK = b"fallback"
 
 SHIM = '''#!{python} -S
@@ -499,6 +507,7 @@ class WarmServer:
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         self.selector.register(self.wakeup, selectors.EVENT_READ)
         self.children: dict[int, socket.socket] = {}
+        self.own_stderr = os.dup(2)
 
     def _accept(self) -> None:
         conn, _ = self.listener.accept()
@@ -514,7 +523,8 @@ class WarmServer:
         argv = request.get("argv") if isinstance(request, dict) else None
         if (self.isolation == "shared" and not self.children and isinstance(argv, list)
                 and clientapp_runs_here([str(arg) for arg in argv])):
-            status = _run_here(request, fds)  # later shims wait in the listener's backlog meanwhile
+            with self._turning_away():  # later shims wait in the listener's backlog meanwhile
+                status = _run_here(request, fds)
             with conn:
                 try:
                     conn.sendall(str(status).encode())
@@ -540,11 +550,62 @@ class WarmServer:
             self.selector.close()
             for own in (self.listener, self.wakeup, self._wakeup_writer, conn, *self.children.values()):
                 own.close()
+            os.close(self.own_stderr)
             _run_child(request, fds)
         for fd in fds:
             os.close(fd)
         self.children[pid] = conn
         self.selector.register(conn, selectors.EVENT_READ, pid)
+
+    @contextlib.contextmanager
+    def _turning_away(self) -> Iterator[None]:
+        """For a run in the main thread: a thread answers FALLBACK to the shims that wait for
+        it longer than TURN_AWAY_SECONDS (they start Flower's own ClientApp). No fork there:
+        a child forked from a thread while the main thread runs an app may inherit held locks."""
+        done = threading.Event()
+        stop_reader, stop_writer = socket.socketpair()
+        thread = threading.Thread(target=self._turn_away_while, args=(done, stop_reader), name="fedads-turn-away", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            stop_writer.close()  # wakes the thread's select
+            thread.join()
+            stop_reader.close()
+
+    def _turn_away_while(self, done: threading.Event, stop_reader: socket.socket) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.listener, selectors.EVENT_READ)
+            selector.register(stop_reader, selectors.EVENT_READ)
+            while not done.is_set():
+                ready = {key.fileobj for key, _ in selector.select()}
+                if self.listener not in ready or done.wait(TURN_AWAY_SECONDS):
+                    continue  # the run ended: the main loop takes the shim
+                try:
+                    self._turn_away()
+                except Exception:
+                    traceback.print_exc()  # that shim waits for the main loop instead
+
+    def _turn_away(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            conn.settimeout(HAND_OVER_SECONDS)
+            fds: list[int] = []
+            try:
+                _, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST_BYTES, 3)
+            except OSError:
+                return
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            # to the warm process's own standard error: fd 2 is the running run's meanwhile
+            os.write(self.own_stderr, b"fedads: a ClientApp run is still under way in the warm process: "
+                                      b"the next one goes to Flower's own ClientApp\n")
+            try:
+                conn.sendall(FALLBACK)
+            except OSError:
+                pass
 
     def _reap(self) -> int:
         """Report every child that exited to its shim; returns how many."""

@@ -9,6 +9,7 @@ import importlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ import pytest
 from deploy.merchant import supernode_command
 from deploy.processes import THREAD_LIMIT_VARIABLES, _alive, _process_tree, thread_limit, usable_cores
 from deploy.supernode import split_arguments
-from deploy.warm_clientapp import ISOLATION_ENV, SOCKET_ENV, write_shim
+from deploy.warm_clientapp import FALLBACK, ISOLATION_ENV, SOCKET_ENV, TURN_AWAY_SECONDS, write_shim
 from server import prompt_grid
 from server.prompt_grid import PromptGrid
 from shared import flower_internals
@@ -260,6 +261,42 @@ def test_a_run_in_the_warm_process_ends_with_its_supernode_even_on_sigkill(tmp_p
     finally:
         hanging.kill()
         hanging.wait()
+
+
+def test_a_run_that_comes_while_one_hangs_in_the_warm_process_is_turned_away(tmp_path: Path) -> None:
+    """ISOLATION_ENV=shared: a run that never ends in the warm process (its SuperNode never
+    answers; in a deployment, Flower's task for a message of a run stopped while it was pulled)
+    does not hold up the next: after TURN_AWAY_SECONDS it is answered FALLBACK, and its
+    requester starts Flower's own ClientApp."""
+    socket_path = tmp_path / "warm.sock"
+    shim = write_shim(tmp_path / "bin")
+    server = subprocess.Popen([sys.executable, "-m", "deploy.warm_clientapp", "--socket", str(socket_path), "--parent-pid", str(os.getpid())],
+                              env={**os.environ, ISOLATION_ENV: "shared"}, stderr=subprocess.PIPE, text=True)
+    _wait_until(socket_path.exists, "the warm process listens")
+    hanging = subprocess.Popen([str(shim), "--runtime-api-address", "127.0.0.1:9", "--token", "abc", "--insecure"],
+                               env={**os.environ, SOCKET_ENV: str(socket_path)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_until(lambda: os.readlink(f"/proc/{server.pid}/fd/2") == os.readlink(f"/proc/{hanging.pid}/fd/2"),
+                    "the run is under way in the warm process")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(DEADLINE)
+            sock.connect(str(socket_path))
+            request = json.dumps({"argv": ["--runtime-api-address", "127.0.0.1:9", "--token", "def", "--insecure"], "cwd": str(tmp_path)})
+            socket.send_fds(sock, [request.encode()], [0, 1, 2])
+            asked = time.monotonic()
+            answer = b""
+            while chunk := sock.recv(64):
+                answer += chunk
+            waited = time.monotonic() - asked
+        assert answer == FALLBACK
+        assert TURN_AWAY_SECONDS <= waited < DEADLINE
+        assert hanging.poll() is None  # the hanging run goes on
+    finally:
+        server.terminate()
+        hanging.kill()
+        hanging.wait()
+    assert server.wait(timeout=DEADLINE) == 0
+    assert "the next one goes to Flower's own ClientApp" in server.stderr.read()
 
 
 def test_a_warm_process_stopped_at_once_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -533,7 +570,8 @@ def test_the_warm_process_imports_the_app_a_clientapp_imported_once_for_the_next
         server.wait(timeout=30)
 
 
-def test_clientapp_threads_and_isolation_are_the_supernodes_own_options() -> None:
+def test_clientapp_threads_and_isolation_are_the_supernodes_own_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ISOLATION_ENV, raising=False)
     flower = ["--superlink", "h:1", "--clientappio-api-address", "127.0.0.1:9094", "--node-config", "c.toml"]
 
     def split(arguments: list[str]) -> tuple[int | None, str, list[str]]:
@@ -547,6 +585,12 @@ def test_clientapp_threads_and_isolation_are_the_supernodes_own_options() -> Non
                   ["--clientapp-isolation", "thread"]):
         with pytest.raises(SystemExit):
             split_arguments(wrong)
+    monkeypatch.setenv(ISOLATION_ENV, "shared")  # the environment's choice is the default, an option still wins
+    assert split(flower) == (None, "shared", flower)
+    assert split(["--clientapp-isolation", "process", *flower]) == (None, "process", flower)
+    monkeypatch.setenv(ISOLATION_ENV, "thread")
+    with pytest.raises(SystemExit):
+        split_arguments(flower)
     assert supernode_command("h:1", "ca", "k", "cfg", clientapp_isolation="shared")[5:7] == ["--clientapp-isolation", "shared"]
     assert thread_limit(None) == {}
     assert supernode_command("h:1", "ca", "k", "cfg", clientapp_threads=3)[5:7] == ["--clientapp-threads", "3"]
