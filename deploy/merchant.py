@@ -29,11 +29,11 @@ none, so a pinned SuperNode refuses it (docs/DEPLOYMENT.md, "Which code a mercha
 libraries' own, one per core unless the environment says otherwise). Set it where the SuperNode
 shares its machine, e.g. the cores divided by the SuperNodes on it (deploy.supernode).
 
-`--clientapp-isolation`: `process` (the default) forks a process for each message, Flower's
-isolation (a message's app state, or a crash, cannot reach the next one); `shared` (opt-in) runs
-each message's ClientApp in the SuperNode's warm process, one after another (no process per
-message: deployed rounds 20-29% shorter in two interleaved pairs; not yet through a SuperLink
-restart in the middle of a run).
+`--clientapp-isolation`: `shared` (the default) runs each message's ClientApp in the SuperNode's
+warm process, one after another, as Flower's simulation does (no process per message: deployed
+rounds 20-29% shorter in two interleaved pairs, docs/BENCHMARKS.md); `process` forks a process
+for each message, Flower's isolation (a message's app state, or a crash, cannot reach the next
+one).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def supernode_command(
     """`root_certificates=None` gives a plain-HTTP SuperNode (only to show it is refused);
     `trusted_entities`: the publishers whose signed FABs alone it runs (module docstring);
     `clientapp_threads`: each ClientApp's numerical libraries' threads (None: the libraries' defaults);
-    `clientapp_isolation`: "process" or "shared" (deploy.supernode; None: its default, process)."""
+    `clientapp_isolation`: "process" or "shared" (deploy.supernode; None: its default, shared)."""
     # Flower's flower-supernode, run by deploy.supernode: no idle waits, a warm ClientApp start
     command = [str(bin_dir / "python"), "-m", "deploy.supernode", "--superlink", superlink]
     if clientapp_threads is not None:
@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clientapp-threads", type=positive_int,
                         help="threads each ClientApp's numerical libraries may use (default: the libraries' own)")
     parser.add_argument("--clientapp-isolation", choices=ISOLATIONS,
-                        help="process (default): one process per message; shared: each message's ClientApp runs in the warm process")
+                        help="shared (default): each message's ClientApp runs in the warm process; process: one process per message")
     args = parser.parse_args(argv)
     for path in (args.root_certificates, args.private_key, args.data_path, args.catalog_path, args.node_config, args.trusted_entities):
         if path is not None and not path.is_file():

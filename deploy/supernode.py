@@ -17,9 +17,10 @@ scientific stack first: about 13 s of a deployed round's 23-26 s on MovieLens-10
   by this process the moment a message is stored, instead of looking for work every
   FLWR_SUPEREXEC_TASK_POLL_INTERVAL (Flower's setting, 1 s by default, still the fallback);
 - the SuperExec hands each ClientApp run to deploy.warm_clientapp's warm process, which has
-  Flower's runtime and the app imported and forks it, each message in a process of its own, as
-  Flower isolates them (`--clientapp-isolation shared`, opt-in: runs it there, one message after
-  another, as Flower's simulation runs a ClientApp); the app's code still comes from the
+  Flower's runtime and the app imported and runs it there, one message after another, as
+  Flower's simulation runs a ClientApp (`--clientapp-isolation process`, or the environment's
+  FEDADS_CLIENTAPP_ISOLATION=process: forked from it, each message in a process of its own, as
+  Flower isolates them); the app's code still comes from the
   received FAB, unpacked once per FAB rather than once per message; `flwr-clientapp` on PATH
   resolves to a shim that does the same, for when the SuperExec cannot reach the warm process.
 

@@ -11,22 +11,22 @@ CLIENTAPP_PRELOAD) and forks it once per message:
   (Python without site-packages: about 20 ms) hands its arguments and its stdin, stdout and
   stderr to the warm process over a Unix socket and exits with the status of the ClientApp run
   for it. If the warm process is not there, it becomes Flower's own `flwr-clientapp`.
-- `serve(socket_path, parent_pid)` is the warm process. With ISOLATION_ENV "shared" (opt-in) it
-  runs each shim's ClientApp itself, in its main thread, one after another (a shim that comes
-  meanwhile waits in the listener's backlog): Flower's run_clientapp steps without what ties
+- `serve(socket_path, parent_pid)` is the warm process. With ISOLATION_ENV "shared" (the
+  default) it runs each shim's ClientApp itself, in its main thread, one after another (a shim
+  that comes meanwhile waits in the listener's backlog, for TURN_AWAY_SECONDS at most): Flower's run_clientapp steps without what ties
   them to a process of their own (shared.flower_internals.run_clientapp_here), on the shim's
   standard input, output and error. A forked process costs a message about 25 ms of CPU (the
   fork, then copy-on-write faults for every page either process touches: CPython writes
   reference counts) on a machine where three merchants' messages already contend for the cores;
   the app's state between messages is what it is in Flower's simulation, where one process runs
-  a ClientApp message after message. With "process" (the default), or for a run that installs its own
+  a ClientApp message after message. With "process", or for a run that installs its own
   dependencies, or one that comes while a forked child still runs, it forks a child that runs
   Flower's `flwr-clientapp` entry point with the shim's arguments and descriptors, Flower's
   isolation. A child is stopped when its shim goes away (SuperExec stopped it); a run in the
   warm process ends when Flower stops its task (SIGINT, from its heartbeat), and every child and
   the warm process itself stop when the SuperNode process that started them is gone, SIGKILL
   included, also in the middle of a run (a watching thread). A run it cannot fork (no process
-  or memory left for a moment) it answers FALLBACK, and the shim (or the SuperExec's
+  or memory left for a moment), or that waited too long, it answers FALLBACK, and the shim (or the SuperExec's
   `hand_over`) starts Flower's own ClientApp for it.
 
 The app's code comes from the FAB the SuperLink sent, never from the merchant's installed
@@ -86,10 +86,11 @@ STOP_GRACE_SECONDS = 5.0  # a stop (SIGTERM, or the parent gone) not through by 
 # a message whose run stopped while the SuperNode was pulling it (the task stays claimable, its
 # message's objects never come, and its ClientApp retries for up to two hours)
 TURN_AWAY_SECONDS = 1.0
-# how each message's ClientApp runs: "process" (the default), in a process forked for it, as Flower
-# isolates each message; "shared" (opt-in), in the warm process itself, one after another
+# how each message's ClientApp runs: "shared" (the default), in the warm process itself, one after
+# another, as Flower's simulation runs them; "process", in a process forked for it, as Flower
+# isolates each message
 ISOLATION_ENV = "FEDADS_CLIENTAPP_ISOLATION"
-ISOLATIONS = ("process", "shared")
+ISOLATIONS = ("shared", "process")
 # the warm process's answer when it could not fork the run (no memory or processes left for a
 # moment) or turned it away: the requester starts Flower's own ClientApp for it, as without a
 # warm process
@@ -482,7 +483,7 @@ def _watch_parent(parent_pid: int) -> None:
 class WarmServer:
     """The warm process's loop: accept shims, fork a child per shim, report each child's exit."""
 
-    def __init__(self, socket_path: Path, parent_pid: int, isolation: str = "process") -> None:
+    def __init__(self, socket_path: Path, parent_pid: int, isolation: str = ISOLATIONS[0]) -> None:
         if isolation not in ISOLATIONS:
             raise ValueError(f"{ISOLATION_ENV}={isolation!r}: expected one of {', '.join(ISOLATIONS)}")
         self.parent_pid = parent_pid
@@ -685,7 +686,7 @@ def serve(socket_path: Path, parent_pid: int, remove_folder: bool = False) -> No
     threading.Thread(target=_watch_parent, args=(parent_pid,), name="fedads-parent-watch", daemon=True).start()
     try:
         # listening before the imports: shims queue up, none falls back
-        server = WarmServer(socket_path, parent_pid, os.environ.get(ISOLATION_ENV, "process"))
+        server = WarmServer(socket_path, parent_pid, os.environ.get(ISOLATION_ENV) or ISOLATIONS[0])
         preload(socket_path.parent / "installed-fabs")
         server.serve_forever()
     finally:  # also when stopped during the imports

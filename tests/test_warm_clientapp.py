@@ -578,16 +578,16 @@ def test_clientapp_threads_and_isolation_are_the_supernodes_own_options(monkeypa
         own, rest = split_arguments(arguments)
         return own.clientapp_threads, own.clientapp_isolation, rest
 
-    assert split(["--clientapp-threads", "2", *flower]) == (2, "process", flower)
+    assert split(["--clientapp-threads", "2", *flower]) == (2, "shared", flower)
     assert split([*flower[:2], "--clientapp-threads=1", "--clientapp-isolation", "shared", *flower[2:]]) == (1, "shared", flower)
-    assert split(flower) == (None, "process", flower)  # Flower's arguments untouched, abbreviations never taken
+    assert split(flower) == (None, "shared", flower)  # Flower's arguments untouched, abbreviations never taken
     for wrong in (["--clientapp-threads", "0"], ["--clientapp-threads", "-1"], ["--clientapp-threads", "two"],
                   ["--clientapp-isolation", "thread"]):
         with pytest.raises(SystemExit):
             split_arguments(wrong)
-    monkeypatch.setenv(ISOLATION_ENV, "shared")  # the environment's choice is the default, an option still wins
-    assert split(flower) == (None, "shared", flower)
-    assert split(["--clientapp-isolation", "process", *flower]) == (None, "process", flower)
+    monkeypatch.setenv(ISOLATION_ENV, "process")  # the environment's choice is the default, an option still wins
+    assert split(flower) == (None, "process", flower)
+    assert split(["--clientapp-isolation", "shared", *flower]) == (None, "shared", flower)
     monkeypatch.setenv(ISOLATION_ENV, "thread")
     with pytest.raises(SystemExit):
         split_arguments(flower)
