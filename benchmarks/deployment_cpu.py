@@ -2,7 +2,7 @@
 spends on one empty exchange (the ServerApp sends every merchant an empty message and waits for
 the replies: the per-message floor of a deployed round, docs/BENCHMARKS.md "Deployment").
 
-    python benchmarks/deployment_cpu.py [--merchants 3] [--exchanges 60] [--repeats 3] [--superlink-state memory|database] [--output DIR]
+    python benchmarks/deployment_cpu.py [--merchants 3] [--exchanges 60] [--repeats 3] [--superlink-state memory|database] [--clientapp-isolation shared|process] [--output DIR]
 
 One deployment (deploy.local, as benchmarks/deployment_vs_simulation.py starts it) and REPEATS
 runs of one round on the synthetic market without DP, with EXCHANGES empty exchanges before round 0
@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deploy.local import DEPLOYMENT_MARK, local_deployment, write_merchant_data
 from deploy.processes import positive_int
+from deploy.warm_clientapp import ISOLATION_ENV, ISOLATIONS
 from server.probes import PROBES_FILE
 from shared.config import RunConfig
 
@@ -145,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exchanges", type=positive_int, default=60, help="empty exchanges measured (the run makes 2 x EDGE more)")
     parser.add_argument("--repeats", type=positive_int, default=3, help="runs, one after another on the deployment")
     parser.add_argument("--superlink-state", choices=("memory", "database"), default="memory")
+    parser.add_argument("--clientapp-isolation", choices=ISOLATIONS, default=ISOLATIONS[0],
+                        help="how each SuperNode runs a message's ClientApp (deploy.merchant --clientapp-isolation)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/out/deployment-cpu"))
     parser.add_argument("--timeout", type=float, default=600.0)
     args = parser.parse_args(argv)
@@ -152,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     configs = [_run_config(output / f"run-{r}", args.merchants, args.exchanges + 2 * EDGE) for r in range(args.repeats)]
     merchants = write_merchant_data(output / "merchants", configs[0].to_flower(), args.merchants, privacy_mode="none")
     measured = []
-    with local_deployment(output / "flower", merchants, in_memory_state=args.superlink_state == "memory") as deployed:
+    with local_deployment(output / "flower", merchants, in_memory_state=args.superlink_state == "memory",
+                          supernode_env={ISOLATION_ENV: args.clientapp_isolation}) as deployed:
         for cfg in configs:  # one after another on the same deployment, as its rounds would come
             # the mark's value is the deployment's work dir (deploy.local)
             samples, probes = _run(deployed, cfg, f"{DEPLOYMENT_MARK}={(output / 'flower').resolve()}", args.timeout)
@@ -165,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     cpu = {role: statistics.median(m["cpu_seconds_per_exchange"][role] for m in measured) for role in ROLES}
     results = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "merchants": args.merchants, "superlink_state": args.superlink_state, "clientapp_threads": threads, "runs": measured,
+        "merchants": args.merchants, "superlink_state": args.superlink_state, "clientapp_threads": threads,
+        "clientapp_isolation": args.clientapp_isolation, "runs": measured,
         # medians over the runs
         "wall_seconds_per_exchange": statistics.median(m["wall_seconds_per_exchange"] for m in measured),
         "exchange_median_seconds": statistics.median(m["exchange_median_seconds"] for m in measured),
@@ -175,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     output.mkdir(parents=True, exist_ok=True)
     (output / "results.json").write_text(json.dumps(results, indent=2))
     print(f"{results['date']}  {results['machine']}  {args.merchants} merchants, SuperLink state: {args.superlink_state}, "
-          f"ClientApp threads: {threads}; medians of {args.repeats} runs of "
+          f"ClientApp threads: {threads}, ClientApp isolation: {args.clientapp_isolation}; medians of {args.repeats} runs of "
           f"{', '.join(str(m['exchanges_measured']) for m in measured)} empty exchanges measured")
     print(f"one exchange: {1000 * results['wall_seconds_per_exchange']:.0f} ms of wall time "
           f"(the ServerApp's median exchange {1000 * results['exchange_median_seconds']:.0f} ms), "

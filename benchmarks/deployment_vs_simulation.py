@@ -2,10 +2,13 @@
 Flower's simulation runtime, and the bytes each client sends and receives per round.
 
     python benchmarks/deployment_vs_simulation.py [--merchants 3] [--rounds 5] [--privacy none] [--secure] [--data synthetic|ml100k]
-        [--superlink-state database|memory] [--carry-evaluation] [--output DIR]
+        [--superlink-state database|memory] [--carry-evaluation] [--clientapp-isolation shared|process] [--output DIR]
 
 `--superlink-state memory`: the SuperLink keeps its state in memory (`deploy.superlink start
 --in-memory`) instead of its SQLite file (the default, which survives a restart).
+
+`--clientapp-isolation shared|process`: how each deployed SuperNode runs a message's ClientApp
+(deploy.merchant's option; default shared, in its warm process).
 
 `--clientapp-threads N`: each deployed ClientApp's numerical threads (deploy.merchant
 --clientapp-threads); by default the machine's cores divided among the merchants (deploy.local).
@@ -51,6 +54,7 @@ import numpy as np
 from client.privacy.plan import noisy_release_wire
 from deploy.local import local_deployment, write_merchant_data
 from deploy.processes import positive_int
+from deploy.warm_clientapp import ISOLATION_ENV, ISOLATIONS
 from server.probes import PROBES_FILE
 from shared.als import ALSSettings
 from shared.config import RunConfig
@@ -82,15 +86,17 @@ def _run_config(output: Path, merchants: int, rounds: int, privacy: str, secure:
 
 def _write_records(path: Path, data: str, privacy: str, merchants: int, state: str, results: dict[str, Any]) -> None:
     """benchmarks/results/deployment.json: this run's three records replace those of the same data,
-    privacy, merchants, SuperLink state, ClientApp threads and carry-evaluation (records without a
-    state were measured with the database, without a thread count with the libraries' defaults,
-    without carry_evaluation with evaluations in exchanges of their own)."""
-    threads, carry = results["clientapp_threads"], results["carry_evaluation"]
+    privacy, merchants, SuperLink state, ClientApp threads, carry-evaluation and ClientApp isolation
+    (records without a state were measured with the database, without a thread count with the
+    libraries' defaults, without carry_evaluation with evaluations in exchanges of their own,
+    without clientapp_isolation with a process forked per message)."""
+    threads, carry, isolation = results["clientapp_threads"], results["carry_evaluation"], results["clientapp_isolation"]
     records = json.loads(path.read_text()) if path.is_file() else []
     records = [r for r in records if (r.get("data"), r["privacy"], r["merchants"], r.get("superlink_state", "database"),
-                                      r.get("clientapp_threads"), r.get("carry_evaluation", False))
-               != (data, privacy, merchants, state, threads, carry)]
-    common = {"data": data, "superlink_state": state, "clientapp_threads": threads, "carry_evaluation": carry}
+                                      r.get("clientapp_threads"), r.get("carry_evaluation", False), r.get("clientapp_isolation", "process"))
+               != (data, privacy, merchants, state, threads, carry, isolation)]
+    common = {"data": data, "superlink_state": state, "clientapp_threads": threads, "carry_evaluation": carry,
+              "clientapp_isolation": isolation}
     for mode in ("simulation", "deployment"):
         records.append({"mode": mode, "privacy": privacy, "merchants": merchants, "round_seconds": results[mode]["median_round_seconds"],
                         "bytes_per_client": results["bytes"]["per_client_per_round_sent"], **common})
@@ -144,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS, help="the records file (mode, privacy, merchants, round_seconds, bytes_per_client)")
     parser.add_argument("--carry-evaluation", action="store_true",
                         help="carry-evaluation: each round's training messages also carry the previous model's evaluation")
+    parser.add_argument("--clientapp-isolation", choices=ISOLATIONS, default=ISOLATIONS[0],
+                        help="how each deployed SuperNode runs a message's ClientApp (deploy.merchant --clientapp-isolation)")
     parser.add_argument("--clientapp-threads", type=positive_int,
                         help="each deployed ClientApp's numerical threads (default: the cores divided among the merchants)")
     args = parser.parse_args(argv)
@@ -152,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "merchants": args.merchants, "rounds": args.rounds, "privacy": args.privacy, "secure": args.secure,
         "superlink_state": args.superlink_state, "carry_evaluation": args.carry_evaluation,
+        "clientapp_isolation": args.clientapp_isolation,
     }
 
     sim_cfg = _run_config(output / "simulation", args.merchants, args.rounds, args.privacy, args.secure, args.data, args.carry_evaluation)
@@ -166,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                                     secure_aggregation="allow" if args.secure else "refuse")
     started = time.perf_counter()
     with local_deployment(output / "deployment" / "flower", merchants, in_memory_state=args.superlink_state == "memory",
-                          clientapp_threads=args.clientapp_threads) as deployed:
+                          clientapp_threads=args.clientapp_threads, supernode_env={ISOLATION_ENV: args.clientapp_isolation}) as deployed:
         up = time.perf_counter() - started
         results["clientapp_threads"] = deployed.clientapp_threads  # the deployment's own default when not given
         reply = deployed.submit(dep_cfg.to_flower())
@@ -196,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     _write_records(args.results, args.data, args.privacy, args.merchants, args.superlink_state, results)
     sim, dep, b = results["simulation"], results["deployment"], results["bytes"]
     print(f"{results['date']}  {results['machine']}  {n} merchants, {r} rounds, privacy={args.privacy}, secure={args.secure}, "
-          f"mf-solver={dep_cfg.mf_solver}, SuperLink state: {args.superlink_state}, carry-evaluation={args.carry_evaluation}")
+          f"mf-solver={dep_cfg.mf_solver}, SuperLink state: {args.superlink_state}, carry-evaluation={args.carry_evaluation}, "
+          f"ClientApp isolation: {args.clientapp_isolation}")
     print(f"median round: simulation {sim['median_round_seconds']:.2f}s, deployment (TLS, {n} SuperNodes) {dep['median_round_seconds']:.2f}s"
           f"  (round 0: {sim['round0_seconds']:.2f}s vs {dep['round0_seconds']:.2f}s); "
           f"ratio {dep['median_round_seconds'] / sim['median_round_seconds']:.1f}x")
