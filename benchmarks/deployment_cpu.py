@@ -2,7 +2,8 @@
 spends on one empty exchange (the ServerApp sends every merchant an empty message and waits for
 the replies: the per-message floor of a deployed round, docs/BENCHMARKS.md "Deployment").
 
-    python benchmarks/deployment_cpu.py [--merchants 3] [--exchanges 60] [--repeats 3] [--superlink-state memory|database] [--clientapp-isolation shared|process] [--output DIR]
+    python benchmarks/deployment_cpu.py [--merchants 3] [--exchanges 60] [--repeats 3] [--superlink-state memory|database]
+        [--clientapp-isolation shared|process] [--output DIR]
 
 One deployment (deploy.local, as benchmarks/deployment_vs_simulation.py starts it) and REPEATS
 runs of one round on the synthetic market without DP, with EXCHANGES empty exchanges before round 0
