@@ -154,8 +154,8 @@ def terminate_as_exit() -> Iterator[None]:
 
 
 # Waits until its starter closes the pipe to its stdin, or dies however it dies (the pipe closes
-# with it), then kills every process whose environment holds argv[1] (NAME=value): the marked
-# processes, whatever parent they were re-parented to. In its own session, so that Ctrl-C at a
+# with it), then stops every process whose environment holds argv[1] (NAME=value): the marked
+# processes, whatever parent they were re-parented to; SIGTERM, and after argv[2] seconds SIGKILL. In its own session, so that Ctrl-C at a
 # terminal leaves it to do its work.
 _SWEEPER = """
 import os, shutil, signal, sys, time
@@ -167,8 +167,20 @@ def holds_needle(pid):
             return needle in b"\\0" + environ.read()
     except OSError:
         return False
+def find_strays():
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != os.getpid() and holds_needle(e)]
+# SIGTERM first, so that each may remove what it keeps outside the folders (a SuperNode's warm
+# process its socket folder); SIGKILL for what is left after the grace
+for pid in find_strays():
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except OSError:
+        pass
+grace = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < grace and find_strays():
+    time.sleep(0.05)
 while time.monotonic() < deadline:
-    strays = [int(e) for e in os.listdir("/proc") if e.isdigit() and int(e) != os.getpid() and holds_needle(e)]
+    strays = find_strays()
     if not strays:
         break
     for pid in strays:
@@ -177,21 +189,21 @@ while time.monotonic() < deadline:
         except OSError:
             pass
     time.sleep(0.05)
-for folder in sys.argv[2:]:
+for folder in sys.argv[3:]:
     shutil.rmtree(folder, ignore_errors=True)
 """
 
 
 class Sweeper:
-    """Kills every process marked `name=value` in its environment on `close`, or as soon as this
-    process dies, SIGKILL included: what the `finally` blocks cannot do then; then removes the
-    `folders` those processes used. Start it before the processes it guards; give each of them
-    the mark."""
+    """Stops every process marked `name=value` in its environment on `close`, or as soon as this
+    process dies, SIGKILL included: what the `finally` blocks cannot do then (SIGTERM, then
+    SIGKILL for those still there after `grace` seconds); then removes the `folders` those
+    processes used. Start it before the processes it guards; give each of them the mark."""
 
-    def __init__(self, name: str, value: str, folders: tuple[str, ...] = ()) -> None:
+    def __init__(self, name: str, value: str, folders: tuple[str, ...] = (), grace: float = 1.0) -> None:
         self.mark = {name: value}
         self._process = subprocess.Popen(
-            [sys.executable, "-c", _SWEEPER, f"{name}={value}", *folders], stdin=subprocess.PIPE, start_new_session=True,
+            [sys.executable, "-c", _SWEEPER, f"{name}={value}", str(grace), *folders], stdin=subprocess.PIPE, start_new_session=True,
         )
 
     def close(self) -> None:
