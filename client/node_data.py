@@ -136,8 +136,10 @@ def _deployed_data(
 ) -> NodeData:
     """The merchant's prepared shard: from its binary cache in the state directory when the log,
     the catalog (their modification times and sizes) and the data settings are those it was
-    made from, else parsed, validated and split afresh and cached. A deployed SuperNode starts a
-    new ClientApp process for every message: without the cache each one re-reads the CSV."""
+    made from, else parsed, validated and split afresh and cached. A ClientApp in a process of
+    its own for each message (Flower's, or forked: deploy/warm_clientapp.py) would re-read the
+    CSV every time without the file; one in the SuperNode's warm process keeps the shard in
+    memory (this cache) for the next message while the files are unchanged."""
     key = hashlib.sha256(json.dumps([SHARD_CACHE_FORMAT, os.path.abspath(data_path), os.path.abspath(catalog_path) if catalog_path else "",
                                      versions, data.model_dump(mode="json")], sort_keys=True, default=str).encode()).hexdigest()[:24]
     path = cache_dir / f"shard-{key}.npz"
