@@ -4,7 +4,7 @@ Flower 1.42's SuperExec runs each message in a fresh `flwr-clientapp` process, w
 1.5-2 s importing Flower's runtime and the scientific stack before it reads the message: on a
 2-core machine with three merchants that import, not the training, is most of a deployed round.
 This module keeps one process per SuperNode with those imports done (shared.flower_internals
-CLIENTAPP_PRELOAD) and forks it once per message:
+CLIENTAPP_PRELOAD), which runs each message's ClientApp itself or forks it for the message:
 
 - `write_shim(folder)` writes an executable `flwr-clientapp` into `folder`, which
   the SuperNode puts first on its PATH. SuperExec starts it as it would start Flower's; the shim
@@ -13,7 +13,8 @@ CLIENTAPP_PRELOAD) and forks it once per message:
   for it. If the warm process is not there, it becomes Flower's own `flwr-clientapp`.
 - `serve(socket_path, parent_pid)` is the warm process. With ISOLATION_ENV "shared" (the
   default) it runs each shim's ClientApp itself, in its main thread, one after another (a shim
-  that comes meanwhile waits in the listener's backlog, for TURN_AWAY_SECONDS at most): Flower's run_clientapp steps without what ties
+  that comes meanwhile waits in the listener's backlog; once one waited TURN_AWAY_SECONDS, it
+  and those after it during that run go to Flower's own ClientApp): Flower's run_clientapp steps without what ties
   them to a process of their own (shared.flower_internals.run_clientapp_here), on the shim's
   standard input, output and error. A forked process costs a message about 25 ms of CPU (the
   fork, then copy-on-write faults for every page either process touches: CPython writes
@@ -418,7 +419,7 @@ def _run_here(request: dict[str, object], fds: list[int]) -> int:
             if fd > 2:
                 os.close(fd)
         fds.clear()
-        sys.stdin = open(0, closefd=False)  # Flower reads the token from it, then closes it
+        sys.stdin = open(0, closefd=False)  # where Flower reads a task token given on standard input
         os.chdir(str(request["cwd"]))
         argv = request["argv"]
         assert isinstance(argv, list)
@@ -562,11 +563,24 @@ class WarmServer:
     def _turning_away(self) -> Iterator[None]:
         """For a run in the main thread: a thread answers FALLBACK to the shims that wait for
         it longer than TURN_AWAY_SECONDS (they start Flower's own ClientApp). No fork there:
-        a child forked from a thread while the main thread runs an app may inherit held locks."""
+        a child forked from a thread while the main thread runs an app may inherit held locks.
+        Without the thread (no descriptor or thread left for it) shims wait for the run."""
         done = threading.Event()
-        stop_reader, stop_writer = socket.socketpair()
+        try:
+            stop_reader, stop_writer = socket.socketpair()
+        except OSError as exc:
+            self._say(f"fedads: runs arriving during this ClientApp run wait for it ({exc})")
+            yield
+            return
         thread = threading.Thread(target=self._turn_away_while, args=(done, stop_reader), name="fedads-turn-away", daemon=True)
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError as exc:
+            stop_reader.close()
+            stop_writer.close()
+            self._say(f"fedads: runs arriving during this ClientApp run wait for it ({exc})")
+            yield
+            return
         try:
             yield
         finally:
@@ -576,17 +590,19 @@ class WarmServer:
             stop_reader.close()
 
     def _turn_away_while(self, done: threading.Event, stop_reader: socket.socket) -> None:
+        waited = False  # once a shim waited TURN_AWAY_SECONDS for this run, the next ones do not wait
         with selectors.DefaultSelector() as selector:
             selector.register(self.listener, selectors.EVENT_READ)
             selector.register(stop_reader, selectors.EVENT_READ)
             while not done.is_set():
                 ready = {key.fileobj for key, _ in selector.select()}
-                if self.listener not in ready or done.wait(TURN_AWAY_SECONDS):
+                if self.listener not in ready or (not waited and done.wait(TURN_AWAY_SECONDS)):
                     continue  # the run ended: the main loop takes the shim
+                waited = True
                 try:
                     self._turn_away()
                 except Exception:
-                    traceback.print_exc()  # that shim waits for the main loop instead
+                    self._say(traceback.format_exc())  # that shim waits for the main loop instead
 
     def _turn_away(self) -> None:
         conn, _ = self.listener.accept()
@@ -600,13 +616,19 @@ class WarmServer:
             finally:
                 for fd in fds:
                     os.close(fd)
-            # to the warm process's own standard error: fd 2 is the running run's meanwhile
-            os.write(self.own_stderr, b"fedads: a ClientApp run is still under way in the warm process: "
-                                      b"the next one goes to Flower's own ClientApp\n")
             try:
                 conn.sendall(FALLBACK)
             except OSError:
-                pass
+                return
+        self._say("fedads: a ClientApp run is still under way in the warm process: the next one goes to Flower's own ClientApp")
+
+    def _say(self, line: str) -> None:
+        """A line on the warm process's own standard error (while a run goes on here, fd 2 is the
+        run's); losing it never loses a run."""
+        try:
+            os.write(self.own_stderr, (line.rstrip("\n") + "\n").encode(errors="replace"))
+        except OSError:
+            pass
 
     def _reap(self) -> int:
         """Report every child that exited to its shim; returns how many."""

@@ -42,8 +42,8 @@ def _wait_until(condition: Any, what: str) -> None:
 
 @pytest.fixture()
 def warm(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str], subprocess.Popen]]:
-    """A warm process that forks every run (Flower's isolation, ISOLATION_ENV=process, the
-    default); runs in the warm process itself (shared) are tested on their own below."""
+    """A warm process that forks every run (Flower's isolation, ISOLATION_ENV=process); runs in
+    the warm process itself (shared, the default) are tested on their own below."""
     socket_path = tmp_path / "warm.sock"
     shim = write_shim(tmp_path / "bin")
     env = {**os.environ, SOCKET_ENV: str(socket_path)}
@@ -278,19 +278,27 @@ def test_a_run_that_comes_while_one_hangs_in_the_warm_process_is_turned_away(tmp
     try:
         _wait_until(lambda: os.readlink(f"/proc/{server.pid}/fd/2") == os.readlink(f"/proc/{hanging.pid}/fd/2"),
                     "the run is under way in the warm process")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(DEADLINE)
-            sock.connect(str(socket_path))
-            request = json.dumps({"argv": ["--runtime-api-address", "127.0.0.1:9", "--token", "def", "--insecure"], "cwd": str(tmp_path)})
-            socket.send_fds(sock, [request.encode()], [0, 1, 2])
-            asked = time.monotonic()
-            answer = b""
-            while chunk := sock.recv(64):
-                answer += chunk
+        descriptors = len(os.listdir(f"/proc/{server.pid}/fd"))
+        request = json.dumps({"argv": ["--runtime-api-address", "127.0.0.1:9", "--token", "def", "--insecure"], "cwd": str(tmp_path)}).encode()
+        first, second = (socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2))
+        with first, second:
+            asked = time.monotonic()  # before the connection: the warm process's wait begins with it
+            for sock in (first, second):  # two requests queued behind the hanging run
+                sock.settimeout(DEADLINE)
+                sock.connect(str(socket_path))
+                socket.send_fds(sock, [request], [0, 1, 2])
+            answers = []
+            for sock in (first, second):
+                answer = b""
+                while chunk := sock.recv(64):
+                    answer += chunk
+                answers.append(answer)
             waited = time.monotonic() - asked
-        assert answer == FALLBACK
+        assert answers == [FALLBACK, FALLBACK]  # the second without a wait of its own
         assert TURN_AWAY_SECONDS <= waited < DEADLINE
         assert hanging.poll() is None  # the hanging run goes on
+        # the turned-away requests' descriptors are closed in the warm process
+        _wait_until(lambda: len(os.listdir(f"/proc/{server.pid}/fd")) == descriptors, "the warm process closed what it was sent")
     finally:
         server.terminate()
         hanging.kill()
