@@ -31,7 +31,7 @@ shares its machine, e.g. the cores divided by the SuperNodes on it (deploy.super
 
 `--clientapp-isolation`: `shared` (the default) runs each message's ClientApp in the SuperNode's
 warm process, one after another, as Flower's simulation does (no process per message: deployed
-rounds 20-29% shorter in two interleaved pairs, docs/BENCHMARKS.md); `process` forks a process
+MovieLens rounds 11-18% shorter, docs/BENCHMARKS.md "Deployment", stop 41); `process` forks a process
 for each message, Flower's isolation (a message's app state, or a crash, cannot reach the next
 one).
 """

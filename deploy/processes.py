@@ -155,8 +155,8 @@ def terminate_as_exit() -> Iterator[None]:
 
 # Waits until its starter closes the pipe to its stdin, or dies however it dies (the pipe closes
 # with it), then stops every process whose environment holds argv[1] (NAME=value): the marked
-# processes, whatever parent they were re-parented to; SIGTERM, and after argv[2] seconds SIGKILL. In its own session, so that Ctrl-C at a
-# terminal leaves it to do its work.
+# processes, whatever parent they were re-parented to; SIGTERM, and after argv[2] seconds
+# SIGKILL. In its own session, so that Ctrl-C at a terminal leaves it to do its work.
 _SWEEPER = """
 import os, shutil, signal, sys, time
 sys.stdin.buffer.read()

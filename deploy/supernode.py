@@ -48,7 +48,7 @@ from pathlib import Path
 
 from deploy import superexec
 from deploy.processes import positive_int, thread_limit
-from deploy.warm_clientapp import ISOLATION_ENV, ISOLATIONS, SOCKET_ENV, write_shim
+from deploy.warm_clientapp import ISOLATION_ENV, ISOLATIONS, SOCKET_ENV, isolation_from_environment, write_shim
 from shared.flower_internals import (
     notify_stored_messages,
     prompt_object_pulls,
@@ -66,7 +66,7 @@ def split_arguments(arguments: list[str]) -> tuple[argparse.Namespace, list[str]
     parser.add_argument("--clientapp-threads", type=positive_int)
     # the environment's choice (ISOLATION_ENV) is the default, so a harness that starts SuperNodes
     # through deploy.merchant can choose for all of them
-    parser.add_argument("--clientapp-isolation", choices=ISOLATIONS, default=os.environ.get(ISOLATION_ENV) or ISOLATIONS[0])
+    parser.add_argument("--clientapp-isolation", choices=ISOLATIONS, default=isolation_from_environment())
     own, flower_arguments = parser.parse_known_args(arguments)
     if own.clientapp_isolation not in ISOLATIONS:  # argparse checks the choices of given values only
         parser.error(f"{ISOLATION_ENV}={own.clientapp_isolation!r}: expected one of {', '.join(ISOLATIONS)}")

@@ -92,6 +92,13 @@ TURN_AWAY_SECONDS = 1.0
 # isolates each message
 ISOLATION_ENV = "FEDADS_CLIENTAPP_ISOLATION"
 ISOLATIONS = ("shared", "process")
+
+
+def isolation_from_environment() -> str:
+    """The isolation ISOLATION_ENV names (unset or empty: the default, ISOLATIONS[0]); not checked here."""
+    return os.environ.get(ISOLATION_ENV) or ISOLATIONS[0]
+
+
 # the warm process's answer when it could not fork the run (no memory or processes left for a
 # moment) or turned it away: the requester starts Flower's own ClientApp for it, as without a
 # warm process
@@ -566,21 +573,18 @@ class WarmServer:
         a child forked from a thread while the main thread runs an app may inherit held locks.
         Without the thread (no descriptor or thread left for it) shims wait for the run."""
         done = threading.Event()
+        pair: tuple[socket.socket, socket.socket] | None = None
         try:
-            stop_reader, stop_writer = socket.socketpair()
-        except OSError as exc:
-            self._say(f"fedads: runs arriving during this ClientApp run wait for it ({exc})")
-            yield
-            return
-        thread = threading.Thread(target=self._turn_away_while, args=(done, stop_reader), name="fedads-turn-away", daemon=True)
-        try:
+            pair = socket.socketpair()
+            thread = threading.Thread(target=self._turn_away_while, args=(done, pair[0]), name="fedads-turn-away", daemon=True)
             thread.start()
-        except RuntimeError as exc:
-            stop_reader.close()
-            stop_writer.close()
+        except (OSError, RuntimeError) as exc:
+            for end in pair or ():
+                end.close()
             self._say(f"fedads: runs arriving during this ClientApp run wait for it ({exc})")
             yield
             return
+        stop_reader, stop_writer = pair
         try:
             yield
         finally:
@@ -708,7 +712,7 @@ def serve(socket_path: Path, parent_pid: int, remove_folder: bool = False) -> No
     threading.Thread(target=_watch_parent, args=(parent_pid,), name="fedads-parent-watch", daemon=True).start()
     try:
         # listening before the imports: shims queue up, none falls back
-        server = WarmServer(socket_path, parent_pid, os.environ.get(ISOLATION_ENV) or ISOLATIONS[0])
+        server = WarmServer(socket_path, parent_pid, isolation_from_environment())
         preload(socket_path.parent / "installed-fabs")
         server.serve_forever()
     finally:  # also when stopped during the imports
