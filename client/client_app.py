@@ -20,7 +20,27 @@ def secure_aggregation(msg: Message, context: Context, call_next: Callable[[Mess
     return secure_aggregation_mod(msg, context, call_next)
 
 
-app = ClientApp(mods=[secure_aggregation])
+def envelope(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """A sealed message opened for the handlers, and its reply sealed (shared/envelope.py); an
+    unsealed one (the secure-aggregation protocol's) answered unsealed."""
+    from shared.envelope import is_sealed, opened, sealed
+
+    if not is_sealed(msg):
+        return call_next(msg, context)
+    try:
+        request = opened(msg)
+    except ValueError as exc:
+        from shared.app_log import log
+        from shared.node_config import NodeConfig
+        from shared.wire import failure
+
+        name = NodeConfig.from_flower(context.node_config).name
+        log.warning("%s cannot open a message: %s", name, exc)
+        return failure(msg, name)
+    return sealed(call_next(request, context))
+
+
+app = ClientApp(mods=[envelope, secure_aggregation])
 
 
 @app.train()

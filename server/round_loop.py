@@ -35,6 +35,7 @@ from flwr.serverapp.strategy import Strategy
 
 from server.secure_round import SecureTraining
 from shared.app_log import log
+from shared.envelope import opened, sealed
 from shared.neumf_arrays import Shapes
 from shared.params import PUBLIC_CONSTANT_KEYS, check_global_arrays, digest, with_public_constants
 from shared.wire import (
@@ -182,15 +183,26 @@ class RoundLoop:
             self.names.setdefault(node, sender)
 
     def _exchange(self, messages: Iterable[Message], round_log: RoundLog) -> list[Message]:
+        """Send `messages` sealed (shared/envelope.py) and return the replies opened; a reply
+        whose envelope cannot be opened is recorded as failed and left out."""
         messages = list(messages)
-        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        replies: list[Message] = []
+        unopened: dict[int, str] = {}
+        for reply in self.grid.send_and_receive([sealed(msg) for msg in messages], timeout=self.timeout):
+            try:
+                replies.append(opened(reply))
+            except ValueError as exc:
+                unopened[reply.metadata.src_node_id] = f"reply dropped: {one_line(str(exc))}"
         for msg in replies:
             self._learn_name(msg)
         round_log.asked = [self._name(m.metadata.dst_node_id) for m in messages]
-        answered = {m.metadata.src_node_id for m in replies}
+        answered = {m.metadata.src_node_id for m in replies} | unopened.keys()
         for msg in messages:
             if msg.metadata.dst_node_id not in answered:
                 round_log.failed[self._name(msg.metadata.dst_node_id)] = f"no reply within {self.timeout:g} s"
+        for node, reason in unopened.items():
+            log.warning("%s: %s", self._name(node), reason)
+            round_log.failed[self._name(node)] = reason
         return replies
 
     def _screen(self, server_round: int, replies: Iterable[Message], round_log: RoundLog, check_arrays: bool) -> list[Message]:

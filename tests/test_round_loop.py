@@ -22,6 +22,7 @@ from server.round_loop import (
     awaiting_evaluation,
     one_line,
 )
+from shared.envelope import is_sealed, opened, sealed
 from shared.params import init_global_arrays, mf_shapes
 from shared.wire import (
     ARRAYS,
@@ -223,7 +224,9 @@ class _MerchantsGrid:
         self.silent_in = silent_in  # rounds whose training messages nobody answers
 
     def send_and_receive(self, messages: Iterable[Message], timeout: float) -> list[Message]:
-        messages = list(messages)
+        sent = list(messages)
+        assert all(is_sealed(msg) for msg in sent)  # the loop seals what it sends; a merchant opens it (client_app.envelope)
+        messages = [opened(msg) for msg in sent]
         self.exchanges.append(messages[0].metadata.message_type + ("+evaluation" if evaluates_first(messages[0]) else ""))
         replies: list[Message] = []
         for msg in messages:
@@ -244,7 +247,7 @@ class _MerchantsGrid:
             carried = evaluation if evaluates_first(msg) else None
             replies.append(TrainReply(name, trained, 10.0, {"train-loss": 0.1}, privacy=PrivacyReport(float(server_round), 1.0),
                                       evaluation=carried).to_message(msg))
-        return replies
+        return [sealed(reply) for reply in replies]
 
 
 def _carried_run(grid: _MerchantsGrid, carry: bool, pending: dict | None = None, first: int = 1):  # type: ignore[no-untyped-def]
