@@ -49,7 +49,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from flwr.app import Message
 
@@ -135,8 +135,10 @@ PINNED: tuple[Pinned, ...] = (
     Pinned(_VCE, "put_message_into_state", parameters=("state", "queue", "f_stop"),
            source=("message_reply = queue.get(timeout=1.0)", "state.store_message_res(message_reply)")),
     Pinned(_VCE, "run_api", source=("target=add_messages_to_queue,", "target=put_message_into_state,")),
-    # the test helpers' message identity and serialization (`server_identity`, `wire_bytes`)
+    # the test helpers' message identity and serialization (`server_identity`, `wire_bytes`,
+    # `wire_objects`, `message_from_wire`)
     Pinned("flwr.supercore.inflatable.inflatable_object", "get_all_nested_objects"),
+    Pinned("flwr.supercore.inflatable.inflatable_utils", "inflate_object_from_contents", parameters=("object_id", "object_contents")),
     # Ray: every actor's readiness method (`actor_ready`), the driver's logger (`quiet_ray_driver`)
     Pinned("ray.actor", "_modify_class", source=("def __ray_ready__",)),
     Pinned("ray._private.worker", "logger"),
@@ -355,11 +357,23 @@ def server_identity() -> Iterator[None]:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
-def wire_bytes(message: Message) -> bytes:
-    """Every byte Flower would send for `message`: its serialized objects, as the wire carries them."""
+def wire_objects(message: Message) -> dict[str, bytes]:
+    """The objects Flower sends for `message`, by object id, serialized: one request each at every hop."""
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-    return b"".join(obj.deflate() for obj in get_all_nested_objects(message).values())
+    return {object_id: obj.deflate() for object_id, obj in get_all_nested_objects(message).items()}
+
+
+def wire_bytes(message: Message) -> bytes:
+    """Every byte Flower would send for `message`: its serialized objects, as the wire carries them."""
+    return b"".join(wire_objects(message).values())
+
+
+def message_from_wire(message_id: str, objects: dict[str, bytes]) -> Message:
+    """The message a receiver rebuilds from `objects` (wire_objects), as Flower's runtime does."""
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+    return cast(Message, inflate_object_from_contents(message_id, dict(objects)))
 
 
 @contextmanager

@@ -18,6 +18,7 @@ from client.client_app import app as client_app
 from client.node_data import Node, load_node
 from deploy.processes import processes_mentioning
 from shared.config import RunConfig
+from shared.envelope import sealed
 from shared.flower_internals import server_identity
 from shared.node_config import NodeConfig
 from shared.wire import ALS_RELEASE, ARRAYS, CONFIG, EVALUATE_FIRST, SERVER_ROUND, to_array_record
@@ -52,11 +53,12 @@ def simulated_node(cfg: RunConfig, partition: int = 0, count: int = 3) -> Node:
 
 def client_call(
     kind: str, cfg: RunConfig, arrays: dict[str, np.ndarray], server_round: int = 1, partition: int = 0,
-    node_config: dict[str, Any] | None = None, release: str | None = None, evaluate_first: bool = False,
+    node_config: dict[str, Any] | None = None, release: str | None = None, evaluate_first: bool = False, seal: bool = False,
 ) -> Message:
     """The ClientApp's reply to a `kind` ("train" | "evaluate") message, called in-process as
     Flower's runtime calls it: simulated node `partition` of 3, or a deployed `node_config`;
-    `release`: what an ALS training message asks for (none: the client's default, statistics).
+    `release`: what an ALS training message asks for (none: the client's default, statistics);
+    `seal`: the message sealed as the server's round loop sends it (shared/envelope.py).
     Needs the `as_server` fixture (messages are stamped with the server side's identity)."""
     node_id = 10 + partition
     context = Context(
@@ -72,7 +74,7 @@ def client_call(
         content=RecordDict({ARRAYS: to_array_record(arrays), CONFIG: config}),
         dst_node_id=node_id, message_type=kind,
     )
-    return client_app(msg, context)
+    return client_app(sealed(msg) if seal else msg, context)
 
 
 @pytest.fixture
