@@ -13,6 +13,9 @@ Client -> server:
     evaluate: "metrics", "client"
     refused:  an Error reply, code PRIVACY_REFUSED, with the merchant's reason (public values only)
     failed:   an Error reply, code CLIENT_FAILED, that says only that (details stay with the merchant)
+Between the server's round loop and a merchant's ClientApp a message of at most 5 MB of arrays
+travels sealed, its records in one ConfigRecord (shared/envelope.py); both sides read and write
+the records above, opened.
 "metrics" holds NUM_EXAMPLES, the weight a FedAvg reads (not in ALS training replies: the server
 sums statistics; under user-level DP a public constant or a noised count), and from a private
 merchant DP_EPSILON and DP_NOISE_MULTIPLIER. No record holds a user id or a user factor.

@@ -22,7 +22,7 @@ from server.round_loop import (
     awaiting_evaluation,
     one_line,
 )
-from shared.envelope import is_sealed, opened, sealed
+from shared.envelope import ENVELOPE, is_sealed, opened, sealed
 from shared.params import init_global_arrays, mf_shapes
 from shared.wire import (
     ARRAYS,
@@ -175,6 +175,15 @@ def test_a_retry_that_reaches_the_quorum_goes_on_and_the_record_names_everyone()
     assert records[0]["participants"]["replied"] == ["a", "b", "c"]
     assert records[1]["participants"] == {"asked": ["a", "b", "c"], "replied": ["a", "b"], "refused": {},
                                           "failed": {"c": "no reply within 5 s"}}
+
+
+def test_a_reply_whose_envelope_cannot_be_opened_is_recorded_as_failed_not_as_silent():
+    broken = sealed(_good("b", 10.0, node=2))
+    del broken.content[ENVELOPE]["records"]
+    replies = [sealed(_good("a", 10.0, node=1)), broken, _good("c", 10.0, node=3)]  # sealed or not, both are read
+    outcome, records = _run(_Grid([replies]), min_replies=2, retries=0)
+    assert records[0]["participants"]["replied"] == ["a", "c"]
+    assert records[0]["participants"]["failed"] == {"node-2": "reply dropped: the envelope has no entry 'records'"}
 
 
 def test_refusals_are_not_retried():
