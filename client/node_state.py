@@ -5,7 +5,12 @@
 - `global_model.npz`: the latest global ad parameters received, with the round they belong to
   the run's user step and its content-affinity blend (for serving and folding in users without
   the server).
-Every write is atomic.
+Every write is atomic, and neither is synced to disk (shared/storage.py, atomic_save_cache_npz):
+both are rebuilt from what the merchant holds (the user factors by the next user step, from the
+model the next message carries; the model copy by the next message), and a sync of each on every
+message was a tenth of a deployed round. A file left damaged by a power loss is read as absent
+(the users start afresh; serving says the copy is unreadable until the next message). What must
+survive a crash, the privacy ledger and the release records, is synced before anything leaves.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import numpy as np
 from client.user_step import AnyUserStep, parse_user_step
 from shared.app_log import log
 from shared.content_affinity import ContentBlend
-from shared.storage import atomic_save_npz, load_npz
+from shared.storage import atomic_save_cache_npz, load_npz
 from shared.wire import Arrays
 
 USER_FACTORS_FILE = "user_factors.npz"
@@ -36,13 +41,17 @@ class NodeState:
         return self.directory / USER_FACTORS_FILE
 
     def save_user_factors(self, user_ids: np.ndarray, factors: np.ndarray) -> None:
-        atomic_save_npz(self.user_factors_path, user_ids=np.asarray(user_ids, dtype=str), factors=factors.astype(np.float32))
+        atomic_save_cache_npz(self.user_factors_path, user_ids=np.asarray(user_ids, dtype=str), factors=factors.astype(np.float32))
 
     def load_user_factors(self, user_ids: np.ndarray, dim: int) -> np.ndarray | None:
         """Stored factors aligned to `user_ids` (users not stored yet start at zero), or None."""
         if not self.user_factors_path.is_file():
             return None
-        stored = load_npz(self.user_factors_path)
+        try:
+            stored = load_npz(self.user_factors_path)
+        except ValueError as damaged:  # a cache not synced to disk (above): a power loss can leave it so
+            log.warning("%s: starting users afresh", damaged)
+            return None
         if stored["factors"].shape[1] != dim:
             log.warning("%s holds %d-dim factors, the model has %d: starting users afresh", self.user_factors_path, stored["factors"].shape[1], dim)
             return None
@@ -64,7 +73,7 @@ class NodeState:
             extra[USER_STEP_KEY] = np.array(user_step.model_dump_json())
         if user_step is not None or blend is not None:
             extra[CONTENT_BLEND_KEY] = np.array(blend.model_dump_json() if blend is not None else "null")
-        atomic_save_npz(self.directory / GLOBAL_MODEL_FILE, server_round=np.array(server_round), **extra, **arrays)
+        atomic_save_cache_npz(self.directory / GLOBAL_MODEL_FILE, server_round=np.array(server_round), **extra, **arrays)
 
     def load_global_model(self) -> tuple[Arrays, int] | None:
         path = self.directory / GLOBAL_MODEL_FILE
