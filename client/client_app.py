@@ -35,7 +35,7 @@ def envelope(msg: Message, context: Context, call_next: Callable[[Message, Conte
         from shared.wire import failure
 
         name = NodeConfig.from_flower(context.node_config).name
-        log.warning("%s cannot open a message: %s", name, exc)
+        log.warning("%s cannot open a message: %.300s", name, exc)
         return failure(msg, name)
     return sealed(call_next(request, context))
 

@@ -49,18 +49,23 @@ class NodeState:
             return None
         try:
             stored = load_npz(self.user_factors_path)
-        except ValueError as damaged:  # a cache not synced to disk (above): a power loss can leave it so
-            log.warning("%s: starting users afresh", damaged)
+            user_ids_stored, factors = stored["user_ids"], stored["factors"]
+        except Exception as damaged:  # any unreadable cache (not synced to disk, above) is no cache: never a failed round
+            log.warning("%s: damaged or unreadable (%s): starting users afresh", self.user_factors_path, type(damaged).__name__)
             return None
-        if stored["factors"].shape[1] != dim:
-            log.warning("%s holds %d-dim factors, the model has %d: starting users afresh", self.user_factors_path, stored["factors"].shape[1], dim)
+        if factors.ndim != 2 or factors.shape[0] != len(user_ids_stored):
+            log.warning("%s holds %d user ids for factors of shape %s: starting users afresh", self.user_factors_path,
+                        len(user_ids_stored), factors.shape)
             return None
-        row_of = {uid: i for i, uid in enumerate(stored["user_ids"].tolist())}
+        if factors.shape[1] != dim:
+            log.warning("%s holds %d-dim factors, the model has %d: starting users afresh", self.user_factors_path, factors.shape[1], dim)
+            return None
+        row_of = {uid: i for i, uid in enumerate(user_ids_stored.tolist())}
         out = np.zeros((len(user_ids), dim), dtype=np.float32)
         for i, uid in enumerate(user_ids):
             j = row_of.get(str(uid))
             if j is not None:
-                out[i] = stored["factors"][j]
+                out[i] = factors[j]
         return out
 
     def save_global_model(self, arrays: Arrays, server_round: int, user_step: AnyUserStep | None = None,

@@ -107,7 +107,7 @@ def _opened_content(envelope: Any) -> RecordDict:
     used = {_MANIFEST}
     content = RecordDict()
     for index, tagged in enumerate(manifest):
-        if not isinstance(tagged, str) or tagged[:1] not in _KINDS or len(tagged) < 2:
+        if not isinstance(tagged, str) or tagged[:1] not in _KINDS:
             raise ValueError(f"the envelope's record {index} is {tagged!r}, not a kind and a name")
         kind, name = tagged[0], tagged[1:]
         if name in content:

@@ -196,7 +196,11 @@ def from_array_record(record: ArrayRecord) -> Arrays:
     """The arrays of a record, packed or not; ValueError for a malformed one (or a name twice)."""
     out: Arrays = {}
     for key, value in record.items():
-        arrays = unpacked(key, value.numpy()) if key.startswith(PACKED_PREFIX) else {key: value.numpy()}
+        try:
+            flat = value.numpy()
+        except (TypeError, EOFError, OSError) as exc:  # a serialization numpy cannot read (a hostile or broken reply)
+            raise ValueError(f"array {key!r} cannot be read: {type(exc).__name__}: {exc}") from None
+        arrays = unpacked(key, flat) if key.startswith(PACKED_PREFIX) else {key: flat}
         if not out.keys().isdisjoint(arrays):
             raise ValueError(f"array {sorted(out.keys() & arrays.keys())[0]!r} appears twice in one record")
         out.update(arrays)
@@ -297,7 +301,9 @@ def split_evaluation(reply: Message) -> tuple[Message, Message | None]:
     content = reply.content
     trained, evaluated = copy.copy(reply), copy.copy(reply)
     trained.content = RecordDict({key: record for key, record in content.items() if key != EVALUATION})
-    evaluated.content = RecordDict({METRICS: content[EVALUATION], CLIENT: content.config_records[CLIENT]})
+    # without CLIENT (a malformed reply) both views say no round, and the screen drops them
+    identity = {CLIENT: content.config_records[CLIENT]} if CLIENT in content.config_records else {}
+    evaluated.content = RecordDict({METRICS: content[EVALUATION], **identity})
     return trained, evaluated
 
 

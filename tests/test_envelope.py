@@ -145,8 +145,8 @@ def test_a_merchant_answers_an_envelope_it_cannot_open_with_a_bare_failure(tmp_p
     assert "cannot open a message" in caplog.text and "no entry '0/0'" in caplog.text
 
 
-def test_metric_and_config_values_keep_their_types():
-    msg = Message(RecordDict({"m": MetricRecord({"i": 3, "f": 3.0, "li": [1, 2], "lf": [0.5]}),
+def test_metric_and_config_values_keep_their_types_and_any_record_name_its_record():
+    msg = Message(RecordDict({"": MetricRecord({"i": 3, "f": 3.0, "li": [1, 2], "lf": [0.5]}),
                               "c": ConfigRecord({"b": True, "i": 1, "s": "", "lb": [b"a", b""]})}), dst_node_id=7, message_type="train")
     _, received = _over_the_wire(sealed(msg))
     assert _records(opened(received)) == _records(msg)

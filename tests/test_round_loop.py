@@ -26,6 +26,7 @@ from shared.envelope import ENVELOPE, is_sealed, opened, sealed
 from shared.params import init_global_arrays, mf_shapes
 from shared.wire import (
     ARRAYS,
+    CLIENT,
     CONFIG,
     METRICS,
     SERVER_ROUND,
@@ -33,9 +34,11 @@ from shared.wire import (
     EvaluateReply,
     PrivacyReport,
     TrainReply,
+    answered_round,
     evaluates_first,
     from_array_record,
     refusal,
+    split_evaluation,
     to_array_record,
 )
 
@@ -110,6 +113,26 @@ def test_stale_and_duplicate_replies_are_dropped():
     assert loop._train_replies(2, [current, stale, duplicate], round_log) == [current]
     assert round_log.failed == {"b": "reply dropped: a stale reply: it answers round 1, not 2"}
     assert round_log.clients["a"][TRAIN_USERS] == 30.0  # the first reply, not the duplicate
+
+
+@pytest.mark.parametrize(("stype", "data", "says"), [("torch", b"x", "cannot be read: TypeError"), ("numpy.ndarray", b"", "cannot be read: EOFError"),
+                                                     ("numpy.ndarray", b"\x93NUMPY garbage", "format version")])
+def test_a_reply_whose_array_cannot_be_read_is_dropped_not_a_crash(stype, data, says):
+    """A hostile or broken merchant's array (a serialization numpy cannot read) is screened out."""
+    loop = RoundLoop(FedAvg(), grid=None, shapes=mf_shapes(NUM_ADS, DIM))  # type: ignore[arg-type]
+    good, bad = _good("a", 30.0, node=3), _good("b", 10.0, node=4)
+    key = next(iter(bad.content[ARRAYS].keys()))
+    bad.content[ARRAYS] = ArrayRecord({key: Array(dtype="float32", shape=(1,), stype=stype, data=data)})
+    round_log = RoundLog()
+    assert loop._train_replies(1, [good, bad], round_log) == [good]
+    assert round_log.failed["b"].startswith("reply dropped: ") and says in round_log.failed["b"]
+
+
+def test_a_carried_evaluation_without_the_client_record_is_dropped_not_a_crash():
+    reply = TrainReply("a", init_global_arrays(NUM_ADS, DIM, seed=1), 10.0, evaluation=EvaluateReply("a", 5.0, {"x": 1.0})).to_message(_request(3))
+    del reply.content[CLIENT]
+    trained, evaluated = split_evaluation(reply)
+    assert evaluated is not None and answered_round(trained) is None and answered_round(evaluated) is None
 
 
 def test_a_raw_traceback_becomes_one_readable_line():

@@ -56,4 +56,20 @@ def test_damaged_user_factors_start_the_users_afresh(tmp_path, caplog):
     state.user_factors_path.write_bytes(b"")  # what a power loss before the writeback can leave
     with caplog.at_level("WARNING", logger="flwr.fedads"):
         assert state.load_user_factors(np.array(["u2"]), 3) is None
-    assert "damaged" in caplog.text and "starting users afresh" in caplog.text
+    assert "damaged or unreadable" in caplog.text and "starting users afresh" in caplog.text
+
+
+@pytest.mark.parametrize("content", ["no factors", "mismatched", "not a zip"])
+def test_any_unreadable_user_factors_start_the_users_afresh(tmp_path, caplog, content):
+    """Whatever a damaged file holds (a member missing, shapes that disagree, bytes numpy cannot
+    read), the cache is absent and the round goes on."""
+    state = NodeState(tmp_path)
+    if content == "no factors":
+        atomic_save_npz(state.user_factors_path, user_ids=np.array(["u1"]))
+    elif content == "mismatched":
+        atomic_save_npz(state.user_factors_path, user_ids=np.array(["u1", "u2"]), factors=np.ones((3, 4), dtype=np.float32))
+    else:
+        state.user_factors_path.write_bytes(b"PK\x03\x04" + bytes(100))
+    with caplog.at_level("WARNING", logger="flwr.fedads"):
+        assert state.load_user_factors(np.array(["u1"]), 4) is None
+    assert "starting users afresh" in caplog.text
