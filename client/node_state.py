@@ -7,8 +7,9 @@
   the server).
 Every write is atomic, and neither is synced to disk (shared/storage.py, atomic_save_cache_npz):
 both are rebuilt from what the merchant holds (the user factors by the next user step, from the
-model the next message carries; the model copy by the next message), and a sync of each on every
-message was a tenth of a deployed round. A file left damaged by a power loss is read as absent
+model the next message carries; the model copy by the next message), and their syncs were two of
+a carried private message's six (6-9 ms each on this VM; docs/BENCHMARKS.md, "Unsynced caches":
+a few percent of a deployed round). A file left damaged by a power loss is read as absent
 (the users start afresh; serving says the copy is unreadable until the next message). What must
 survive a crash, the privacy ledger and the release records, is synced before anything leaves.
 """

@@ -4,8 +4,8 @@ per record, array and chunk.
 Flower 1.42 moves a message as a tree of objects (the message, its RecordDict, every record,
 every Array and every 5 MB chunk of one), each a request at every hop: ServerApp -> SuperLink ->
 SuperNode -> ClientApp and back. A deployed exchange costs about 7 ms per object per merchant on
-this 2-core machine (docs/BENCHMARKS.md, "Deployment"), so a private ALS round's 14 objects per
-merchant (instruction 6, reply 8) took more than its computation. Sealed, the same message is
+this 2-core machine (docs/BENCHMARKS.md, "Deployment"), so a private ALS round's 14-16 objects
+per merchant (instruction 6, carried reply 8, or 10 with two dtypes) took more than its computation. Sealed, the same message is
 the Message, its RecordDict and one ConfigRecord (the ENVELOPE) whose entries hold the records'
 values as they are (an Array: its dtype, shape, serialization and bytes), indexed by position,
 so no record or key name is ever parsed.
@@ -131,9 +131,7 @@ def _opened_content(envelope: Any) -> RecordDict:
                 values[key] = Array(dtype=entry(fields["dtype"], str), shape=shape, stype=entry(fields["stype"], str),
                                     data=entry(value_key, bytes))
             else:
-                if value_key not in envelope:
-                    raise ValueError(f"the envelope has no entry {value_key!r}")
-                values[key] = envelope[value_key]
+                values[key] = entry(value_key, object)
         try:
             content[name] = ArrayRecord(values) if kind == "a" else ConfigRecord(values) if kind == "c" else MetricRecord(values)
         except (TypeError, ValueError) as exc:
