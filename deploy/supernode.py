@@ -22,7 +22,10 @@ scientific stack first: about 13 s of a deployed round's 23-26 s on MovieLens-10
   FEDADS_CLIENTAPP_ISOLATION=process: forked from it, each message in a process of its own, as
   Flower isolates them); the app's code still comes from the
   received FAB, unpacked once per FAB rather than once per message; `flwr-clientapp` on PATH
-  resolves to a shim that does the same, for when the SuperExec cannot reach the warm process.
+  resolves to a shim that does the same, for when the SuperExec cannot reach the warm process;
+- the handlers of the Runtime API its ClientApps call (a message pulled, a reply pushed, on the
+  SuperNode's state in memory) run in its HTTP server's event loop rather than each in a worker
+  thread (shared.flower_internals.run_supernode_handlers_inline).
 
 `--clientapp-threads N` (this module's own option, not Flower's): the numerical libraries of
 the ClientApps (OpenBLAS, OpenMP, MKL) use at most N threads each: OMP_NUM_THREADS,
@@ -54,6 +57,7 @@ from shared.flower_internals import (
     prompt_object_pulls,
     prompt_supernode_polling,
     run_flower_command,
+    run_supernode_handlers_inline,
     skip_unsent_telemetry,
     timestamp_flower_logs,
 )
@@ -97,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     skip_unsent_telemetry()
     notify_stored_messages(superexec.notifier(wakeup_path))
     timestamp_flower_logs()
+    run_supernode_handlers_inline()
     try:
         run_flower_command("flower-supernode", arguments)
     finally:

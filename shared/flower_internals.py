@@ -44,8 +44,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -271,6 +272,15 @@ PINNED: tuple[Pinned, ...] = (
     Pinned(_NODE_AUTH, "NodeAuthMiddleware.dispatch", source=('if request.url.path.startswith("/v1/fleet/") and isinstance(',)),
     Pinned(_FLEET_MIDDLEWARE, "FleetEventLogMiddleware.dispatch",
            source=('if not request.url.path.startswith("/v1/fleet/"):\n            return await call_next(request)',)),
+    # a route's synchronous functions run in the event loop's thread (`run_handlers_inline`):
+    # FastAPI and Flower's protobuf routes hand them to worker threads by these names
+    Pinned("fastapi.dependencies.utils", "run_in_threadpool"),
+    Pinned("fastapi.routing", "run_in_threadpool"),
+    Pinned("flwr.supercore.protobuf.routing", "run_in_threadpool"),
+    Pinned("flwr.supercore.protobuf.routing", "ProtobufRoute", source=("await run_in_threadpool(endpoint, *args, **endpoint_kwargs)",)),
+    # ... and the SuperNode's own HTTP app, the ClientApps' Runtime API, gets the layer (`supernode_app_layers`)
+    Pinned("flwr.supernode.main", "create_app", parameters=("state_factory", "superexec_auth_secret")),
+    Pinned("flwr.supernode.cli.flower_supernode", "_start_supernode_http_api", source=("from flwr.supernode.main import (",)),
     # pulls held while there is nothing to pull (`PULL_ROUTES`, deploy/held_pulls.py): the routes
     # by which SuperNodes and ServerApps pull and push messages, and the protobufs it reads
     Pinned(_FLEET_ROUTER, "fleet_pull_messages", source=('@router.post("/pull-messages")',)),
@@ -1066,6 +1076,84 @@ def scope_superlink_middleware(outermost: Sequence[Any] = ()) -> None:
     module = importlib.import_module(_SUPERLINK_APP)
     flowers = _FLOWERS_BY_STAND_IN.get(module._get_middleware, module._get_middleware)  # called again: Flower's list, once
     _stand_in(module, "_get_middleware", lambda: [*outermost, *scoped_superlink_layers(flowers())])
+
+
+# --- Flower's HTTP servers: a route's synchronous steps in the event loop's own thread ---
+
+# the modules that hand a route's synchronous functions (Flower's handlers, FastAPI's
+# dependencies) to anyio's worker threads, each through its own name for Starlette's
+# `run_in_threadpool` (`run_handlers_inline`)
+THREADPOOL_USERS = ("fastapi.dependencies.utils", "fastapi.routing", "flwr.supercore.protobuf.routing")
+# the routes of Flower's message exchange, whose handlers run in the event loop (`InlineHandlers`):
+# the SuperNodes' Fleet API, and the Runtime API of the ServerApp, the ClientApps and the
+# SuperExecs; state operations that never wait. The Runtime API's agent, model and connector
+# routes (one refreshes a connector's credentials over the network) keep their worker threads, as
+# does the Control API (its log streams wait between looks)
+FLEET_EXCHANGE_ROUTES = tuple(f"/v1/fleet/{name}" for name in (
+    "register-node", "activate-node", "deactivate-node", "unregister-node", "send-node-heartbeat", "pull-messages", "push-messages",
+    "get-run", "get-fab", "push-object", "pull-object", "confirm-message-received"))
+RUNTIME_EXCHANGE_ROUTES = tuple(f"/v1/runtime/{name}" for name in (
+    "acquire-task", "send-task-heartbeat", "pull-task-input", "push-task-output", "push-object", "pull-object",
+    "confirm-message-received", "push-logs", "push-messages", "pull-messages", "get-nodes"))
+_IN_EVENT_LOOP: ContextVar[bool] = ContextVar("fedads_handlers_in_event_loop", default=False)
+
+
+class InlineHandlers:
+    """An ASGI layer: an HTTP request to one of `paths` runs its route's synchronous functions in
+    the event loop's thread (where `run_handlers_inline` is in force in the process); every other
+    request, and every other scope, goes on as Flower runs it."""
+
+    def __init__(self, app: Any, paths: Iterable[str]) -> None:
+        self.app, self.paths = app, frozenset(paths)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        token = _IN_EVENT_LOOP.set(True)  # seen by the tasks the layers below start: they copy the context
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            _IN_EVENT_LOOP.reset(token)
+
+
+async def _here_or_in_threadpool(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    if _IN_EVENT_LOOP.get():
+        return func(*args, **kwargs)
+    from starlette.concurrency import run_in_threadpool
+
+    return await run_in_threadpool(func, *args, **kwargs)
+
+
+def run_handlers_inline() -> None:
+    """In this process, before Flower builds its HTTP app: under an InlineHandlers layer, a
+    route's synchronous functions run where the request is, not in a worker thread. Meant for
+    routes that never wait (FLEET_EXCHANGE_ROUTES, RUNTIME_EXCHANGE_ROUTES): each hand-over to a
+    worker and back costs a queue, a thread's wake-up and two passes of the GIL, which on a busy
+    machine waits its turn (docs/BENCHMARKS.md, "Deployment": a 3-merchant deployed round on two
+    cores about a sixth shorter without them).
+    A module that no longer has the name keeps its worker threads (tests/test_flower_internals.py
+    checks the pins)."""
+    for name in THREADPOOL_USERS:
+        module = importlib.import_module(name)
+        if hasattr(module, "run_in_threadpool"):
+            _stand_in(module, "run_in_threadpool", _here_or_in_threadpool)
+
+
+def run_supernode_handlers_inline() -> None:
+    """In this (SuperNode) process, before `run_flower_command("flower-supernode", ...)`: the
+    handlers of the Runtime API its ClientApps call (pull a message, push a reply, on the
+    SuperNode's state in memory) run in the event loop's thread (`run_handlers_inline`)."""
+    run_handlers_inline()
+    module = importlib.import_module("flwr.supernode.main")
+    flowers = _FLOWERS_BY_STAND_IN.get(module.create_app, module.create_app)
+
+    def create_app(*args: Any, **kwargs: Any) -> Any:
+        app = flowers(*args, **kwargs)
+        app.add_middleware(InlineHandlers, paths=RUNTIME_EXCHANGE_ROUTES)  # outermost
+        return app
+
+    _stand_in(module, "create_app", create_app)
 
 
 @functools.cache

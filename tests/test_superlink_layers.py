@@ -1,14 +1,19 @@
 """The SuperLink's HTTP layers, each only under the API it serves (shared/flower_internals.py
 `scope_superlink_middleware`, deploy/flower_superlink.py): Flower's layers in Flower's order,
 the API-specific ones skipped outside their API, and Flower's own app answering every kind of
-request exactly as it does unscoped. tests/test_deployment.py runs the whole TLS deployment on
-the scoped SuperLink (an unregistered SuperNode refused, a run trained)."""
+request exactly as it does unscoped. The handlers of Flower's message exchange run in the event
+loop (`run_handlers_inline`, `InlineHandlers`), in the SuperLink and in each SuperNode, and
+nothing else does. tests/test_deployment.py runs the whole TLS deployment on the scoped
+SuperLink (an unregistered SuperNode refused, a run trained)."""
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 import warnings
 
 import pytest
+from fastapi import Depends, FastAPI, HTTPException
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
@@ -20,17 +25,33 @@ with warnings.catch_warnings():  # Starlette asks for httpx2, which nothing else
     warnings.simplefilter("ignore", DeprecationWarning)
     from starlette.testclient import TestClient
 
+from deploy.flower_superlink import outermost_layers
 from deploy.held_pulls import HeldPulls
 from deploy.superlink import ServerTls, superlink_command
 from shared.flower_internals import (
-    PULL_ROUTES,
+    FLEET_EXCHANGE_ROUTES,
+    RUNTIME_EXCHANGE_ROUTES,
     SUPERLINK_LAYER_SCOPES,
+    THREADPOOL_USERS,
+    InlineHandlers,
     PathScopedLayer,
     Pinned,
     resolve,
+    run_handlers_inline,
+    run_supernode_handlers_inline,
     scope_superlink_middleware,
     scoped_superlink_layers,
 )
+
+
+@pytest.fixture
+def undo_inline(monkeypatch):
+    """Flower's and FastAPI's worker-thread hand-over, and the SuperNode's app, restored after the test."""
+    for name in THREADPOOL_USERS:
+        module = importlib.import_module(name)
+        monkeypatch.setattr(module, "run_in_threadpool", module.run_in_threadpool)
+    supernode_main = importlib.import_module("flwr.supernode.main")
+    monkeypatch.setattr(supernode_main, "create_app", supernode_main.create_app)
 
 
 def _flowers_layers() -> list[Middleware]:
@@ -101,14 +122,16 @@ def _answers(app) -> dict[str, tuple[int, str | None, bytes]]:
     return answers
 
 
-def test_flowers_app_answers_every_api_as_it_does_unscoped(monkeypatch):
+def test_flowers_app_answers_every_api_as_it_does_unscoped(monkeypatch, undo_inline):
     main = pytest.importorskip("flwr.superlink.main")
     monkeypatch.setattr(main, "_get_middleware", main._get_middleware)  # undone after the test
     unscoped = _answers(main.create_app())
-    scope_superlink_middleware(outermost=[Middleware(HeldPulls, routes=PULL_ROUTES)])  # as deploy/flower_superlink.py
+    run_handlers_inline()  # as deploy/flower_superlink.py does
+    scope_superlink_middleware(outermost=outermost_layers())
     app = main.create_app()
     assert any(layer.cls is PathScopedLayer for layer in app.user_middleware)
     assert app.user_middleware[0].cls is HeldPulls  # outermost: each run of a held pull meets all of Flower's checks
+    assert app.user_middleware[1].cls is InlineHandlers
     scoped = _answers(app)
     assert scoped == unscoped
     assert scoped["fleet, unsigned"][0] == 401 and scoped["runtime, no token"][0] == 401
@@ -141,3 +164,81 @@ def test_paths_starlette_reads_otherwise_still_meet_the_layer():
         asyncio.run(scoped(scope, None, None))
     assert reached == ["layer /v1/\tfleet/pull-messages", "layer /v1/fle\net/x", "layer //v1/fleet/pull-messages",
                        "app /v1/runtime/x", "layer lifespan"]
+
+
+def _where() -> str:
+    try:
+        asyncio.get_running_loop()
+        return "event loop"
+    except RuntimeError:
+        return "worker thread"
+
+
+def _thread_app() -> FastAPI:
+    """Synchronous handlers and dependencies that say where they ran, one of them raising."""
+
+    def dependency() -> str:
+        return _where()
+
+    app = FastAPI()
+    for path in ("/inline", "/elsewhere"):
+        @app.post(path)
+        def handler(dependency: str = Depends(dependency)) -> dict[str, str]:
+            return {"dependency": dependency, "handler": _where()}
+
+    for path in ("/inline-refusal", "/elsewhere-refusal"):
+        @app.post(path)
+        def refusal() -> None:
+            raise HTTPException(status_code=418, detail=_where())
+
+    app.add_middleware(InlineHandlers, paths=("/inline", "/inline-refusal"))
+    return app
+
+
+def _ask(app: FastAPI) -> dict[str, tuple[int, object]]:
+    with TestClient(app) as client:
+        return {path: (r.status_code, r.json()) for path in ("/inline", "/elsewhere", "/inline-refusal", "/elsewhere-refusal")
+                if (r := client.post(path))}
+
+
+def test_synchronous_handlers_run_in_the_event_loop_only_on_the_layers_paths(undo_inline):
+    worker = {"dependency": "worker thread", "handler": "worker thread"}
+    # the layer alone changes nothing: Flower's worker threads until run_handlers_inline
+    assert _ask(_thread_app()) == {"/inline": (200, worker), "/elsewhere": (200, worker),
+                                   "/inline-refusal": (418, {"detail": "worker thread"}),
+                                   "/elsewhere-refusal": (418, {"detail": "worker thread"})}
+    run_handlers_inline()
+    assert _ask(_thread_app()) == {"/inline": (200, {"dependency": "event loop", "handler": "event loop"}), "/elsewhere": (200, worker),
+                                   "/inline-refusal": (418, {"detail": "event loop"}),  # an error answers as it did
+                                   "/elsewhere-refusal": (418, {"detail": "worker thread"})}
+
+
+def _paths(app) -> set[str]:
+    return set(app.openapi()["paths"])
+
+
+def test_the_inline_routes_are_flowers_message_exchange():
+    superlink = importlib.import_module("flwr.superlink.main").create_app()
+    supernode = importlib.import_module("flwr.supernode.main").create_app()
+    assert set(FLEET_EXCHANGE_ROUTES) <= _paths(superlink)
+    assert set(RUNTIME_EXCHANGE_ROUTES) <= _paths(superlink) & _paths(supernode)
+    # and nothing of the agent and connector routes (one calls out to the network), nor the Control API
+    assert "/v1/runtime/get-connector" in _paths(superlink) and "/v1/runtime/get-connector" not in RUNTIME_EXCHANGE_ROUTES
+    assert not [path for path in FLEET_EXCHANGE_ROUTES + RUNTIME_EXCHANGE_ROUTES if path.startswith("/v1/control/")]
+
+
+def test_the_supernodes_app_runs_its_clientapps_exchange_in_the_event_loop(undo_inline):
+    main = importlib.import_module("flwr.supernode.main")
+    protobuf = {"content-type": "application/protobuf"}
+    with TestClient(main.create_app()) as client:
+        before = [client.post("/v1/runtime/pull-task-input", headers=protobuf).status_code, client.get("/health").status_code]
+    run_supernode_handlers_inline()
+    run_supernode_handlers_inline()  # twice: still one layer
+    app = main.create_app()
+    layers = [layer for layer in app.user_middleware if layer.cls is InlineHandlers]
+    assert app.user_middleware[0].cls is InlineHandlers and len(layers) == 1
+    assert set(layers[0].kwargs["paths"]) == set(RUNTIME_EXCHANGE_ROUTES)
+    # without a state (its dependency refuses: 503, now in the event loop) as before, the health check served
+    with TestClient(app) as client:
+        after = [client.post("/v1/runtime/pull-task-input", headers=protobuf).status_code, client.get("/health").status_code]
+    assert after == before == [503, 200]
