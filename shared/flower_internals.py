@@ -84,6 +84,7 @@ _WORKFLOW_CONSTANT = "flwr.server.workflow.constant"
 _COMPAT = "flwr.compat.common.recorddict_compat"
 _SECAGG_CONSTANTS = "flwr.common.secure_aggregation.secaggplus_constants"
 _SUPERNODE = "flwr.supernode.start_client_internal"
+_NODESTATE = "flwr.supernode.nodestate.in_memory_nodestate"
 _INFLATABLE = "flwr.supercore.inflatable.inflatable_utils"
 _RUN_CLIENTAPP = "flwr.supernode.runtime.run_clientapp"
 _CLIENTAPP_CLI = "flwr.supernode.cli.flwr_clientapp"
@@ -199,6 +200,13 @@ PINNED: tuple[Pinned, ...] = (
     Pinned("flwr.supercore.error.base", "ApiErrorCode", attributes=("RUN_ID_NOT_FOUND",)),
     Pinned("flwr.cli.utils", "_format_flower_error", source=('f"[code: {err.code}]"',)),
     Pinned(_SUPERNODE, "_push_messages", source=("time.sleep(0.5)",)),
+    # ... those waits end when the ClientApp stores its reply or its objects (`wake_on_clientapp_stores`):
+    # the SuperNode's Runtime API stores them through these two methods of its in-memory state
+    Pinned(_NODESTATE, "InMemoryNodeState.store_message_and_object_tree", parameters=("message", "object_tree", "session_id")),
+    Pinned(_NODESTATE, "InMemoryNodeState.store_object"),
+    Pinned("flwr.supernode.nodestate.nodestate_factory", "NodeStateFactory", source=("InMemoryNodeState(object_store)",)),
+    Pinned("flwr.supernode.servicer.runtime.runtime_handlers", "push_messages", source=("state.store_message_and_object_tree(",)),
+    Pinned("flwr.supernode.servicer.runtime.runtime_handlers", "push_object", source=("state.store_object(",)),
     Pinned("flwr.supernode.cli", "flower_supernode"),
     # the warm ClientApp (deploy/warm_clientapp.py): SuperExec starts `flwr-clientapp` by name, with
     # its arguments; a process forked from a warm one runs Flower's own entry point with them
@@ -853,10 +861,12 @@ class _PromptSleep:
     towards it: after one, the next follows at once); its 0.5 s waits for the ClientApp's reply
     (and for the reply's objects) become `local_wait`: those look at the SuperNode's own state in
     this process, not at the SuperLink, so looking often costs a few microseconds a look, and a
-    reply leaves as soon as it is there. Every other name is time's."""
+    reply leaves as soon as it is there. With `stored` (`wake_on_clientapp_stores`), such a wait
+    also ends the moment the ClientApp stores its reply or an object of it. Every other name is
+    time's."""
 
-    def __init__(self, first: float, growth: float, local_wait: float) -> None:
-        self.first, self.growth, self.local_wait = first, growth, local_wait
+    def __init__(self, first: float, growth: float, local_wait: float, stored: threading.Event | None = None) -> None:
+        self.first, self.growth, self.local_wait, self.stored = first, growth, local_wait, stored
         self.idle_streak, self.woke = 0, time.monotonic()
         self.local_streak, self.local_woke = 0, self.woke
 
@@ -872,7 +882,11 @@ class _PromptSleep:
             # `first` apart: 20 looks a second at most
             if time.monotonic() - self.local_woke > 2 * self.first:  # longer than any look: a new wait
                 self.local_streak = 0
-            time.sleep(min(seconds, self.first, self.local_wait * 1.1**self.local_streak))
+            wait = min(seconds, self.first, self.local_wait * 1.1**self.local_streak)
+            if self.stored is None:
+                time.sleep(wait)
+            elif self.stored.wait(wait):  # cleared before Flower looks again: a store after the look wakes the next wait
+                self.stored.clear()
             self.local_streak += 1
             self.local_woke = time.monotonic()
             return
@@ -884,9 +898,28 @@ class _PromptSleep:
 
 
 def prompt_supernode_polling(first: float = 0.05, growth: float = 1.15, local_wait: float = 0.005) -> None:
-    """Shorten the idle waits of the SuperNode loop in this process (before `run_flower_command`)."""
+    """Shorten the idle waits of the SuperNode loop in this process (before `run_flower_command`),
+    and end its waits for a ClientApp's reply when the reply is stored."""
     module = importlib.import_module(_SUPERNODE)
-    module.time = _PromptSleep(first, growth, local_wait)  # type: ignore[attr-defined]
+    module.time = _PromptSleep(first, growth, local_wait, stored=wake_on_clientapp_stores())  # type: ignore[attr-defined]
+
+
+def wake_on_clientapp_stores() -> threading.Event:
+    """In this (SuperNode) process: an Event set each time a ClientApp, through the SuperNode's
+    Runtime API, stores a message (its reply) or an object of one in the SuperNode's state."""
+    stored = threading.Event()
+    state = resolve(Pinned(_NODESTATE, "InMemoryNodeState"))
+    for name in ("store_message_and_object_tree", "store_object"):
+        flowers = resolve(Pinned(_NODESTATE, f"InMemoryNodeState.{name}"))
+
+        def store_and_wake(self: Any, *args: Any, _flowers: Callable[..., Any] = flowers, **kwargs: Any) -> Any:
+            try:
+                return _flowers(self, *args, **kwargs)
+            finally:
+                stored.set()
+
+        _stand_in(state, name, store_and_wake)
+    return stored
 
 
 class _ReplacedSleep:

@@ -359,6 +359,51 @@ def test_supernode_waits_start_short_and_grow_back_to_flowers(monkeypatch) -> No
     assert slept[-1] == pytest.approx(0.05)
 
 
+def test_supernode_waits_for_a_reply_end_when_the_clientapp_stores_it(monkeypatch) -> None:
+    """A wait for the ClientApp's reply ends at the store, not at the end of its interval; a wait
+    after an empty pull does not."""
+    import threading
+
+    stored = threading.Event()
+    waits = flower_internals._PromptSleep(first=60.0, growth=1.0, local_wait=60.0, stored=stored)
+    stored.set()  # stored between Flower's look and its wait
+    began = time.monotonic()
+    waits.sleep(0.5)
+    assert time.monotonic() - began < 5 and not stored.is_set()  # taken: the next wait waits for the next store
+    threading.Timer(0.05, stored.set).start()  # stored while the SuperNode waits
+    waits.sleep(0.5)
+    assert time.monotonic() - began < 10 and not stored.is_set()
+    slept: list[float] = []
+    monkeypatch.setattr(flower_internals.time, "sleep", slept.append)
+    stored.set()
+    waits.sleep(3)  # Flower's idle wait: the SuperLink's to end, not a store
+    assert slept and stored.is_set()
+
+
+def test_a_clientapps_stores_in_the_supernodes_state_wake_its_loop(monkeypatch) -> None:
+    state = flower_internals.resolve(flower_internals.Pinned("flwr.supernode.nodestate.in_memory_nodestate", "InMemoryNodeState"))
+    calls: list[tuple[str, tuple[Any, ...]]] = []
+    monkeypatch.setattr(state, "store_message_and_object_tree", lambda self, *args: calls.append(("message", args)) or (True, []))
+
+    def refusing_store(self: Any, *args: Any) -> None:
+        calls.append(("object", args))
+        raise ValueError("no such object")
+
+    monkeypatch.setattr(state, "store_object", refusing_store)
+    stored = flower_internals.wake_on_clientapp_stores()
+    assert not stored.is_set()
+    assert state.store_message_and_object_tree(None, "reply", "tree", "session") == (True, [])  # Flower's answer, unchanged
+    assert stored.is_set() and calls == [("message", ("reply", "tree", "session"))]
+    stored.clear()
+    with pytest.raises(ValueError, match="no such object"):  # Flower's error, unchanged; the loop looks anyway
+        state.store_object(None, 7, "id", b"x")
+    assert stored.is_set() and calls[-1] == ("object", (7, "id", b"x"))
+    again = flower_internals.wake_on_clientapp_stores()  # wrapped again: Flower's method once, the new event set
+    stored.clear()
+    state.store_message_and_object_tree(None, "reply", "tree", "session")
+    assert again.is_set() and not stored.is_set() and len([c for c in calls if c[0] == "message"]) == 2
+
+
 class _SlowGrid:
     """Replies to each pushed message after `after` pulls; records the pulls."""
 
