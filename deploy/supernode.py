@@ -11,8 +11,8 @@ scientific stack first: about 13 s of a deployed round's 23-26 s on MovieLens-10
 
 - the SuperNode's waits start at 50 ms and grow by 1.15x per empty pull in a row, back to Flower's
   3 s after about 20 s idle, so an idle merchant does not hammer the SuperLink; it looks for
-  its ClientApp's reply, in its own state, after 5 ms growing to 50 ms instead of every 0.5 s
-  (shared.flower_internals.prompt_supernode_polling);
+  its ClientApp's reply, in its own state, the moment the ClientApp stores it (and otherwise
+  after 5 ms growing to 50 ms) instead of every 0.5 s (shared.flower_internals.prompt_supernode_polling);
 - its SuperExec (deploy.superexec, through a `flower-superexec` shim first on PATH) is woken
   by this process the moment a message is stored, instead of looking for work every
   FLWR_SUPEREXEC_TASK_POLL_INTERVAL (Flower's setting, 1 s by default, still the fallback);
