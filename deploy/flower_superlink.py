@@ -13,10 +13,11 @@ every request meets the same checks as in `flower-superlink`. Before all of them
 deploy.held_pulls keeps Flower's empty answer to a pull back until a message for the puller has
 been pushed (or for a few seconds), so SuperNodes and the ServerApp learn of a message when it
 arrives, not at their next look. Below it, the synchronous handlers and dependencies of the Fleet
-and Runtime routes of Flower's message exchange (a pull, a push, an object, a heartbeat: state
-operations that never wait) run in the event loop's thread instead of each in one of anyio's
-worker threads (shared.flower_internals `run_handlers_inline`, FLEET_EXCHANGE_ROUTES,
-RUNTIME_EXCHANGE_ROUTES); every other route keeps Flower's worker threads.
+and Runtime routes of Flower's message exchange (a pull, a push, an object, a heartbeat: work on
+the state alone) run in the event loop's thread instead of each in one of anyio's worker threads
+(shared.flower_internals `run_handlers_inline`, FLEET_EXCHANGE_ROUTES, RUNTIME_EXCHANGE_ROUTES);
+every other route keeps Flower's worker threads. With the SQLite state such a handler waiting
+for the database's lock holds up the SuperLink's other requests meanwhile.
 """
 
 from __future__ import annotations

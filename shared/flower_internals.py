@@ -286,8 +286,10 @@ PINNED: tuple[Pinned, ...] = (
     Pinned("fastapi.routing", "run_in_threadpool"),
     Pinned("flwr.supercore.protobuf.routing", "run_in_threadpool"),
     Pinned("flwr.supercore.protobuf.routing", "ProtobufRoute", source=("await run_in_threadpool(endpoint, *args, **endpoint_kwargs)",)),
-    # ... and the SuperNode's own HTTP app, the ClientApps' Runtime API, gets the layer (`supernode_app_layers`)
+    # ... and the SuperNode's own HTTP app, the ClientApps' Runtime API, gets the layer
+    # (`run_supernode_handlers_inline`); its acquire-task only claims a task from its state
     Pinned("flwr.supernode.main", "create_app", parameters=("state_factory", "superexec_auth_secret")),
+    Pinned("flwr.supernode.servicer.runtime.runtime_handlers", "acquire_task", source=("return core_runtime_handlers.acquire_task(request, state)",)),
     Pinned("flwr.supernode.cli.flower_supernode", "_start_supernode_http_api", source=("from flwr.supernode.main import (",)),
     # pulls held while there is nothing to pull (`PULL_ROUTES`, deploy/held_pulls.py): the routes
     # by which SuperNodes and ServerApps pull and push messages, and the protobufs it reads
@@ -904,10 +906,14 @@ def prompt_supernode_polling(first: float = 0.05, growth: float = 1.15, local_wa
     module.time = _PromptSleep(first, growth, local_wait, stored=wake_on_clientapp_stores())  # type: ignore[attr-defined]
 
 
+_CLIENTAPP_STORED = threading.Event()
+
+
 def wake_on_clientapp_stores() -> threading.Event:
-    """In this (SuperNode) process: an Event set each time a ClientApp, through the SuperNode's
-    Runtime API, stores a message (its reply) or an object of one in the SuperNode's state."""
-    stored = threading.Event()
+    """In this (SuperNode) process: the Event set each time a ClientApp, through the SuperNode's
+    Runtime API, stores a message (its reply) or an object of one in the SuperNode's state (one
+    Event per process, whoever asks for it)."""
+    stored = _CLIENTAPP_STORED
     state = resolve(Pinned(_NODESTATE, "InMemoryNodeState"))
     for name in ("store_message_and_object_tree", "store_object"):
         flowers = resolve(Pinned(_NODESTATE, f"InMemoryNodeState.{name}"))
@@ -1118,16 +1124,20 @@ def scope_superlink_middleware(outermost: Sequence[Any] = ()) -> None:
 # `run_in_threadpool` (`run_handlers_inline`)
 THREADPOOL_USERS = ("fastapi.dependencies.utils", "fastapi.routing", "flwr.supercore.protobuf.routing")
 # the routes of Flower's message exchange, whose handlers run in the event loop (`InlineHandlers`):
-# the SuperNodes' Fleet API, and the Runtime API of the ServerApp, the ClientApps and the
-# SuperExecs; state operations that never wait. The Runtime API's agent, model and connector
-# routes (one refreshes a connector's credentials over the network) keep their worker threads, as
-# does the Control API (its log streams wait between looks)
+# the SuperNodes' Fleet API, and the Runtime API of the ServerApp and the ClientApps; operations on
+# the state, which wait for nothing else (a SQLite state's lock aside). The Runtime API's agent,
+# model and connector routes (one refreshes a connector's credentials over the network) keep
+# their worker threads, as does the Control API (its log streams wait between looks)
 FLEET_EXCHANGE_ROUTES = tuple(f"/v1/fleet/{name}" for name in (
     "register-node", "activate-node", "deactivate-node", "unregister-node", "send-node-heartbeat", "pull-messages", "push-messages",
     "get-run", "get-fab", "push-object", "pull-object", "confirm-message-received"))
 RUNTIME_EXCHANGE_ROUTES = tuple(f"/v1/runtime/{name}" for name in (
-    "acquire-task", "send-task-heartbeat", "pull-task-input", "push-task-output", "push-object", "pull-object",
+    "send-task-heartbeat", "pull-task-input", "push-task-output", "push-object", "pull-object",
     "confirm-message-received", "push-logs", "push-messages", "pull-messages", "get-nodes"))
+# a SuperNode's Runtime API also hands its SuperExec a task in the event loop: there acquire-task
+# claims one from the state; the SuperLink's first starts its due automations, which may fetch a
+# FAB over the network, and keeps its worker thread
+SUPERNODE_RUNTIME_ROUTES = (*RUNTIME_EXCHANGE_ROUTES, "/v1/runtime/acquire-task")
 _IN_EVENT_LOOP: ContextVar[bool] = ContextVar("fedads_handlers_in_event_loop", default=False)
 
 
@@ -1161,10 +1171,12 @@ async def _here_or_in_threadpool(func: Callable[..., Any], *args: Any, **kwargs:
 def run_handlers_inline() -> None:
     """In this process, before Flower builds its HTTP app: under an InlineHandlers layer, a
     route's synchronous functions run where the request is, not in a worker thread. Meant for
-    routes that never wait (FLEET_EXCHANGE_ROUTES, RUNTIME_EXCHANGE_ROUTES): each hand-over to a
-    worker and back costs a queue, a thread's wake-up and two passes of the GIL, which on a busy
-    machine waits its turn (docs/BENCHMARKS.md, "Deployment": a 3-merchant deployed round on two
-    cores about a sixth shorter without them).
+    routes that wait for nothing but the state (FLEET_EXCHANGE_ROUTES, RUNTIME_EXCHANGE_ROUTES,
+    SUPERNODE_RUNTIME_ROUTES): each hand-over to a worker and back costs a queue, a thread's
+    wake-up and two passes of the GIL, which on a busy machine waits its turn (docs/BENCHMARKS.md,
+    "Deployment": a 3-merchant deployed round on two cores about a sixth shorter without them).
+    The price: a handler that waits for a SQLite state's lock (held by a Control API request, up
+    to Flower's busy timeout) holds up every request of the process meanwhile, not only its own.
     A module that no longer has the name keeps its worker threads (tests/test_flower_internals.py
     checks the pins)."""
     for name in THREADPOOL_USERS:
@@ -1183,7 +1195,7 @@ def run_supernode_handlers_inline() -> None:
 
     def create_app(*args: Any, **kwargs: Any) -> Any:
         app = flowers(*args, **kwargs)
-        app.add_middleware(InlineHandlers, paths=RUNTIME_EXCHANGE_ROUTES)  # outermost
+        app.add_middleware(InlineHandlers, paths=SUPERNODE_RUNTIME_ROUTES)  # outermost
         return app
 
     _stand_in(module, "create_app", create_app)

@@ -32,6 +32,7 @@ from shared.flower_internals import (
     FLEET_EXCHANGE_ROUTES,
     RUNTIME_EXCHANGE_ROUTES,
     SUPERLINK_LAYER_SCOPES,
+    SUPERNODE_RUNTIME_ROUTES,
     THREADPOOL_USERS,
     InlineHandlers,
     PathScopedLayer,
@@ -221,10 +222,62 @@ def test_the_inline_routes_are_flowers_message_exchange():
     superlink = importlib.import_module("flwr.superlink.main").create_app()
     supernode = importlib.import_module("flwr.supernode.main").create_app()
     assert set(FLEET_EXCHANGE_ROUTES) <= _paths(superlink)
-    assert set(RUNTIME_EXCHANGE_ROUTES) <= _paths(superlink) & _paths(supernode)
-    # and nothing of the agent and connector routes (one calls out to the network), nor the Control API
-    assert "/v1/runtime/get-connector" in _paths(superlink) and "/v1/runtime/get-connector" not in RUNTIME_EXCHANGE_ROUTES
-    assert not [path for path in FLEET_EXCHANGE_ROUTES + RUNTIME_EXCHANGE_ROUTES if path.startswith("/v1/control/")]
+    assert set(RUNTIME_EXCHANGE_ROUTES) <= _paths(superlink) and set(SUPERNODE_RUNTIME_ROUTES) <= _paths(supernode)
+    # nothing of the agent and connector routes (one calls out to the network), nor the Control API;
+    # the SuperLink's acquire-task (its automations may fetch a FAB) stays in a worker thread
+    inline = set(FLEET_EXCHANGE_ROUTES + SUPERNODE_RUNTIME_ROUTES)
+    assert "/v1/runtime/get-connector" in _paths(superlink) and "/v1/runtime/get-connector" not in inline
+    assert not [path for path in inline if path.startswith("/v1/control/")]
+    assert "/v1/runtime/acquire-task" in _paths(superlink) and "/v1/runtime/acquire-task" not in RUNTIME_EXCHANGE_ROUTES
+
+
+def _recording_hand_overs(monkeypatch) -> list[tuple[str, bool]]:
+    """After run_handlers_inline: each synchronous step a route hands over, with whether it ran in the event loop."""
+    from shared import flower_internals
+
+    steps: list[tuple[str, bool]] = []
+    for name in THREADPOOL_USERS:
+        module = importlib.import_module(name)
+        installed = module.run_in_threadpool
+
+        async def recording(func, *args, _installed=installed, **kwargs):
+            steps.append((getattr(func, "__name__", repr(func)), flower_internals._IN_EVENT_LOOP.get()))
+            return await _installed(func, *args, **kwargs)
+
+        monkeypatch.setattr(module, "run_in_threadpool", recording)
+    return steps
+
+
+def test_flowers_own_routes_run_their_steps_where_the_allowlist_says(monkeypatch, undo_inline):
+    """Flower's SuperLink app as deploy/flower_superlink.py builds it: an exchange route's steps in
+    the event loop, through every layer of Flower's and HeldPulls; the Control API's and the
+    SuperLink's acquire-task in worker threads."""
+    main = importlib.import_module("flwr.superlink.main")
+    monkeypatch.setattr(main, "_get_middleware", main._get_middleware)
+    run_handlers_inline()
+    scope_superlink_middleware(outermost=outermost_layers())
+    steps = _recording_hand_overs(monkeypatch)
+    protobuf = {"content-type": "application/protobuf"}
+    where: dict[str, set[bool]] = {}
+    with TestClient(main.create_app()) as client:
+        for path in ("/v1/runtime/pull-messages", "/v1/runtime/acquire-task", "/v1/control/list-runs"):
+            steps.clear()
+            client.post(path, headers=protobuf)
+            where[path] = {inline for _, inline in steps}
+    assert where == {"/v1/runtime/pull-messages": {True}, "/v1/runtime/acquire-task": {False}, "/v1/control/list-runs": {False}}
+
+
+def test_the_supernodes_exchange_routes_run_their_steps_in_the_event_loop(monkeypatch, undo_inline):
+    run_supernode_handlers_inline()
+    app = importlib.import_module("flwr.supernode.main").create_app()
+    steps = _recording_hand_overs(monkeypatch)
+    where: dict[str, set[bool]] = {}
+    with TestClient(app) as client:
+        for path in ("/v1/runtime/acquire-task", "/v1/runtime/pull-task-input", "/v1/runtime/get-connector"):
+            steps.clear()
+            client.post(path, headers={"content-type": "application/protobuf"})
+            where[path] = {inline for _, inline in steps}
+    assert where == {"/v1/runtime/acquire-task": {True}, "/v1/runtime/pull-task-input": {True}, "/v1/runtime/get-connector": {False}}
 
 
 def test_the_supernodes_app_runs_its_clientapps_exchange_in_the_event_loop(undo_inline):
@@ -237,7 +290,7 @@ def test_the_supernodes_app_runs_its_clientapps_exchange_in_the_event_loop(undo_
     app = main.create_app()
     layers = [layer for layer in app.user_middleware if layer.cls is InlineHandlers]
     assert app.user_middleware[0].cls is InlineHandlers and len(layers) == 1
-    assert set(layers[0].kwargs["paths"]) == set(RUNTIME_EXCHANGE_ROUTES)
+    assert set(layers[0].kwargs["paths"]) == set(SUPERNODE_RUNTIME_ROUTES)
     # without a state (its dependency refuses: 503, now in the event loop) as before, the health check served
     with TestClient(app) as client:
         after = [client.post("/v1/runtime/pull-task-input", headers=protobuf).status_code, client.get("/health").status_code]
