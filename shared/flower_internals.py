@@ -1191,7 +1191,7 @@ def run_supernode_handlers_inline() -> None:
     SuperNode's state in memory) run in the event loop's thread (`run_handlers_inline`)."""
     run_handlers_inline()
     module = importlib.import_module("flwr.supernode.main")
-    flowers = _FLOWERS_BY_STAND_IN.get(module.create_app, module.create_app)
+    flowers = resolve(Pinned("flwr.supernode.main", "create_app"))  # Flower's, also when called again
 
     def create_app(*args: Any, **kwargs: Any) -> Any:
         app = flowers(*args, **kwargs)
