@@ -2,7 +2,7 @@
 Flower's simulation runtime, and the bytes each client sends and receives per round.
 
     python benchmarks/deployment_vs_simulation.py [--merchants 3] [--rounds 5] [--privacy none] [--secure] [--data synthetic|ml100k]
-        [--superlink-state database|memory] [--carry-evaluation] [--clientapp-isolation shared|process] [--output DIR]
+        [--superlink-state database|memory] [--carry-evaluation | --evaluate-apart] [--clientapp-isolation shared|process] [--output DIR]
 
 `--superlink-state memory`: the SuperLink keeps its state in memory (`deploy.superlink start
 --in-memory`) instead of its SQLite file (the default, which survives a restart).
@@ -21,9 +21,11 @@ MovieLens-100K, IID), cut into one shard per merchant exactly as the simulation 
 deployment's merchants read theirs from CSV (and, from their second message on, from the
 binary shard cache in their state directories). Records in benchmarks/results/deployment.json.
 Round time: the ServerApp's own `round_seconds` (history.json), median over rounds 1..N (round 0
-is only the first evaluation and carries start-up). `--carry-evaluation`: both runs with
-carry-evaluation (one exchange per round, each training message also evaluating the previous
-model); the median over rounds 2..N, round 1 carrying the start-up. Bytes: computed from the ArrayRecords (a
+is only the first evaluation and carries start-up). Evaluation: as the run config's default
+decides (carry-evaluation = "auto": carried, one exchange per round with each training message also
+evaluating the previous model, except under --secure); `--carry-evaluation` or `--evaluate-apart`
+force it either way, for both runs. Carried, the median is over rounds 2..N, round 1 carrying the
+start-up. Bytes: computed from the ArrayRecords (a
 round sends each client the model twice, train and evaluate (carried: once), and receives one train reply: the
 ALS statistics, or the model with mf-solver = "sgd"), and checked against the network traffic the SuperLink counted for the
 deployed run (`flwr ls --format json`, network-traffic), which adds message framing and metrics.
@@ -76,7 +78,7 @@ RESULTS = PROJECT_ROOT / "benchmarks" / "results" / "deployment.json"
 
 
 def _run_config(output: Path, merchants: int, rounds: int, privacy: str, secure: bool = False, data: str = "synthetic",
-                carry: bool = False) -> RunConfig:
+                carry: bool | str = "auto") -> RunConfig:
     return RunConfig.from_flower({
         "num-rounds": rounds, "min-nodes": merchants, "synthetic-merchants": merchants, "privacy": privacy,
         "output-dir": str(output / "out"), "state-dir": str(output / "out" / "state"), "secure-aggregation": secure, **DATA[data],
@@ -110,7 +112,7 @@ def _write_records(path: Path, data: str, privacy: str, merchants: int, state: s
 def _round_times(cfg: RunConfig) -> dict[str, float]:
     history = json.loads((Path(cfg.output_dir) / "history.json").read_text())
     # round 0's evaluation holds the merchants' start-up (their first message); carried, round 1's
-    first = 1 if cfg.carry_evaluation else 0
+    first = 1 if cfg.evaluation_carried else 0
     later = [h["round_seconds"] for h in history[first + 1:]]
     probes = json.loads((Path(cfg.output_dir) / PROBES_FILE).read_text())
     return {"round0_seconds": history[first]["round_seconds"], "median_round_seconds": statistics.median(later),
@@ -148,8 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--superlink-state", choices=("database", "memory"), default="database",
                         help="the SuperLink's state: its SQLite file (survives a restart) or its memory")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the records file (mode, privacy, merchants, round_seconds, bytes_per_client)")
-    parser.add_argument("--carry-evaluation", action="store_true",
-                        help="carry-evaluation: each round's training messages also carry the previous model's evaluation")
+    evaluation = parser.add_mutually_exclusive_group()
+    evaluation.add_argument("--carry-evaluation", action="store_const", const=True, dest="carry", default="auto",
+                            help="carry-evaluation = true: each round's training messages also carry the previous model's evaluation")
+    evaluation.add_argument("--evaluate-apart", action="store_const", const=False, dest="carry",
+                            help="carry-evaluation = false: every evaluation in an exchange of its own")
     parser.add_argument("--clientapp-isolation", choices=ISOLATIONS, default=ISOLATIONS[0],
                         help="how each deployed SuperNode runs a message's ClientApp (deploy.merchant --clientapp-isolation)")
     parser.add_argument("--clientapp-threads", type=positive_int,
@@ -159,16 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "merchants": args.merchants, "rounds": args.rounds, "privacy": args.privacy, "secure": args.secure,
-        "superlink_state": args.superlink_state, "carry_evaluation": args.carry_evaluation,
-        "clientapp_isolation": args.clientapp_isolation,
+        "superlink_state": args.superlink_state, "clientapp_isolation": args.clientapp_isolation,
     }
 
-    sim_cfg = _run_config(output / "simulation", args.merchants, args.rounds, args.privacy, args.secure, args.data, args.carry_evaluation)
+    sim_cfg = _run_config(output / "simulation", args.merchants, args.rounds, args.privacy, args.secure, args.data, args.carry)
+    carried = results["carry_evaluation"] = sim_cfg.evaluation_carried
     started = time.perf_counter()
     run_simulation(sim_cfg.to_flower(), args.merchants, output / "simulation" / "flower", timeout=args.timeout)
     results["simulation"] = {"wall_seconds": time.perf_counter() - started, **_round_times(sim_cfg)}
 
-    dep_cfg = _run_config(output / "deployment", args.merchants, args.rounds, args.privacy, args.secure, args.data, args.carry_evaluation)
+    dep_cfg = _run_config(output / "deployment", args.merchants, args.rounds, args.privacy, args.secure, args.data, args.carry)
     # a merchant's policy gives no less privacy than it is asked for: non-private runs need merchants that opt out
     merchants = write_merchant_data(output / "deployment" / "merchants", dep_cfg.to_flower(), args.merchants,
                                     privacy_mode="user" if args.privacy == "user" else "none",
@@ -191,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     model = _model_bytes(dep_cfg)
     n, r = args.merchants, args.rounds
     traffic = status.get("network-traffic", {})
-    per_round = 1 if args.carry_evaluation else 2  # model messages to each merchant per round
+    per_round = 1 if carried else 2  # model messages to each merchant per round
     results["bytes"] = {
         "model_raw": model["raw"], "model_array_record": model["array_record"],
         "per_client_per_round_received": per_round * model["array_record"], "per_client_per_round_sent": model["train_reply"],
@@ -205,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     _write_records(args.results, args.data, args.privacy, args.merchants, args.superlink_state, results)
     sim, dep, b = results["simulation"], results["deployment"], results["bytes"]
     print(f"{results['date']}  {results['machine']}  {n} merchants, {r} rounds, privacy={args.privacy}, secure={args.secure}, "
-          f"mf-solver={dep_cfg.mf_solver}, SuperLink state: {args.superlink_state}, carry-evaluation={args.carry_evaluation}, "
+          f"mf-solver={dep_cfg.mf_solver}, SuperLink state: {args.superlink_state}, "
+          f"carry-evaluation={args.carry} ({'carried' if carried else 'apart'}), "
           f"ClientApp isolation: {args.clientapp_isolation}")
     print(f"median round: simulation {sim['median_round_seconds']:.2f}s, deployment (TLS, {n} SuperNodes) {dep['median_round_seconds']:.2f}s"
           f"  (round 0: {sim['round0_seconds']:.2f}s vs {dep['round0_seconds']:.2f}s); "

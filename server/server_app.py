@@ -82,7 +82,7 @@ def _run(cfg: RunConfig, grid: Grid, context: Context, checkpointer: Checkpointe
         settings = ALSSettings.from_config(cfg)
         secure = SecureTraining(settings, cfg.max_users_per_merchant, cfg.secure_threshold, cfg.reply_timeout, context)
     loop = RoundLoop(strategy, grid, global_shapes(cfg, len(catalog)), timeout=cfg.reply_timeout, min_replies=cfg.quorum,
-                     retries=cfg.round_retries, secure=secure, carry_evaluation=cfg.carry_evaluation)
+                     retries=cfg.round_retries, secure=secure, carry_evaluation=cfg.evaluation_carried)
     if cfg.probe_messages:
         probes = probe(grid, cfg.probe_messages, cfg.reply_timeout)
         log.info("fedads: %d probe exchanges with %d nodes, median %.3f s (%s)", cfg.probe_messages, probes["nodes"],

@@ -148,9 +148,10 @@ class RunConfig(BaseModel):
     probe_messages: int = Field(0, ge=0, description=(
         "empty messages sent to every node before round 0, each exchange timed (probes.json in output-dir): the per-message floor"))
     reply_timeout: float = Field(600.0, gt=0, description="seconds the server waits for the replies of one round's messages")
-    carry_evaluation: bool = Field(False, description=(
+    carry_evaluation: Literal["auto", True, False] = Field("auto", description=(
         "each training message also asks for the evaluation of the model it carries (the previous round's): one exchange per "
-        "round instead of two, the last model evaluated on its own; a round's metrics come with the next round's replies"))
+        "round instead of two, the last model evaluated on its own; a round's metrics come with the next round's replies. "
+        "auto: carried unless fraction-train < 1 or secure-aggregation (then apart); false: always apart"))
     dataset: Literal["synthetic", "movielens-100k", "amazon-seq", "logs"] = Field(
         "synthetic", description="synthetic | movielens-100k | amazon-seq | logs (a log table or user-item pairs: docs/DATA.md)")
     data_path: str = Field("", description=(
@@ -278,10 +279,10 @@ class RunConfig(BaseModel):
         if self.als_gram == "sparse" and self.privacy == "user":
             raise ValueError("als-gram 'sparse' sends which ads a merchant's users touched, itself private: under privacy "
                              "'user' use 'shared' or 'per-ad' (dense releases)")
-        if self.carry_evaluation and self.fraction_train < 1:
+        if self.carry_evaluation is True and self.fraction_train < 1:
             raise ValueError("carry-evaluation evaluates a model on the merchants the next round samples for training: with "
                              "fraction-train < 1 the others would go unevaluated; evaluate apart (carry-evaluation = false)")
-        if self.carry_evaluation and self.secure_aggregation:
+        if self.carry_evaluation is True and self.secure_aggregation:
             raise ValueError("carry-evaluation adds the evaluation to a training message; under secure-aggregation training is "
                              "four messages of the protocol: evaluate on its own (carry-evaluation = false)")
         if self.secure_aggregation and (self.privacy != "user" or self.mf_solver != "als"):
@@ -324,6 +325,15 @@ class RunConfig(BaseModel):
     def mlp_layers(self) -> tuple[int, ...]:
         """neumf-layers as widths (checked when the config is built)."""
         return tuple(int(part) for part in self.neumf_layers.split(","))
+
+    @property
+    def evaluation_carried(self) -> bool:
+        """Whether each training message carries the previous model's evaluation: carry-evaluation
+        resolved ("auto": wherever it is valid, every node sampled for training and no secure
+        aggregation)."""
+        if self.carry_evaluation == "auto":
+            return self.fraction_train == 1 and not self.secure_aggregation
+        return self.carry_evaluation is True
 
     @property
     def quorum(self) -> int:

@@ -63,7 +63,8 @@ def _cell(text: str) -> str:
 def _annotation_text(annotation: Any) -> str:
     origin, args = get_origin(annotation), get_args(annotation)
     if origin is Literal:
-        return " | ".join(f"`{value}`" for value in args)
+        # as they are written in TOML: true / false, not Python's True / False
+        return " | ".join(f"`{str(value).lower() if isinstance(value, bool) else value}`" for value in args)
     if origin is Annotated:  # a constrained member of a union, e.g. Annotated[float, Field(gt=0)] | Literal["auto"]
         constraints = [c for extra in args[1:] for c in (extra.metadata if isinstance(extra, FieldInfo) else [extra])]
         return ", ".join([_annotation_text(args[0]), *map(_bound_text, constraints)])

@@ -56,6 +56,19 @@ def test_run_config_errors_name_the_key_and_the_source():
         RunConfig.from_flower({"carry-evaluation": True, "fraction-train": 0.5})
 
 
+def test_evaluation_is_carried_by_default_wherever_it_can_be() -> None:
+    """carry-evaluation = "auto" (the default): one exchange a round unless a training round
+    leaves merchants out or is secure aggregation's protocol; true or false decide alone."""
+    assert RunConfig().carry_evaluation == "auto" and RunConfig().evaluation_carried
+    assert not RunConfig.from_flower({"fraction-train": 0.5}).evaluation_carried
+    assert not RunConfig.from_flower({"secure-aggregation": True, "privacy": "user"}).evaluation_carried
+    assert not RunConfig.from_flower({"carry-evaluation": False}).evaluation_carried
+    assert RunConfig.from_flower({"carry-evaluation": True}).evaluation_carried
+    # as `flwr run -c` and pyproject.toml give it: TOML values
+    assert RunConfig.from_flower({"carry-evaluation": "auto", "fraction-train": 1.0}).evaluation_carried
+    with pytest.raises(ConfigError, match="field 'carry-evaluation'"):
+        RunConfig.from_flower({"carry-evaluation": "sometimes"})
+
 def test_with_values_revalidates():
     cfg = RunConfig().with_values(num_rounds=3, **{"mf-solver": "sgd"})
     assert (cfg.num_rounds, cfg.mf_solver) == (3, "sgd")

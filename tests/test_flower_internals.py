@@ -187,9 +187,10 @@ def test_an_unknown_path_is_refused(tmp_path, monkeypatch):
         SimulationRuntime(tmp_path)
 
 
-class _ProcessesAtRound1:
-    """A stream for run_simulation that notes, as round 1 begins, the live processes marked
-    with the run's work dir: what the check after the run would find if they were left."""
+class _ProcessesAtFirstReplies:
+    """A stream for run_simulation that notes, once the first round's replies are in (every
+    process of the run has started: Ray, the ClientApp actors), the live processes marked with
+    the run's work dir: what the check after the run would find if they were left."""
 
     def __init__(self, work_dir: Path) -> None:
         self.work_dir = work_dir
@@ -198,7 +199,7 @@ class _ProcessesAtRound1:
         self.listening: dict[str, list[str]] = {}
 
     def write(self, text: str) -> None:
-        if "[ROUND 1/" in text and not self.seen:
+        if "aggregate_train: Received" in text and not self.seen:
             self.seen = processes_mentioning(str(self.work_dir))
             self.listening = listening_addresses(str(self.work_dir))
             for process in self.seen:
@@ -221,7 +222,7 @@ def test_the_public_path_runs_the_app_as_the_warm_runtime_does(tmp_path, monkeyp
     monkeypatch.setenv(PATH_VARIABLE, "public")
     public = small_run_config(tmp_path / "public", **{"num-rounds": 1})
     flower_dir = tmp_path / "public" / "flower"
-    during = _ProcessesAtRound1(flower_dir)
+    during = _ProcessesAtFirstReplies(flower_dir)
     log = run_simulation(public.to_flower(), NUM_CLIENTS, flower_dir, stream_to=during, timeout=480)
 
     warm_history = json.loads((tmp_path / "warm" / "out" / "history.json").read_text())

@@ -33,7 +33,8 @@ NUM_CLIENTS = 3
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("sim")
-    cfg = small_run_config(tmp_path, **{"num-rounds": 3})
+    # evaluations in exchanges of their own: the reference of the carried run below
+    cfg = small_run_config(tmp_path, **{"num-rounds": 3, "carry-evaluation": False})
     log = run_simulation(cfg.to_flower(), NUM_CLIENTS, tmp_path / "flower", timeout=480)
     return tmp_path, cfg, log
 
@@ -55,12 +56,13 @@ def test_federated_training_beats_round_zero_and_merchant_popularity(first_run):
 
 
 def test_carried_evaluation_is_the_same_run_in_one_exchange_per_round(first_run, tmp_path):
-    """carry-evaluation: round r's model evaluated by round r + 1's training messages, the last
-    one on its own. Without DP every step is seeded, so the run is the same as with evaluations
-    in exchanges of their own: the same models, the same metrics round by round, merchant by
-    merchant, in 4 exchanges instead of 7."""
+    """carry-evaluation (by default: "auto", every merchant training each round): round r's
+    model evaluated by round r + 1's training messages, the last one on its own. Without DP every
+    step is seeded, so the run is the same as with evaluations in exchanges of their own: the
+    same models, the same metrics round by round, merchant by merchant, in 4 exchanges instead of 7."""
     reference_path, _, reference_log = first_run
-    cfg = small_run_config(tmp_path, **{"num-rounds": 3, "carry-evaluation": True})
+    cfg = small_run_config(tmp_path, **{"num-rounds": 3})
+    assert cfg.carry_evaluation == "auto" and cfg.evaluation_carried
     log = run_simulation(cfg.to_flower(), NUM_CLIENTS, tmp_path / "flower", timeout=480)
     assert (reference_log.count("configure_train:"), reference_log.count("configure_evaluate:")) == (3, 4)
     assert (log.count("configure_train:"), log.count("configure_evaluate:")) == (3, 1)
