@@ -286,6 +286,16 @@ PINNED: tuple[Pinned, ...] = (
     Pinned("fastapi.routing", "run_in_threadpool"),
     Pinned("flwr.supercore.protobuf.routing", "run_in_threadpool"),
     Pinned("flwr.supercore.protobuf.routing", "ProtobufRoute", source=("await run_in_threadpool(endpoint, *args, **endpoint_kwargs)",)),
+    Pinned(_NODE_AUTH, "run_in_threadpool"),
+    Pinned(_NODE_AUTH, "authenticate_node"),
+    # ... and Starlette's BaseHTTPMiddleware layers (Flower's error and protobuf translation, node
+    # authentication, the Fleet event log) call the layers below in the request's own task
+    # (`_dispatch_in_this_task`): the layer's dispatch, its wrapped receive, what __call__ reads
+    Pinned("starlette.middleware.base", "BaseHTTPMiddleware.__call__",
+           source=("request = _CachedRequest(scope, receive)", "response = await self.dispatch_func(request, call_next)",
+                   "await response(scope, wrapped_receive, send)", 'raise RuntimeError("No response returned.")')),
+    Pinned("starlette.middleware.base", "BaseHTTPMiddleware", attributes=("app", "dispatch_func")),
+    Pinned("starlette.middleware.base", "_CachedRequest", attributes=("wrapped_receive",)),
     # ... and the SuperNode's own HTTP app, the ClientApps' Runtime API, gets the layer
     # (`run_supernode_handlers_inline`); its acquire-task only claims a task from its state
     Pinned("flwr.supernode.main", "create_app", parameters=("state_factory", "superexec_auth_secret")),
@@ -1122,7 +1132,9 @@ def scope_superlink_middleware(outermost: Sequence[Any] = ()) -> None:
 # the modules that hand a route's synchronous functions (Flower's handlers, FastAPI's
 # dependencies) to anyio's worker threads, each through its own name for Starlette's
 # `run_in_threadpool` (`run_handlers_inline`)
-THREADPOOL_USERS = ("fastapi.dependencies.utils", "fastapi.routing", "flwr.supercore.protobuf.routing")
+THREADPOOL_USERS = ("fastapi.dependencies.utils", "fastapi.routing", "flwr.supercore.protobuf.routing",
+                    # the Fleet API's check of a SuperNode's signature, before its handler
+                    _NODE_AUTH)
 # the routes of Flower's message exchange, whose handlers run in the event loop (`InlineHandlers`):
 # the SuperNodes' Fleet API, and the Runtime API of the ServerApp and the ClientApps; operations on
 # the state, which wait for nothing else (a SQLite state's lock aside). The Runtime API's agent,
@@ -1168,21 +1180,81 @@ async def _here_or_in_threadpool(func: Callable[..., Any], *args: Any, **kwargs:
     return await run_in_threadpool(func, *args, **kwargs)
 
 
+async def _dispatch_in_this_task(layer: Any, scope: Any, receive: Any, send: Any) -> None:
+    """What Starlette's BaseHTTPMiddleware.__call__ does for one HTTP request, with `call_next`
+    awaiting the app below in this task and buffering its response, instead of running it in a
+    task of its own and streaming the response back through a memory stream (an anyio task
+    group, two streams and a cancel scope per layer and request: about 0.2 ms of CPU each, against
+    about 0.01 ms, `benchmarks/middleware_layers.py`). For unary routes only: the layer sees the
+    response once the app below has written all of it. As in Starlette, the app below reads the
+    body the layer read; an exception from it before its response reaches the layer's dispatch,
+    one after is raised once the layer's response has been sent; no response is an error."""
+    from starlette.middleware.base import _CachedRequest
+    from starlette.responses import Response
+
+    request = _CachedRequest(scope, receive)
+    raised_after_response: list[Exception] = []
+
+    async def call_next(_: Any) -> Any:
+        start: dict[str, Any] = {}
+        body: list[bytes] = []
+
+        async def collect(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+            elif message["type"] == "http.response.body":
+                body.append(message.get("body", b""))
+
+        try:
+            await layer.app(scope, request.wrapped_receive, collect)
+        except Exception as exc:
+            if not start:
+                raise
+            raised_after_response.append(exc)
+        if not start:
+            raise RuntimeError("No response returned.")
+        response = Response(b"".join(body), status_code=start["status"])
+        response.raw_headers = list(start.get("headers", []))  # the app's own, its content-length included
+        return response
+
+    response = await layer.dispatch_func(request, call_next)
+    await response(scope, request.wrapped_receive, send)
+    if raised_after_response:
+        raise raised_after_response[0]
+
+
+def _base_http_middleware_call(starlettes: Callable[..., Any]) -> Callable[..., Any]:
+    async def __call__(self: Any, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and _IN_EVENT_LOOP.get():
+            await _dispatch_in_this_task(self, scope, receive, send)
+        else:
+            await starlettes(self, scope, receive, send)
+
+    return __call__
+
+
 def run_handlers_inline() -> None:
     """In this process, before Flower builds its HTTP app: under an InlineHandlers layer, a
-    route's synchronous functions run where the request is, not in a worker thread. Meant for
-    routes that wait for nothing but the state (FLEET_EXCHANGE_ROUTES, RUNTIME_EXCHANGE_ROUTES,
-    SUPERNODE_RUNTIME_ROUTES): each hand-over to a worker and back costs a queue, a thread's
-    wake-up and two passes of the GIL, which on a busy machine waits its turn (docs/BENCHMARKS.md,
-    "Deployment": a 3-merchant deployed round on two cores about a sixth shorter without them).
-    The price: a handler that waits for a SQLite state's lock (held by a Control API request, up
-    to Flower's busy timeout) holds up every request of the process meanwhile, not only its own.
-    A module that no longer has the name keeps its worker threads (tests/test_flower_internals.py
-    checks the pins)."""
+    route's synchronous functions run where the request is, not in a worker thread, and each
+    BaseHTTPMiddleware layer calls the layers below in the request's own task
+    (`_dispatch_in_this_task`). Meant for unary routes that wait for nothing but the state
+    (FLEET_EXCHANGE_ROUTES, RUNTIME_EXCHANGE_ROUTES, SUPERNODE_RUNTIME_ROUTES): each hand-over to a
+    worker and back costs a queue, a thread's wake-up and two passes of the GIL, which on a busy
+    machine waits its turn (docs/BENCHMARKS.md, "Deployment": a 3-merchant deployed round on two
+    cores about a sixth shorter without them), and each layer's task and streams cost more CPU
+    than the layer's own work. The price: a handler that waits for a SQLite state's lock (held by
+    a Control API request, up to Flower's busy timeout) holds up every request of the process
+    meanwhile, not only its own. A module that no longer has the name keeps its worker threads
+    (tests/test_flower_internals.py checks the pins)."""
     for name in THREADPOOL_USERS:
         module = importlib.import_module(name)
         if hasattr(module, "run_in_threadpool"):
             _stand_in(module, "run_in_threadpool", _here_or_in_threadpool)
+    from starlette.middleware.base import BaseHTTPMiddleware
+
+    starlettes = resolve(Pinned("starlette.middleware.base", "BaseHTTPMiddleware.__call__"))
+    if BaseHTTPMiddleware.__call__ is starlettes:  # once per process
+        _stand_in(BaseHTTPMiddleware, "__call__", _base_http_middleware_call(starlettes))
 
 
 def run_supernode_handlers_inline() -> None:

@@ -124,7 +124,9 @@ def test_every_private_flower_import_of_the_fence_is_pinned():
 
 
 def test_private_flower_and_ray_names_appear_only_in_the_fence():
-    private = {"__ray_ready__"} | {part for p in PINNED for part in (*p.name.split("."), *p.attributes) if part.startswith("_")}
+    # a dunder method of a pinned class (BaseHTTPMiddleware.__call__) is Python's name, not a private one
+    private = {"__ray_ready__"} | {part for p in PINNED for part in (*p.name.split("."), *p.attributes)
+                                   if part.startswith("_") and not (part.startswith("__") and part.endswith("__"))}
     assert {"__ray_ready__", "_future_to_actor", "_run_simulation", "_modify_class"} <= private
     found = {}
     for path in _project_files():

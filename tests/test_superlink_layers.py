@@ -18,7 +18,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse
+from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
 with warnings.catch_warnings():  # Starlette asks for httpx2, which nothing else here needs
@@ -53,6 +53,7 @@ def undo_inline(monkeypatch):
         monkeypatch.setattr(module, "run_in_threadpool", module.run_in_threadpool)
     supernode_main = importlib.import_module("flwr.supernode.main")
     monkeypatch.setattr(supernode_main, "create_app", supernode_main.create_app)
+    monkeypatch.setattr(BaseHTTPMiddleware, "__call__", BaseHTTPMiddleware.__call__)
 
 
 def _flowers_layers() -> list[Middleware]:
@@ -295,3 +296,109 @@ def test_the_supernodes_app_runs_its_clientapps_exchange_in_the_event_loop(undo_
     with TestClient(app) as client:
         after = [client.post("/v1/runtime/pull-task-input", headers=protobuf).status_code, client.get("/health").status_code]
     assert after == before == [503, 200]
+
+
+def _layered_app(seen: list[tuple[str, object, bytes]]) -> Starlette:
+    """Two BaseHTTPMiddleware layers as Flower's are (an error translator outermost, then one that
+    reads the body first, as the protobuf translation does) over a route; InlineHandlers on "/inline*"."""
+
+    async def endpoint(request: Request) -> PlainTextResponse:
+        body = await request.body()
+        seen.append(("endpoint", asyncio.current_task(), body))
+        if request.url.path.endswith("-fails"):
+            raise ValueError("below")
+        return PlainTextResponse(f"answer to {body.decode()}", headers={"x-below": "1"})
+
+    class Translating(BaseHTTPMiddleware):
+        async def dispatch(self, request, call_next):
+            seen.append(("outer", asyncio.current_task(), b""))
+            try:
+                response = await call_next(request)
+            except ValueError as exc:
+                return JSONResponse({"error": str(exc)}, status_code=500)
+            response.headers["x-outer"] = "1"
+            return response
+
+    async def reading(request, call_next):
+        seen.append(("inner", asyncio.current_task(), await request.body()))
+        return await call_next(request)
+
+    paths = ("/inline", "/inline-fails", "/elsewhere", "/elsewhere-fails")
+    return Starlette(routes=[Route(path, endpoint, methods=["POST"]) for path in paths],
+                     middleware=[Middleware(InlineHandlers, paths=paths[:2]), Middleware(Translating),
+                                 Middleware(BaseHTTPMiddleware, dispatch=reading)])
+
+
+def _answers_and_tasks(seen: list[tuple[str, object, bytes]]) -> dict[str, tuple[object, ...]]:
+    """path -> (status, body, the two layers' headers, whether the route ran in the outer layer's
+    task, the bodies the inner layer and the route read)."""
+    answers: dict[str, tuple[object, ...]] = {}
+    with TestClient(_layered_app(seen)) as client:
+        for path in ("/inline", "/inline-fails", "/elsewhere", "/elsewhere-fails"):
+            seen.clear()
+            r = client.post(path, content=b"a question")
+            tasks = {name: task for name, task, _ in seen}
+            answers[path] = (r.status_code, r.text, r.headers.get("x-below"), r.headers.get("x-outer"),
+                             tasks["endpoint"] is tasks["outer"], [body for name, _, body in seen if name != "outer"])
+    return answers
+
+
+def test_layers_call_the_app_below_in_the_requests_task_only_on_the_inline_paths(undo_inline):
+    """`run_handlers_inline`: on InlineHandlers' paths a BaseHTTPMiddleware layer awaits the app
+    below in the request's own task (no task and streams per layer), and every answer is the
+    same as Starlette's: status, body, each layer's headers, an exception below translated by
+    the layer above, the body a layer read replayed to the route."""
+    seen: list[tuple[str, object, bytes]] = []
+    read = [b"a question", b"a question"]
+    starlettes = _answers_and_tasks(seen)
+    assert starlettes == {"/inline": (200, "answer to a question", "1", "1", False, read),
+                          "/inline-fails": (500, '{"error":"below"}', None, None, False, read),
+                          "/elsewhere": (200, "answer to a question", "1", "1", False, read),
+                          "/elsewhere-fails": (500, '{"error":"below"}', None, None, False, read)}
+    run_handlers_inline()
+    ours = _answers_and_tasks(seen)
+    for path in ("/inline", "/inline-fails"):
+        assert ours[path] == (*starlettes[path][:4], True, read)
+    for path in ("/elsewhere", "/elsewhere-fails"):
+        assert ours[path] == starlettes[path]
+
+
+@pytest.mark.parametrize("below", ["silent", "fails-after-answering"])
+def test_a_layer_meets_a_silent_or_late_failing_app_as_starlette_has_it(undo_inline, below):
+    """No response from the app below: Starlette's RuntimeError. An exception after the app's
+    response began: the response is sent, then the exception raised."""
+
+    async def app(scope, receive, send):
+        await receive()
+        if below == "fails-after-answering":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+            raise LookupError("after the answer")
+
+    async def passing(request, call_next):
+        return await call_next(request)
+
+    def outcome() -> tuple[str, str]:
+        stack = InlineHandlers(BaseHTTPMiddleware(app, dispatch=passing), paths=("/inline",))
+        sent: list[dict] = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/inline", "raw_path": b"/inline", "headers": [], "query_string": b"",
+                 "scheme": "http", "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1), "root_path": "", "http_version": "1.1"}
+        try:
+            asyncio.run(stack(scope, receive, send))
+        except Exception as exc:
+            # the body as the client gets it (Starlette sends it in chunks, the buffered layer whole)
+            return type(exc).__name__, f"{exc} {b''.join(m.get('body', b'') for m in sent if m['type'] == 'http.response.body')!r}"
+        return "answered", str(sent)
+
+    starlettes = outcome()
+    run_handlers_inline()
+    assert outcome() == starlettes
+    assert starlettes[0] == ("RuntimeError" if below == "silent" else "LookupError")
+    assert starlettes[1] == ("No response returned. b''" if below == "silent" else "after the answer b'ok'")
