@@ -15,8 +15,10 @@ been pushed (or for a few seconds), so SuperNodes and the ServerApp learn of a m
 arrives, not at their next look. Below it, the synchronous handlers and dependencies of the Fleet
 and Runtime routes of Flower's message exchange (a pull, a push, an object, a heartbeat: work on
 the state alone) run in the event loop's thread instead of each in one of anyio's worker threads
-(shared.flower_internals `run_handlers_inline`, FLEET_EXCHANGE_ROUTES, RUNTIME_EXCHANGE_ROUTES);
-every other route keeps Flower's worker threads. With the SQLite state such a handler waiting
+(shared.flower_internals `run_handlers_inline`, FLEET_EXCHANGE_ROUTES, RUNTIME_EXCHANGE_ROUTES),
+and on those routes each of Flower's BaseHTTPMiddleware layers awaits the layers below in the
+request's own task, its response buffered, rather than in a task of its own with the response
+streamed back; every other route keeps Flower's worker threads and Starlette's layers. With the SQLite state such a handler waiting
 for the database's lock holds up the SuperLink's other requests meanwhile.
 """
 

@@ -25,7 +25,8 @@ scientific stack first: about 13 s of a deployed round's 23-26 s on MovieLens-10
   resolves to a shim that does the same, for when the SuperExec cannot reach the warm process;
 - the handlers of the Runtime API its ClientApps call (a message pulled, a reply pushed, on the
   SuperNode's state in memory) run in its HTTP server's event loop rather than each in a worker
-  thread (shared.flower_internals.run_supernode_handlers_inline).
+  thread, through HTTP layers that call the layers below in the request's own task
+  (shared.flower_internals.run_supernode_handlers_inline).
 
 `--clientapp-threads N` (this module's own option, not Flower's): the numerical libraries of
 the ClientApps (OpenBLAS, OpenMP, MKL) use at most N threads each: OMP_NUM_THREADS,
