@@ -287,6 +287,7 @@ PINNED: tuple[Pinned, ...] = (
     Pinned("flwr.supercore.protobuf.routing", "run_in_threadpool"),
     Pinned("flwr.supercore.protobuf.routing", "ProtobufRoute", source=("await run_in_threadpool(endpoint, *args, **endpoint_kwargs)",)),
     Pinned(_NODE_AUTH, "run_in_threadpool"),
+    Pinned(_NODE_AUTH, "NodeAuthMiddleware.dispatch", source=("await run_in_threadpool(authenticate_node, request)",)),
     Pinned(_NODE_AUTH, "authenticate_node"),
     # ... and Starlette's BaseHTTPMiddleware layers (Flower's error and protobuf translation, node
     # authentication, the Fleet event log) call the layers below in the request's own task
@@ -1188,7 +1189,12 @@ async def _dispatch_in_this_task(layer: Any, scope: Any, receive: Any, send: Any
     about 0.01 ms, `benchmarks/middleware_layers.py`). For unary routes only: the layer sees the
     response once the app below has written all of it. As in Starlette, the app below reads the
     body the layer read; an exception from it before its response reaches the layer's dispatch,
-    one after is raised once the layer's response has been sent; no response is an error."""
+    one after is raised once the layer's response has been sent; no response is an error.
+    Unlike Starlette: a background task of the response below runs before the layer's response
+    goes out; an app below that waits on `receive()` after its response waits for the client to
+    go (Starlette tells it at once); a ContextVar it sets without resetting reaches the layer.
+    None of this can happen on the allowlisted routes, each a synchronous Flower handler that
+    returns one protobuf message (tests/test_superlink_layers.py checks their kind)."""
     from starlette.middleware.base import _CachedRequest
     from starlette.responses import Response
 

@@ -156,13 +156,15 @@ def test_resume_with_another_seed_or_privacy_is_refused_by_name(first_run):
 
 
 def _main_job_running(output: Path) -> subprocess.Popen[bytes]:
-    """The main job (50 rounds, 2 merchants) in its own process, once its federation is up."""
+    """The main job (50 rounds, 2 merchants) in its own process, once its federation is up: its
+    first round's checkpoint written (round 0's is written before any message: with evaluation
+    carried, the default, round 1's messages evaluate round 0's model)."""
     process = subprocess.Popen(
         [sys.executable, "-m", "simulations.simulate", "--rounds", "50", "--clients", "2", "--output", str(output), "--quiet"],
         cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 120
-    while not (output / "checkpoints" / "round-0000.npz").exists():
+    while not (output / "checkpoints" / "round-0001.npz").exists():
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.2)
     return process

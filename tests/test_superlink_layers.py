@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import inspect
 import warnings
 
 import pytest
@@ -402,3 +403,46 @@ def test_a_layer_meets_a_silent_or_late_failing_app_as_starlette_has_it(undo_inl
     assert outcome() == starlettes
     assert starlettes[0] == ("RuntimeError" if below == "silent" else "LookupError")
     assert starlettes[1] == ("No response returned. b''" if below == "silent" else "after the answer b'ok'")
+
+
+def _exchange_handlers() -> dict[str, object]:
+    """path -> Flower's own handler, of the Fleet routes and of the Runtime routes (the SuperLink's
+    and each SuperNode's share one router)."""
+    routers = [importlib.import_module("flwr.superlink.routers.fleet.router").router,
+               importlib.import_module("flwr.supercore.routers.runtime.router").router]
+    return {route.path: route.endpoint.__wrapped__ for router in routers for route in router.routes}
+
+
+def test_the_inline_routes_are_synchronous_handlers_of_one_message():
+    """What the layers' in-task run assumes of each route (`_dispatch_in_this_task`): a
+    synchronous handler that returns one protobuf message (no stream, no background work, no
+    wait for the client), so its whole response is there when the layer above looks."""
+    import typing
+
+    from google.protobuf.message import Message
+
+    handlers = _exchange_handlers()
+    for path in FLEET_EXCHANGE_ROUTES + SUPERNODE_RUNTIME_ROUTES:
+        handler = handlers[path]
+        assert not inspect.iscoroutinefunction(handler), path
+        assert issubclass(typing.get_type_hints(handler)["return"], Message), path
+    # the check can fail: Flower's Control API streams its logs
+    control = importlib.import_module("flwr.superlink.routers.control.router").router
+    streams = {route.path for route in control.routes
+               if typing.get_origin(typing.get_type_hints(route.endpoint.__wrapped__)["return"]) is not None}
+    assert "/v1/control/stream-logs" in streams
+
+
+def test_a_fleet_requests_signature_check_runs_in_the_event_loop(monkeypatch, undo_inline):
+    """The Fleet API's node authentication (NodeAuthMiddleware's `authenticate_node`) on an
+    exchange route runs in the event loop, through every layer in its request's task; it still
+    refuses an unsigned request."""
+    main = importlib.import_module("flwr.superlink.main")
+    monkeypatch.setattr(main, "_get_middleware", main._get_middleware)
+    run_handlers_inline()
+    scope_superlink_middleware(outermost=outermost_layers())
+    steps = _recording_hand_overs(monkeypatch)
+    with TestClient(main.create_app()) as client:
+        refused = client.post("/v1/fleet/pull-messages", headers={"content-type": "application/protobuf"})
+    assert refused.status_code == 401
+    assert ("authenticate_node", True) in steps
