@@ -18,8 +18,9 @@ the state alone) run in the event loop's thread instead of each in one of anyio'
 (shared.flower_internals `run_handlers_inline`, FLEET_EXCHANGE_ROUTES, RUNTIME_EXCHANGE_ROUTES),
 and on those routes each of Flower's BaseHTTPMiddleware layers awaits the layers below in the
 request's own task, its response buffered, rather than in a task of its own with the response
-streamed back; every other route keeps Flower's worker threads and Starlette's layers. With the SQLite state such a handler waiting
-for the database's lock holds up the SuperLink's other requests meanwhile.
+streamed back; every other route keeps Flower's worker threads and Starlette's layers. With the
+SQLite state such a handler waiting for the database's lock holds up the SuperLink's other
+requests meanwhile.
 """
 
 from __future__ import annotations

@@ -250,18 +250,23 @@ def _recording_hand_overs(monkeypatch) -> list[tuple[str, bool]]:
     return steps
 
 
-def test_flowers_own_routes_run_their_steps_where_the_allowlist_says(monkeypatch, undo_inline):
-    """Flower's SuperLink app as deploy/flower_superlink.py builds it: an exchange route's steps in
-    the event loop, through every layer of Flower's and HeldPulls; the Control API's and the
-    SuperLink's acquire-task in worker threads."""
+def _deployed_superlink_app(monkeypatch) -> tuple[FastAPI, list[tuple[str, bool]]]:
+    """Flower's SuperLink app as deploy/flower_superlink.py builds it, and its recorded hand-overs."""
     main = importlib.import_module("flwr.superlink.main")
     monkeypatch.setattr(main, "_get_middleware", main._get_middleware)
     run_handlers_inline()
     scope_superlink_middleware(outermost=outermost_layers())
-    steps = _recording_hand_overs(monkeypatch)
+    return main.create_app(), _recording_hand_overs(monkeypatch)
+
+
+def test_flowers_own_routes_run_their_steps_where_the_allowlist_says(monkeypatch, undo_inline):
+    """Flower's SuperLink app as deploy/flower_superlink.py builds it: an exchange route's steps in
+    the event loop, through every layer of Flower's and HeldPulls; the Control API's and the
+    SuperLink's acquire-task in worker threads."""
+    app, steps = _deployed_superlink_app(monkeypatch)
     protobuf = {"content-type": "application/protobuf"}
     where: dict[str, set[bool]] = {}
-    with TestClient(main.create_app()) as client:
+    with TestClient(app) as client:
         for path in ("/v1/runtime/pull-messages", "/v1/runtime/acquire-task", "/v1/control/list-runs"):
             steps.clear()
             client.post(path, headers=protobuf)
@@ -437,12 +442,8 @@ def test_a_fleet_requests_signature_check_runs_in_the_event_loop(monkeypatch, un
     """The Fleet API's node authentication (NodeAuthMiddleware's `authenticate_node`) on an
     exchange route runs in the event loop, through every layer in its request's task; it still
     refuses an unsigned request."""
-    main = importlib.import_module("flwr.superlink.main")
-    monkeypatch.setattr(main, "_get_middleware", main._get_middleware)
-    run_handlers_inline()
-    scope_superlink_middleware(outermost=outermost_layers())
-    steps = _recording_hand_overs(monkeypatch)
-    with TestClient(main.create_app()) as client:
+    app, steps = _deployed_superlink_app(monkeypatch)
+    with TestClient(app) as client:
         refused = client.post("/v1/fleet/pull-messages", headers={"content-type": "application/protobuf"})
     assert refused.status_code == 401
     assert ("authenticate_node", True) in steps
